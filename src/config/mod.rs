@@ -1,0 +1,702 @@
+//! Configuration: the TOML file, environment, and command-line overrides.
+//!
+//! Loading happens in three steps, so that every mistake is reported before
+//! anything connects anywhere:
+//!
+//! 1. [`parse`] reads the TOML text into a [`raw::RawConfig`]: `ICERELAY__SECTION__KEY`
+//!    environment overrides are applied to the TOML tree, `${VAR}` references
+//!    in string values are expanded, and unknown keys are rejected.
+//! 2. [`validate`] checks the raw values (addresses, URLs, names that refer to
+//!    each other) without any I/O and collects *every* problem with its key path.
+//! 3. The caller builds clients and listeners from the resulting [`Config`].
+//!
+//! The configuration is passed down explicitly; there is no global.
+
+mod env;
+pub mod raw;
+mod secret;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+pub use env::{Env, MapEnv, ProcessEnv};
+use raw::{RawAuth, RawConfig, RawDestination, RawPrimary, RawRule, RawStorage};
+use reqwest::Url;
+pub use secret::Secret;
+
+use crate::catalog::Namespace;
+
+/// Default address of the proxy listener.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9181";
+/// Default address of the admin listener.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9182";
+/// Default bound on bodies icerelay buffers.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 * 1024 * 1024;
+
+const ENV_OVERRIDE_PREFIX: &str = "ICERELAY__";
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Proxy listener address.
+    pub listen: SocketAddr,
+    /// Admin listener address.
+    pub admin_listen: SocketAddr,
+    /// URL clients use to reach icerelay, if set.
+    pub public_url: Option<Url>,
+    /// Bound on buffered request bodies and rewritten config answers.
+    pub max_body_bytes: u64,
+    /// Time in-flight requests get to finish on shutdown.
+    pub shutdown_grace_period: Duration,
+    /// The primary catalog.
+    pub primary: PrimaryConfig,
+    /// Object stores.
+    pub storage: Vec<StorageConfig>,
+    /// Replica catalogs.
+    pub destinations: Vec<DestinationConfig>,
+    /// Replication rules.
+    pub rules: Vec<RuleConfig>,
+}
+
+/// The primary catalog and how to reach it.
+#[derive(Debug, Clone)]
+pub struct PrimaryConfig {
+    /// Base URI, without `/v1`.
+    pub uri: Url,
+    /// Warehouse for icerelay's own calls.
+    pub warehouse: Option<String>,
+    /// icerelay's own credentials.
+    pub auth: AuthConfig,
+    /// TCP/TLS connect timeout.
+    pub connect_timeout: Duration,
+    /// Time until the primary's answer starts.
+    pub request_timeout: Duration,
+    /// Idle time before a pooled connection is closed.
+    pub pool_idle_timeout: Duration,
+    /// Idle connections kept per host.
+    pub pool_max_idle_per_host: usize,
+}
+
+/// How icerelay authenticates its own calls to a catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthConfig {
+    /// No credentials.
+    None,
+    /// A fixed bearer token.
+    Bearer {
+        /// The token.
+        token: Secret,
+    },
+    /// OAuth2 client credentials.
+    OAuth2 {
+        /// Client id.
+        client_id: String,
+        /// Client secret.
+        client_secret: Secret,
+        /// Token endpoint; `None` means the catalog's own `/v1/oauth/tokens`.
+        token_endpoint: Option<Url>,
+        /// Requested scope.
+        scope: String,
+    },
+    /// AWS SigV4 signing.
+    SigV4 {
+        /// Signing service name.
+        service: String,
+        /// Signing region.
+        region: String,
+        /// Access key id (else the AWS environment).
+        access_key_id: Option<String>,
+        /// Secret access key.
+        secret_access_key: Option<Secret>,
+        /// Session token.
+        session_token: Option<Secret>,
+    },
+}
+
+/// One object store, chosen by the longest matching URL prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageConfig {
+    /// URL prefix served by this store, e.g. `s3://warehouse/`.
+    pub prefix: String,
+    /// What kind of store it is.
+    pub kind: StorageKind,
+}
+
+/// The kinds of object store icerelay can read and write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageKind {
+    /// Amazon S3 or an S3-compatible store.
+    S3 {
+        /// Endpoint; `None` means AWS.
+        endpoint: Option<Url>,
+        /// Region.
+        region: String,
+        /// Path-style addressing.
+        path_style: bool,
+        /// Access key id.
+        access_key_id: Option<String>,
+        /// Secret access key.
+        secret_access_key: Option<Secret>,
+        /// Session token.
+        session_token: Option<Secret>,
+    },
+    /// A local filesystem (`file://` prefixes).
+    Local,
+}
+
+/// A replica catalog.
+#[derive(Debug, Clone)]
+pub struct DestinationConfig {
+    /// Unique name.
+    pub name: String,
+    /// Base URI, without `/v1`.
+    pub uri: Url,
+    /// Warehouse to ask for.
+    pub warehouse: Option<String>,
+    /// icerelay's credentials for it.
+    pub auth: AuthConfig,
+}
+
+/// Which namespaces a rule covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamespacePattern {
+    /// `*`: every namespace.
+    Any,
+    /// One namespace (all its levels).
+    Exact(Namespace),
+}
+
+/// A replication rule.
+#[derive(Debug, Clone)]
+pub struct RuleConfig {
+    /// Namespaces covered.
+    pub namespace: NamespacePattern,
+    /// A single table, if the rule is table-level.
+    pub table: Option<String>,
+    /// Destination names.
+    pub destinations: Vec<String>,
+}
+
+/// Values given on the command line, applied over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--admin-listen`.
+    pub admin_listen: Option<String>,
+    /// `--upstream`: the primary's URI.
+    pub upstream: Option<String>,
+    /// `--public-url`.
+    pub public_url: Option<String>,
+}
+
+// === errors ===
+
+/// One problem in the configuration, with the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted key path (`primary.auth.client_secret`, `destinations[1].uri`),
+    /// or a file position for syntax errors.
+    pub key: String,
+    /// What is wrong and what is expected instead.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { key: key.into(), message: message.into() }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() { f.write_str(&self.message) } else { write!(f, "{}: {}", self.key, self.message) }
+    }
+}
+
+/// Every problem found, one per line when displayed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(e: ConfigError) -> Self {
+        Self(vec![e])
+    }
+}
+
+// === loading ===
+
+/// Reads, overrides and validates the configuration.
+///
+/// `path` may be `None` when everything needed comes from `overrides`
+/// (`icerelay serve --upstream URL`).
+pub fn load(path: Option<&Path>, overrides: &Overrides, env: &dyn Env) -> Result<Config, ConfigErrors> {
+    let text = match path {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| ConfigError::new("", format!("cannot read configuration file {}: {e}", p.display())))?,
+        None => String::new(),
+    };
+    let mut raw = parse(&text, env)?;
+    apply_overrides(&mut raw, overrides);
+    validate(raw)
+}
+
+/// Parses TOML text into a raw configuration, applying `ICERELAY__` overrides
+/// and expanding `${VAR}` references.
+pub fn parse(text: &str, env: &dyn Env) -> Result<RawConfig, ConfigErrors> {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| syntax_error(text, &e))?;
+    let mut value = toml::Value::Table(table);
+    apply_env_overrides(&mut value, env)?;
+    let mut errors = Vec::new();
+    expand_strings(&mut value, &mut String::new(), env, &mut errors);
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    serde_path_to_error::deserialize::<_, RawConfig>(value).map_err(|e| {
+        let key = e.path().to_string();
+        let key = if key == "." { String::new() } else { key };
+        ConfigError::new(key, deserialize_message(e.inner())).into()
+    })
+}
+
+fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigErrors {
+    let position = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!("line {line}, column {column}")
+    });
+    ConfigError::new(position.unwrap_or_default(), format!("invalid TOML: {}", e.message().trim())).into()
+}
+
+fn deserialize_message(e: &toml::de::Error) -> String {
+    let message = e.message().trim().to_owned();
+    // serde names the variants of `auth`'s `type` tag in lowercase already;
+    // add the hint a user needs most often.
+    if message.starts_with("unknown variant") {
+        format!("{message} (auth types: none, bearer, oauth2, sigv4)")
+    } else {
+        message
+    }
+}
+
+/// Applies `ICERELAY__SECTION__KEY=value` variables to the TOML tree.
+///
+/// Segments are lower-cased; a numeric segment indexes an array
+/// (`ICERELAY__DESTINATIONS__0__URI`). The value is read as a TOML value when
+/// it parses as one (numbers, booleans, inline tables), else as a string.
+fn apply_env_overrides(root: &mut toml::Value, env: &dyn Env) -> Result<(), ConfigErrors> {
+    let mut errors = Vec::new();
+    for (name, value) in env.vars_with_prefix(ENV_OVERRIDE_PREFIX) {
+        let path: Vec<String> = name[ENV_OVERRIDE_PREFIX.len()..].split("__").map(|s| s.to_ascii_lowercase()).collect();
+        if path.iter().any(String::is_empty) {
+            errors.push(ConfigError::new(name.clone(), "malformed override name; expected ICERELAY__SECTION__KEY"));
+            continue;
+        }
+        let parsed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(value));
+        if let Err(message) = set_path(root, &path, parsed) {
+            errors.push(ConfigError::new(name, message));
+        }
+    }
+    if errors.is_empty() { Ok(()) } else { Err(ConfigErrors(errors)) }
+}
+
+fn set_path(value: &mut toml::Value, path: &[String], new: toml::Value) -> Result<(), String> {
+    let Some((head, rest)) = path.split_first() else {
+        *value = new;
+        return Ok(());
+    };
+    match value {
+        toml::Value::Table(t) if rest.is_empty() => {
+            t.insert(head.clone(), new);
+            Ok(())
+        }
+        toml::Value::Table(t) => {
+            if !t.contains_key(head)
+                && let Some(index) = rest.first().and_then(|s| s.parse::<usize>().ok())
+            {
+                return Err(format!("there is no [[{head}]] entry {index} in the file to override"));
+            }
+            let child = t.entry(head.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            set_path(child, rest, new)
+        }
+        toml::Value::Array(items) => {
+            let index: usize = head.parse().map_err(|_| format!("expected an array index, found `{head}`"))?;
+            let len = items.len();
+            let item = items
+                .get_mut(index)
+                .ok_or_else(|| format!("index {index} is out of range (the file has {len} entries)"))?;
+            set_path(item, rest, new)
+        }
+        _ => Err(format!("cannot set `{head}`: its parent is not a table")),
+    }
+}
+
+fn expand_strings(value: &mut toml::Value, key: &mut String, env: &dyn Env, errors: &mut Vec<ConfigError>) {
+    match value {
+        toml::Value::String(s) => match env::expand(s, env) {
+            Ok(expanded) => *s = expanded,
+            Err(env::ExpandError::Unset(name)) => errors.push(ConfigError::new(
+                key.clone(),
+                format!("environment variable {name} is not set; export it or write the value directly"),
+            )),
+            Err(env::ExpandError::Malformed(m)) => errors.push(ConfigError::new(key.clone(), m)),
+        },
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                let len = key.len();
+                key.push_str(&format!("[{i}]"));
+                expand_strings(item, key, env, errors);
+                key.truncate(len);
+            }
+        }
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                let len = key.len();
+                if !key.is_empty() {
+                    key.push('.');
+                }
+                key.push_str(k);
+                expand_strings(v, key, env, errors);
+                key.truncate(len);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn apply_overrides(raw: &mut RawConfig, overrides: &Overrides) {
+    if let Some(v) = &overrides.listen {
+        raw.listen = Some(v.clone());
+    }
+    if let Some(v) = &overrides.admin_listen {
+        raw.admin_listen = Some(v.clone());
+    }
+    if let Some(v) = &overrides.public_url {
+        raw.public_url = Some(v.clone());
+    }
+    if let Some(v) = &overrides.upstream {
+        raw.primary.get_or_insert_with(RawPrimary::default).uri = Some(v.clone());
+    }
+}
+
+// === validation ===
+
+/// Checks a raw configuration and resolves defaults. Pure: no I/O.
+pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
+    let mut v = Validator::default();
+    let listen = v.socket_addr("listen", raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN));
+    let admin_listen = v.socket_addr("admin_listen", raw.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN));
+    if let (Some(a), Some(b)) = (listen, admin_listen)
+        && a == b
+        && a.port() != 0
+    {
+        v.error("admin_listen", format!("must differ from listen (both are {a})"));
+    }
+    let public_url = raw.public_url.as_deref().and_then(|u| v.http_url("public_url", u));
+    let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+    if max_body_bytes == 0 {
+        v.error("max_body_bytes", "must be greater than 0");
+    }
+    let shutdown_grace_period = raw.shutdown_grace_period.unwrap_or(Duration::from_secs(30));
+    let primary = v.primary(raw.primary);
+    let storage = raw.storage.into_iter().enumerate().filter_map(|(i, s)| v.storage(i, s)).collect::<Vec<_>>();
+    v.unique("storage", "prefix", storage.iter().map(|s| s.prefix.as_str()));
+    let destinations =
+        raw.destinations.into_iter().enumerate().filter_map(|(i, d)| v.destination(i, d)).collect::<Vec<_>>();
+    v.unique("destinations", "name", destinations.iter().map(|d| d.name.as_str()));
+    let names: Vec<&str> = destinations.iter().map(|d| d.name.as_str()).collect();
+    let rules = raw.rules.into_iter().enumerate().filter_map(|(i, r)| v.rule(i, r, &names)).collect();
+
+    match (v.errors.is_empty(), listen, admin_listen, primary) {
+        (true, Some(listen), Some(admin_listen), Some(primary)) => Ok(Config {
+            listen,
+            admin_listen,
+            public_url,
+            max_body_bytes,
+            shutdown_grace_period,
+            primary,
+            storage,
+            destinations,
+            rules,
+        }),
+        _ => Err(ConfigErrors(v.errors)),
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    errors: Vec<ConfigError>,
+}
+
+impl Validator {
+    fn error(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError::new(key, message));
+    }
+
+    fn socket_addr(&mut self, key: &str, value: &str) -> Option<SocketAddr> {
+        match value.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.error(key, format!("{value:?} is not an address; expected IP:PORT such as 127.0.0.1:9181"));
+                None
+            }
+        }
+    }
+
+    fn http_url(&mut self, key: &str, value: &str) -> Option<Url> {
+        match Url::parse(value) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+                if !u.username().is_empty() || u.password().is_some() {
+                    self.error(key, "must not contain credentials; put them in `auth` (they would end up in logs)");
+                    return None;
+                }
+                if u.query().is_some() || u.fragment().is_some() {
+                    self.error(key, format!("{value:?} must not have a query or fragment"));
+                    return None;
+                }
+                Some(u)
+            }
+            Ok(_) => {
+                self.error(key, format!("{value:?} is not an http(s) URL; expected e.g. http://127.0.0.1:8181"));
+                None
+            }
+            Err(e) => {
+                self.error(key, format!("{value:?} is not a valid URL ({e}); expected e.g. http://127.0.0.1:8181"));
+                None
+            }
+        }
+    }
+
+    fn non_empty(&mut self, key: &str, value: Option<String>) -> Option<String> {
+        match value {
+            Some(v) if !v.trim().is_empty() => Some(v),
+            Some(_) => {
+                self.error(key, "must not be empty");
+                None
+            }
+            None => {
+                self.error(key, "is required");
+                None
+            }
+        }
+    }
+
+    fn positive(&mut self, key: &str, value: Option<Duration>, default: Duration) -> Duration {
+        let d = value.unwrap_or(default);
+        if d.is_zero() {
+            self.error(key, "must be greater than zero (e.g. \"5s\")");
+        }
+        d
+    }
+
+    fn unique<'a>(&mut self, section: &str, field: &str, values: impl Iterator<Item = &'a str>) {
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, value) in values.enumerate() {
+            if !seen.insert(value) {
+                self.error(
+                    format!("{section}[{i}].{field}"),
+                    format!("{value:?} is used twice; each {field} must be unique"),
+                );
+            }
+        }
+    }
+
+    fn primary(&mut self, raw: Option<RawPrimary>) -> Option<PrimaryConfig> {
+        let Some(raw) = raw else {
+            self.error("primary.uri", "is required: set [primary] uri in the file or pass --upstream URL");
+            return None;
+        };
+        let uri = match raw.uri.as_deref() {
+            Some(u) => self.http_url("primary.uri", u),
+            None => {
+                self.error("primary.uri", "is required: set [primary] uri in the file or pass --upstream URL");
+                None
+            }
+        };
+        let auth = self.auth("primary.auth", raw.auth);
+        let connect_timeout = self.positive("primary.connect_timeout", raw.connect_timeout, Duration::from_secs(5));
+        let request_timeout = self.positive("primary.request_timeout", raw.request_timeout, Duration::from_secs(60));
+        let pool_idle_timeout =
+            self.positive("primary.pool_idle_timeout", raw.pool_idle_timeout, Duration::from_secs(90));
+        Some(PrimaryConfig {
+            uri: uri?,
+            warehouse: raw.warehouse,
+            auth: auth?,
+            connect_timeout,
+            request_timeout,
+            pool_idle_timeout,
+            pool_max_idle_per_host: raw.pool_max_idle_per_host.unwrap_or(256),
+        })
+    }
+
+    fn auth(&mut self, key: &str, raw: Option<RawAuth>) -> Option<AuthConfig> {
+        Some(match raw {
+            None | Some(RawAuth::None) => AuthConfig::None,
+            Some(RawAuth::Bearer { token }) => {
+                if token.is_empty() {
+                    self.error(format!("{key}.token"), "must not be empty");
+                }
+                AuthConfig::Bearer { token }
+            }
+            Some(RawAuth::Oauth2 { client_id, client_secret, token_endpoint, scope }) => {
+                if client_id.trim().is_empty() {
+                    self.error(format!("{key}.client_id"), "must not be empty");
+                }
+                if client_secret.is_empty() {
+                    self.error(format!("{key}.client_secret"), "must not be empty");
+                }
+                let token_endpoint = match token_endpoint {
+                    Some(u) => Some(self.http_url(&format!("{key}.token_endpoint"), &u)?),
+                    None => None,
+                };
+                AuthConfig::OAuth2 {
+                    client_id,
+                    client_secret,
+                    token_endpoint,
+                    scope: scope.unwrap_or_else(|| "catalog".to_owned()),
+                }
+            }
+            Some(RawAuth::Sigv4 { service, region, access_key_id, secret_access_key, session_token }) => {
+                if service.trim().is_empty() {
+                    self.error(format!("{key}.service"), "must not be empty (e.g. \"glue\" or \"s3tables\")");
+                }
+                if region.trim().is_empty() {
+                    self.error(format!("{key}.region"), "must not be empty (e.g. \"us-east-1\")");
+                }
+                if access_key_id.is_some() != secret_access_key.is_some() {
+                    self.error(key, "access_key_id and secret_access_key must be set together");
+                }
+                AuthConfig::SigV4 { service, region, access_key_id, secret_access_key, session_token }
+            }
+        })
+    }
+
+    fn storage(&mut self, i: usize, raw: RawStorage) -> Option<StorageConfig> {
+        let key = format!("storage[{i}]");
+        let prefix = self.non_empty(&format!("{key}.prefix"), raw.prefix)?;
+        let Some((scheme, _)) = prefix.split_once("://") else {
+            self.error(
+                format!("{key}.prefix"),
+                format!("{prefix:?} has no scheme; expected e.g. s3://bucket/ or file:///path/"),
+            );
+            return None;
+        };
+        let kind = match scheme {
+            "s3" | "s3a" | "s3n" => {
+                let endpoint = match raw.endpoint {
+                    Some(e) => Some(self.http_url(&format!("{key}.endpoint"), &e)?),
+                    None => None,
+                };
+                if raw.access_key_id.is_some() != raw.secret_access_key.is_some() {
+                    self.error(&key, "access_key_id and secret_access_key must be set together");
+                }
+                StorageKind::S3 {
+                    endpoint,
+                    region: raw.region.unwrap_or_else(|| "us-east-1".to_owned()),
+                    path_style: raw.path_style.unwrap_or(false),
+                    access_key_id: raw.access_key_id,
+                    secret_access_key: raw.secret_access_key,
+                    session_token: raw.session_token,
+                }
+            }
+            "file" => {
+                for (field, set) in [
+                    ("endpoint", raw.endpoint.is_some()),
+                    ("region", raw.region.is_some()),
+                    ("access_key_id", raw.access_key_id.is_some()),
+                    ("secret_access_key", raw.secret_access_key.is_some()),
+                ] {
+                    if set {
+                        self.error(format!("{key}.{field}"), "applies only to s3:// prefixes");
+                    }
+                }
+                StorageKind::Local
+            }
+            other => {
+                self.error(
+                    format!("{key}.prefix"),
+                    format!("scheme {other:?} is not supported; expected s3:// or file://"),
+                );
+                return None;
+            }
+        };
+        Some(StorageConfig { prefix, kind })
+    }
+
+    fn destination(&mut self, i: usize, raw: RawDestination) -> Option<DestinationConfig> {
+        let key = format!("destinations[{i}]");
+        let name = self.non_empty(&format!("{key}.name"), raw.name);
+        if let Some(n) = &name
+            && !n.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            self.error(format!("{key}.name"), format!("{n:?} may only contain letters, digits, '-', '_' and '.'"));
+        }
+        let uri = match raw.uri {
+            Some(u) => self.http_url(&format!("{key}.uri"), &u),
+            None => {
+                self.error(format!("{key}.uri"), "is required");
+                None
+            }
+        };
+        let auth = self.auth(&format!("{key}.auth"), raw.auth);
+        Some(DestinationConfig { name: name?, uri: uri?, warehouse: raw.warehouse, auth: auth? })
+    }
+
+    fn rule(&mut self, i: usize, raw: RawRule, destinations: &[&str]) -> Option<RuleConfig> {
+        let key = format!("rules[{i}]");
+        let namespace = match raw.namespace.as_deref() {
+            None => {
+                self.error(
+                    format!("{key}.namespace"),
+                    "is required: a namespace such as \"sales\" or \"a.b\", or \"*\"",
+                );
+                None
+            }
+            Some("*") => Some(NamespacePattern::Any),
+            Some(ns) if ns.split('.').any(str::is_empty) => {
+                self.error(format!("{key}.namespace"), format!("{ns:?} has an empty level"));
+                None
+            }
+            Some(ns) => Some(NamespacePattern::Exact(Namespace::from_dotted(ns))),
+        };
+        if raw.table.is_some() && namespace == Some(NamespacePattern::Any) {
+            self.error(format!("{key}.table"), "a table rule needs a specific namespace, not \"*\"");
+        }
+        if raw.destinations.is_empty() {
+            self.error(format!("{key}.destinations"), "must name at least one destination");
+        }
+        for (j, d) in raw.destinations.iter().enumerate() {
+            if !destinations.contains(&d.as_str()) {
+                let known =
+                    if destinations.is_empty() { "none are defined".to_owned() } else { destinations.join(", ") };
+                self.error(
+                    format!("{key}.destinations[{j}]"),
+                    format!("{d:?} is not a defined destination (defined: {known})"),
+                );
+            }
+        }
+        Some(RuleConfig { namespace: namespace?, table: raw.table, destinations: raw.destinations })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,156 @@
+//! The configuration file as written: TOML, deserialised field by field.
+//!
+//! These types mirror the file exactly (`deny_unknown_fields`, so a typo is an
+//! error rather than a silently ignored key). Nothing here is checked beyond
+//! its TOML type; [`super::validate`] turns a `RawConfig` into a
+//! [`super::Config`]. The doc comment of each field is the source of the
+//! configuration reference in README.md.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::secret::Secret;
+
+/// The whole file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Address the catalog proxy listens on. Default `127.0.0.1:9181`.
+    pub listen: Option<String>,
+    /// Address of the admin listener (`/healthz`, `/readyz`, `/metrics`). Default `127.0.0.1:9182`.
+    pub admin_listen: Option<String>,
+    /// The URL clients use to reach icerelay. `GET /v1/config` answers that
+    /// carry a `uri` get it replaced by this value; without it the `uri` key is removed.
+    pub public_url: Option<String>,
+    /// Largest request body icerelay buffers to inspect (commit, create,
+    /// register, rename) and largest `/v1/config` answer it rewrites, in bytes.
+    /// Default 16 MiB. Larger requests get `413`.
+    pub max_body_bytes: Option<u64>,
+    /// How long to wait for in-flight requests on shutdown. Default `30s`.
+    #[serde(default, with = "humantime_serde")]
+    pub shutdown_grace_period: Option<Duration>,
+    /// The primary catalog every request is forwarded to.
+    pub primary: Option<RawPrimary>,
+    /// Object stores, matched by the longest prefix of a file URL.
+    #[serde(default)]
+    pub storage: Vec<RawStorage>,
+    /// Replica catalogs.
+    #[serde(default)]
+    pub destinations: Vec<RawDestination>,
+    /// Which tables replicate to which destinations.
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+}
+
+/// `[primary]`: the upstream catalog.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrimary {
+    /// Base URI of the primary's Iceberg REST API, without the `/v1` suffix
+    /// (for example `http://127.0.0.1:8181` or `https://host/api/catalog`).
+    pub uri: Option<String>,
+    /// Warehouse icerelay asks for when it talks to the primary itself. Optional.
+    pub warehouse: Option<String>,
+    /// icerelay's own credentials for the primary. Engine credentials always
+    /// pass through untouched; these are used only for icerelay's own calls
+    /// (readiness probe, reading metadata for replication).
+    pub auth: Option<RawAuth>,
+    /// Time allowed to open a TCP (and TLS) connection. Default `5s`.
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    /// Time allowed for the primary to start answering a request. Default `60s`.
+    #[serde(default, with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    /// How long an idle pooled connection is kept. Default `90s`.
+    #[serde(default, with = "humantime_serde")]
+    pub pool_idle_timeout: Option<Duration>,
+    /// Idle connections kept per upstream host. Default `256`.
+    pub pool_max_idle_per_host: Option<usize>,
+}
+
+/// `auth = { type = ... }`: how icerelay authenticates its own calls to a catalog.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RawAuth {
+    /// No credentials.
+    None,
+    /// A fixed bearer token: `{ type = "bearer", token = "${TOKEN}" }`.
+    Bearer {
+        /// The token sent as `Authorization: Bearer ...`.
+        token: Secret,
+    },
+    /// OAuth2 client credentials: `{ type = "oauth2", client_id, client_secret }`.
+    /// The token is fetched from `token_endpoint` (default: the catalog's
+    /// `/v1/oauth/tokens`), cached, and refreshed before it expires.
+    Oauth2 {
+        /// Client id.
+        client_id: String,
+        /// Client secret.
+        client_secret: Secret,
+        /// Token endpoint URL. Default `<uri>/v1/oauth/tokens`.
+        token_endpoint: Option<String>,
+        /// OAuth2 scope. Default `catalog`.
+        scope: Option<String>,
+    },
+    /// AWS SigV4 request signing (Glue, S3 Tables REST endpoints).
+    Sigv4 {
+        /// Signing service name, e.g. `glue` or `s3tables`.
+        service: String,
+        /// Signing region.
+        region: String,
+        /// Access key id. Default: the AWS environment.
+        access_key_id: Option<String>,
+        /// Secret access key.
+        secret_access_key: Option<Secret>,
+        /// Session token, for temporary credentials.
+        session_token: Option<Secret>,
+    },
+}
+
+/// `[[storage]]`: one object store.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStorage {
+    /// URL prefix this store serves, e.g. `s3://warehouse/` or `file:///data/wh/`.
+    pub prefix: Option<String>,
+    /// S3 endpoint URL, for S3-compatible stores. Default: AWS.
+    pub endpoint: Option<String>,
+    /// S3 region. Default `us-east-1`.
+    pub region: Option<String>,
+    /// Path-style addressing (`http://endpoint/bucket/key`). Default `false`.
+    pub path_style: Option<bool>,
+    /// S3 access key id.
+    pub access_key_id: Option<String>,
+    /// S3 secret access key.
+    pub secret_access_key: Option<Secret>,
+    /// S3 session token, for temporary credentials.
+    pub session_token: Option<Secret>,
+}
+
+/// `[[destinations]]`: one replica catalog.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDestination {
+    /// Name used by rules, status and metrics.
+    pub name: Option<String>,
+    /// Base URI of the replica's Iceberg REST API.
+    pub uri: Option<String>,
+    /// Warehouse to ask the replica catalog for.
+    pub warehouse: Option<String>,
+    /// icerelay's credentials for the replica catalog.
+    pub auth: Option<RawAuth>,
+}
+
+/// `[[rules]]`: tables that replicate, and where to.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    /// Namespace (dotted for nested namespaces) or `*` for every namespace.
+    pub namespace: Option<String>,
+    /// A single table of that namespace. Default: every table.
+    pub table: Option<String>,
+    /// Names of the destinations the matching tables replicate to.
+    #[serde(default)]
+    pub destinations: Vec<String>,
+}

@@ -1,0 +1,190 @@
+//! Tests of parsing, overrides and validation.
+
+use super::*;
+
+const FULL: &str = r#"
+listen = "127.0.0.1:9181"
+admin_listen = "127.0.0.1:9182"
+public_url = "http://127.0.0.1:9181"
+
+[primary]
+uri = "http://127.0.0.1:8181"
+auth = { type = "oauth2", client_id = "admin", client_secret = "${PRIMARY_SECRET}" }
+
+[[storage]]
+prefix = "s3://warehouse/"
+endpoint = "http://127.0.0.1:8333"
+region = "us-east-1"
+path_style = true
+access_key_id = "admin"
+secret_access_key = "${S3_SECRET}"
+
+[[destinations]]
+name = "dr"
+uri = "http://127.0.0.1:8281"
+warehouse = "replica"
+auth = { type = "oauth2", client_id = "admin", client_secret = "${REPLICA_SECRET}" }
+
+[[rules]]
+namespace = "*"
+destinations = ["dr"]
+"#;
+
+fn env() -> MapEnv {
+    MapEnv::from_pairs([("PRIMARY_SECRET", "p-secret"), ("S3_SECRET", "s3-secret"), ("REPLICA_SECRET", "r-secret")])
+}
+
+fn load_str(text: &str, env: &dyn Env) -> Result<Config, ConfigErrors> {
+    let raw = parse(text, env)?;
+    validate(raw)
+}
+
+fn keys(errors: &ConfigErrors) -> Vec<&str> {
+    errors.0.iter().map(|e| e.key.as_str()).collect()
+}
+
+#[test]
+fn the_documented_example_is_valid() {
+    let c = load_str(FULL, &env()).expect("valid");
+    assert_eq!(c.listen.to_string(), "127.0.0.1:9181");
+    assert_eq!(c.primary.uri.as_str(), "http://127.0.0.1:8181/");
+    match &c.primary.auth {
+        AuthConfig::OAuth2 { client_id, client_secret, .. } => {
+            assert_eq!(client_id, "admin");
+            assert_eq!(client_secret.expose(), "p-secret");
+        }
+        other => panic!("unexpected auth {other:?}"),
+    }
+    assert_eq!(c.storage.len(), 1);
+    assert_eq!(c.destinations[0].name, "dr");
+    assert_eq!(c.rules[0].namespace, NamespacePattern::Any);
+    // The expanded secrets never show in Debug output.
+    let debug = format!("{c:?}");
+    for secret in ["p-secret", "s3-secret", "r-secret"] {
+        assert!(!debug.contains(secret), "{secret} leaked into {debug}");
+    }
+}
+
+#[test]
+fn upstream_alone_is_enough() {
+    let mut raw = parse("", &MapEnv::default()).expect("empty file parses");
+    apply_overrides(
+        &mut raw,
+        &Overrides {
+            upstream: Some("http://127.0.0.1:8181".into()),
+            listen: Some("127.0.0.1:0".into()),
+            ..Default::default()
+        },
+    );
+    let c = validate(raw).expect("valid");
+    assert_eq!(c.primary.uri.as_str(), "http://127.0.0.1:8181/");
+    assert_eq!(c.listen.port(), 0);
+    assert_eq!(c.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+}
+
+#[test]
+fn unset_variable_names_key_and_variable() {
+    let errors = load_str(FULL, &MapEnv::from_pairs([("PRIMARY_SECRET", "x")])).expect_err("two unset");
+    assert_eq!(keys(&errors), ["destinations[0].auth.client_secret", "storage[0].secret_access_key"]);
+    assert!(errors.0[0].message.contains("REPLICA_SECRET is not set"));
+}
+
+#[test]
+fn unknown_key_is_rejected_with_its_path() {
+    let errors = load_str("[primary]\nuri = \"http://h:1\"\nurl = \"x\"\n", &MapEnv::default()).expect_err("unknown");
+    assert_eq!(errors.0.len(), 1);
+    assert!(errors.0[0].key.starts_with("primary"), "{errors}");
+    assert!(errors.0[0].message.contains("unknown field `url`"), "{errors}");
+}
+
+#[test]
+fn wrong_auth_type_lists_the_valid_ones() {
+    let text = "[primary]\nuri = \"http://h:1\"\nauth = { type = \"basic\" }\n";
+    let errors = load_str(text, &MapEnv::default()).expect_err("bad type");
+    assert!(errors.0[0].message.contains("none, bearer, oauth2, sigv4"), "{errors}");
+}
+
+#[test]
+fn syntax_errors_carry_line_and_column() {
+    let errors = load_str("listen = \"a\"\n[primary\n", &MapEnv::default()).expect_err("syntax");
+    assert!(errors.0[0].key.starts_with("line 2"), "{errors}");
+}
+
+#[test]
+fn every_semantic_problem_is_reported_at_once() {
+    let text = r#"
+listen = "nowhere"
+public_url = "ftp://x"
+[primary]
+uri = "not a url"
+connect_timeout = "0s"
+[[storage]]
+prefix = "gs://bucket/"
+[[destinations]]
+name = "a b"
+uri = "http://h:1"
+[[destinations]]
+name = "dup"
+uri = "http://h:2"
+[[destinations]]
+name = "dup"
+uri = "http://h:3"
+[[rules]]
+namespace = "*"
+table = "t"
+destinations = ["missing"]
+"#;
+    let errors = load_str(text, &MapEnv::default()).expect_err("invalid");
+    assert_eq!(
+        keys(&errors),
+        [
+            "listen",
+            "public_url",
+            "primary.uri",
+            "primary.connect_timeout",
+            "storage[0].prefix",
+            "destinations[0].name",
+            "destinations[2].name",
+            "rules[0].table",
+            "rules[0].destinations[0]",
+        ],
+        "{errors}"
+    );
+    let text = errors.to_string();
+    assert!(text.contains("expected IP:PORT"), "{text}");
+    assert!(text.contains("\"missing\" is not a defined destination (defined: a b, dup, dup)"), "{text}");
+}
+
+#[test]
+fn missing_primary_says_how_to_fix_it() {
+    let errors = load_str("", &MapEnv::default()).expect_err("no primary");
+    assert_eq!(keys(&errors), ["primary.uri"]);
+    assert!(errors.0[0].message.contains("--upstream"));
+}
+
+#[test]
+fn env_overrides_apply_before_validation() {
+    let env = MapEnv::from_pairs([
+        ("ICERELAY__PRIMARY__URI", "http://override:1"),
+        ("ICERELAY__MAX_BODY_BYTES", "1024"),
+        ("ICERELAY__DESTINATIONS__0__WAREHOUSE", "other"),
+        ("PRIMARY_SECRET", "p"),
+        ("S3_SECRET", "s"),
+        ("REPLICA_SECRET", "r"),
+    ]);
+    let c = load_str(FULL, &env).expect("valid");
+    assert_eq!(c.primary.uri.as_str(), "http://override:1/");
+    assert_eq!(c.max_body_bytes, 1024);
+    assert_eq!(c.destinations[0].warehouse.as_deref(), Some("other"));
+
+    let env = MapEnv::from_pairs([("ICERELAY__DESTINATIONS__5__URI", "http://x:1")]);
+    let errors = load_str("[primary]\nuri = \"http://h:1\"\n", &env).expect_err("no such entry");
+    assert_eq!(keys(&errors), ["ICERELAY__DESTINATIONS__5__URI"]);
+}
+
+#[test]
+fn urls_with_credentials_are_refused() {
+    let errors = load_str("[primary]\nuri = \"http://user:pw@h:1\"\n", &MapEnv::default()).expect_err("userinfo");
+    assert_eq!(keys(&errors), ["primary.uri"]);
+    assert!(!errors.to_string().contains("pw@"), "the password must not be echoed: {errors}");
+}

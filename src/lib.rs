@@ -1,0 +1,27 @@
+//! icerelay: an Iceberg REST catalog proxy that replicates tables on commit.
+//!
+//! Engines point their catalog `uri` at icerelay; it forwards every request
+//! to the primary catalog unchanged, watches the commits that succeed, and
+//! replays them onto replica catalogs.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML file, `${VAR}` expansion and env overrides, validation.
+//! - [`proxy`]: the request path, as tower layers: classify, observe, respond
+//!   to errors, rewrite `/v1/config`, tap commits, forward upstream.
+//! - [`catalog`]: identifiers and the REST client for icerelay's own calls.
+//! - [`admin`]: the admin listener (health, readiness, metrics).
+//! - [`metrics`]: the Prometheus registry.
+//! - [`serve`]: binding, running and draining the services.
+//! - [`logging`]: log output.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod catalog;
+pub mod config;
+pub mod logging;
+pub mod metrics;
+pub mod proxy;
+pub mod serve;

@@ -1,0 +1,125 @@
+//! The `icerelay` command: parses flags, sets up logging, and runs a subcommand.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use icerelay::config::{self, Overrides, ProcessEnv};
+use icerelay::logging::{self, LogFormat};
+use icerelay::serve::{Server, shutdown_signal};
+
+/// Exit code for an invalid configuration given to `serve` (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+/// icerelay: an Iceberg REST catalog proxy that replicates tables on commit.
+///
+/// Point your engines' catalog `uri` at icerelay instead of the primary
+/// catalog. Every request is forwarded unchanged; successful commits are
+/// replayed onto the replica catalogs named in the configuration.
+#[derive(Debug, Parser)]
+#[command(name = "icerelay", version, propagate_version = true)]
+struct Cli {
+    /// Log format: `text` (human-readable) or `json` (one object per line).
+    /// The level comes from RUST_LOG (default `info`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy (and the admin listener).
+    ///
+    /// Examples:
+    ///   icerelay serve --config icerelay.toml
+    ///   icerelay serve --upstream http://127.0.0.1:8181 --listen 127.0.0.1:9181
+    ///
+    /// Flags override the file; with --upstream no file is needed.
+    #[command(verbatim_doc_comment)]
+    Serve {
+        /// Configuration file (TOML). See README.md for every key.
+        #[arg(long, short, env = "ICERELAY_CONFIG")]
+        config: Option<PathBuf>,
+        /// Proxy address, e.g. 127.0.0.1:9181 (overrides `listen`).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Admin address for /healthz, /readyz, /metrics (overrides `admin_listen`).
+        #[arg(long)]
+        admin_listen: Option<String>,
+        /// The primary catalog's base URI, e.g. http://127.0.0.1:8181 (overrides `[primary] uri`).
+        #[arg(long)]
+        upstream: Option<String>,
+        /// The URL clients use to reach icerelay (overrides `public_url`).
+        #[arg(long)]
+        public_url: Option<String>,
+    },
+    /// Validate a configuration file and print every problem found.
+    ///
+    /// Exits 0 when the file is valid, 1 otherwise.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    match cli.command {
+        Command::Serve { config, listen, admin_listen, upstream, public_url } => {
+            let overrides = Overrides { listen, admin_listen, upstream, public_url };
+            let config = match config::load(config.as_deref(), &overrides, &ProcessEnv) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("icerelay: invalid configuration:\n{errors}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            serve(config)
+        }
+        Command::CheckConfig { file } => match config::load(Some(&file), &Overrides::default(), &ProcessEnv) {
+            Ok(c) => {
+                println!(
+                    "{}: ok (primary {}, {} storage, {} destinations, {} rules)",
+                    file.display(),
+                    c.primary.uri,
+                    c.storage.len(),
+                    c.destinations.len(),
+                    c.rules.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{}: {} problem(s):", file.display(), errors.0.len());
+                for e in &errors.0 {
+                    eprintln!("  {e}");
+                }
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn serve(config: config::Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("icerelay: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let server = Server::bind(config).await?;
+        server.run(shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "icerelay stopped");
+            eprintln!("icerelay: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

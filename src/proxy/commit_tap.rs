@@ -1,0 +1,301 @@
+//! Watches successful commits and records a change hint for each table.
+//!
+//! The tap sees the request and the primary's answer and never changes
+//! either: its error type is the inner service's, and the response it returns
+//! is the one it received. When the primary answers 2xx to a table-changing
+//! operation (updateTable, transactions/commit, createTable, registerTable,
+//! renameTable, dropTable), the tap hands one [`CommitHint`] per table to the
+//! [`HintSink`] before the answer goes back to the client.
+//!
+//! A hint says "this table changed", nothing more: replication compares the
+//! source with each replica anyway, so a lost hint (a crash right after the
+//! primary answered) is repaired by the periodic reconcile. If recording fails,
+//! the tap logs, counts, and still returns the upstream answer: icerelay never
+//! turns a success into a failure.
+//!
+//! Bodies are read only where the tables are named in them (create, register,
+//! rename, transactions); updateTable and dropTable name the table in the path
+//! and stream through untouched.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use http::Request;
+use serde::Deserialize;
+use tower::{Layer, Service};
+
+use super::body::read_request_body;
+use super::error::ProxyError;
+use super::router::{Classified, Operation};
+use crate::catalog::{Namespace, TableIdent};
+use crate::metrics::ProxyMetrics;
+
+/// A hint that a table changed on the primary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitHint {
+    /// What happened.
+    pub kind: HintKind,
+    /// The table (after the change: a rename's destination).
+    pub table: TableIdent,
+    /// The REST `{prefix}` the request used, if any.
+    pub prefix: Option<String>,
+    /// The metadata location, when the request told it (registerTable).
+    pub metadata_location: Option<String>,
+}
+
+/// The kinds of change a hint reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HintKind {
+    /// New metadata: a commit, a create, a register.
+    Commit,
+    /// The table was dropped.
+    Drop,
+    /// The table was renamed from `from`.
+    Rename {
+        /// The old identifier.
+        from: TableIdent,
+    },
+}
+
+/// A failure to record hints.
+pub type HintError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where hints go: the durable change log, or a log line in proxy-only mode.
+pub trait HintSink: Send + Sync + 'static {
+    /// Records the hints of one successful request.
+    fn record(&self, hints: Vec<CommitHint>) -> Pin<Box<dyn Future<Output = Result<(), HintError>> + Send + '_>>;
+}
+
+/// A sink that only logs: used when no replication is configured.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LogHints;
+
+impl HintSink for LogHints {
+    fn record(&self, hints: Vec<CommitHint>) -> Pin<Box<dyn Future<Output = Result<(), HintError>> + Send + '_>> {
+        for hint in &hints {
+            tracing::debug!(table = %hint.table, kind = ?hint.kind, "table changed on the primary");
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+/// Builds [`CommitTap`] services.
+#[derive(Clone)]
+pub struct CommitTapLayer {
+    sink: Arc<dyn HintSink>,
+    metrics: Arc<ProxyMetrics>,
+    limit: u64,
+}
+
+impl CommitTapLayer {
+    /// Hints go to `sink`; inspected bodies are bounded by `limit` bytes.
+    pub fn new(sink: Arc<dyn HintSink>, metrics: Arc<ProxyMetrics>, limit: u64) -> Self {
+        Self { sink, metrics, limit }
+    }
+}
+
+impl<S> Layer<S> for CommitTapLayer {
+    type Service = CommitTap<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CommitTap { inner, settings: self.clone() }
+    }
+}
+
+/// The service built by [`CommitTapLayer`].
+#[derive(Clone)]
+pub struct CommitTap<S> {
+    inner: S,
+    settings: CommitTapLayer,
+}
+
+/// What the tap needs to know about a request before forwarding it.
+enum Watch {
+    /// The table is in the path.
+    Path(HintKind, TableIdent),
+    /// The tables are in the body, which must be read first.
+    Body(&'static str, Operation),
+}
+
+impl<S> Service<Request<Body>> for CommitTap<S>
+where
+    S: Service<Request<Body>, Response = Response, Error = ProxyError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let Some(classified) = req.extensions().get::<Classified>() else {
+            return Box::pin(self.inner.call(req));
+        };
+        let prefix = classified.prefix.clone();
+        let watch = match &classified.operation {
+            Operation::UpdateTable(t) => Watch::Path(HintKind::Commit, t.clone()),
+            Operation::DropTable(t) => Watch::Path(HintKind::Drop, t.clone()),
+            op @ Operation::CreateTable(_) => Watch::Body("createTable", op.clone()),
+            op @ Operation::RegisterTable(_) => Watch::Body("registerTable", op.clone()),
+            op @ Operation::RenameTable => Watch::Body("renameTable", op.clone()),
+            op @ Operation::CommitTransaction => Watch::Body("commitTransaction", op.clone()),
+            _ => return Box::pin(self.inner.call(req)),
+        };
+        // Take the service that was driven to readiness; leave a fresh clone behind.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let settings = self.settings.clone();
+        Box::pin(async move {
+            let (hints, response) = match watch {
+                Watch::Path(kind, table) => {
+                    let response = inner.call(req).await?;
+                    (vec![CommitHint { kind, table, prefix, metadata_location: None }], response)
+                }
+                Watch::Body(name, operation) => {
+                    let (parts, body) = req.into_parts();
+                    let bytes = read_request_body(&parts.headers, body, settings.limit, name).await?;
+                    let hints = hints_from_body(&operation, &bytes, prefix);
+                    let response = inner.call(Request::from_parts(parts, Body::from(bytes))).await?;
+                    (hints.unwrap_or_else(|| {
+                        if response.status().is_success() {
+                            tracing::warn!(operation = name, "could not read the tables from the request body; the periodic reconcile will pick up the change");
+                        }
+                        Vec::new()
+                    }), response)
+                }
+            };
+            if response.status().is_success() && !hints.is_empty() {
+                let count = hints.len() as u64;
+                match settings.sink.record(hints).await {
+                    Ok(()) => {
+                        settings.metrics.hints_recorded.inc_by(count);
+                    }
+                    Err(error) => {
+                        settings.metrics.hints_failed.inc_by(count);
+                        tracing::error!(error = %error, "could not record a change hint; the periodic reconcile will pick up the change");
+                    }
+                }
+            }
+            Ok(response)
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct CreateTableBody {
+    name: String,
+    #[serde(rename = "stage-create", default)]
+    stage_create: bool,
+}
+
+#[derive(Deserialize)]
+struct RegisterTableBody {
+    name: String,
+    #[serde(rename = "metadata-location")]
+    metadata_location: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RenameTableBody {
+    source: TableIdent,
+    destination: TableIdent,
+}
+
+#[derive(Deserialize)]
+struct CommitTransactionBody {
+    #[serde(rename = "table-changes")]
+    table_changes: Vec<TableChange>,
+}
+
+#[derive(Deserialize)]
+struct TableChange {
+    identifier: Option<TableIdent>,
+}
+
+/// The hints a successful request with this body produces; `None` when the
+/// body does not parse (the primary decides whether it is valid, not icerelay).
+fn hints_from_body(operation: &Operation, body: &Bytes, prefix: Option<String>) -> Option<Vec<CommitHint>> {
+    let hint = |kind, table, metadata_location| CommitHint { kind, table, prefix: prefix.clone(), metadata_location };
+    match operation {
+        Operation::CreateTable(ns) => {
+            let b: CreateTableBody = serde_json::from_slice(body).ok()?;
+            // A staged create is not a table until its commit, which is an
+            // updateTable or a transaction and produces its own hint.
+            Some(if b.stage_create { Vec::new() } else { vec![hint(HintKind::Commit, table_in(ns, b.name), None)] })
+        }
+        Operation::RegisterTable(ns) => {
+            let b: RegisterTableBody = serde_json::from_slice(body).ok()?;
+            Some(vec![hint(HintKind::Commit, table_in(ns, b.name), b.metadata_location)])
+        }
+        Operation::RenameTable => {
+            let b: RenameTableBody = serde_json::from_slice(body).ok()?;
+            Some(vec![hint(HintKind::Rename { from: b.source }, b.destination, None)])
+        }
+        Operation::CommitTransaction => {
+            let b: CommitTransactionBody = serde_json::from_slice(body).ok()?;
+            b.table_changes.into_iter().map(|c| c.identifier.map(|t| hint(HintKind::Commit, t, None))).collect()
+        }
+        _ => Some(Vec::new()),
+    }
+}
+
+fn table_in(namespace: &Namespace, name: String) -> TableIdent {
+    TableIdent::new(namespace.clone(), name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns(s: &str) -> Namespace {
+        Namespace::from_dotted(s)
+    }
+
+    #[test]
+    fn hints_from_bodies() {
+        let create = Operation::CreateTable(ns("db"));
+        let hints = hints_from_body(&create, &Bytes::from(r#"{"name":"t","schema":{}}"#), None).expect("parses");
+        assert_eq!(
+            hints,
+            vec![CommitHint {
+                kind: HintKind::Commit,
+                table: TableIdent::new(ns("db"), "t"),
+                prefix: None,
+                metadata_location: None
+            }]
+        );
+        let staged =
+            hints_from_body(&create, &Bytes::from(r#"{"name":"t","stage-create":true}"#), None).expect("parses");
+        assert!(staged.is_empty());
+
+        let tx = r#"{"table-changes":[{"identifier":{"namespace":["a"],"name":"x"},"requirements":[],"updates":[]},
+                                      {"identifier":{"namespace":["b","c"],"name":"y"},"requirements":[],"updates":[]}]}"#;
+        let hints = hints_from_body(&Operation::CommitTransaction, &Bytes::from(tx), Some("p".into())).expect("parses");
+        let tables: Vec<String> = hints.iter().map(|h| h.table.to_string()).collect();
+        assert_eq!(tables, ["a.x", "b.c.y"]);
+        assert!(hints.iter().all(|h| h.prefix.as_deref() == Some("p")));
+
+        let rename = r#"{"source":{"namespace":["a"],"name":"x"},"destination":{"namespace":["a"],"name":"z"}}"#;
+        let hints = hints_from_body(&Operation::RenameTable, &Bytes::from(rename), None).expect("parses");
+        assert_eq!(hints[0].kind, HintKind::Rename { from: TableIdent::new(ns("a"), "x") });
+        assert_eq!(hints[0].table.to_string(), "a.z");
+
+        let register = r#"{"name":"r","metadata-location":"s3://b/m.json"}"#;
+        let hints = hints_from_body(&Operation::RegisterTable(ns("db")), &Bytes::from(register), None).expect("parses");
+        assert_eq!(hints[0].metadata_location.as_deref(), Some("s3://b/m.json"));
+    }
+
+    #[test]
+    fn unparsable_bodies_give_no_hints() {
+        assert!(hints_from_body(&Operation::CommitTransaction, &Bytes::from("{"), None).is_none());
+        assert!(hints_from_body(&Operation::CreateTable(ns("db")), &Bytes::from("[]"), None).is_none());
+    }
+}

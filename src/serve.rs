@@ -1,0 +1,208 @@
+//! Process lifecycle for `icerelay serve`: bind, run the services, drain.
+//!
+//! [`Server::bind`] binds both listeners first, so that a test (or a
+//! supervisor) can learn the real addresses when it asked for port 0, and so
+//! that a port conflict is reported before anything else starts.
+//! [`Server::run`] spawns the named services into one `JoinSet` and waits for
+//! the shutdown future or the first service to exit; either way it cancels
+//! the shared token, lets in-flight requests finish within the grace period,
+//! and names any service that did not stop in time.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState};
+use crate::catalog::{CatalogError, ClientSettings, RestCatalog};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::commit_tap::{HintSink, LogHints};
+use crate::proxy::upstream::{Upstream, UpstreamError, UpstreamSettings};
+use crate::proxy::{self, ProxySettings};
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// `proxy` or `admin`.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The upstream client could not be built.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The primary's catalog client could not be built.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// A service stopped with an I/O error.
+    #[error("the {service} service failed: {source}")]
+    Service {
+        /// Which.
+        service: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A server with its listeners bound, ready to run.
+#[derive(Debug)]
+pub struct Server {
+    config: Config,
+    proxy_listener: TcpListener,
+    admin_listener: TcpListener,
+    hints: Arc<dyn HintSink>,
+}
+
+impl std::fmt::Debug for dyn HintSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HintSink")
+    }
+}
+
+impl Server {
+    /// Binds the proxy and admin listeners.
+    pub async fn bind(config: Config) -> Result<Self, ServeError> {
+        let proxy_listener = TcpListener::bind(config.listen).await.map_err(|source| ServeError::Bind {
+            addr: config.listen,
+            what: "proxy",
+            source,
+        })?;
+        let admin_listener = TcpListener::bind(config.admin_listen).await.map_err(|source| ServeError::Bind {
+            addr: config.admin_listen,
+            what: "admin",
+            source,
+        })?;
+        Ok(Self { config, proxy_listener, admin_listener, hints: Arc::new(LogHints) })
+    }
+
+    /// Sends commit hints to `hints` instead of only logging them.
+    pub fn with_hint_sink(mut self, hints: Arc<dyn HintSink>) -> Self {
+        self.hints = hints;
+        self
+    }
+
+    /// The proxy's bound address.
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_listener.local_addr().unwrap_or(self.config.listen)
+    }
+
+    /// The admin listener's bound address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener.local_addr().unwrap_or(self.config.admin_listen)
+    }
+
+    /// Serves until `shutdown` completes or a service exits, then drains.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+        let Self { config, proxy_listener, admin_listener, hints } = self;
+        let metrics = Arc::new(Metrics::new());
+        let primary = &config.primary;
+        let upstream = Upstream::new(&UpstreamSettings {
+            uri: primary.uri.clone(),
+            connect_timeout: primary.connect_timeout,
+            request_timeout: primary.request_timeout,
+            pool_idle_timeout: primary.pool_idle_timeout,
+            pool_max_idle_per_host: primary.pool_max_idle_per_host,
+        })?;
+        let primary_catalog = Arc::new(RestCatalog::new(
+            "primary",
+            primary.uri.clone(),
+            primary.warehouse.clone(),
+            &primary.auth,
+            ClientSettings { connect_timeout: primary.connect_timeout, request_timeout: Duration::from_secs(10) },
+        )?);
+        let proxy_router = proxy::stack(
+            &ProxySettings { public_url: config.public_url.clone(), max_body_bytes: config.max_body_bytes },
+            upstream.clone(),
+            hints,
+            metrics.proxy.clone(),
+        );
+        let admin_router = admin::router(AdminState { metrics: metrics.clone(), primary: primary_catalog });
+
+        let token = CancellationToken::new();
+        let mut services: JoinSet<(&'static str, std::io::Result<()>)> = JoinSet::new();
+        let proxy_addr = proxy_listener.local_addr().unwrap_or(config.listen);
+        let admin_addr = admin_listener.local_addr().unwrap_or(config.admin_listen);
+        tracing::info!(listen = %proxy_addr, admin = %admin_addr, primary = %upstream.display(), "icerelay is serving");
+
+        let stop = token.clone();
+        services.spawn(async move {
+            let result = axum::serve(proxy_listener, proxy_router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            ("proxy", result)
+        });
+        let stop = token.clone();
+        services.spawn(async move {
+            let result = axum::serve(admin_listener, admin_router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            ("admin", result)
+        });
+
+        let mut failure = None;
+        tokio::select! {
+            () = shutdown => tracing::info!("shutting down"),
+            Some(exited) = services.join_next() => {
+                failure = exit_failure(exited);
+                tracing::warn!("a service stopped; shutting down the others");
+            }
+        }
+        token.cancel();
+        let grace = config.shutdown_grace_period;
+        let drained = tokio::time::timeout(grace, async {
+            while let Some(exited) = services.join_next().await {
+                if let Some(e) = exit_failure(exited) {
+                    failure.get_or_insert(e);
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(remaining = services.len(), grace = ?grace, "services did not stop within the grace period; aborting them");
+            services.abort_all();
+        }
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+fn exit_failure(exited: Result<(&'static str, std::io::Result<()>), tokio::task::JoinError>) -> Option<ServeError> {
+    match exited {
+        Ok((_, Ok(()))) => None,
+        Ok((service, Err(source))) => Some(ServeError::Service { service, source }),
+        Err(join) => Some(ServeError::Service { service: "unknown", source: std::io::Error::other(join.to_string()) }),
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
