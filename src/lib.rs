@@ -12,6 +12,8 @@
 //! - [`catalog`]: identifiers and the REST client for icerelay's own calls.
 //! - [`admin`]: the admin listener (health, readiness, metrics).
 //! - [`metrics`]: the Prometheus registry.
+//! - [`rewrite`]: path rewriting of metadata, manifests, delete files (pure).
+//! - [`storage`]: object stores and the copy engine.
 //! - [`serve`]: binding, running and draining the services.
 //! - [`logging`]: log output.
 
@@ -24,4 +26,6 @@ pub mod config;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod rewrite;
 pub mod serve;
+pub mod storage;

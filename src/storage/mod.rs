@@ -1,0 +1,1 @@
+//! Object storage access and the file copy engine.
