@@ -1,0 +1,62 @@
+"""Shared helpers for the client scripts the Rust end-to-end tests run.
+
+Every script prints one JSON document on stdout; the Rust side compares them.
+Connection settings come from command-line JSON so the scripts never read the
+test's environment or files.
+"""
+import json
+import sys
+
+
+def emit(result):
+    json.dump(result, sys.stdout, sort_keys=True, default=str)
+    sys.stdout.write("\n")
+
+
+def pyiceberg_catalog(conn):
+    """conn: {"uri", "warehouse", "credential"?, "s3": {...}?} -> a pyiceberg RestCatalog."""
+    from pyiceberg.catalog import load_catalog
+
+    props = {"type": "rest", "uri": conn["uri"], "warehouse": conn["warehouse"]}
+    if conn.get("credential"):
+        props["credential"] = conn["credential"]
+    s3 = conn.get("s3")
+    if s3:
+        props.update({
+            "s3.endpoint": s3["endpoint"],
+            "s3.access-key-id": s3["access_key_id"],
+            "s3.secret-access-key": s3["secret_access_key"],
+            "s3.region": s3.get("region", "us-east-1"),
+            "s3.path-style-access": "true",
+        })
+    return load_catalog(conn.get("name", "cat"), **props)
+
+
+def duckdb_connect(extension_dir):
+    import duckdb
+
+    con = duckdb.connect(config={
+        "extension_directory": extension_dir,
+        "autoinstall_known_extensions": False,
+        "autoload_known_extensions": True,
+    })
+    con.execute("LOAD iceberg")
+    con.execute("LOAD httpfs")
+    return con
+
+
+def duckdb_attach(con, conn, alias):
+    """ATTACH a REST catalog (OAuth2 client credentials when conn has "credential")."""
+    s3 = conn.get("s3")
+    if s3:
+        endpoint = s3["endpoint"].split("://", 1)[1]
+        con.execute(f"""CREATE OR REPLACE SECRET s3_{alias} (TYPE S3, KEY_ID '{s3["access_key_id"]}',
+            SECRET '{s3["secret_access_key"]}', REGION '{s3.get("region", "us-east-1")}',
+            ENDPOINT '{endpoint}', URL_STYLE 'path', USE_SSL false)""")
+    if conn.get("credential"):
+        client_id, client_secret = conn["credential"].split(":", 1)
+        con.execute(f"""CREATE OR REPLACE SECRET ice_{alias} (TYPE ICEBERG, CLIENT_ID '{client_id}',
+            CLIENT_SECRET '{client_secret}', OAUTH2_SERVER_URI '{conn["uri"]}/v1/oauth/tokens')""")
+        con.execute(f"ATTACH '{conn['warehouse']}' AS {alias} (TYPE ICEBERG, ENDPOINT '{conn['uri']}', SECRET ice_{alias})")
+    else:
+        con.execute(f"ATTACH '{conn['warehouse']}' AS {alias} (TYPE ICEBERG, ENDPOINT '{conn['uri']}', AUTHORIZATION_TYPE 'none')")

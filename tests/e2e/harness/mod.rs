@@ -1,0 +1,321 @@
+//! Lifecycle of the real services the end-to-end tests run against.
+//!
+//! - [`SeaweedFs`]: a real S3 store + Iceberg REST catalog, started once per
+//!   test binary through `scripts/teststack/seaweedfs.sh` with a watchdog on
+//!   this process, so no server outlives the run. Tests share it and keep
+//!   apart by using their own namespaces ([`unique`]).
+//! - [`Relay`]: icerelay itself, either in-process (fast, for error paths) or
+//!   as the real binary with its logs captured ([`RelayProcess`]).
+//! - [`python`]: runs a client script from `tests/clients/` in the test venv.
+//!
+//! Everything comes from `.teststack/` (or `$ICERELAY_TESTSTACK`), which
+//! `scripts/setup-test-env.sh` fills. A missing piece fails the test with the
+//! command to run; nothing is skipped silently.
+
+#![allow(dead_code)]
+
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use icerelay::config::{self, Config, MapEnv};
+use icerelay::serve::Server;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Where `scripts/setup-test-env.sh` installed the test stack.
+pub fn teststack() -> PathBuf {
+    std::env::var_os("ICERELAY_TESTSTACK").map_or_else(|| repo_root().join(".teststack"), PathBuf::from)
+}
+
+fn require(path: PathBuf, what: &str) -> PathBuf {
+    assert!(path.exists(), "{what} not found at {}; run scripts/setup-test-env.sh", path.display());
+    path
+}
+
+/// The venv's Python interpreter.
+pub fn python_bin() -> PathBuf {
+    require(teststack().join("venv/bin/python"), "the test venv")
+}
+
+/// DuckDB's extension directory inside the venv.
+pub fn duckdb_extensions() -> PathBuf {
+    require(teststack().join("venv/duckdb_extensions"), "the DuckDB extensions")
+}
+
+/// A name no other test (or earlier run against the same server) uses.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() % 1_000_000);
+    format!("{prefix}_{}_{t}_{n}", std::process::id())
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind an ephemeral port")
+}
+
+/// A base port such that `base..=base+span` are all free.
+fn free_port_range(span: u16) -> u16 {
+    let seed = std::process::id() as u16;
+    for attempt in 0..200u16 {
+        let base = 30000 + (seed.wrapping_mul(7).wrapping_add(attempt.wrapping_mul(97)) % 30000);
+        let all_free = (base..=base + span).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if all_free {
+            return base;
+        }
+    }
+    panic!("no free range of {span} ports found");
+}
+
+// === SeaweedFS ===
+
+/// A running SeaweedFS (`weed mini`): S3 + Iceberg REST catalog.
+#[derive(Debug)]
+pub struct SeaweedFs {
+    _dir: tempfile::TempDir,
+    /// Everything `seaweedfs.sh` printed (`S3_ENDPOINT`, `CATALOG_URI`, ...).
+    pub endpoints: HashMap<String, String>,
+}
+
+impl SeaweedFs {
+    /// Starts a new instance (blocking, ~2 s).
+    pub fn start(name: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let base = free_port_range(16);
+        let output = Command::new(repo_root().join("scripts/teststack/seaweedfs.sh"))
+            .args(["start", name, &dir.path().display().to_string(), &base.to_string()])
+            .env("ICERELAY_TESTSTACK", teststack())
+            .env("WATCH_PID", std::process::id().to_string())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run seaweedfs.sh");
+        assert!(output.status.success(), "seaweedfs.sh start failed (see stderr above)");
+        let endpoints = parse_env(&String::from_utf8_lossy(&output.stdout));
+        Self { _dir: dir, endpoints }
+    }
+
+    /// The instance shared by all tests of this binary.
+    pub fn shared() -> &'static SeaweedFs {
+        static SHARED: OnceLock<SeaweedFs> = OnceLock::new();
+        SHARED.get_or_init(|| SeaweedFs::start("e2e"))
+    }
+
+    fn get(&self, key: &str) -> &str {
+        self.endpoints.get(key).map_or("", String::as_str)
+    }
+
+    /// The catalog's base URI.
+    pub fn catalog_uri(&self) -> &str {
+        self.get("CATALOG_URI")
+    }
+
+    /// The S3 endpoint.
+    pub fn s3_endpoint(&self) -> &str {
+        self.get("S3_ENDPOINT")
+    }
+
+    /// The warehouse (table bucket) name.
+    pub fn warehouse(&self) -> &str {
+        self.get("WAREHOUSE")
+    }
+
+    /// Connection settings for the client scripts, for a catalog at `uri`
+    /// (the catalog itself or icerelay in front of it).
+    pub fn client_conn(&self, uri: &str) -> Value {
+        json!({
+            "uri": uri.trim_end_matches('/'),
+            "warehouse": self.warehouse(),
+            "credential": format!("{}:{}", self.get("ACCESS_KEY"), self.get("SECRET_KEY")),
+            "s3": {"endpoint": self.s3_endpoint(), "access_key_id": self.get("ACCESS_KEY"),
+                   "secret_access_key": self.get("SECRET_KEY"), "region": "us-east-1"},
+        })
+    }
+
+    /// The OAuth2 client secret (also the S3 secret key).
+    pub fn secret(&self) -> &str {
+        self.get("SECRET_KEY")
+    }
+}
+
+fn parse_env(text: &str) -> HashMap<String, String> {
+    text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect()
+}
+
+// === clients ===
+
+/// Runs `tests/clients/<script>` with `args` and parses its JSON output.
+pub async fn python(script: &str, args: Vec<String>) -> Value {
+    let script = repo_root().join("tests/clients").join(script);
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let output = Command::new(python_bin())
+            .arg(&script)
+            .args(&args)
+            .current_dir(script.parent().unwrap_or(Path::new(".")))
+            .output()
+            .expect("run python");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{} failed after {:?}:\n{stderr}", script.display(), started.elapsed());
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+            panic!("{} printed no JSON ({e}): {}\n{stderr}", script.display(), String::from_utf8_lossy(&output.stdout))
+        })
+    })
+    .await
+    .expect("python task")
+}
+
+// === icerelay in-process ===
+
+/// icerelay running inside the test process; stops when dropped.
+pub struct Relay {
+    /// `http://127.0.0.1:PORT` of the proxy.
+    pub url: String,
+    /// `http://127.0.0.1:PORT` of the admin listener.
+    pub admin_url: String,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Relay {
+    /// Starts icerelay with `toml` (listen addresses default to ephemeral ports).
+    pub async fn start(toml: &str) -> Self {
+        Self::start_config(relay_config(toml)).await
+    }
+
+    /// Starts icerelay with a validated configuration.
+    pub async fn start_config(config: Config) -> Self {
+        let server = Server::bind(config).await.expect("bind icerelay");
+        let url = format!("http://{}", server.proxy_addr());
+        let admin_url = format!("http://{}", server.admin_addr());
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            if let Err(e) = server
+                .run(async move {
+                    let _ = stopped.await;
+                })
+                .await
+            {
+                eprintln!("icerelay stopped with an error: {e}");
+            }
+        });
+        Self { url, admin_url, stop: Some(stop) }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Parses and validates a test configuration, with ephemeral listen ports
+/// unless the text sets them.
+pub fn relay_config(toml: &str) -> Config {
+    let mut text = String::new();
+    if !toml.contains("listen =") {
+        text.push_str("listen = \"127.0.0.1:0\"\n");
+    }
+    if !toml.contains("admin_listen") {
+        text.push_str("admin_listen = \"127.0.0.1:0\"\n");
+    }
+    text.push_str(toml);
+    let raw = config::parse(&text, &MapEnv::default()).unwrap_or_else(|e| panic!("test config: {e}"));
+    config::validate(raw).unwrap_or_else(|e| panic!("test config: {e}"))
+}
+
+// === icerelay as a process ===
+
+/// The real `icerelay` binary, with stdout and stderr captured to a file.
+pub struct RelayProcess {
+    child: Child,
+    /// Proxy URL.
+    pub url: String,
+    /// Admin URL.
+    pub admin_url: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl RelayProcess {
+    /// Runs `icerelay <args>` plus `--listen`/`--admin-listen` on free ports,
+    /// with `env` added, and waits until `/healthz` answers.
+    pub async fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("icerelay.log");
+        let listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_icerelay"))
+            .args(args)
+            .args(["--listen", &listen.to_string(), "--admin-listen", &admin.to_string()])
+            .envs(env.iter().copied())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("start icerelay");
+        let process =
+            Self { child, url: format!("http://{listen}"), admin_url: format!("http://{admin}"), log, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let http = reqwest::Client::new();
+        loop {
+            if http.get(format!("{}/healthz", process.admin_url)).send().await.is_ok() {
+                return process;
+            }
+            assert!(Instant::now() < deadline, "icerelay did not start:\n{}", process.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Everything the process has written so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return self.child.wait().expect("wait");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads a metric's value from Prometheus text, summing every series whose
+/// labels contain all of `labels` (`key="value"` strings).
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' ')))
+        .filter(|l| labels.iter().all(|lab| l.contains(lab)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -1,0 +1,11 @@
+//! End-to-end tests: real catalogs, real storage, real clients, icerelay in between.
+//!
+//! One binary for the whole tier keeps link time down; `harness` starts the
+//! services. Run with `scripts/test.sh` (which installs the test stack first)
+//! or `cargo test --test e2e` once `scripts/setup-test-env.sh` has run.
+
+mod harness;
+
+mod cli;
+mod proxy_clients;
+mod proxy_passthrough;
