@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::commit_tap::{HintSink, LogHints};
 use crate::proxy::upstream::{Upstream, UpstreamError, UpstreamSettings};
+use crate::proxy::workers::ProxyWorkers;
 use crate::proxy::{self, ProxySettings};
 
 /// Why the server could not start or stopped with an error.
@@ -60,7 +61,7 @@ pub enum ServeError {
 #[derive(Debug)]
 pub struct Server {
     config: Config,
-    proxy_listener: TcpListener,
+    proxy_workers: ProxyWorkers,
     admin_listener: TcpListener,
     hints: Arc<dyn HintSink>,
 }
@@ -74,17 +75,14 @@ impl std::fmt::Debug for dyn HintSink {
 impl Server {
     /// Binds the proxy and admin listeners.
     pub async fn bind(config: Config) -> Result<Self, ServeError> {
-        let proxy_listener = TcpListener::bind(config.listen).await.map_err(|source| ServeError::Bind {
-            addr: config.listen,
-            what: "proxy",
-            source,
-        })?;
+        let proxy_workers = ProxyWorkers::bind(config.listen, config.proxy_workers)
+            .map_err(|source| ServeError::Bind { addr: config.listen, what: "proxy", source })?;
         let admin_listener = TcpListener::bind(config.admin_listen).await.map_err(|source| ServeError::Bind {
             addr: config.admin_listen,
             what: "admin",
             source,
         })?;
-        Ok(Self { config, proxy_listener, admin_listener, hints: Arc::new(LogHints) })
+        Ok(Self { config, proxy_workers, admin_listener, hints: Arc::new(LogHints) })
     }
 
     /// Sends commit hints to `hints` instead of only logging them.
@@ -95,7 +93,7 @@ impl Server {
 
     /// The proxy's bound address.
     pub fn proxy_addr(&self) -> SocketAddr {
-        self.proxy_listener.local_addr().unwrap_or(self.config.listen)
+        self.proxy_workers.local_addr()
     }
 
     /// The admin listener's bound address.
@@ -105,16 +103,19 @@ impl Server {
 
     /// Serves until `shutdown` completes or a service exits, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
-        let Self { config, proxy_listener, admin_listener, hints } = self;
+        let Self { config, proxy_workers, admin_listener, hints } = self;
         let metrics = Arc::new(Metrics::new());
         let primary = &config.primary;
-        let upstream = Upstream::new(&UpstreamSettings {
+        let upstream_settings = UpstreamSettings {
             uri: primary.uri.clone(),
             connect_timeout: primary.connect_timeout,
             request_timeout: primary.request_timeout,
             pool_idle_timeout: primary.pool_idle_timeout,
             pool_max_idle_per_host: primary.pool_max_idle_per_host,
-        })?;
+        };
+        // Built here once to report a bad URI before serving; each proxy
+        // worker builds its own (its pool belongs to the worker's runtime).
+        let upstream_display = Upstream::new(&upstream_settings)?.display().to_owned();
         let primary_catalog = Arc::new(RestCatalog::new(
             "primary",
             primary.uri.clone(),
@@ -122,27 +123,23 @@ impl Server {
             &primary.auth,
             ClientSettings { connect_timeout: primary.connect_timeout, request_timeout: Duration::from_secs(10) },
         )?);
-        let proxy_router = proxy::stack(
-            &ProxySettings { public_url: config.public_url.clone(), max_body_bytes: config.max_body_bytes },
-            upstream.clone(),
-            hints,
-            metrics.proxy.clone(),
-        );
+        let proxy_settings =
+            ProxySettings { public_url: config.public_url.clone(), max_body_bytes: config.max_body_bytes };
+        let proxy_metrics = metrics.proxy.clone();
+        let make_proxy = move || {
+            let upstream = Upstream::new(&upstream_settings).map_err(std::io::Error::other)?;
+            Ok(proxy::stack(&proxy_settings, upstream, hints.clone(), proxy_metrics.clone()))
+        };
         let admin_router = admin::router(AdminState { metrics: metrics.clone(), primary: primary_catalog });
 
         let token = CancellationToken::new();
         let mut services: JoinSet<(&'static str, std::io::Result<()>)> = JoinSet::new();
-        let proxy_addr = proxy_listener.local_addr().unwrap_or(config.listen);
+        let proxy_addr = proxy_workers.local_addr();
         let admin_addr = admin_listener.local_addr().unwrap_or(config.admin_listen);
-        tracing::info!(listen = %proxy_addr, admin = %admin_addr, primary = %upstream.display(), "icerelay is serving");
+        tracing::info!(listen = %proxy_addr, admin = %admin_addr, primary = %upstream_display, workers = config.proxy_workers, "icerelay is serving");
 
         let stop = token.clone();
-        services.spawn(async move {
-            let result = axum::serve(proxy_listener, proxy_router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            ("proxy", result)
-        });
+        services.spawn(async move { ("proxy", proxy_workers.serve(make_proxy, stop).await) });
         let stop = token.clone();
         services.spawn(async move {
             let result = axum::serve(admin_listener, admin_router)

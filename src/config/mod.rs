@@ -50,6 +50,8 @@ pub struct Config {
     pub max_body_bytes: u64,
     /// Time in-flight requests get to finish on shutdown.
     pub shutdown_grace_period: Duration,
+    /// Proxy worker threads.
+    pub proxy_workers: usize,
     /// The primary catalog.
     pub primary: PrimaryConfig,
     /// Object stores.
@@ -417,6 +419,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         v.error("max_body_bytes", "must be greater than 0");
     }
     let shutdown_grace_period = raw.shutdown_grace_period.unwrap_or(Duration::from_secs(30));
+    let proxy_workers = raw
+        .proxy_workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get));
+    if proxy_workers == 0 {
+        v.error("proxy_workers", "must be at least 1");
+    }
     let primary = v.primary(raw.primary);
     let storage = raw.storage.into_iter().enumerate().filter_map(|(i, s)| v.storage(i, s)).collect::<Vec<_>>();
     v.unique("storage", "prefix", storage.iter().map(|s| s.prefix.as_str()));
@@ -433,6 +441,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             public_url,
             max_body_bytes,
             shutdown_grace_period,
+            proxy_workers,
             primary,
             storage,
             destinations,

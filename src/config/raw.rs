@@ -27,6 +27,9 @@ pub struct RawConfig {
     /// register, rename) and largest `/v1/config` answer it rewrites, in bytes.
     /// Default 16 MiB. Larger requests get `413`.
     pub max_body_bytes: Option<u64>,
+    /// Threads serving the proxy, each with its own runtime and upstream
+    /// connection pool. Default: one per CPU core.
+    pub proxy_workers: Option<usize>,
     /// How long to wait for in-flight requests on shutdown. Default `30s`.
     #[serde(default, with = "humantime_serde")]
     pub shutdown_grace_period: Option<Duration>,

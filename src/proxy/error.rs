@@ -213,10 +213,11 @@ where
             match future.await {
                 Ok(response) => Ok(response),
                 Err(error) => {
+                    let id = request_id.as_deref().unwrap_or("");
                     if error.is_upstream() {
-                        tracing::warn!(error = %error, kind = error.kind(), "answering with an error of icerelay's own");
+                        tracing::warn!(request_id = id, error = %error, kind = error.kind(), "answering with an error of icerelay's own");
                     } else {
-                        tracing::info!(error = %error, kind = error.kind(), "refusing request");
+                        tracing::info!(request_id = id, error = %error, kind = error.kind(), "refusing request");
                     }
                     let mut response = error_response(&error, request_id.as_deref());
                     response.extensions_mut().insert(ProxyErrorKind(error.kind()));

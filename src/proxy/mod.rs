@@ -21,6 +21,7 @@ pub mod error;
 pub mod observe;
 pub mod router;
 pub mod upstream;
+pub mod workers;
 
 use std::sync::Arc;
 
@@ -80,6 +81,10 @@ pub fn stack(
 
 /// Opens the `request` span: request id, method, operation, and table when
 /// the path names one. Headers (and so credentials) are never recorded.
+///
+/// The span is at DEBUG so that, at the default INFO level, the request path
+/// pays nothing for it; the few INFO and WARN events on the request path carry
+/// the request id themselves.
 #[derive(Debug, Clone, Copy)]
 struct RequestSpan;
 
@@ -88,7 +93,7 @@ impl<B> MakeSpan<B> for RequestSpan {
         let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
         let classified = req.extensions().get::<Classified>();
         let route = classified.map_or("", |c| c.route);
-        let span = tracing::info_span!(
+        let span = tracing::debug_span!(
             "request",
             request_id,
             method = %req.method(),

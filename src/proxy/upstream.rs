@@ -16,8 +16,13 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::response::Response;
+use bytes::{Bytes, BytesMut};
+use futures::{FutureExt, StreamExt};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, Request, Uri, Version, header};
+use http_body::Frame;
+use http_body_util::{BodyExt, BodyStream, StreamBody};
+use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -170,7 +175,7 @@ impl Inner {
                 .map_err(|e| self.transport_error(&e))?;
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, Body::new(body)))
+        Ok(Response::from_parts(parts, read_ahead(body).await))
     }
 
     fn upstream_uri(&self, incoming: &Uri) -> Result<Uri, ProxyError> {
@@ -198,6 +203,71 @@ impl Inner {
             ProxyError::UpstreamFailed { upstream: self.display.clone(), cause }
         }
     }
+}
+
+/// Most bytes [`read_ahead`] holds before it starts streaming.
+const READ_AHEAD_LIMIT: usize = 64 * 1024;
+/// Scheduler rounds [`read_ahead`] waits for the next frame before it starts streaming.
+const READ_AHEAD_ROUNDS: usize = 3;
+
+/// Collects what the primary has already sent of a body, then streams the rest.
+///
+/// hyper's client hands a body over one frame per round between the
+/// connection task and the reader, so a chunked answer that arrived in one
+/// TCP segment would otherwise be written to the client in two writes (the
+/// data, then the end-of-body marker), each waking the client. Reading ahead
+/// for a few scheduler rounds, up to [`READ_AHEAD_LIMIT`] bytes, lets a small
+/// answer go out in one write with a `Content-Length`. A body still arriving
+/// after that is streamed as it comes, so memory stays bounded and slow
+/// streams are not held back.
+async fn read_ahead(mut body: Incoming) -> Body {
+    let mut prefix: Vec<Frame<Bytes>> = Vec::new();
+    let mut held = 0;
+    let mut idle_rounds = 0;
+    loop {
+        match body.frame().now_or_never() {
+            Some(Some(Ok(frame))) => {
+                let is_data = frame.is_data();
+                held += frame.data_ref().map_or(0, Bytes::len);
+                prefix.push(frame);
+                idle_rounds = 0;
+                // Trailers end the read-ahead; they are passed on in order.
+                if held >= READ_AHEAD_LIMIT || !is_data {
+                    break;
+                }
+            }
+            // The whole body is here (data only, as trailers stop the loop): send it at once.
+            Some(None) => return Body::from(concat(prefix.into_iter().filter_map(|f| f.into_data().ok()))),
+            // A failed body: the client sees the failure as it would directly.
+            Some(Some(Err(e))) => {
+                let frames =
+                    futures::stream::iter(prefix.into_iter().map(Ok)).chain(futures::stream::once(async { Err(e) }));
+                return Body::new(StreamBody::new(frames));
+            }
+            None if idle_rounds < READ_AHEAD_ROUNDS => {
+                idle_rounds += 1;
+                tokio::task::yield_now().await;
+            }
+            None => break,
+        }
+    }
+    if prefix.is_empty() {
+        return Body::new(body);
+    }
+    let frames = futures::stream::iter(prefix.into_iter().map(Ok)).chain(BodyStream::new(body));
+    Body::new(StreamBody::new(frames))
+}
+
+fn concat(chunks: impl Iterator<Item = Bytes>) -> Bytes {
+    let mut chunks: Vec<Bytes> = chunks.collect();
+    if chunks.len() == 1 {
+        return chunks.pop().unwrap_or_default();
+    }
+    let mut all = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
+    for chunk in chunks {
+        all.extend_from_slice(&chunk);
+    }
+    all.freeze()
 }
 
 /// The error's causes below the top level, joined with `: `

@@ -226,3 +226,43 @@ async fn paths_outside_the_api_get_a_404_error_model() {
     assert_eq!(body["error"]["type"], "NotFoundException");
     assert!(stub.requests().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn small_chunked_answers_arrive_whole_in_one_piece() {
+    let stub = upstream::start(Behaviour::Stream(70_000)).await;
+    let relay = Relay::start(&relay_toml(&stub.url, "")).await;
+    // Bigger than the read-ahead bound: still streamed, still whole.
+    let bytes = reqwest::get(format!("{}/v1/namespaces/db/tables/t", relay.url)).await.expect("request").bytes().await;
+    assert_eq!(bytes.expect("body").len(), 70_000);
+
+    let stub = upstream::start(Behaviour::Stream(1_000)).await;
+    let relay = Relay::start(&relay_toml(&stub.url, "")).await;
+    let response = reqwest::get(format!("{}/v1/namespaces/db/tables/t", relay.url)).await.expect("request");
+    // Read ahead whole, the answer is sent with its length instead of chunked.
+    assert_eq!(response.headers().get("content-length").and_then(|v| v.to_str().ok()), Some("1000"));
+    assert_eq!(response.bytes().await.expect("body"), vec![b'x'; 1_000]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_truncated_upstream_body_is_an_error_for_the_client_too() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that promises 1000 bytes, sends 10 and hangs up.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = socket.read(&mut buf).await;
+            let _ = socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789").await;
+            let _ = socket.shutdown().await;
+        }
+    });
+    let relay = Relay::start(&relay_toml(&url, "")).await;
+    // Depending on timing the failure shows before or after the head; either
+    // way the client must see an error, never a complete-looking short body.
+    let outcome = match reqwest::get(format!("{}/v1/namespaces/db/tables/t", relay.url)).await {
+        Ok(response) => response.bytes().await.map(|b| b.len()),
+        Err(e) => Err(e),
+    };
+    assert!(outcome.is_err(), "a short body must not look complete: {outcome:?}");
+}
