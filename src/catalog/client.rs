@@ -1,0 +1,510 @@
+//! `RestCatalog`: the Iceberg REST operations icerelay performs itself.
+//!
+//! Used for the primary (reading metadata, listing tables for discovery) and
+//! for every replica (creating, registering and committing). Each operation
+//! interprets its status codes explicitly, as the REST spec defines them; in
+//! particular a commit that times out or gets a 5xx is
+//! [`CatalogError::CommitOutcomeUnknown`], never "failed", because the catalog
+//! may have applied it. Metadata is returned as raw JSON: replication rewrites
+//! it field by field and must not lose fields it does not know.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode, Url};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::OnceCell;
+
+use super::auth::Authenticator;
+use super::error::CatalogError;
+use super::ident::{Namespace, TableIdent};
+use crate::config::AuthConfig;
+
+/// Connection settings for [`RestCatalog::new`].
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    /// TCP/TLS connect timeout.
+    pub connect_timeout: Duration,
+    /// Whole-request timeout.
+    pub request_timeout: Duration,
+}
+
+/// A table as `loadTable`, `createTable`, `registerTable` and `updateTable` return it.
+#[derive(Debug, Clone)]
+pub struct LoadedTable {
+    /// Where the catalog wrote the metadata (absent for a staged create).
+    pub metadata_location: Option<String>,
+    /// The table metadata, as raw JSON.
+    pub metadata: Value,
+}
+
+/// What `GET /v1/config` told icerelay.
+#[derive(Debug, Clone, Default)]
+pub struct CatalogConfig {
+    /// The `prefix` to put after `/v1/`, if the catalog uses one.
+    pub prefix: Option<String>,
+    /// `defaults` merged with `overrides` (overrides win).
+    pub properties: serde_json::Map<String, Value>,
+    /// Endpoints the catalog advertises (`"POST /v1/{prefix}/namespaces/{namespace}/register"`), if it does.
+    pub endpoints: Option<Vec<String>>,
+}
+
+impl CatalogConfig {
+    /// Whether the catalog advertises `method path` (true when it advertises nothing).
+    pub fn supports(&self, method: &str, path: &str) -> bool {
+        let wanted = format!("{method} {path}");
+        self.endpoints.as_ref().is_none_or(|all| all.iter().any(|e| *e == wanted))
+    }
+}
+
+#[derive(Deserialize)]
+struct ConfigResponse {
+    #[serde(default)]
+    defaults: serde_json::Map<String, Value>,
+    #[serde(default)]
+    overrides: serde_json::Map<String, Value>,
+    endpoints: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+struct LoadTableResponse {
+    #[serde(rename = "metadata-location")]
+    metadata_location: Option<String>,
+    metadata: Value,
+}
+
+#[derive(Deserialize)]
+struct ErrorResponse {
+    error: ErrorBody,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    message: Option<String>,
+    r#type: Option<String>,
+}
+
+/// A REST catalog, as seen by icerelay's own calls.
+#[derive(Debug)]
+pub struct RestCatalog {
+    name: String,
+    base: Url,
+    warehouse: Option<String>,
+    settings: ClientSettings,
+    http: reqwest::Client,
+    auth: Authenticator,
+    config: OnceCell<CatalogConfig>,
+}
+
+impl RestCatalog {
+    /// A client for the catalog at `base` (the URI without `/v1`).
+    pub fn new(
+        name: impl Into<String>,
+        base: Url,
+        warehouse: Option<String>,
+        auth: &AuthConfig,
+        settings: ClientSettings,
+    ) -> Result<Self, CatalogError> {
+        let name = name.into();
+        let http = reqwest::Client::builder()
+            .connect_timeout(settings.connect_timeout)
+            .timeout(settings.request_timeout)
+            .build()
+            .map_err(|source| CatalogError::Client { catalog: name.clone(), source })?;
+        let auth = Authenticator::new(auth, &base);
+        Ok(Self { name, base, warehouse, settings, http, auth, config: OnceCell::new() })
+    }
+
+    /// The catalog's name in messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Sends `GET /v1/config` and returns the HTTP status, whatever it is.
+    ///
+    /// Any HTTP answer shows the catalog is reachable; the status tells the
+    /// caller whether icerelay's credentials are accepted.
+    pub async fn probe(&self) -> Result<StatusCode, CatalogError> {
+        let (status, _) = self.send("getConfig", Method::GET, &self.config_url(), None).await?;
+        Ok(status)
+    }
+
+    /// `GET /v1/config`, fetched once and cached.
+    pub async fn config(&self) -> Result<&CatalogConfig, CatalogError> {
+        self.config
+            .get_or_try_init(|| async {
+                let op = "getConfig";
+                let (status, body) = self.send(op, Method::GET, &self.config_url(), None).await?;
+                if !status.is_success() {
+                    return Err(self.status_error(op, status, &body));
+                }
+                let parsed: ConfigResponse = self.decode(op, &body)?;
+                let mut properties = parsed.defaults;
+                properties.extend(parsed.overrides);
+                let prefix = properties.get("prefix").and_then(Value::as_str).map(str::to_owned);
+                Ok(CatalogConfig { prefix, properties, endpoints: parsed.endpoints })
+            })
+            .await
+    }
+
+    /// `GET .../namespaces/{ns}/tables/{table}`; `None` when the table does not exist.
+    pub async fn load_table(&self, table: &TableIdent) -> Result<Option<LoadedTable>, CatalogError> {
+        let op = format!("loadTable {table}");
+        let url = self.table_url(table).await?;
+        let (status, body) = self.send(&op, Method::GET, &url, None).await?;
+        match status {
+            s if s.is_success() => self.decode_table(&op, &body).map(Some),
+            StatusCode::NOT_FOUND => Ok(None),
+            s => Err(self.status_error(&op, s, &body)),
+        }
+    }
+
+    /// Lists the namespaces under `parent` (all pages).
+    pub async fn list_namespaces(&self, parent: Option<&Namespace>) -> Result<Vec<Namespace>, CatalogError> {
+        #[derive(Deserialize)]
+        struct Page {
+            namespaces: Vec<Namespace>,
+            #[serde(rename = "next-page-token")]
+            next_page_token: Option<String>,
+        }
+        let op = "listNamespaces";
+        let mut all = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut url = self.url(&["namespaces"]).await?;
+            if let Some(parent) = parent {
+                url.query_pairs_mut().append_pair("parent", &parent.levels().join("\u{1f}"));
+            }
+            if let Some(t) = &token {
+                url.query_pairs_mut().append_pair("pageToken", t);
+            }
+            let (status, body) = self.send(op, Method::GET, &url, None).await?;
+            if !status.is_success() {
+                return Err(self.status_error(op, status, &body));
+            }
+            let page: Page = self.decode(op, &body)?;
+            all.extend(page.namespaces);
+            match page.next_page_token.filter(|t| !t.is_empty()) {
+                Some(t) if token.as_deref() != Some(&t) => token = Some(t),
+                _ => return Ok(all),
+            }
+        }
+    }
+
+    /// Lists the tables of a namespace (all pages).
+    pub async fn list_tables(&self, namespace: &Namespace) -> Result<Vec<TableIdent>, CatalogError> {
+        #[derive(Deserialize)]
+        struct Page {
+            identifiers: Vec<TableIdent>,
+            #[serde(rename = "next-page-token")]
+            next_page_token: Option<String>,
+        }
+        let op = format!("listTables {namespace}");
+        let mut all = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut url = self.url(&["namespaces", &namespace.to_path_segment(), "tables"]).await?;
+            if let Some(t) = &token {
+                url.query_pairs_mut().append_pair("pageToken", t);
+            }
+            let (status, body) = self.send(&op, Method::GET, &url, None).await?;
+            if !status.is_success() {
+                return Err(self.status_error(&op, status, &body));
+            }
+            let page: Page = self.decode(&op, &body)?;
+            all.extend(page.identifiers);
+            match page.next_page_token.filter(|t| !t.is_empty()) {
+                Some(t) if token.as_deref() != Some(&t) => token = Some(t),
+                _ => return Ok(all),
+            }
+        }
+    }
+
+    /// Loads a namespace's properties; `None` when it does not exist.
+    pub async fn load_namespace(&self, namespace: &Namespace) -> Result<Option<serde_json::Map<String, Value>>, CatalogError> {
+        #[derive(Deserialize)]
+        struct Loaded {
+            #[serde(default)]
+            properties: serde_json::Map<String, Value>,
+        }
+        let op = format!("loadNamespace {namespace}");
+        let url = self.url(&["namespaces", &namespace.to_path_segment()]).await?;
+        let (status, body) = self.send(&op, Method::GET, &url, None).await?;
+        match status {
+            s if s.is_success() => Ok(Some(self.decode::<Loaded>(&op, &body)?.properties)),
+            StatusCode::NOT_FOUND => Ok(None),
+            s => Err(self.status_error(&op, s, &body)),
+        }
+    }
+
+    /// Creates a namespace (and its parents); an existing one is fine.
+    pub async fn ensure_namespace(&self, namespace: &Namespace) -> Result<(), CatalogError> {
+        let levels = namespace.levels();
+        for depth in 1..=levels.len() {
+            let ns = Namespace::new(levels[..depth].to_vec());
+            if self.load_namespace(&ns).await?.is_some() {
+                continue;
+            }
+            let op = format!("createNamespace {ns}");
+            let url = self.url(&["namespaces"]).await?;
+            let body = json!({"namespace": ns, "properties": {}});
+            let (status, answer) = self.send(&op, Method::POST, &url, Some(&body)).await?;
+            if !(status.is_success() || status == StatusCode::CONFLICT) {
+                return Err(self.status_error(&op, status, &answer));
+            }
+        }
+        Ok(())
+    }
+
+    /// `POST .../namespaces/{ns}/tables` with a raw `CreateTableRequest`.
+    pub async fn create_table(&self, namespace: &Namespace, request: &Value) -> Result<LoadedTable, CatalogError> {
+        let name = request.get("name").and_then(Value::as_str).unwrap_or("?");
+        let op = format!("createTable {namespace}.{name}");
+        let url = self.url(&["namespaces", &namespace.to_path_segment(), "tables"]).await?;
+        let (status, body) = self.send(&op, Method::POST, &url, Some(request)).await?;
+        if status.is_success() {
+            self.decode_table(&op, &body)
+        } else {
+            Err(self.status_error(&op, status, &body))
+        }
+    }
+
+    /// `POST .../namespaces/{ns}/register`.
+    pub async fn register_table(&self, table: &TableIdent, metadata_location: &str) -> Result<LoadedTable, CatalogError> {
+        let op = format!("registerTable {table}");
+        let url = self.url(&["namespaces", &table.namespace.to_path_segment(), "register"]).await?;
+        let request = json!({"name": table.name, "metadata-location": metadata_location});
+        let (status, body) = self.send(&op, Method::POST, &url, Some(&request)).await?;
+        if !status.is_success() {
+            return Err(self.status_error(&op, status, &body));
+        }
+        // Some catalogs answer registerTable with an empty or partial body; load to be sure.
+        match self.decode_table(&op, &body) {
+            Ok(t) => Ok(t),
+            Err(_) => self.load_table(table).await?.ok_or_else(|| CatalogError::Decode {
+                catalog: self.name.clone(),
+                operation: op,
+                cause: "registerTable succeeded but the table cannot be loaded".into(),
+            }),
+        }
+    }
+
+    /// `POST .../namespaces/{ns}/tables/{table}`: one commit with raw requirements and updates.
+    ///
+    /// 409 is [`CatalogError::CommitConflict`]; a timeout or 500/502/503/504 is
+    /// [`CatalogError::CommitOutcomeUnknown`].
+    pub async fn update_table(
+        &self,
+        table: &TableIdent,
+        requirements: &[Value],
+        updates: &[Value],
+    ) -> Result<LoadedTable, CatalogError> {
+        let op = format!("updateTable {table}");
+        let url = self.table_url(table).await?;
+        let request = json!({"identifier": table, "requirements": requirements, "updates": updates});
+        let result = self.send(&op, Method::POST, &url, Some(&request)).await;
+        let (status, body) = match result {
+            Ok(answer) => answer,
+            Err(CatalogError::Timeout { .. }) => {
+                return Err(CatalogError::CommitOutcomeUnknown {
+                    catalog: self.name.clone(),
+                    table: table.to_string(),
+                    cause: format!("no answer within {}", humantime::format_duration(self.settings.request_timeout)),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        match status {
+            s if s.is_success() => self.decode_table(&op, &body),
+            StatusCode::CONFLICT => Err(CatalogError::CommitConflict {
+                catalog: self.name.clone(),
+                table: table.to_string(),
+                message: error_message(&body),
+            }),
+            StatusCode::INTERNAL_SERVER_ERROR
+            | StatusCode::BAD_GATEWAY
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::GATEWAY_TIMEOUT => Err(CatalogError::CommitOutcomeUnknown {
+                catalog: self.name.clone(),
+                table: table.to_string(),
+                cause: format!("{status}: {}", error_message(&body)),
+            }),
+            s => Err(self.status_error(&op, s, &body)),
+        }
+    }
+
+    /// `POST .../tables/rename`.
+    pub async fn rename_table(&self, from: &TableIdent, to: &TableIdent) -> Result<(), CatalogError> {
+        let op = format!("renameTable {from} -> {to}");
+        let url = self.url(&["tables", "rename"]).await?;
+        let request = json!({"source": from, "destination": to});
+        let (status, body) = self.send(&op, Method::POST, &url, Some(&request)).await?;
+        if status.is_success() { Ok(()) } else { Err(self.status_error(&op, status, &body)) }
+    }
+
+    /// `DELETE .../namespaces/{ns}/tables/{table}`; a missing table is fine.
+    pub async fn drop_table(&self, table: &TableIdent, purge: bool) -> Result<(), CatalogError> {
+        let op = format!("dropTable {table}");
+        let mut url = self.table_url(table).await?;
+        if purge {
+            url.query_pairs_mut().append_pair("purgeRequested", "true");
+        }
+        let (status, body) = self.send(&op, Method::DELETE, &url, None).await?;
+        if status.is_success() || status == StatusCode::NOT_FOUND {
+            Ok(())
+        } else {
+            Err(self.status_error(&op, status, &body))
+        }
+    }
+
+    // === requests ===
+
+    fn config_url(&self) -> Url {
+        let mut url = self.join(&["config"], None);
+        if let Some(w) = &self.warehouse {
+            url.query_pairs_mut().append_pair("warehouse", w);
+        }
+        url
+    }
+
+    async fn table_url(&self, table: &TableIdent) -> Result<Url, CatalogError> {
+        self.url(&["namespaces", &table.namespace.to_path_segment(), "tables", &table.name_path_segment()]).await
+    }
+
+    /// `<base>/v1/[<prefix>/]<segments...>`, with segments already percent-encoded.
+    async fn url(&self, segments: &[&str]) -> Result<Url, CatalogError> {
+        let prefix = self.config().await?.prefix.clone();
+        Ok(self.join(segments, prefix.as_deref()))
+    }
+
+    fn join(&self, segments: &[&str], prefix: Option<&str>) -> Url {
+        let mut path = format!("{}/v1", self.base.path().trim_end_matches('/'));
+        if let Some(p) = prefix {
+            path.push('/');
+            path.push_str(p);
+        }
+        for s in segments {
+            path.push('/');
+            path.push_str(s);
+        }
+        let mut url = self.base.clone();
+        url.set_path(&path);
+        url
+    }
+
+    /// Sends one request with icerelay's credentials; on `401` forgets the
+    /// cached token and tries once more.
+    async fn send(
+        &self,
+        operation: &str,
+        method: Method,
+        url: &Url,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, bytes::Bytes), CatalogError> {
+        for attempt in 0..2 {
+            let mut builder = self.http.request(method.clone(), url.clone());
+            if let Some(b) = body {
+                builder = builder.json(b);
+            }
+            let mut request = builder.build().map_err(|source| CatalogError::Client { catalog: self.name.clone(), source })?;
+            self.auth
+                .authorize(&self.http, &mut request)
+                .await
+                .map_err(|source| CatalogError::Auth { catalog: self.name.clone(), source })?;
+            let response = self.http.execute(request).await.map_err(|e| self.transport_error(url, e))?;
+            let status = response.status();
+            if status == StatusCode::UNAUTHORIZED && attempt == 0 {
+                self.auth.invalidate().await;
+                continue;
+            }
+            let bytes = response.bytes().await.map_err(|e| self.transport_error(url, e))?;
+            tracing::debug!(catalog = %self.name, operation, status = status.as_u16(), "catalog call");
+            return Ok((status, bytes));
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(&self, operation: &str, body: &[u8]) -> Result<T, CatalogError> {
+        serde_json::from_slice(body).map_err(|e| CatalogError::Decode {
+            catalog: self.name.clone(),
+            operation: operation.to_owned(),
+            cause: e.to_string(),
+        })
+    }
+
+    fn decode_table(&self, operation: &str, body: &[u8]) -> Result<LoadedTable, CatalogError> {
+        let parsed: LoadTableResponse = self.decode(operation, body)?;
+        if !parsed.metadata.is_object() {
+            return Err(CatalogError::Decode {
+                catalog: self.name.clone(),
+                operation: operation.to_owned(),
+                cause: "`metadata` is not an object".into(),
+            });
+        }
+        Ok(LoadedTable { metadata_location: parsed.metadata_location, metadata: parsed.metadata })
+    }
+
+    fn status_error(&self, operation: &str, status: StatusCode, body: &[u8]) -> CatalogError {
+        let parsed = serde_json::from_slice::<ErrorResponse>(body).ok();
+        CatalogError::Status {
+            catalog: self.name.clone(),
+            operation: operation.to_owned(),
+            status,
+            error_type: parsed.as_ref().and_then(|p| p.error.r#type.clone()),
+            message: error_message(body),
+        }
+    }
+
+    fn transport_error(&self, url: &Url, e: reqwest::Error) -> CatalogError {
+        let mut shown = url.clone();
+        shown.set_query(None);
+        if e.is_timeout() {
+            CatalogError::Timeout { catalog: self.name.clone(), url: shown.to_string(), timeout: self.settings.request_timeout }
+        } else {
+            CatalogError::Unreachable { catalog: self.name.clone(), url: shown.to_string(), source: e.without_url() }
+        }
+    }
+}
+
+/// The `message` of an Iceberg `ErrorModel`, or the start of the body.
+fn error_message(body: &[u8]) -> String {
+    match serde_json::from_slice::<ErrorResponse>(body) {
+        Ok(ErrorResponse { error: ErrorBody { message: Some(m), .. } }) => m,
+        _ => {
+            let text = String::from_utf8_lossy(body);
+            let text = text.trim();
+            if text.is_empty() {
+                "(empty body)".to_owned()
+            } else {
+                text.chars().take(300).collect()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_keep_encoded_segments_and_the_base_path() {
+        let catalog = RestCatalog::new(
+            "t",
+            Url::parse("http://h:1/api/catalog/").expect("url"),
+            None,
+            &AuthConfig::None,
+            ClientSettings { connect_timeout: Duration::from_secs(1), request_timeout: Duration::from_secs(1) },
+        )
+        .expect("client");
+        let ns = Namespace::new(vec!["a".into(), "b c".into()]);
+        let url = catalog.join(&["namespaces", &ns.to_path_segment(), "tables"], Some("wh"));
+        assert_eq!(url.as_str(), "http://h:1/api/catalog/v1/wh/namespaces/a%1Fb%20c/tables");
+    }
+
+    #[test]
+    fn error_messages_come_from_the_error_model() {
+        assert_eq!(error_message(br#"{"error":{"message":"boom","type":"X","code":409}}"#), "boom");
+        assert_eq!(error_message(b""), "(empty body)");
+        assert_eq!(error_message(b"plain"), "plain");
+    }
+}
