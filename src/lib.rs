@@ -14,6 +14,7 @@
 //! - [`metrics`]: the Prometheus registry.
 //! - [`rewrite`]: path rewriting of metadata, manifests, delete files (pure).
 //! - [`storage`]: object stores and the copy engine.
+//! - [`state`]: the durable change log, lanes and copy checkpoints.
 //! - [`serve`]: binding, running and draining the services.
 //! - [`logging`]: log output.
 
@@ -28,4 +29,5 @@ pub mod metrics;
 pub mod proxy;
 pub mod rewrite;
 pub mod serve;
+pub mod state;
 pub mod storage;

@@ -221,7 +221,10 @@ impl RestCatalog {
     }
 
     /// Loads a namespace's properties; `None` when it does not exist.
-    pub async fn load_namespace(&self, namespace: &Namespace) -> Result<Option<serde_json::Map<String, Value>>, CatalogError> {
+    pub async fn load_namespace(
+        &self,
+        namespace: &Namespace,
+    ) -> Result<Option<serde_json::Map<String, Value>>, CatalogError> {
         #[derive(Deserialize)]
         struct Loaded {
             #[serde(default)]
@@ -262,15 +265,15 @@ impl RestCatalog {
         let op = format!("createTable {namespace}.{name}");
         let url = self.url(&["namespaces", &namespace.to_path_segment(), "tables"]).await?;
         let (status, body) = self.send(&op, Method::POST, &url, Some(request)).await?;
-        if status.is_success() {
-            self.decode_table(&op, &body)
-        } else {
-            Err(self.status_error(&op, status, &body))
-        }
+        if status.is_success() { self.decode_table(&op, &body) } else { Err(self.status_error(&op, status, &body)) }
     }
 
     /// `POST .../namespaces/{ns}/register`.
-    pub async fn register_table(&self, table: &TableIdent, metadata_location: &str) -> Result<LoadedTable, CatalogError> {
+    pub async fn register_table(
+        &self,
+        table: &TableIdent,
+        metadata_location: &str,
+    ) -> Result<LoadedTable, CatalogError> {
         let op = format!("registerTable {table}");
         let url = self.url(&["namespaces", &table.namespace.to_path_segment(), "register"]).await?;
         let request = json!({"name": table.name, "metadata-location": metadata_location});
@@ -406,7 +409,8 @@ impl RestCatalog {
             if let Some(b) = body {
                 builder = builder.json(b);
             }
-            let mut request = builder.build().map_err(|source| CatalogError::Client { catalog: self.name.clone(), source })?;
+            let mut request =
+                builder.build().map_err(|source| CatalogError::Client { catalog: self.name.clone(), source })?;
             self.auth
                 .authorize(&self.http, &mut request)
                 .await
@@ -459,7 +463,11 @@ impl RestCatalog {
         let mut shown = url.clone();
         shown.set_query(None);
         if e.is_timeout() {
-            CatalogError::Timeout { catalog: self.name.clone(), url: shown.to_string(), timeout: self.settings.request_timeout }
+            CatalogError::Timeout {
+                catalog: self.name.clone(),
+                url: shown.to_string(),
+                timeout: self.settings.request_timeout,
+            }
         } else {
             CatalogError::Unreachable { catalog: self.name.clone(), url: shown.to_string(), source: e.without_url() }
         }
@@ -473,11 +481,7 @@ fn error_message(body: &[u8]) -> String {
         _ => {
             let text = String::from_utf8_lossy(body);
             let text = text.trim();
-            if text.is_empty() {
-                "(empty body)".to_owned()
-            } else {
-                text.chars().take(300).collect()
-            }
+            if text.is_empty() { "(empty body)".to_owned() } else { text.chars().take(300).collect() }
         }
     }
 }

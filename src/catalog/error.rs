@@ -65,7 +65,9 @@ pub enum CatalogError {
         source: reqwest::Error,
     },
     /// A commit got no definite answer (timeout, 500, 502, 503, 504): it may or may not have been applied.
-    #[error("catalog {catalog}: the outcome of the commit to {table} is unknown ({cause}); icerelay reloads the table to find out")]
+    #[error(
+        "catalog {catalog}: the outcome of the commit to {table} is unknown ({cause}); icerelay reloads the table to find out"
+    )]
     CommitOutcomeUnknown {
         /// Catalog name.
         catalog: String,
@@ -122,7 +124,10 @@ impl CatalogError {
             Self::Client { .. } | Self::Decode { .. } => Disposition::Park,
             Self::CommitOutcomeUnknown { .. } | Self::CommitConflict { .. } => Disposition::ReloadAndCheck,
             Self::Status { status, .. } => {
-                if status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS || *status == StatusCode::REQUEST_TIMEOUT {
+                if status.is_server_error()
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+                    || *status == StatusCode::REQUEST_TIMEOUT
+                {
                     Disposition::Retry
                 } else {
                     Disposition::Park

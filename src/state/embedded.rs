@@ -1,0 +1,532 @@
+//! The embedded state store: one SQLite database in the state directory.
+//!
+//! SQLite runs on a thread of its own; every operation is a closure sent to
+//! it, answered through a oneshot channel. Async tasks (proxy workers
+//! recording hints, lanes recording progress) therefore never block on disk,
+//! and writes are naturally serialised. The database uses WAL journaling with
+//! `synchronous = NORMAL`: a committed transaction survives the process being
+//! killed (the case icerelay is built for: SIGKILL, OOM, a crash), and costs no
+//! fsync; only an operating-system crash can lose the last transactions, which
+//! the periodic reconcile repairs like any lost hint.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::mpsc;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use tokio::sync::oneshot;
+
+use super::{
+    CopiedFile, HintId, LaneChange, LaneError, LaneKey, LaneRecord, Progress, RecordedHint, StateError, StateStore,
+    now_ms,
+};
+use crate::catalog::{Namespace, TableIdent};
+use crate::proxy::commit_tap::{CommitHint, HintKind};
+
+/// The database file inside the state directory.
+pub const DATABASE_FILE: &str = "icerelay.db";
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE hints (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    prefix TEXT,
+    kind TEXT NOT NULL,
+    from_namespace TEXT,
+    from_name TEXT,
+    metadata_location TEXT,
+    recorded_at INTEGER NOT NULL
+);
+CREATE TABLE cursor (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE lanes (
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    replica_namespace TEXT NOT NULL,
+    replica_name TEXT NOT NULL,
+    wanted INTEGER NOT NULL DEFAULT 1,
+    done INTEGER NOT NULL DEFAULT 0,
+    pending_since INTEGER,
+    paused INTEGER NOT NULL DEFAULT 0,
+    source_dropped INTEGER NOT NULL DEFAULT 0,
+    source_metadata_location TEXT,
+    replica_metadata_location TEXT,
+    snapshots_behind INTEGER,
+    last_success_at INTEGER,
+    mode TEXT,
+    error_message TEXT,
+    error_at INTEGER,
+    error_attempts INTEGER NOT NULL DEFAULT 0,
+    error_parked INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (namespace, name, destination)
+);
+CREATE TABLE replicated_snapshots (
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    snapshot_id INTEGER NOT NULL,
+    PRIMARY KEY (namespace, name, destination, snapshot_id)
+);
+CREATE TABLE copied_files (
+    destination TEXT NOT NULL,
+    source TEXT NOT NULL,
+    target TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    checksum TEXT,
+    copied_at INTEGER NOT NULL,
+    PRIMARY KEY (destination, source)
+);
+";
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// SQLite-backed [`StateStore`].
+#[derive(Debug, Clone)]
+pub struct EmbeddedStore {
+    jobs: mpsc::Sender<Job>,
+    path: String,
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| StateError::Directory { path: dir.display().to_string(), source })?;
+        let file = dir.join(DATABASE_FILE);
+        let path = file.display().to_string();
+        let db = |source| StateError::Database { path: path.clone(), source };
+        let mut connection = Connection::open(&file).map_err(db)?;
+        connection
+            .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+            .map_err(db)?;
+        migrate(&mut connection).map_err(db)?;
+
+        let (jobs, queue) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("icerelay-state".into())
+            .spawn(move || {
+                // Runs until every sender (every clone of the store) is gone.
+                while let Ok(job) = queue.recv() {
+                    job(&mut connection);
+                }
+            })
+            .map_err(|source| StateError::Directory { path: path.clone(), source })?;
+        Ok(Self { jobs, path })
+    }
+
+    /// Runs `f` on the database thread.
+    async fn call<T, F>(&self, f: F) -> Result<T, StateError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, &str) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let path = self.path.clone();
+        let job: Job = Box::new(move |connection| {
+            let result = f(connection, &path).map_err(|source| StateError::Database { path, source });
+            let _ = tx.send(result);
+        });
+        self.jobs.send(job).map_err(|_| StateError::Closed)?;
+        rx.await.map_err(|_| StateError::Closed)?
+    }
+}
+
+fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
+    let version: i64 = connection.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version < SCHEMA_VERSION {
+        let tx = connection.transaction()?;
+        tx.execute_batch(SCHEMA)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+// === encoding ===
+
+fn ns_text(ns: &Namespace) -> String {
+    serde_json::to_string(ns.levels()).unwrap_or_else(|_| "[]".into())
+}
+
+fn ns_parse(text: &str) -> rusqlite::Result<Namespace> {
+    serde_json::from_str::<Vec<String>>(text)
+        .map(Namespace::new)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+fn hint_kind(kind: &HintKind) -> &'static str {
+    match kind {
+        HintKind::Commit => "commit",
+        HintKind::Drop => "drop",
+        HintKind::Rename { .. } => "rename",
+    }
+}
+
+fn read_hint(row: &Row<'_>) -> rusqlite::Result<RecordedHint> {
+    let table = TableIdent::new(ns_parse(&row.get::<_, String>("namespace")?)?, row.get::<_, String>("name")?);
+    let kind = match row.get::<_, String>("kind")?.as_str() {
+        "drop" => HintKind::Drop,
+        "rename" => {
+            let ns: Option<String> = row.get("from_namespace")?;
+            let name: Option<String> = row.get("from_name")?;
+            let from = TableIdent::new(ns_parse(ns.as_deref().unwrap_or("[]"))?, name.unwrap_or_default());
+            HintKind::Rename { from }
+        }
+        _ => HintKind::Commit,
+    };
+    Ok(RecordedHint {
+        id: row.get("id")?,
+        hint: CommitHint { kind, table, prefix: row.get("prefix")?, metadata_location: row.get("metadata_location")? },
+        recorded_at: row.get("recorded_at")?,
+    })
+}
+
+fn read_lane(row: &Row<'_>) -> rusqlite::Result<LaneRecord> {
+    let table = TableIdent::new(ns_parse(&row.get::<_, String>("namespace")?)?, row.get::<_, String>("name")?);
+    let replica_table =
+        TableIdent::new(ns_parse(&row.get::<_, String>("replica_namespace")?)?, row.get::<_, String>("replica_name")?);
+    let error_message: Option<String> = row.get("error_message")?;
+    Ok(LaneRecord {
+        key: LaneKey::new(table, row.get::<_, String>("destination")?),
+        replica_table,
+        wanted: row.get("wanted")?,
+        done: row.get("done")?,
+        pending_since: row.get("pending_since")?,
+        paused: row.get("paused")?,
+        source_dropped: row.get("source_dropped")?,
+        source_metadata_location: row.get("source_metadata_location")?,
+        replica_metadata_location: row.get("replica_metadata_location")?,
+        snapshots_behind: row.get("snapshots_behind")?,
+        last_success_at: row.get("last_success_at")?,
+        mode: row.get("mode")?,
+        last_error: match error_message {
+            Some(message) => Some(LaneError {
+                message,
+                at: row.get::<_, Option<i64>>("error_at")?.unwrap_or(0),
+                attempts: row.get("error_attempts")?,
+                parked: row.get("error_parked")?,
+            }),
+            None => None,
+        },
+    })
+}
+
+const LANE_WHERE: &str = "namespace = ?1 AND name = ?2 AND destination = ?3";
+
+fn touch(tx: &Transaction<'_>, key: &LaneKey, replica: &TableIdent, at: i64) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO lanes (namespace, name, destination, replica_namespace, replica_name, wanted, done, pending_since)
+         VALUES (?1, ?2, ?3, ?4, ?5, 1, 0, ?6)
+         ON CONFLICT (namespace, name, destination) DO UPDATE SET
+             wanted = wanted + 1,
+             pending_since = COALESCE(pending_since, excluded.pending_since),
+             source_dropped = 0",
+        params![
+            ns_text(&key.table.namespace),
+            key.table.name,
+            key.destination,
+            ns_text(&replica.namespace),
+            replica.name,
+            at
+        ],
+    )?;
+    Ok(())
+}
+
+fn apply_change(tx: &Transaction<'_>, change: &LaneChange) -> rusqlite::Result<()> {
+    match change {
+        LaneChange::Touch { key, replica_table, at } => touch(tx, key, replica_table, *at),
+        LaneChange::Rename { from, to, replica_to, at } => {
+            let to_key = LaneKey::new(to.clone(), from.destination.clone());
+            let exists: bool = tx
+                .query_row(
+                    &format!("SELECT 1 FROM lanes WHERE {LANE_WHERE}"),
+                    params![ns_text(&from.table.namespace), from.table.name, from.destination],
+                    |_| Ok(true),
+                )
+                .optional()?
+                .unwrap_or(false);
+            if exists {
+                // The replica keeps its history under the new name: move the lane
+                // and what it replicated, then ask it to rename the replica.
+                for table in ["lanes", "replicated_snapshots"] {
+                    tx.execute(
+                        &format!("UPDATE {table} SET namespace = ?4, name = ?5 WHERE {LANE_WHERE}"),
+                        params![
+                            ns_text(&from.table.namespace),
+                            from.table.name,
+                            from.destination,
+                            ns_text(&to.namespace),
+                            to.name
+                        ],
+                    )?;
+                }
+                tx.execute(
+                    &format!(
+                        "UPDATE lanes SET replica_namespace = ?4, replica_name = ?5, wanted = wanted + 1,
+                         pending_since = COALESCE(pending_since, ?6) WHERE {LANE_WHERE}"
+                    ),
+                    params![
+                        ns_text(&to_key.table.namespace),
+                        to_key.table.name,
+                        to_key.destination,
+                        ns_text(&replica_to.namespace),
+                        replica_to.name,
+                        at
+                    ],
+                )?;
+                Ok(())
+            } else {
+                touch(tx, &to_key, replica_to, *at)
+            }
+        }
+        LaneChange::SourceDropped { key } => {
+            tx.execute(
+                &format!("UPDATE lanes SET source_dropped = 1, done = wanted, pending_since = NULL WHERE {LANE_WHERE}"),
+                params![ns_text(&key.table.namespace), key.table.name, key.destination],
+            )?;
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl StateStore for EmbeddedStore {
+    async fn append_hints(&self, hints: Vec<CommitHint>) -> Result<(), StateError> {
+        self.call(move |c, _| {
+            let tx = c.transaction()?;
+            let at = now_ms();
+            for h in &hints {
+                let (from_ns, from_name) = match &h.kind {
+                    HintKind::Rename { from } => (Some(ns_text(&from.namespace)), Some(from.name.clone())),
+                    _ => (None, None),
+                };
+                tx.execute(
+                    "INSERT INTO hints (namespace, name, prefix, kind, from_namespace, from_name, metadata_location, recorded_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![
+                        ns_text(&h.table.namespace),
+                        h.table.name,
+                        h.prefix,
+                        hint_kind(&h.kind),
+                        from_ns,
+                        from_name,
+                        h.metadata_location,
+                        at
+                    ],
+                )?;
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn pending_hints(&self, limit: usize) -> Result<Vec<RecordedHint>, StateError> {
+        self.call(move |c, _| {
+            let cursor: i64 =
+                c.query_row("SELECT value FROM cursor WHERE name = 'hints'", [], |r| r.get(0)).optional()?.unwrap_or(0);
+            let mut stmt = c.prepare_cached("SELECT * FROM hints WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+            let rows = stmt.query_map(params![cursor, i64::try_from(limit).unwrap_or(i64::MAX)], read_hint)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn apply_lane_changes(&self, changes: Vec<LaneChange>, through: Option<HintId>) -> Result<(), StateError> {
+        self.call(move |c, _| {
+            let tx = c.transaction()?;
+            for change in &changes {
+                apply_change(&tx, change)?;
+            }
+            if let Some(id) = through {
+                tx.execute(
+                    "INSERT INTO cursor (name, value) VALUES ('hints', ?1)
+                     ON CONFLICT (name) DO UPDATE SET value = MAX(value, excluded.value)",
+                    params![id],
+                )?;
+                tx.execute("DELETE FROM hints WHERE id <= ?1", params![id])?;
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn lanes(&self) -> Result<Vec<LaneRecord>, StateError> {
+        self.call(|c, _| {
+            let mut stmt = c.prepare_cached("SELECT * FROM lanes ORDER BY namespace, name, destination")?;
+            let rows = stmt.query_map([], read_lane)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn lane(&self, key: &LaneKey) -> Result<Option<LaneRecord>, StateError> {
+        let key = key.clone();
+        self.call(move |c, _| {
+            c.query_row(
+                &format!("SELECT * FROM lanes WHERE {LANE_WHERE}"),
+                params![ns_text(&key.table.namespace), key.table.name, key.destination],
+                read_lane,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn replicated_snapshots(&self, key: &LaneKey) -> Result<BTreeSet<i64>, StateError> {
+        let key = key.clone();
+        self.call(move |c, _| {
+            let mut stmt =
+                c.prepare_cached(&format!("SELECT snapshot_id FROM replicated_snapshots WHERE {LANE_WHERE}"))?;
+            let rows = stmt
+                .query_map(params![ns_text(&key.table.namespace), key.table.name, key.destination], |r| {
+                    r.get::<_, i64>(0)
+                })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn record_progress(&self, p: Progress) -> Result<(), StateError> {
+        self.call(move |c, _| {
+            let tx = c.transaction()?;
+            let key = &p.key;
+            let ns = ns_text(&key.table.namespace);
+            tx.execute(
+                &format!(
+                    "UPDATE lanes SET source_metadata_location = ?4, replica_metadata_location = ?5,
+                     snapshots_behind = ?6, mode = COALESCE(?7, mode) WHERE {LANE_WHERE}"
+                ),
+                params![
+                    ns,
+                    key.table.name,
+                    key.destination,
+                    p.source_metadata_location,
+                    p.replica_metadata_location,
+                    p.snapshots_behind,
+                    p.mode
+                ],
+            )?;
+            for id in &p.added_snapshots {
+                tx.execute(
+                    "INSERT OR IGNORE INTO replicated_snapshots (namespace, name, destination, snapshot_id)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![ns, key.table.name, key.destination, id],
+                )?;
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn record_success(&self, key: &LaneKey, generation: i64) -> Result<(), StateError> {
+        let key = key.clone();
+        self.call(move |c, _| {
+            c.execute(
+                &format!(
+                    "UPDATE lanes SET done = MAX(done, ?4), last_success_at = ?5,
+                     pending_since = CASE WHEN wanted <= MAX(done, ?4) THEN NULL ELSE pending_since END,
+                     error_message = NULL, error_at = NULL, error_attempts = 0, error_parked = 0
+                     WHERE {LANE_WHERE}"
+                ),
+                params![ns_text(&key.table.namespace), key.table.name, key.destination, generation, now_ms()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn record_failure(&self, key: &LaneKey, message: String, parked: bool) -> Result<(), StateError> {
+        let key = key.clone();
+        self.call(move |c, _| {
+            c.execute(
+                &format!(
+                    "UPDATE lanes SET error_message = ?4, error_at = ?5, error_attempts = error_attempts + 1,
+                     error_parked = ?6 WHERE {LANE_WHERE}"
+                ),
+                params![ns_text(&key.table.namespace), key.table.name, key.destination, message, now_ms(), parked],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_paused(&self, key: &LaneKey, paused: bool) -> Result<bool, StateError> {
+        let key = key.clone();
+        self.call(move |c, _| {
+            let n = c.execute(
+                &format!("UPDATE lanes SET paused = ?4 WHERE {LANE_WHERE}"),
+                params![ns_text(&key.table.namespace), key.table.name, key.destination, paused],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn request_resync(&self, key: &LaneKey) -> Result<bool, StateError> {
+        let key = key.clone();
+        self.call(move |c, _| {
+            let n = c.execute(
+                &format!(
+                    "UPDATE lanes SET wanted = wanted + 1, pending_since = COALESCE(pending_since, ?4),
+                     error_attempts = 0, error_parked = 0, source_metadata_location = NULL WHERE {LANE_WHERE}"
+                ),
+                params![ns_text(&key.table.namespace), key.table.name, key.destination, now_ms()],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn copied_file(&self, destination: &str, source: &str) -> Result<Option<CopiedFile>, StateError> {
+        let (destination, source) = (destination.to_owned(), source.to_owned());
+        self.call(move |c, _| {
+            c.query_row(
+                "SELECT target, size, checksum FROM copied_files WHERE destination = ?1 AND source = ?2",
+                params![destination, source],
+                |r| {
+                    Ok(CopiedFile {
+                        target: r.get(0)?,
+                        size: r.get::<_, i64>(1)?.try_into().unwrap_or(0),
+                        checksum: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn record_copied_file(&self, destination: &str, source: &str, file: CopiedFile) -> Result<(), StateError> {
+        let (destination, source) = (destination.to_owned(), source.to_owned());
+        self.call(move |c, _| {
+            c.execute(
+                "INSERT INTO copied_files (destination, source, target, size, checksum, copied_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (destination, source) DO UPDATE SET
+                     target = excluded.target, size = excluded.size, checksum = excluded.checksum,
+                     copied_at = excluded.copied_at",
+                params![
+                    destination,
+                    source,
+                    file.target,
+                    i64::try_from(file.size).unwrap_or(i64::MAX),
+                    file.checksum,
+                    now_ms()
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,155 @@
+//! Tests of the embedded store, including reopening the database as a restart would.
+
+use super::*;
+use crate::state::LaneStatus;
+
+fn table(ns: &str, name: &str) -> TableIdent {
+    TableIdent::new(Namespace::from_dotted(ns), name)
+}
+
+fn hint(kind: HintKind, t: TableIdent) -> CommitHint {
+    CommitHint { kind, table: t, prefix: Some("wh".into()), metadata_location: None }
+}
+
+fn touch(key: &LaneKey) -> LaneChange {
+    LaneChange::Touch { key: key.clone(), replica_table: key.table.clone(), at: 1_000 }
+}
+
+#[tokio::test]
+async fn hints_are_kept_in_order_until_their_fan_out_is_recorded() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EmbeddedStore::open(dir.path()).expect("open");
+    store.append_hints(vec![hint(HintKind::Commit, table("a", "x"))]).await.expect("append");
+    store
+        .append_hints(vec![
+            hint(HintKind::Drop, table("a", "y")),
+            hint(HintKind::Rename { from: table("a", "x") }, table("b.c", "z")),
+        ])
+        .await
+        .expect("append");
+    let pending = store.pending_hints(10).await.expect("read");
+    assert_eq!(pending.len(), 3);
+    assert!(pending.windows(2).all(|w| w[0].id < w[1].id), "ids increase");
+    assert_eq!(pending[2].hint.kind, HintKind::Rename { from: table("a", "x") });
+    assert_eq!(pending[2].hint.table, table("b.c", "z"));
+    assert_eq!(pending[0].hint.prefix.as_deref(), Some("wh"));
+
+    // A restart before the fan-out is recorded sees the same hints.
+    drop(store);
+    let store = EmbeddedStore::open(dir.path()).expect("reopen");
+    assert_eq!(store.pending_hints(10).await.expect("read").len(), 3);
+
+    store.apply_lane_changes(Vec::new(), Some(pending[1].id)).await.expect("ack two");
+    let left = store.pending_hints(10).await.expect("read");
+    assert_eq!(left.iter().map(|h| h.id).collect::<Vec<_>>(), vec![pending[2].id]);
+    // A stale acknowledgement never moves the cursor back.
+    store.apply_lane_changes(Vec::new(), Some(pending[0].id)).await.expect("stale ack");
+    assert_eq!(store.pending_hints(10).await.expect("read").len(), 1);
+}
+
+#[tokio::test]
+async fn a_change_during_a_run_keeps_the_lane_pending() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EmbeddedStore::open(dir.path()).expect("open");
+    let key = LaneKey::new(table("db", "t"), "dr");
+    store.apply_lane_changes(vec![touch(&key)], None).await.expect("touch");
+    let lane = store.lane(&key).await.expect("read").expect("exists");
+    assert_eq!(lane.status(), LaneStatus::Pending);
+    assert_eq!(lane.pending_since, Some(1_000));
+
+    // A run starts at generation 1; a hint arrives meanwhile (generation 2).
+    let generation = lane.wanted;
+    store.apply_lane_changes(vec![touch(&key)], None).await.expect("touch");
+    store.record_success(&key, generation).await.expect("success");
+    let lane = store.lane(&key).await.expect("read").expect("exists");
+    assert_eq!(lane.status(), LaneStatus::Pending, "the second change is not done yet");
+    assert!(lane.has_work());
+    assert_eq!(lane.pending_since, Some(1_000));
+
+    store.record_success(&key, lane.wanted).await.expect("success");
+    let lane = store.lane(&key).await.expect("read").expect("exists");
+    assert_eq!(lane.status(), LaneStatus::Completed);
+    assert_eq!(lane.pending_since, None);
+    assert!(lane.last_success_at.is_some());
+}
+
+#[tokio::test]
+async fn failures_count_until_a_success_clears_them() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EmbeddedStore::open(dir.path()).expect("open");
+    let key = LaneKey::new(table("db", "t"), "dr");
+    store.apply_lane_changes(vec![touch(&key)], None).await.expect("touch");
+    store.record_failure(&key, "replica down".into(), false).await.expect("fail");
+    store.record_failure(&key, "replica still down".into(), true).await.expect("fail");
+    let lane = store.lane(&key).await.expect("read").expect("exists");
+    assert_eq!(lane.status(), LaneStatus::Failed);
+    let error = lane.last_error.expect("error");
+    assert_eq!((error.message.as_str(), error.attempts, error.parked), ("replica still down", 2, true));
+    store.record_success(&key, lane.wanted).await.expect("success");
+    let lane = store.lane(&key).await.expect("read").expect("exists");
+    assert_eq!(lane.last_error, None);
+    assert_eq!(lane.status(), LaneStatus::Completed);
+}
+
+#[tokio::test]
+async fn progress_and_renames_keep_the_replicated_history() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EmbeddedStore::open(dir.path()).expect("open");
+    let key = LaneKey::new(table("db", "t"), "dr");
+    store.apply_lane_changes(vec![touch(&key)], None).await.expect("touch");
+    store
+        .record_progress(Progress {
+            key: key.clone(),
+            source_metadata_location: Some("s3://w/db/t/metadata/v3.metadata.json".into()),
+            replica_metadata_location: Some("s3://r/db/t/metadata/v2.metadata.json".into()),
+            added_snapshots: vec![11, 12],
+            snapshots_behind: 1,
+            mode: Some("create+replay".into()),
+        })
+        .await
+        .expect("progress");
+    assert_eq!(store.replicated_snapshots(&key).await.expect("read"), BTreeSet::from([11, 12]));
+
+    let renamed = table("db", "t2");
+    store
+        .apply_lane_changes(
+            vec![LaneChange::Rename { from: key.clone(), to: renamed.clone(), replica_to: renamed.clone(), at: 2_000 }],
+            None,
+        )
+        .await
+        .expect("rename");
+    assert!(store.lane(&key).await.expect("read").is_none());
+    let moved = LaneKey::new(renamed.clone(), "dr");
+    let lane = store.lane(&moved).await.expect("read").expect("moved");
+    assert_eq!(lane.replica_table, renamed);
+    assert_eq!(lane.mode.as_deref(), Some("create+replay"));
+    assert_eq!(lane.snapshots_behind, Some(1));
+    assert_eq!(store.replicated_snapshots(&moved).await.expect("read"), BTreeSet::from([11, 12]));
+
+    store.apply_lane_changes(vec![LaneChange::SourceDropped { key: moved.clone() }], None).await.expect("drop");
+    let lane = store.lane(&moved).await.expect("read").expect("kept");
+    assert!(lane.source_dropped && !lane.has_work());
+}
+
+#[tokio::test]
+async fn pause_resume_resync_and_copy_checkpoints() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EmbeddedStore::open(dir.path()).expect("open");
+    let key = LaneKey::new(table("db", "t"), "dr");
+    assert!(!store.set_paused(&key, true).await.expect("no lane"));
+    store.apply_lane_changes(vec![touch(&key)], None).await.expect("touch");
+    assert!(store.set_paused(&key, true).await.expect("pause"));
+    let lane = store.lane(&key).await.expect("read").expect("exists");
+    assert_eq!(lane.status(), LaneStatus::Paused);
+    assert!(!lane.has_work());
+    assert!(store.set_paused(&key, false).await.expect("resume"));
+    store.record_success(&key, lane.wanted).await.expect("done");
+    assert!(store.request_resync(&key).await.expect("resync"));
+    assert!(store.lane(&key).await.expect("read").expect("exists").has_work());
+
+    let file = CopiedFile { target: "s3://r/d.parquet".into(), size: 42, checksum: Some("abc".into()) };
+    store.record_copied_file("dr", "s3://w/d.parquet", file.clone()).await.expect("record");
+    store.record_copied_file("dr", "s3://w/d.parquet", file.clone()).await.expect("idempotent");
+    assert_eq!(store.copied_file("dr", "s3://w/d.parquet").await.expect("read"), Some(file));
+    assert_eq!(store.copied_file("other", "s3://w/d.parquet").await.expect("read"), None);
+}

@@ -1,0 +1,297 @@
+//! Durable replication state: the change log, lanes, and copy checkpoints.
+//!
+//! Everything replication knows lives here, so that killing icerelay at any
+//! moment loses nothing: a restart reads the same state and carries on.
+//! The store is a trait ([`StateStore`]) so that a shared Postgres store can
+//! follow the embedded one ([`embedded::EmbeddedStore`], SQLite).
+//!
+//! # Invariants
+//!
+//! - **Hint ids are monotonic.** A hint is appended once, after the primary
+//!   answered 2xx, and gets the next id. Hints are read in id order.
+//! - **A hint is deleted only once its fan-out is recorded.** Fanning hints
+//!   out to lanes and moving the cursor past them is one transaction; a crash
+//!   before it re-reads the same hints, and a second fan-out only asks the
+//!   same lanes for work again, which is harmless.
+//! - **A lane's work is counted, not listed.** Each hint or reconcile pass
+//!   bumps the lane's `wanted` generation; a run that started at generation
+//!   `g` and converged sets `done = g`. A lane has work while `wanted > done`,
+//!   so a hint that arrives during a run is never lost.
+//! - **Progress advances only after the replica commit is confirmed**, one
+//!   commit at a time, and records the snapshot ids it added.
+//! - **Copy checkpoints are idempotent**: recording the same copied file twice
+//!   keeps one record; a checkpoint is written only after the copy was verified.
+
+pub mod embedded;
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::catalog::TableIdent;
+use crate::proxy::commit_tap::CommitHint;
+
+/// The id of a recorded hint.
+pub type HintId = i64;
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = i64;
+
+/// The current time in milliseconds since the Unix epoch.
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A hint as stored in the change log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedHint {
+    /// Its id.
+    pub id: HintId,
+    /// The hint.
+    pub hint: CommitHint,
+    /// When it was recorded.
+    pub recorded_at: Millis,
+}
+
+/// One ordered lane: a source table replicated to one destination.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct LaneKey {
+    /// The table on the primary.
+    pub table: TableIdent,
+    /// The destination's name.
+    pub destination: String,
+}
+
+impl LaneKey {
+    /// Builds a key.
+    pub fn new(table: TableIdent, destination: impl Into<String>) -> Self {
+        Self { table, destination: destination.into() }
+    }
+}
+
+impl fmt::Display for LaneKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {}", self.table, self.destination)
+    }
+}
+
+/// A lane's status, as the admin API reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LaneStatus {
+    /// The source has changes the replica does not have yet.
+    Pending,
+    /// The replica has everything the source had at the last check.
+    Completed,
+    /// The last attempt failed; see `last_error`.
+    Failed,
+    /// An operator paused the lane.
+    Paused,
+}
+
+/// The last error of a lane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LaneError {
+    /// What failed, where, and what to do (redacted: never a credential).
+    pub message: String,
+    /// When.
+    pub at: Millis,
+    /// Consecutive failed attempts.
+    pub attempts: i64,
+    /// Whether the lane waits for an operator (or a configuration change)
+    /// instead of retrying on its own.
+    pub parked: bool,
+}
+
+/// Everything the store keeps about a lane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaneRecord {
+    /// The lane.
+    pub key: LaneKey,
+    /// The table on the replica (same name unless a rule maps the namespace).
+    pub replica_table: TableIdent,
+    /// Bumped by each hint and reconcile pass.
+    pub wanted: i64,
+    /// The generation the last converged run started from.
+    pub done: i64,
+    /// When the oldest change the replica does not have yet was noticed.
+    pub pending_since: Option<Millis>,
+    /// Paused by an operator.
+    pub paused: bool,
+    /// The source table was dropped (replicas are kept).
+    pub source_dropped: bool,
+    /// The source metadata last replicated.
+    pub source_metadata_location: Option<String>,
+    /// The replica's metadata after the last replicated commit.
+    pub replica_metadata_location: Option<String>,
+    /// Source snapshots the replica does not have yet, as of the last check.
+    pub snapshots_behind: Option<i64>,
+    /// When the lane last converged.
+    pub last_success_at: Option<Millis>,
+    /// How the replica is written (`register+replay`, `create+replay`), and why.
+    pub mode: Option<String>,
+    /// The last error, cleared by the next success.
+    pub last_error: Option<LaneError>,
+}
+
+impl LaneRecord {
+    /// The status the admin API shows.
+    pub fn status(&self) -> LaneStatus {
+        if self.paused {
+            LaneStatus::Paused
+        } else if self.last_error.is_some() {
+            LaneStatus::Failed
+        } else if self.wanted > self.done {
+            LaneStatus::Pending
+        } else {
+            LaneStatus::Completed
+        }
+    }
+
+    /// Whether the lane has work to do (and is allowed to).
+    pub fn has_work(&self) -> bool {
+        !self.paused && self.wanted > self.done
+    }
+}
+
+/// A change to the set of lanes, decided by fanning out hints or by reconcile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LaneChange {
+    /// The source table changed: create the lane if needed and ask it for work.
+    Touch {
+        /// The lane.
+        key: LaneKey,
+        /// Its table on the replica.
+        replica_table: TableIdent,
+        /// When the change was noticed.
+        at: Millis,
+    },
+    /// The source table was renamed: the lane follows (and so will the replica).
+    Rename {
+        /// The lane under the old name.
+        from: LaneKey,
+        /// The source's new name.
+        to: TableIdent,
+        /// The replica's new name.
+        replica_to: TableIdent,
+        /// When.
+        at: Millis,
+    },
+    /// The source table was dropped; the lane stops asking for work.
+    SourceDropped {
+        /// The lane.
+        key: LaneKey,
+    },
+}
+
+/// What a lane records after each confirmed replica commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// The lane.
+    pub key: LaneKey,
+    /// The source metadata being replicated.
+    pub source_metadata_location: Option<String>,
+    /// The replica's metadata after the commit.
+    pub replica_metadata_location: Option<String>,
+    /// Snapshot ids the commit added to the replica.
+    pub added_snapshots: Vec<i64>,
+    /// Source snapshots still missing on the replica.
+    pub snapshots_behind: i64,
+    /// How the replica is written.
+    pub mode: Option<String>,
+}
+
+/// A verified copy of a file at a destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopiedFile {
+    /// Where it was written.
+    pub target: String,
+    /// Its size at the target.
+    pub size: u64,
+    /// Its checksum at the target, when the store gives one.
+    pub checksum: Option<String>,
+}
+
+/// Errors of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The database failed.
+    #[error("state store {path}: {source}")]
+    Database {
+        /// The database file.
+        path: String,
+        /// Cause.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The state directory could not be prepared.
+    #[error("state directory {path}: {source}")]
+    Directory {
+        /// The directory.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stored value is not what this version of icerelay wrote.
+    #[error("state store {path}: corrupt record: {detail}")]
+    Corrupt {
+        /// The database file.
+        path: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The store's thread has stopped.
+    #[error("the state store has shut down")]
+    Closed,
+}
+
+/// The durable store behind replication.
+#[async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    /// Appends hints to the change log.
+    async fn append_hints(&self, hints: Vec<CommitHint>) -> Result<(), StateError>;
+    /// Hints after the fan-out cursor, oldest first, at most `limit`.
+    async fn pending_hints(&self, limit: usize) -> Result<Vec<RecordedHint>, StateError>;
+    /// Applies lane changes and, in the same transaction, moves the fan-out
+    /// cursor to `through` and deletes the hints up to it.
+    async fn apply_lane_changes(&self, changes: Vec<LaneChange>, through: Option<HintId>) -> Result<(), StateError>;
+    /// Every lane.
+    async fn lanes(&self) -> Result<Vec<LaneRecord>, StateError>;
+    /// One lane.
+    async fn lane(&self, key: &LaneKey) -> Result<Option<LaneRecord>, StateError>;
+    /// Snapshot ids icerelay has committed to the lane's replica.
+    async fn replicated_snapshots(&self, key: &LaneKey) -> Result<BTreeSet<i64>, StateError>;
+    /// Records a confirmed replica commit (or a check that found nothing to do).
+    async fn record_progress(&self, progress: Progress) -> Result<(), StateError>;
+    /// Records that a run started at `generation` converged; clears the error.
+    async fn record_success(&self, key: &LaneKey, generation: i64) -> Result<(), StateError>;
+    /// Records a failed attempt.
+    async fn record_failure(&self, key: &LaneKey, message: String, parked: bool) -> Result<(), StateError>;
+    /// Pauses or resumes a lane; `false` if there is no such lane.
+    async fn set_paused(&self, key: &LaneKey, paused: bool) -> Result<bool, StateError>;
+    /// Asks a lane for a full check (resync); `false` if there is no such lane.
+    async fn request_resync(&self, key: &LaneKey) -> Result<bool, StateError>;
+    /// A verified copy of `source` at `destination`, if one was recorded.
+    async fn copied_file(&self, destination: &str, source: &str) -> Result<Option<CopiedFile>, StateError>;
+    /// Records a verified copy.
+    async fn record_copied_file(&self, destination: &str, source: &str, file: CopiedFile) -> Result<(), StateError>;
+}
+
+/// The proxy's view of the store: commit hints go into the change log.
+#[derive(Clone)]
+pub struct ChangeLog(pub std::sync::Arc<dyn StateStore>);
+
+impl crate::proxy::commit_tap::HintSink for ChangeLog {
+    fn record(
+        &self,
+        hints: Vec<CommitHint>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), crate::proxy::commit_tap::HintError>> + Send + '_>>
+    {
+        Box::pin(async move { self.0.append_hints(hints).await.map_err(Into::into) })
+    }
+}
