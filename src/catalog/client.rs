@@ -53,7 +53,7 @@ impl CatalogConfig {
     /// Whether the catalog advertises `method path` (true when it advertises nothing).
     pub fn supports(&self, method: &str, path: &str) -> bool {
         let wanted = format!("{method} {path}");
-        self.endpoints.as_ref().is_none_or(|all| all.iter().any(|e| *e == wanted))
+        self.endpoints.as_ref().is_none_or(|all| all.contains(&wanted))
     }
 }
 
