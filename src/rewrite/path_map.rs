@@ -1,0 +1,152 @@
+//! `PathMap`: where each source path goes at the target.
+//!
+//! An ordered list of `(from, to)` prefix pairs; the longest matching prefix
+//! wins. Prefixes are directory prefixes: `s3://b/t` matches `s3://b/t` and
+//! `s3://b/t/...`, never `s3://b/t2/...`. A path that no pair maps is an
+//! error naming the path and the file it was found in: a replica must never
+//! point back at the source's storage.
+
+use std::fmt;
+
+use super::RewriteError;
+
+/// One mapping pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pair {
+    /// Source prefix, without a trailing slash.
+    from: String,
+    /// Target prefix, without a trailing slash.
+    to: String,
+}
+
+/// Source-to-target path prefixes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PathMap {
+    /// Longest `from` first.
+    pairs: Vec<Pair>,
+}
+
+impl PathMap {
+    /// An empty map (maps nothing).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The default map of a table copy: source table location to target table location.
+    pub fn from_locations(source: &str, target: &str) -> Result<Self, RewriteError> {
+        let mut map = Self::new();
+        map.add(source, target)?;
+        Ok(map)
+    }
+
+    /// Adds a pair; a later pair with the same `from` replaces the earlier one.
+    pub fn add(&mut self, from: &str, to: &str) -> Result<(), RewriteError> {
+        let from = trim(from);
+        let to = trim(to);
+        if from.is_empty() || !from.contains("://") && !from.starts_with('/') {
+            return Err(RewriteError::InvalidMapping { from: from.to_owned(), to: to.to_owned() });
+        }
+        if to.is_empty() {
+            return Err(RewriteError::InvalidMapping { from: from.to_owned(), to: to.to_owned() });
+        }
+        self.pairs.retain(|p| p.from != from);
+        self.pairs.push(Pair { from: from.to_owned(), to: to.to_owned() });
+        self.pairs.sort_by(|a, b| b.from.len().cmp(&a.from.len()).then_with(|| a.from.cmp(&b.from)));
+        Ok(())
+    }
+
+    /// The target of `path`, if a pair maps it.
+    pub fn map(&self, path: &str) -> Option<String> {
+        self.pairs.iter().find_map(|pair| {
+            let rest = path.strip_prefix(&pair.from)?;
+            if rest.is_empty() || rest.starts_with('/') { Some(format!("{}{rest}", pair.to)) } else { None }
+        })
+    }
+
+    /// The target of `path`, or an error naming the path and `found_in`.
+    pub fn rewrite(&self, path: &str, found_in: &str) -> Result<String, RewriteError> {
+        self.map(path).ok_or_else(|| RewriteError::UnmappedPath {
+            path: path.to_owned(),
+            found_in: found_in.to_owned(),
+            prefixes: self.pairs.iter().map(|p| p.from.clone()).collect(),
+        })
+    }
+
+    /// Whether `path` starts with one of the source prefixes.
+    pub fn is_source_path(&self, path: &str) -> bool {
+        self.map(path).is_some()
+    }
+
+    /// The pairs, longest source prefix first.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.pairs.iter().map(|p| (p.from.as_str(), p.to.as_str()))
+    }
+}
+
+impl fmt::Display for PathMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.pairs.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{} -> {}", p.from, p.to)?;
+        }
+        Ok(())
+    }
+}
+
+fn trim(s: &str) -> &str {
+    let t = s.trim_end_matches('/');
+    // Keep `file:///` or `s3://b` roots meaningful.
+    if t.ends_with(':') { s } else { t }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn longest_prefix_wins_and_directories_are_respected() {
+        let mut m = PathMap::from_locations("s3://w/db/t", "s3://r/db/t/").expect("valid");
+        m.add("s3://w/db/t/data/special", "s3://cold/special").expect("valid");
+        assert_eq!(m.map("s3://w/db/t").as_deref(), Some("s3://r/db/t"));
+        assert_eq!(m.map("s3://w/db/t/metadata/v1.json").as_deref(), Some("s3://r/db/t/metadata/v1.json"));
+        assert_eq!(m.map("s3://w/db/t/data/special/a.parquet").as_deref(), Some("s3://cold/special/a.parquet"));
+        assert_eq!(m.map("s3://w/db/t2/data/a.parquet"), None, "t must not match t2");
+        assert_eq!(m.map("s3://w/db/t/data/special2/a").as_deref(), Some("s3://r/db/t/data/special2/a"));
+    }
+
+    #[test]
+    fn unmapped_paths_are_errors_naming_path_and_file() {
+        let m = PathMap::from_locations("s3://w/t", "file:///r/t").expect("valid");
+        let e = m.rewrite("s3://elsewhere/x.parquet", "s3://w/t/metadata/m1.avro").expect_err("unmapped");
+        let text = e.to_string();
+        assert!(text.contains("s3://elsewhere/x.parquet") && text.contains("s3://w/t/metadata/m1.avro"), "{text}");
+        assert!(text.contains("--map"), "says what to do: {text}");
+    }
+
+    #[test]
+    fn invalid_pairs_are_refused() {
+        assert!(PathMap::from_locations("", "s3://r").is_err());
+        assert!(PathMap::from_locations("relative/path", "s3://r").is_err());
+        assert!(PathMap::from_locations("s3://w", "").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn every_mapped_path_starts_with_its_target(
+            bucket in "[a-z]{1,8}", table in "[a-z0-9_]{1,12}", rest in "(/[a-zA-Z0-9_.=-]{1,16}){0,4}"
+        ) {
+            let from = format!("s3://{bucket}/{table}");
+            let map = PathMap::from_locations(&from, "s3://target/t").expect("valid");
+            let path = format!("{from}{rest}");
+            let mapped = map.map(&path).expect("maps");
+            prop_assert!(mapped.starts_with("s3://target/t"));
+            prop_assert_eq!(&mapped["s3://target/t".len()..], rest.as_str());
+            // A sibling whose name extends the table name never matches.
+            let sibling = format!("{from}x{rest}");
+            prop_assert!(map.map(&sibling).is_none());
+        }
+    }
+}
