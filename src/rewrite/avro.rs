@@ -14,6 +14,7 @@ use std::str::FromStr;
 
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
+use md5::Digest;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::{Codec, Reader, Schema, Writer};
 
@@ -244,6 +245,7 @@ mod tests {
                 assert!(set_long(r, "n", 7));
             }
             let out = write(&header, &records, "f.avro").expect("write");
+            assert_eq!(out, write(&header, &records, "f.avro").expect("write"), "deterministic output");
             let (again, records) = read(&out, "f.avro").expect("read back");
             assert_eq!(again.metadata, header.metadata, "every header key, avro.schema text included");
             assert_eq!(records.len(), 3);

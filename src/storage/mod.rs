@@ -1,1 +1,317 @@
-//! Object storage access and the file copy engine.
+//! Object storage: resolving file URLs to stores, and reading, writing and copying objects.
+//!
+//! - [`Storage`] resolves a file URL (`s3://bucket/key`, `file:///path`) to
+//!   the store configured by the `[[storage]]` section with the longest
+//!   matching prefix, and offers the few operations icerelay needs: head,
+//!   bounded reads, writes.
+//! - [`copy`]: the copy engine, streaming, parallel, idempotent, verified and
+//!   resumable through [`checkpoint`]s.
+//!
+//! S3 and local files go through the `object_store` crate; icerelay never
+//! speaks S3 itself. Errors name the URL, never a credential.
+
+pub mod checkpoint;
+pub mod copy;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+
+use crate::config::{StorageConfig, StorageKind};
+
+/// Errors of storage operations.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// No `[[storage]]` section covers the URL.
+    #[error("no [[storage]] section covers {url}; add one whose prefix it starts with (configured: {})",
+        if known.is_empty() { "none".to_owned() } else { known.join(", ") })]
+    NoStore {
+        /// The URL.
+        url: String,
+        /// The configured prefixes.
+        known: Vec<String>,
+    },
+    /// The URL cannot be turned into an object location.
+    #[error("{url} is not a usable file URL: {reason}")]
+    InvalidUrl {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The object does not exist.
+    #[error("{url} does not exist")]
+    NotFound {
+        /// The URL.
+        url: String,
+    },
+    /// The object is larger than the caller allows to read whole.
+    #[error("{url} is {size} bytes, more than the {limit} bytes icerelay reads into memory for this kind of file")]
+    TooLarge {
+        /// The URL.
+        url: String,
+        /// Its size.
+        size: u64,
+        /// The bound.
+        limit: u64,
+    },
+    /// The store failed.
+    #[error("{operation} {url} failed: {source}")]
+    Store {
+        /// `read`, `write`, `head`, `copy`.
+        operation: &'static str,
+        /// The URL.
+        url: String,
+        /// Cause (object_store never includes credentials in its errors).
+        #[source]
+        source: object_store::Error,
+    },
+    /// A written object does not match what was written.
+    #[error("verification of {url} failed after writing: {detail}")]
+    Verification {
+        /// The URL.
+        url: String,
+        /// What differs.
+        detail: String,
+    },
+}
+
+impl StorageError {
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Store { source, .. } => !matches!(
+                source,
+                object_store::Error::NotFound { .. }
+                    | object_store::Error::InvalidPath { .. }
+                    | object_store::Error::NotSupported { .. }
+                    | object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }
+            ),
+            Self::Verification { .. } => true,
+            _ => false,
+        }
+    }
+
+    fn store(operation: &'static str, url: &str, source: object_store::Error) -> Self {
+        match source {
+            object_store::Error::NotFound { .. } => Self::NotFound { url: url.to_owned() },
+            source => Self::Store { operation, url: url.to_owned(), source },
+        }
+    }
+}
+
+/// What a store says about an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Size in bytes.
+    pub size: u64,
+    /// The store's entity tag, if any.
+    pub e_tag: Option<String>,
+}
+
+/// An object: its store and its path in it.
+#[derive(Debug, Clone)]
+pub struct Location {
+    /// The store.
+    pub store: Arc<dyn ObjectStore>,
+    /// The path inside the store.
+    pub path: ObjectPath,
+    /// The URL, for messages.
+    pub url: String,
+}
+
+/// The configured stores, resolved by longest URL prefix.
+#[derive(Debug)]
+pub struct Storage {
+    configs: Vec<StorageConfig>,
+    /// One store per (configured prefix, bucket), built on first use.
+    stores: Mutex<HashMap<(usize, String), Arc<dyn ObjectStore>>>,
+    local: Arc<dyn ObjectStore>,
+}
+
+impl Storage {
+    /// Stores for `configs`. `file://` URLs always resolve to the local
+    /// filesystem, configured or not.
+    pub fn new(configs: &[StorageConfig]) -> Self {
+        let mut configs = configs.to_vec();
+        configs.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        Self { configs, stores: Mutex::new(HashMap::new()), local: Arc::new(LocalFileSystem::new()) }
+    }
+
+    /// Resolves a file URL.
+    pub fn resolve(&self, url: &str) -> Result<Location, StorageError> {
+        if let Some(path) = local_path(url) {
+            let path = ObjectPath::from_absolute_path(path)
+                .map_err(|e| StorageError::InvalidUrl { url: url.to_owned(), reason: e.to_string() })?;
+            return Ok(Location { store: self.local.clone(), path, url: url.to_owned() });
+        }
+        let (index, config) = self
+            .configs
+            .iter()
+            .enumerate()
+            .find(|(_, c)| url.starts_with(&c.prefix))
+            .ok_or_else(|| StorageError::NoStore { url: url.to_owned(), known: self.prefixes() })?;
+        let StorageKind::S3 { .. } = &config.kind else {
+            return Err(StorageError::InvalidUrl { url: url.to_owned(), reason: "expected an s3:// URL".into() });
+        };
+        let (bucket, key) = split_bucket(url)
+            .ok_or_else(|| StorageError::InvalidUrl { url: url.to_owned(), reason: "expected s3://bucket/key".into() })?;
+        let path = ObjectPath::parse(key).map_err(|e| StorageError::InvalidUrl { url: url.to_owned(), reason: e.to_string() })?;
+        let store = self.s3_store(index, config, bucket, url)?;
+        Ok(Location { store, path, url: url.to_owned() })
+    }
+
+    fn prefixes(&self) -> Vec<String> {
+        self.configs.iter().map(|c| c.prefix.clone()).collect()
+    }
+
+    fn s3_store(&self, index: usize, config: &StorageConfig, bucket: &str, url: &str) -> Result<Arc<dyn ObjectStore>, StorageError> {
+        let mut stores = self.stores.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(store) = stores.get(&(index, bucket.to_owned())) {
+            return Ok(store.clone());
+        }
+        let StorageKind::S3 { endpoint, region, path_style, access_key_id, secret_access_key, session_token } = &config.kind
+        else {
+            return Err(StorageError::InvalidUrl { url: url.to_owned(), reason: "not an S3 store".into() });
+        };
+        let mut builder = AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_region(region)
+            .with_virtual_hosted_style_request(!path_style)
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig::default(),
+                max_retries: 5,
+                retry_timeout: Duration::from_secs(120),
+            })
+            .with_client_options(
+                ClientOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(300)),
+            );
+        if let Some(endpoint) = endpoint {
+            let endpoint = endpoint.as_str().trim_end_matches('/');
+            builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
+        }
+        if let (Some(id), Some(secret)) = (access_key_id, secret_access_key) {
+            builder = builder.with_access_key_id(id).with_secret_access_key(secret.expose());
+        }
+        if let Some(token) = session_token {
+            builder = builder.with_token(token.expose());
+        }
+        let store: Arc<dyn ObjectStore> = Arc::new(builder.build().map_err(|e| StorageError::store("configure", url, e))?);
+        stores.insert((index, bucket.to_owned()), store.clone());
+        Ok(store)
+    }
+
+    /// Size and entity tag of an object; `None` if it does not exist.
+    pub async fn head(&self, url: &str) -> Result<Option<ObjectInfo>, StorageError> {
+        let location = self.resolve(url)?;
+        head(&location).await
+    }
+
+    /// Reads a whole object of at most `limit` bytes.
+    pub async fn read(&self, url: &str, limit: u64) -> Result<Bytes, StorageError> {
+        let location = self.resolve(url)?;
+        let result = location.store.get(&location.path).await.map_err(|e| StorageError::store("read", url, e))?;
+        let size = result.meta.size;
+        if size > limit {
+            return Err(StorageError::TooLarge { url: url.to_owned(), size, limit });
+        }
+        let bytes = result.bytes().await.map_err(|e| StorageError::store("read", url, e))?;
+        if bytes.len() as u64 != size {
+            return Err(StorageError::Verification {
+                url: url.to_owned(),
+                detail: format!("read {} bytes of a {size}-byte object", bytes.len()),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Writes an object whole, then checks its size (and MD5 entity tag where the store gives one).
+    pub async fn write(&self, url: &str, bytes: Bytes) -> Result<ObjectInfo, StorageError> {
+        let location = self.resolve(url)?;
+        let md5 = copy::md5_hex(&bytes);
+        let size = bytes.len() as u64;
+        let result = location
+            .store
+            .put(&location.path, PutPayload::from_bytes(bytes))
+            .await
+            .map_err(|e| StorageError::store("write", url, e))?;
+        copy::verify_written(&location, size, result.e_tag.as_deref(), &copy::ExpectedTag::Single(md5)).await
+    }
+}
+
+async fn head(location: &Location) -> Result<Option<ObjectInfo>, StorageError> {
+    match location.store.head(&location.path).await {
+        Ok(meta) => Ok(Some(ObjectInfo { size: meta.size, e_tag: meta.e_tag })),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(StorageError::store("head", &location.url, e)),
+    }
+}
+
+/// The local path of a `file:` URL (`file:///a/b` or Java's `file:/a/b`).
+fn local_path(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("file:")?;
+    let path = rest.strip_prefix("//").unwrap_or(rest);
+    path.starts_with('/').then_some(path)
+}
+
+/// `s3://bucket/key` (or `s3a://`, `s3n://`) into bucket and key.
+fn split_bucket(url: &str) -> Option<(&str, &str)> {
+    let (_, rest) = url.split_once("://")?;
+    let (bucket, key) = rest.split_once('/')?;
+    (!bucket.is_empty() && !key.is_empty()).then_some((bucket, key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn s3(prefix: &str) -> StorageConfig {
+        StorageConfig {
+            prefix: prefix.into(),
+            kind: StorageKind::S3 {
+                endpoint: Some(reqwest::Url::parse("http://127.0.0.1:1").expect("url")),
+                region: "us-east-1".into(),
+                path_style: true,
+                access_key_id: Some("id".into()),
+                secret_access_key: Some(Secret::new("very-secret")),
+                session_token: None,
+            },
+        }
+    }
+
+    #[test]
+    fn urls_resolve_by_longest_prefix_or_fail_with_advice() {
+        let storage = Storage::new(&[s3("s3://"), s3("s3://warehouse/")]);
+        let location = storage.resolve("s3://warehouse/db/t/data/a=1/x.parquet").expect("resolves");
+        assert_eq!(location.path.as_ref(), "db/t/data/a=1/x.parquet");
+        assert!(storage.resolve("s3://other/x").is_ok(), "the s3:// prefix covers other buckets");
+        let storage = Storage::new(&[s3("s3://warehouse/")]);
+        let e = storage.resolve("s3://other/x").expect_err("not covered");
+        assert!(e.to_string().contains("s3://other/x") && e.to_string().contains("s3://warehouse/"), "{e}");
+        assert!(!format!("{storage:?}").contains("very-secret"));
+        let local = storage.resolve("file:///tmp/wh/t/metadata/v1.json").expect("local");
+        assert_eq!(local.path.as_ref(), "tmp/wh/t/metadata/v1.json");
+        assert!(storage.resolve("file:/tmp/java-style").is_ok());
+    }
+
+    #[tokio::test]
+    async fn local_write_read_head() {
+        let dir = tempfile::tempdir().expect("dir");
+        let storage = Storage::new(&[]);
+        let url = format!("file://{}/a/b/c.json", dir.path().display());
+        let info = storage.write(&url, Bytes::from_static(b"{\"x\":1}")).await.expect("write");
+        assert_eq!(info.size, 7);
+        assert_eq!(storage.read(&url, 100).await.expect("read"), Bytes::from_static(b"{\"x\":1}"));
+        assert!(matches!(storage.read(&url, 3).await, Err(StorageError::TooLarge { .. })));
+        assert_eq!(storage.head(&format!("{url}.missing")).await.expect("head"), None);
+        assert!(matches!(storage.read(&format!("{url}.missing"), 9).await, Err(StorageError::NotFound { .. })));
+    }
+}
