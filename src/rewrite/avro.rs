@@ -14,9 +14,9 @@ use std::str::FromStr;
 
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
-use md5::Digest;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::{Codec, Reader, Schema, Writer};
+use md5::Digest;
 
 use super::RewriteError;
 
@@ -114,13 +114,22 @@ pub fn write<'a>(
     let marker: [u8; 16] = md5::Md5::digest(format!("icerelay sync marker {file}").as_bytes()).into();
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
-    let map: HashMap<String, Value> =
-        header.metadata.iter().map(|(k, v)| (k.clone(), Value::Bytes(v.clone()))).collect();
-    let map_schema = Schema::map(Schema::Bytes).build();
-    GenericDatumWriter::builder(&map_schema)
-        .build()
-        .and_then(|w| w.write_value(&mut out, Value::Map(map)))
-        .map_err(|e| RewriteError::avro(file, e))?;
+    // The header map is written in key order (not hash order), one block,
+    // with the crate's encoders for each count, key and value.
+    let mut entries: Vec<(&String, &Vec<u8>)> = header.metadata.iter().collect();
+    entries.sort();
+    let encode = |schema: &Schema, value: Value, out: &mut Vec<u8>| {
+        GenericDatumWriter::builder(schema)
+            .build()
+            .and_then(|w| w.write_value(out, value))
+            .map_err(|e| RewriteError::avro(file, e))
+    };
+    encode(&Schema::Long, Value::Long(entries.len() as i64), &mut out)?;
+    for (key, value) in entries {
+        encode(&Schema::String, Value::String(key.clone()), &mut out)?;
+        encode(&Schema::Bytes, Value::Bytes(value.clone()), &mut out)?;
+    }
+    encode(&Schema::Long, Value::Long(0), &mut out)?;
     out.extend_from_slice(&marker);
     let mut writer = Writer::append_to_with_codec(&header.schema, out, header.codec, marker)
         .map_err(|e| RewriteError::avro(file, e))?;

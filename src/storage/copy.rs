@@ -177,7 +177,10 @@ impl Copier {
         {
             return Ok(CopyOutcome::Skipped { bytes: found.size });
         }
-        let source_info = head(&source).await.map_err(fail)?.ok_or_else(|| fail(StorageError::NotFound { url: task.source.clone() }))?;
+        let source_info = head(&source)
+            .await
+            .map_err(fail)?
+            .ok_or_else(|| fail(StorageError::NotFound { url: task.source.clone() }))?;
         if let Some(found) = &existing
             && found.size == source_info.size
             && tags_agree(source_info.e_tag.as_deref(), found.e_tag.as_deref())
@@ -205,7 +208,9 @@ impl Copier {
             return Ok(CopyOutcome::Skipped { bytes: size });
         }
         let written = self.storage.write(target, bytes).await.map_err(fail)?;
-        self.checkpoints.put(source, CopiedFile { target: target.to_owned(), size: written.size, checksum: Some(md5) }).await?;
+        self.checkpoints
+            .put(source, CopiedFile { target: target.to_owned(), size: written.size, checksum: Some(md5) })
+            .await?;
         Ok(CopyOutcome::Copied { bytes: size })
     }
 
@@ -215,7 +220,12 @@ impl Copier {
     }
 
     /// Streams `source` to `target`; returns what was written and its MD5.
-    async fn stream(&self, source: &Location, target: &Location, size: u64) -> Result<(ObjectInfo, String), StorageError> {
+    async fn stream(
+        &self,
+        source: &Location,
+        target: &Location,
+        size: u64,
+    ) -> Result<(ObjectInfo, String), StorageError> {
         let get = source.store.get(&source.path).await.map_err(|e| StorageError::store("read", &source.url, e))?;
         let mut chunks = get.into_stream();
         let part_size = self.settings.part_size.max(5 * 1024 * 1024);
@@ -244,8 +254,11 @@ impl Copier {
             return Ok((info, md5));
         }
 
-        let mut upload = target.store.put_multipart(&target.path).await.map_err(|e| StorageError::store("write", &target.url, e))?;
-        let outcome: Result<(Option<String>, Vec<[u8; 16]>, u64), StorageError> = async {
+        let mut upload =
+            target.store.put_multipart(&target.path).await.map_err(|e| StorageError::store("write", &target.url, e))?;
+        // (entity tag of the completed upload, MD5 of each part, bytes read)
+        type Uploaded = (Option<String>, Vec<[u8; 16]>, u64);
+        let outcome: Result<Uploaded, StorageError> = async {
             let mut buf = BytesMut::with_capacity(part_size);
             let mut in_flight = FuturesUnordered::new();
             let mut part_digests = Vec::new();
@@ -295,7 +308,8 @@ impl Copier {
                 detail: format!("read {total} bytes of a {size}-byte object"),
             });
         }
-        let expected = ExpectedTag::Multipart { digest: hex(&Md5::digest(part_digests.concat())), parts: part_digests.len() };
+        let expected =
+            ExpectedTag::Multipart { digest: hex(&Md5::digest(part_digests.concat())), parts: part_digests.len() };
         let info = verify_written(target, size, e_tag.as_deref(), &expected).await?;
         Ok((info, hex(&whole.finalize())))
     }
@@ -321,9 +335,10 @@ pub(crate) async fn verify_written(
     put_tag: Option<&str>,
     expected: &ExpectedTag,
 ) -> Result<ObjectInfo, StorageError> {
-    let info = head(target)
-        .await?
-        .ok_or_else(|| StorageError::Verification { url: target.url.clone(), detail: "the object is missing after writing".into() })?;
+    let info = head(target).await?.ok_or_else(|| StorageError::Verification {
+        url: target.url.clone(),
+        detail: "the object is missing after writing".into(),
+    })?;
     if info.size != size {
         return Err(StorageError::Verification {
             url: target.url.clone(),
@@ -392,7 +407,10 @@ mod tests {
         let copier = Copier::new(storage.clone(), journal.clone(), settings);
         let tasks: Vec<CopyTask> = ["big.bin", "small.bin"]
             .iter()
-            .map(|n| CopyTask { source: local(dir.path(), &format!("src/{n}")), target: local(dir.path(), &format!("dst/{n}")) })
+            .map(|n| CopyTask {
+                source: local(dir.path(), &format!("src/{n}")),
+                target: local(dir.path(), &format!("dst/{n}")),
+            })
             .collect();
         let report = copier.copy_all(tasks.clone(), &|_, _| {}).await.expect("copy");
         assert_eq!((report.copied_files, report.copied_bytes), (2, big.len() as u64 + 5));
@@ -412,7 +430,11 @@ mod tests {
     #[tokio::test]
     async fn a_missing_source_is_an_error_naming_it() {
         let dir = tempfile::tempdir().expect("dir");
-        let copier = Copier::new(Arc::new(Storage::new(&[])), Arc::new(super::super::checkpoint::NoCheckpoints), CopySettings::default());
+        let copier = Copier::new(
+            Arc::new(Storage::new(&[])),
+            Arc::new(super::super::checkpoint::NoCheckpoints),
+            CopySettings::default(),
+        );
         let task = CopyTask { source: local(dir.path(), "nope"), target: local(dir.path(), "out") };
         let e = copier.copy(&task).await.expect_err("missing");
         assert!(e.to_string().contains("nope") && e.to_string().contains("does not exist"), "{e}");

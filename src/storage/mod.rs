@@ -141,7 +141,7 @@ impl Storage {
     /// filesystem, configured or not.
     pub fn new(configs: &[StorageConfig]) -> Self {
         let mut configs = configs.to_vec();
-        configs.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        configs.sort_by_key(|c| std::cmp::Reverse(c.prefix.len()));
         Self { configs, stores: Mutex::new(HashMap::new()), local: Arc::new(LocalFileSystem::new()) }
     }
 
@@ -161,9 +161,12 @@ impl Storage {
         let StorageKind::S3 { .. } = &config.kind else {
             return Err(StorageError::InvalidUrl { url: url.to_owned(), reason: "expected an s3:// URL".into() });
         };
-        let (bucket, key) = split_bucket(url)
-            .ok_or_else(|| StorageError::InvalidUrl { url: url.to_owned(), reason: "expected s3://bucket/key".into() })?;
-        let path = ObjectPath::parse(key).map_err(|e| StorageError::InvalidUrl { url: url.to_owned(), reason: e.to_string() })?;
+        let (bucket, key) = split_bucket(url).ok_or_else(|| StorageError::InvalidUrl {
+            url: url.to_owned(),
+            reason: "expected s3://bucket/key".into(),
+        })?;
+        let path = ObjectPath::parse(key)
+            .map_err(|e| StorageError::InvalidUrl { url: url.to_owned(), reason: e.to_string() })?;
         let store = self.s3_store(index, config, bucket, url)?;
         Ok(Location { store, path, url: url.to_owned() })
     }
@@ -172,12 +175,19 @@ impl Storage {
         self.configs.iter().map(|c| c.prefix.clone()).collect()
     }
 
-    fn s3_store(&self, index: usize, config: &StorageConfig, bucket: &str, url: &str) -> Result<Arc<dyn ObjectStore>, StorageError> {
+    fn s3_store(
+        &self,
+        index: usize,
+        config: &StorageConfig,
+        bucket: &str,
+        url: &str,
+    ) -> Result<Arc<dyn ObjectStore>, StorageError> {
         let mut stores = self.stores.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(store) = stores.get(&(index, bucket.to_owned())) {
             return Ok(store.clone());
         }
-        let StorageKind::S3 { endpoint, region, path_style, access_key_id, secret_access_key, session_token } = &config.kind
+        let StorageKind::S3 { endpoint, region, path_style, access_key_id, secret_access_key, session_token } =
+            &config.kind
         else {
             return Err(StorageError::InvalidUrl { url: url.to_owned(), reason: "not an S3 store".into() });
         };
@@ -191,7 +201,9 @@ impl Storage {
                 retry_timeout: Duration::from_secs(120),
             })
             .with_client_options(
-                ClientOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(300)),
+                ClientOptions::new()
+                    .with_connect_timeout(Duration::from_secs(5))
+                    .with_timeout(Duration::from_secs(300)),
             );
         if let Some(endpoint) = endpoint {
             let endpoint = endpoint.as_str().trim_end_matches('/');
@@ -203,7 +215,8 @@ impl Storage {
         if let Some(token) = session_token {
             builder = builder.with_token(token.expose());
         }
-        let store: Arc<dyn ObjectStore> = Arc::new(builder.build().map_err(|e| StorageError::store("configure", url, e))?);
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(builder.build().map_err(|e| StorageError::store("configure", url, e))?);
         stores.insert((index, bucket.to_owned()), store.clone());
         Ok(store)
     }
