@@ -15,6 +15,7 @@
 //! - [`rewrite`]: path rewriting of metadata, manifests, delete files (pure).
 //! - [`storage`]: object stores and the copy engine.
 //! - [`state`]: the durable change log, lanes and copy checkpoints.
+//! - [`table_copy`]: copying a table's files with every path rewritten.
 //! - [`serve`]: binding, running and draining the services.
 //! - [`logging`]: log output.
 
@@ -31,3 +32,4 @@ pub mod rewrite;
 pub mod serve;
 pub mod state;
 pub mod storage;
+pub mod table_copy;

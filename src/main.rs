@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod commands;
+
 use clap::{Parser, Subcommand};
 use icerelay::config::{self, Overrides, ProcessEnv};
 use icerelay::logging::{self, LogFormat};
@@ -55,6 +57,20 @@ enum Command {
         #[arg(long)]
         public_url: Option<String>,
     },
+    /// Copy a table to another location, rewriting every path, copying every file.
+    ///
+    /// Copies the data, delete and metadata files of the selected snapshots
+    /// (default: all, so time travel works on the copy), rewrites every path
+    /// (manifest lists, manifests, position-delete files, deletion vectors,
+    /// metadata.json) and writes the new metadata.json last. Rerun the same
+    /// command after an interruption: finished files are skipped.
+    ///
+    /// Example:
+    ///   icerelay copy-table --config icerelay.toml \
+    ///     --source-metadata s3://warehouse/db/events/metadata/v8.metadata.json \
+    ///     --target-location s3://backup/db/events
+    #[command(verbatim_doc_comment)]
+    CopyTable(commands::copy_table::Args),
     /// Validate a configuration file and print every problem found.
     ///
     /// Exits 0 when the file is valid, 1 otherwise.
@@ -79,6 +95,13 @@ fn main() -> ExitCode {
             };
             serve(config)
         }
+        Command::CopyTable(args) => match tokio::runtime::Runtime::new() {
+            Ok(runtime) => ExitCode::from(runtime.block_on(commands::copy_table::run(args))),
+            Err(e) => {
+                eprintln!("icerelay: cannot start the async runtime: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::CheckConfig { file } => match config::load(Some(&file), &Overrides::default(), &ProcessEnv) {
             Ok(c) => {
                 println!(

@@ -143,6 +143,11 @@ impl Copier {
         &self.storage
     }
 
+    /// Where verified copies are recorded.
+    pub fn checkpoints(&self) -> &Arc<dyn CopyCheckpoints> {
+        &self.checkpoints
+    }
+
     /// Copies every task, `parallelism` at a time; stops at the first error.
     /// `on_done` is called after each file (for progress reporting).
     pub async fn copy_all(

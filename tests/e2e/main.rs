@@ -7,5 +7,6 @@
 mod harness;
 
 mod cli;
+mod copy_table;
 mod proxy_clients;
 mod proxy_passthrough;

@@ -148,13 +148,90 @@ impl SeaweedFs {
     pub fn secret(&self) -> &str {
         self.get("SECRET_KEY")
     }
+
+    /// S3 settings for the client scripts.
+    pub fn s3_json(&self) -> Value {
+        json!({"endpoint": self.s3_endpoint(), "access_key_id": self.get("ACCESS_KEY"),
+               "secret_access_key": self.get("SECRET_KEY"), "region": "us-east-1"})
+    }
+
+    /// An icerelay `[[storage]]` section for this instance's warehouse bucket.
+    pub fn storage_toml(&self) -> String {
+        format!(
+            "[[storage]]\nprefix = \"s3://{}/\"\nendpoint = \"{}\"\npath_style = true\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+            self.warehouse(),
+            self.s3_endpoint(),
+            self.get("ACCESS_KEY"),
+            self.get("SECRET_KEY")
+        )
+    }
 }
 
 fn parse_env(text: &str) -> HashMap<String, String> {
     text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect()
 }
 
+// === rustberg ===
+
+/// A running rustberg 0.3.0 (Iceberg REST catalog with a `file://` warehouse, no auth).
+#[derive(Debug)]
+pub struct Rustberg {
+    _dir: tempfile::TempDir,
+    /// The catalog's base URI.
+    pub uri: String,
+    /// The warehouse, `file:///.../wh` (pass verbatim as `?warehouse=`).
+    pub warehouse: String,
+}
+
+impl Rustberg {
+    /// Starts a new instance.
+    pub fn start(name: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let output = Command::new(repo_root().join("scripts/teststack/rustberg.sh"))
+            .args(["start", name, &dir.path().display().to_string(), &port.to_string()])
+            .env("ICERELAY_TESTSTACK", teststack())
+            .env("WATCH_PID", std::process::id().to_string())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run rustberg.sh");
+        assert!(output.status.success(), "rustberg.sh start failed (see stderr above)");
+        let endpoints = parse_env(&String::from_utf8_lossy(&output.stdout));
+        Self { _dir: dir, uri: endpoints["CATALOG_URI"].clone(), warehouse: endpoints["WAREHOUSE"].clone() }
+    }
+
+    /// The instance shared by all tests of this binary.
+    pub fn shared() -> &'static Rustberg {
+        static SHARED: OnceLock<Rustberg> = OnceLock::new();
+        SHARED.get_or_init(|| Rustberg::start("e2e-rustberg"))
+    }
+
+    /// Connection settings for the client scripts.
+    pub fn client_conn(&self) -> Value {
+        json!({"uri": self.uri, "warehouse": self.warehouse})
+    }
+
+    /// The local directory of the warehouse.
+    pub fn warehouse_dir(&self) -> PathBuf {
+        PathBuf::from(self.warehouse.trim_start_matches("file://"))
+    }
+}
+
 // === clients ===
+
+/// Runs the `icerelay` binary to completion; returns (exit code, stdout, stderr).
+pub async fn icerelay(args: Vec<String>) -> (i32, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let output = Command::new(env!("CARGO_BIN_EXE_icerelay")).args(&args).output().expect("run icerelay");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    })
+    .await
+    .expect("icerelay task")
+}
 
 /// Runs `tests/clients/<script>` with `args` and parses its JSON output.
 pub async fn python(script: &str, args: Vec<String>) -> Value {

@@ -1,0 +1,3 @@
+//! The subcommands that do more than start the server.
+
+pub mod copy_table;
