@@ -10,6 +10,11 @@ use icerelay::config::{self, Overrides, ProcessEnv};
 use icerelay::logging::{self, LogFormat};
 use icerelay::serve::{Server, shutdown_signal};
 
+// Decoding manifests allocates millions of small values; mimalloc makes
+// rewrites about 30% faster than the system allocator (benches/rewrite.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for an invalid configuration given to `serve` (EX_USAGE).
 const EXIT_USAGE: u8 = 64;
 

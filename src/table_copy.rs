@@ -52,6 +52,9 @@ pub enum TableCopyError {
     /// A checkpoint could not be read or written.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// A rewrite task stopped without an answer (it panicked or was cancelled).
+    #[error("a rewrite task stopped unexpectedly: {0}")]
+    Task(String),
     /// The source metadata is not JSON.
     #[error("{file} is not JSON: {detail}")]
     MetadataJson {
@@ -69,7 +72,7 @@ impl TableCopyError {
             Self::Storage(e) => e.is_retryable(),
             Self::Copy(e) => e.is_retryable(),
             Self::Checkpoint(_) => true,
-            Self::Rewrite(_) | Self::MetadataJson { .. } => false,
+            Self::Rewrite(_) | Self::MetadataJson { .. } | Self::Task(_) => false,
         }
     }
 }
@@ -107,7 +110,7 @@ pub struct PlannedFile {
     pub target: String,
     /// What it is.
     pub kind: FileKind,
-    /// `copy` (byte for byte) or `rewrite`.
+    /// `copy` (byte for byte), `rewrite`, or `leave` (metadata-only copies).
     pub action: &'static str,
     /// Size at the source, as recorded in the metadata that references it.
     pub size: Option<u64>,
@@ -144,11 +147,12 @@ pub struct CopiedSnapshots {
 pub struct TableCopier {
     copier: Copier,
     manifest_parallelism: usize,
+    copy_data_files: bool,
 }
 
 /// Per-run bookkeeping shared by the manifest tasks.
 struct Run<'a> {
-    map: &'a PathMap,
+    map: Arc<PathMap>,
     progress: &'a dyn CopyProgress,
     report: Mutex<CopyReport>,
     manifest_lengths: Mutex<HashMap<String, i64>>,
@@ -170,7 +174,15 @@ impl Run<'_> {
 impl TableCopier {
     /// A table copier on top of a file copier.
     pub fn new(copier: Copier, manifest_parallelism: usize) -> Self {
-        Self { copier, manifest_parallelism: manifest_parallelism.max(1) }
+        Self { copier, manifest_parallelism: manifest_parallelism.max(1), copy_data_files: true }
+    }
+
+    /// Rewrites and writes metadata, manifests and delete files but leaves
+    /// data files and equality deletes to something else (bucket replication,
+    /// a copy that already happened). Their paths are still mapped.
+    pub fn metadata_only(mut self) -> Self {
+        self.copy_data_files = false;
+        self
     }
 
     fn storage(&self) -> &Arc<Storage> {
@@ -194,7 +206,7 @@ impl TableCopier {
         progress: &dyn CopyProgress,
     ) -> Result<CopiedSnapshots, TableCopyError> {
         let run = Run {
-            map,
+            map: Arc::new(map.clone()),
             progress,
             report: Mutex::new(CopyReport::default()),
             manifest_lengths: Mutex::new(HashMap::new()),
@@ -239,14 +251,19 @@ impl TableCopier {
                 pending.push(path.clone());
             }
         }
-        futures::stream::iter(&pending)
-            .map(|path| async move {
-                let bytes = self.storage().read(path, MANIFEST_LIMIT).await?;
-                let entries = manifest::list(&bytes, path)?;
-                for entry in &entries {
-                    map.rewrite(&entry.path, path)?;
+        futures::stream::iter(pending)
+            .map(|path| {
+                let map = run.map.clone();
+                async move {
+                    let bytes = self.storage().read(&path, MANIFEST_LIMIT).await?;
+                    on_cpu(move || {
+                        for entry in manifest::list(&bytes, &path)? {
+                            map.rewrite(&entry.path, &path)?;
+                        }
+                        Ok(())
+                    })
+                    .await
                 }
-                Ok::<_, TableCopyError>(())
             })
             .buffer_unordered(self.manifest_parallelism)
             .try_collect::<Vec<()>>()
@@ -262,13 +279,22 @@ impl TableCopier {
 
         // 2. Manifest lists.
         let mut copied = CopiedSnapshots { manifest_lists: done_lists, report: CopyReport::default() };
-        let lengths = run.manifest_lengths.lock().map(|l| l.clone()).unwrap_or_default();
-        for (reference, bytes) in lists {
-            let out = manifest_list::rewrite(&bytes, &reference.source, map, &lengths)?;
-            let outcome = self.copier.put(&reference.source, &reference.target, Bytes::from(out)).await?;
-            run.count(outcome);
-            copied.manifest_lists.insert(reference.snapshot_id.unwrap_or_default(), reference.target);
-        }
+        let lengths = Arc::new(run.manifest_lengths.lock().map(|l| l.clone()).unwrap_or_default());
+        let written: Vec<(i64, String)> = futures::stream::iter(lists)
+            .map(|(reference, bytes)| {
+                let (map, lengths) = (run.map.clone(), lengths.clone());
+                let source = reference.source.clone();
+                async move {
+                    let out = on_cpu(move || manifest_list::rewrite(&bytes, &source, &map, &lengths)).await?;
+                    let outcome = self.copier.put(&reference.source, &reference.target, Bytes::from(out)).await?;
+                    run_ref.count(outcome);
+                    Ok::<_, TableCopyError>((reference.snapshot_id.unwrap_or_default(), reference.target))
+                }
+            })
+            .buffer_unordered(self.manifest_parallelism)
+            .try_collect()
+            .await?;
+        copied.manifest_lists.extend(written);
 
         // 3. Statistics files.
         let stats: Vec<CopyTask> = rewritten
@@ -309,8 +335,17 @@ impl TableCopier {
             return Ok(());
         }
         let bytes = self.storage().read(source, MANIFEST_LIMIT).await?;
-        let entries = manifest::list(&bytes, source)?;
-        let live: Vec<&manifest::ManifestEntry> = entries.iter().filter(|e| e.is_live()).collect();
+        let (parsed, entries) = {
+            let source = source.to_owned();
+            on_cpu(move || {
+                let parsed = manifest::Manifest::read(&bytes, &source)?;
+                let entries = parsed.entries(&source)?;
+                Ok((parsed, entries))
+            })
+            .await?
+        };
+        let live: Vec<&manifest::ManifestEntry> =
+            entries.iter().filter(|e| e.is_live() && (self.copy_data_files || e.needs_rewrite())).collect();
         run.progress.discovered(live.len() as u64, live.iter().map(|e| e.size.max(0) as u64).sum());
 
         let copies: Vec<CopyTask> = live
@@ -327,16 +362,23 @@ impl TableCopier {
             }
             let target = run.map.rewrite(&entry.path, source)?;
             let original = self.storage().read(&entry.path, DELETE_FILE_LIMIT).await?;
-            let out = if entry.is_deletion_vector() {
-                puffin::rewrite(&original, &entry.path, run.map)?
-            } else {
-                position_deletes::rewrite(&original, &entry.path, run.map)?
-            };
+            let (map, path, is_dv) = (run.map.clone(), entry.path.clone(), entry.is_deletion_vector());
+            let out = on_cpu(move || {
+                if is_dv {
+                    puffin::rewrite(&original, &path, &map)
+                } else {
+                    position_deletes::rewrite(&original, &path, &map)
+                }
+            })
+            .await?;
             delete_sizes.insert(entry.path.clone(), out.len() as i64);
             run.count(self.copier.put(&entry.path, &target, Bytes::from(out)).await?);
         }
 
-        let out = manifest::rewrite(&bytes, source, run.map, &delete_sizes)?;
+        let out = {
+            let (map, source) = (run.map.clone(), source.to_owned());
+            on_cpu(move || parsed.rewrite(&source, &map, &delete_sizes)).await?
+        };
         let length = out.len() as i64;
         run.count(self.copier.put(source, &target, Bytes::from(out)).await?);
         if let Ok(mut lengths) = run.manifest_lengths.lock() {
@@ -419,7 +461,11 @@ impl TableCopier {
                     target: map.rewrite(&e.path, &path)?,
                     source: e.path.clone(),
                     kind,
-                    action: if e.needs_rewrite() { "rewrite" } else { "copy" },
+                    action: match (e.needs_rewrite(), self.copy_data_files) {
+                        (true, _) => "rewrite",
+                        (false, true) => "copy",
+                        (false, false) => "leave",
+                    },
                     size: u64::try_from(e.size).ok(),
                 });
             }
@@ -440,4 +486,13 @@ impl TableCopier {
         });
         Ok(files)
     }
+}
+
+/// Runs parsing and rewriting on the blocking pool: they are CPU-bound, and
+/// on the async workers they would rewrite one manifest at a time however
+/// many are in flight.
+async fn on_cpu<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, RewriteError> + Send + 'static,
+) -> Result<T, TableCopyError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| TableCopyError::Task(e.to_string()))?.map_err(Into::into)
 }

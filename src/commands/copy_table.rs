@@ -53,6 +53,10 @@ pub struct Args {
     /// Print the plan (files, bytes, rewritten paths) as JSON and write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Write the rewritten metadata, manifests and delete files, but leave
+    /// data files to something else (bucket replication, an earlier copy).
+    #[arg(long)]
+    pub metadata_only: bool,
     /// Register the copy in this REST catalog (base URI) under --table.
     #[arg(long, requires = "table")]
     pub register: Option<String>,
@@ -86,11 +90,14 @@ async fn execute(args: Args) -> Result<(), String> {
     let (storage_configs, destinations) = load_config(&args)?;
     let storage = Arc::new(Storage::new(&storage_configs));
     let checkpoint_dir = args.checkpoint_dir.clone().unwrap_or_else(default_checkpoint_dir);
-    let journal_path =
-        checkpoint_dir.join(format!("{}.jsonl", journal_name(&args.source_metadata, &args.target_location)));
+    let journal_path = checkpoint_dir
+        .join(format!("{}.jsonl", journal_name(&args.source_metadata, &args.target_location, args.metadata_only)));
     let journal = Arc::new(Journal::open(&journal_path).map_err(|e| e.to_string())?);
     let settings = CopySettings { parallelism: args.parallelism.max(1), ..CopySettings::default() };
-    let copier = TableCopier::new(Copier::new(storage, journal.clone(), settings), 4);
+    let mut copier = TableCopier::new(Copier::new(storage, journal.clone(), settings), 4);
+    if args.metadata_only {
+        copier = copier.metadata_only();
+    }
 
     let mut metadata = copier.read_metadata(&args.source_metadata).await.map_err(|e| e.to_string())?;
     let source_location = metadata
@@ -219,9 +226,11 @@ fn default_checkpoint_dir() -> PathBuf {
     base.join("icerelay/copy-table")
 }
 
-/// A stable file name for the journal of one (source, target) pair.
-fn journal_name(source: &str, target: &str) -> String {
-    icerelay::storage::copy::md5_hex(format!("{source}\n{target}").as_bytes())
+/// One journal per source, target and mode: a manifest a metadata-only copy
+/// wrote does not mean its data files are there, so a full copy keeps its own.
+fn journal_name(source: &str, target: &str, metadata_only: bool) -> String {
+    let mode = if metadata_only { "\nmetadata-only" } else { "" };
+    icerelay::storage::copy::md5_hex(format!("{source}\n{target}{mode}").as_bytes())
 }
 
 fn human_bytes(n: u64) -> String {

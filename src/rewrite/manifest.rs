@@ -91,69 +91,103 @@ fn invalid(file: &str, detail: String) -> RewriteError {
     RewriteError::InvalidManifest { file: file.to_owned(), kind: KIND, detail }
 }
 
-/// Lists a manifest's entries.
-pub fn list(bytes: &[u8], file: &str) -> Result<Vec<ManifestEntry>, RewriteError> {
-    let (_, records) = avro::read(bytes, file)?;
-    records
-        .iter()
-        .map(|r| {
-            let data_file =
-                field(r, DATA_FILE).ok_or_else(|| invalid(file, format!("an entry has no `{DATA_FILE}`")))?;
-            let content = match long(data_file, CONTENT).unwrap_or(0) {
-                0 => FileContent::Data,
-                1 => FileContent::PositionDeletes,
-                2 => FileContent::EqualityDeletes,
-                other => return Err(invalid(file, format!("unknown data_file content {other}"))),
-            };
-            Ok(ManifestEntry {
-                status: long(r, STATUS).ok_or_else(|| invalid(file, format!("an entry has no `{STATUS}`")))?,
-                path: string(data_file, FILE_PATH)
-                    .ok_or_else(|| invalid(file, format!("an entry has no `{FILE_PATH}`")))?
-                    .to_owned(),
-                content,
-                format: string(data_file, FILE_FORMAT).unwrap_or("PARQUET").to_owned(),
-                size: long(data_file, FILE_SIZE_IN_BYTES).unwrap_or(0),
-            })
-        })
-        .collect()
+/// A decoded manifest: its header and entry records, so that it can be both
+/// listed and rewritten from one decode (decoding dominates the cost).
+pub struct Manifest {
+    header: avro::Header,
+    records: Vec<Value>,
 }
 
-/// Rewrites a manifest. `new_sizes` gives, by source path, the size of each
-/// delete file whose contents were rewritten; a live position-delete entry
-/// missing from it is an error (its recorded size would be wrong).
+impl Manifest {
+    /// Decodes a manifest.
+    pub fn read(bytes: &[u8], file: &str) -> Result<Self, RewriteError> {
+        let (header, records) = avro::read(bytes, file)?;
+        Ok(Self { header, records })
+    }
+
+    /// Its entries.
+    pub fn entries(&self, file: &str) -> Result<Vec<ManifestEntry>, RewriteError> {
+        self.records.iter().map(|r| entry(r, file)).collect()
+    }
+
+    /// Rewrites it. `new_sizes` gives, by source path, the size of each
+    /// delete file whose contents were rewritten; a live position-delete
+    /// entry missing from it is an error (its recorded size would be wrong).
+    pub fn rewrite(
+        mut self,
+        file: &str,
+        map: &PathMap,
+        new_sizes: &HashMap<String, i64>,
+    ) -> Result<Vec<u8>, RewriteError> {
+        for record in &mut self.records {
+            rewrite_entry(record, file, map, new_sizes)?;
+        }
+        avro::write(&self.header, &self.records, file)
+    }
+}
+
+/// Lists a manifest's entries.
+pub fn list(bytes: &[u8], file: &str) -> Result<Vec<ManifestEntry>, RewriteError> {
+    Manifest::read(bytes, file)?.entries(file)
+}
+
+/// Rewrites a manifest (see [`Manifest::rewrite`]).
 pub fn rewrite(
     bytes: &[u8],
     file: &str,
     map: &PathMap,
     new_sizes: &HashMap<String, i64>,
 ) -> Result<Vec<u8>, RewriteError> {
-    let (header, mut records) = avro::read(bytes, file)?;
-    for record in &mut records {
-        let status = long(record, STATUS).unwrap_or(0);
-        let data_file =
-            field_mut(record, DATA_FILE).ok_or_else(|| invalid(file, format!("an entry has no `{DATA_FILE}`")))?;
-        let source = string(data_file, FILE_PATH)
+    Manifest::read(bytes, file)?.rewrite(file, map, new_sizes)
+}
+
+fn entry(record: &Value, file: &str) -> Result<ManifestEntry, RewriteError> {
+    let data_file = field(record, DATA_FILE).ok_or_else(|| invalid(file, format!("an entry has no `{DATA_FILE}`")))?;
+    let content = match long(data_file, CONTENT).unwrap_or(0) {
+        0 => FileContent::Data,
+        1 => FileContent::PositionDeletes,
+        2 => FileContent::EqualityDeletes,
+        other => return Err(invalid(file, format!("unknown data_file content {other}"))),
+    };
+    Ok(ManifestEntry {
+        status: long(record, STATUS).ok_or_else(|| invalid(file, format!("an entry has no `{STATUS}`")))?,
+        path: string(data_file, FILE_PATH)
             .ok_or_else(|| invalid(file, format!("an entry has no `{FILE_PATH}`")))?
-            .to_owned();
-        set_string(data_file, FILE_PATH, map.rewrite(&source, file)?);
-        // DuckDB writes an empty string rather than null when there is none.
-        if let Some(referenced) = string(data_file, REFERENCED_DATA_FILE).filter(|r| !r.is_empty()).map(str::to_owned) {
-            set_string(data_file, REFERENCED_DATA_FILE, map.rewrite(&referenced, file)?);
-        }
-        let is_position_deletes = long(data_file, CONTENT) == Some(1);
-        if is_position_deletes {
-            rewrite_path_bounds(data_file, map);
-            if status != 2 {
-                let size = *new_sizes
-                    .get(&source)
-                    .ok_or_else(|| invalid(file, format!("no rewritten size is known for delete file {source}")))?;
-                if !set_long(data_file, FILE_SIZE_IN_BYTES, size) {
-                    return Err(invalid(file, format!("`{FILE_SIZE_IN_BYTES}` of {source} is not a number")));
-                }
+            .to_owned(),
+        content,
+        format: string(data_file, FILE_FORMAT).unwrap_or("PARQUET").to_owned(),
+        size: long(data_file, FILE_SIZE_IN_BYTES).unwrap_or(0),
+    })
+}
+
+fn rewrite_entry(
+    record: &mut Value,
+    file: &str,
+    map: &PathMap,
+    new_sizes: &HashMap<String, i64>,
+) -> Result<(), RewriteError> {
+    let status = long(record, STATUS).unwrap_or(0);
+    let data_file =
+        field_mut(record, DATA_FILE).ok_or_else(|| invalid(file, format!("an entry has no `{DATA_FILE}`")))?;
+    let source =
+        string(data_file, FILE_PATH).ok_or_else(|| invalid(file, format!("an entry has no `{FILE_PATH}`")))?.to_owned();
+    set_string(data_file, FILE_PATH, map.rewrite(&source, file)?);
+    // DuckDB writes an empty string rather than null when there is none.
+    if let Some(referenced) = string(data_file, REFERENCED_DATA_FILE).filter(|r| !r.is_empty()).map(str::to_owned) {
+        set_string(data_file, REFERENCED_DATA_FILE, map.rewrite(&referenced, file)?);
+    }
+    if long(data_file, CONTENT) == Some(1) {
+        rewrite_path_bounds(data_file, map);
+        if status != 2 {
+            let size = *new_sizes
+                .get(&source)
+                .ok_or_else(|| invalid(file, format!("no rewritten size is known for delete file {source}")))?;
+            if !set_long(data_file, FILE_SIZE_IN_BYTES, size) {
+                return Err(invalid(file, format!("`{FILE_SIZE_IN_BYTES}` of {source} is not a number")));
             }
         }
     }
-    avro::write(&header, &records, file)
+    Ok(())
 }
 
 /// Rewrites the `file_path` column bounds of a position-delete file. A bound

@@ -198,6 +198,39 @@ async fn dry_run_prints_the_plan_and_writes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn metadata_only_leaves_data_files_and_a_full_copy_completes_it() {
+    let seaweed = SeaweedFs::shared();
+    let ns = unique("metaonly");
+    let source = fixture("duckdb-mor", &seaweed.client_conn(seaweed.catalog_uri()), &ns, "t").await;
+    let out = tempfile::tempdir().expect("dir");
+    let target = format!("file://{}/t", out.path().display());
+    let config = config_file(&seaweed.storage_toml());
+    let mut args = copy_args(&config, &source, &target, out.path());
+    args.push("--metadata-only".into());
+    let (code, stdout, stderr) = icerelay(args).await;
+    assert_eq!(code, 0, "{stderr}");
+    let copied = stdout.lines().find_map(|l| l.strip_prefix("metadata: ")).expect("metadata").to_owned();
+    let data: Vec<String> = std::fs::read_dir(out.path().join("t/data"))
+        .expect("the rewritten delete files are there")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!data.is_empty() && data.iter().all(|n| n.contains("deletes")), "only delete files: {data:?}");
+    assert!(std::path::Path::new(copied.trim_start_matches("file://")).exists());
+
+    // The same copy without --metadata-only brings the data files too.
+    let (code, stdout, stderr) = icerelay(copy_args(&config, &source, &target, out.path())).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("metadata: "), "{stdout}");
+    let original = read(json!({"metadata": source, "s3": seaweed.s3_json()})).await;
+    let copy = read(json!({"metadata": copied})).await;
+    for reader in ["pyiceberg", "duckdb"] {
+        assert_eq!(rows(&copy, reader), rows(&original, reader), "{reader}");
+    }
+    check(&copied, &format!("s3://{}/{ns}/t", seaweed.warehouse()), None).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn corrupt_manifests_stop_the_copy_before_anything_is_written() {
     let seaweed = SeaweedFs::shared();
     let ns = unique("corrupt");
