@@ -12,6 +12,7 @@
 //! - [`catalog`]: identifiers and the REST client for icerelay's own calls.
 //! - [`admin`]: the admin listener (health, readiness, metrics).
 //! - [`metrics`]: the Prometheus registry.
+//! - [`replicate`]: the replication engine: rules, destinations, planner, lanes.
 //! - [`rewrite`]: path rewriting of metadata, manifests, delete files (pure).
 //! - [`storage`]: object stores and the copy engine.
 //! - [`state`]: the durable change log, lanes and copy checkpoints.
@@ -28,6 +29,7 @@ pub mod config;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod replicate;
 pub mod rewrite;
 pub mod serve;
 pub mod state;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -70,12 +71,56 @@ impl Default for ProxyMetrics {
     }
 }
 
+/// Labels of a replication series: the destination (tables are too many to label).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationLabels {
+    /// The destination's name.
+    pub destination: String,
+}
+
+/// Labels of a lane-count series.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    /// `pending`, `completed`, `failed` or `paused`.
+    pub status: &'static str,
+}
+
+/// What replication records.
+#[derive(Debug, Default)]
+pub struct ReplicationMetrics {
+    /// Replica commits confirmed.
+    pub commits: Family<DestinationLabels, Counter>,
+    /// Lane runs that failed.
+    pub failures: Family<DestinationLabels, Counter>,
+    /// Files written to the destination's storage.
+    pub files_copied: Family<DestinationLabels, Counter>,
+    /// Bytes written to the destination's storage.
+    pub bytes_copied: Family<DestinationLabels, Counter>,
+    /// Seconds since the oldest change a replica does not have yet (max over the destination's lanes).
+    pub lag_seconds: Family<DestinationLabels, Gauge>,
+    /// Source snapshots the destination's replicas do not have yet (sum).
+    pub snapshots_behind: Family<DestinationLabels, Gauge>,
+    /// Lanes waiting for work to be done.
+    pub queue_depth: Gauge,
+    /// Lanes by status.
+    pub lanes: Family<StatusLabels, Gauge>,
+}
+
+impl ReplicationMetrics {
+    /// The labels of `destination`.
+    pub fn labels(destination: &str) -> DestinationLabels {
+        DestinationLabels { destination: destination.to_owned() }
+    }
+}
+
 /// The registry and every family in it.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     /// The proxy's families.
     pub proxy: Arc<ProxyMetrics>,
+    /// Replication's families.
+    pub replication: Arc<ReplicationMetrics>,
 }
 
 impl Default for Metrics {
@@ -106,7 +151,36 @@ impl Metrics {
             proxy.hints_recorded.clone(),
         );
         registry.register("commit_hints_failed", "Change hints that could not be recorded", proxy.hints_failed.clone());
-        Self { registry, proxy: Arc::new(proxy) }
+        let replication = ReplicationMetrics::default();
+        registry.register("replication_commits", "Replica commits confirmed", replication.commits.clone());
+        registry.register("replication_failures", "Lane runs that failed", replication.failures.clone());
+        registry.register(
+            "replication_files_copied",
+            "Files written to destination storage",
+            replication.files_copied.clone(),
+        );
+        registry.register(
+            "replication_bytes_copied",
+            "Bytes written to destination storage",
+            replication.bytes_copied.clone(),
+        );
+        registry.register(
+            "replication_lag_seconds",
+            "Seconds since the oldest change a replica does not have yet (max over the destination's tables)",
+            replication.lag_seconds.clone(),
+        );
+        registry.register(
+            "replication_snapshots_behind",
+            "Source snapshots the destination's replicas do not have yet",
+            replication.snapshots_behind.clone(),
+        );
+        registry.register(
+            "replication_queue_depth",
+            "Lanes (table, destination) with work waiting",
+            replication.queue_depth.clone(),
+        );
+        registry.register("replication_lanes", "Lanes by status", replication.lanes.clone());
+        Self { registry, proxy: Arc::new(proxy), replication: Arc::new(replication) }
     }
 
     /// The registry in the OpenMetrics text format.

@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::replication::ReplicationAdmin;
 use crate::admin::{self, AdminState};
 use crate::catalog::{CatalogError, ClientSettings, RestCatalog};
 use crate::config::Config;
@@ -25,6 +26,9 @@ use crate::proxy::commit_tap::{HintSink, LogHints};
 use crate::proxy::upstream::{Upstream, UpstreamError, UpstreamSettings};
 use crate::proxy::workers::ProxyWorkers;
 use crate::proxy::{self, ProxySettings};
+use crate::replicate::Replicator;
+use crate::state::StateError;
+use crate::state::embedded::EmbeddedStore;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +50,9 @@ pub enum ServeError {
     /// The primary's catalog client could not be built.
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    /// The replication state store could not be opened.
+    #[error("cannot open the replication state (state_dir): {0}")]
+    State(#[from] StateError),
     /// A service stopped with an I/O error.
     #[error("the {service} service failed: {source}")]
     Service {
@@ -64,6 +71,8 @@ pub struct Server {
     proxy_workers: ProxyWorkers,
     admin_listener: TcpListener,
     hints: Arc<dyn HintSink>,
+    replicator: Option<Replicator>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for dyn HintSink {
@@ -82,7 +91,24 @@ impl Server {
             what: "admin",
             source,
         })?;
-        Ok(Self { config, proxy_workers, admin_listener, hints: Arc::new(LogHints) })
+        let metrics = Arc::new(Metrics::new());
+        let mut server =
+            Self { config, proxy_workers, admin_listener, hints: Arc::new(LogHints), replicator: None, metrics };
+        if server.config.replicates() {
+            let store = Arc::new(EmbeddedStore::open(&server.config.state_dir)?);
+            let primary = &server.config.primary;
+            let catalog = Arc::new(RestCatalog::new(
+                "primary",
+                primary.uri.clone(),
+                primary.warehouse.clone(),
+                &primary.auth,
+                ClientSettings { connect_timeout: primary.connect_timeout, request_timeout: primary.request_timeout },
+            )?);
+            let replicator = Replicator::new(&server.config, store, catalog, server.metrics.replication.clone())?;
+            server.hints = Arc::new(replicator.change_log());
+            server.replicator = Some(replicator);
+        }
+        Ok(server)
     }
 
     /// Sends commit hints to `hints` instead of only logging them.
@@ -103,8 +129,7 @@ impl Server {
 
     /// Serves until `shutdown` completes or a service exits, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
-        let Self { config, proxy_workers, admin_listener, hints } = self;
-        let metrics = Arc::new(Metrics::new());
+        let Self { config, proxy_workers, admin_listener, hints, replicator, metrics } = self;
         let primary = &config.primary;
         let upstream_settings = UpstreamSettings {
             uri: primary.uri.clone(),
@@ -130,7 +155,9 @@ impl Server {
             let upstream = Upstream::new(&upstream_settings).map_err(std::io::Error::other)?;
             Ok(proxy::stack(&proxy_settings, upstream, hints.clone(), proxy_metrics.clone()))
         };
-        let admin_router = admin::router(AdminState { metrics: metrics.clone(), primary: primary_catalog });
+        let replication = replicator.as_ref().map(|r| ReplicationAdmin { context: r.context(), wake: r.waker() });
+        let admin_router =
+            admin::router(AdminState { metrics: metrics.clone(), primary: primary_catalog, replication });
 
         let token = CancellationToken::new();
         let mut services: JoinSet<(&'static str, std::io::Result<()>)> = JoinSet::new();
@@ -140,6 +167,14 @@ impl Server {
 
         let stop = token.clone();
         services.spawn(async move { ("proxy", proxy_workers.serve(make_proxy, stop).await) });
+        if let Some(replicator) = replicator {
+            let stop = token.clone();
+            tracing::info!(state_dir = %config.state_dir.display(), destinations = config.destinations.len(), rules = config.rules.len(), "replication is on");
+            services.spawn(async move {
+                replicator.run(stop).await;
+                ("replication", Ok(()))
+            });
+        }
         let stop = token.clone();
         services.spawn(async move {
             let result = axum::serve(admin_listener, admin_router)

@@ -396,7 +396,7 @@ impl TableCopier {
         metadata_url: &str,
         map: &PathMap,
         target_url: &str,
-        keep_log_entry: &dyn Fn(&str) -> bool,
+        keep_log_entry: &(dyn Fn(&str) -> bool + Sync),
     ) -> Result<Value, TableCopyError> {
         let rewritten = metadata::rewrite_metadata(metadata, map, metadata_url, keep_log_entry)?;
         let bytes = serde_json::to_vec(&rewritten.value)

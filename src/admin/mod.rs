@@ -1,10 +1,11 @@
-//! The admin listener: health, readiness and metrics, on its own address.
+//! The admin listener: health, readiness, metrics and replication status, on its own address.
 //!
 //! Kept apart from the proxy listener so that engines, which only know the
 //! catalog URL, never reach it, and so that operators can bind it to an
 //! internal interface.
 
 mod health;
+pub mod replication;
 
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 
 use crate::catalog::RestCatalog;
 use crate::metrics::Metrics;
@@ -24,6 +25,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// The primary, probed by `/readyz`.
     pub primary: Arc<RestCatalog>,
+    /// Replication, when configured.
+    pub replication: Option<replication::ReplicationAdmin>,
 }
 
 /// The admin API.
@@ -32,6 +35,12 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/replication/status", get(replication::status))
+        .route("/v1/replication/namespaces/{namespace}/tables/{table}", get(replication::table))
+        .route(
+            "/v1/replication/namespaces/{namespace}/tables/{table}/destinations/{destination}/{action}",
+            post(replication::act),
+        )
         .with_state(state)
 }
 

@@ -259,6 +259,18 @@ impl RestCatalog {
         Ok(())
     }
 
+    /// `DELETE .../namespaces/{ns}`; a missing namespace is fine.
+    pub async fn drop_namespace(&self, namespace: &Namespace) -> Result<(), CatalogError> {
+        let op = format!("dropNamespace {namespace}");
+        let url = self.url(&["namespaces", &namespace.to_path_segment()]).await?;
+        let (status, body) = self.send(&op, Method::DELETE, &url, None).await?;
+        if status.is_success() || status == StatusCode::NOT_FOUND {
+            Ok(())
+        } else {
+            Err(self.status_error(&op, status, &body))
+        }
+    }
+
     /// `POST .../namespaces/{ns}/tables` with a raw `CreateTableRequest`.
     pub async fn create_table(&self, namespace: &Namespace, request: &Value) -> Result<LoadedTable, CatalogError> {
         let name = request.get("name").and_then(Value::as_str).unwrap_or("?");

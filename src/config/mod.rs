@@ -16,13 +16,14 @@ mod env;
 pub mod raw;
 mod secret;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use env::{Env, MapEnv, ProcessEnv};
-use raw::{RawAuth, RawConfig, RawDestination, RawPrimary, RawRule, RawStorage};
+use raw::{RawAuth, RawConfig, RawDestination, RawPrimary, RawReplication, RawRule, RawStorage};
 use reqwest::Url;
 pub use secret::Secret;
 
@@ -60,6 +61,44 @@ pub struct Config {
     pub destinations: Vec<DestinationConfig>,
     /// Replication rules.
     pub rules: Vec<RuleConfig>,
+    /// Directory of replication's durable state.
+    pub state_dir: PathBuf,
+    /// Pacing and limits of replication.
+    pub replication: ReplicationConfig,
+}
+
+impl Config {
+    /// Whether any table replicates anywhere.
+    pub fn replicates(&self) -> bool {
+        !self.rules.is_empty()
+    }
+}
+
+/// `[replication]`, with defaults resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationConfig {
+    /// Interval of the reconcile pass.
+    pub reconcile_interval: Duration,
+    /// Lanes running at once.
+    pub max_concurrent_lanes: usize,
+    /// Files copied at once within a lane.
+    pub copy_parallelism: usize,
+    /// First retry delay.
+    pub retry_initial_backoff: Duration,
+    /// Longest retry delay.
+    pub retry_max_backoff: Duration,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            reconcile_interval: Duration::from_secs(60),
+            max_concurrent_lanes: 4,
+            copy_parallelism: 8,
+            retry_initial_backoff: Duration::from_secs(1),
+            retry_max_backoff: Duration::from_secs(300),
+        }
+    }
 }
 
 /// The primary catalog and how to reach it.
@@ -159,6 +198,35 @@ pub struct DestinationConfig {
     pub warehouse: Option<String>,
     /// icerelay's credentials for it.
     pub auth: AuthConfig,
+    /// How replica tables are first made.
+    pub mode: BootstrapMode,
+    /// Base location of replica tables, if configured.
+    pub location: Option<String>,
+    /// Properties set on every replica table.
+    pub properties: BTreeMap<String, String>,
+    /// Time allowed for one request.
+    pub request_timeout: Duration,
+}
+
+/// How a destination's replica tables are first made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootstrapMode {
+    /// Probe the catalog: register where registerTable keeps history, else create.
+    Auto,
+    /// Write the replica's metadata.json with the full history and register it.
+    Register,
+    /// Create an empty table and replay every snapshot onto it.
+    Create,
+}
+
+/// What a source drop does to the replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnDrop {
+    /// Replicas stay (protection against accidents).
+    #[default]
+    Keep,
+    /// Replicas are dropped too.
+    Propagate,
 }
 
 /// Which namespaces a rule covers.
@@ -179,6 +247,10 @@ pub struct RuleConfig {
     pub table: Option<String>,
     /// Destination names.
     pub destinations: Vec<String>,
+    /// Namespace of the replicas, if not the source's.
+    pub target_namespace: Option<Namespace>,
+    /// What a source drop does to the replicas.
+    pub on_drop: OnDrop,
 }
 
 /// Values given on the command line, applied over the file.
@@ -433,6 +505,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     v.unique("destinations", "name", destinations.iter().map(|d| d.name.as_str()));
     let names: Vec<&str> = destinations.iter().map(|d| d.name.as_str()).collect();
     let rules = raw.rules.into_iter().enumerate().filter_map(|(i, r)| v.rule(i, r, &names)).collect();
+    let state_dir = PathBuf::from(raw.state_dir.unwrap_or_else(|| "icerelay-state".to_owned()));
+    let replication = v.replication(raw.replication.unwrap_or_default());
 
     match (v.errors.is_empty(), listen, admin_listen, primary) {
         (true, Some(listen), Some(admin_listen), Some(primary)) => Ok(Config {
@@ -446,6 +520,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             storage,
             destinations,
             rules,
+            state_dir,
+            replication,
         }),
         _ => Err(ConfigErrors(v.errors)),
     }
@@ -667,7 +743,79 @@ impl Validator {
             }
         };
         let auth = self.auth(&format!("{key}.auth"), raw.auth);
-        Some(DestinationConfig { name: name?, uri: uri?, warehouse: raw.warehouse, auth: auth? })
+        let mode = match raw.mode.as_deref() {
+            None | Some("auto") => BootstrapMode::Auto,
+            Some("register") => BootstrapMode::Register,
+            Some("create") => BootstrapMode::Create,
+            Some(other) => {
+                self.error(
+                    format!("{key}.mode"),
+                    format!("{other:?} is not a mode; expected auto, register or create"),
+                );
+                BootstrapMode::Auto
+            }
+        };
+        let location = raw.location.map(|l| l.trim_end_matches('/').to_owned());
+        if let Some(l) = &location
+            && !l.contains("://")
+        {
+            self.error(
+                format!("{key}.location"),
+                format!("{l:?} is not a URL; expected e.g. s3://replica or file:///data/wh"),
+            );
+        }
+        let request_timeout =
+            self.positive(&format!("{key}.request_timeout"), raw.request_timeout, Duration::from_secs(60));
+        Some(DestinationConfig {
+            name: name?,
+            uri: uri?,
+            warehouse: raw.warehouse,
+            auth: auth?,
+            mode,
+            location,
+            properties: raw.properties,
+            request_timeout,
+        })
+    }
+
+    fn replication(&mut self, raw: RawReplication) -> ReplicationConfig {
+        let defaults = ReplicationConfig::default();
+        let at_least_one = |v: &mut Self, key: &str, n: Option<usize>, default: usize| {
+            let n = n.unwrap_or(default);
+            if n == 0 {
+                v.error(key, "must be at least 1");
+            }
+            n
+        };
+        let max_concurrent_lanes = at_least_one(
+            self,
+            "replication.max_concurrent_lanes",
+            raw.max_concurrent_lanes,
+            defaults.max_concurrent_lanes,
+        );
+        let copy_parallelism =
+            at_least_one(self, "replication.copy_parallelism", raw.copy_parallelism, defaults.copy_parallelism);
+        let retry_initial_backoff = self.positive(
+            "replication.retry_initial_backoff",
+            raw.retry_initial_backoff,
+            defaults.retry_initial_backoff,
+        );
+        let retry_max_backoff =
+            self.positive("replication.retry_max_backoff", raw.retry_max_backoff, defaults.retry_max_backoff);
+        if retry_max_backoff < retry_initial_backoff {
+            self.error("replication.retry_max_backoff", "must not be shorter than retry_initial_backoff");
+        }
+        ReplicationConfig {
+            reconcile_interval: self.positive(
+                "replication.reconcile_interval",
+                raw.reconcile_interval,
+                defaults.reconcile_interval,
+            ),
+            max_concurrent_lanes,
+            copy_parallelism,
+            retry_initial_backoff,
+            retry_max_backoff,
+        }
     }
 
     fn rule(&mut self, i: usize, raw: RawRule, destinations: &[&str]) -> Option<RuleConfig> {
@@ -703,7 +851,29 @@ impl Validator {
                 );
             }
         }
-        Some(RuleConfig { namespace: namespace?, table: raw.table, destinations: raw.destinations })
+        let target_namespace = match raw.target_namespace.as_deref() {
+            None => None,
+            Some(ns) if ns.is_empty() || ns.split('.').any(str::is_empty) => {
+                self.error(format!("{key}.target_namespace"), format!("{ns:?} has an empty level"));
+                None
+            }
+            Some(ns) => Some(Namespace::from_dotted(ns)),
+        };
+        let on_drop = match raw.on_drop.as_deref() {
+            None | Some("keep") => OnDrop::Keep,
+            Some("propagate") => OnDrop::Propagate,
+            Some(other) => {
+                self.error(format!("{key}.on_drop"), format!("{other:?} is not valid; expected keep or propagate"));
+                OnDrop::Keep
+            }
+        };
+        Some(RuleConfig {
+            namespace: namespace?,
+            table: raw.table,
+            destinations: raw.destinations,
+            target_namespace,
+            on_drop,
+        })
     }
 }
 

@@ -44,6 +44,32 @@ pub struct RawConfig {
     /// Which tables replicate to which destinations.
     #[serde(default)]
     pub rules: Vec<RawRule>,
+    /// Directory of replication's durable state (the SQLite database).
+    /// Default `icerelay-state` in the working directory. Used only when
+    /// rules are configured.
+    pub state_dir: Option<String>,
+    /// How replication runs.
+    pub replication: Option<RawReplication>,
+}
+
+/// `[replication]`: pacing and limits of the replication engine.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReplication {
+    /// How often every replicated table is compared with its replicas, and
+    /// the primary is listed for tables new rules cover. Default `60s`.
+    #[serde(default, with = "humantime_serde")]
+    pub reconcile_interval: Option<Duration>,
+    /// Lanes (table, destination) replicating at the same time. Default `4`.
+    pub max_concurrent_lanes: Option<usize>,
+    /// Files copied at the same time within one lane. Default `8`.
+    pub copy_parallelism: Option<usize>,
+    /// First wait before retrying a failed lane; doubles per attempt. Default `1s`.
+    #[serde(default, with = "humantime_serde")]
+    pub retry_initial_backoff: Option<Duration>,
+    /// Longest wait between retries. Default `5m`.
+    #[serde(default, with = "humantime_serde")]
+    pub retry_max_backoff: Option<Duration>,
 }
 
 /// `[primary]`: the upstream catalog.
@@ -143,6 +169,21 @@ pub struct RawDestination {
     pub warehouse: Option<String>,
     /// icerelay's credentials for the replica catalog.
     pub auth: Option<RawAuth>,
+    /// How a replica table is first made: `auto` (probe the catalog:
+    /// register with history where registerTable keeps it, else create),
+    /// `register` or `create`. Default `auto`.
+    pub mode: Option<String>,
+    /// Base location of replica tables, e.g. `s3://replica`: a table
+    /// `ns.t` is placed at `<location>/ns/t`. Default: where the replica
+    /// catalog would put a new table (asked with a staged create).
+    pub location: Option<String>,
+    /// Properties set on every replica table of this destination (and kept
+    /// as the replica's own, never overwritten by the source).
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
+    /// Time allowed for the replica catalog to answer one request. Default `60s`.
+    #[serde(default, with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
 }
 
 /// `[[rules]]`: tables that replicate, and where to.
@@ -156,4 +197,10 @@ pub struct RawRule {
     /// Names of the destinations the matching tables replicate to.
     #[serde(default)]
     pub destinations: Vec<String>,
+    /// Namespace of the replicas (dotted). Default: the source's namespace.
+    /// Fan-in: several sources replicate into one catalog under their own namespaces.
+    pub target_namespace: Option<String>,
+    /// What dropping the source table does to its replicas: `keep` (default)
+    /// or `propagate` (drop them too).
+    pub on_drop: Option<String>,
 }

@@ -61,7 +61,7 @@ pub fn rewrite_metadata(
     metadata: &Value,
     map: &PathMap,
     found_in: &str,
-    keep_log_entry: &dyn Fn(&str) -> bool,
+    keep_log_entry: &(dyn Fn(&str) -> bool + Sync),
 ) -> Result<Rewritten<Value>, RewriteError> {
     let invalid = |detail: &str| RewriteError::InvalidMetadata { file: found_in.to_owned(), detail: detail.to_owned() };
     let mut value = metadata.clone();

@@ -27,7 +27,7 @@ use crate::proxy::commit_tap::{CommitHint, HintKind};
 /// The database file inside the state directory.
 pub const DATABASE_FILE: &str = "icerelay.db";
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE hints (
@@ -82,6 +82,20 @@ CREATE TABLE copied_files (
     checksum TEXT,
     copied_at INTEGER NOT NULL,
     PRIMARY KEY (destination, source)
+);
+";
+
+/// From version 1: pending replica renames, the properties a lane manages,
+/// and the probed capabilities of each destination.
+const MIGRATE_TO_2: &str = "
+ALTER TABLE lanes ADD COLUMN renamed_from_namespace TEXT;
+ALTER TABLE lanes ADD COLUMN renamed_from_name TEXT;
+ALTER TABLE lanes ADD COLUMN managed_properties TEXT;
+CREATE TABLE destinations (
+    name TEXT PRIMARY KEY,
+    uri TEXT NOT NULL,
+    capabilities TEXT NOT NULL,
+    probed_at INTEGER NOT NULL
 );
 ";
 
@@ -142,7 +156,12 @@ fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
     let version: i64 = connection.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version < SCHEMA_VERSION {
         let tx = connection.transaction()?;
-        tx.execute_batch(SCHEMA)?;
+        if version < 1 {
+            tx.execute_batch(SCHEMA)?;
+        }
+        if version < 2 {
+            tx.execute_batch(MIGRATE_TO_2)?;
+        }
         tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
         tx.commit()?;
     }
@@ -193,7 +212,23 @@ fn read_lane(row: &Row<'_>) -> rusqlite::Result<LaneRecord> {
     let replica_table =
         TableIdent::new(ns_parse(&row.get::<_, String>("replica_namespace")?)?, row.get::<_, String>("replica_name")?);
     let error_message: Option<String> = row.get("error_message")?;
+    let renamed_from = match (
+        row.get::<_, Option<String>>("renamed_from_namespace")?,
+        row.get::<_, Option<String>>("renamed_from_name")?,
+    ) {
+        (Some(ns), Some(name)) => Some(TableIdent::new(ns_parse(&ns)?, name)),
+        _ => None,
+    };
+    let managed_properties = match row.get::<_, Option<String>>("managed_properties")? {
+        Some(text) => Some(
+            serde_json::from_str::<BTreeSet<String>>(&text)
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))?,
+        ),
+        None => None,
+    };
     Ok(LaneRecord {
+        replica_renamed_from: renamed_from,
+        managed_properties,
         key: LaneKey::new(table, row.get::<_, String>("destination")?),
         replica_table,
         wanted: row.get("wanted")?,
@@ -268,6 +303,22 @@ fn apply_change(tx: &Transaction<'_>, change: &LaneChange) -> rusqlite::Result<(
                         ],
                     )?;
                 }
+                // The replica is still under its old name until the lane renames
+                // it; remember that name (the first one, if renames pile up).
+                tx.execute(
+                    &format!(
+                        "UPDATE lanes SET renamed_from_namespace = COALESCE(renamed_from_namespace, replica_namespace),
+                         renamed_from_name = COALESCE(renamed_from_name, replica_name)
+                         WHERE {LANE_WHERE} AND (replica_namespace != ?4 OR replica_name != ?5)"
+                    ),
+                    params![
+                        ns_text(&to_key.table.namespace),
+                        to_key.table.name,
+                        to_key.destination,
+                        ns_text(&replica_to.namespace),
+                        replica_to.name
+                    ],
+                )?;
                 tx.execute(
                     &format!(
                         "UPDATE lanes SET replica_namespace = ?4, replica_name = ?5, wanted = wanted + 1,
@@ -402,7 +453,8 @@ impl StateStore for EmbeddedStore {
             tx.execute(
                 &format!(
                     "UPDATE lanes SET source_metadata_location = ?4, replica_metadata_location = ?5,
-                     snapshots_behind = ?6, mode = COALESCE(?7, mode) WHERE {LANE_WHERE}"
+                     snapshots_behind = ?6, mode = COALESCE(?7, mode),
+                     managed_properties = COALESCE(?8, managed_properties) WHERE {LANE_WHERE}"
                 ),
                 params![
                     ns,
@@ -411,7 +463,8 @@ impl StateStore for EmbeddedStore {
                     p.source_metadata_location,
                     p.replica_metadata_location,
                     p.snapshots_behind,
-                    p.mode
+                    p.mode,
+                    p.managed_properties.as_ref().map(|m| serde_json::to_string(m).unwrap_or_else(|_| "[]".into()))
                 ],
             )?;
             for id in &p.added_snapshots {
@@ -481,6 +534,66 @@ impl StateStore for EmbeddedStore {
                 params![ns_text(&key.table.namespace), key.table.name, key.destination, now_ms()],
             )?;
             Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn finish_rename(&self, key: &LaneKey) -> Result<(), StateError> {
+        let key = key.clone();
+        self.call(move |c, _| {
+            c.execute(
+                &format!("UPDATE lanes SET renamed_from_namespace = NULL, renamed_from_name = NULL WHERE {LANE_WHERE}"),
+                params![ns_text(&key.table.namespace), key.table.name, key.destination],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn forget_replica(&self, key: &LaneKey) -> Result<(), StateError> {
+        let key = key.clone();
+        self.call(move |c, _| {
+            let tx = c.transaction()?;
+            let args = params![ns_text(&key.table.namespace), key.table.name, key.destination];
+            tx.execute(&format!("DELETE FROM replicated_snapshots WHERE {LANE_WHERE}"), args)?;
+            tx.execute(
+                &format!(
+                    "UPDATE lanes SET replica_metadata_location = NULL, managed_properties = NULL, mode = NULL
+                     WHERE {LANE_WHERE}"
+                ),
+                args,
+            )?;
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn destination_capabilities(&self, name: &str, uri: &str) -> Result<Option<String>, StateError> {
+        let (name, uri) = (name.to_owned(), uri.to_owned());
+        self.call(move |c, _| {
+            c.query_row("SELECT capabilities FROM destinations WHERE name = ?1 AND uri = ?2", params![name, uri], |r| {
+                r.get(0)
+            })
+            .optional()
+        })
+        .await
+    }
+
+    async fn record_destination_capabilities(
+        &self,
+        name: &str,
+        uri: &str,
+        capabilities: String,
+    ) -> Result<(), StateError> {
+        let (name, uri) = (name.to_owned(), uri.to_owned());
+        self.call(move |c, _| {
+            c.execute(
+                "INSERT INTO destinations (name, uri, capabilities, probed_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (name) DO UPDATE SET uri = excluded.uri, capabilities = excluded.capabilities,
+                     probed_at = excluded.probed_at",
+                params![name, uri, capabilities, now_ms()],
+            )?;
+            Ok(())
         })
         .await
     }

@@ -136,6 +136,11 @@ pub struct LaneRecord {
     pub mode: Option<String>,
     /// The last error, cleared by the next success.
     pub last_error: Option<LaneError>,
+    /// The replica's name before a source rename the lane has not applied yet.
+    pub replica_renamed_from: Option<TableIdent>,
+    /// Property keys icerelay set on the replica from the source (only these
+    /// are removed when the source removes them; the rest are the replica's own).
+    pub managed_properties: Option<BTreeSet<String>>,
 }
 
 impl LaneRecord {
@@ -203,6 +208,8 @@ pub struct Progress {
     pub snapshots_behind: i64,
     /// How the replica is written.
     pub mode: Option<String>,
+    /// Property keys now managed from the source, if they changed.
+    pub managed_properties: Option<BTreeSet<String>>,
 }
 
 /// A verified copy of a file at a destination.
@@ -276,15 +283,40 @@ pub trait StateStore: Send + Sync + 'static {
     async fn set_paused(&self, key: &LaneKey, paused: bool) -> Result<bool, StateError>;
     /// Asks a lane for a full check (resync); `false` if there is no such lane.
     async fn request_resync(&self, key: &LaneKey) -> Result<bool, StateError>;
+    /// Records that the replica now has the lane's current name.
+    async fn finish_rename(&self, key: &LaneKey) -> Result<(), StateError>;
+    /// Forgets what the lane knew about its replica (the replica is gone and
+    /// will be made again): replicated snapshots, managed properties, mode.
+    async fn forget_replica(&self, key: &LaneKey) -> Result<(), StateError>;
+    /// The capabilities probed for destination `name` at `uri`, as JSON.
+    async fn destination_capabilities(&self, name: &str, uri: &str) -> Result<Option<String>, StateError>;
+    /// Records the probed capabilities of a destination.
+    async fn record_destination_capabilities(
+        &self,
+        name: &str,
+        uri: &str,
+        capabilities: String,
+    ) -> Result<(), StateError>;
     /// A verified copy of `source` at `destination`, if one was recorded.
     async fn copied_file(&self, destination: &str, source: &str) -> Result<Option<CopiedFile>, StateError>;
     /// Records a verified copy.
     async fn record_copied_file(&self, destination: &str, source: &str, file: CopiedFile) -> Result<(), StateError>;
 }
 
-/// The proxy's view of the store: commit hints go into the change log.
+/// The proxy's view of the store: commit hints go into the change log, and
+/// replication is woken to fan them out.
 #[derive(Clone)]
-pub struct ChangeLog(pub std::sync::Arc<dyn StateStore>);
+pub struct ChangeLog {
+    store: std::sync::Arc<dyn StateStore>,
+    appended: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl ChangeLog {
+    /// Hints go into `store`; `appended` is notified after each append.
+    pub fn new(store: std::sync::Arc<dyn StateStore>, appended: std::sync::Arc<tokio::sync::Notify>) -> Self {
+        Self { store, appended }
+    }
+}
 
 impl crate::proxy::commit_tap::HintSink for ChangeLog {
     fn record(
@@ -292,6 +324,10 @@ impl crate::proxy::commit_tap::HintSink for ChangeLog {
         hints: Vec<CommitHint>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), crate::proxy::commit_tap::HintError>> + Send + '_>>
     {
-        Box::pin(async move { self.0.append_hints(hints).await.map_err(Into::into) })
+        Box::pin(async move {
+            self.store.append_hints(hints).await?;
+            self.appended.notify_one();
+            Ok(())
+        })
     }
 }

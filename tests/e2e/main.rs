@@ -10,3 +10,4 @@ mod cli;
 mod copy_table;
 mod proxy_clients;
 mod proxy_passthrough;
+mod replication;

@@ -105,6 +105,7 @@ async fn progress_and_renames_keep_the_replicated_history() {
             added_snapshots: vec![11, 12],
             snapshots_behind: 1,
             mode: Some("create+replay".into()),
+            managed_properties: Some(BTreeSet::from(["owner".to_owned()])),
         })
         .await
         .expect("progress");
@@ -122,6 +123,10 @@ async fn progress_and_renames_keep_the_replicated_history() {
     let moved = LaneKey::new(renamed.clone(), "dr");
     let lane = store.lane(&moved).await.expect("read").expect("moved");
     assert_eq!(lane.replica_table, renamed);
+    assert_eq!(lane.replica_renamed_from, Some(table("db", "t")), "the replica is renamed by the lane");
+    assert_eq!(lane.managed_properties, Some(BTreeSet::from(["owner".to_owned()])));
+    store.finish_rename(&moved).await.expect("finish");
+    assert_eq!(store.lane(&moved).await.expect("read").expect("lane").replica_renamed_from, None);
     assert_eq!(lane.mode.as_deref(), Some("create+replay"));
     assert_eq!(lane.snapshots_behind, Some(1));
     assert_eq!(store.replicated_snapshots(&moved).await.expect("read"), BTreeSet::from([11, 12]));

@@ -93,11 +93,17 @@ pub struct SeaweedFs {
 impl SeaweedFs {
     /// Starts a new instance (blocking, ~2 s).
     pub fn start(name: &str) -> Self {
+        Self::start_with_warehouse(name, "warehouse")
+    }
+
+    /// Starts a new instance whose table bucket (warehouse) is `warehouse`.
+    pub fn start_with_warehouse(name: &str, warehouse: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let base = free_port_range(16);
         let output = Command::new(repo_root().join("scripts/teststack/seaweedfs.sh"))
             .args(["start", name, &dir.path().display().to_string(), &base.to_string()])
             .env("ICERELAY_TESTSTACK", teststack())
+            .env("WAREHOUSE", warehouse)
             .env("WATCH_PID", std::process::id().to_string())
             .stderr(Stdio::inherit())
             .output()
@@ -111,6 +117,22 @@ impl SeaweedFs {
     pub fn shared() -> &'static SeaweedFs {
         static SHARED: OnceLock<SeaweedFs> = OnceLock::new();
         SHARED.get_or_init(|| SeaweedFs::start("e2e"))
+    }
+
+    /// A second shared instance (warehouse `replica`), the replica catalog of
+    /// replication tests.
+    pub fn shared_replica() -> &'static SeaweedFs {
+        static SHARED: OnceLock<SeaweedFs> = OnceLock::new();
+        SHARED.get_or_init(|| SeaweedFs::start_with_warehouse("e2e-replica", "replica"))
+    }
+
+    /// An icerelay `auth` inline table for this instance's catalog.
+    pub fn auth_toml(&self) -> String {
+        format!(
+            "{{ type = \"oauth2\", client_id = \"{}\", client_secret = \"{}\" }}",
+            self.get("ACCESS_KEY"),
+            self.get("SECRET_KEY")
+        )
     }
 
     fn get(&self, key: &str) -> &str {
@@ -360,6 +382,12 @@ impl RelayProcess {
     /// Everything the process has written so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills the process with SIGKILL (no chance to clean up) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits for the exit status.

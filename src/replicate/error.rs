@@ -1,0 +1,77 @@
+//! Errors of a lane run, and whether the lane retries or waits for an operator.
+
+use crate::catalog::{CatalogError, Disposition};
+use crate::state::StateError;
+use crate::storage::StorageError;
+use crate::table_copy::TableCopyError;
+
+use super::plan::PlanError;
+
+/// Why a lane run stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicateError {
+    /// A catalog call failed.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// Copying or rewriting files failed (boxed: it is large, and rare).
+    #[error(transparent)]
+    Copy(Box<TableCopyError>),
+    /// Reading or writing a file failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// No plan can be made (divergence, unmappable paths, invalid metadata).
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// The state store failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// No rule routes the table to the destination any more.
+    #[error(
+        "no rule replicates {table} to destination {destination:?} any more; the lane is kept with its status \
+         (add a rule to resume)"
+    )]
+    NoRoute {
+        /// The source table.
+        table: String,
+        /// The destination.
+        destination: String,
+    },
+    /// The lane names a destination the configuration does not have.
+    #[error("destination {0:?} is not configured; add it to [[destinations]] or remove the rules that name it")]
+    UnknownDestination(String),
+    /// The replica catalog cannot take this table's history.
+    #[error("{0}")]
+    Refused(String),
+    /// The source answered without a metadata location.
+    #[error("the primary answered loadTable {0} without a metadata-location; icerelay cannot read the table's files")]
+    NoMetadataLocation(String),
+    /// The replica kept changing under the lane (concurrent writers, or a
+    /// catalog that does not keep what it is sent).
+    #[error("{0}")]
+    NoProgress(String),
+}
+
+impl From<TableCopyError> for ReplicateError {
+    fn from(e: TableCopyError) -> Self {
+        Self::Copy(Box::new(e))
+    }
+}
+
+impl ReplicateError {
+    /// Whether the lane waits for an operator (resync, configuration change)
+    /// instead of retrying on its own.
+    pub fn parks(&self) -> bool {
+        match self {
+            Self::Catalog(e) => e.disposition() == Disposition::Park,
+            Self::Copy(e) => !e.is_retryable(),
+            Self::Storage(e) => !e.is_retryable(),
+            Self::Plan(_)
+            | Self::NoRoute { .. }
+            | Self::UnknownDestination(_)
+            | Self::Refused(_)
+            | Self::NoMetadataLocation(_)
+            | Self::NoProgress(_) => true,
+            Self::State(_) => false,
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! One run of one lane: bring a replica up to its source, commit by commit.
+//!
+//! A run reads the source's current metadata, makes the replica if it does
+//! not exist yet ([`bootstrap`]), then repeats: plan the next commit
+//! (`plan`), copy the files it references, commit it to the replica catalog,
+//! record the progress. It stops when the plan is empty. Everything it needs
+//! to know is re-read at the start, so a run after a crash, a lost hint or a
+//! replica outage is the same as any other run.
+//!
+//! After a commit whose outcome is unknown (timeout, 5xx) or that a
+//! requirement refused (409), the run reloads the replica and plans again:
+//! a commit that did land is then simply not planned again (snapshot ids make
+//! it idempotent), and a concurrent writer shows up as divergence.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
+use tracing::Instrument;
+
+use super::Context;
+use super::destination::{Bootstrap, Destination};
+use super::error::ReplicateError;
+use super::plan::{self, PlanInput, Step};
+use crate::catalog::{CatalogError, LoadedTable, TableIdent};
+use crate::config::OnDrop;
+use crate::metrics::ReplicationMetrics;
+use crate::rewrite::PathMap;
+use crate::rewrite::metadata::PATH_PROPERTIES;
+use crate::state::{LaneChange, LaneRecord, Progress, now_ms};
+use crate::storage::checkpoint::StateCheckpoints;
+use crate::storage::copy::{Copier, CopyReport, CopySettings};
+use crate::table_copy::{NoProgress, TableCopier};
+
+/// Catalogs refuse a snapshot this much older than the table's `last-updated-ms`.
+const TIMESTAMP_TOLERANCE_MS: i64 = 60_000;
+/// Planning rounds after a refused or unknown commit before the run gives up.
+const MAX_RELOADS: usize = 5;
+
+/// Runs `lane` until its replica agrees with the source (or an error).
+pub async fn run(ctx: Arc<Context>, lane: LaneRecord) -> Result<(), ReplicateError> {
+    let span = tracing::info_span!("lane", table = %lane.key.table, destination = %lane.key.destination);
+    run_in_span(&ctx, lane).instrument(span).await
+}
+
+async fn run_in_span(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateError> {
+    let generation = lane.wanted;
+    let key = &lane.key;
+    let route = ctx.rules.route(&key.table, &key.destination).ok_or_else(|| ReplicateError::NoRoute {
+        table: key.table.to_string(),
+        destination: key.destination.clone(),
+    })?;
+    let destination = ctx
+        .destinations
+        .get(&key.destination)
+        .cloned()
+        .ok_or_else(|| ReplicateError::UnknownDestination(key.destination.clone()))?;
+    let replica_table = &lane.replica_table;
+
+    let Some(source) = ctx.primary.load_table(&key.table).await? else {
+        if route.on_drop == OnDrop::Propagate {
+            destination.catalog.drop_table(replica_table, false).await?;
+            tracing::info!(replica = %replica_table, "the source was dropped; dropped the replica (on_drop = propagate)");
+        } else {
+            tracing::info!(replica = %replica_table, "the source was dropped; the replica is kept");
+        }
+        ctx.store.apply_lane_changes(vec![LaneChange::SourceDropped { key: key.clone() }], None).await?;
+        return Ok(());
+    };
+    let source_file =
+        source.metadata_location.clone().ok_or_else(|| ReplicateError::NoMetadataLocation(key.table.to_string()))?;
+
+    if let Some(old) = &lane.replica_renamed_from {
+        rename_replica(&destination, old, replica_table).await?;
+        ctx.store.finish_rename(key).await?;
+    }
+
+    let mut replicated = ctx.store.replicated_snapshots(key).await?;
+    let mut managed = lane.managed_properties.clone().unwrap_or_default();
+    let capabilities = destination.capabilities(&ctx.store, &ctx.storage).await?.clone();
+    let mode = capabilities.mode();
+    let mut replica = match destination.catalog.load_table(replica_table).await? {
+        Some(t) => t,
+        None => {
+            if lane.replica_metadata_location.is_some() {
+                tracing::warn!(replica = %replica_table, "the replica is gone; making it again");
+                ctx.store.forget_replica(key).await?;
+                replicated.clear();
+                managed.clear();
+            }
+            let made = match capabilities.bootstrap {
+                Bootstrap::Register => register(ctx, &destination, replica_table, &source, &source_file).await?,
+                Bootstrap::Create => create(ctx, &destination, replica_table, &source, &capabilities.reason).await?,
+            };
+            replicated.extend(made.snapshots.iter().copied());
+            managed = made.managed_properties.clone();
+            ctx.store
+                .record_progress(Progress {
+                    key: key.clone(),
+                    source_metadata_location: None,
+                    replica_metadata_location: made.table.metadata_location.clone(),
+                    added_snapshots: made.snapshots,
+                    snapshots_behind: plan::snapshots_behind(&source.metadata, &made.table.metadata) as i64,
+                    mode: Some(mode.clone()),
+                    managed_properties: Some(managed.clone()),
+                })
+                .await?;
+            made.table
+        }
+    };
+
+    let replica_location = location_of(&replica.metadata, "replica")?;
+    let map = path_map(&source.metadata, &replica_location)?;
+    let copier = table_copier(ctx, &destination);
+    let mut reloads = 0;
+    let mut previous: Option<Step> = None;
+    loop {
+        let step = plan::next_step(&PlanInput {
+            source: &source.metadata,
+            source_file: &source_file,
+            replica: &replica.metadata,
+            replicated: &replicated,
+            map: &map,
+            managed_properties: &managed,
+            destination_properties: &destination.config.properties,
+        })?;
+        let Some(step) = step else { break };
+        if previous.as_ref().is_some_and(|p| p.snapshot.is_none() && p.updates == step.updates) {
+            return Err(ReplicateError::NoProgress(format!(
+                "destination {} accepted a commit but does not keep it (the same change is planned again: {}); \
+                 icerelay stops instead of committing it forever",
+                destination.name(),
+                step.describe()
+            )));
+        }
+        tracing::debug!(step = %step.describe(), behind = step.snapshots_behind, "replaying");
+
+        let mut wanted: BTreeSet<i64> = step.statistics_of.clone();
+        wanted.extend(step.snapshot);
+        if !wanted.is_empty() {
+            let copied = copier.copy_snapshots(&source.metadata, &source_file, &map, &wanted, &NoProgress).await?;
+            count_copies(&ctx.metrics, destination.name(), copied.report);
+        }
+
+        match destination.catalog.update_table(replica_table, &step.requirements, &step.updates).await {
+            Ok(committed) => {
+                ctx.metrics.commits.get_or_create(&ReplicationMetrics::labels(destination.name())).inc();
+                replicated.extend(step.snapshot);
+                managed = step.managed_properties.clone();
+                let behind = plan::snapshots_behind(&source.metadata, &committed.metadata) as i64;
+                ctx.store
+                    .record_progress(Progress {
+                        key: key.clone(),
+                        source_metadata_location: None,
+                        replica_metadata_location: committed.metadata_location.clone(),
+                        added_snapshots: step.snapshot.into_iter().collect(),
+                        snapshots_behind: behind,
+                        mode: Some(mode.clone()),
+                        managed_properties: Some(managed.clone()),
+                    })
+                    .await?;
+                tracing::info!(step = %step.describe(), behind, "replicated");
+                replica = committed;
+                previous = Some(step);
+            }
+            Err(e @ (CatalogError::CommitOutcomeUnknown { .. } | CatalogError::CommitConflict { .. })) => {
+                reloads += 1;
+                if reloads > MAX_RELOADS {
+                    return Err(ReplicateError::NoProgress(format!(
+                        "{e}; the replica changed under icerelay {MAX_RELOADS} times in a row"
+                    )));
+                }
+                tracing::warn!(error = %e, "reloading the replica to see what it has");
+                replica = destination.catalog.load_table(replica_table).await?.ok_or_else(|| {
+                    ReplicateError::Refused(format!("the replica {replica_table} disappeared during replication"))
+                })?;
+                if let Some(id) = step.snapshot
+                    && has_snapshot(&replica.metadata, id)
+                {
+                    // The commit landed after all.
+                    replicated.insert(id);
+                    ctx.store
+                        .record_progress(Progress {
+                            key: key.clone(),
+                            source_metadata_location: None,
+                            replica_metadata_location: replica.metadata_location.clone(),
+                            added_snapshots: vec![id],
+                            snapshots_behind: plan::snapshots_behind(&source.metadata, &replica.metadata) as i64,
+                            mode: Some(mode.clone()),
+                            managed_properties: Some(step.managed_properties.clone()),
+                        })
+                        .await?;
+                    managed = step.managed_properties.clone();
+                }
+            }
+            Err(e) => return Err(explain_refusal(e, &step, &source.metadata, &replica.metadata, destination.name())),
+        }
+    }
+
+    ctx.store
+        .record_progress(Progress {
+            key: key.clone(),
+            source_metadata_location: Some(source_file),
+            replica_metadata_location: replica.metadata_location.clone(),
+            added_snapshots: Vec::new(),
+            snapshots_behind: 0,
+            mode: Some(mode),
+            managed_properties: Some(managed),
+        })
+        .await?;
+    ctx.store.record_success(key, generation).await?;
+    Ok(())
+}
+
+/// The replica after its bootstrap, and what icerelay put in it.
+struct Made {
+    table: LoadedTable,
+    snapshots: Vec<i64>,
+    managed_properties: BTreeSet<String>,
+}
+
+/// Bootstraps with history: every file of every retained snapshot copied and
+/// rewritten, then the rewritten metadata.json written and registered.
+async fn register(
+    ctx: &Context,
+    destination: &Destination,
+    replica_table: &TableIdent,
+    source: &LoadedTable,
+    source_file: &str,
+) -> Result<Made, ReplicateError> {
+    destination.catalog.ensure_namespace(&replica_table.namespace).await?;
+    let location = destination.table_location(replica_table).await?;
+    let map = path_map(&source.metadata, &location)?;
+    let snapshots: BTreeSet<i64> = snapshot_ids(&source.metadata);
+    let copier = table_copier(ctx, destination);
+    let copied = copier.copy_snapshots(&source.metadata, source_file, &map, &snapshots, &NoProgress).await?;
+    count_copies(&ctx.metrics, destination.name(), copied.report);
+
+    let mut metadata = source.metadata.clone();
+    if let Some(props) = metadata.get_mut("properties").and_then(Value::as_object_mut) {
+        for (k, v) in &destination.config.properties {
+            props.insert(k.clone(), Value::String(v.clone()));
+        }
+    }
+    let target = map.rewrite(source_file, source_file).map_err(super::plan::PlanError::from)?;
+    copier.write_metadata(&metadata, source_file, &map, &target, &|_| false).await?;
+    let registered = destination.catalog.register_table(replica_table, &target).await?;
+
+    // A catalog that answers 200 but loses the history must not be trusted.
+    let expected_uuid = source.metadata.get("table-uuid");
+    let kept =
+        registered.metadata.get("table-uuid") == expected_uuid && snapshot_ids(&registered.metadata) == snapshots;
+    if !kept {
+        let _ = destination.catalog.drop_table(replica_table, false).await;
+        return Err(ReplicateError::Refused(format!(
+            "destination {} answered registerTable {replica_table} but did not keep the table's history (uuid or \
+             snapshots differ); set mode = \"create\" for this destination",
+            destination.name()
+        )));
+    }
+    tracing::info!(replica = %replica_table, snapshots = snapshots.len(), metadata = %target, "registered the replica with its history");
+    let managed = source
+        .metadata
+        .get("properties")
+        .and_then(Value::as_object)
+        .map(|p| p.keys().filter(|k| !destination.config.properties.contains_key(*k)).cloned().collect())
+        .unwrap_or_default();
+    Ok(Made { table: registered, snapshots: snapshots.into_iter().collect(), managed_properties: managed })
+}
+
+/// Creates an empty replica with the source's first schema and spec; the
+/// snapshots are replayed onto it. Refused before anything is created when
+/// the catalog would refuse the source's history (the timestamp rule).
+async fn create(
+    ctx: &Context,
+    destination: &Destination,
+    replica_table: &TableIdent,
+    source: &LoadedTable,
+    why: &str,
+) -> Result<Made, ReplicateError> {
+    let _ = ctx;
+    let metadata = &source.metadata;
+    let now = now_ms();
+    let oldest = metadata
+        .get("snapshots")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.get("timestamp-ms").and_then(Value::as_i64))
+        .min();
+    if let Some(oldest) = oldest.filter(|t| *t < now - TIMESTAMP_TOLERANCE_MS + 5_000) {
+        return Err(ReplicateError::Refused(format!(
+            "cannot replicate the existing history of this table to destination {}: its oldest snapshot is from {} \
+             ({} s ago), and catalogs refuse a snapshot more than 60 s older than the table it is added to \
+             (Iceberg's timestamp rule), while this destination can only replay tables from their creation ({why}). \
+             icerelay does not change snapshot timestamps. Remedy: replicate it to a destination whose \
+             registerTable keeps history (mode = \"register\"); tables created through icerelay after the rule \
+             exists replicate from their first commit",
+            destination.name(),
+            humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(oldest).unwrap_or(0))
+            ),
+            (now - oldest) / 1000
+        )));
+    }
+    let lowest = |list: &str, id: &str| {
+        metadata
+            .get(list)
+            .and_then(Value::as_array)
+            .and_then(|items| items.iter().min_by_key(|s| s.get(id).and_then(Value::as_i64).unwrap_or(i64::MAX)))
+            .cloned()
+    };
+    let schema = lowest("schemas", "schema-id")
+        .ok_or_else(|| ReplicateError::Refused(format!("the source {replica_table} has no schema")))?;
+    let spec = lowest("partition-specs", "spec-id");
+    let mut properties: Map<String, Value> = metadata
+        .get("properties")
+        .and_then(Value::as_object)
+        .map(|p| {
+            p.iter()
+                .filter(|(k, _)| !PATH_PROPERTIES.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let managed: BTreeSet<String> =
+        properties.keys().filter(|k| !destination.config.properties.contains_key(*k)).cloned().collect();
+    for (k, v) in &destination.config.properties {
+        properties.insert(k.clone(), Value::String(v.clone()));
+    }
+    if let Some(version) = metadata.get("format-version").and_then(Value::as_i64) {
+        properties.insert("format-version".into(), Value::String(version.to_string()));
+    }
+    let mut request = json!({"name": replica_table.name, "schema": schema, "properties": properties});
+    if let (Some(spec), Some(obj)) = (spec.clone(), request.as_object_mut()) {
+        obj.insert("partition-spec".into(), spec);
+    }
+    destination.catalog.ensure_namespace(&replica_table.namespace).await?;
+    let created = destination.catalog.create_table(&replica_table.namespace, &request).await?;
+
+    // Manifests name partition specs by id and partition fields by field id:
+    // the replica's first spec must be the source's.
+    let created_spec = created.metadata.pointer("/partition-specs/0").cloned();
+    let same = match (&spec, &created_spec) {
+        (Some(a), Some(b)) => a.get("spec-id") == b.get("spec-id") && a.get("fields") == b.get("fields"),
+        (None, _) => true,
+        (Some(_), None) => false,
+    };
+    if !same {
+        let _ = destination.catalog.drop_table(replica_table, true).await;
+        return Err(ReplicateError::Refused(format!(
+            "destination {} created {replica_table} with partition spec {} where the source has {}; manifests refer \
+             to partition fields by id, so the replica would be unreadable (the replica was dropped again)",
+            destination.name(),
+            created_spec.map_or_else(|| "none".to_owned(), |s| s.to_string()),
+            spec.map_or_else(|| "none".to_owned(), |s| s.to_string()),
+        )));
+    }
+    tracing::info!(replica = %replica_table, location = %location_of(&created.metadata, "replica").unwrap_or_default(), "created the replica");
+    Ok(Made { table: created, snapshots: Vec::new(), managed_properties: managed })
+}
+
+/// Renames the replica to follow a source rename (once: a replica already
+/// under the new name is left alone).
+async fn rename_replica(destination: &Destination, from: &TableIdent, to: &TableIdent) -> Result<(), ReplicateError> {
+    if from == to || destination.catalog.load_table(to).await?.is_some() {
+        return Ok(());
+    }
+    if destination.catalog.load_table(from).await?.is_none() {
+        return Ok(());
+    }
+    destination.catalog.ensure_namespace(&to.namespace).await?;
+    destination.catalog.rename_table(from, to).await?;
+    tracing::info!(from = %from, to = %to, "renamed the replica after the source");
+    Ok(())
+}
+
+/// Adds the catalog's message about the timestamp rule where it applies.
+fn explain_refusal(e: CatalogError, step: &Step, source: &Value, replica: &Value, destination: &str) -> ReplicateError {
+    let refused = e.status().is_some_and(|s| s.as_u16() == 400);
+    let snapshot_ts = step.snapshot.and_then(|id| {
+        source
+            .get("snapshots")?
+            .as_array()?
+            .iter()
+            .find(|s| s.get("snapshot-id").and_then(Value::as_i64) == Some(id))?
+            .get("timestamp-ms")?
+            .as_i64()
+    });
+    let last_updated = replica.get("last-updated-ms").and_then(Value::as_i64);
+    match (refused, snapshot_ts, last_updated) {
+        (true, Some(ts), Some(last)) if ts < last - TIMESTAMP_TOLERANCE_MS => ReplicateError::Refused(format!(
+            "{e} — destination {destination} refuses snapshot {} because it is {} s older than the replica's last \
+             update (the timestamp rule: at most 60 s). icerelay does not change snapshot timestamps; the replica \
+             fell behind a metadata-only commit. Drop the replica table and resync to make it again{}",
+            step.snapshot.unwrap_or_default(),
+            (last - ts) / 1000,
+            ""
+        )),
+        _ => ReplicateError::Catalog(e),
+    }
+}
+
+/// Source location to replica location, plus data and metadata paths that
+/// live outside the table location.
+fn path_map(source: &Value, replica_location: &str) -> Result<PathMap, ReplicateError> {
+    let source_location = location_of(source, "source")?;
+    let mut map = PathMap::from_locations(&source_location, replica_location).map_err(super::plan::PlanError::from)?;
+    if let Some(props) = source.get("properties").and_then(Value::as_object) {
+        for key in PATH_PROPERTIES {
+            let Some(path) = props.get(key).and_then(Value::as_str) else { continue };
+            if map.is_source_path(path) {
+                continue;
+            }
+            let sub = if key == "write.metadata.path" { "metadata" } else { "data" };
+            map.add(path, &format!("{}/{sub}", replica_location.trim_end_matches('/')))
+                .map_err(super::plan::PlanError::from)?;
+        }
+    }
+    Ok(map)
+}
+
+fn location_of(metadata: &Value, which: &'static str) -> Result<String, ReplicateError> {
+    metadata.get("location").and_then(Value::as_str).map(str::to_owned).ok_or_else(|| {
+        ReplicateError::Plan(super::plan::PlanError::InvalidMetadata { which, detail: "no `location`".into() })
+    })
+}
+
+fn snapshot_ids(metadata: &Value) -> BTreeSet<i64> {
+    metadata
+        .get("snapshots")
+        .and_then(Value::as_array)
+        .map(|s| s.iter().filter_map(|s| s.get("snapshot-id").and_then(Value::as_i64)).collect())
+        .unwrap_or_default()
+}
+
+fn has_snapshot(metadata: &Value, id: i64) -> bool {
+    snapshot_ids(metadata).contains(&id)
+}
+
+fn table_copier(ctx: &Context, destination: &Destination) -> TableCopier {
+    let checkpoints = Arc::new(StateCheckpoints::new(ctx.store.clone(), destination.name()));
+    let settings = CopySettings { parallelism: ctx.settings.copy_parallelism, ..CopySettings::default() };
+    TableCopier::new(Copier::new(ctx.storage.clone(), checkpoints, settings), 4)
+}
+
+fn count_copies(metrics: &ReplicationMetrics, destination: &str, report: CopyReport) {
+    let labels = ReplicationMetrics::labels(destination);
+    metrics.files_copied.get_or_create(&labels).inc_by(report.copied_files);
+    metrics.bytes_copied.get_or_create(&labels).inc_by(report.copied_bytes);
+}

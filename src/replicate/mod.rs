@@ -1,0 +1,463 @@
+//! Replication: replica catalogs that follow the primary, commit by commit.
+//!
+//! ```text
+//! proxy ── hint ──▶ change log ──fan-out──▶ lanes ──scheduler──▶ lane runs ──▶ replica catalogs
+//!                                  ▲
+//!                     reconcile ───┘ (every reconcile_interval, and at start-up)
+//! ```
+//!
+//! - [`rules`]: which tables go to which destinations.
+//! - [`destination`]: a replica catalog and how its replicas are first made.
+//! - [`plan`]: the next replica commit, from source and replica metadata (pure).
+//! - [`lane`]: one run of one (table, destination) lane.
+//!
+//! The engine itself (this module) is three loops over the state store:
+//!
+//! 1. **Fan-out** turns change hints into lane changes (one lane per table
+//!    and destination a rule names) and moves the change log's cursor, in one
+//!    transaction.
+//! 2. **Reconcile** lists the primary's tables, creates lanes for tables a
+//!    rule covers that have none (configuring a rule backfills existing
+//!    tables), and asks a lane for work whenever the source's metadata
+//!    location differs from the last one replicated: commits made around the
+//!    proxy and lost hints heal this way.
+//! 3. **The scheduler** starts a run for each lane with work, at most
+//!    `max_concurrent_lanes` at once and one per lane (serial inside a lane,
+//!    parallel across lanes), retries failures with exponential backoff and
+//!    jitter, and leaves parked lanes (divergence, refused history) to an
+//!    operator.
+//!
+//! Nothing here is the only copy of anything: every decision is in the state
+//! store before it is acted on, so killing icerelay at any moment loses
+//! nothing.
+
+pub mod destination;
+mod error;
+pub mod lane;
+pub mod plan;
+pub mod rules;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use destination::{Bootstrap, Capabilities, Destination};
+pub use error::ReplicateError;
+pub use rules::{Route, Rules};
+
+use crate::catalog::{CatalogError, Namespace, RestCatalog, TableIdent};
+use crate::config::{Config, ReplicationConfig};
+use crate::metrics::{ReplicationMetrics, StatusLabels};
+use crate::proxy::commit_tap::HintKind;
+use crate::state::{ChangeLog, LaneChange, LaneKey, LaneRecord, LaneStatus, StateStore, now_ms};
+use crate::storage::Storage;
+
+/// Hints fanned out per transaction.
+const FAN_OUT_BATCH: usize = 512;
+
+/// What lane runs share.
+pub struct Context {
+    /// The durable state.
+    pub store: Arc<dyn StateStore>,
+    /// icerelay's client for the primary.
+    pub primary: Arc<RestCatalog>,
+    /// Destinations by name.
+    pub destinations: BTreeMap<String, Arc<Destination>>,
+    /// The rules.
+    pub rules: Rules,
+    /// Every configured store (source and replica storage).
+    pub storage: Arc<Storage>,
+    /// Replication's metrics.
+    pub metrics: Arc<ReplicationMetrics>,
+    /// Pacing and limits.
+    pub settings: ReplicationConfig,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").field("destinations", &self.destinations.keys()).finish_non_exhaustive()
+    }
+}
+
+/// The replication engine.
+#[derive(Debug)]
+pub struct Replicator {
+    ctx: Arc<Context>,
+    appended: Arc<Notify>,
+    wake: Arc<Notify>,
+}
+
+impl Replicator {
+    /// Builds the engine from the configuration.
+    pub fn new(
+        config: &Config,
+        store: Arc<dyn StateStore>,
+        primary: Arc<RestCatalog>,
+        metrics: Arc<ReplicationMetrics>,
+    ) -> Result<Self, CatalogError> {
+        let mut destinations = BTreeMap::new();
+        for d in &config.destinations {
+            destinations.insert(d.name.clone(), Arc::new(Destination::new(d.clone())?));
+        }
+        let ctx = Context {
+            store,
+            primary,
+            destinations,
+            rules: Rules::new(config.rules.clone()),
+            storage: Arc::new(Storage::new(&config.storage)),
+            metrics,
+            settings: config.replication.clone(),
+        };
+        Ok(Self { ctx: Arc::new(ctx), appended: Arc::new(Notify::new()), wake: Arc::new(Notify::new()) })
+    }
+
+    /// Where the proxy records hints.
+    pub fn change_log(&self) -> ChangeLog {
+        ChangeLog::new(self.ctx.store.clone(), self.appended.clone())
+    }
+
+    /// What the admin API reads.
+    pub fn context(&self) -> Arc<Context> {
+        self.ctx.clone()
+    }
+
+    /// A handle that asks the scheduler to look at the lanes now (after an
+    /// operator paused, resumed or resynced one).
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Runs until `stop` is cancelled.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut tasks = JoinSet::new();
+        tasks.spawn(probe_destinations(self.ctx.clone()));
+        tasks.spawn(fan_out(self.ctx.clone(), self.appended.clone(), self.wake.clone(), stop.clone()));
+        tasks.spawn(reconcile_loop(self.ctx.clone(), self.wake.clone(), stop.clone()));
+        tasks.spawn(schedule(self.ctx.clone(), self.wake.clone(), stop.clone()));
+        stop.cancelled().await;
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Learns every destination's capabilities at start-up, so the status API
+/// and the logs say early which path each one uses.
+async fn probe_destinations(ctx: Arc<Context>) {
+    for destination in ctx.destinations.values() {
+        match destination.capabilities(&ctx.store, &ctx.storage).await {
+            Ok(c) => tracing::info!(destination = destination.name(), mode = %c.mode(), "destination ready"),
+            Err(e) => {
+                tracing::warn!(destination = destination.name(), error = %e, "could not probe the destination yet; lanes will try again")
+            }
+        }
+    }
+}
+
+/// Moves hints from the change log to lanes.
+async fn fan_out(ctx: Arc<Context>, appended: Arc<Notify>, wake: Arc<Notify>, stop: CancellationToken) {
+    loop {
+        match fan_out_once(&ctx).await {
+            Ok(0) => {
+                tokio::select! {
+                    () = appended.notified() => {}
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    () = stop.cancelled() => return,
+                }
+            }
+            Ok(_) => wake.notify_one(),
+            Err(e) => {
+                tracing::error!(error = %e, "could not fan out change hints; trying again");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = stop.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Fans out one batch of hints; returns how many there were.
+async fn fan_out_once(ctx: &Context) -> Result<usize, ReplicateError> {
+    let hints = ctx.store.pending_hints(FAN_OUT_BATCH).await?;
+    let Some(last) = hints.last().map(|h| h.id) else { return Ok(0) };
+    let mut changes = Vec::new();
+    for recorded in &hints {
+        let hint = &recorded.hint;
+        for route in ctx.rules.routes(&hint.table) {
+            let key = LaneKey::new(hint.table.clone(), route.destination.clone());
+            changes.push(match &hint.kind {
+                HintKind::Rename { from } => LaneChange::Rename {
+                    from: LaneKey::new(from.clone(), route.destination.clone()),
+                    to: hint.table.clone(),
+                    replica_to: route.replica_table,
+                    at: recorded.recorded_at,
+                },
+                // A drop is checked by the lane itself (the source may be
+                // back by then), like every other change.
+                HintKind::Commit | HintKind::Drop => {
+                    LaneChange::Touch { key, replica_table: route.replica_table, at: recorded.recorded_at }
+                }
+            });
+        }
+    }
+    ctx.store.apply_lane_changes(changes, Some(last)).await?;
+    Ok(hints.len())
+}
+
+/// Reconciles at start-up and then every `reconcile_interval`.
+async fn reconcile_loop(ctx: Arc<Context>, wake: Arc<Notify>, stop: CancellationToken) {
+    loop {
+        match reconcile(&ctx).await {
+            Ok(touched) if touched > 0 => {
+                tracing::info!(lanes = touched, "reconcile found tables to replicate");
+                wake.notify_one();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reconcile failed; trying again at the next interval"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(ctx.settings.reconcile_interval) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// One reconcile pass; returns how many lanes it asked for work.
+pub async fn reconcile(ctx: &Context) -> Result<usize, ReplicateError> {
+    let tables = discover(ctx).await?;
+    let lanes: HashMap<LaneKey, LaneRecord> =
+        ctx.store.lanes().await?.into_iter().map(|l| (l.key.clone(), l)).collect();
+    let mut changes = Vec::new();
+    let now = now_ms();
+    let mut seen = HashSet::new();
+    for table in &tables {
+        let routes = ctx.rules.routes(table);
+        if routes.is_empty() {
+            continue;
+        }
+        let mut location: Option<Option<String>> = None;
+        for route in routes {
+            let key = LaneKey::new(table.clone(), route.destination.clone());
+            seen.insert(key.clone());
+            let wants_work = match lanes.get(&key) {
+                None => true,
+                Some(lane) if lane.paused || lane.has_work() => false,
+                Some(lane) => {
+                    if location.is_none() {
+                        location = Some(ctx.primary.load_table(table).await?.and_then(|t| t.metadata_location));
+                    }
+                    location.as_ref().is_some_and(|l| *l != lane.source_metadata_location)
+                }
+            };
+            if wants_work {
+                changes.push(LaneChange::Touch { key, replica_table: route.replica_table, at: now });
+            }
+        }
+    }
+    // Lanes whose table is no longer listed: the lane finds out whether it was dropped.
+    for (key, lane) in &lanes {
+        if !seen.contains(key) && !lane.source_dropped && !lane.paused && !lane.has_work() && covered(ctx, &key.table) {
+            changes.push(LaneChange::Touch { key: key.clone(), replica_table: lane.replica_table.clone(), at: now });
+        }
+    }
+    let touched = changes.len();
+    if touched > 0 {
+        ctx.store.apply_lane_changes(changes, None).await?;
+    }
+    Ok(touched)
+}
+
+/// Whether the rules list the table's namespace during discovery (else a
+/// missing listing says nothing about the table).
+fn covered(ctx: &Context, table: &TableIdent) -> bool {
+    ctx.rules.namespaces().is_none_or(|listed| listed.contains(&table.namespace))
+}
+
+/// The primary's tables in the namespaces the rules cover.
+async fn discover(ctx: &Context) -> Result<Vec<TableIdent>, ReplicateError> {
+    let namespaces = match ctx.rules.namespaces() {
+        Some(listed) => listed,
+        None => {
+            let mut all = Vec::new();
+            let mut queue: Vec<Option<Namespace>> = vec![None];
+            while let Some(parent) = queue.pop() {
+                for ns in ctx.primary.list_namespaces(parent.as_ref()).await? {
+                    // Some catalogs list a namespace under itself; do not loop.
+                    if parent.as_ref() != Some(&ns) && !all.contains(&ns) {
+                        all.push(ns.clone());
+                        queue.push(Some(ns));
+                    }
+                }
+                if all.len() > 100_000 {
+                    break;
+                }
+            }
+            all
+        }
+    };
+    let mut tables = Vec::new();
+    for ns in namespaces {
+        match ctx.primary.list_tables(&ns).await {
+            Ok(found) => tables.extend(found),
+            Err(e) if e.status().is_some_and(|s| s.as_u16() == 404) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(tables)
+}
+
+/// Starts lane runs.
+async fn schedule(ctx: Arc<Context>, wake: Arc<Notify>, stop: CancellationToken) {
+    let mut running: JoinSet<(LaneKey, Result<(), ReplicateError>)> = JoinSet::new();
+    let mut active: HashSet<LaneKey> = HashSet::new();
+    let mut retry_at: HashMap<LaneKey, Instant> = HashMap::new();
+    // Parked lanes get one attempt after a start: the configuration may have changed.
+    let mut tried_since_start: HashSet<LaneKey> = HashSet::new();
+    loop {
+        let lanes = match ctx.store.lanes().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the lanes");
+                Vec::new()
+            }
+        };
+        record_gauges(&ctx.metrics, &lanes);
+        let now = Instant::now();
+        for lane in lanes {
+            // A resync resets the attempts: retry now, not at the old backoff.
+            if lane.last_error.as_ref().is_some_and(|e| e.attempts == 0) {
+                retry_at.remove(&lane.key);
+            }
+            if running.len() >= ctx.settings.max_concurrent_lanes {
+                break;
+            }
+            let parked = lane.last_error.as_ref().is_some_and(|e| e.parked) && tried_since_start.contains(&lane.key);
+            let due = retry_at.get(&lane.key).is_none_or(|at| *at <= now);
+            if lane.has_work() && !parked && due && !active.contains(&lane.key) {
+                active.insert(lane.key.clone());
+                tried_since_start.insert(lane.key.clone());
+                let ctx = ctx.clone();
+                running.spawn(async move {
+                    let key = lane.key.clone();
+                    let result = AssertUnwindSafe(lane::run(ctx, lane)).catch_unwind().await.unwrap_or_else(|_| {
+                        Err(ReplicateError::NoProgress("the lane run panicked (a bug: please report it)".into()))
+                    });
+                    (key, result)
+                });
+            }
+        }
+        let next_retry = retry_at.values().filter(|at| **at > now).min().copied();
+        let sleep = next_retry.map_or(Duration::from_secs(5), |at| at - now).min(Duration::from_secs(5));
+        tokio::select! {
+            () = wake.notified() => {}
+            () = tokio::time::sleep(sleep) => {}
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                if let Ok((key, result)) = done {
+                    active.remove(&key);
+                    finish(&ctx, key, result, &mut retry_at).await;
+                }
+            }
+            () = stop.cancelled() => {
+                running.abort_all();
+                return;
+            }
+        }
+    }
+}
+
+async fn finish(
+    ctx: &Context,
+    key: LaneKey,
+    result: Result<(), ReplicateError>,
+    retry_at: &mut HashMap<LaneKey, Instant>,
+) {
+    let Err(error) = result else {
+        retry_at.remove(&key);
+        return;
+    };
+    ctx.metrics.failures.get_or_create(&ReplicationMetrics::labels(&key.destination)).inc();
+    let parked = error.parks();
+    let message = error.to_string();
+    if parked {
+        tracing::error!(table = %key.table, destination = %key.destination, error = %message, "replication stopped; waiting for an operator (resync)");
+    } else {
+        tracing::warn!(table = %key.table, destination = %key.destination, error = %message, "replication failed; retrying");
+    }
+    let attempts = match ctx.store.record_failure(&key, message, parked).await {
+        Ok(()) => ctx.store.lane(&key).await.ok().flatten().and_then(|l| l.last_error).map_or(1, |e| e.attempts),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record a lane failure");
+            1
+        }
+    };
+    retry_at.insert(key, Instant::now() + backoff(&ctx.settings, attempts));
+}
+
+/// Exponential backoff with ±50% jitter, so failing lanes do not retry in step.
+fn backoff(settings: &ReplicationConfig, attempts: i64) -> Duration {
+    let exponent = u32::try_from(attempts.clamp(1, 30) - 1).unwrap_or(0);
+    let base =
+        settings.retry_initial_backoff.saturating_mul(2u32.saturating_pow(exponent)).min(settings.retry_max_backoff);
+    let jitter = 0.5 + f64::from(uuid::Uuid::new_v4().as_u128() as u16) / f64::from(u16::MAX);
+    base.mul_f64(jitter)
+}
+
+fn record_gauges(metrics: &ReplicationMetrics, lanes: &[LaneRecord]) {
+    let now = now_ms();
+    let mut lag: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut behind: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut by_status: BTreeMap<&'static str, i64> =
+        [("pending", 0), ("completed", 0), ("failed", 0), ("paused", 0)].into_iter().collect();
+    let mut queue = 0;
+    for lane in lanes {
+        let d = lane.key.destination.as_str();
+        let seconds = lane.pending_since.map_or(0, |since| (now - since).max(0) / 1000);
+        let entry = lag.entry(d).or_default();
+        *entry = (*entry).max(seconds);
+        *behind.entry(d).or_default() += lane.snapshots_behind.unwrap_or(0);
+        let status = match lane.status() {
+            LaneStatus::Pending => "pending",
+            LaneStatus::Completed => "completed",
+            LaneStatus::Failed => "failed",
+            LaneStatus::Paused => "paused",
+        };
+        *by_status.entry(status).or_default() += 1;
+        if lane.has_work() {
+            queue += 1;
+        }
+    }
+    for (d, seconds) in lag {
+        metrics.lag_seconds.get_or_create(&ReplicationMetrics::labels(d)).set(seconds);
+    }
+    for (d, n) in behind {
+        metrics.snapshots_behind.get_or_create(&ReplicationMetrics::labels(d)).set(n);
+    }
+    for (status, n) in by_status {
+        metrics.lanes.get_or_create(&StatusLabels { status }).set(n);
+    }
+    metrics.queue_depth.set(queue);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_maximum_with_jitter() {
+        let settings = ReplicationConfig {
+            retry_initial_backoff: Duration::from_secs(1),
+            retry_max_backoff: Duration::from_secs(60),
+            ..ReplicationConfig::default()
+        };
+        let first = backoff(&settings, 1);
+        assert!(first >= Duration::from_millis(500) && first <= Duration::from_millis(1500), "{first:?}");
+        let tenth = backoff(&settings, 10);
+        assert!(tenth >= Duration::from_secs(30) && tenth <= Duration::from_secs(90), "{tenth:?}");
+    }
+}

@@ -1,0 +1,630 @@
+//! The planner: what the next replica commit must be, from the source's
+//! metadata and the replica's.
+//!
+//! Pure and level-triggered: it looks only at the two current metadata
+//! documents (as raw JSON, so nothing it does not know is lost) and at what
+//! icerelay has written before, and answers with the one commit that brings
+//! the replica a step closer to the source, or with nothing when they agree.
+//! The lane applies that commit, and asks again with the replica's new
+//! metadata. So a lost hint, a restart or an unknown commit outcome all end
+//! the same way: the plan is made again from what is really there.
+//!
+//! The rules of a replica (see DESIGN.md, "What a replica must be"):
+//!
+//! - **One commit per source snapshot**, in sequence-number order, carrying
+//!   the metadata-only changes that are pending (new schemas, specs, sort
+//!   orders, current schema, default spec and order, properties, format
+//!   version, statistics). Catalogs refuse a snapshot more than a minute older
+//!   than the table's `last-updated-ms`, and a commit without a snapshot sets
+//!   it to now; folding keeps every snapshot acceptable.
+//! - **Historical fields are only ever added**: nothing removes a snapshot,
+//!   schema or spec from the replica, so source expiry stays on the source.
+//! - **Active state follows the source**: refs (branches and tags),
+//!   properties, format version. A branch moves through its history one
+//!   snapshot at a time (each main-branch snapshot gets its snapshot-log
+//!   entry); tags and other branches are set once their snapshot is there.
+//! - **Replica-specific fields are the replica's own**: location, paths
+//!   (rewritten through the lane's [`PathMap`]), properties set by the
+//!   destination or by an operator.
+//! - **Divergence is reported, never overwritten**: a snapshot or ref on the
+//!   replica that neither the source has nor icerelay wrote stops the lane.
+//! - Every commit carries `assert-table-uuid` and `assert-ref-snapshot-id`
+//!   for `main` and for each ref it moves, so a concurrent writer on the
+//!   replica makes the commit fail instead of being overwritten.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{Map, Value, json};
+
+use crate::rewrite::metadata::PATH_PROPERTIES;
+use crate::rewrite::{PathMap, RewriteError};
+
+/// The branch every table has.
+pub const MAIN: &str = "main";
+
+/// Why no plan can be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The replica has something the source does not, and icerelay did not write it.
+    #[error(
+        "the replica has diverged from the source: {detail}; icerelay does not overwrite it. Remove what was written \
+         on the replica (or drop the replica table to have it made again), then resync the lane"
+    )]
+    Diverged {
+        /// What differs.
+        detail: String,
+    },
+    /// A partition spec would get another id on the replica than on the
+    /// source; manifests name specs by id, so the replica would be unreadable.
+    #[error(
+        "partition spec {source_id} of the source is {detail} on the replica; manifests refer to specs by id, so \
+         the replica cannot take this table's files. Drop the replica table and resync"
+    )]
+    SpecMismatch {
+        /// The source's spec id.
+        source_id: i64,
+        /// What the replica has instead.
+        detail: String,
+    },
+    /// The metadata is not what the Iceberg spec describes.
+    #[error("{which} metadata is not valid Iceberg table metadata: {detail}")]
+    InvalidMetadata {
+        /// `source` or `replica`.
+        which: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A path cannot be mapped to the replica.
+    #[error(transparent)]
+    Rewrite(#[from] RewriteError),
+}
+
+/// What the planner compares.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanInput<'a> {
+    /// The source's current metadata.
+    pub source: &'a Value,
+    /// Where the source metadata was read (for messages).
+    pub source_file: &'a str,
+    /// The replica's current metadata.
+    pub replica: &'a Value,
+    /// Snapshot ids icerelay committed (or registered) on this replica.
+    pub replicated: &'a BTreeSet<i64>,
+    /// Source paths to replica paths.
+    pub map: &'a PathMap,
+    /// Property keys icerelay set from the source before (only these are
+    /// removed when the source removes them).
+    pub managed_properties: &'a BTreeSet<String>,
+    /// Properties the destination sets on every replica (they win over the source's).
+    pub destination_properties: &'a BTreeMap<String, String>,
+}
+
+/// One replica commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// `requirements` of the `updateTable` request.
+    pub requirements: Vec<Value>,
+    /// `updates` of the `updateTable` request.
+    pub updates: Vec<Value>,
+    /// The source snapshot this commit adds, if any; its files must be copied first.
+    pub snapshot: Option<i64>,
+    /// Snapshots whose statistics files this commit references (copy them first).
+    pub statistics_of: BTreeSet<i64>,
+    /// Property keys managed from the source once this commit is applied.
+    pub managed_properties: BTreeSet<String>,
+    /// Source snapshots still missing on the replica before this commit.
+    pub snapshots_behind: usize,
+}
+
+impl Step {
+    /// A short description for logs: the update actions in order.
+    pub fn describe(&self) -> String {
+        let actions: Vec<&str> = self.updates.iter().filter_map(|u| u.get("action").and_then(Value::as_str)).collect();
+        match self.snapshot {
+            Some(id) => format!("snapshot {id} ({})", actions.join(", ")),
+            None => format!("metadata ({})", actions.join(", ")),
+        }
+    }
+}
+
+/// Source snapshots the replica does not have.
+pub fn snapshots_behind(source: &Value, replica: &Value) -> usize {
+    let have = snapshot_ids(replica);
+    snapshots(source).iter().filter(|s| id_of(s).is_some_and(|id| !have.contains(&id))).count()
+}
+
+/// Plans the next replica commit; `None` when the replica agrees with the source.
+pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
+    let source = Table::new(input.source, "source")?;
+    let replica = Table::new(input.replica, "replica")?;
+    check_divergence(&source, &replica, input.replicated)?;
+
+    let missing = source.missing_on(&replica);
+    let next = missing.first().copied();
+    let mut updates = Vec::new();
+    let mut statistics_of = BTreeSet::new();
+
+    // Format version first: later updates may need it.
+    if source.format_version > replica.format_version {
+        updates.push(json!({"action": "upgrade-format-version", "format-version": source.format_version}));
+    }
+
+    // Historical fields, only ever added. An id the catalog might assign
+    // differently (it assigns the next free one) goes in a commit of its own,
+    // so that the next plan can read back what it became.
+    let schema_ids = match_by_structure(source.schemas(), replica.schemas(), "schema-id", same_schema);
+    let mut next_schema_id = replica.max_id(replica.schemas(), "schema-id") + 1;
+    let mut assigned_elsewhere = false;
+    let mut added_schemas = BTreeMap::new();
+    for schema in source.schemas() {
+        let Some(id) = schema.get("schema-id").and_then(Value::as_i64) else { continue };
+        if schema_ids.contains_key(&id) {
+            continue;
+        }
+        assigned_elsewhere |= id != next_schema_id;
+        added_schemas.insert(id, next_schema_id);
+        next_schema_id += 1;
+        updates.push(json!({"action": "add-schema", "schema": schema, "last-column-id": source.last_column_id()}));
+    }
+    for spec in source.specs() {
+        let Some(id) = spec.get("spec-id").and_then(Value::as_i64) else { continue };
+        match replica.specs().iter().find(|s| s.get("spec-id").and_then(Value::as_i64) == Some(id)) {
+            Some(there) if same_fields(spec, there) => continue,
+            Some(there) => {
+                return Err(PlanError::SpecMismatch {
+                    source_id: id,
+                    detail: format!(
+                        "a different spec ({} on the replica, {} on the source)",
+                        fields(there),
+                        fields(spec)
+                    ),
+                });
+            }
+            None => {}
+        }
+        if let Some(there) = replica.specs().iter().find(|s| same_fields(spec, s)) {
+            return Err(PlanError::SpecMismatch {
+                source_id: id,
+                detail: format!("spec {} (same fields, other id)", there.get("spec-id").unwrap_or(&Value::Null)),
+            });
+        }
+        assigned_elsewhere |= id != replica.max_id(replica.specs(), "spec-id") + 1;
+        updates.push(json!({"action": "add-spec", "spec": spec}));
+    }
+    let order_ids = match_by_structure(source.sort_orders(), replica.sort_orders(), "order-id", same_fields);
+    let mut added_orders = BTreeSet::new();
+    for order in source.sort_orders() {
+        let Some(id) = order.get("order-id").and_then(Value::as_i64) else { continue };
+        if !order_ids.contains_key(&id) {
+            assigned_elsewhere |=
+                id != replica.max_id(replica.sort_orders(), "order-id").max(0) + 1 + added_orders.len() as i64;
+            added_orders.insert(id);
+            updates.push(json!({"action": "add-sort-order", "sort-order": order}));
+        }
+    }
+    if assigned_elsewhere {
+        let ids_only: Vec<Value> = updates
+            .into_iter()
+            .filter(|u| matches!(action(u), "add-schema" | "add-spec" | "add-sort-order" | "upgrade-format-version"))
+            .collect();
+        return Ok(Some(Step {
+            requirements: requirements(&replica, &BTreeSet::new()),
+            updates: ids_only,
+            snapshot: None,
+            statistics_of,
+            managed_properties: input.managed_properties.clone(),
+            snapshots_behind: missing.len(),
+        }));
+    }
+
+    // Active state: current schema, default spec and sort order.
+    let schema_on_replica = |id: i64| schema_ids.get(&id).or_else(|| added_schemas.get(&id)).copied();
+    if let Some(current) = source.int("current-schema-id").and_then(schema_on_replica)
+        && replica.int("current-schema-id") != Some(current)
+    {
+        updates.push(json!({"action": "set-current-schema", "schema-id": current}));
+    }
+    if let Some(spec) = source.int("default-spec-id")
+        && replica.int("default-spec-id") != Some(spec)
+    {
+        updates.push(json!({"action": "set-default-spec", "spec-id": spec}));
+    }
+    let order_on_replica = |id: i64| order_ids.get(&id).copied().or_else(|| added_orders.contains(&id).then_some(id));
+    if let Some(order) = source.int("default-sort-order-id").and_then(order_on_replica)
+        && replica.int("default-sort-order-id") != Some(order)
+    {
+        updates.push(json!({"action": "set-default-sort-order", "sort-order-id": order}));
+    }
+
+    // Properties: the source's (paths rewritten), then the destination's.
+    let (property_updates, managed_properties) = properties(&source, &replica, input)?;
+    updates.extend(property_updates);
+
+    // Statistics of snapshots the replica has (or gets in this commit).
+    let on_replica = |id: i64| replica.has_snapshot(id) || next.is_some_and(|n| id_of(n) == Some(id));
+    for (field, action_name) in [("statistics", "set-statistics"), ("partition-statistics", "set-partition-statistics")]
+    {
+        for entry in source.list(field) {
+            let Some(id) = entry.get("snapshot-id").and_then(Value::as_i64).filter(|id| on_replica(*id)) else {
+                continue;
+            };
+            let mut rewritten = entry.clone();
+            if let Some(path) = entry.get("statistics-path").and_then(Value::as_str)
+                && let Some(obj) = rewritten.as_object_mut()
+            {
+                obj.insert("statistics-path".into(), Value::String(input.map.rewrite(path, input.source_file)?));
+            }
+            let there = replica.list(field).iter().find(|e| e.get("snapshot-id").and_then(Value::as_i64) == Some(id));
+            if there != Some(&rewritten) {
+                statistics_of.insert(id);
+                updates.push(if field == "statistics" {
+                    json!({"action": action_name, "snapshot-id": id, "statistics": rewritten})
+                } else {
+                    json!({"action": action_name, "partition-statistics": rewritten})
+                });
+            }
+        }
+    }
+
+    // The snapshot, with its manifest list at the replica and its schema id there.
+    let mut moved = BTreeSet::new();
+    if let Some(snapshot) = next {
+        let id = id_of(snapshot).ok_or_else(|| invalid("source", "a snapshot has no `snapshot-id`"))?;
+        let mut added = snapshot.clone();
+        let obj = added.as_object_mut().ok_or_else(|| invalid("source", "a snapshot is not an object"))?;
+        let list = snapshot.get("manifest-list").and_then(Value::as_str).ok_or_else(|| {
+            invalid("source", &format!("snapshot {id} has no `manifest-list` (v1 inline manifests cannot be replayed)"))
+        })?;
+        obj.insert("manifest-list".into(), Value::String(input.map.rewrite(list, input.source_file)?));
+        if let Some(schema) = snapshot.get("schema-id").and_then(Value::as_i64) {
+            let mapped = schema_on_replica(schema).ok_or_else(|| {
+                invalid("source", &format!("snapshot {id} names schema {schema}, which the source does not have"))
+            })?;
+            obj.insert("schema-id".into(), json!(mapped));
+        }
+        updates.push(json!({"action": "add-snapshot", "snapshot": added}));
+        for (name, target) in source.refs() {
+            let follows = |on_replica: Option<i64>| {
+                name == MAIN && on_replica.is_none() || on_replica.is_some_and(|r| source.is_ancestor(r, id, &replica))
+            };
+            let moves = target.id == id
+                || target.is_branch() && source.is_ancestor(id, target.id, &replica) && follows(replica.ref_id(&name));
+            if moves {
+                updates.push(set_ref(&name, target.json, id));
+                moved.insert(name);
+            }
+        }
+    } else {
+        for (name, target) in source.refs() {
+            if !replica.has_snapshot(target.id) {
+                continue;
+            }
+            let there = replica.refs().into_iter().find(|(n, _)| *n == name).map(|(_, r)| r);
+            if there.is_none_or(|r| r.id != target.id || !same_ref_settings(r.json, target.json)) {
+                updates.push(set_ref(&name, target.json, target.id));
+                moved.insert(name);
+            }
+        }
+    }
+    let source_refs: BTreeSet<String> = source.refs().into_iter().map(|(n, _)| n).collect();
+    for (name, _) in replica.refs() {
+        if !source_refs.contains(&name) {
+            updates.push(json!({"action": "remove-snapshot-ref", "ref-name": name}));
+            moved.insert(name);
+        }
+    }
+
+    if updates.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Step {
+        requirements: requirements(&replica, &moved),
+        updates,
+        snapshot: next.and_then(id_of),
+        statistics_of,
+        managed_properties,
+        snapshots_behind: missing.len(),
+    }))
+}
+
+/// `assert-table-uuid`, and `assert-ref-snapshot-id` for `main` and every moved ref.
+fn requirements(replica: &Table<'_>, moved: &BTreeSet<String>) -> Vec<Value> {
+    let mut out = Vec::new();
+    if let Some(uuid) = replica.value.get("table-uuid").and_then(Value::as_str) {
+        out.push(json!({"type": "assert-table-uuid", "uuid": uuid}));
+    }
+    let mut refs: BTreeSet<&str> = moved.iter().map(String::as_str).collect();
+    refs.insert(MAIN);
+    for name in refs {
+        out.push(json!({"type": "assert-ref-snapshot-id", "ref": name, "snapshot-id": replica.ref_id(name)}));
+    }
+    out
+}
+
+fn set_ref(name: &str, source_ref: &Value, id: i64) -> Value {
+    let mut update = json!({"action": "set-snapshot-ref", "ref-name": name, "snapshot-id": id,
+        "type": source_ref.get("type").and_then(Value::as_str).unwrap_or("branch")});
+    for key in ["max-ref-age-ms", "max-snapshot-age-ms", "min-snapshots-to-keep"] {
+        if let (Some(v), Some(obj)) = (source_ref.get(key).filter(|v| !v.is_null()), update.as_object_mut()) {
+            obj.insert(key.into(), v.clone());
+        }
+    }
+    update
+}
+
+fn same_ref_settings(a: &Value, b: &Value) -> bool {
+    ["type", "max-ref-age-ms", "max-snapshot-age-ms", "min-snapshots-to-keep"]
+        .iter()
+        .all(|k| a.get(*k).filter(|v| !v.is_null()) == b.get(*k).filter(|v| !v.is_null()))
+}
+
+/// Property updates and the keys managed afterwards.
+fn properties(
+    source: &Table<'_>,
+    replica: &Table<'_>,
+    input: &PlanInput<'_>,
+) -> Result<(Vec<Value>, BTreeSet<String>), PlanError> {
+    let mut desired: BTreeMap<String, String> = BTreeMap::new();
+    for (key, value) in &source.properties() {
+        let Some(text) = value.as_str() else { continue };
+        if input.destination_properties.contains_key(key) {
+            continue;
+        }
+        let text = if PATH_PROPERTIES.contains(&key.as_str()) {
+            input.map.rewrite(text, &format!("{} (property {key})", input.source_file))?
+        } else {
+            text.to_owned()
+        };
+        desired.insert(key.clone(), text);
+    }
+    let managed: BTreeSet<String> = desired.keys().cloned().collect();
+    desired.extend(input.destination_properties.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let current = replica.properties();
+    let set: Map<String, Value> = desired
+        .iter()
+        .filter(|(k, v)| current.get(*k).and_then(Value::as_str) != Some(v.as_str()))
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    let removed: Vec<&String> =
+        current.keys().filter(|k| !desired.contains_key(*k) && input.managed_properties.contains(*k)).collect();
+    let mut updates = Vec::new();
+    if !set.is_empty() {
+        updates.push(json!({"action": "set-properties", "updates": set}));
+    }
+    if !removed.is_empty() {
+        updates.push(json!({"action": "remove-properties", "removals": removed}));
+    }
+    Ok((updates, managed))
+}
+
+fn check_divergence(source: &Table<'_>, replica: &Table<'_>, replicated: &BTreeSet<i64>) -> Result<(), PlanError> {
+    let known = |id: i64| source.has_snapshot(id) || replicated.contains(&id);
+    let foreign: Vec<String> =
+        replica.snapshots().iter().filter_map(id_of).filter(|id| !known(*id)).map(|id| id.to_string()).collect();
+    if !foreign.is_empty() {
+        return Err(PlanError::Diverged {
+            detail: format!(
+                "snapshot(s) {} are on the replica but neither on the source nor written by icerelay",
+                foreign.join(", ")
+            ),
+        });
+    }
+    for (name, r) in replica.refs() {
+        if !known(r.id) {
+            return Err(PlanError::Diverged {
+                detail: format!("ref {name:?} points at snapshot {}, which the source does not have", r.id),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A ref's target and its JSON.
+struct RefTarget<'a> {
+    id: i64,
+    json: &'a Value,
+}
+
+impl RefTarget<'_> {
+    fn is_branch(&self) -> bool {
+        self.json.get("type").and_then(Value::as_str) != Some("tag")
+    }
+}
+
+/// Read access to one metadata document.
+struct Table<'a> {
+    value: &'a Value,
+    format_version: i64,
+}
+
+static EMPTY: Vec<Value> = Vec::new();
+
+impl<'a> Table<'a> {
+    fn new(value: &'a Value, which: &'static str) -> Result<Self, PlanError> {
+        if !value.is_object() {
+            return Err(invalid(which, "not a JSON object"));
+        }
+        let format_version =
+            value.get("format-version").and_then(Value::as_i64).ok_or_else(|| invalid(which, "no `format-version`"))?;
+        Ok(Self { value, format_version })
+    }
+
+    fn int(&self, key: &str) -> Option<i64> {
+        self.value.get(key).and_then(Value::as_i64)
+    }
+
+    fn list(&self, key: &str) -> &'a [Value] {
+        self.value.get(key).and_then(Value::as_array).map_or(EMPTY.as_slice(), Vec::as_slice)
+    }
+
+    fn snapshots(&self) -> &'a [Value] {
+        self.list("snapshots")
+    }
+
+    fn schemas(&self) -> &'a [Value] {
+        self.list("schemas")
+    }
+
+    fn specs(&self) -> &'a [Value] {
+        self.list("partition-specs")
+    }
+
+    fn sort_orders(&self) -> &'a [Value] {
+        self.list("sort-orders")
+    }
+
+    fn last_column_id(&self) -> Option<i64> {
+        self.int("last-column-id")
+    }
+
+    fn max_id(&self, items: &[Value], key: &str) -> i64 {
+        items.iter().filter_map(|i| i.get(key).and_then(Value::as_i64)).max().unwrap_or(-1)
+    }
+
+    fn properties(&self) -> Map<String, Value> {
+        self.value.get("properties").and_then(Value::as_object).cloned().unwrap_or_default()
+    }
+
+    fn snapshot(&self, id: i64) -> Option<&'a Value> {
+        self.snapshots().iter().find(|s| id_of(s) == Some(id))
+    }
+
+    fn has_snapshot(&self, id: i64) -> bool {
+        self.snapshot(id).is_some()
+    }
+
+    /// Refs by name; a v1 table without `refs` has `main` at its current snapshot.
+    fn refs(&self) -> Vec<(String, RefTarget<'a>)> {
+        match self.value.get("refs").and_then(Value::as_object) {
+            Some(refs) => refs
+                .iter()
+                .filter_map(|(name, r)| {
+                    let id = r.get("snapshot-id").and_then(Value::as_i64)?;
+                    Some((name.clone(), RefTarget { id, json: r }))
+                })
+                .collect(),
+            None => {
+                static BRANCH: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| json!({"type": "branch"}));
+                match self.int("current-snapshot-id").filter(|id| *id >= 0) {
+                    Some(id) => vec![(MAIN.to_owned(), RefTarget { id, json: &BRANCH })],
+                    None => Vec::new(),
+                }
+            }
+        }
+    }
+
+    fn ref_id(&self, name: &str) -> Option<i64> {
+        self.refs().into_iter().find(|(n, _)| n == name).map(|(_, r)| r.id)
+    }
+
+    /// Source snapshots `other` lacks, oldest first.
+    fn missing_on(&self, other: &Table<'_>) -> Vec<&'a Value> {
+        let have = snapshot_ids(other.value);
+        let mut missing: Vec<&Value> =
+            self.snapshots().iter().filter(|s| id_of(s).is_some_and(|id| !have.contains(&id))).collect();
+        missing.sort_by_key(|s| {
+            (
+                s.get("sequence-number").and_then(Value::as_i64).unwrap_or(0),
+                s.get("timestamp-ms").and_then(Value::as_i64).unwrap_or(0),
+                id_of(s).unwrap_or(0),
+            )
+        });
+        missing
+    }
+
+    /// Whether `ancestor` is `id` or one of its ancestors, following parents
+    /// through this table's snapshots and then `other`'s (which keeps
+    /// snapshots this one expired).
+    fn is_ancestor(&self, ancestor: i64, id: i64, other: &Table<'_>) -> bool {
+        let mut current = Some(id);
+        let mut steps = 0;
+        while let Some(c) = current {
+            if c == ancestor {
+                return true;
+            }
+            steps += 1;
+            if steps > 100_000 {
+                return false;
+            }
+            current = self
+                .snapshot(c)
+                .or_else(|| other.snapshot(c))
+                .and_then(|s| s.get("parent-snapshot-id"))
+                .and_then(Value::as_i64);
+        }
+        false
+    }
+}
+
+fn snapshot_ids(metadata: &Value) -> BTreeSet<i64> {
+    snapshots(metadata).iter().filter_map(id_of).collect()
+}
+
+fn snapshots(metadata: &Value) -> &[Value] {
+    metadata.get("snapshots").and_then(Value::as_array).map_or(EMPTY.as_slice(), Vec::as_slice)
+}
+
+fn id_of(snapshot: &Value) -> Option<i64> {
+    snapshot.get("snapshot-id").and_then(Value::as_i64)
+}
+
+fn action(update: &Value) -> &str {
+    update.get("action").and_then(Value::as_str).unwrap_or("")
+}
+
+fn invalid(which: &'static str, detail: &str) -> PlanError {
+    PlanError::InvalidMetadata { which, detail: detail.to_owned() }
+}
+
+/// Source id to replica id, for items the replica has with the same content
+/// (the same id first, then any id).
+fn match_by_structure(
+    source: &[Value],
+    replica: &[Value],
+    id_key: &str,
+    same: fn(&Value, &Value) -> bool,
+) -> BTreeMap<i64, i64> {
+    let mut out = BTreeMap::new();
+    for item in source {
+        let Some(id) = item.get(id_key).and_then(Value::as_i64) else { continue };
+        let same_id = replica.iter().find(|r| r.get(id_key).and_then(Value::as_i64) == Some(id) && same(item, r));
+        let any = same_id.or_else(|| replica.iter().find(|r| same(item, r)));
+        if let Some(found) = any.and_then(|r| r.get(id_key)).and_then(Value::as_i64) {
+            out.insert(id, found);
+        }
+    }
+    out
+}
+
+/// Same fields (ids, names, types, requiredness, defaults, docs) and identifier fields.
+fn same_schema(a: &Value, b: &Value) -> bool {
+    same_fields(a, b)
+        && normalized(a.get("identifier-field-ids").unwrap_or(&Value::Null))
+            == normalized(b.get("identifier-field-ids").unwrap_or(&Value::Null))
+}
+
+fn same_fields(a: &Value, b: &Value) -> bool {
+    normalized(a.get("fields").unwrap_or(&Value::Null)) == normalized(b.get("fields").unwrap_or(&Value::Null))
+}
+
+fn fields(item: &Value) -> String {
+    item.get("fields").map_or_else(|| "[]".to_owned(), Value::to_string)
+}
+
+/// Catalogs differ in how they spell "nothing": `null`, a missing key, `[]`.
+fn normalized(v: &Value) -> Value {
+    match v {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .filter(|(_, v)| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+                .map(|(k, v)| (k.clone(), normalized(v)))
+                .collect(),
+        ),
+        Value::Array(items) if items.is_empty() => Value::Null,
+        Value::Array(items) => Value::Array(items.iter().map(normalized).collect()),
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,382 @@
+//! Planner tests against a tiny in-memory catalog that applies commits the
+//! way the REST catalogs of the test stack do (ids assigned as the next free
+//! one, requirements checked).
+
+use super::*;
+
+const SRC: &str = "s3://w/db/t";
+const REP: &str = "s3://r/db/t";
+
+fn schema(id: i64, fields: &[(i64, &str)]) -> Value {
+    json!({"type": "struct", "schema-id": id,
+        "fields": fields.iter().map(|(i, n)| json!({"id": i, "name": n, "type": "long", "required": false})).collect::<Vec<_>>()})
+}
+
+fn snap(id: i64, parent: Option<i64>, seq: i64, schema: i64) -> Value {
+    json!({"snapshot-id": id, "parent-snapshot-id": parent, "sequence-number": seq, "timestamp-ms": 1000 + seq,
+        "manifest-list": format!("{SRC}/metadata/snap-{id}.avro"), "summary": {"operation": "append"}, "schema-id": schema})
+}
+
+fn source() -> Value {
+    json!({
+        "format-version": 2, "table-uuid": "src-uuid", "location": SRC, "last-column-id": 2,
+        "schemas": [schema(0, &[(1, "a")]), schema(1, &[(1, "a"), (2, "b")])], "current-schema-id": 1,
+        "partition-specs": [{"spec-id": 0, "fields": []}], "default-spec-id": 0,
+        "sort-orders": [{"order-id": 0, "fields": []}], "default-sort-order-id": 0,
+        "properties": {"owner": "me", "write.data.path": format!("{SRC}/data")},
+        "snapshots": [snap(10, None, 1, 0), snap(20, Some(10), 2, 1)],
+        "refs": {"main": {"snapshot-id": 20, "type": "branch"}},
+        "current-snapshot-id": 20
+    })
+}
+
+/// A replica as createTable leaves it: first schema and spec, no snapshots.
+fn created() -> Value {
+    json!({
+        "format-version": 2, "table-uuid": "rep-uuid", "location": REP, "last-column-id": 1,
+        "schemas": [schema(0, &[(1, "a")])], "current-schema-id": 0,
+        "partition-specs": [{"spec-id": 0, "fields": []}], "default-spec-id": 0,
+        "sort-orders": [{"order-id": 0, "fields": []}], "default-sort-order-id": 0,
+        "properties": {"schema.name-mapping.default": "catalog's own"},
+        "snapshots": [], "refs": {}, "current-snapshot-id": -1
+    })
+}
+
+fn map() -> PathMap {
+    PathMap::from_locations(SRC, REP).expect("valid")
+}
+
+struct Lane {
+    replica: Value,
+    replicated: BTreeSet<i64>,
+    managed: BTreeSet<String>,
+    destination: BTreeMap<String, String>,
+}
+
+impl Lane {
+    fn new(replica: Value) -> Self {
+        Self { replica, replicated: BTreeSet::new(), managed: BTreeSet::new(), destination: BTreeMap::new() }
+    }
+
+    fn plan(&self, source: &Value) -> Result<Option<Step>, PlanError> {
+        let map = map();
+        next_step(&PlanInput {
+            source,
+            source_file: "src.metadata.json",
+            replica: &self.replica,
+            replicated: &self.replicated,
+            map: &map,
+            managed_properties: &self.managed,
+            destination_properties: &self.destination,
+        })
+    }
+
+    /// Plans and applies until converged; returns the steps.
+    fn converge(&mut self, source: &Value) -> Vec<Step> {
+        let mut steps = Vec::new();
+        while let Some(step) = self.plan(source).expect("plans") {
+            apply(&mut self.replica, &step).expect("the catalog accepts the commit");
+            if let Some(id) = step.snapshot {
+                self.replicated.insert(id);
+            }
+            self.managed = step.managed_properties.clone();
+            steps.push(step);
+            assert!(steps.len() < 50, "does not converge; last step: {:?}", steps.last().map(Step::describe));
+        }
+        steps
+    }
+}
+
+/// Applies a commit like a REST catalog.
+fn apply(table: &mut Value, step: &Step) -> Result<(), String> {
+    for r in &step.requirements {
+        match r["type"].as_str() {
+            Some("assert-table-uuid") if table["table-uuid"] != r["uuid"] => return Err("uuid".into()),
+            Some("assert-ref-snapshot-id") => {
+                let name = r["ref"].as_str().unwrap_or_default();
+                let have = table["refs"].get(name).map(|x| x["snapshot-id"].clone()).unwrap_or(Value::Null);
+                if have != r["snapshot-id"] {
+                    return Err(format!("ref {name} is {have}, expected {}", r["snapshot-id"]));
+                }
+            }
+            _ => {}
+        }
+    }
+    let t = table.as_object_mut().ok_or("not an object")?;
+    for u in &step.updates {
+        match u["action"].as_str().unwrap_or_default() {
+            "add-schema" => {
+                let list = t["schemas"].as_array_mut().ok_or("schemas")?;
+                let next = list.iter().filter_map(|s| s["schema-id"].as_i64()).max().unwrap_or(-1) + 1;
+                let mut s = u["schema"].clone();
+                s["schema-id"] = json!(next);
+                list.push(s);
+            }
+            "set-current-schema" => {
+                t.insert("current-schema-id".into(), u["schema-id"].clone());
+            }
+            "add-spec" => {
+                let list = t["partition-specs"].as_array_mut().ok_or("specs")?;
+                let next = list.iter().filter_map(|s| s["spec-id"].as_i64()).max().unwrap_or(-1) + 1;
+                let mut s = u["spec"].clone();
+                s["spec-id"] = json!(next);
+                list.push(s);
+            }
+            "set-default-spec" => {
+                t.insert("default-spec-id".into(), u["spec-id"].clone());
+            }
+            "add-sort-order" => {
+                let list = t["sort-orders"].as_array_mut().ok_or("orders")?;
+                let next = list.iter().filter_map(|s| s["order-id"].as_i64()).max().unwrap_or(0) + 1;
+                let mut s = u["sort-order"].clone();
+                s["order-id"] = json!(next);
+                list.push(s);
+            }
+            "set-default-sort-order" => {
+                t.insert("default-sort-order-id".into(), u["sort-order-id"].clone());
+            }
+            "add-snapshot" => {
+                let s = u["snapshot"].clone();
+                let list = t["snapshots"].as_array_mut().ok_or("snapshots")?;
+                if list.iter().any(|x| x["snapshot-id"] == s["snapshot-id"]) {
+                    return Err("duplicate snapshot".into());
+                }
+                list.push(s);
+            }
+            "set-snapshot-ref" => {
+                let name = u["ref-name"].as_str().ok_or("ref-name")?.to_owned();
+                let mut r = u.clone();
+                let obj = r.as_object_mut().ok_or("ref")?;
+                obj.remove("action");
+                obj.remove("ref-name");
+                t["refs"][&name] = r;
+                if name == MAIN {
+                    t.insert("current-snapshot-id".into(), u["snapshot-id"].clone());
+                }
+            }
+            "remove-snapshot-ref" => {
+                let name = u["ref-name"].as_str().ok_or("ref-name")?;
+                t["refs"].as_object_mut().ok_or("refs")?.remove(name);
+            }
+            "set-properties" => {
+                for (k, v) in u["updates"].as_object().ok_or("updates")? {
+                    t["properties"][k] = v.clone();
+                }
+            }
+            "remove-properties" => {
+                for k in u["removals"].as_array().ok_or("removals")? {
+                    t["properties"].as_object_mut().ok_or("props")?.remove(k.as_str().unwrap_or_default());
+                }
+            }
+            "upgrade-format-version" => {
+                t.insert("format-version".into(), u["format-version"].clone());
+            }
+            "set-statistics" => {
+                let list = t.entry("statistics").or_insert_with(|| json!([])).as_array_mut().ok_or("stats")?;
+                list.retain(|e| e["snapshot-id"] != u["snapshot-id"]);
+                list.push(u["statistics"].clone());
+            }
+            other => return Err(format!("unexpected action {other}")),
+        }
+    }
+    Ok(())
+}
+
+fn actions(step: &Step) -> Vec<&str> {
+    step.updates.iter().filter_map(|u| u["action"].as_str()).collect()
+}
+
+#[test]
+fn one_commit_per_snapshot_with_pending_metadata_folded_into_the_first() {
+    let mut lane = Lane::new(created());
+    let steps = lane.converge(&source());
+    assert_eq!(steps.len(), 2);
+    assert_eq!(
+        actions(&steps[0]),
+        ["add-schema", "set-current-schema", "set-properties", "add-snapshot", "set-snapshot-ref"]
+    );
+    assert_eq!(steps[0].snapshot, Some(10));
+    assert_eq!(
+        steps[0].requirements,
+        vec![
+            json!({"type": "assert-table-uuid", "uuid": "rep-uuid"}),
+            json!({"type": "assert-ref-snapshot-id", "ref": "main", "snapshot-id": null}),
+        ]
+    );
+    let added = &steps[0].updates[3]["snapshot"];
+    assert_eq!(added["manifest-list"], format!("{REP}/metadata/snap-10.avro"), "manifest list at the replica");
+    assert_eq!(added["schema-id"], 0);
+    assert_eq!(added["timestamp-ms"], 1001, "the source's own timestamp");
+    assert_eq!(actions(&steps[1]), ["add-snapshot", "set-snapshot-ref"]);
+    assert_eq!(steps[1].requirements[1], json!({"type": "assert-ref-snapshot-id", "ref": "main", "snapshot-id": 10}));
+    assert_eq!(steps[1].snapshots_behind, 1);
+
+    let r = &lane.replica;
+    assert_eq!(r["refs"]["main"]["snapshot-id"], 20);
+    assert_eq!(r["current-schema-id"], 1);
+    assert_eq!(r["properties"]["owner"], "me");
+    assert_eq!(r["properties"]["write.data.path"], format!("{REP}/data"), "path properties are rewritten");
+    assert_eq!(r["properties"]["schema.name-mapping.default"], "catalog's own", "not managed, so kept");
+    assert!(!r.to_string().contains("s3://w/"), "no source path on the replica: {r}");
+    assert_eq!(snapshots_behind(&source(), r), 0);
+}
+
+#[test]
+fn source_expiry_and_removed_schemas_never_reach_the_replica() {
+    let mut lane = Lane::new(created());
+    lane.converge(&source());
+    let mut expired = source();
+    expired["snapshots"] = json!([snap(20, Some(10), 2, 1)]);
+    expired["schemas"] = json!([schema(1, &[(1, "a"), (2, "b")])]);
+    assert!(lane.plan(&expired).expect("plans").is_none(), "nothing to do");
+    assert_eq!(lane.replica["snapshots"].as_array().map(Vec::len), Some(2), "history kept");
+    // And a snapshot after the expiry still follows.
+    expired["snapshots"].as_array_mut().expect("list").push(snap(30, Some(20), 3, 1));
+    expired["refs"]["main"]["snapshot-id"] = json!(30);
+    let steps = lane.converge(&expired);
+    assert_eq!(steps.iter().map(|s| s.snapshot).collect::<Vec<_>>(), [Some(30)]);
+}
+
+#[test]
+fn branches_and_tags_follow_their_snapshots() {
+    let mut src = source();
+    src["snapshots"].as_array_mut().expect("list").push(snap(30, Some(10), 3, 1));
+    src["refs"] = json!({
+        "main": {"snapshot-id": 20, "type": "branch"},
+        "audit": {"snapshot-id": 30, "type": "branch", "max-ref-age-ms": 5000},
+        "v1": {"snapshot-id": 10, "type": "tag"}
+    });
+    let mut lane = Lane::new(created());
+    let steps = lane.converge(&src);
+    let moved: Vec<Vec<&str>> = steps
+        .iter()
+        .map(|s| {
+            s.updates
+                .iter()
+                .filter(|u| u["action"] == "set-snapshot-ref")
+                .filter_map(|u| u["ref-name"].as_str())
+                .collect()
+        })
+        .collect();
+    assert_eq!(moved, [vec!["main", "v1"], vec!["main"], vec!["audit"]]);
+    let audit = steps[2].updates.iter().find(|u| u["ref-name"] == "audit").expect("audit");
+    assert_eq!(audit["max-ref-age-ms"], 5000);
+    assert!(
+        steps[2].requirements.contains(&json!({"type": "assert-ref-snapshot-id", "ref": "audit", "snapshot-id": null}))
+    );
+
+    // A tag removed on the source goes away on the replica; a rollback moves main back.
+    src["refs"].as_object_mut().expect("refs").remove("v1");
+    src["refs"]["main"]["snapshot-id"] = json!(10);
+    let steps = lane.converge(&src);
+    assert_eq!(actions(&steps[0]), ["set-snapshot-ref", "remove-snapshot-ref"]);
+    assert_eq!(lane.replica["refs"]["main"]["snapshot-id"], 10);
+}
+
+#[test]
+fn a_snapshot_nobody_replicated_is_divergence() {
+    let mut lane = Lane::new(created());
+    lane.converge(&source());
+    lane.replica["snapshots"].as_array_mut().expect("list").push(snap(99, Some(20), 3, 1));
+    lane.replica["refs"]["main"]["snapshot-id"] = json!(99);
+    let e = lane.plan(&source()).expect_err("diverged");
+    assert!(e.to_string().contains("99"), "{e}");
+    assert!(matches!(e, PlanError::Diverged { .. }));
+}
+
+#[test]
+fn schema_ids_the_catalog_may_assign_differently_get_their_own_commit() {
+    let mut src = source();
+    // Schema 1 was removed on the source: schema 2 is next after 0.
+    src["schemas"] = json!([schema(0, &[(1, "a")]), schema(2, &[(1, "a"), (2, "b")])]);
+    src["current-schema-id"] = json!(2);
+    src["snapshots"] = json!([snap(10, None, 1, 0), snap(20, Some(10), 2, 2)]);
+    let mut lane = Lane::new(created());
+    let first = lane.plan(&src).expect("plans").expect("a step");
+    assert_eq!(actions(&first), ["add-schema"], "alone, so its id can be read back");
+    assert_eq!(first.snapshot, None);
+    let steps = lane.converge(&src);
+    let last = steps.last().expect("steps");
+    // The catalog gave the schema id 1; the snapshot names it so.
+    assert_eq!(last.updates[0]["snapshot"]["schema-id"], 1);
+    assert_eq!(lane.replica["current-schema-id"], 1);
+}
+
+#[test]
+fn a_spec_under_another_id_is_refused() {
+    let mut src = source();
+    src["partition-specs"] =
+        json!([{"spec-id": 0, "fields": [{"source-id": 1, "field-id": 1000, "name": "a", "transform": "identity"}]}]);
+    let e = Lane::new(created()).plan(&src).expect_err("mismatch");
+    assert!(matches!(e, PlanError::SpecMismatch { source_id: 0, .. }), "{e}");
+}
+
+#[test]
+fn new_specs_and_sort_orders_are_added_and_made_default() {
+    let mut src = source();
+    src["partition-specs"].as_array_mut().expect("specs").push(
+        json!({"spec-id": 1, "fields": [{"source-id": 1, "field-id": 1000, "name": "a", "transform": "identity"}]}),
+    );
+    src["default-spec-id"] = json!(1);
+    src["sort-orders"].as_array_mut().expect("orders").push(
+        json!({"order-id": 1, "fields": [{"source-id": 1, "transform": "identity", "direction": "asc", "null-order": "nulls-first"}]}),
+    );
+    src["default-sort-order-id"] = json!(1);
+    let mut lane = Lane::new(created());
+    let steps = lane.converge(&src);
+    assert!(actions(&steps[0]).starts_with(&[
+        "add-schema",
+        "add-spec",
+        "add-sort-order",
+        "set-current-schema",
+        "set-default-spec",
+        "set-default-sort-order"
+    ]));
+    assert_eq!(lane.replica["default-spec-id"], 1);
+    assert_eq!(lane.replica["default-sort-order-id"], 1);
+    assert!(lane.plan(&src).expect("plans").is_none());
+}
+
+#[test]
+fn properties_follow_the_source_but_the_replicas_own_stay() {
+    let mut lane = Lane::new(created());
+    lane.destination.insert("retention".into(), "30d".into());
+    lane.destination.insert("owner".into(), "dr-team".into());
+    lane.replica["properties"]["operator.note"] = json!("mine");
+    lane.converge(&source());
+    assert_eq!(lane.replica["properties"]["owner"], "dr-team", "the destination's value wins");
+    assert_eq!(lane.replica["properties"]["retention"], "30d");
+
+    let mut src = source();
+    src["properties"] = json!({"new": "1"});
+    let steps = lane.converge(&src);
+    assert_eq!(actions(&steps[0]), ["set-properties", "remove-properties"]);
+    assert_eq!(steps[0].updates[1]["removals"], json!(["write.data.path"]));
+    let props = &lane.replica["properties"];
+    assert_eq!(props["operator.note"], "mine", "never set by icerelay, so never removed");
+    assert_eq!(props["owner"], "dr-team");
+    assert_eq!(props["new"], "1");
+}
+
+#[test]
+fn statistics_are_set_with_replica_paths_and_format_upgrades_replay() {
+    let mut src = source();
+    src["format-version"] = json!(3);
+    src["statistics"] = json!([{"snapshot-id": 20, "statistics-path": format!("{SRC}/metadata/stats-20.puffin"),
+        "file-size-in-bytes": 10, "file-footer-size-in-bytes": 4, "blob-metadata": []}]);
+    let mut lane = Lane::new(created());
+    let steps = lane.converge(&src);
+    assert_eq!(actions(&steps[0])[0], "upgrade-format-version");
+    let with_stats = steps.iter().find(|s| !s.statistics_of.is_empty()).expect("statistics set");
+    assert_eq!(with_stats.snapshot, Some(20), "set with the snapshot they describe");
+    assert_eq!(lane.replica["statistics"][0]["statistics-path"], format!("{REP}/metadata/stats-20.puffin"));
+    assert_eq!(lane.replica["format-version"], 3);
+}
+
+#[test]
+fn unmapped_paths_stop_the_plan_with_the_path_in_the_message() {
+    let mut src = source();
+    src["snapshots"][0]["manifest-list"] = json!("s3://elsewhere/snap.avro");
+    let e = Lane::new(created()).plan(&src).expect_err("unmapped");
+    assert!(e.to_string().contains("s3://elsewhere/snap.avro"), "{e}");
+}

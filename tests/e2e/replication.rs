@@ -1,0 +1,437 @@
+//! Replication end to end: writers go through icerelay to a real primary
+//! catalog (SeaweedFS); the replica is another real catalog (a second
+//! SeaweedFS, or rustberg) read directly with PyIceberg and DuckDB.
+//!
+//! For every case the replica must have the source's snapshot ids, parents,
+//! sequence numbers, timestamps and refs, in the source's order; the same rows
+//! at every snapshot; no path into the source's storage; and the status API
+//! must say `completed` with the replica's real metadata location.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use icerelay::catalog::{ClientSettings, Namespace, RestCatalog, TableIdent};
+use icerelay::config::{AuthConfig, Secret};
+use serde_json::{Value, json};
+
+use crate::harness::{Relay, RelayProcess, Rustberg, SeaweedFs, duckdb_extensions, python, unique};
+
+/// A replica catalog of the tests.
+#[derive(Clone, Copy)]
+enum Replica {
+    Seaweed(&'static SeaweedFs),
+    Rustberg(&'static Rustberg),
+}
+
+impl Replica {
+    fn destination_toml(self) -> String {
+        match self {
+            Self::Seaweed(s) => format!(
+                "[[destinations]]\nname = \"dr\"\nuri = \"{}\"\nwarehouse = \"{}\"\nauth = {}\n\n{}",
+                s.catalog_uri(),
+                s.warehouse(),
+                s.auth_toml(),
+                s.storage_toml()
+            ),
+            Self::Rustberg(r) => {
+                format!("[[destinations]]\nname = \"dr\"\nuri = \"{}\"\nwarehouse = \"{}\"\n", r.uri, r.warehouse)
+            }
+        }
+    }
+
+    fn conn(self) -> Value {
+        match self {
+            Self::Seaweed(s) => s.client_conn(s.catalog_uri()),
+            Self::Rustberg(r) => r.client_conn(),
+        }
+    }
+
+    fn catalog(self) -> RestCatalog {
+        match self {
+            Self::Seaweed(s) => seaweed_catalog(s),
+            Self::Rustberg(r) => RestCatalog::new(
+                "replica",
+                reqwest::Url::parse(&r.uri).expect("uri"),
+                Some(r.warehouse.clone()),
+                &AuthConfig::None,
+                settings(),
+            )
+            .expect("client"),
+        }
+    }
+
+    /// S3 settings for check_copy.py, when the replica's files are on S3.
+    fn s3(self) -> Option<Value> {
+        match self {
+            Self::Seaweed(s) => Some(s.s3_json()),
+            Self::Rustberg(_) => None,
+        }
+    }
+}
+
+fn settings() -> ClientSettings {
+    ClientSettings { connect_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(30) }
+}
+
+fn seaweed_catalog(s: &SeaweedFs) -> RestCatalog {
+    let auth = AuthConfig::OAuth2 {
+        client_id: "admin".into(),
+        client_secret: Secret::new(s.secret()),
+        token_endpoint: None,
+        scope: "catalog".into(),
+    };
+    RestCatalog::new(
+        "test",
+        reqwest::Url::parse(s.catalog_uri()).expect("uri"),
+        Some(s.warehouse().into()),
+        &auth,
+        settings(),
+    )
+    .expect("client")
+}
+
+/// icerelay's configuration: the shared SeaweedFS as primary, `replica` as
+/// the destination, a rule for `namespace`.
+fn relay_toml(replica: Replica, namespace: &str, state: &std::path::Path, extra: &str) -> String {
+    let source = SeaweedFs::shared();
+    format!(
+        "state_dir = \"{}\"\n{extra}\n[primary]\nuri = \"{}\"\nwarehouse = \"{}\"\nauth = {}\n\n[replication]\nreconcile_interval = \"2s\"\nretry_initial_backoff = \"200ms\"\nretry_max_backoff = \"2s\"\n\n{}\n{}\n[[rules]]\nnamespace = \"{namespace}\"\ndestinations = [\"dr\"]\n",
+        state.display(),
+        source.catalog_uri(),
+        source.warehouse(),
+        source.auth_toml(),
+        source.storage_toml(),
+        replica.destination_toml(),
+    )
+}
+
+/// Runs `writer.py` against the catalog at `uri` (icerelay or the primary itself).
+async fn write(uri: &str, table: &str, ops: Value) -> Value {
+    let source = SeaweedFs::shared();
+    let conn = source.client_conn(uri);
+    python(
+        "writer.py",
+        vec![conn.to_string(), table.into(), ops.to_string(), duckdb_extensions().display().to_string()],
+    )
+    .await
+}
+
+async fn read_catalog(conn: Value, table: &str) -> Value {
+    python(
+        "read_snapshots.py",
+        vec![json!({"catalog": conn, "table": table}).to_string(), duckdb_extensions().display().to_string()],
+    )
+    .await
+}
+
+async fn lane_status(admin: &str, table: &str) -> Option<Value> {
+    let (ns, name) = table.rsplit_once('.').expect("ns.table");
+    let url = format!("{admin}/v1/replication/namespaces/{ns}/tables/{name}");
+    let answer = reqwest::get(&url).await.ok()?;
+    if !answer.status().is_success() {
+        return None;
+    }
+    answer.json::<Value>().await.ok()?["destinations"].get(0).cloned()
+}
+
+/// Waits until the lane of `table` has replicated `source_metadata` and is completed.
+async fn wait_replicated(admin: &str, table: &str, source_metadata: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last = None;
+    while Instant::now() < deadline {
+        if let Some(s) = lane_status(admin, table).await {
+            if s["status"] == "completed" && s["source_metadata_location"] == source_metadata {
+                return s;
+            }
+            last = Some(s);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{table} was not replicated within 120 s; last status: {last:?}");
+}
+
+fn ident(table: &str) -> TableIdent {
+    let (ns, name) = table.rsplit_once('.').expect("ns.table");
+    TableIdent::new(Namespace::from_dotted(ns), name)
+}
+
+/// Snapshots as (id, parent, sequence number, timestamp, summary, schema fields), in log order.
+fn history(metadata: &Value) -> BTreeMap<i64, Value> {
+    let schemas: BTreeMap<i64, Value> = metadata["schemas"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| Some((s["schema-id"].as_i64()?, s["fields"].clone())))
+        .collect();
+    metadata["snapshots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            let id = s["snapshot-id"].as_i64()?;
+            let fields = s["schema-id"].as_i64().and_then(|i| schemas.get(&i).cloned()).unwrap_or(Value::Null);
+            Some((
+                id,
+                json!({"parent": s["parent-snapshot-id"], "seq": s["sequence-number"], "ts": s["timestamp-ms"],
+                       "summary": s["summary"], "schema": fields}),
+            ))
+        })
+        .collect()
+}
+
+fn refs(metadata: &Value) -> BTreeMap<String, i64> {
+    metadata["refs"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, r)| Some((k.clone(), r["snapshot-id"].as_i64()?)))
+        .collect()
+}
+
+/// Checks the replica against the source: identity of every source snapshot,
+/// refs, the rows every reader sees, no source path, true sizes.
+async fn assert_replica_matches(replica: Replica, table: &str, source_rows: &Value, status: &Value) {
+    let source = SeaweedFs::shared();
+    let source_table = seaweed_catalog(source).load_table(&ident(table)).await.expect("load source").expect("source");
+    let replica_table =
+        replica.catalog().load_table(&ident(table)).await.expect("load replica").expect("replica exists");
+    let (s, r) = (history(&source_table.metadata), history(&replica_table.metadata));
+    for (id, snapshot) in &s {
+        assert_eq!(r.get(id), Some(snapshot), "snapshot {id} of {table} differs on the replica");
+    }
+    assert_eq!(refs(&replica_table.metadata), refs(&source_table.metadata), "refs of {table}");
+    let seqs: Vec<i64> = replica_table.metadata["snapshots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["sequence-number"].as_i64())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "replica snapshots in commit order: {seqs:?}");
+    assert_eq!(
+        status["replica_metadata_location"],
+        replica_table.metadata_location.clone().unwrap_or_default(),
+        "the status names the replica's current metadata"
+    );
+
+    let seen = read_catalog(replica.conn(), table).await;
+    assert_eq!(seen["errors"], json!({}), "readers failed on the replica: {seen}");
+    for reader in ["pyiceberg", "duckdb"] {
+        for (id, rows) in source_rows[reader].as_object().expect("rows by snapshot") {
+            assert_eq!(&seen[reader][id], rows, "{reader} at snapshot {id} of {table}");
+        }
+    }
+
+    let mut args = vec![
+        replica_table.metadata_location.clone().expect("replica metadata location"),
+        format!("s3://{}/", source.warehouse()),
+    ];
+    args.extend(replica.s3().map(|s3| s3.to_string()));
+    let report = python("check_copy.py", args).await;
+    assert_eq!(report["violations"], json!([]), "{table} on the replica: {report}");
+}
+
+async fn source_rows(table: &str) -> Value {
+    let source = SeaweedFs::shared();
+    let rows = read_catalog(source.client_conn(source.catalog_uri()), table).await;
+    assert_eq!(rows["errors"], json!({}), "readers failed on the source: {rows}");
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_created_through_icerelay_is_followed_commit_by_commit() {
+    let replica = Replica::Seaweed(SeaweedFs::shared_replica());
+    let ns = unique("follow");
+    let table = format!("{ns}.events");
+    let state = tempfile::tempdir().expect("state");
+    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+
+    let written = write(
+        &relay.url,
+        &table,
+        json!([
+            {"op": "create"},
+            {"op": "append", "start": 0, "rows": 6},
+            {"op": "append", "start": 6, "rows": 6},
+            {"op": "append", "start": 12, "rows": 6},
+            {"op": "add_column", "name": "note"},
+            {"op": "append", "start": 18, "rows": 4},
+            {"op": "partition_by", "field": "category"},
+            {"op": "append", "start": 22, "rows": 4},
+            {"op": "overwrite", "category": "a", "start": 100, "rows": 3},
+            {"op": "delete_below", "id": 4},
+            {"op": "tag", "name": "v1"},
+            {"op": "branch", "name": "audit"},
+            {"op": "append", "start": 200, "rows": 2, "branch": "audit"},
+            {"op": "append", "start": 300, "rows": 2},
+            {"op": "set_property", "key": "owner", "value": "e2e"},
+        ]),
+    )
+    .await;
+    let location = written["metadata_location"].as_str().expect("location").to_owned();
+    let status = wait_replicated(&relay.admin_url, &table, &location).await;
+    assert!(status["mode"].as_str().is_some_and(|m| m.starts_with("create+replay")), "{status}");
+    assert_eq!(status["snapshots_behind"], 0);
+    let before_expiry = source_rows(&table).await;
+    assert!(before_expiry["snapshots"].as_array().map_or(0, Vec::len) >= 10, "{before_expiry}");
+    assert_replica_matches(replica, &table, &before_expiry, &status).await;
+    let replica_props = replica.catalog().load_table(&ident(&table)).await.expect("load").expect("replica");
+    assert_eq!(replica_props.metadata["properties"]["owner"], "e2e", "properties follow");
+
+    // Expiry on the source stays on the source; the next commit still follows.
+    let written =
+        write(&relay.url, &table, json!([{"op": "expire", "keep_last": 1}, {"op": "append", "start": 400, "rows": 3}]))
+            .await;
+    assert!(
+        written["snapshots"].as_array().map_or(0, Vec::len) < before_expiry["snapshots"].as_array().map_or(0, Vec::len)
+    );
+    let location = written["metadata_location"].as_str().expect("location").to_owned();
+    let status = wait_replicated(&relay.admin_url, &table, &location).await;
+    let after = source_rows(&table).await;
+    assert_replica_matches(replica, &table, &after, &status).await;
+    let kept = read_catalog(replica.conn(), &table).await;
+    for (id, rows) in before_expiry["pyiceberg"].as_object().expect("rows") {
+        assert_eq!(&kept["pyiceberg"][id], rows, "expired on the source, still on the replica: {id}");
+    }
+
+    // Dropping the source keeps the replica (the default).
+    write(&relay.url, &table, json!([{"op": "drop"}])).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = lane_status(&relay.admin_url, &table).await.expect("status");
+        if s["source_dropped"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the drop was not noticed: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let still = replica.catalog().load_table(&ident(&table)).await.expect("load");
+    assert!(still.is_some(), "the replica survives the source's drop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn merge_on_read_deletes_reach_the_replica_rewritten() {
+    let replica = Replica::Seaweed(SeaweedFs::shared_replica());
+    let ns = unique("mor");
+    let table = format!("{ns}.t");
+    let state = tempfile::tempdir().expect("state");
+    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let conn = SeaweedFs::shared().client_conn(&relay.url);
+    let ext = duckdb_extensions().display().to_string();
+    let made =
+        python("fixture_tables.py", vec!["duckdb-mor".into(), conn.to_string(), ns.clone(), "t".into(), ext]).await;
+    let location = made["metadata_location"].as_str().expect("location").to_owned();
+    let status = wait_replicated(&relay.admin_url, &table, &location).await;
+    let rows = source_rows(&table).await;
+    assert_replica_matches(replica, &table, &rows, &status).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_writers_on_three_tables_replicate_in_parallel() {
+    let replica = Replica::Seaweed(SeaweedFs::shared_replica());
+    let ns = unique("three");
+    let state = tempfile::tempdir().expect("state");
+    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let ops = |k: i64| {
+        json!([{"op": "create", "partitioned": k != 1}, {"op": "append", "start": 0, "rows": 3},
+               {"op": "append", "start": 10 * k, "rows": 4}, {"op": "append", "start": 100 * k, "rows": 2},
+               {"op": "append", "start": 1000 * k, "rows": 1}])
+    };
+    let tables: Vec<String> = (1..=3).map(|k| format!("{ns}.t{k}")).collect();
+    let writes = tables.iter().enumerate().map(|(i, t)| write(&relay.url, t, ops(i as i64 + 1)));
+    let written = futures::future::join_all(writes).await;
+    for (t, w) in tables.iter().zip(&written) {
+        let location = w["metadata_location"].as_str().expect("location");
+        let status = wait_replicated(&relay.admin_url, t, location).await;
+        let rows = source_rows(t).await;
+        assert_replica_matches(replica, t, &rows, &status).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commits_made_around_icerelay_arrive_through_reconcile() {
+    let replica = Replica::Seaweed(SeaweedFs::shared_replica());
+    let ns = unique("around");
+    let table = format!("{ns}.t");
+    let state = tempfile::tempdir().expect("state");
+    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let created = write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "rows": 3}])).await;
+    wait_replicated(&relay.admin_url, &table, created["metadata_location"].as_str().expect("location")).await;
+
+    // Straight to the primary: icerelay gets no hint.
+    let source = SeaweedFs::shared();
+    let around = write(source.catalog_uri(), &table, json!([{"op": "append", "start": 50, "rows": 2}])).await;
+    let location = around["metadata_location"].as_str().expect("location");
+    let status = wait_replicated(&relay.admin_url, &table, location).await;
+    let rows = source_rows(&table).await;
+    assert_replica_matches(replica, &table, &rows, &status).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_existing_table_with_history_is_bootstrapped_into_rustberg_and_followed() {
+    let replica = Replica::Rustberg(Rustberg::shared());
+    let ns = unique("boot");
+    let table = format!("{ns}.t");
+    // Written before any rule covers it, straight to the primary.
+    let source = SeaweedFs::shared();
+    let conn = source.client_conn(source.catalog_uri());
+    let ext = duckdb_extensions().display().to_string();
+    python("fixture_tables.py", vec!["pyiceberg".into(), conn.to_string(), ns.clone(), "t".into(), ext]).await;
+
+    let state = tempfile::tempdir().expect("state");
+    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let current = seaweed_catalog(source).load_table(&ident(&table)).await.expect("load").expect("table");
+    let location = current.metadata_location.expect("location");
+    let status = wait_replicated(&relay.admin_url, &table, &location).await;
+    assert!(status["mode"].as_str().is_some_and(|m| m.starts_with("register+replay")), "{status}");
+    let rows = source_rows(&table).await;
+    assert_replica_matches(replica, &table, &rows, &status).await;
+    let registered = replica.catalog().load_table(&ident(&table)).await.expect("load").expect("replica");
+    assert_eq!(registered.metadata["table-uuid"], current.metadata["table-uuid"], "registration keeps the uuid");
+
+    // Then follows by replay.
+    let more =
+        write(&relay.url, &table, json!([{"op": "append", "start": 500, "rows": 2}, {"op": "tag", "name": "later"}]))
+            .await;
+    let location = more["metadata_location"].as_str().expect("location");
+    let status = wait_replicated(&relay.admin_url, &table, location).await;
+    let rows = source_rows(&table).await;
+    assert_replica_matches(replica, &table, &rows, &status).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_mid_replication_loses_nothing() {
+    let replica = Replica::Seaweed(SeaweedFs::shared_replica());
+    let ns = unique("kill");
+    let table = format!("{ns}.t");
+    let state = tempfile::tempdir().expect("state");
+    let config = state.path().join("icerelay.toml");
+    std::fs::write(&config, relay_toml(replica, &ns, &state.path().join("state"), "")).expect("config");
+    let config = config.display().to_string();
+    let mut first = RelayProcess::start(&["serve", "--config", &config], &[]).await;
+    let mut ops = vec![json!({"op": "create"})];
+    ops.extend((0..8).map(|k| json!({"op": "append", "start": k * 10, "rows": 3})));
+    let written = write(&first.url, &table, Value::Array(ops)).await;
+    // Kill as soon as the replica has some of it, but not all.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lane_status(&first.admin_url, &table).await.is_none_or(|s| s["replica_metadata_location"].is_null()) {
+        assert!(Instant::now() < deadline, "replication never started:\n{}", first.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill();
+
+    let second = RelayProcess::start(&["serve", "--config", &config], &[]).await;
+    let location = written["metadata_location"].as_str().expect("location");
+    let status = wait_replicated(&second.admin_url, &table, location).await;
+    let rows = source_rows(&table).await;
+    assert_replica_matches(replica, &table, &rows, &status).await;
+    let replica_table = replica.catalog().load_table(&ident(&table)).await.expect("load").expect("replica");
+    let ids: Vec<i64> = replica_table.metadata["snapshots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["snapshot-id"].as_i64())
+        .collect();
+    let source_ids: Vec<i64> =
+        written["snapshots"].as_array().into_iter().flatten().filter_map(|s| s["id"].as_i64()).collect();
+    assert_eq!(ids, source_ids, "same snapshots, same order, none twice");
+}
