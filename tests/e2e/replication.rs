@@ -107,13 +107,39 @@ fn relay_toml(replica: Replica, namespace: &str, state: &std::path::Path, extra:
 
 /// Runs `writer.py` against the catalog at `uri` (icerelay or the primary itself).
 async fn write(uri: &str, table: &str, ops: Value) -> Value {
-    let source = SeaweedFs::shared();
-    let conn = source.client_conn(uri);
+    write_with(SeaweedFs::shared().client_conn(uri), table, ops).await
+}
+
+async fn write_with(conn: Value, table: &str, ops: Value) -> Value {
     python(
         "writer.py",
         vec![conn.to_string(), table.into(), ops.to_string(), duckdb_extensions().display().to_string()],
     )
     .await
+}
+
+/// Waits until the lane of `table` satisfies `done`; returns its status.
+async fn wait_status(admin: &str, table: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last = None;
+    while Instant::now() < deadline {
+        if let Some(s) = lane_status(admin, table).await {
+            if done(&s) {
+                return s;
+            }
+            last = Some(s);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{table}: {what} did not happen within 120 s; last status: {last:?}");
+}
+
+/// Validates documents against a schema of `openapi/admin.yaml`.
+async fn validate(schema: &str, documents: &[&Value]) -> Value {
+    let spec = crate::harness::repo_root().join("openapi/admin.yaml").display().to_string();
+    let mut args = vec![spec, schema.to_owned()];
+    args.extend(documents.iter().map(|d| d.to_string()));
+    python("validate_openapi.py", args).await
 }
 
 async fn read_catalog(conn: Value, table: &str) -> Value {
@@ -434,4 +460,187 @@ async fn sigkill_mid_replication_loses_nothing() {
     let source_ids: Vec<i64> =
         written["snapshots"].as_array().into_iter().flatten().filter_map(|s| s["id"].as_i64()).collect();
     assert_eq!(ids, source_ids, "same snapshots, same order, none twice");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_status_api_matches_its_openapi_description() {
+    let replica = Replica::Seaweed(SeaweedFs::shared_replica());
+    let ns = unique("api");
+    let table = format!("{ns}.t");
+    let state = tempfile::tempdir().expect("state");
+    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let written = write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
+    wait_replicated(&relay.admin_url, &table, written["metadata_location"].as_str().expect("location")).await;
+
+    let http = reqwest::Client::new();
+    let all: Value = http
+        .get(format!("{}/v1/replication/status", relay.admin_url))
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json");
+    let one: Value = http
+        .get(format!("{}/v1/replication/namespaces/{ns}/tables/t", relay.admin_url))
+        .send()
+        .await
+        .expect("table")
+        .json()
+        .await
+        .expect("json");
+    let resynced = http
+        .post(format!("{}/v1/replication/namespaces/{ns}/tables/t/destinations/dr/resync", relay.admin_url))
+        .send()
+        .await
+        .expect("resync");
+    assert_eq!(resynced.status(), 200);
+    let resynced: Value = resynced.json().await.expect("json");
+    let missing = http
+        .get(format!("{}/v1/replication/namespaces/{ns}/tables/nope", relay.admin_url))
+        .send()
+        .await
+        .expect("missing");
+    assert_eq!(missing.status(), 404);
+    let missing: Value = missing.json().await.expect("json");
+
+    assert_eq!(all["summary"]["lanes"], 1, "{all}");
+    assert!(all["destinations"][0]["mode"].as_str().is_some_and(|m| m.contains("probed")), "{all}");
+    assert_eq!(validate("ReplicationStatus", &[&all]).await["errors"], json!([]));
+    assert_eq!(validate("TableStatus", &[&one]).await["errors"], json!([]));
+    assert_eq!(validate("LaneStatus", &[&resynced]).await["errors"], json!([]));
+    assert_eq!(validate("ErrorModel", &[&missing]).await["errors"], json!([]));
+    // The validator is not blind.
+    let mut wrong = one.clone();
+    wrong["destinations"][0]["status"] = json!("fine");
+    assert_ne!(validate("TableStatus", &[&wrong]).await["errors"], json!([]), "negative control");
+    // And nothing secret is in it.
+    let secret = SeaweedFs::shared().secret();
+    assert!(!all.to_string().contains(secret) && !one.to_string().contains(secret));
+    let metrics =
+        http.get(format!("{}/metrics", relay.admin_url)).send().await.expect("metrics").text().await.expect("text");
+    assert!(
+        crate::harness::metric_sum(&metrics, "icerelay_replication_commits_total", &["destination=\"dr\""]) >= 1.0,
+        "{metrics}"
+    );
+    assert!(crate::harness::metric_sum(&metrics, "icerelay_replication_files_copied_total", &[]) >= 3.0, "{metrics}");
+    assert!(!metrics.contains(secret));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_that_is_down_catches_up_when_it_is_back() {
+    let replica_server: &'static SeaweedFs = Box::leak(Box::new(SeaweedFs::start_with_warehouse("down", "replica")));
+    let replica = Replica::Seaweed(replica_server);
+    let ns = unique("down");
+    let table = format!("{ns}.t");
+    let state = tempfile::tempdir().expect("state");
+    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let written = write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
+    wait_replicated(&relay.admin_url, &table, written["metadata_location"].as_str().expect("location")).await;
+
+    replica_server.stop();
+    // Writers do not notice: the primary answers as always.
+    let mut ops: Vec<Value> = (1..=3).map(|k| json!({"op": "append", "start": k * 10, "rows": 2})).collect();
+    ops.push(json!({"op": "add_column", "name": "note"}));
+    ops.push(json!({"op": "append", "start": 90, "rows": 1}));
+    let written = write(&relay.url, &table, Value::Array(ops)).await;
+    let failing = wait_status(&relay.admin_url, &table, "a failure while the replica is down", |s| {
+        s["status"] == "failed" && s["last_error"]["attempts"].as_i64().unwrap_or(0) >= 1
+    })
+    .await;
+    assert_eq!(failing["last_error"]["waits_for_operator"], false, "retries on its own: {failing}");
+    assert!(failing["last_error"]["message"].as_str().is_some_and(|m| m.contains("dr")), "{failing}");
+
+    replica_server.restart();
+    let location = written["metadata_location"].as_str().expect("location");
+    let status = wait_replicated(&relay.admin_url, &table, location).await;
+    assert_eq!(status["last_error"], Value::Null);
+    let rows = source_rows(&table).await;
+    assert_replica_matches(replica, &table, &rows, &status).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_written_around_icerelay_is_reported_and_never_overwritten() {
+    let replica_server = SeaweedFs::shared_replica();
+    let replica = Replica::Seaweed(replica_server);
+    let ns = unique("diverge");
+    let table = format!("{ns}.t");
+    let state = tempfile::tempdir().expect("state");
+    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let written = write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
+    wait_replicated(&relay.admin_url, &table, written["metadata_location"].as_str().expect("location")).await;
+
+    let foreign = write_with(
+        replica_server.client_conn(replica_server.catalog_uri()),
+        &table,
+        json!([{"op": "append", "start": 7000, "rows": 1}]),
+    )
+    .await;
+    let foreign_id = foreign["snapshots"].as_array().and_then(|s| s.last()).and_then(|s| s["id"].as_i64()).expect("id");
+    write(&relay.url, &table, json!([{"op": "append", "start": 20, "rows": 2}])).await;
+    let failed = wait_status(&relay.admin_url, &table, "divergence reported", |s| s["status"] == "failed").await;
+    let message = failed["last_error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("diverged") && message.contains(&foreign_id.to_string()), "{failed}");
+    assert_eq!(failed["last_error"]["waits_for_operator"], true);
+    let on_replica = replica.catalog().load_table(&ident(&table)).await.expect("load").expect("replica");
+    assert_eq!(refs(&on_replica.metadata)["main"], foreign_id, "the foreign write is not overwritten");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn renames_follow_and_a_paused_lane_waits() {
+    let replica = Replica::Seaweed(SeaweedFs::shared_replica());
+    let ns = unique("rename");
+    let state = tempfile::tempdir().expect("state");
+    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let written = write(&relay.url, &format!("{ns}.a"), json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
+    wait_replicated(&relay.admin_url, &format!("{ns}.a"), written["metadata_location"].as_str().expect("location"))
+        .await;
+
+    let renamed = format!("{ns}.b");
+    let written = write(
+        &relay.url,
+        &format!("{ns}.a"),
+        json!([{"op": "rename", "to": renamed}, {"op": "append", "start": 10, "rows": 2}]),
+    )
+    .await;
+    let status =
+        wait_replicated(&relay.admin_url, &renamed, written["metadata_location"].as_str().expect("location")).await;
+    let catalog = replica.catalog();
+    assert!(catalog.load_table(&ident(&format!("{ns}.a"))).await.expect("load").is_none(), "the old name is gone");
+    let rows = source_rows(&renamed).await;
+    assert_replica_matches(replica, &renamed, &rows, &status).await;
+
+    let http = reqwest::Client::new();
+    let action = |a: &str| format!("{}/v1/replication/namespaces/{ns}/tables/b/destinations/dr/{a}", relay.admin_url);
+    assert_eq!(http.post(action("pause")).send().await.expect("pause").status(), 200);
+    let written = write(&relay.url, &renamed, json!([{"op": "append", "start": 20, "rows": 2}])).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let paused = lane_status(&relay.admin_url, &renamed).await.expect("status");
+    assert_eq!(paused["status"], "paused", "{paused}");
+    let replica_ids = history(&catalog.load_table(&ident(&renamed)).await.expect("load").expect("t").metadata);
+    let newest = written["snapshots"].as_array().and_then(|s| s.last()).and_then(|s| s["id"].as_i64()).expect("id");
+    assert!(!replica_ids.contains_key(&newest), "a paused lane commits nothing");
+    assert_eq!(http.post(action("resume")).send().await.expect("resume").status(), 200);
+    let status =
+        wait_replicated(&relay.admin_url, &renamed, written["metadata_location"].as_str().expect("location")).await;
+    let rows = source_rows(&renamed).await;
+    assert_replica_matches(replica, &renamed, &rows, &status).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_a_catalog_would_refuse_fails_with_the_rule_and_the_remedy() {
+    let replica = Replica::Seaweed(SeaweedFs::shared_replica());
+    let ns = unique("old");
+    let table = format!("{ns}.t");
+    let source = SeaweedFs::shared();
+    write(source.catalog_uri(), &table, json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
+    // Older than the 60 s a catalog tolerates.
+    tokio::time::sleep(Duration::from_secs(62)).await;
+    let state = tempfile::tempdir().expect("state");
+    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let failed = wait_status(&relay.admin_url, &table, "the refusal", |s| s["status"] == "failed").await;
+    let message = failed["last_error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("timestamp rule") && message.contains("mode = \"register\""), "{failed}");
+    assert_eq!(failed["last_error"]["waits_for_operator"], true);
+    assert!(replica.catalog().load_table(&ident(&table)).await.expect("load").is_none(), "no partial replica");
 }

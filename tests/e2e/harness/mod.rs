@@ -69,7 +69,11 @@ pub fn free_port() -> u16 {
 
 /// A base port such that `base..=base+span` are all free.
 fn free_port_range(span: u16) -> u16 {
-    let seed = std::process::id() as u16;
+    // Each call starts elsewhere, so servers started at the same moment by
+    // tests running in parallel do not pick the same range.
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed) as u16;
+    let seed = (std::process::id() as u16).wrapping_add(call.wrapping_mul(4099));
     for attempt in 0..200u16 {
         let base = 30000 + (seed.wrapping_mul(7).wrapping_add(attempt.wrapping_mul(97)) % 30000);
         let all_free = (base..=base + span).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok());
@@ -85,7 +89,9 @@ fn free_port_range(span: u16) -> u16 {
 /// A running SeaweedFS (`weed mini`): S3 + Iceberg REST catalog.
 #[derive(Debug)]
 pub struct SeaweedFs {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    name: String,
+    base: u16,
     /// Everything `seaweedfs.sh` printed (`S3_ENDPOINT`, `CATALOG_URI`, ...).
     pub endpoints: HashMap<String, String>,
 }
@@ -100,17 +106,20 @@ impl SeaweedFs {
     pub fn start_with_warehouse(name: &str, warehouse: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let base = free_port_range(16);
-        let output = Command::new(repo_root().join("scripts/teststack/seaweedfs.sh"))
-            .args(["start", name, &dir.path().display().to_string(), &base.to_string()])
-            .env("ICERELAY_TESTSTACK", teststack())
-            .env("WAREHOUSE", warehouse)
-            .env("WATCH_PID", std::process::id().to_string())
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run seaweedfs.sh");
-        assert!(output.status.success(), "seaweedfs.sh start failed (see stderr above)");
-        let endpoints = parse_env(&String::from_utf8_lossy(&output.stdout));
-        Self { _dir: dir, endpoints }
+        let endpoints =
+            seaweed_script(&["start", name, &dir.path().display().to_string(), &base.to_string()], warehouse);
+        Self { dir, name: name.to_owned(), base, endpoints }
+    }
+
+    /// Stops the server (its data stays).
+    pub fn stop(&self) {
+        seaweed_script(&["stop", &self.dir.path().display().to_string()], self.warehouse());
+    }
+
+    /// Starts it again on the same ports and data.
+    pub fn restart(&self) {
+        let dir = self.dir.path().display().to_string();
+        seaweed_script(&["start", &self.name, &dir, &self.base.to_string()], self.warehouse());
     }
 
     /// The instance shared by all tests of this binary.
@@ -187,6 +196,19 @@ impl SeaweedFs {
             self.get("SECRET_KEY")
         )
     }
+}
+
+fn seaweed_script(args: &[&str], warehouse: &str) -> HashMap<String, String> {
+    let output = Command::new(repo_root().join("scripts/teststack/seaweedfs.sh"))
+        .args(args)
+        .env("ICERELAY_TESTSTACK", teststack())
+        .env("WAREHOUSE", warehouse)
+        .env("WATCH_PID", std::process::id().to_string())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run seaweedfs.sh");
+    assert!(output.status.success(), "seaweedfs.sh {} failed (see stderr above)", args[0]);
+    parse_env(&String::from_utf8_lossy(&output.stdout))
 }
 
 fn parse_env(text: &str) -> HashMap<String, String> {
