@@ -8,6 +8,7 @@ mod harness;
 
 mod cli;
 mod copy_table;
+mod demo;
 mod proxy_clients;
 mod proxy_passthrough;
 mod replication;
