@@ -1,0 +1,278 @@
+//! Replication lag and commit-path overhead, against real catalogs on loopback.
+//!
+//! Two SeaweedFS servers (primary and replica) and two icerelay processes in
+//! front of the primary: one that only proxies, one that replicates the
+//! namespace `bench_lag` to the replica.
+//!
+//! - **Commit-path overhead**: the same metadata commit (`updateTable` with
+//!   `set-properties`) sent in turn directly to the primary, through the
+//!   proxy-only icerelay and through the replicating one (which records a
+//!   change hint in its state store before answering), one at a time;
+//!   p50/p99 of each and what icerelay adds.
+//! - **Replication lag**: PyIceberg appends small batches through the
+//!   replicating icerelay; the lag of each is the time from the commit's
+//!   answer to the replica catalog listing the snapshot (`tests/clients/lag.py`).
+//!
+//! ```text
+//! cargo bench --bench replication [-- --commits 300 --appends 40]
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "--bench") {
+        println!("replication benchmark: run it with `cargo bench --bench replication`");
+        return;
+    }
+    let flag = |name: &str, default: usize| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let commits = flag("--commits", 300);
+    let appends = flag("--appends", 40);
+
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let teststack = std::env::var_os("ICERELAY_TESTSTACK").map_or_else(|| root.join(".teststack"), PathBuf::from);
+    let work = tempfile::tempdir().expect("temp dir");
+    let primary = Seaweed::start(&root, &teststack, &work.path().join("primary"), "warehouse");
+    let replica = Seaweed::start(&root, &teststack, &work.path().join("replica"), "replica");
+
+    let config = work.path().join("icerelay.toml");
+    std::fs::write(&config, replicating_config(&primary, &replica, &work.path().join("state"))).expect("config");
+    let replicating = Icerelay::start(&["serve", "--config", &config.display().to_string()]);
+    let proxy_only = Icerelay::start(&["serve", "--upstream", &primary.get("CATALOG_URI")]);
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let (direct, plain, hinted) = runtime.block_on(commit_latencies(&primary, &proxy_only, &replicating, commits));
+    println!();
+    println!("| updateTable, {commits} sequential commits each | p50 | p99 | added at p50 | added at p99 |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, lat) in [("direct", &direct), ("icerelay, proxy only", &plain), ("icerelay, replicating", &hinted)] {
+        println!(
+            "| {name} | {:.2} ms | {:.2} ms | {:+.2} ms | {:+.2} ms |",
+            pct(lat, 50.0),
+            pct(lat, 99.0),
+            pct(lat, 50.0) - pct(&direct, 50.0),
+            pct(lat, 99.0) - pct(&direct, 99.0)
+        );
+    }
+
+    let conn = |s: &Seaweed, uri: &str| {
+        json!({"uri": uri, "warehouse": s.get("WAREHOUSE"), "credential": "admin:adminsecret",
+               "s3": {"endpoint": s.get("S3_ENDPOINT"), "access_key_id": "admin", "secret_access_key": "adminsecret"}})
+    };
+    let out = Command::new(teststack.join("venv/bin/python"))
+        .arg(root.join("tests/clients/lag.py"))
+        .arg(conn(&primary, &replicating.url).to_string())
+        .arg(conn(&replica, &replica.get("CATALOG_URI")).to_string())
+        .arg("bench_lag.events")
+        .arg(appends.to_string())
+        .current_dir(root.join("tests/clients"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("lag.py");
+    assert!(out.status.success(), "lag.py failed");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("lag.py prints JSON");
+    let mut lags: Vec<f64> = report["lags_ms"].as_array().expect("lags").iter().filter_map(Value::as_f64).collect();
+    lags.sort_by(f64::total_cmp);
+    println!();
+    println!(
+        "| replication lag, {appends} appends (commit answered -> replica lists the snapshot) | p50 | p99 | max |"
+    );
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| SeaweedFS -> SeaweedFS, through icerelay | {:.0} ms | {:.0} ms | {:.0} ms |",
+        pct_sorted(&lags, 50.0),
+        pct_sorted(&lags, 99.0),
+        lags.last().copied().unwrap_or(f64::NAN)
+    );
+    drop(replicating);
+    drop(proxy_only);
+    primary.stop(&root, &teststack);
+    replica.stop(&root, &teststack);
+}
+
+/// Latencies in ms of metadata commits, in turn: direct, proxy only, replicating.
+async fn commit_latencies(
+    primary: &Seaweed,
+    plain: &Icerelay,
+    replicating: &Icerelay,
+    commits: usize,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let http = reqwest::Client::new();
+    let catalog = primary.get("CATALOG_URI");
+    let token: Value = http
+        .post(format!("{catalog}/v1/oauth/tokens"))
+        .form(&[("grant_type", "client_credentials"), ("client_id", "admin"), ("client_secret", "adminsecret")])
+        .send()
+        .await
+        .expect("token")
+        .json()
+        .await
+        .expect("token json");
+    let token = token["access_token"].as_str().expect("access_token").to_owned();
+    let auth = format!("Bearer {token}");
+    let base = format!("{catalog}/v1/warehouse");
+    let ok = |r: reqwest::Response| {
+        assert!(r.status().is_success(), "{} answered {}", r.url(), r.status());
+        r
+    };
+    ok(http
+        .post(format!("{base}/namespaces"))
+        .header("Authorization", &auth)
+        .json(&json!({"namespace": ["bench_commit"]}))
+        .send()
+        .await
+        .expect("namespace"));
+    ok(http
+        .post(format!("{base}/namespaces/bench_commit/tables"))
+        .header("Authorization", &auth)
+        .json(&json!({"name": "t", "schema": {"type": "struct", "fields": [{"id": 1, "name": "id", "type": "long", "required": false}]}}))
+        .send()
+        .await
+        .expect("table"));
+    let targets = [catalog.clone(), plain.url.clone(), replicating.url.clone()];
+    let mut latencies = [Vec::new(), Vec::new(), Vec::new()];
+    for i in 0..commits + 20 {
+        for (t, target) in targets.iter().enumerate() {
+            let body = json!({"requirements": [], "updates": [{"action": "set-properties", "updates": {"n": format!("{i}-{t}")}}]});
+            let started = Instant::now();
+            let answer = http
+                .post(format!("{target}/v1/warehouse/namespaces/bench_commit/tables/t"))
+                .header("Authorization", &auth)
+                .json(&body)
+                .send()
+                .await
+                .expect("commit");
+            let answer = ok(answer);
+            answer.bytes().await.expect("body");
+            // The first rounds warm connections and caches up.
+            if i >= 20 {
+                latencies[t].push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    let [a, b, c] = latencies;
+    (a, b, c)
+}
+
+fn pct(values: &[f64], p: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    pct_sorted(&sorted, p)
+}
+
+fn pct_sorted(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn replicating_config(primary: &Seaweed, replica: &Seaweed, state: &Path) -> String {
+    let storage = |s: &Seaweed| {
+        format!(
+            "[[storage]]\nprefix = \"s3://{}/\"\nendpoint = \"{}\"\npath_style = true\naccess_key_id = \"admin\"\nsecret_access_key = \"adminsecret\"\n",
+            s.get("WAREHOUSE"),
+            s.get("S3_ENDPOINT")
+        )
+    };
+    let auth = "{ type = \"oauth2\", client_id = \"admin\", client_secret = \"adminsecret\" }";
+    format!(
+        "state_dir = \"{}\"\n[primary]\nuri = \"{}\"\nwarehouse = \"warehouse\"\nauth = {auth}\n\n{}\n{}\n[[destinations]]\nname = \"replica\"\nuri = \"{}\"\nwarehouse = \"replica\"\nauth = {auth}\n\n[[rules]]\nnamespace = \"bench_lag\"\ndestinations = [\"replica\"]\n",
+        state.display(),
+        primary.get("CATALOG_URI"),
+        storage(primary),
+        storage(replica),
+        replica.get("CATALOG_URI"),
+    )
+}
+
+struct Seaweed {
+    dir: PathBuf,
+    endpoints: Vec<(String, String)>,
+}
+
+impl Seaweed {
+    fn start(root: &Path, teststack: &Path, dir: &Path, warehouse: &str) -> Self {
+        let base = free_port_range(16);
+        let out = Command::new(root.join("scripts/teststack/seaweedfs.sh"))
+            .args(["start", warehouse, &dir.display().to_string(), &base.to_string()])
+            .env("ICERELAY_TESTSTACK", teststack)
+            .env("WAREHOUSE", warehouse)
+            .env("WATCH_PID", std::process::id().to_string())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("seaweedfs.sh");
+        assert!(out.status.success(), "SeaweedFS did not start");
+        let endpoints = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Self { dir: dir.to_owned(), endpoints }
+    }
+
+    fn get(&self, key: &str) -> String {
+        self.endpoints.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap_or_default()
+    }
+
+    fn stop(&self, root: &Path, teststack: &Path) {
+        let _ = Command::new(root.join("scripts/teststack/seaweedfs.sh"))
+            .args(["stop", &self.dir.display().to_string()])
+            .env("ICERELAY_TESTSTACK", teststack)
+            .status();
+    }
+}
+
+struct Icerelay {
+    child: Child,
+    url: String,
+}
+
+impl Icerelay {
+    fn start(args: &[&str]) -> Self {
+        let port = free_port_range(0);
+        let child = Command::new(env!("CARGO_BIN_EXE_icerelay"))
+            .args(args)
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--admin-listen", &format!("127.0.0.1:{}", port + 1)])
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start icerelay");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "icerelay did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, url: format!("http://127.0.0.1:{port}") }
+    }
+}
+
+impl Drop for Icerelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A base port such that `base..=base+span+1` are all free.
+fn free_port_range(span: u16) -> u16 {
+    static CALLS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let seed = (std::process::id() as u16).wrapping_add(call.wrapping_mul(4099));
+    (0..500u16)
+        .map(|i| 20_000 + (seed.wrapping_add(i.wrapping_mul(97)) % 40_000))
+        .find(|base| (*base..=base + span + 1).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()))
+        .expect("a free port range")
+}
