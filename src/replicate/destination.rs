@@ -215,7 +215,9 @@ impl Destination {
                 reason: "probed: a registered table cannot be loaded back, so replicas are replayed from creation"
                     .into(),
             },
-            Err(e) if e.status().is_some_and(|s| s.is_client_error()) => Capabilities {
+            // Only "not supported" answers say something about the catalog; a
+            // refused credential or a rate limit must not be remembered as one.
+            Err(e) if e.status().is_some_and(|s| matches!(s.as_u16(), 400 | 404 | 405 | 501)) => Capabilities {
                 bootstrap: Bootstrap::Create,
                 reason: format!("probed: registerTable is refused ({e}), so replicas are replayed from creation"),
             },

@@ -12,7 +12,7 @@
 //! a commit that did land is then simply not planned again (snapshot ids make
 //! it idempotent), and a concurrent writer shows up as divergence.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
@@ -27,7 +27,7 @@ use crate::config::OnDrop;
 use crate::metrics::ReplicationMetrics;
 use crate::rewrite::PathMap;
 use crate::rewrite::metadata::PATH_PROPERTIES;
-use crate::state::{LaneChange, LaneRecord, Progress, now_ms};
+use crate::state::{LaneChange, LaneKey, LaneRecord, Progress, now_ms};
 use crate::storage::checkpoint::StateCheckpoints;
 use crate::storage::copy::{Copier, CopyReport, CopySettings};
 use crate::table_copy::{NoProgress, TableCopier};
@@ -41,6 +41,31 @@ const MAX_RELOADS: usize = 5;
 pub async fn run(ctx: Arc<Context>, lane: LaneRecord) -> Result<(), ReplicateError> {
     let span = tracing::info_span!("lane", table = %lane.key.table, destination = %lane.key.destination);
     run_in_span(&ctx, lane).instrument(span).await
+}
+
+/// What a run knows about its replica, recorded after every confirmed commit.
+struct Known {
+    replicated: BTreeSet<i64>,
+    managed_properties: BTreeSet<String>,
+    managed_refs: BTreeMap<String, i64>,
+    mode: String,
+    source_uuid: Option<String>,
+}
+
+impl Known {
+    fn progress(&self, key: &LaneKey, replica: &LoadedTable, source: &Value, added: Vec<i64>) -> Progress {
+        Progress {
+            key: key.clone(),
+            source_metadata_location: None,
+            replica_metadata_location: replica.metadata_location.clone(),
+            added_snapshots: added,
+            snapshots_behind: plan::snapshots_behind(source, &replica.metadata) as i64,
+            mode: Some(self.mode.clone()),
+            managed_properties: Some(self.managed_properties.clone()),
+            managed_refs: Some(self.managed_refs.clone()),
+            source_uuid: self.source_uuid.clone(),
+        }
+    }
 }
 
 async fn run_in_span(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateError> {
@@ -57,57 +82,61 @@ async fn run_in_span(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateErr
         .ok_or_else(|| ReplicateError::UnknownDestination(key.destination.clone()))?;
     let replica_table = &lane.replica_table;
 
-    let Some(source) = ctx.primary.load_table(&key.table).await? else {
-        if route.on_drop == OnDrop::Propagate {
-            destination.catalog.drop_table(replica_table, false).await?;
-            tracing::info!(replica = %replica_table, "the source was dropped; dropped the replica (on_drop = propagate)");
-        } else {
-            tracing::info!(replica = %replica_table, "the source was dropped; the replica is kept");
-        }
-        ctx.store.apply_lane_changes(vec![LaneChange::SourceDropped { key: key.clone() }], None).await?;
-        return Ok(());
+    let Some(mut source) = ctx.primary.load_table(&key.table).await? else {
+        return source_dropped(ctx, &lane, &destination, route.on_drop, generation).await;
     };
-    let source_file =
+    let mut source_file =
         source.metadata_location.clone().ok_or_else(|| ReplicateError::NoMetadataLocation(key.table.to_string()))?;
+    let source_uuid = source.metadata.get("table-uuid").and_then(Value::as_str).map(str::to_owned);
+    if let (Some(followed), Some(now)) = (&lane.source_uuid, &source_uuid)
+        && followed != now
+    {
+        return Err(ReplicateError::Refused(format!(
+            "the source table {} was dropped and created again (its uuid is now {now}; the replica {replica_table}              follows the earlier table, {followed}); icerelay keeps the replica as it is. Drop or rename the replica              table on destination {}, then resync, to replicate the new table",
+            key.table,
+            destination.name()
+        )));
+    }
 
     if let Some(old) = &lane.replica_renamed_from {
         rename_replica(&destination, old, replica_table).await?;
         ctx.store.finish_rename(key).await?;
     }
 
-    let mut replicated = ctx.store.replicated_snapshots(key).await?;
-    let mut managed = lane.managed_properties.clone().unwrap_or_default();
     let capabilities = destination.capabilities(&ctx.store, &ctx.storage).await?.clone();
-    let mode = capabilities.mode();
+    let mut known = Known {
+        replicated: ctx.store.replicated_snapshots(key).await?,
+        managed_properties: lane.managed_properties.clone().unwrap_or_default(),
+        managed_refs: lane.managed_refs.clone().unwrap_or_default(),
+        mode: capabilities.mode(),
+        source_uuid: source_uuid.clone(),
+    };
     let mut replica = match destination.catalog.load_table(replica_table).await? {
         Some(t) => t,
         None => {
-            if lane.replica_metadata_location.is_some() {
-                tracing::warn!(replica = %replica_table, "the replica is gone; making it again");
-                ctx.store.forget_replica(key).await?;
-                replicated.clear();
-                managed.clear();
-            }
             let made = match capabilities.bootstrap {
                 Bootstrap::Register => register(ctx, &destination, replica_table, &source, &source_file).await?,
-                Bootstrap::Create => create(ctx, &destination, replica_table, &source, &capabilities.reason).await?,
+                Bootstrap::Create => create(&destination, replica_table, &source, &capabilities.reason).await?,
             };
-            replicated.extend(made.snapshots.iter().copied());
-            managed = made.managed_properties.clone();
-            ctx.store
-                .record_progress(Progress {
-                    key: key.clone(),
-                    source_metadata_location: None,
-                    replica_metadata_location: made.table.metadata_location.clone(),
-                    added_snapshots: made.snapshots,
-                    snapshots_behind: plan::snapshots_behind(&source.metadata, &made.table.metadata) as i64,
-                    mode: Some(mode.clone()),
-                    managed_properties: Some(managed.clone()),
-                })
-                .await?;
+            if lane.replica_metadata_location.is_some() {
+                tracing::warn!(replica = %replica_table, "the replica was gone; made it again");
+                ctx.store.forget_replica(key).await?;
+            }
+            known.replicated = made.snapshots.iter().copied().collect();
+            known.managed_properties = made.managed_properties;
+            known.managed_refs = plan::ref_ids(&made.table.metadata);
+            ctx.store.record_progress(known.progress(key, &made.table, &source.metadata, made.snapshots)).await?;
             made.table
         }
     };
+    // A commit that landed just before a crash was never recorded: what the
+    // replica shares with the source is icerelay's, whoever recorded it.
+    let shared = plan::shared_snapshots(&source.metadata, &replica.metadata);
+    let unrecorded: Vec<i64> = shared.difference(&known.replicated).copied().collect();
+    if !unrecorded.is_empty() {
+        known.replicated.extend(&unrecorded);
+        ctx.store.record_progress(known.progress(key, &replica, &source.metadata, unrecorded)).await?;
+    }
 
     let replica_location = location_of(&replica.metadata, "replica")?;
     let map = path_map(&source.metadata, &replica_location)?;
@@ -119,19 +148,34 @@ async fn run_in_span(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateErr
             source: &source.metadata,
             source_file: &source_file,
             replica: &replica.metadata,
-            replicated: &replicated,
+            replicated: &known.replicated,
             map: &map,
-            managed_properties: &managed,
+            managed_properties: &known.managed_properties,
+            managed_refs: &known.managed_refs,
             destination_properties: &destination.config.properties,
         })?;
         let Some(step) = step else { break };
-        if previous.as_ref().is_some_and(|p| p.snapshot.is_none() && p.updates == step.updates) {
-            return Err(ReplicateError::NoProgress(format!(
-                "destination {} accepted a commit but does not keep it (the same change is planned again: {}); \
-                 icerelay stops instead of committing it forever",
-                destination.name(),
-                step.describe()
-            )));
+        if step.snapshot.is_none() {
+            // A commit without a snapshot moves the replica's last-updated-ms
+            // to now; a snapshot the source took meanwhile must come in the
+            // same commit (the timestamp rule), so look again first.
+            if let Some(fresh) = ctx.primary.load_table(&key.table).await?
+                && fresh.metadata_location.is_some()
+                && fresh.metadata_location != source.metadata_location
+            {
+                source_file = fresh.metadata_location.clone().unwrap_or_default();
+                source = fresh;
+                previous = None;
+                continue;
+            }
+            if previous.as_ref().is_some_and(|p| p.snapshot.is_none() && p.updates == step.updates) {
+                return Err(ReplicateError::NoProgress(format!(
+                    "destination {} accepted a commit but does not keep it (the same change is planned again: {}); \
+                     icerelay stops instead of committing it forever",
+                    destination.name(),
+                    step.describe()
+                )));
+            }
         }
         tracing::debug!(step = %step.describe(), behind = step.snapshots_behind, "replaying");
 
@@ -145,23 +189,15 @@ async fn run_in_span(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateErr
         match destination.catalog.update_table(replica_table, &step.requirements, &step.updates).await {
             Ok(committed) => {
                 ctx.metrics.commits.get_or_create(&ReplicationMetrics::labels(destination.name())).inc();
-                replicated.extend(step.snapshot);
-                managed = step.managed_properties.clone();
-                let behind = plan::snapshots_behind(&source.metadata, &committed.metadata) as i64;
-                ctx.store
-                    .record_progress(Progress {
-                        key: key.clone(),
-                        source_metadata_location: None,
-                        replica_metadata_location: committed.metadata_location.clone(),
-                        added_snapshots: step.snapshot.into_iter().collect(),
-                        snapshots_behind: behind,
-                        mode: Some(mode.clone()),
-                        managed_properties: Some(managed.clone()),
-                    })
-                    .await?;
-                tracing::info!(step = %step.describe(), behind, "replicated");
+                known.replicated.extend(step.snapshot);
+                known.managed_properties.extend(step.managed_properties.iter().cloned());
+                known.managed_refs = step.managed_refs.clone();
+                let added = step.snapshot.into_iter().collect();
+                ctx.store.record_progress(known.progress(key, &committed, &source.metadata, added)).await?;
+                tracing::info!(step = %step.describe(), behind = plan::snapshots_behind(&source.metadata, &committed.metadata), "replicated");
                 replica = committed;
                 previous = Some(step);
+                reloads = 0;
             }
             Err(e @ (CatalogError::CommitOutcomeUnknown { .. } | CatalogError::CommitConflict { .. })) => {
                 reloads += 1;
@@ -178,37 +214,48 @@ async fn run_in_span(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateErr
                     && has_snapshot(&replica.metadata, id)
                 {
                     // The commit landed after all.
-                    replicated.insert(id);
-                    ctx.store
-                        .record_progress(Progress {
-                            key: key.clone(),
-                            source_metadata_location: None,
-                            replica_metadata_location: replica.metadata_location.clone(),
-                            added_snapshots: vec![id],
-                            snapshots_behind: plan::snapshots_behind(&source.metadata, &replica.metadata) as i64,
-                            mode: Some(mode.clone()),
-                            managed_properties: Some(step.managed_properties.clone()),
-                        })
-                        .await?;
-                    managed = step.managed_properties.clone();
+                    known.replicated.insert(id);
+                    known.managed_properties.extend(step.managed_properties.iter().cloned());
+                    known.managed_refs = step.managed_refs.clone();
+                    ctx.store.record_progress(known.progress(key, &replica, &source.metadata, vec![id])).await?;
+                    reloads = 0;
                 }
             }
             Err(e) => return Err(explain_refusal(e, &step, &source.metadata, &replica.metadata, destination.name())),
         }
     }
 
-    ctx.store
-        .record_progress(Progress {
-            key: key.clone(),
-            source_metadata_location: Some(source_file),
-            replica_metadata_location: replica.metadata_location.clone(),
-            added_snapshots: Vec::new(),
-            snapshots_behind: 0,
-            mode: Some(mode),
-            managed_properties: Some(managed),
-        })
-        .await?;
+    known.managed_properties.extend(plan::managed_property_keys(&source.metadata, &destination.config.properties));
+    let mut done = known.progress(key, &replica, &source.metadata, Vec::new());
+    done.source_metadata_location = Some(source_file);
+    done.snapshots_behind = 0;
+    ctx.store.record_progress(done).await?;
     ctx.store.record_success(key, generation).await?;
+    Ok(())
+}
+
+/// The source is gone: keep (or, if the rule says so, drop) the replica.
+async fn source_dropped(
+    ctx: &Context,
+    lane: &LaneRecord,
+    destination: &Destination,
+    on_drop: OnDrop,
+    generation: i64,
+) -> Result<(), ReplicateError> {
+    let key = &lane.key;
+    // A rename fanned out while this run started looks like a drop of the
+    // old name: only a lane that still exists as it was may drop anything.
+    let current = ctx.store.lane(key).await?;
+    if current.as_ref().is_none_or(|l| l.replica_table != lane.replica_table) {
+        return Ok(());
+    }
+    if on_drop == OnDrop::Propagate {
+        destination.catalog.drop_table(&lane.replica_table, false).await?;
+        tracing::info!(replica = %lane.replica_table, "the source was dropped; dropped the replica (on_drop = propagate)");
+    } else {
+        tracing::info!(replica = %lane.replica_table, "the source was dropped; the replica is kept");
+    }
+    ctx.store.apply_lane_changes(vec![LaneChange::SourceDropped { key: key.clone(), generation }], None).await?;
     Ok(())
 }
 
@@ -272,13 +319,11 @@ async fn register(
 /// snapshots are replayed onto it. Refused before anything is created when
 /// the catalog would refuse the source's history (the timestamp rule).
 async fn create(
-    ctx: &Context,
     destination: &Destination,
     replica_table: &TableIdent,
     source: &LoadedTable,
     why: &str,
 ) -> Result<Made, ReplicateError> {
-    let _ = ctx;
     let metadata = &source.metadata;
     let now = now_ms();
     let oldest = metadata
@@ -363,11 +408,21 @@ async fn create(
 /// Renames the replica to follow a source rename (once: a replica already
 /// under the new name is left alone).
 async fn rename_replica(destination: &Destination, from: &TableIdent, to: &TableIdent) -> Result<(), ReplicateError> {
-    if from == to || destination.catalog.load_table(to).await?.is_some() {
+    if from == to {
         return Ok(());
     }
-    if destination.catalog.load_table(from).await?.is_none() {
-        return Ok(());
+    let (old, new) = (destination.catalog.load_table(from).await?, destination.catalog.load_table(to).await?);
+    match (old.is_some(), new.is_some()) {
+        // Renamed already (a run that crashed after renaming), or nothing to rename.
+        (false, _) => return Ok(()),
+        (true, true) => {
+            return Err(ReplicateError::Refused(format!(
+                "the source was renamed to {to}, but destination {} already has a table {to} (the replica of an \
+                 earlier table of that name?); icerelay does not overwrite it. Drop or rename it there, then resync",
+                destination.name()
+            )));
+        }
+        (true, false) => {}
     }
     destination.catalog.ensure_namespace(&to.namespace).await?;
     destination.catalog.rename_table(from, to).await?;
@@ -392,10 +447,9 @@ fn explain_refusal(e: CatalogError, step: &Step, source: &Value, replica: &Value
         (true, Some(ts), Some(last)) if ts < last - TIMESTAMP_TOLERANCE_MS => ReplicateError::Refused(format!(
             "{e} — destination {destination} refuses snapshot {} because it is {} s older than the replica's last \
              update (the timestamp rule: at most 60 s). icerelay does not change snapshot timestamps; the replica \
-             fell behind a metadata-only commit. Drop the replica table and resync to make it again{}",
+             fell behind a metadata-only commit. Drop the replica table and resync to make it again",
             step.snapshot.unwrap_or_default(),
             (last - ts) / 1000,
-            ""
         )),
         _ => ReplicateError::Catalog(e),
     }

@@ -250,7 +250,14 @@ pub async fn reconcile(ctx: &Context) -> Result<usize, ReplicateError> {
                 Some(lane) if lane.paused || lane.has_work() => false,
                 Some(lane) => {
                     if location.is_none() {
-                        location = Some(ctx.primary.load_table(table).await?.and_then(|t| t.metadata_location));
+                        location = Some(match ctx.primary.load_table(table).await {
+                            Ok(t) => t.and_then(|t| t.metadata_location),
+                            Err(e) => {
+                                // One table the primary will not show must not stop the pass.
+                                tracing::warn!(table = %table, error = %e, "reconcile could not load the table");
+                                lane.source_metadata_location.clone()
+                            }
+                        });
                     }
                     location.as_ref().is_some_and(|l| *l != lane.source_metadata_location)
                 }
@@ -306,7 +313,7 @@ async fn discover(ctx: &Context) -> Result<Vec<TableIdent>, ReplicateError> {
         match ctx.primary.list_tables(&ns).await {
             Ok(found) => tables.extend(found),
             Err(e) if e.status().is_some_and(|s| s.as_u16() == 404) => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => tracing::warn!(namespace = %ns, error = %e, "reconcile could not list the namespace"),
         }
     }
     Ok(tables)
@@ -329,6 +336,9 @@ async fn schedule(ctx: Arc<Context>, wake: Arc<Notify>, stop: CancellationToken)
         };
         record_gauges(&ctx.metrics, &lanes);
         let now = Instant::now();
+        // Oldest change first, so busy tables cannot starve the others.
+        let mut lanes = lanes;
+        lanes.sort_by_key(|l| l.pending_since.unwrap_or(i64::MAX));
         for lane in lanes {
             // A resync resets the attempts: retry now, not at the old backoff.
             if lane.last_error.as_ref().is_some_and(|e| e.attempts == 0) {

@@ -95,6 +95,8 @@ pub struct PlanInput<'a> {
     /// Property keys icerelay set from the source before (only these are
     /// removed when the source removes them).
     pub managed_properties: &'a BTreeSet<String>,
+    /// The refs icerelay set on the replica before, and where it set them.
+    pub managed_refs: &'a BTreeMap<String, i64>,
     /// Properties the destination sets on every replica (they win over the source's).
     pub destination_properties: &'a BTreeMap<String, String>,
 }
@@ -112,6 +114,8 @@ pub struct Step {
     pub statistics_of: BTreeSet<i64>,
     /// Property keys managed from the source once this commit is applied.
     pub managed_properties: BTreeSet<String>,
+    /// The replica's refs once this commit is applied (all set by icerelay).
+    pub managed_refs: BTreeMap<String, i64>,
     /// Source snapshots still missing on the replica before this commit.
     pub snapshots_behind: usize,
 }
@@ -137,15 +141,19 @@ pub fn snapshots_behind(source: &Value, replica: &Value) -> usize {
 pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
     let source = Table::new(input.source, "source")?;
     let replica = Table::new(input.replica, "replica")?;
-    check_divergence(&source, &replica, input.replicated)?;
+    check_divergence(&source, &replica, input.replicated, input.managed_refs)?;
 
     let missing = source.missing_on(&replica);
     let next = missing.first().copied();
     let mut updates = Vec::new();
     let mut statistics_of = BTreeSet::new();
 
-    // Format version first: later updates may need it.
-    if source.format_version > replica.format_version {
+    // Format version first: later updates may need it. But a v3 table takes
+    // only snapshots with row lineage (`first-row-id`): snapshots written
+    // before the source's upgrade go in first.
+    if source.format_version > replica.format_version
+        && (source.format_version < 3 || next.is_none_or(|s| s.get("first-row-id").is_some_and(|v| !v.is_null())))
+    {
         updates.push(json!({"action": "upgrade-format-version", "format-version": source.format_version}));
     }
 
@@ -166,6 +174,7 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
         next_schema_id += 1;
         updates.push(json!({"action": "add-schema", "schema": schema, "last-column-id": source.last_column_id()}));
     }
+    let mut added_specs = 0;
     for spec in source.specs() {
         let Some(id) = spec.get("spec-id").and_then(Value::as_i64) else { continue };
         match replica.specs().iter().find(|s| s.get("spec-id").and_then(Value::as_i64) == Some(id)) {
@@ -188,7 +197,8 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
                 detail: format!("spec {} (same fields, other id)", there.get("spec-id").unwrap_or(&Value::Null)),
             });
         }
-        assigned_elsewhere |= id != replica.max_id(replica.specs(), "spec-id") + 1;
+        assigned_elsewhere |= id != replica.max_id(replica.specs(), "spec-id") + 1 + added_specs;
+        added_specs += 1;
         updates.push(json!({"action": "add-spec", "spec": spec}));
     }
     let order_ids = match_by_structure(source.sort_orders(), replica.sort_orders(), "order-id", same_fields);
@@ -213,6 +223,7 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
             snapshot: None,
             statistics_of,
             managed_properties: input.managed_properties.clone(),
+            managed_refs: replica.ref_ids(),
             snapshots_behind: missing.len(),
         }));
     }
@@ -255,7 +266,7 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
                 obj.insert("statistics-path".into(), Value::String(input.map.rewrite(path, input.source_file)?));
             }
             let there = replica.list(field).iter().find(|e| e.get("snapshot-id").and_then(Value::as_i64) == Some(id));
-            if there != Some(&rewritten) {
+            if there.map(normalized) != Some(normalized(&rewritten)) {
                 statistics_of.insert(id);
                 updates.push(if field == "statistics" {
                     json!({"action": action_name, "snapshot-id": id, "statistics": rewritten})
@@ -306,6 +317,7 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
             }
         }
     }
+    // Every ref on the replica was set by icerelay (else it diverged, above).
     let source_refs: BTreeSet<String> = source.refs().into_iter().map(|(n, _)| n).collect();
     for (name, _) in replica.refs() {
         if !source_refs.contains(&name) {
@@ -317,12 +329,28 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
     if updates.is_empty() {
         return Ok(None);
     }
+    let mut managed_refs = replica.ref_ids();
+    for update in &updates {
+        let name = update.get("ref-name").and_then(Value::as_str).unwrap_or_default().to_owned();
+        match action(update) {
+            "set-snapshot-ref" => {
+                if let Some(id) = update.get("snapshot-id").and_then(Value::as_i64) {
+                    managed_refs.insert(name, id);
+                }
+            }
+            "remove-snapshot-ref" => {
+                managed_refs.remove(&name);
+            }
+            _ => {}
+        }
+    }
     Ok(Some(Step {
         requirements: requirements(&replica, &moved),
         updates,
         snapshot: next.and_then(id_of),
         statistics_of,
         managed_properties,
+        managed_refs,
         snapshots_behind: missing.len(),
     }))
 }
@@ -397,7 +425,14 @@ fn properties(
     Ok((updates, managed))
 }
 
-fn check_divergence(source: &Table<'_>, replica: &Table<'_>, replicated: &BTreeSet<i64>) -> Result<(), PlanError> {
+/// The replica diverged when it has a snapshot that neither the source has
+/// nor icerelay wrote, or a ref icerelay did not put where it is.
+fn check_divergence(
+    source: &Table<'_>,
+    replica: &Table<'_>,
+    replicated: &BTreeSet<i64>,
+    managed_refs: &BTreeMap<String, i64>,
+) -> Result<(), PlanError> {
     let known = |id: i64| source.has_snapshot(id) || replicated.contains(&id);
     let foreign: Vec<String> =
         replica.snapshots().iter().filter_map(id_of).filter(|id| !known(*id)).map(|id| id.to_string()).collect();
@@ -409,14 +444,57 @@ fn check_divergence(source: &Table<'_>, replica: &Table<'_>, replicated: &BTreeS
             ),
         });
     }
+    let source_refs: BTreeMap<String, i64> = source.ref_ids();
     for (name, r) in replica.refs() {
         if !known(r.id) {
             return Err(PlanError::Diverged {
                 detail: format!("ref {name:?} points at snapshot {}, which the source does not have", r.id),
             });
         }
+        let on_source = source_refs.get(&name).copied();
+        // Where icerelay may have put the ref: where it recorded, where the
+        // source has it now, or a step further along the source's history (a
+        // commit that landed just before a crash, not recorded yet).
+        let ours = match managed_refs.get(&name) {
+            Some(set) => {
+                r.id == *set
+                    || on_source == Some(r.id)
+                    || source.has_snapshot(r.id) && source.is_ancestor(*set, r.id, replica)
+            }
+            None => on_source.is_some_and(|target| source.is_ancestor(r.id, target, replica)),
+        };
+        if !ours {
+            let detail = match managed_refs.get(&name) {
+                Some(set) => {
+                    format!("ref {name:?} was moved on the replica to snapshot {} (icerelay had set it to {set})", r.id)
+                }
+                None => format!("ref {name:?} (at snapshot {}) was created on the replica, not by icerelay", r.id),
+            };
+            return Err(PlanError::Diverged { detail });
+        }
     }
     Ok(())
+}
+
+/// The property keys a replica of `source` takes from it: all but the ones
+/// the destination sets itself.
+pub fn managed_property_keys(source: &Value, destination_properties: &BTreeMap<String, String>) -> BTreeSet<String> {
+    source
+        .get("properties")
+        .and_then(Value::as_object)
+        .map(|p| p.keys().filter(|k| !destination_properties.contains_key(*k)).cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Snapshot ids the replica and the source both have.
+pub fn shared_snapshots(source: &Value, replica: &Value) -> BTreeSet<i64> {
+    let theirs = snapshot_ids(source);
+    snapshot_ids(replica).into_iter().filter(|id| theirs.contains(id)).collect()
+}
+
+/// A table's refs by name.
+pub fn ref_ids(metadata: &Value) -> BTreeMap<String, i64> {
+    Table { value: metadata, format_version: 0 }.ref_ids()
 }
 
 /// A ref's target and its JSON.
@@ -511,6 +589,10 @@ impl<'a> Table<'a> {
                 }
             }
         }
+    }
+
+    fn ref_ids(&self) -> BTreeMap<String, i64> {
+        self.refs().into_iter().map(|(n, r)| (n, r.id)).collect()
     }
 
     fn ref_id(&self, name: &str) -> Option<i64> {

@@ -9,7 +9,7 @@
 //! fsync; only an operating-system crash can lose the last transactions, which
 //! the periodic reconcile repairs like any lost hint.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::mpsc;
 
@@ -27,7 +27,7 @@ use crate::proxy::commit_tap::{CommitHint, HintKind};
 /// The database file inside the state directory.
 pub const DATABASE_FILE: &str = "icerelay.db";
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE hints (
@@ -99,6 +99,12 @@ CREATE TABLE destinations (
 );
 ";
 
+/// From version 2: the refs a lane set on its replica, and its source's uuid.
+const MIGRATE_TO_3: &str = "
+ALTER TABLE lanes ADD COLUMN managed_refs TEXT;
+ALTER TABLE lanes ADD COLUMN source_uuid TEXT;
+";
+
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
 /// SQLite-backed [`StateStore`].
@@ -162,6 +168,9 @@ fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
         if version < 2 {
             tx.execute_batch(MIGRATE_TO_2)?;
         }
+        if version < 3 {
+            tx.execute_batch(MIGRATE_TO_3)?;
+        }
         tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
         tx.commit()?;
     }
@@ -219,16 +228,13 @@ fn read_lane(row: &Row<'_>) -> rusqlite::Result<LaneRecord> {
         (Some(ns), Some(name)) => Some(TableIdent::new(ns_parse(&ns)?, name)),
         _ => None,
     };
-    let managed_properties = match row.get::<_, Option<String>>("managed_properties")? {
-        Some(text) => Some(
-            serde_json::from_str::<BTreeSet<String>>(&text)
-                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))?,
-        ),
-        None => None,
-    };
+    let managed_properties = json_column::<BTreeSet<String>>(row, "managed_properties")?;
+    let managed_refs = json_column::<BTreeMap<String, i64>>(row, "managed_refs")?;
     Ok(LaneRecord {
         replica_renamed_from: renamed_from,
         managed_properties,
+        managed_refs,
+        source_uuid: row.get("source_uuid")?,
         key: LaneKey::new(table, row.get::<_, String>("destination")?),
         replica_table,
         wanted: row.get("wanted")?,
@@ -251,6 +257,19 @@ fn read_lane(row: &Row<'_>) -> rusqlite::Result<LaneRecord> {
             None => None,
         },
     })
+}
+
+fn json_column<T: serde::de::DeserializeOwned>(row: &Row<'_>, column: &str) -> rusqlite::Result<Option<T>> {
+    match row.get::<_, Option<String>>(column)? {
+        Some(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))),
+        None => Ok(None),
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: Option<&T>) -> Option<String> {
+    value.and_then(|v| serde_json::to_string(v).ok())
 }
 
 const LANE_WHERE: &str = "namespace = ?1 AND name = ?2 AND destination = ?3";
@@ -289,6 +308,15 @@ fn apply_change(tx: &Transaction<'_>, change: &LaneChange) -> rusqlite::Result<(
                 .optional()?
                 .unwrap_or(false);
             if exists {
+                // A lane already under the new name (a table of that name was
+                // dropped, or reconcile saw the new name first) gives way: the
+                // renamed table's lane, with its history, takes its place.
+                for table in ["lanes", "replicated_snapshots"] {
+                    tx.execute(
+                        &format!("DELETE FROM {table} WHERE {LANE_WHERE}"),
+                        params![ns_text(&to_key.table.namespace), to_key.table.name, to_key.destination],
+                    )?;
+                }
                 // The replica keeps its history under the new name: move the lane
                 // and what it replicated, then ask it to rename the replica.
                 for table in ["lanes", "replicated_snapshots"] {
@@ -338,10 +366,14 @@ fn apply_change(tx: &Transaction<'_>, change: &LaneChange) -> rusqlite::Result<(
                 touch(tx, &to_key, replica_to, *at)
             }
         }
-        LaneChange::SourceDropped { key } => {
+        LaneChange::SourceDropped { key, generation } => {
             tx.execute(
-                &format!("UPDATE lanes SET source_dropped = 1, done = wanted, pending_since = NULL WHERE {LANE_WHERE}"),
-                params![ns_text(&key.table.namespace), key.table.name, key.destination],
+                &format!(
+                    "UPDATE lanes SET source_dropped = 1, done = MAX(done, ?4),
+                     pending_since = CASE WHEN wanted <= MAX(done, ?4) THEN NULL ELSE pending_since END
+                     WHERE {LANE_WHERE}"
+                ),
+                params![ns_text(&key.table.namespace), key.table.name, key.destination, generation],
             )?;
             Ok(())
         }
@@ -454,7 +486,9 @@ impl StateStore for EmbeddedStore {
                 &format!(
                     "UPDATE lanes SET source_metadata_location = ?4, replica_metadata_location = ?5,
                      snapshots_behind = ?6, mode = COALESCE(?7, mode),
-                     managed_properties = COALESCE(?8, managed_properties) WHERE {LANE_WHERE}"
+                     managed_properties = COALESCE(?8, managed_properties),
+                     managed_refs = COALESCE(?9, managed_refs), source_uuid = COALESCE(?10, source_uuid)
+                     WHERE {LANE_WHERE}"
                 ),
                 params![
                     ns,
@@ -464,7 +498,9 @@ impl StateStore for EmbeddedStore {
                     p.replica_metadata_location,
                     p.snapshots_behind,
                     p.mode,
-                    p.managed_properties.as_ref().map(|m| serde_json::to_string(m).unwrap_or_else(|_| "[]".into()))
+                    to_json(p.managed_properties.as_ref()),
+                    to_json(p.managed_refs.as_ref()),
+                    p.source_uuid
                 ],
             )?;
             for id in &p.added_snapshots {
@@ -558,8 +594,8 @@ impl StateStore for EmbeddedStore {
             tx.execute(&format!("DELETE FROM replicated_snapshots WHERE {LANE_WHERE}"), args)?;
             tx.execute(
                 &format!(
-                    "UPDATE lanes SET replica_metadata_location = NULL, managed_properties = NULL, mode = NULL
-                     WHERE {LANE_WHERE}"
+                    "UPDATE lanes SET replica_metadata_location = NULL, managed_properties = NULL, mode = NULL,
+                     managed_refs = NULL, source_uuid = NULL WHERE {LANE_WHERE}"
                 ),
                 args,
             )?;

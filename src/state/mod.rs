@@ -24,7 +24,7 @@
 
 pub mod embedded;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use async_trait::async_trait;
@@ -141,6 +141,12 @@ pub struct LaneRecord {
     /// Property keys icerelay set on the replica from the source (only these
     /// are removed when the source removes them; the rest are the replica's own).
     pub managed_properties: Option<BTreeSet<String>>,
+    /// The refs icerelay set on the replica, and where it set them: a ref that
+    /// moved elsewhere was moved by someone else.
+    pub managed_refs: Option<BTreeMap<String, i64>>,
+    /// The uuid of the source table the replica follows (a source dropped and
+    /// created again under the same name is another table).
+    pub source_uuid: Option<String>,
 }
 
 impl LaneRecord {
@@ -190,6 +196,9 @@ pub enum LaneChange {
     SourceDropped {
         /// The lane.
         key: LaneKey,
+        /// The generation the run that saw the drop started from (a change
+        /// after it, a re-create say, keeps the lane asking for work).
+        generation: i64,
     },
 }
 
@@ -210,6 +219,10 @@ pub struct Progress {
     pub mode: Option<String>,
     /// Property keys now managed from the source, if they changed.
     pub managed_properties: Option<BTreeSet<String>>,
+    /// Refs icerelay set, and where, if they changed.
+    pub managed_refs: Option<BTreeMap<String, i64>>,
+    /// The source table's uuid, once known.
+    pub source_uuid: Option<String>,
 }
 
 /// A verified copy of a file at a destination.

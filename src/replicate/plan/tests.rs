@@ -50,12 +50,19 @@ struct Lane {
     replica: Value,
     replicated: BTreeSet<i64>,
     managed: BTreeSet<String>,
+    refs: BTreeMap<String, i64>,
     destination: BTreeMap<String, String>,
 }
 
 impl Lane {
     fn new(replica: Value) -> Self {
-        Self { replica, replicated: BTreeSet::new(), managed: BTreeSet::new(), destination: BTreeMap::new() }
+        Self {
+            replica,
+            replicated: BTreeSet::new(),
+            managed: BTreeSet::new(),
+            refs: BTreeMap::new(),
+            destination: BTreeMap::new(),
+        }
     }
 
     fn plan(&self, source: &Value) -> Result<Option<Step>, PlanError> {
@@ -67,6 +74,7 @@ impl Lane {
             replicated: &self.replicated,
             map: &map,
             managed_properties: &self.managed,
+            managed_refs: &self.refs,
             destination_properties: &self.destination,
         })
     }
@@ -80,6 +88,7 @@ impl Lane {
                 self.replicated.insert(id);
             }
             self.managed = step.managed_properties.clone();
+            self.refs = step.managed_refs.clone();
             steps.push(step);
             assert!(steps.len() < 50, "does not converge; last step: {:?}", steps.last().map(Step::describe));
         }
@@ -366,7 +375,7 @@ fn statistics_are_set_with_replica_paths_and_format_upgrades_replay() {
         "file-size-in-bytes": 10, "file-footer-size-in-bytes": 4, "blob-metadata": []}]);
     let mut lane = Lane::new(created());
     let steps = lane.converge(&src);
-    assert_eq!(actions(&steps[0])[0], "upgrade-format-version");
+    assert!(steps.iter().any(|s| actions(s).contains(&"upgrade-format-version")));
     let with_stats = steps.iter().find(|s| !s.statistics_of.is_empty()).expect("statistics set");
     assert_eq!(with_stats.snapshot, Some(20), "set with the snapshot they describe");
     assert_eq!(lane.replica["statistics"][0]["statistics-path"], format!("{REP}/metadata/stats-20.puffin"));
@@ -379,4 +388,80 @@ fn unmapped_paths_stop_the_plan_with_the_path_in_the_message() {
     src["snapshots"][0]["manifest-list"] = json!("s3://elsewhere/snap.avro");
     let e = Lane::new(created()).plan(&src).expect_err("unmapped");
     assert!(e.to_string().contains("s3://elsewhere/snap.avro"), "{e}");
+}
+
+#[test]
+fn refs_moved_on_the_replica_are_divergence_but_an_unrecorded_step_of_ours_is_not() {
+    let mut src = source();
+    src["snapshots"].as_array_mut().expect("list").push(snap(30, Some(20), 3, 1));
+    src["refs"]["main"]["snapshot-id"] = json!(30);
+    let mut lane = Lane::new(created());
+    lane.converge(&src);
+    assert_eq!(lane.refs, BTreeMap::from([("main".to_owned(), 30)]));
+
+    // Someone rolls main back on the replica: reported, not undone.
+    let mut rolled_back = Lane { replica: lane.replica.clone(), ..Lane::new(created()) };
+    rolled_back.replicated = lane.replicated.clone();
+    rolled_back.refs = lane.refs.clone();
+    rolled_back.replica["refs"]["main"]["snapshot-id"] = json!(10);
+    let e = rolled_back.plan(&src).expect_err("diverged");
+    assert!(e.to_string().contains("\"main\" was moved on the replica to snapshot 10"), "{e}");
+
+    // A tag made on the replica is not icerelay's either.
+    let mut tagged = Lane { replica: lane.replica.clone(), ..Lane::new(created()) };
+    tagged.replicated = lane.replicated.clone();
+    tagged.refs = lane.refs.clone();
+    tagged.replica["refs"]["mine"] = json!({"snapshot-id": 20, "type": "tag"});
+    assert!(matches!(tagged.plan(&src), Err(PlanError::Diverged { .. })));
+
+    // But a commit that landed before icerelay could record it (a crash) is
+    // recognised: main one step further along the source's history.
+    let mut crashed = Lane { replica: lane.replica.clone(), ..Lane::new(created()) };
+    crashed.replicated = lane.replicated.clone();
+    crashed.refs = BTreeMap::from([("main".to_owned(), 20)]);
+    assert!(crashed.plan(&src).expect("plans").is_none(), "nothing to do, nothing diverged");
+}
+
+#[test]
+fn an_upgrade_to_v3_waits_for_the_first_snapshot_with_row_lineage() {
+    let mut src = source();
+    src["format-version"] = json!(3);
+    let mut v3_snap = snap(30, Some(20), 3, 1);
+    v3_snap["first-row-id"] = json!(0);
+    v3_snap["added-rows"] = json!(5);
+    src["snapshots"].as_array_mut().expect("list").push(v3_snap);
+    src["refs"]["main"]["snapshot-id"] = json!(30);
+    let mut lane = Lane::new(created());
+    let steps = lane.converge(&src);
+    let upgraded_with: Vec<Option<i64>> =
+        steps.iter().filter(|s| actions(s).contains(&"upgrade-format-version")).map(|s| s.snapshot).collect();
+    assert_eq!(upgraded_with, [Some(30)], "v2 snapshots 10 and 20 go in before the upgrade");
+    assert_eq!(lane.replica["format-version"], 3);
+}
+
+#[test]
+fn two_new_specs_fold_into_the_snapshot_commit() {
+    let mut src = source();
+    for (id, name) in [(1, "a"), (2, "b")] {
+        src["partition-specs"].as_array_mut().expect("specs").push(
+            json!({"spec-id": id, "fields": [{"source-id": 1, "field-id": 1000 + id, "name": name, "transform": "identity"}]}),
+        );
+    }
+    src["default-spec-id"] = json!(2);
+    let first = Lane::new(created()).plan(&src).expect("plans").expect("step");
+    assert_eq!(first.snapshot, Some(10), "no commit of their own: {:?}", first.describe());
+    assert_eq!(actions(&first).iter().filter(|a| **a == "add-spec").count(), 2);
+}
+
+#[test]
+fn statistics_spelled_differently_by_the_catalog_are_not_set_again() {
+    let mut src = source();
+    src["statistics"] = json!([{"snapshot-id": 20, "statistics-path": format!("{SRC}/metadata/stats-20.puffin"),
+        "file-size-in-bytes": 10, "file-footer-size-in-bytes": 4, "blob-metadata": [], "key-metadata": null}]);
+    let mut lane = Lane::new(created());
+    lane.converge(&src);
+    // The catalog drops the nulls and empty lists.
+    lane.replica["statistics"] = json!([{"snapshot-id": 20, "statistics-path": format!("{REP}/metadata/stats-20.puffin"),
+        "file-size-in-bytes": 10, "file-footer-size-in-bytes": 4}]);
+    assert!(lane.plan(&src).expect("plans").is_none());
 }

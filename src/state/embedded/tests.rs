@@ -106,6 +106,8 @@ async fn progress_and_renames_keep_the_replicated_history() {
             snapshots_behind: 1,
             mode: Some("create+replay".into()),
             managed_properties: Some(BTreeSet::from(["owner".to_owned()])),
+            managed_refs: Some(BTreeMap::from([("main".to_owned(), 12)])),
+            source_uuid: Some("u-1".into()),
         })
         .await
         .expect("progress");
@@ -125,13 +127,19 @@ async fn progress_and_renames_keep_the_replicated_history() {
     assert_eq!(lane.replica_table, renamed);
     assert_eq!(lane.replica_renamed_from, Some(table("db", "t")), "the replica is renamed by the lane");
     assert_eq!(lane.managed_properties, Some(BTreeSet::from(["owner".to_owned()])));
+    assert_eq!(lane.managed_refs, Some(BTreeMap::from([("main".to_owned(), 12)])));
+    assert_eq!(lane.source_uuid.as_deref(), Some("u-1"));
     store.finish_rename(&moved).await.expect("finish");
     assert_eq!(store.lane(&moved).await.expect("read").expect("lane").replica_renamed_from, None);
     assert_eq!(lane.mode.as_deref(), Some("create+replay"));
     assert_eq!(lane.snapshots_behind, Some(1));
     assert_eq!(store.replicated_snapshots(&moved).await.expect("read"), BTreeSet::from([11, 12]));
 
-    store.apply_lane_changes(vec![LaneChange::SourceDropped { key: moved.clone() }], None).await.expect("drop");
+    let generation = store.lane(&moved).await.expect("read").expect("lane").wanted;
+    store
+        .apply_lane_changes(vec![LaneChange::SourceDropped { key: moved.clone(), generation }], None)
+        .await
+        .expect("drop");
     let lane = store.lane(&moved).await.expect("read").expect("kept");
     assert!(lane.source_dropped && !lane.has_work());
 }
@@ -157,4 +165,34 @@ async fn pause_resume_resync_and_copy_checkpoints() {
     store.record_copied_file("dr", "s3://w/d.parquet", file.clone()).await.expect("idempotent");
     assert_eq!(store.copied_file("dr", "s3://w/d.parquet").await.expect("read"), Some(file));
     assert_eq!(store.copied_file("other", "s3://w/d.parquet").await.expect("read"), None);
+}
+
+#[tokio::test]
+async fn a_rename_onto_a_name_with_a_lane_replaces_that_lane() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EmbeddedStore::open(dir.path()).expect("open");
+    let a = LaneKey::new(table("db", "a"), "dr");
+    let b = LaneKey::new(table("db", "b"), "dr");
+    store.apply_lane_changes(vec![touch(&a), touch(&b)], None).await.expect("touch");
+    store
+        .record_progress(Progress {
+            key: b.clone(),
+            source_metadata_location: None,
+            replica_metadata_location: Some("s3://r/db/b/metadata/v1.metadata.json".into()),
+            added_snapshots: vec![99],
+            snapshots_behind: 0,
+            mode: None,
+            managed_properties: None,
+            managed_refs: None,
+            source_uuid: Some("old-b".into()),
+        })
+        .await
+        .expect("progress");
+    let rename = LaneChange::Rename { from: a.clone(), to: table("db", "b"), replica_to: table("db", "b"), at: 5 };
+    store.apply_lane_changes(vec![rename], Some(0)).await.expect("a rename onto an existing lane applies");
+    let lane = store.lane(&b).await.expect("read").expect("lane");
+    assert_eq!(lane.replica_renamed_from, Some(table("db", "a")));
+    assert_eq!(lane.source_uuid, None, "the old lane's record is gone");
+    assert!(store.replicated_snapshots(&b).await.expect("read").is_empty());
+    assert!(store.lane(&a).await.expect("read").is_none());
 }
