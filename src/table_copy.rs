@@ -17,6 +17,7 @@
 //! replication's copies of one more snapshot, cost only what is new.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -24,7 +25,8 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::rewrite::metadata::{self, ReferenceKind};
+use crate::rewrite::manifest_list::ManifestList;
+use crate::rewrite::metadata::{self, Reference, ReferenceKind};
 use crate::rewrite::{PathMap, RewriteError, manifest, manifest_list, position_deletes, puffin};
 use crate::storage::checkpoint::CheckpointError;
 use crate::storage::copy::{Copier, CopyError, CopyOutcome, CopyReport, CopyTask};
@@ -36,6 +38,10 @@ pub const METADATA_LIMIT: u64 = 512 * 1024 * 1024;
 pub const MANIFEST_LIMIT: u64 = 512 * 1024 * 1024;
 /// Largest delete file rewritten in memory.
 pub const DELETE_FILE_LIMIT: u64 = 2 * 1024 * 1024 * 1024;
+/// Memory for manifests rewritten while they are checked and kept until
+/// the copy writes them; beyond it, a manifest is read and decoded again
+/// when it is copied.
+pub const PREPARED_LIMIT: usize = 256 * 1024 * 1024;
 
 /// Errors of a table copy.
 #[derive(Debug, thiserror::Error)]
@@ -215,35 +221,60 @@ impl TableCopier {
         let selected = |id: Option<i64>| id.is_some_and(|id| snapshots.contains(&id));
 
         // Manifest lists not checkpointed yet, and the manifests they list.
+        // Each is decoded once, here, and rewritten from that decode in step 2.
         let mut lists = Vec::new();
         let mut manifests: BTreeSet<String> = BTreeSet::new();
         let mut done_lists = BTreeMap::new();
+        let list_references: Vec<Reference> = rewritten
+            .references
+            .iter()
+            .filter(|r| selected(r.snapshot_id) && r.kind == ReferenceKind::ManifestList)
+            .cloned()
+            .collect();
+        let read_lists: Vec<(Reference, ListRead)> = futures::stream::iter(list_references)
+            .map(|reference| async move {
+                if self.is_done(&reference.source, &reference.target).await? {
+                    return Ok::<_, TableCopyError>((reference, ListRead::Done));
+                }
+                let bytes = self.storage().read(&reference.source, MANIFEST_LIMIT).await?;
+                let source = reference.source.clone();
+                let read = on_cpu(move || {
+                    let list = ManifestList::read(&bytes, &source)?;
+                    let manifests = list.manifests(&source)?.into_iter().map(|m| m.path).collect();
+                    Ok(ListRead::Read { list: Box::new(list), manifests })
+                })
+                .await?;
+                Ok((reference, read))
+            })
+            .buffered(self.manifest_parallelism)
+            .try_collect()
+            .await?;
+        for (reference, read) in read_lists {
+            match read {
+                ListRead::Done => {
+                    run.count(CopyOutcome::Skipped { bytes: 0 });
+                    done_lists.insert(reference.snapshot_id.unwrap_or_default(), reference.target);
+                }
+                ListRead::Read { list, manifests: listed } => {
+                    manifests.extend(listed);
+                    lists.push((reference, list));
+                }
+            }
+        }
         for reference in rewritten.references.iter().filter(|r| selected(r.snapshot_id)) {
-            match reference.kind {
-                ReferenceKind::ManifestList => {
-                    if self.is_done(&reference.source, &reference.target).await? {
-                        run.count(CopyOutcome::Skipped { bytes: 0 });
-                        done_lists.insert(reference.snapshot_id.unwrap_or_default(), reference.target.clone());
-                        continue;
-                    }
-                    let bytes = self.storage().read(&reference.source, MANIFEST_LIMIT).await?;
-                    for m in manifest_list::list(&bytes, &reference.source)? {
-                        manifests.insert(m.path);
-                    }
-                    lists.push((reference.clone(), bytes));
-                }
-                ReferenceKind::Manifest => {
-                    manifests.insert(reference.source.clone());
-                }
-                ReferenceKind::Statistics | ReferenceKind::PartitionStatistics => {}
+            if reference.kind == ReferenceKind::Manifest {
+                manifests.insert(reference.source.clone());
             }
         }
         progress.discovered((lists.len() + manifests.len()) as u64, 0);
 
         // 0. Read and check every manifest still to copy before writing
         // anything: a corrupt or truncated one stops the copy with the
-        // target untouched. (Each is read again when it is copied, so memory
-        // does not grow with the table.)
+        // target untouched. A manifest that lists no position-delete file to
+        // rewrite is rewritten here already (its rewrite needs no new file
+        // sizes) and kept for step 1, up to `PREPARED_LIMIT` bytes in all;
+        // the others are read again when they are copied, so memory stays
+        // bounded however large the table.
         let mut pending = Vec::new();
         for path in &manifests {
             let target = map.rewrite(path, path)?;
@@ -251,28 +282,35 @@ impl TableCopier {
                 pending.push(path.clone());
             }
         }
-        futures::stream::iter(pending)
+        let budget = Arc::new(AtomicUsize::new(PREPARED_LIMIT));
+        let prepared: HashMap<String, Prepared> = futures::stream::iter(pending)
             .map(|path| {
-                let map = run.map.clone();
+                let (map, budget) = (run.map.clone(), budget.clone());
+                let copy_data_files = self.copy_data_files;
                 async move {
                     let bytes = self.storage().read(&path, MANIFEST_LIMIT).await?;
-                    on_cpu(move || {
-                        for entry in manifest::list(&bytes, &path)? {
-                            map.rewrite(&entry.path, &path)?;
-                        }
-                        Ok(())
+                    let (path, prepared) = on_cpu(move || {
+                        let prepared = prepare(&bytes, &path, &map, copy_data_files, &budget)?;
+                        Ok((path, prepared))
                     })
-                    .await
+                    .await?;
+                    Ok::<_, TableCopyError>(prepared.map(|p| (path, p)))
                 }
             })
             .buffer_unordered(self.manifest_parallelism)
-            .try_collect::<Vec<()>>()
+            .try_filter_map(|p| async move { Ok(p) })
+            .try_collect()
             .await?;
+        let prepared = Mutex::new(prepared);
 
         // 1. Manifests and everything they reference.
         let run_ref = &run;
+        let prepared = &prepared;
         futures::stream::iter(manifests)
-            .map(|path| async move { self.copy_manifest(&path, run_ref).await })
+            .map(|path| async move {
+                let ready = prepared.lock().ok().and_then(|mut p| p.remove(&path));
+                self.copy_manifest(&path, run_ref, ready).await
+            })
             .buffer_unordered(self.manifest_parallelism)
             .try_collect::<Vec<()>>()
             .await?;
@@ -281,11 +319,11 @@ impl TableCopier {
         let mut copied = CopiedSnapshots { manifest_lists: done_lists, report: CopyReport::default() };
         let lengths = Arc::new(run.manifest_lengths.lock().map(|l| l.clone()).unwrap_or_default());
         let written: Vec<(i64, String)> = futures::stream::iter(lists)
-            .map(|(reference, bytes)| {
+            .map(|(reference, list)| {
                 let (map, lengths) = (run.map.clone(), lengths.clone());
                 let source = reference.source.clone();
                 async move {
-                    let out = on_cpu(move || manifest_list::rewrite(&bytes, &source, &map, &lengths)).await?;
+                    let out = on_cpu(move || list.rewrite(&source, &map, &lengths)).await?;
                     let outcome = self.copier.put(&reference.source, &reference.target, Bytes::from(out)).await?;
                     run_ref.count(outcome);
                     Ok::<_, TableCopyError>((reference.snapshot_id.unwrap_or_default(), reference.target))
@@ -324,8 +362,9 @@ impl TableCopier {
         Ok(self.storage().head(target).await?.filter(|found| found.size == done.size).map(|found| found.size))
     }
 
-    /// Copies one manifest's files, then the rewritten manifest.
-    async fn copy_manifest(&self, source: &str, run: &Run<'_>) -> Result<(), TableCopyError> {
+    /// Copies one manifest's files, then the rewritten manifest (`ready`
+    /// if step 0 rewrote it already).
+    async fn copy_manifest(&self, source: &str, run: &Run<'_>, ready: Option<Prepared>) -> Result<(), TableCopyError> {
         let target = run.map.rewrite(source, source)?;
         if let Some(size) = self.checkpointed_size(source, &target).await? {
             run.count(CopyOutcome::Skipped { bytes: size });
@@ -334,18 +373,21 @@ impl TableCopier {
             }
             return Ok(());
         }
-        let bytes = self.storage().read(source, MANIFEST_LIMIT).await?;
-        let (parsed, entries) = {
-            let source = source.to_owned();
-            on_cpu(move || {
-                let parsed = manifest::Manifest::read(&bytes, &source)?;
-                let entries = parsed.entries(&source)?;
-                Ok((parsed, entries))
-            })
-            .await?
+        let (live, pending) = match ready {
+            Some(Prepared { live, rewritten }) => (live, Pending::Rewritten(rewritten)),
+            None => {
+                let bytes = self.storage().read(source, MANIFEST_LIMIT).await?;
+                let source = source.to_owned();
+                let copy_data_files = self.copy_data_files;
+                on_cpu(move || {
+                    let parsed = manifest::Manifest::read(&bytes, &source)?;
+                    let live =
+                        parsed.entries_where(&source, |status, content| is_copied(status, content, copy_data_files))?;
+                    Ok((live, Pending::Parsed(Box::new(parsed))))
+                })
+                .await?
+            }
         };
-        let live: Vec<&manifest::ManifestEntry> =
-            entries.iter().filter(|e| e.is_live() && (self.copy_data_files || e.needs_rewrite())).collect();
         run.progress.discovered(live.len() as u64, live.iter().map(|e| e.size.max(0) as u64).sum());
 
         let copies: Vec<CopyTask> = live
@@ -375,9 +417,12 @@ impl TableCopier {
             run.count(self.copier.put(&entry.path, &target, Bytes::from(out)).await?);
         }
 
-        let out = {
-            let (map, source) = (run.map.clone(), source.to_owned());
-            on_cpu(move || parsed.rewrite(&source, &map, &delete_sizes)).await?
+        let out = match pending {
+            Pending::Rewritten(out) => out,
+            Pending::Parsed(parsed) => {
+                let (map, source) = (run.map.clone(), source.to_owned());
+                on_cpu(move || parsed.rewrite(&source, &map, &delete_sizes)).await?
+            }
         };
         let length = out.len() as i64;
         run.count(self.copier.put(source, &target, Bytes::from(out)).await?);
@@ -488,6 +533,66 @@ impl TableCopier {
     }
 }
 
+/// A manifest step 0 rewrote already.
+struct Prepared {
+    /// The entries step 1 copies (see [`is_copied`]); none needs rewriting.
+    live: Vec<manifest::ManifestEntry>,
+    /// The rewritten manifest.
+    rewritten: Vec<u8>,
+}
+
+/// What step 1 writes for a manifest.
+enum Pending {
+    /// Bytes rewritten in step 0.
+    Rewritten(Vec<u8>),
+    /// A decoded manifest, to rewrite once its delete files are.
+    Parsed(Box<manifest::Manifest>),
+}
+
+/// A manifest list of the copy, as its first read found it.
+enum ListRead {
+    /// Copied before (checkpointed and present at the target).
+    Done,
+    /// Decoded, with the manifests it lists.
+    Read {
+        /// The decoded list, rewritten in step 2.
+        list: Box<ManifestList>,
+        /// Its manifests' paths.
+        manifests: Vec<String>,
+    },
+}
+
+/// Whether step 1 copies (or rewrites) the file of an entry.
+fn is_copied(status: i64, content: manifest::FileContent, copy_data_files: bool) -> bool {
+    status != 2 && (copy_data_files || content == manifest::FileContent::PositionDeletes)
+}
+
+/// Step 0 for one manifest: decodes it and checks that every path in it
+/// maps; rewrites it if it can be rewritten now (no position-delete file of
+/// its needs a new size) and `budget` has room for it.
+fn prepare(
+    bytes: &[u8],
+    path: &str,
+    map: &PathMap,
+    copy_data_files: bool,
+    budget: &AtomicUsize,
+) -> Result<Option<Prepared>, RewriteError> {
+    let parsed = manifest::Manifest::read(bytes, path)?;
+    let live = parsed.entries_where(path, |status, content| is_copied(status, content, copy_data_files))?;
+    // What is kept: the rewritten manifest (about the size of the original) and `live`.
+    let cost = bytes.len() + live.iter().map(|e| e.path.len() + e.format.len() + 64).sum::<usize>();
+    let fits = || budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(cost)).is_ok();
+    if !live.iter().any(manifest::ManifestEntry::needs_rewrite) && fits() {
+        // Rewriting maps every path in it: the check is done.
+        let rewritten = parsed.rewrite(path, map, &HashMap::new())?;
+        return Ok(Some(Prepared { live, rewritten }));
+    }
+    for entry in parsed.entries(path)? {
+        map.rewrite(&entry.path, path)?;
+    }
+    Ok(None)
+}
+
 /// Runs parsing and rewriting on the blocking pool: they are CPU-bound, and
 /// on the async workers they would rewrite one manifest at a time however
 /// many are in flight.
@@ -495,4 +600,178 @@ async fn on_cpu<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, RewriteError> + Send + 'static,
 ) -> Result<T, TableCopyError> {
     tokio::task::spawn_blocking(work).await.map_err(|e| TableCopyError::Task(e.to_string()))?.map_err(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::storage::checkpoint::Journal;
+    use crate::storage::copy::CopySettings;
+
+    /// Writes the DuckDB merge-on-read fixture (`tests/fixtures/duckdb_mor_v2`:
+    /// manifests, manifest lists, position deletes, metadata; no data files)
+    /// under `location`, its paths mapped there; returns its metadata URL.
+    fn write_fixture(location: &str) -> String {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/duckdb_mor_v2");
+        let index: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("index.json")).expect("index")).expect("json");
+        let map = PathMap::from_locations(index["location"].as_str().expect("location"), location).expect("map");
+        let files = index["files"].as_object().expect("files");
+        let of = |role: &'static str| -> Vec<String> {
+            files.iter().filter(|(_, r)| *r == role).map(|(p, _)| p.clone()).collect()
+        };
+        let read = |path: &str| std::fs::read(dir.join(path.rsplit('/').next().expect("name"))).expect("fixture file");
+        let write = |path: &str, bytes: &[u8]| {
+            let url = map.map(path).expect("mapped");
+            let local = Path::new(url.strip_prefix("file://").expect("file URL")).to_owned();
+            std::fs::create_dir_all(local.parent().expect("parent")).expect("mkdir");
+            std::fs::write(local, bytes).expect("write");
+        };
+        let mut sizes = HashMap::new();
+        for path in of("position-deletes") {
+            let out = position_deletes::rewrite(&read(&path), &path, &map).expect("deletes");
+            sizes.insert(path.clone(), out.len() as i64);
+            write(&path, &out);
+        }
+        let mut lengths = HashMap::new();
+        for path in of("manifest") {
+            let out = manifest::rewrite(&read(&path), &path, &map, &sizes).expect("manifest");
+            lengths.insert(path.clone(), out.len() as i64);
+            write(&path, &out);
+        }
+        for path in of("manifest-list") {
+            write(&path, &manifest_list::rewrite(&read(&path), &path, &map, &lengths).expect("list"));
+        }
+        let path = index["metadata"].as_str().expect("metadata");
+        let value: Value = serde_json::from_slice(&read(path)).expect("json");
+        let out = metadata::rewrite_metadata(&value, &map, path, &|_| false).expect("metadata");
+        write(path, &serde_json::to_vec(&out.value).expect("json"));
+        map.map(path).expect("mapped")
+    }
+
+    fn replace(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i..].starts_with(from) {
+                out.extend_from_slice(to);
+                i += from.len();
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        out
+    }
+
+    fn local(url: &str) -> std::path::PathBuf {
+        Path::new(url.strip_prefix("file://").expect("file URL")).to_owned()
+    }
+
+    #[tokio::test]
+    async fn metadata_only_copies_have_exact_lengths_and_sizes_and_resume() {
+        let dir = tempfile::tempdir().expect("dir");
+        let source = format!("file://{}/src/db/t", dir.path().display());
+        let target = format!("file://{}/dst/db/t", dir.path().display());
+        let metadata_url = write_fixture(&source);
+        let storage = Arc::new(Storage::new(&[]));
+        let journal = Arc::new(Journal::open(&dir.path().join("journal.jsonl")).expect("journal"));
+        let copier =
+            TableCopier::new(Copier::new(storage, journal.clone(), CopySettings::default()), 3).metadata_only();
+        let metadata = copier.read_metadata(&metadata_url).await.expect("metadata");
+        let map = PathMap::from_locations(&source, &target).expect("map");
+        let snapshots: BTreeSet<i64> = metadata["snapshots"]
+            .as_array()
+            .expect("snapshots")
+            .iter()
+            .filter_map(|s| s["snapshot-id"].as_i64())
+            .collect();
+        let copied =
+            copier.copy_snapshots(&metadata, &metadata_url, &map, &snapshots, &NoProgress).await.expect("copy");
+        assert_eq!(copied.manifest_lists.len(), snapshots.len());
+        // 6 manifest lists, 7 manifests, 4 position-delete files.
+        assert_eq!((copied.report.copied_files, copied.report.skipped_files), (17, 0));
+
+        let mut delete_files = 0;
+        for list_url in copied.manifest_lists.values() {
+            let bytes = std::fs::read(local(list_url)).expect("list");
+            for m in manifest_list::list(&bytes, list_url).expect("manifests") {
+                let manifest = std::fs::read(local(&m.path)).expect("manifest");
+                assert_eq!(m.length, manifest.len() as i64, "manifest_length of {}", m.path);
+                for e in manifest::list(&manifest, &m.path).expect("entries") {
+                    assert!(e.path.starts_with(&target), "{}", e.path);
+                    if e.needs_rewrite() && e.is_live() {
+                        delete_files += 1;
+                        let real = std::fs::metadata(local(&e.path)).expect("delete file").len();
+                        assert_eq!(e.size as u64, real, "file_size_in_bytes of {}", e.path);
+                    }
+                }
+            }
+        }
+        assert!(delete_files > 0);
+
+        // A rerun finds everything checkpointed and writes nothing.
+        let again =
+            copier.copy_snapshots(&metadata, &metadata_url, &map, &snapshots, &NoProgress).await.expect("rerun");
+        assert_eq!(again.report.copied_files, 0);
+        assert_eq!(again.manifest_lists, copied.manifest_lists);
+
+        // Without checkpoints, and one manifest at a time, a copy to another
+        // prefix of the same length writes the same bytes but for the prefix.
+        let other = format!("file://{}/ds2/db/t", dir.path().display());
+        let other_map = PathMap::from_locations(&source, &other).expect("map");
+        let plain = TableCopier::new(
+            Copier::new(
+                Arc::new(Storage::new(&[])),
+                Arc::new(crate::storage::checkpoint::NoCheckpoints),
+                CopySettings::default(),
+            ),
+            1,
+        )
+        .metadata_only();
+        let second =
+            plain.copy_snapshots(&metadata, &metadata_url, &other_map, &snapshots, &NoProgress).await.expect("copy");
+        for (id, list_url) in &second.manifest_lists {
+            let first = std::fs::read(local(&copied.manifest_lists[id])).expect("first");
+            let bytes = std::fs::read(local(list_url)).expect("second");
+            assert_eq!(replace(&first, target.as_bytes(), other.as_bytes()), bytes, "{list_url}");
+            for m in manifest_list::list(&bytes, list_url).expect("manifests") {
+                let second = std::fs::read(local(&m.path)).expect("manifest");
+                let first = std::fs::read(local(&m.path.replace(&other, &target))).expect("manifest");
+                assert_eq!(replace(&first, target.as_bytes(), other.as_bytes()), second, "{}", m.path);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unmapped_path_stops_the_copy_before_anything_is_written() {
+        let dir = tempfile::tempdir().expect("dir");
+        let source = format!("file://{}/src/db/t", dir.path().display());
+        let metadata_url = write_fixture(&source);
+        let copier = TableCopier::new(
+            Copier::new(
+                Arc::new(Storage::new(&[])),
+                Arc::new(crate::storage::checkpoint::NoCheckpoints),
+                CopySettings::default(),
+            ),
+            2,
+        )
+        .metadata_only();
+        let metadata = copier.read_metadata(&metadata_url).await.expect("metadata");
+        // Maps the metadata directory only: the data and delete files are unmapped.
+        let mut map = PathMap::new();
+        map.add(&format!("{source}/metadata"), &format!("file://{}/dst/metadata", dir.path().display())).expect("map");
+        let snapshots: BTreeSet<i64> = metadata["snapshots"]
+            .as_array()
+            .expect("snapshots")
+            .iter()
+            .filter_map(|s| s["snapshot-id"].as_i64())
+            .collect();
+        let e =
+            copier.copy_snapshots(&metadata, &metadata_url, &map, &snapshots, &NoProgress).await.expect_err("unmapped");
+        assert!(matches!(e, TableCopyError::Rewrite(RewriteError::UnmappedPath { .. })), "{e}");
+        assert!(!dir.path().join("dst").exists(), "nothing was written");
+    }
 }

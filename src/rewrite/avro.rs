@@ -4,23 +4,42 @@
 //! `partition-spec`, `format-version`, `content`, ...) and in field-id
 //! attributes of the writer schema. A rewritten file keeps every header key
 //! byte for byte, the original `avro.schema` text included, and the codec;
-//! only the records change. `apache-avro` decodes the records with the writer
-//! schema, encodes the header map and writes the data blocks; icerelay only
-//! chooses what goes in the header.
+//! only the records change. `apache-avro` decodes and encodes every datum and
+//! every number of the container framing; icerelay only chooses what goes in
+//! the header and which fields change.
+//!
+//! Two ways in:
+//!
+//! - [`read`] / [`write()`]: whole records as [`Value`]s, for small files and
+//!   tests.
+//! - [`Records`]: the rewrite path. Decoding a manifest entry into a `Value`
+//!   tree (a `String` per field name, a hash map per record when encoding it
+//!   back) is what a table copy spent most of its time on, yet a rewrite
+//!   changes two or three fields of each record. [`Records::read`] walks each
+//!   record with `apache-avro`'s schema-aware deserializer, keeping nothing,
+//!   and notes where the few fields the caller asked for lie; [`Fields`]
+//!   decodes just those, and writes records back as their original bytes
+//!   with only the replaced fields encoded anew. Every other field is kept
+//!   bit for bit, which is stronger than decoding and re-encoding it.
 
 use std::collections::HashMap;
 use std::io::Cursor;
 use std::str::FromStr;
 
 use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::schema::ResolvedSchema;
 use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::{Codec, Reader, Schema, Writer};
 use md5::Digest;
+use serde::de::{Deserialize, Deserializer, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor};
 
 use super::RewriteError;
 
 const MAGIC: &[u8; 4] = b"Obj\x01";
+/// Bytes of records after which a data block is written out: `apache-avro`'s
+/// own default, so that [`Fields::write`] cuts blocks where [`write()`] does.
+const BLOCK_SIZE: usize = 16_000;
 
 /// An Avro container file's header: every metadata key, as written.
 #[derive(Debug, Clone)]
@@ -40,24 +59,14 @@ impl Header {
     }
 }
 
+fn invalid(file: &str, detail: impl Into<String>) -> RewriteError {
+    RewriteError::InvalidManifest { file: file.to_owned(), kind: "Avro file", detail: detail.into() }
+}
+
 /// Reads the header and every record of an Avro container file.
 pub fn read(bytes: &[u8], file: &str) -> Result<(Header, Vec<Value>), RewriteError> {
-    let metadata = read_metadata(bytes, file)?;
-    let codec = match metadata.get("avro.codec").map(|c| std::str::from_utf8(c)) {
-        None => Codec::Null,
-        Some(Ok(name)) => Codec::from_str(name).map_err(|_| RewriteError::InvalidManifest {
-            file: file.to_owned(),
-            kind: "Avro file",
-            detail: format!("unsupported codec {name:?}"),
-        })?,
-        Some(Err(_)) => {
-            return Err(RewriteError::InvalidManifest {
-                file: file.to_owned(),
-                kind: "Avro file",
-                detail: "the codec name is not UTF-8".into(),
-            });
-        }
-    };
+    let (metadata, _) = read_metadata(bytes, file)?;
+    let codec = codec(&metadata, file)?;
     let reader = Reader::new(bytes).map_err(|e| RewriteError::avro(file, e))?;
     let schema = reader.writer_schema().clone();
     let mut records = Vec::new();
@@ -67,15 +76,19 @@ pub fn read(bytes: &[u8], file: &str) -> Result<(Header, Vec<Value>), RewriteErr
     Ok((Header { metadata, schema, codec }, records))
 }
 
+fn codec(metadata: &HashMap<String, Vec<u8>>, file: &str) -> Result<Codec, RewriteError> {
+    match metadata.get("avro.codec").map(|c| std::str::from_utf8(c)) {
+        None => Ok(Codec::Null),
+        Some(Ok(name)) => Codec::from_str(name).map_err(|_| invalid(file, format!("unsupported codec {name:?}"))),
+        Some(Err(_)) => Err(invalid(file, "the codec name is not UTF-8")),
+    }
+}
+
 /// The header's metadata map, decoded with `apache-avro` from the raw bytes
-/// (the reader API does not expose `avro.*` keys).
-fn read_metadata(bytes: &[u8], file: &str) -> Result<HashMap<String, Vec<u8>>, RewriteError> {
+/// (the reader API does not expose `avro.*` keys), and the offset just past it.
+fn read_metadata(bytes: &[u8], file: &str) -> Result<(HashMap<String, Vec<u8>>, usize), RewriteError> {
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-        return Err(RewriteError::InvalidManifest {
-            file: file.to_owned(),
-            kind: "Avro file",
-            detail: "missing the Avro container magic bytes (not an Avro file, or empty)".into(),
-        });
+        return Err(invalid(file, "missing the Avro container magic bytes (not an Avro file, or empty)"));
     }
     let mut cursor = Cursor::new(&bytes[MAGIC.len()..]);
     let map_schema = Schema::map(Schema::Bytes).build();
@@ -84,19 +97,17 @@ fn read_metadata(bytes: &[u8], file: &str) -> Result<HashMap<String, Vec<u8>>, R
         .and_then(|r| r.read_value(&mut cursor))
         .map_err(|e| RewriteError::avro(file, e))?;
     let Value::Map(entries) = value else {
-        return Err(RewriteError::InvalidManifest {
-            file: file.to_owned(),
-            kind: "Avro file",
-            detail: "the header metadata is not a map".into(),
-        });
+        return Err(invalid(file, "the header metadata is not a map"));
     };
-    Ok(entries
+    let end = MAGIC.len() + cursor.position() as usize;
+    let metadata = entries
         .into_iter()
         .filter_map(|(k, v)| match v {
             Value::Bytes(b) => Some((k, b)),
             _ => None,
         })
-        .collect())
+        .collect();
+    Ok((metadata, end))
 }
 
 /// Writes `records` with `header`'s schema, codec and metadata.
@@ -108,6 +119,17 @@ pub fn write<'a>(
     records: impl IntoIterator<Item = &'a Value>,
     file: &str,
 ) -> Result<Vec<u8>, RewriteError> {
+    let (out, marker) = write_header(header, file)?;
+    let mut writer = Writer::append_to_with_codec(&header.schema, out, header.codec, marker)
+        .map_err(|e| RewriteError::avro(file, e))?;
+    for record in records {
+        writer.unvalidated_append_value_ref(record).map_err(|e| RewriteError::avro(file, e))?;
+    }
+    writer.into_inner().map_err(|e| RewriteError::avro(file, e))
+}
+
+/// The magic bytes, the header map and the sync marker of a rewritten file.
+fn write_header(header: &Header, file: &str) -> Result<(Vec<u8>, [u8; 16]), RewriteError> {
     // Derived from the source path: rewriting the same file the same way always
     // gives the same bytes, so a rerun after a crash finds its earlier output
     // identical and a replica's recorded manifest lengths stay true.
@@ -131,12 +153,437 @@ pub fn write<'a>(
     }
     encode(&Schema::Long, Value::Long(0), &mut out)?;
     out.extend_from_slice(&marker);
-    let mut writer = Writer::append_to_with_codec(&header.schema, out, header.codec, marker)
-        .map_err(|e| RewriteError::avro(file, e))?;
-    for record in records {
-        writer.unvalidated_append_value_ref(record).map_err(|e| RewriteError::avro(file, e))?;
+    Ok((out, marker))
+}
+
+// === impl Records ===
+
+/// The records of an Avro container file as their encoded bytes, with the
+/// position of the fields asked for in each.
+///
+/// A field is asked for by its path of record field names from the top-level
+/// record (`["data_file", "file_path"]`); each path is a *slot*, numbered in
+/// the order given. A slot whose field the writer schema lacks is absent
+/// from every record. Everything else in a record is only walked over.
+#[derive(Debug, Clone)]
+pub struct Records {
+    header: Header,
+    paths: &'static [&'static [&'static str]],
+    /// The decompressed data blocks, one after the other.
+    data: Vec<u8>,
+    /// Per record: its own span, then one span per slot ([`ABSENT`] if the
+    /// schema lacks the field).
+    spans: Vec<Span>,
+}
+
+/// A byte range of [`Records::data`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+const ABSENT: Span = Span { start: u32::MAX, end: u32::MAX };
+
+impl Records {
+    /// Reads an Avro container file, locating `paths` in each record.
+    pub fn read(bytes: &[u8], file: &str, paths: &'static [&'static [&'static str]]) -> Result<Self, RewriteError> {
+        let (metadata, mut pos) = read_metadata(bytes, file)?;
+        let codec = codec(&metadata, file)?;
+        let schema_json: serde_json::Value =
+            metadata
+                .get("avro.schema")
+                .and_then(|s| serde_json::from_slice(s).ok())
+                .ok_or_else(|| invalid(file, "the header has no readable `avro.schema`"))?;
+        let schema = Schema::parse(&schema_json).map_err(|e| RewriteError::avro(file, e))?;
+        let marker: [u8; 16] = bytes
+            .get(pos..pos + 16)
+            .and_then(|m| m.try_into().ok())
+            .ok_or_else(|| invalid(file, "the header is truncated (no sync marker)"))?;
+        pos += 16;
+
+        let mut data = Vec::new();
+        let mut spans = Vec::new();
+        {
+            let layout = Layout::new(&schema, paths, file)?;
+            let long = GenericDatumReader::builder(&Schema::Long).build().map_err(|e| RewriteError::avro(file, e))?;
+            let read_count = |cursor: &mut Cursor<&[u8]>, what: &str| -> Result<usize, RewriteError> {
+                match long.read_value(cursor).map_err(|e| RewriteError::avro(file, e))? {
+                    Value::Long(n) => usize::try_from(n).map_err(|_| invalid(file, format!("a block has {what} {n}"))),
+                    _ => Err(invalid(file, format!("a block's {what} is not a number"))),
+                }
+            };
+            while pos < bytes.len() {
+                let mut cursor = Cursor::new(&bytes[pos..]);
+                let count = read_count(&mut cursor, "record count")?;
+                let size = read_count(&mut cursor, "byte size")?;
+                let start = pos + cursor.position() as usize;
+                let block = bytes
+                    .get(start..start.saturating_add(size))
+                    .ok_or_else(|| invalid(file, "a data block is truncated"))?;
+                let end = start + size;
+                if bytes.get(end..end + 16) != Some(&marker[..]) {
+                    return Err(invalid(file, "a data block does not end with the file's sync marker"));
+                }
+                pos = end + 16;
+                let base = data.len();
+                if codec == Codec::Null {
+                    data.extend_from_slice(block);
+                } else {
+                    let mut decompressed = block.to_vec();
+                    codec.decompress(&mut decompressed).map_err(|e| RewriteError::avro(file, e))?;
+                    data.extend_from_slice(&decompressed);
+                }
+                if u32::try_from(data.len()).is_err() {
+                    return Err(invalid(file, "more than 4 GiB of records"));
+                }
+                layout.walk_block(&data, base, count, &mut spans, file)?;
+            }
+        }
+        Ok(Self { header: Header { metadata, schema, codec }, paths, data, spans })
     }
-    writer.into_inner().map_err(|e| RewriteError::avro(file, e))
+
+    /// The header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The number of records.
+    pub fn len(&self) -> usize {
+        self.spans.len() / (1 + self.paths.len())
+    }
+
+    /// Whether there are no records.
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// Decoders and encoders for the slots.
+    pub fn fields(&self, file: &str) -> Result<Fields<'_>, RewriteError> {
+        let resolved = ResolvedSchema::try_from(&self.header.schema).map_err(|e| RewriteError::avro(file, e))?;
+        let mut slots = Vec::with_capacity(self.paths.len());
+        for path in self.paths {
+            let slot = match find(&self.header.schema, path, &resolved, file)? {
+                None => None,
+                Some(schema) => Some(SlotCodec {
+                    reader: GenericDatumReader::builder(schema)
+                        .resolved_writer_schemata(resolved.clone())
+                        .build()
+                        .map_err(|e| RewriteError::avro(file, e))?,
+                    writer: GenericDatumWriter::builder(schema)
+                        .resolved_schemata(resolved.clone())
+                        .build()
+                        .map_err(|e| RewriteError::avro(file, e))?,
+                }),
+            };
+            slots.push(slot);
+        }
+        Ok(Fields { records: self, slots })
+    }
+
+    fn span(&self, record: usize, slot: Option<usize>) -> Span {
+        self.spans[record * (1 + self.paths.len()) + slot.map_or(0, |s| s + 1)]
+    }
+}
+
+/// Decodes and replaces the slots of [`Records`].
+pub struct Fields<'r> {
+    records: &'r Records,
+    slots: Vec<Option<SlotCodec<'r>>>,
+}
+
+struct SlotCodec<'s> {
+    reader: GenericDatumReader<'s>,
+    writer: GenericDatumWriter<'s>,
+}
+
+impl Fields<'_> {
+    /// Whether the writer schema has the field of `slot`.
+    pub fn has(&self, slot: usize) -> bool {
+        self.slots.get(slot).is_some_and(Option::is_some)
+    }
+
+    /// The value of `slot` in `record`; `None` if the schema lacks the field.
+    pub fn value(&self, record: usize, slot: usize, file: &str) -> Result<Option<Value>, RewriteError> {
+        let Some(Some(codec)) = self.slots.get(slot) else { return Ok(None) };
+        let span = self.records.span(record, Some(slot));
+        let mut bytes = &self.records.data[span.start as usize..span.end as usize];
+        codec.reader.read_value(&mut bytes).map(Some).map_err(|e| RewriteError::avro(file, e))
+    }
+
+    /// Writes every record with the header kept (see [`write()`]), each record
+    /// as read except for the slots `edit` replaces: it is called with each
+    /// record's index and fills in `(slot, new value)` pairs. A new value must
+    /// have the field's type; it is validated against the schema.
+    pub fn write(
+        &self,
+        file: &str,
+        mut edit: impl FnMut(usize, &mut Vec<(usize, Value)>) -> Result<(), RewriteError>,
+    ) -> Result<Vec<u8>, RewriteError> {
+        let records = self.records;
+        let (mut out, marker) = write_header(&records.header, file)?;
+        let long = GenericDatumWriter::builder(&Schema::Long).build().map_err(|e| RewriteError::avro(file, e))?;
+        let mut block = Vec::with_capacity(BLOCK_SIZE + BLOCK_SIZE / 4);
+        let mut count = 0usize;
+        let flush = |block: &mut Vec<u8>, count: &mut usize, out: &mut Vec<u8>| -> Result<(), RewriteError> {
+            if *count == 0 {
+                return Ok(());
+            }
+            records.header.codec.compress(block).map_err(|e| RewriteError::avro(file, e))?;
+            for n in [*count, block.len()] {
+                long.write_value(out, Value::Long(n as i64)).map_err(|e| RewriteError::avro(file, e))?;
+            }
+            out.extend_from_slice(block);
+            out.extend_from_slice(&marker);
+            block.clear();
+            *count = 0;
+            Ok(())
+        };
+        let mut edits = Vec::new();
+        for record in 0..records.len() {
+            edits.clear();
+            edit(record, &mut edits)?;
+            let whole = records.span(record, None);
+            let mut at = whole.start as usize;
+            if let Some((slot, _)) = edits.iter().find(|(slot, _)| !self.has(*slot)) {
+                let path = records.paths.get(*slot).map(|p| p.join("."));
+                return Err(invalid(file, format!("cannot replace field {path:?}: the schema lacks it")));
+            }
+            edits.sort_by_key(|(slot, _)| records.span(record, Some(*slot)).start);
+            for (slot, value) in &edits {
+                let span = records.span(record, Some(*slot));
+                if (span.start as usize) < at {
+                    return Err(invalid(file, format!("field {:?} is replaced twice", records.paths[*slot].join("."))));
+                }
+                block.extend_from_slice(&records.data[at..span.start as usize]);
+                if let Some(Some(codec)) = self.slots.get(*slot) {
+                    codec.writer.write_value_ref(&mut block, value).map_err(|e| RewriteError::avro(file, e))?;
+                }
+                at = span.end as usize;
+            }
+            block.extend_from_slice(&records.data[at..whole.end as usize]);
+            count += 1;
+            if block.len() >= BLOCK_SIZE {
+                flush(&mut block, &mut count, &mut out)?;
+            }
+        }
+        flush(&mut block, &mut count, &mut out)?;
+        Ok(out)
+    }
+}
+
+/// The schema of the field at `path` under the top-level record; `None` if
+/// some record on the way lacks the field.
+fn find<'s>(
+    schema: &'s Schema,
+    path: &[&str],
+    resolved: &ResolvedSchema<'s>,
+    file: &str,
+) -> Result<Option<&'s Schema>, RewriteError> {
+    let mut current = schema;
+    for (depth, name) in path.iter().enumerate() {
+        let record = as_record(current, resolved)
+            .ok_or_else(|| invalid(file, format!("`{}` is not a record", path[..depth].join("."))))?;
+        match record.fields.iter().find(|f| f.name == *name) {
+            Some(field) => current = &field.schema,
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(current))
+}
+
+fn as_record<'s>(schema: &'s Schema, resolved: &ResolvedSchema<'s>) -> Option<&'s apache_avro::schema::RecordSchema> {
+    match schema {
+        Schema::Record(record) => Some(record),
+        Schema::Ref { name } => match resolved.get_names().get(name) {
+            Some(Schema::Record(record)) => Some(record),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// How to walk one record: one step per field, in schema order.
+struct Layout<'s> {
+    steps: Vec<Step<'s>>,
+    slots: usize,
+}
+
+enum Step<'s> {
+    /// Walked over.
+    Skip(GenericDatumReader<'s>),
+    /// Walked over, its span kept in a slot.
+    Capture(usize, GenericDatumReader<'s>),
+    /// A record holding fields asked for.
+    Nested(Vec<Step<'s>>),
+}
+
+impl<'s> Layout<'s> {
+    fn new(schema: &'s Schema, paths: &[&[&str]], file: &str) -> Result<Self, RewriteError> {
+        let resolved = ResolvedSchema::try_from(schema).map_err(|e| RewriteError::avro(file, e))?;
+        let record = as_record(schema, &resolved).ok_or_else(|| invalid(file, "the records are not Avro records"))?;
+        let wanted: Vec<(usize, &[&str])> = paths.iter().enumerate().map(|(slot, p)| (slot, *p)).collect();
+        let steps = plan(record, &wanted, &resolved, file, "")?;
+        Ok(Self { steps, slots: paths.len() })
+    }
+
+    /// Walks the `count` records of the block at `data[base..]`, appending
+    /// each record's spans.
+    fn walk_block(
+        &self,
+        data: &[u8],
+        base: usize,
+        count: usize,
+        spans: &mut Vec<Span>,
+        file: &str,
+    ) -> Result<(), RewriteError> {
+        let mut pos = base;
+        for _ in 0..count {
+            let first = spans.len();
+            spans.resize(first + 1 + self.slots, ABSENT);
+            let start = pos;
+            walk(&self.steps, data, &mut pos, &mut spans[first + 1..]).map_err(|e| RewriteError::avro(file, e))?;
+            if pos == start {
+                return Err(invalid(file, "a record is empty"));
+            }
+            spans[first] = Span { start: start as u32, end: pos as u32 };
+        }
+        if pos != data.len() {
+            return Err(invalid(file, format!("a data block has {} bytes after its last record", data.len() - pos)));
+        }
+        Ok(())
+    }
+}
+
+fn plan<'s>(
+    record: &'s apache_avro::schema::RecordSchema,
+    wanted: &[(usize, &[&str])],
+    resolved: &ResolvedSchema<'s>,
+    file: &str,
+    prefix: &str,
+) -> Result<Vec<Step<'s>>, RewriteError> {
+    let reader = |schema: &'s Schema| {
+        GenericDatumReader::builder(schema)
+            .resolved_writer_schemata(resolved.clone())
+            .build()
+            .map_err(|e| RewriteError::avro(file, e))
+    };
+    let mut steps = Vec::with_capacity(record.fields.len());
+    for field in &record.fields {
+        let here: Vec<(usize, &[&str])> = wanted
+            .iter()
+            .filter(|(_, p)| p.first() == Some(&field.name.as_str()))
+            .map(|(s, p)| (*s, &p[1..]))
+            .collect();
+        let step = match here.as_slice() {
+            [] => Step::Skip(reader(&field.schema)?),
+            [(slot, [])] => Step::Capture(*slot, reader(&field.schema)?),
+            _ if here.iter().all(|(_, rest)| !rest.is_empty()) => {
+                let name = format!("{prefix}{}", field.name);
+                let nested = as_record(&field.schema, resolved)
+                    .ok_or_else(|| invalid(file, format!("`{name}` is not a record")))?;
+                Step::Nested(plan(nested, &here, resolved, file, &format!("{name}."))?)
+            }
+            _ => return Err(invalid(file, format!("`{prefix}{}` is asked for more than once", field.name))),
+        };
+        steps.push(step);
+    }
+    Ok(steps)
+}
+
+fn walk(steps: &[Step<'_>], data: &[u8], pos: &mut usize, slots: &mut [Span]) -> Result<(), apache_avro::Error> {
+    for step in steps {
+        match step {
+            Step::Skip(reader) => skip(reader, data, pos)?,
+            Step::Capture(slot, reader) => {
+                let start = *pos;
+                skip(reader, data, pos)?;
+                slots[*slot] = Span { start: start as u32, end: *pos as u32 };
+            }
+            Step::Nested(inner) => walk(inner, data, pos, slots)?,
+        }
+    }
+    Ok(())
+}
+
+fn skip(reader: &GenericDatumReader<'_>, data: &[u8], pos: &mut usize) -> Result<(), apache_avro::Error> {
+    let mut rest = &data[*pos..];
+    reader.read_deser::<Skip>(&mut rest)?;
+    *pos = data.len() - rest.len();
+    Ok(())
+}
+
+/// One datum read and dropped as it is read: `apache-avro`'s schema-aware
+/// deserializer reads every byte of it (strings are checked as UTF-8), but no
+/// value tree is built. (serde's `IgnoredAny` would do, except that it
+/// rejects Avro enums.)
+struct Skip;
+
+impl<'de> Deserialize<'de> for Skip {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(SkipVisitor).map(|()| Skip)
+    }
+}
+
+struct SkipVisitor;
+
+impl<'de> Visitor<'de> for SkipVisitor {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any Avro datum")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i128<E>(self, _: i128) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u128<E>(self, _: u128) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_bytes<E>(self, _: &[u8]) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_none<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        Skip::deserialize(d).map(|_| ())
+    }
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        Skip::deserialize(d).map(|_| ())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<Skip>()?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_key::<Skip>()?.is_some() {
+            map.next_value::<Skip>()?;
+        }
+        Ok(())
+    }
+    fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        let (Skip, variant) = data.variant::<Skip>()?;
+        variant.unit_variant()
+    }
 }
 
 // === value helpers ===
@@ -167,6 +614,14 @@ pub fn unwrap_union(value: &Value) -> &Value {
     }
 }
 
+/// Owned variant of [`unwrap_union`].
+pub fn into_unwrapped(value: Value) -> Value {
+    match value {
+        Value::Union(_, inner) => *inner,
+        other => other,
+    }
+}
+
 /// Mutable variant of [`unwrap_union`].
 pub fn unwrap_union_mut(value: &mut Value) -> &mut Value {
     match value {
@@ -175,27 +630,27 @@ pub fn unwrap_union_mut(value: &mut Value) -> &mut Value {
     }
 }
 
-/// A string field.
-pub fn string<'v>(value: &'v Value, name: &str) -> Option<&'v str> {
-    match field(value, name).map(unwrap_union) {
-        Some(Value::String(s)) => Some(s),
+/// A string, looking through a nullable union.
+pub fn as_str(value: &Value) -> Option<&str> {
+    match unwrap_union(value) {
+        Value::String(s) => Some(s),
         _ => None,
     }
 }
 
-/// An integer field (int or long).
-pub fn long(value: &Value, name: &str) -> Option<i64> {
-    match field(value, name).map(unwrap_union) {
-        Some(Value::Long(n)) => Some(*n),
-        Some(Value::Int(n)) => Some(i64::from(*n)),
+/// An integer (int or long), looking through a nullable union.
+pub fn as_long(value: &Value) -> Option<i64> {
+    match unwrap_union(value) {
+        Value::Long(n) => Some(*n),
+        Value::Int(n) => Some(i64::from(*n)),
         _ => None,
     }
 }
 
-/// Replaces the string in a (possibly nullable) string field.
-pub fn set_string(value: &mut Value, name: &str, new: String) -> bool {
-    match field_mut(value, name).map(unwrap_union_mut) {
-        Some(Value::String(s)) => {
+/// Replaces a (possibly nullable) string.
+pub fn replace_string(value: &mut Value, new: String) -> bool {
+    match unwrap_union_mut(value) {
+        Value::String(s) => {
             *s = new;
             true
         }
@@ -203,14 +658,14 @@ pub fn set_string(value: &mut Value, name: &str, new: String) -> bool {
     }
 }
 
-/// Replaces the number in a (possibly nullable) long field, keeping its Avro type.
-pub fn set_long(value: &mut Value, name: &str, new: i64) -> bool {
-    match field_mut(value, name).map(unwrap_union_mut) {
-        Some(Value::Long(n)) => {
+/// Replaces a (possibly nullable) number, keeping its Avro type.
+pub fn replace_long(value: &mut Value, new: i64) -> bool {
+    match unwrap_union_mut(value) {
+        Value::Long(n) => {
             *n = new;
             true
         }
-        Some(Value::Int(n)) => match i32::try_from(new) {
+        Value::Int(n) => match i32::try_from(new) {
             Ok(v) => {
                 *n = v;
                 true
@@ -219,6 +674,26 @@ pub fn set_long(value: &mut Value, name: &str, new: i64) -> bool {
         },
         _ => false,
     }
+}
+
+/// A string field.
+pub fn string<'v>(value: &'v Value, name: &str) -> Option<&'v str> {
+    field(value, name).and_then(as_str)
+}
+
+/// An integer field (int or long).
+pub fn long(value: &Value, name: &str) -> Option<i64> {
+    field(value, name).and_then(as_long)
+}
+
+/// Replaces the string in a (possibly nullable) string field.
+pub fn set_string(value: &mut Value, name: &str, new: String) -> bool {
+    field_mut(value, name).is_some_and(|v| replace_string(v, new))
+}
+
+/// Replaces the number in a (possibly nullable) long field, keeping its Avro type.
+pub fn set_long(value: &mut Value, name: &str, new: i64) -> bool {
+    field_mut(value, name).is_some_and(|v| replace_long(v, new))
 }
 
 #[cfg(test)]
@@ -278,5 +753,190 @@ mod tests {
         let n = corrupt.len();
         corrupt[n - 20..n - 10].fill(0xff);
         assert!(read(&corrupt, "f.avro").is_err());
+    }
+
+    /// A schema with every kind of Avro type around the fields asked for.
+    const RICH: &str = r#"{"type": "record", "name": "entry", "fields": [
+        {"name": "status", "type": "int"},
+        {"name": "kind", "type": {"type": "enum", "name": "kind", "symbols": ["A", "B"]}},
+        {"name": "tags", "type": {"type": "map", "values": ["null", "string"]}},
+        {"name": "file", "type": {"type": "record", "name": "file", "fields": [
+            {"name": "sums", "type": {"type": "array", "items": {"type": "record", "name": "kv",
+                "fields": [{"name": "key", "type": "int"}, {"name": "value", "type": "bytes"}]}}},
+            {"name": "path", "type": ["null", "string"]},
+            {"name": "hash", "type": {"type": "fixed", "name": "md5", "size": 4}},
+            {"name": "size", "type": "long"},
+            {"name": "ratio", "type": ["null", "double"]},
+            {"name": "empty", "type": {"type": "record", "name": "empty", "fields": []}},
+            {"name": "partition", "type": {"type": "record", "name": "partition", "fields": [
+                {"name": "day", "type": ["null", {"type": "int", "logicalType": "date"}]},
+                {"name": "ts", "type": ["null", {"type": "long", "logicalType": "timestamp-micros"}]},
+                {"name": "t", "type": ["null", {"type": "long", "logicalType": "time-micros"}]},
+                {"name": "price", "type": ["null", {"type": "fixed", "name": "dec", "size": 4,
+                    "logicalType": "decimal", "precision": 9, "scale": 2}]},
+                {"name": "amount", "type": {"type": "bytes", "logicalType": "decimal", "precision": 20, "scale": 0}},
+                {"name": "id", "type": ["null", {"type": "fixed", "name": "uuid16", "size": 16, "logicalType": "uuid"}]},
+                {"name": "key", "type": {"type": "string", "logicalType": "uuid"}}]}}]}},
+        {"name": "flag", "type": "boolean"},
+        {"name": "f", "type": "float"}]}"#;
+    const RICH_FIELDS: &[&[&str]] =
+        &[&["status"], &["file", "path"], &["file", "size"], &["file", "missing"], &["nope"]];
+
+    fn rich_record(i: i64) -> Value {
+        let sums = (0..(i % 4)).map(|k| {
+            Value::Record(vec![
+                ("key".into(), Value::Int(k as i32)),
+                ("value".into(), Value::Bytes(vec![k as u8; k as usize])),
+            ])
+        });
+        Value::Record(vec![
+            ("status".into(), Value::Int((i % 3) as i32)),
+            ("kind".into(), Value::Enum((i % 2) as u32, if i % 2 == 0 { "A" } else { "B" }.into())),
+            (
+                "tags".into(),
+                Value::Map(HashMap::from([(
+                    "k".to_owned(),
+                    Value::Union(1, Box::new(Value::String(format!("t{i}")))),
+                )])),
+            ),
+            (
+                "file".into(),
+                Value::Record(vec![
+                    ("sums".into(), Value::Array(sums.collect())),
+                    ("path".into(), Value::Union(1, Box::new(Value::String(format!("s3://w/data/{i:06}.parquet"))))),
+                    ("hash".into(), Value::Fixed(4, vec![1, 2, 3, i as u8])),
+                    ("size".into(), Value::Long(i * 1000)),
+                    (
+                        "ratio".into(),
+                        if i % 2 == 0 {
+                            Value::Union(0, Box::new(Value::Null))
+                        } else {
+                            Value::Union(1, Box::new(Value::Double(0.5)))
+                        },
+                    ),
+                    ("empty".into(), Value::Record(vec![])),
+                    (
+                        "partition".into(),
+                        Value::Record(vec![
+                            ("day".into(), Value::Union(1, Box::new(Value::Date(19_000 + i as i32)))),
+                            ("ts".into(), Value::Union(1, Box::new(Value::TimestampMicros(1_700_000_000_000_000 + i)))),
+                            ("t".into(), Value::Union(0, Box::new(Value::Null))),
+                            ("price".into(), Value::Union(1, Box::new(Value::Decimal(vec![0, 0, 1, i as u8].into())))),
+                            ("amount".into(), Value::Decimal(vec![1, i as u8].into())),
+                            (
+                                "id".into(),
+                                Value::Union(1, Box::new(Value::Uuid(apache_avro::Uuid::from_bytes([i as u8; 16])))),
+                            ),
+                            ("key".into(), Value::Uuid(apache_avro::Uuid::from_bytes([7; 16]))),
+                        ]),
+                    ),
+                ]),
+            ),
+            ("flag".into(), Value::Boolean(i % 2 == 0)),
+            ("f".into(), Value::Float(1.5)),
+        ])
+    }
+
+    fn rich_file(codec: Codec, n: i64) -> Vec<u8> {
+        let schema = Schema::parse_str(RICH).expect("schema");
+        let mut w = Writer::with_codec(&schema, Vec::new(), codec).expect("writer");
+        w.add_user_metadata("format-version".into(), b"2").expect("meta");
+        for i in 0..n {
+            w.append_value(rich_record(i)).expect("append");
+        }
+        w.into_inner().expect("bytes")
+    }
+
+    #[test]
+    fn spliced_records_are_the_bytes_a_value_rewrite_writes() {
+        let codecs =
+            [Codec::Null, Codec::Deflate(Default::default()), Codec::Snappy, Codec::Zstandard(Default::default())];
+        for codec in codecs {
+            // 2,000 records span several data blocks.
+            for n in [0, 1, 2_000] {
+                let bytes = rich_file(codec, n);
+                let records = Records::read(&bytes, "f.avro", RICH_FIELDS).expect("records");
+                assert_eq!(records.len(), n as usize);
+                let fields = records.fields("f.avro").expect("fields");
+                assert!(fields.has(0) && fields.has(1) && fields.has(2));
+                assert!(!fields.has(3) && !fields.has(4), "fields the schema lacks are absent");
+                let (header, mut expected) = read(&bytes, "f.avro").expect("read");
+                for (i, record) in expected.iter_mut().enumerate() {
+                    assert_eq!(
+                        fields.value(i, 0, "f.avro").expect("status").as_ref().and_then(as_long),
+                        long(record, "status")
+                    );
+                    assert_eq!(fields.value(i, 3, "f.avro").expect("absent"), None);
+                    let file = field_mut(record, "file").expect("file");
+                    let path = string(file, "path").expect("path").replace("s3://w", "s3://replica/x");
+                    assert!(set_string(file, "path", path));
+                    if i % 5 == 0 {
+                        assert!(set_long(file, "size", 1 << 40));
+                    }
+                }
+                let spliced = fields
+                    .write("f.avro", |i, edits| {
+                        let mut path = fields.value(i, 1, "f.avro")?.expect("path");
+                        let new = as_str(&path).expect("string").replace("s3://w", "s3://replica/x");
+                        assert!(replace_string(&mut path, new));
+                        edits.push((1, path));
+                        if i % 5 == 0 {
+                            let mut size = fields.value(i, 2, "f.avro")?.expect("size");
+                            assert!(replace_long(&mut size, 1 << 40));
+                            edits.push((2, size));
+                        }
+                        Ok(())
+                    })
+                    .expect("write");
+                let rewritten = write(&header, &expected, "f.avro").expect("value write");
+                assert_eq!(
+                    spliced, rewritten,
+                    "{codec:?}, {n} records: same bytes as decoding and encoding everything"
+                );
+                let untouched = fields.write("f.avro", |_, _| Ok(())).expect("write");
+                assert_eq!(read(&untouched, "f.avro").expect("read back").1, read(&bytes, "f.avro").expect("read").1);
+            }
+        }
+    }
+
+    #[test]
+    fn a_replacement_of_the_wrong_type_is_refused() {
+        let bytes = rich_file(Codec::Null, 3);
+        let records = Records::read(&bytes, "f.avro", RICH_FIELDS).expect("records");
+        let fields = records.fields("f.avro").expect("fields");
+        let e = fields.write("f.avro", |_, edits| {
+            edits.push((2, Value::String("not a long".into())));
+            Ok(())
+        });
+        assert!(e.is_err());
+        for slot in [3, 99] {
+            let e = fields.write("f.avro", |_, edits| {
+                edits.push((slot, Value::Long(1)));
+                Ok(())
+            });
+            assert!(e.is_err(), "slot {slot}: a field the schema lacks cannot be replaced");
+        }
+        let twice = fields.write("f.avro", |_, edits| {
+            edits.extend([(2, Value::Long(1)), (2, Value::Long(2))]);
+            Ok(())
+        });
+        assert!(twice.is_err(), "a field replaced twice");
+    }
+
+    #[test]
+    fn truncated_or_corrupt_records_are_errors_not_panics() {
+        for codec in [Codec::Null, Codec::Deflate(Default::default())] {
+            let bytes = rich_file(codec, 500);
+            assert!(Records::read(&bytes, "f.avro", RICH_FIELDS).is_ok());
+            for cut in [0, 3, 10, 100, bytes.len() / 2, bytes.len() - 17, bytes.len() - 1] {
+                assert!(Records::read(&bytes[..cut], "f.avro", RICH_FIELDS).is_err(), "{codec:?} cut at {cut}");
+            }
+            let mut corrupt = bytes.clone();
+            let n = corrupt.len();
+            corrupt[n / 2..n / 2 + 32].fill(0xee);
+            assert!(Records::read(&corrupt, "f.avro", RICH_FIELDS).is_err(), "{codec:?} corrupted");
+        }
+        let wrong: &[&[&str]] = &[&["status", "inner"]];
+        assert!(Records::read(&rich_file(Codec::Null, 1), "f.avro", wrong).is_err(), "status is not a record");
     }
 }

@@ -7,13 +7,14 @@
 //! silently un-deletes rows), and `file_size_in_bytes` (field 104) of delete
 //! files whose contents were rewritten. Everything else (metrics, partition
 //! values, sequence numbers, `first_row_id`, fields this code does not know)
-//! is kept exactly as decoded.
+//! is kept byte for byte: only the changed fields are decoded and encoded
+//! (see [`avro::Records`]).
 
 use std::collections::HashMap;
 
 use apache_avro::types::Value;
 
-use super::avro::{self, field, field_mut, long, set_long, set_string, string, unwrap_union_mut};
+use super::avro::{self, as_long, as_str, field, field_mut, replace_long, replace_string, unwrap_union_mut};
 use super::{PathMap, RewriteError};
 
 /// `status`, field id 0: 0 existing, 1 added, 2 deleted.
@@ -91,38 +92,83 @@ fn invalid(file: &str, detail: String) -> RewriteError {
     RewriteError::InvalidManifest { file: file.to_owned(), kind: KIND, detail }
 }
 
+/// The fields a copy reads or changes, by slot (see [`avro::Records`]).
+const FIELDS: &[&[&str]] = &[
+    &[STATUS],
+    &[DATA_FILE, CONTENT],
+    &[DATA_FILE, FILE_PATH],
+    &[DATA_FILE, FILE_FORMAT],
+    &[DATA_FILE, FILE_SIZE_IN_BYTES],
+    &[DATA_FILE, REFERENCED_DATA_FILE],
+    &[DATA_FILE, LOWER_BOUNDS],
+    &[DATA_FILE, UPPER_BOUNDS],
+];
+const SLOT_STATUS: usize = 0;
+const SLOT_CONTENT: usize = 1;
+const SLOT_FILE_PATH: usize = 2;
+const SLOT_FILE_FORMAT: usize = 3;
+const SLOT_FILE_SIZE: usize = 4;
+const SLOT_REFERENCED: usize = 5;
+const SLOT_BOUNDS: [usize; 2] = [6, 7];
+
 /// A decoded manifest: its header and entry records, so that it can be both
 /// listed and rewritten from one decode (decoding dominates the cost).
 pub struct Manifest {
-    header: avro::Header,
-    records: Vec<Value>,
+    records: avro::Records,
 }
 
 impl Manifest {
     /// Decodes a manifest.
     pub fn read(bytes: &[u8], file: &str) -> Result<Self, RewriteError> {
-        let (header, records) = avro::read(bytes, file)?;
-        Ok(Self { header, records })
+        Ok(Self { records: avro::Records::read(bytes, file, FIELDS)? })
     }
 
     /// Its entries.
     pub fn entries(&self, file: &str) -> Result<Vec<ManifestEntry>, RewriteError> {
-        self.records.iter().map(|r| entry(r, file)).collect()
+        self.entries_where(file, |_, _| true)
+    }
+
+    /// The entries whose status and content `keep` accepts; only those have
+    /// their path and format decoded.
+    pub fn entries_where(
+        &self,
+        file: &str,
+        keep: impl Fn(i64, FileContent) -> bool,
+    ) -> Result<Vec<ManifestEntry>, RewriteError> {
+        let fields = self.fields(file)?;
+        let mut entries = Vec::new();
+        for record in 0..self.records.len() {
+            let (status, content) = status_and_content(&fields, record, file)?;
+            if keep(status, content) {
+                entries.push(entry(&fields, record, status, content, file)?);
+            }
+        }
+        Ok(entries)
     }
 
     /// Rewrites it. `new_sizes` gives, by source path, the size of each
     /// delete file whose contents were rewritten; a live position-delete
     /// entry missing from it is an error (its recorded size would be wrong).
     pub fn rewrite(
-        mut self,
+        &self,
         file: &str,
         map: &PathMap,
         new_sizes: &HashMap<String, i64>,
     ) -> Result<Vec<u8>, RewriteError> {
-        for record in &mut self.records {
-            rewrite_entry(record, file, map, new_sizes)?;
+        let fields = self.fields(file)?;
+        fields.write(file, |record, edits| rewrite_entry(&fields, record, edits, file, map, new_sizes))
+    }
+
+    fn fields(&self, file: &str) -> Result<avro::Fields<'_>, RewriteError> {
+        let fields = self.records.fields(file)?;
+        if !self.records.is_empty() {
+            for (slot, name) in [(SLOT_STATUS, STATUS), (SLOT_FILE_PATH, FILE_PATH)] {
+                if !fields.has(slot) {
+                    return Err(invalid(file, format!("an entry has no `{name}`")));
+                }
+            }
         }
-        avro::write(&self.header, &self.records, file)
+        Ok(fields)
     }
 }
 
@@ -141,67 +187,106 @@ pub fn rewrite(
     Manifest::read(bytes, file)?.rewrite(file, map, new_sizes)
 }
 
-fn entry(record: &Value, file: &str) -> Result<ManifestEntry, RewriteError> {
-    let data_file = field(record, DATA_FILE).ok_or_else(|| invalid(file, format!("an entry has no `{DATA_FILE}`")))?;
-    let content = match long(data_file, CONTENT).unwrap_or(0) {
+fn status_and_content(
+    fields: &avro::Fields<'_>,
+    record: usize,
+    file: &str,
+) -> Result<(i64, FileContent), RewriteError> {
+    let long = |slot| -> Result<Option<i64>, RewriteError> {
+        Ok(fields.value(record, slot, file)?.as_ref().and_then(as_long))
+    };
+    let status = long(SLOT_STATUS)?.ok_or_else(|| invalid(file, format!("an entry has no `{STATUS}`")))?;
+    let content = match long(SLOT_CONTENT)?.unwrap_or(0) {
         0 => FileContent::Data,
         1 => FileContent::PositionDeletes,
         2 => FileContent::EqualityDeletes,
         other => return Err(invalid(file, format!("unknown data_file content {other}"))),
     };
+    Ok((status, content))
+}
+
+fn entry(
+    fields: &avro::Fields<'_>,
+    record: usize,
+    status: i64,
+    content: FileContent,
+    file: &str,
+) -> Result<ManifestEntry, RewriteError> {
+    let string = |slot| -> Result<Option<String>, RewriteError> {
+        Ok(fields.value(record, slot, file)?.and_then(|v| match avro::into_unwrapped(v) {
+            Value::String(s) => Some(s),
+            _ => None,
+        }))
+    };
     Ok(ManifestEntry {
-        status: long(record, STATUS).ok_or_else(|| invalid(file, format!("an entry has no `{STATUS}`")))?,
-        path: string(data_file, FILE_PATH)
-            .ok_or_else(|| invalid(file, format!("an entry has no `{FILE_PATH}`")))?
-            .to_owned(),
+        status,
+        path: string(SLOT_FILE_PATH)?.ok_or_else(|| invalid(file, format!("an entry has no `{FILE_PATH}`")))?,
         content,
-        format: string(data_file, FILE_FORMAT).unwrap_or("PARQUET").to_owned(),
-        size: long(data_file, FILE_SIZE_IN_BYTES).unwrap_or(0),
+        format: string(SLOT_FILE_FORMAT)?.unwrap_or_else(|| "PARQUET".to_owned()),
+        size: fields.value(record, SLOT_FILE_SIZE, file)?.as_ref().and_then(as_long).unwrap_or(0),
     })
 }
 
 fn rewrite_entry(
-    record: &mut Value,
+    fields: &avro::Fields<'_>,
+    record: usize,
+    edits: &mut Vec<(usize, Value)>,
     file: &str,
     map: &PathMap,
     new_sizes: &HashMap<String, i64>,
 ) -> Result<(), RewriteError> {
-    let status = long(record, STATUS).unwrap_or(0);
-    let data_file =
-        field_mut(record, DATA_FILE).ok_or_else(|| invalid(file, format!("an entry has no `{DATA_FILE}`")))?;
-    let source =
-        string(data_file, FILE_PATH).ok_or_else(|| invalid(file, format!("an entry has no `{FILE_PATH}`")))?.to_owned();
-    set_string(data_file, FILE_PATH, map.rewrite(&source, file)?);
+    let status = fields.value(record, SLOT_STATUS, file)?.as_ref().and_then(as_long).unwrap_or(0);
+    let mut path = fields
+        .value(record, SLOT_FILE_PATH, file)?
+        .ok_or_else(|| invalid(file, format!("an entry has no `{FILE_PATH}`")))?;
+    let source = as_str(&path).ok_or_else(|| invalid(file, format!("an entry has no `{FILE_PATH}`")))?.to_owned();
+    replace_string(&mut path, map.rewrite(&source, file)?);
+    edits.push((SLOT_FILE_PATH, path));
     // DuckDB writes an empty string rather than null when there is none.
-    if let Some(referenced) = string(data_file, REFERENCED_DATA_FILE).filter(|r| !r.is_empty()).map(str::to_owned) {
-        set_string(data_file, REFERENCED_DATA_FILE, map.rewrite(&referenced, file)?);
+    if let Some(mut referenced) = fields.value(record, SLOT_REFERENCED, file)?
+        && let Some(target) = as_str(&referenced).filter(|r| !r.is_empty()).map(|r| map.rewrite(r, file)).transpose()?
+    {
+        replace_string(&mut referenced, target);
+        edits.push((SLOT_REFERENCED, referenced));
     }
-    if long(data_file, CONTENT) == Some(1) {
-        rewrite_path_bounds(data_file, map);
+    if fields.value(record, SLOT_CONTENT, file)?.as_ref().and_then(as_long) == Some(1) {
+        let mut bounds = [None, None];
+        for (slot, value) in SLOT_BOUNDS.into_iter().zip(&mut bounds) {
+            *value = fields.value(record, slot, file)?;
+        }
+        if rewrite_path_bounds(&mut bounds, map) {
+            for (slot, value) in SLOT_BOUNDS.into_iter().zip(bounds) {
+                edits.extend(value.map(|v| (slot, v)));
+            }
+        }
         if status != 2 {
             let size = *new_sizes
                 .get(&source)
                 .ok_or_else(|| invalid(file, format!("no rewritten size is known for delete file {source}")))?;
-            if !set_long(data_file, FILE_SIZE_IN_BYTES, size) {
+            let mut recorded = fields.value(record, SLOT_FILE_SIZE, file)?.unwrap_or(Value::Null);
+            if !replace_long(&mut recorded, size) {
                 return Err(invalid(file, format!("`{FILE_SIZE_IN_BYTES}` of {source} is not a number")));
             }
+            edits.push((SLOT_FILE_SIZE, recorded));
         }
     }
     Ok(())
 }
 
-/// Rewrites the `file_path` column bounds of a position-delete file. A bound
-/// that does not map as a path (a truncated one) is removed: a missing bound
-/// only means "unknown" to readers, while a stale one hides deletes.
-fn rewrite_path_bounds(data_file: &mut Value, map: &PathMap) {
+/// Rewrites the `file_path` column bounds of a position-delete file (the
+/// `lower_bounds` and `upper_bounds` fields); returns whether any is
+/// changed. A bound that does not map as a path (a truncated one) is
+/// removed: a missing bound only means "unknown" to readers, while a stale
+/// one hides deletes.
+fn rewrite_path_bounds(bounds: &mut [Option<Value>], map: &PathMap) -> bool {
+    let is_path_column =
+        |item: &Value| matches!(field(item, "key"), Some(Value::Int(id)) if PATH_BOUND_FIELD_IDS.contains(id));
+    let mut changed = false;
     let mut drop_bounds = false;
-    for name in [LOWER_BOUNDS, UPPER_BOUNDS] {
-        let Some(bounds) = field_mut(data_file, name).map(unwrap_union_mut) else { continue };
-        let Value::Array(items) = bounds else { continue };
+    for value in bounds.iter_mut().flatten() {
+        let Value::Array(items) = unwrap_union_mut(value) else { continue };
         for item in items.iter_mut() {
-            let is_path_column =
-                matches!(field(item, "key"), Some(Value::Int(id)) if PATH_BOUND_FIELD_IDS.contains(id));
-            if !is_path_column {
+            if !is_path_column(item) {
                 continue;
             }
             let Some(Value::Bytes(raw)) = field_mut(item, "value") else { continue };
@@ -209,13 +294,130 @@ fn rewrite_path_bounds(data_file: &mut Value, map: &PathMap) {
                 Some(mapped) => *raw = mapped.into_bytes(),
                 None => drop_bounds = true,
             }
+            changed = true;
         }
     }
     if drop_bounds {
-        for name in [LOWER_BOUNDS, UPPER_BOUNDS] {
-            if let Some(Value::Array(items)) = field_mut(data_file, name).map(unwrap_union_mut) {
-                items.retain(
-                    |item| !matches!(field(item, "key"), Some(Value::Int(id)) if PATH_BOUND_FIELD_IDS.contains(id)),
+        for value in bounds.iter_mut().flatten() {
+            if let Value::Array(items) = unwrap_union_mut(value) {
+                items.retain(|item| !is_path_column(item));
+            }
+        }
+    }
+    changed
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::Path;
+
+    use apache_avro::Codec;
+
+    use super::*;
+    use crate::rewrite::avro::{long, set_long, set_string, string};
+
+    /// The manifests of a fixture table (`tests/fixtures/`), with its location.
+    pub(crate) fn fixture(name: &str, role: &str) -> (String, Vec<(String, Vec<u8>)>) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("index.json")).expect("index")).expect("json");
+        let mut files: Vec<(String, Vec<u8>)> = index["files"]
+            .as_object()
+            .expect("files")
+            .iter()
+            .filter(|(_, r)| *r == role)
+            .map(|(p, _)| (p.clone(), std::fs::read(dir.join(p.rsplit('/').next().expect("name"))).expect("file")))
+            .collect();
+        files.sort();
+        (index["location"].as_str().expect("location").to_owned(), files)
+    }
+
+    /// The rewrite as it was done before [`avro::Records`]: every record
+    /// decoded into a `Value`, changed, and encoded again.
+    fn value_rewrite(bytes: &[u8], file: &str, map: &PathMap, new_sizes: &HashMap<String, i64>) -> Vec<u8> {
+        let (header, mut records) = avro::read(bytes, file).expect("read");
+        for record in &mut records {
+            let status = long(record, STATUS).unwrap_or(0);
+            let data_file = field_mut(record, DATA_FILE).expect("data_file");
+            let source = string(data_file, FILE_PATH).expect("file_path").to_owned();
+            set_string(data_file, FILE_PATH, map.rewrite(&source, file).expect("mapped"));
+            if let Some(referenced) =
+                string(data_file, REFERENCED_DATA_FILE).filter(|r| !r.is_empty()).map(str::to_owned)
+            {
+                set_string(data_file, REFERENCED_DATA_FILE, map.rewrite(&referenced, file).expect("mapped"));
+            }
+            if long(data_file, CONTENT) == Some(1) {
+                let mut bounds = [LOWER_BOUNDS, UPPER_BOUNDS].map(|n| field(data_file, n).cloned());
+                rewrite_path_bounds(&mut bounds, map);
+                for (name, value) in [LOWER_BOUNDS, UPPER_BOUNDS].into_iter().zip(bounds) {
+                    if let (Some(slot), Some(value)) = (field_mut(data_file, name), value) {
+                        *slot = value;
+                    }
+                }
+                if status != 2 {
+                    assert!(set_long(data_file, FILE_SIZE_IN_BYTES, new_sizes[&source]));
+                }
+            }
+        }
+        avro::write(&header, &records, file).expect("write")
+    }
+
+    #[test]
+    fn rewrites_are_the_bytes_of_a_full_decode_and_encode() {
+        for name in ["pyiceberg_v2", "duckdb_mor_v2", "duckdb_dv_v3"] {
+            let (location, manifests) = fixture(name, "manifest");
+            let map = PathMap::from_locations(&location, "s3://copy-bucket/replica/table").expect("map");
+            for (path, bytes) in &manifests {
+                let entries = list(bytes, path).expect("entries");
+                assert!(!entries.is_empty(), "{path}");
+                let sizes: HashMap<String, i64> = entries.iter().map(|e| (e.path.clone(), 4242 + e.size)).collect();
+                let out = rewrite(bytes, path, &map, &sizes).expect("rewrite");
+                assert_eq!(out, value_rewrite(bytes, path, &map, &sizes), "{path}");
+                let again = list(&out, path).expect("entries of the copy");
+                for (before, after) in entries.iter().zip(&again) {
+                    assert_eq!(after.path, map.map(&before.path).expect("mapped"));
+                    let size =
+                        if before.needs_rewrite() && before.is_live() { 4242 + before.size } else { before.size };
+                    assert_eq!(
+                        (after.status, after.content, &after.format, after.size),
+                        (before.status, before.content, &before.format, size)
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn many_entries_in_many_blocks_with_every_codec() {
+        let (location, manifests) = fixture("duckdb_mor_v2", "manifest");
+        let map = PathMap::from_locations(&location, "s3://copy-bucket/replica/table").expect("map");
+        let mut sizes = HashMap::new();
+        for (path, bytes) in &manifests {
+            let (header, records) = avro::read(bytes, path).expect("read");
+            let codecs =
+                [Codec::Null, Codec::Deflate(Default::default()), Codec::Snappy, Codec::Zstandard(Default::default())];
+            for codec in codecs {
+                let mut header = header.clone();
+                header.codec = codec;
+                header.metadata.insert("avro.codec".into(), <&str>::from(codec).as_bytes().to_vec());
+                let many: Vec<Value> = (0..1_500)
+                    .map(|i| {
+                        let mut r = records[i % records.len()].clone();
+                        let data_file = field_mut(&mut r, DATA_FILE).expect("data_file");
+                        let p = format!(
+                            "{location}/data/{i:05}-{}",
+                            string(data_file, FILE_PATH).expect("path").rsplit('/').next().expect("name")
+                        );
+                        sizes.insert(p.clone(), i as i64);
+                        assert!(set_string(data_file, FILE_PATH, p));
+                        r
+                    })
+                    .collect();
+                let bytes = avro::write(&header, &many, path).expect("write");
+                assert_eq!(
+                    rewrite(&bytes, path, &map, &sizes).expect("rewrite"),
+                    value_rewrite(&bytes, path, &map, &sizes),
+                    "{path} {codec:?}"
                 );
             }
         }

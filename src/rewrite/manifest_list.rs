@@ -2,11 +2,14 @@
 //!
 //! Rewriting changes `manifest_path` (field 500) and sets `manifest_length`
 //! (field 501) to the size of the rewritten manifest: a stale length makes
-//! readers that trust it (Trino) fail. Every other field is kept as decoded.
+//! readers that trust it (Trino) fail. Every other field is kept byte for
+//! byte (see [`avro::Records`]).
 
 use std::collections::HashMap;
 
-use super::avro::{self, long, set_long, set_string, string};
+use apache_avro::types::Value;
+
+use super::avro::{self, as_long, as_str, replace_long, replace_string};
 use super::{PathMap, RewriteError};
 
 /// `manifest_path`, field id 500.
@@ -37,60 +40,167 @@ pub struct ManifestFile {
     pub added_snapshot_id: Option<i64>,
 }
 
-/// Lists the manifests of a manifest list.
-pub fn list(bytes: &[u8], file: &str) -> Result<Vec<ManifestFile>, RewriteError> {
-    let (_, records) = avro::read(bytes, file)?;
-    records
-        .iter()
-        .map(|r| {
-            let invalid = |field: &str| RewriteError::InvalidManifest {
-                file: file.to_owned(),
-                kind: KIND,
-                detail: format!("a record has no `{field}`"),
-            };
-            Ok(ManifestFile {
-                path: string(r, MANIFEST_PATH).ok_or_else(|| invalid(MANIFEST_PATH))?.to_owned(),
-                length: long(r, MANIFEST_LENGTH).ok_or_else(|| invalid(MANIFEST_LENGTH))?,
-                is_deletes: long(r, CONTENT) == Some(1),
-                partition_spec_id: long(r, PARTITION_SPEC_ID).unwrap_or(0),
-                added_snapshot_id: long(r, ADDED_SNAPSHOT_ID),
-            })
-        })
-        .collect()
+/// The fields a copy reads or changes, by slot (see [`avro::Records`]).
+const FIELDS: &[&[&str]] =
+    &[&[MANIFEST_PATH], &[MANIFEST_LENGTH], &[CONTENT], &[PARTITION_SPEC_ID], &[ADDED_SNAPSHOT_ID]];
+const SLOT_PATH: usize = 0;
+const SLOT_LENGTH: usize = 1;
+const SLOT_CONTENT: usize = 2;
+const SLOT_SPEC_ID: usize = 3;
+const SLOT_ADDED_SNAPSHOT_ID: usize = 4;
+
+fn invalid(file: &str, detail: String) -> RewriteError {
+    RewriteError::InvalidManifest { file: file.to_owned(), kind: KIND, detail }
 }
 
-/// Rewrites a manifest list: each `manifest_path` through `map`, each
-/// `manifest_length` from `lengths` (source manifest path to the length of its
-/// rewritten copy). A manifest without a known length is an error.
+/// A decoded manifest list, listed and rewritten from one decode.
+pub struct ManifestList {
+    records: avro::Records,
+}
+
+impl ManifestList {
+    /// Decodes a manifest list.
+    pub fn read(bytes: &[u8], file: &str) -> Result<Self, RewriteError> {
+        Ok(Self { records: avro::Records::read(bytes, file, FIELDS)? })
+    }
+
+    /// The manifests it lists.
+    pub fn manifests(&self, file: &str) -> Result<Vec<ManifestFile>, RewriteError> {
+        let fields = self.records.fields(file)?;
+        (0..self.records.len())
+            .map(|r| {
+                let value = |slot| fields.value(r, slot, file);
+                let long = |slot| -> Result<Option<i64>, RewriteError> { Ok(value(slot)?.as_ref().and_then(as_long)) };
+                let path = match value(SLOT_PATH)?.map(avro::into_unwrapped) {
+                    Some(Value::String(path)) => path,
+                    _ => return Err(invalid(file, format!("a record has no `{MANIFEST_PATH}`"))),
+                };
+                Ok(ManifestFile {
+                    path,
+                    length: long(SLOT_LENGTH)?
+                        .ok_or_else(|| invalid(file, format!("a record has no `{MANIFEST_LENGTH}`")))?,
+                    is_deletes: long(SLOT_CONTENT)? == Some(1),
+                    partition_spec_id: long(SLOT_SPEC_ID)?.unwrap_or(0),
+                    added_snapshot_id: long(SLOT_ADDED_SNAPSHOT_ID)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Rewrites it: each `manifest_path` through `map`, each
+    /// `manifest_length` from `lengths` (source manifest path to the length
+    /// of its rewritten copy). A manifest without a known length is an error.
+    pub fn rewrite(&self, file: &str, map: &PathMap, lengths: &HashMap<String, i64>) -> Result<Vec<u8>, RewriteError> {
+        let fields = self.records.fields(file)?;
+        fields.write(file, |record, edits| {
+            let mut path = fields
+                .value(record, SLOT_PATH, file)?
+                .ok_or_else(|| invalid(file, format!("a record has no `{MANIFEST_PATH}`")))?;
+            let source =
+                as_str(&path).ok_or_else(|| invalid(file, format!("a record has no `{MANIFEST_PATH}`")))?.to_owned();
+            let length = *lengths
+                .get(&source)
+                .ok_or_else(|| invalid(file, format!("no rewritten length is known for manifest {source}")))?;
+            replace_string(&mut path, map.rewrite(&source, file)?);
+            let mut recorded = fields.value(record, SLOT_LENGTH, file)?.unwrap_or(Value::Null);
+            if !replace_long(&mut recorded, length) {
+                return Err(invalid(file, format!("`{MANIFEST_LENGTH}` of {source} is not a number")));
+            }
+            edits.push((SLOT_PATH, path));
+            edits.push((SLOT_LENGTH, recorded));
+            Ok(())
+        })
+    }
+}
+
+/// Lists the manifests of a manifest list.
+pub fn list(bytes: &[u8], file: &str) -> Result<Vec<ManifestFile>, RewriteError> {
+    ManifestList::read(bytes, file)?.manifests(file)
+}
+
+/// Rewrites a manifest list (see [`ManifestList::rewrite`]).
 pub fn rewrite(
     bytes: &[u8],
     file: &str,
     map: &PathMap,
     lengths: &HashMap<String, i64>,
 ) -> Result<Vec<u8>, RewriteError> {
-    let (header, mut records) = avro::read(bytes, file)?;
-    for record in &mut records {
-        let source = string(record, MANIFEST_PATH)
-            .ok_or_else(|| RewriteError::InvalidManifest {
-                file: file.to_owned(),
-                kind: KIND,
-                detail: format!("a record has no `{MANIFEST_PATH}`"),
-            })?
-            .to_owned();
-        let length = *lengths.get(&source).ok_or_else(|| RewriteError::InvalidManifest {
-            file: file.to_owned(),
-            kind: KIND,
-            detail: format!("no rewritten length is known for manifest {source}"),
-        })?;
-        let target = map.rewrite(&source, file)?;
-        set_string(record, MANIFEST_PATH, target);
-        if !set_long(record, MANIFEST_LENGTH, length) {
-            return Err(RewriteError::InvalidManifest {
-                file: file.to_owned(),
-                kind: KIND,
-                detail: format!("`{MANIFEST_LENGTH}` of {source} is not a number"),
-            });
+    ManifestList::read(bytes, file)?.rewrite(file, map, lengths)
+}
+
+#[cfg(test)]
+mod tests {
+    use apache_avro::Codec;
+
+    use super::*;
+    use crate::rewrite::avro::{set_long, set_string, string};
+    use crate::rewrite::manifest::tests::fixture;
+
+    /// The rewrite as it was done before [`avro::Records`]: every record
+    /// decoded into a `Value`, changed, and encoded again.
+    fn value_rewrite(bytes: &[u8], file: &str, map: &PathMap, lengths: &HashMap<String, i64>) -> Vec<u8> {
+        let (header, mut records) = avro::read(bytes, file).expect("read");
+        for record in &mut records {
+            let source = string(record, MANIFEST_PATH).expect("path").to_owned();
+            set_string(record, MANIFEST_PATH, map.rewrite(&source, file).expect("mapped"));
+            assert!(set_long(record, MANIFEST_LENGTH, lengths[&source]));
+        }
+        avro::write(&header, &records, file).expect("write")
+    }
+
+    #[test]
+    fn rewrites_are_the_bytes_of_a_full_decode_and_encode() {
+        for name in ["pyiceberg_v2", "duckdb_mor_v2", "duckdb_dv_v3"] {
+            let (location, lists) = fixture(name, "manifest-list");
+            let map = PathMap::from_locations(&location, "s3://copy-bucket/replica/table").expect("map");
+            for (path, bytes) in &lists {
+                let manifests = list(bytes, path).expect("list");
+                let lengths: HashMap<String, i64> = manifests.iter().map(|m| (m.path.clone(), m.length * 3)).collect();
+                let out = rewrite(bytes, path, &map, &lengths).expect("rewrite");
+                assert_eq!(out, value_rewrite(bytes, path, &map, &lengths), "{path}");
+                let again = list(&out, path).expect("list the copy");
+                assert_eq!(again.len(), manifests.len());
+                for (before, after) in manifests.iter().zip(&again) {
+                    assert_eq!(after.path, map.map(&before.path).expect("mapped"));
+                    assert_eq!(after.length, before.length * 3);
+                    assert_eq!(
+                        (after.is_deletes, after.partition_spec_id, after.added_snapshot_id),
+                        (before.is_deletes, before.partition_spec_id, before.added_snapshot_id)
+                    );
+                }
+                let mut missing = lengths.clone();
+                missing.remove(&manifests[0].path);
+                assert!(rewrite(bytes, path, &map, &missing).is_err(), "a manifest without a known length");
+            }
         }
     }
-    avro::write(&header, &records, file)
+
+    #[test]
+    fn many_manifests_in_many_blocks_with_every_codec() {
+        let (location, lists) = fixture("pyiceberg_v2", "manifest-list");
+        let map = PathMap::from_locations(&location, "s3://copy-bucket/replica/table").expect("map");
+        let (path, bytes) = &lists[lists.len() - 1];
+        let (header, records) = avro::read(bytes, path).expect("read");
+        let mut lengths = HashMap::new();
+        for codec in
+            [Codec::Null, Codec::Deflate(Default::default()), Codec::Snappy, Codec::Zstandard(Default::default())]
+        {
+            let mut header = header.clone();
+            header.codec = codec;
+            header.metadata.insert("avro.codec".into(), <&str>::from(codec).as_bytes().to_vec());
+            let many: Vec<Value> = (0..3_000)
+                .map(|i| {
+                    let mut r = records[i % records.len()].clone();
+                    let p = format!("{location}/metadata/m-{i:05}.avro");
+                    lengths.insert(p.clone(), 10_000 + i as i64);
+                    assert!(set_string(&mut r, MANIFEST_PATH, p));
+                    r
+                })
+                .collect();
+            let bytes = avro::write(&header, &many, path).expect("write");
+            let out = rewrite(&bytes, path, &map, &lengths).expect("rewrite");
+            assert_eq!(out, value_rewrite(&bytes, path, &map, &lengths), "{codec:?}");
+            assert_eq!(list(&out, path).expect("list").len(), 3_000);
+        }
+    }
 }

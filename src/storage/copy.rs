@@ -200,21 +200,31 @@ impl Copier {
 
     /// Writes rewritten contents (a manifest, a delete file) unless the target
     /// already holds exactly these bytes; records it under `source`.
+    ///
+    /// The MD5 is computed only for stores that give S3-style entity tags to
+    /// compare it with; a local file has none, so its checkpoint records no
+    /// checksum (as for any store that gives none).
     pub async fn put(&self, source: &str, target: &str, bytes: Bytes) -> Result<CopyOutcome, CopyError> {
         let fail = |error| CopyError::Storage { source_url: source.to_owned(), target: target.to_owned(), error };
         let location = self.storage.resolve(target).map_err(fail)?;
-        let md5 = md5_hex(&bytes);
+        let md5 = (!is_local(&location)).then(|| md5_hex(&bytes));
         let size = bytes.len() as u64;
         if let Some(found) = head(&location).await.map_err(fail)?
             && found.size == size
-            && tags_agree(Some(&format!("\"{md5}\"")), found.e_tag.as_deref())
+            && tags_agree(md5.as_ref().map(|m| format!("\"{m}\"")).as_deref(), found.e_tag.as_deref())
         {
-            self.checkpoints.put(source, CopiedFile { target: target.to_owned(), size, checksum: Some(md5) }).await?;
+            self.checkpoints.put(source, CopiedFile { target: target.to_owned(), size, checksum: md5 }).await?;
             return Ok(CopyOutcome::Skipped { bytes: size });
         }
-        let written = self.storage.write(target, bytes).await.map_err(fail)?;
+        let result = location
+            .store
+            .put(&location.path, PutPayload::from_bytes(bytes))
+            .await
+            .map_err(|e| fail(StorageError::store("write", target, e)))?;
+        let expected = md5.clone().map_or(ExpectedTag::Unknown, ExpectedTag::Single);
+        let written = verify_written(&location, size, result.e_tag.as_deref(), &expected).await.map_err(fail)?;
         self.checkpoints
-            .put(source, CopiedFile { target: target.to_owned(), size: written.size, checksum: Some(md5) })
+            .put(source, CopiedFile { target: target.to_owned(), size: written.size, checksum: md5 })
             .await?;
         Ok(CopyOutcome::Copied { bytes: size })
     }
@@ -322,6 +332,8 @@ impl Copier {
 
 /// The entity tag a correct upload should have, in S3's convention.
 pub(crate) enum ExpectedTag {
+    /// Not computed (the store gives no MD5 tags to compare with).
+    Unknown,
     /// A single PUT: the MD5 of the content.
     Single(String),
     /// A multipart upload: the MD5 of the parts' MD5s, and the part count.
@@ -334,12 +346,19 @@ pub(crate) enum ExpectedTag {
 }
 
 /// Checks the written object's size, and its entity tag when it looks like an S3 MD5 tag.
+///
+/// A local file is not read back: the local store writes the whole payload
+/// to a staging file and renames it into place, or fails, so a `HEAD` after a
+/// successful put could only repeat the size written.
 pub(crate) async fn verify_written(
     target: &Location,
     size: u64,
     put_tag: Option<&str>,
     expected: &ExpectedTag,
 ) -> Result<ObjectInfo, StorageError> {
+    if is_local(target) {
+        return Ok(ObjectInfo { size, e_tag: put_tag.map(str::to_owned) });
+    }
     let info = head(target).await?.ok_or_else(|| StorageError::Verification {
         url: target.url.clone(),
         detail: "the object is missing after writing".into(),
@@ -353,6 +372,7 @@ pub(crate) async fn verify_written(
     let tag = put_tag.or(info.e_tag.as_deref()).map(|t| t.trim_matches('"').to_owned());
     if let Some(tag) = tag {
         let mismatch = match expected {
+            ExpectedTag::Unknown => false,
             ExpectedTag::Single(md5) => is_md5(&tag) && tag != *md5,
             ExpectedTag::Multipart { digest, parts } => match tag.split_once('-') {
                 Some((d, n)) if is_md5(d) => d != digest || n.parse::<usize>().ok() != Some(*parts),
@@ -367,6 +387,11 @@ pub(crate) async fn verify_written(
         }
     }
     Ok(info)
+}
+
+/// Whether `location` is a local file (`file://`), which has no MD5 entity tags.
+fn is_local(location: &Location) -> bool {
+    super::local_path(&location.url).is_some()
 }
 
 /// Whether two entity tags agree, as far as they can be compared: plain MD5
