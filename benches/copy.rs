@@ -11,6 +11,9 @@
 //! cargo bench --bench copy [-- --rounds 3 --small 48 --small-mib 4 --large 6 --large-mib 40]
 //! ```
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -31,18 +34,8 @@ use tokio::io::AsyncWriteExt;
 const PARALLELISM: usize = 8;
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if !args.iter().any(|a| a == "--bench") {
-        println!("copy benchmark: run it with `cargo bench --bench copy`");
-        return;
-    }
-    let flag = |name: &str, default: usize| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let Some(args) = support::BenchArgs::from_env("copy") else { return };
+    let flag = |flag: &str, default: usize| args.get(flag, default);
     let rounds = flag("--rounds", 3);
     let files: Vec<usize> = std::iter::repeat_n(flag("--small-mib", 4) << 20, flag("--small", 48))
         .chain(std::iter::repeat_n(flag("--large-mib", 40) << 20, flag("--large", 6)))

@@ -12,6 +12,9 @@
 //! Needs the test stack (`scripts/setup-test-env.sh`) and Debian's
 //! `nginx-light` and `wrk`. Run: `cargo bench --bench proxy [-- --duration 10 --rounds 3]`.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -19,25 +22,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    // `cargo test --all-targets` runs bench binaries without `--bench`: there
-    // is nothing to check in that mode, and a load test does not belong in CI.
-    if !args.iter().any(|a| a == "--bench") {
-        println!("proxy benchmark: run it with `cargo bench --bench proxy`");
-        return;
-    }
-    let flag = |name: &str, default: u64| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let Some(args) = support::BenchArgs::from_env("proxy") else { return };
+    let flag = |flag: &str, default: u64| args.get(flag, default);
     let duration = flag("--duration", 10);
     let rounds = flag("--rounds", 3);
     let connections = flag("--connections", 64);
     // `--only static` or `--only seaweedfs` runs one upstream.
-    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    let only = args.text("--only").map(str::to_owned);
     for tool in ["nginx", "wrk"] {
         let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().map(|o| o.status.success());
         assert!(found.unwrap_or(false), "{tool} is required: apt-get install nginx-light wrk");

@@ -17,6 +17,9 @@
 //! cargo bench --bench replication [-- --commits 300 --appends 40]
 //! ```
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,18 +27,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if !args.iter().any(|a| a == "--bench") {
-        println!("replication benchmark: run it with `cargo bench --bench replication`");
-        return;
-    }
-    let flag = |name: &str, default: usize| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let Some(args) = support::BenchArgs::from_env("replication") else { return };
+    let flag = |flag: &str, default: usize| args.get(flag, default);
     let commits = flag("--commits", 300);
     let appends = flag("--appends", 40);
 

@@ -704,3 +704,40 @@ async fn v3_tables_with_deletion_vectors_replicate_between_rustberg_catalogs() {
     assert_eq!(report["violations"], json!([]), "{report}");
     assert!(report["counts"]["puffins"].as_u64().unwrap_or(0) > 0, "deletion vectors were checked: {report}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_dropped_and_created_again_does_not_overwrite_the_kept_replica() {
+    let replica = Replica::Seaweed(SeaweedFs::shared_replica());
+    let ns = unique("recreate");
+    let table = format!("{ns}.t");
+    let state = tempfile::tempdir().expect("state");
+    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let first = write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "rows": 3}])).await;
+    wait_replicated(&relay.admin_url, &table, first["metadata_location"].as_str().expect("location")).await;
+    let kept = replica.catalog().load_table(&ident(&table)).await.expect("load").expect("replica");
+
+    write(&relay.url, &table, json!([{"op": "drop"}])).await;
+    write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "start": 50, "rows": 1}])).await;
+    let failed = wait_status(&relay.admin_url, &table, "the refusal", |s| s["status"] == "failed").await;
+    let message = failed["last_error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("dropped and created again"), "{failed}");
+    let after = replica.catalog().load_table(&ident(&table)).await.expect("load").expect("replica");
+    assert_eq!(history(&after.metadata), history(&kept.metadata), "the kept replica is untouched");
+    assert_eq!(refs(&after.metadata), refs(&kept.metadata));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_drop_propagate_drops_the_replica_too() {
+    let replica = Replica::Seaweed(SeaweedFs::shared_replica());
+    let ns = unique("propagate");
+    let table = format!("{ns}.t");
+    let state = tempfile::tempdir().expect("state");
+    let toml = relay_toml(replica, &ns, state.path(), "")
+        .replace("destinations = [\"dr\"]\n", "destinations = [\"dr\"]\non_drop = \"propagate\"\n");
+    let relay = Relay::start(&toml).await;
+    let written = write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
+    wait_replicated(&relay.admin_url, &table, written["metadata_location"].as_str().expect("location")).await;
+    write(&relay.url, &table, json!([{"op": "drop"}])).await;
+    wait_status(&relay.admin_url, &table, "the drop", |s| s["source_dropped"] == true).await;
+    assert!(replica.catalog().load_table(&ident(&table)).await.expect("load").is_none(), "dropped on the replica too");
+}
