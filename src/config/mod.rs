@@ -199,7 +199,7 @@ pub struct DestinationConfig {
     /// icerelay's credentials for it.
     pub auth: AuthConfig,
     /// How replica tables are first made.
-    pub mode: BootstrapMode,
+    pub bootstrap: BootstrapMode,
     /// Base location of replica tables, if configured.
     pub location: Option<String>,
     /// Properties set on every replica table.
@@ -743,14 +743,14 @@ impl Validator {
             }
         };
         let auth = self.auth(&format!("{key}.auth"), raw.auth);
-        let mode = match raw.mode.as_deref() {
+        let bootstrap = match raw.bootstrap.as_deref() {
             None | Some("auto") => BootstrapMode::Auto,
             Some("register") => BootstrapMode::Register,
             Some("create") => BootstrapMode::Create,
             Some(other) => {
                 self.error(
-                    format!("{key}.mode"),
-                    format!("{other:?} is not a mode; expected auto, register or create"),
+                    format!("{key}.bootstrap"),
+                    format!("{other:?} is not a bootstrap mode; expected auto, register or create"),
                 );
                 BootstrapMode::Auto
             }
@@ -771,7 +771,7 @@ impl Validator {
             uri: uri?,
             warehouse: raw.warehouse,
             auth: auth?,
-            mode,
+            bootstrap,
             location,
             properties: raw.properties,
             request_timeout,

@@ -171,8 +171,8 @@ pub struct RawDestination {
     pub auth: Option<RawAuth>,
     /// How a replica table is first made: `auto` (probe the catalog:
     /// register with history where registerTable keeps it, else create),
-    /// `register` or `create`. Default `auto`.
-    pub mode: Option<String>,
+    /// `register` or `create`. Default `auto`. Replicas then follow by replay.
+    pub bootstrap: Option<String>,
     /// Base location of replica tables, e.g. `s3://replica`: a table
     /// `ns.t` is placed at `<location>/ns/t`. Default: where the replica
     /// catalog would put a new table (asked with a staged create).

@@ -188,3 +188,40 @@ fn urls_with_credentials_are_refused() {
     assert_eq!(keys(&errors), ["primary.uri"]);
     assert!(!errors.to_string().contains("pw@"), "the password must not be echoed: {errors}");
 }
+
+#[test]
+fn replication_settings_are_validated_with_their_keys() {
+    let text = FULL.replace(
+        "[[rules]]\nnamespace = \"*\"\ndestinations = [\"dr\"]\n",
+        "[replication]\nreconcile_interval = \"0s\"\nmax_concurrent_lanes = 0\n\n[[rules]]\nnamespace = \"sales\"\ndestinations = [\"dr\"]\ntarget_namespace = \"all..eu\"\non_drop = \"burn\"\n",
+    )
+    .replace("warehouse = \"replica\"\n", "warehouse = \"replica\"\nbootstrap = \"sometimes\"\nlocation = \"replica-bucket\"\n");
+    let errors = load_str(&text, &env()).expect_err("invalid");
+    let mut found = keys(&errors);
+    found.sort_unstable();
+    assert_eq!(
+        found,
+        [
+            "destinations[0].bootstrap",
+            "destinations[0].location",
+            "replication.max_concurrent_lanes",
+            "replication.reconcile_interval",
+            "rules[0].on_drop",
+            "rules[0].target_namespace",
+        ],
+        "{errors}"
+    );
+
+    let valid = format!("state_dir = \"/var/lib/icerelay\"\n{FULL}").replace(
+        "[[rules]]\nnamespace = \"*\"\ndestinations = [\"dr\"]\n",
+        "[[rules]]\nnamespace = \"eu\"\ndestinations = [\"dr\"]\ntarget_namespace = \"all.eu\"\non_drop = \"propagate\"\n",
+    )
+    .replace("warehouse = \"replica\"\n", "warehouse = \"replica\"\nbootstrap = \"create\"\nproperties = { owner = \"dr\" }\n");
+    let c = load_str(&valid, &env()).expect("valid");
+    assert_eq!(c.state_dir, PathBuf::from("/var/lib/icerelay"));
+    assert_eq!(c.destinations[0].bootstrap, BootstrapMode::Create);
+    assert_eq!(c.destinations[0].properties.get("owner").map(String::as_str), Some("dr"));
+    assert_eq!(c.rules[0].target_namespace, Some(Namespace::from_dotted("all.eu")));
+    assert_eq!(c.rules[0].on_drop, OnDrop::Propagate);
+    assert_eq!(c.replication, ReplicationConfig::default());
+}

@@ -101,8 +101,8 @@ impl Destination {
     ) -> Result<&Capabilities, ReplicateError> {
         self.capabilities
             .get_or_try_init(|| async {
-                let configured = |bootstrap| Capabilities { bootstrap, reason: "configured (mode)".into() };
-                match self.config.mode {
+                let configured = |bootstrap| Capabilities { bootstrap, reason: "configured (bootstrap)".into() };
+                match self.config.bootstrap {
                     BootstrapMode::Register => return Ok(configured(Bootstrap::Register)),
                     BootstrapMode::Create => return Ok(configured(Bootstrap::Create)),
                     BootstrapMode::Auto => {}

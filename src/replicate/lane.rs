@@ -301,7 +301,7 @@ async fn register(
         let _ = destination.catalog.drop_table(replica_table, false).await;
         return Err(ReplicateError::Refused(format!(
             "destination {} answered registerTable {replica_table} but did not keep the table's history (uuid or \
-             snapshots differ); set mode = \"create\" for this destination",
+             snapshots differ); set bootstrap = \"create\" for this destination",
             destination.name()
         )));
     }
@@ -339,7 +339,7 @@ async fn create(
              ({} s ago), and catalogs refuse a snapshot more than 60 s older than the table it is added to \
              (Iceberg's timestamp rule), while this destination can only replay tables from their creation ({why}). \
              icerelay does not change snapshot timestamps. Remedy: replicate it to a destination whose \
-             registerTable keeps history (mode = \"register\"); tables created through icerelay after the rule \
+             registerTable keeps history (bootstrap = \"register\"); tables created through icerelay after the rule \
              exists replicate from their first commit",
             destination.name(),
             humantime::format_rfc3339_millis(

@@ -641,7 +641,7 @@ async fn history_a_catalog_would_refuse_fails_with_the_rule_and_the_remedy() {
     let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
     let failed = wait_status(&relay.admin_url, &table, "the refusal", |s| s["status"] == "failed").await;
     let message = failed["last_error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("timestamp rule") && message.contains("mode = \"register\""), "{failed}");
+    assert!(message.contains("timestamp rule") && message.contains("bootstrap = \"register\""), "{failed}");
     assert_eq!(failed["last_error"]["waits_for_operator"], true);
     assert!(replica.catalog().load_table(&ident(&table)).await.expect("load").is_none(), "no partial replica");
 }
