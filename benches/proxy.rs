@@ -74,7 +74,7 @@ fn main() {
     // The static upstream: the same answer, from a single-threaded server.
     let static_port = free_port();
     let static_body = body.clone();
-    std::thread::spawn(move || serve_static(static_port, static_body));
+    std::thread::spawn(move || support::serve_static(static_port, static_body));
     let static_url = format!("http://127.0.0.1:{static_port}");
 
     let mut report = String::new();
@@ -242,19 +242,6 @@ fn curl_body(url: &str, token: &str) -> Vec<u8> {
         .expect("curl");
     assert!(out.status.success(), "GET {url} failed");
     out.stdout
-}
-
-fn serve_static(port: u16, body: Vec<u8>) {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    runtime.block_on(async move {
-        let body = bytes::Bytes::from(body);
-        let app = axum::Router::new().fallback(move || {
-            let body = body.clone();
-            async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], body) }
-        });
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind static upstream");
-        let _ = axum::serve(listener, app).await;
-    });
 }
 
 struct Icerelay {

@@ -8,7 +8,9 @@
 //!   `set-properties`) sent in turn directly to the primary, through the
 //!   proxy-only icerelay and through the replicating one (which records a
 //!   change hint in its state store before answering), one at a time;
-//!   p50/p99 of each and what icerelay adds.
+//!   p50/p99 of each and what icerelay adds. Twice: against SeaweedFS, and
+//!   against a static upstream answering the captured commit response (whose
+//!   own latency barely varies, so icerelay's cost is what the p99 shows).
 //! - **Replication lag**: PyIceberg appends small batches through the
 //!   replicating icerelay; the lag of each is the time from the commit's
 //!   answer to the replica catalog listing the snapshot (`tests/clients/lag.py`).
@@ -44,19 +46,31 @@ fn main() {
     let proxy_only = Icerelay::start(&["serve", "--upstream", &primary.get("CATALOG_URI")]);
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let (direct, plain, hinted) = runtime.block_on(commit_latencies(&primary, &proxy_only, &replicating, commits));
-    println!();
-    println!("| updateTable, {commits} sequential commits each | p50 | p99 | added at p50 | added at p99 |");
-    println!("|---|---:|---:|---:|---:|");
-    for (name, lat) in [("direct", &direct), ("icerelay, proxy only", &plain), ("icerelay, replicating", &hinted)] {
-        println!(
-            "| {name} | {:.2} ms | {:.2} ms | {:+.2} ms | {:+.2} ms |",
-            pct(lat, 50.0),
-            pct(lat, 99.0),
-            pct(lat, 50.0) - pct(&direct, 50.0),
-            pct(lat, 99.0) - pct(&direct, 99.0)
-        );
-    }
+    let (token, captured) = runtime.block_on(prepare_commits(&primary));
+    let targets = [primary.get("CATALOG_URI"), proxy_only.url.clone(), replicating.url.clone()];
+    let seaweed = runtime.block_on(commit_latencies(&targets, &token, commits));
+    print_commits(&format!("updateTable against SeaweedFS, {commits} sequential commits each"), &seaweed);
+
+    // The same against a static upstream answering the captured commit
+    // response at once: what is left is icerelay's own cost.
+    let static_port = free_port_range(0);
+    std::thread::spawn(move || support::serve_static(static_port, captured));
+    let static_url = format!("http://127.0.0.1:{static_port}");
+    let static_config = work.path().join("static.toml");
+    let config_text = replicating_config(&primary, &replica, &work.path().join("static-state"))
+        .replace(
+            &format!("uri = \"{}\"\nwarehouse = \"warehouse\"", primary.get("CATALOG_URI")),
+            &format!("uri = \"{static_url}\""),
+        )
+        .replace("namespace = \"bench_lag\"", "namespace = \"not_listed\"");
+    std::fs::write(&static_config, config_text).expect("config");
+    let static_replicating = Icerelay::start(&["serve", "--config", &static_config.display().to_string()]);
+    let static_proxy = Icerelay::start(&["serve", "--upstream", &static_url]);
+    let targets = [static_url.clone(), static_proxy.url.clone(), static_replicating.url.clone()];
+    let fixed = runtime.block_on(commit_latencies(&targets, &token, commits * 4));
+    print_commits(&format!("updateTable against a static upstream, {} sequential commits each", commits * 4), &fixed);
+    drop(static_replicating);
+    drop(static_proxy);
 
     let conn = |s: &Seaweed, uri: &str| {
         json!({"uri": uri, "warehouse": s.get("WAREHOUSE"), "credential": "admin:adminsecret",
@@ -93,13 +107,8 @@ fn main() {
     replica.stop(&root, &teststack);
 }
 
-/// Latencies in ms of metadata commits, in turn: direct, proxy only, replicating.
-async fn commit_latencies(
-    primary: &Seaweed,
-    plain: &Icerelay,
-    replicating: &Icerelay,
-    commits: usize,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+/// Creates the table the commits go to; returns a token and one real commit response.
+async fn prepare_commits(primary: &Seaweed) -> (String, Vec<u8>) {
     let http = reqwest::Client::new();
     let catalog = primary.get("CATALOG_URI");
     let token: Value = http
@@ -114,38 +123,43 @@ async fn commit_latencies(
     let token = token["access_token"].as_str().expect("access_token").to_owned();
     let auth = format!("Bearer {token}");
     let base = format!("{catalog}/v1/warehouse");
-    let ok = |r: reqwest::Response| {
-        assert!(r.status().is_success(), "{} answered {}", r.url(), r.status());
-        r
-    };
-    ok(http
-        .post(format!("{base}/namespaces"))
-        .header("Authorization", &auth)
-        .json(&json!({"namespace": ["bench_commit"]}))
-        .send()
-        .await
-        .expect("namespace"));
-    ok(http
-        .post(format!("{base}/namespaces/bench_commit/tables"))
-        .header("Authorization", &auth)
-        .json(&json!({"name": "t", "schema": {"type": "struct", "fields": [{"id": 1, "name": "id", "type": "long", "required": false}]}}))
-        .send()
-        .await
-        .expect("table"));
-    let targets = [catalog.clone(), plain.url.clone(), replicating.url.clone()];
+    for (url, body) in [
+        (format!("{base}/namespaces"), json!({"namespace": ["bench_commit"]})),
+        (
+            format!("{base}/namespaces/bench_commit/tables"),
+            json!({"name": "t", "schema": {"type": "struct", "fields": [{"id": 1, "name": "id", "type": "long", "required": false}]}}),
+        ),
+        (format!("{base}/namespaces/bench_commit/tables/t"), commit_body("first")),
+    ] {
+        let answer = http.post(&url).header("Authorization", &auth).json(&body).send().await.expect("setup");
+        assert!(answer.status().is_success(), "{url} answered {}", answer.status());
+        if url.ends_with("/tables/t") {
+            return (token, answer.bytes().await.expect("body").to_vec());
+        }
+    }
+    unreachable!("the last request returns")
+}
+
+fn commit_body(n: &str) -> Value {
+    json!({"requirements": [], "updates": [{"action": "set-properties", "updates": {"n": n}}]})
+}
+
+/// Latencies in ms of metadata commits sent to each target in turn, one at a time.
+async fn commit_latencies(targets: &[String; 3], token: &str, commits: usize) -> [Vec<f64>; 3] {
+    let http = reqwest::Client::new();
+    let auth = format!("Bearer {token}");
     let mut latencies = [Vec::new(), Vec::new(), Vec::new()];
     for i in 0..commits + 20 {
         for (t, target) in targets.iter().enumerate() {
-            let body = json!({"requirements": [], "updates": [{"action": "set-properties", "updates": {"n": format!("{i}-{t}")}}]});
             let started = Instant::now();
             let answer = http
                 .post(format!("{target}/v1/warehouse/namespaces/bench_commit/tables/t"))
                 .header("Authorization", &auth)
-                .json(&body)
+                .json(&commit_body(&format!("{i}-{t}")))
                 .send()
                 .await
                 .expect("commit");
-            let answer = ok(answer);
+            assert!(answer.status().is_success(), "{} answered {}", answer.url(), answer.status());
             answer.bytes().await.expect("body");
             // The first rounds warm connections and caches up.
             if i >= 20 {
@@ -153,8 +167,24 @@ async fn commit_latencies(
             }
         }
     }
-    let [a, b, c] = latencies;
-    (a, b, c)
+    latencies
+}
+
+fn print_commits(title: &str, [direct, plain, hinted]: &[Vec<f64>; 3]) {
+    println!();
+    println!("| {title} | p50 | p99 | added at p50 | added at p99 |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, lat) in
+        [("direct", direct), ("icerelay, proxy only", plain), ("icerelay, replicating (hint recorded)", hinted)]
+    {
+        println!(
+            "| {name} | {:.2} ms | {:.2} ms | {:+.2} ms | {:+.2} ms |",
+            pct(lat, 50.0),
+            pct(lat, 99.0),
+            pct(lat, 50.0) - pct(direct, 50.0),
+            pct(lat, 99.0) - pct(direct, 99.0)
+        );
+    }
 }
 
 fn pct(values: &[f64], p: f64) -> f64 {
