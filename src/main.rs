@@ -76,6 +76,16 @@ enum Command {
     ///     --target-location s3://backup/db/events
     #[command(verbatim_doc_comment)]
     CopyTable(commands::copy_table::Args),
+    /// Show the replication status of a running icerelay, one line per table and destination.
+    ///
+    /// Reads the admin listener's /v1/replication/status. Exits 0 when no lane
+    /// failed, 1 when one did, 2 when the admin API cannot be read.
+    ///
+    /// Examples:
+    ///   icerelay status
+    ///   icerelay status --admin http://127.0.0.1:9182 sales.orders
+    #[command(verbatim_doc_comment)]
+    Status(commands::status::Args),
     /// Validate a configuration file and print every problem found.
     ///
     /// Exits 0 when the file is valid, 1 otherwise.
@@ -102,6 +112,13 @@ fn main() -> ExitCode {
         }
         Command::CopyTable(args) => match tokio::runtime::Runtime::new() {
             Ok(runtime) => ExitCode::from(runtime.block_on(commands::copy_table::run(args))),
+            Err(e) => {
+                eprintln!("icerelay: cannot start the async runtime: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Status(args) => match tokio::runtime::Runtime::new() {
+            Ok(runtime) => ExitCode::from(runtime.block_on(commands::status::run(args))),
             Err(e) => {
                 eprintln!("icerelay: cannot start the async runtime: {e}");
                 ExitCode::FAILURE

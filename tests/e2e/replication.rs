@@ -526,6 +526,17 @@ async fn the_status_api_matches_its_openapi_description() {
     );
     assert!(crate::harness::metric_sum(&metrics, "icerelay_replication_files_copied_total", &[]) >= 3.0, "{metrics}");
     assert!(!metrics.contains(secret));
+
+    // The same, as a user reads it.
+    let (code, stdout, stderr) =
+        crate::harness::icerelay(vec!["status".into(), "--admin".into(), relay.admin_url.clone()]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let row = stdout.lines().find(|l| l.starts_with(&format!("{ns}.t"))).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(row.contains("dr") && row.contains("completed"), "{stdout}");
+    let (code, _, stderr) =
+        crate::harness::icerelay(vec!["status".into(), "--admin".into(), "http://127.0.0.1:1".into()]).await;
+    assert_eq!(code, 2, "an unreachable admin API is exit code 2");
+    assert!(stderr.contains("cannot reach http://127.0.0.1:1"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
