@@ -23,7 +23,7 @@ fn check_config_accepts_the_readme_example() {
     let file = write(example);
     let output = Command::new(env!("CARGO_BIN_EXE_icerelay"))
         .args(["check-config", &file.path().display().to_string()])
-        .envs([("PRIMARY_SECRET", "a"), ("S3_SECRET", "b"), ("REPLICA_SECRET", "c")])
+        .envs([("PRIMARY_SECRET", "a"), ("S3_SECRET", "b"), ("REPLICA_SECRET", "c"), ("REPLICA_S3_SECRET", "d")])
         .output()
         .expect("run");
     let stderr = String::from_utf8_lossy(&output.stderr);
