@@ -19,6 +19,8 @@ import sys
 import fastavro
 import pyarrow.parquet as pq
 
+from common import emit
+
 metadata_url, forbidden = sys.argv[1], sys.argv[2]
 s3conf = json.loads(sys.argv[3]) if len(sys.argv) > 3 else None
 s3 = None
@@ -116,7 +118,6 @@ for path in manifests:
             scan(footer, f"{df['file_path']} footer")
         else:
             counts["delete_files"] += 1
-            table = pq.read_table(io.BytesIO(data))
+            table = pq.read_table(io.BytesIO(data), use_threads=False)
             scan(table.column("file_path").to_pylist(), f"{df['file_path']} file_path")
-emit = {"violations": violations, "counts": counts}
-print(json.dumps(emit, sort_keys=True))
+emit({"violations": violations, "counts": counts})

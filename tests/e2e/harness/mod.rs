@@ -204,6 +204,9 @@ fn seaweed_script(args: &[&str], warehouse: &str) -> HashMap<String, String> {
         .env("ICERELAY_TESTSTACK", teststack())
         .env("WAREHOUSE", warehouse)
         .env("WATCH_PID", std::process::id().to_string())
+        // On two busy cores (tests, catalogs and clients in parallel) a start
+        // has been seen to take over a minute.
+        .env("STARTUP_TIMEOUT", "180")
         .stderr(Stdio::inherit())
         .output()
         .expect("run seaweedfs.sh");
