@@ -20,6 +20,9 @@
 //! - [`serve`]: binding, running and draining the services.
 //! - [`logging`]: log output.
 
+// Data from the network, files and configuration is handled as errors with
+// context; outside tests nothing may unwrap it.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

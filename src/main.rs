@@ -1,5 +1,9 @@
 //! The `icerelay` command: parses flags, sets up logging, and runs a subcommand.
 
+// Data from the network, files and configuration is handled as errors with
+// context; outside tests nothing may unwrap it.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

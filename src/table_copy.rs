@@ -276,10 +276,14 @@ impl TableCopier {
         // the others are read again when they are copied, so memory stays
         // bounded however large the table.
         let mut pending = Vec::new();
+        let mut done_manifests = HashMap::new();
         for path in &manifests {
             let target = map.rewrite(path, path)?;
-            if self.checkpointed_size(path, &target).await?.is_none() {
-                pending.push(path.clone());
+            match self.checkpointed_size(path, &target).await? {
+                Some(size) => {
+                    done_manifests.insert(path.clone(), size);
+                }
+                None => pending.push(path.clone()),
             }
         }
         let budget = Arc::new(AtomicUsize::new(PREPARED_LIMIT));
@@ -306,10 +310,11 @@ impl TableCopier {
         // 1. Manifests and everything they reference.
         let run_ref = &run;
         let prepared = &prepared;
+        let done_manifests = &done_manifests;
         futures::stream::iter(manifests)
             .map(|path| async move {
                 let ready = prepared.lock().ok().and_then(|mut p| p.remove(&path));
-                self.copy_manifest(&path, run_ref, ready).await
+                self.copy_manifest(&path, run_ref, done_manifests.get(&path).copied(), ready).await
             })
             .buffer_unordered(self.manifest_parallelism)
             .try_collect::<Vec<()>>()
@@ -363,10 +368,17 @@ impl TableCopier {
     }
 
     /// Copies one manifest's files, then the rewritten manifest (`ready`
-    /// if step 0 rewrote it already).
-    async fn copy_manifest(&self, source: &str, run: &Run<'_>, ready: Option<Prepared>) -> Result<(), TableCopyError> {
+    /// if step 0 rewrote it already; `done`, its size, if step 0 found it
+    /// copied before).
+    async fn copy_manifest(
+        &self,
+        source: &str,
+        run: &Run<'_>,
+        done: Option<u64>,
+        ready: Option<Prepared>,
+    ) -> Result<(), TableCopyError> {
         let target = run.map.rewrite(source, source)?;
-        if let Some(size) = self.checkpointed_size(source, &target).await? {
+        if let Some(size) = done {
             run.count(CopyOutcome::Skipped { bytes: size });
             if let Ok(mut lengths) = run.manifest_lengths.lock() {
                 lengths.insert(source.to_owned(), size as i64);
@@ -722,15 +734,7 @@ mod tests {
         // prefix of the same length writes the same bytes but for the prefix.
         let other = format!("file://{}/ds2/db/t", dir.path().display());
         let other_map = PathMap::from_locations(&source, &other).expect("map");
-        let plain = TableCopier::new(
-            Copier::new(
-                Arc::new(Storage::new(&[])),
-                Arc::new(crate::storage::checkpoint::NoCheckpoints),
-                CopySettings::default(),
-            ),
-            1,
-        )
-        .metadata_only();
+        let plain = uncheckpointed(1);
         let second =
             plain.copy_snapshots(&metadata, &metadata_url, &other_map, &snapshots, &NoProgress).await.expect("copy");
         for (id, list_url) in &second.manifest_lists {
@@ -745,20 +749,19 @@ mod tests {
         }
     }
 
+    /// A metadata-only copier without checkpoints.
+    fn uncheckpointed(manifest_parallelism: usize) -> TableCopier {
+        let checkpoints = Arc::new(crate::storage::checkpoint::NoCheckpoints);
+        let copier = Copier::new(Arc::new(Storage::new(&[])), checkpoints, CopySettings::default());
+        TableCopier::new(copier, manifest_parallelism).metadata_only()
+    }
+
     #[tokio::test]
     async fn an_unmapped_path_stops_the_copy_before_anything_is_written() {
         let dir = tempfile::tempdir().expect("dir");
         let source = format!("file://{}/src/db/t", dir.path().display());
         let metadata_url = write_fixture(&source);
-        let copier = TableCopier::new(
-            Copier::new(
-                Arc::new(Storage::new(&[])),
-                Arc::new(crate::storage::checkpoint::NoCheckpoints),
-                CopySettings::default(),
-            ),
-            2,
-        )
-        .metadata_only();
+        let copier = uncheckpointed(2);
         let metadata = copier.read_metadata(&metadata_url).await.expect("metadata");
         // Maps the metadata directory only: the data and delete files are unmapped.
         let mut map = PathMap::new();

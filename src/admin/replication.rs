@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use super::AdminState;
 use crate::catalog::TableIdent;
 use crate::replicate::Context;
-use crate::state::{LaneKey, LaneRecord, LaneStatus, Millis, now_ms};
+use crate::state::{LaneKey, LaneRecord, LaneStatus, Millis, now_ms, rfc3339};
 
 /// What the replication endpoints read.
 #[derive(Clone)]
@@ -46,31 +46,20 @@ fn not_configured() -> Response {
     )
 }
 
-fn time(ms: Millis) -> Value {
-    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    Value::String(humantime::format_rfc3339_millis(at).to_string())
-}
-
 fn lane_json(lane: &LaneRecord, now: Millis) -> Value {
-    let status = match lane.status() {
-        LaneStatus::Pending => "pending",
-        LaneStatus::Completed => "completed",
-        LaneStatus::Failed => "failed",
-        LaneStatus::Paused => "paused",
-    };
     json!({
         "destination": lane.key.destination,
         "replica": {"namespace": lane.replica_table.namespace, "name": lane.replica_table.name},
-        "status": status,
+        "status": lane.status().as_str(),
         "mode": lane.mode,
-        "last_success_at": lane.last_success_at.map(time),
+        "last_success_at": lane.last_success_at.map(rfc3339),
         "source_metadata_location": lane.source_metadata_location,
         "replica_metadata_location": lane.replica_metadata_location,
         "snapshots_behind": lane.snapshots_behind.unwrap_or(0),
-        "seconds_behind": lane.pending_since.map_or(0, |since| (now - since).max(0) / 1000),
+        "seconds_behind": lane.seconds_behind(now),
         "source_dropped": lane.source_dropped,
         "last_error": lane.last_error.as_ref().map(|e| json!({
-            "message": e.message, "at": time(e.at), "attempts": e.attempts, "waits_for_operator": e.parked,
+            "message": e.message, "at": rfc3339(e.at), "attempts": e.attempts, "waits_for_operator": e.parked,
         })),
     })
 }

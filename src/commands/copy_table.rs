@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use icerelay::catalog::{ClientSettings, Namespace, RestCatalog, TableIdent};
 use icerelay::config::{self, AuthConfig, Overrides, ProcessEnv, StorageConfig};
 use icerelay::rewrite::PathMap;
-use icerelay::rewrite::metadata::{current_snapshot_ids, retain_snapshots};
+use icerelay::rewrite::metadata::{current_snapshot_ids, retain_snapshots, snapshot_ids};
 use icerelay::storage::Storage;
 use icerelay::storage::checkpoint::Journal;
 use icerelay::storage::copy::{Copier, CopySettings};
@@ -111,11 +111,7 @@ async fn execute(args: Args) -> Result<(), String> {
         map.add(from, to).map_err(|e| e.to_string())?;
     }
     let snapshots: BTreeSet<i64> = match args.snapshots {
-        Snapshots::All => metadata
-            .get("snapshots")
-            .and_then(Value::as_array)
-            .map(|s| s.iter().filter_map(|s| s.get("snapshot-id").and_then(Value::as_i64)).collect())
-            .unwrap_or_default(),
+        Snapshots::All => snapshot_ids(&metadata),
         Snapshots::Current => {
             let keep = current_snapshot_ids(&metadata);
             retain_snapshots(&mut metadata, &keep);

@@ -1,8 +1,8 @@
 //! One run of one lane: bring a replica up to its source, commit by commit.
 //!
 //! A run reads the source's current metadata, makes the replica if it does
-//! not exist yet ([`bootstrap`]), then repeats: plan the next commit
-//! (`plan`), copy the files it references, commit it to the replica catalog,
+//! not exist yet (by registration or creation), then repeats: plan the next
+//! commit (`plan`), copy the files it references, commit it to the replica catalog,
 //! record the progress. It stops when the plan is empty. Everything it needs
 //! to know is re-read at the start, so a run after a crash, a lost hint or a
 //! replica outage is the same as any other run.
@@ -26,8 +26,8 @@ use crate::catalog::{CatalogError, LoadedTable, TableIdent};
 use crate::config::OnDrop;
 use crate::metrics::ReplicationMetrics;
 use crate::rewrite::PathMap;
-use crate::rewrite::metadata::PATH_PROPERTIES;
-use crate::state::{LaneChange, LaneKey, LaneRecord, Progress, now_ms};
+use crate::rewrite::metadata::{PATH_PROPERTIES, snapshot_ids};
+use crate::state::{LaneChange, LaneKey, LaneRecord, Progress, now_ms, rfc3339};
 use crate::storage::checkpoint::StateCheckpoints;
 use crate::storage::copy::{Copier, CopyReport, CopySettings};
 use crate::table_copy::{NoProgress, TableCopier};
@@ -92,7 +92,9 @@ async fn run_in_span(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateErr
         && followed != now
     {
         return Err(ReplicateError::Refused(format!(
-            "the source table {} was dropped and created again (its uuid is now {now}; the replica {replica_table}              follows the earlier table, {followed}); icerelay keeps the replica as it is. Drop or rename the replica              table on destination {}, then resync, to replicate the new table",
+            "the source table {} was dropped and created again (its uuid is now {now}; the replica {replica_table} \
+             follows the earlier table, {followed}); icerelay keeps the replica as it is. Drop or rename the replica \
+             table on destination {}, then resync, to replicate the new table",
             key.table,
             destination.name()
         )));
@@ -211,7 +213,7 @@ async fn run_in_span(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateErr
                     ReplicateError::Refused(format!("the replica {replica_table} disappeared during replication"))
                 })?;
                 if let Some(id) = step.snapshot
-                    && has_snapshot(&replica.metadata, id)
+                    && snapshot_ids(&replica.metadata).contains(&id)
                 {
                     // The commit landed after all.
                     known.replicated.insert(id);
@@ -284,9 +286,14 @@ async fn register(
     count_copies(&ctx.metrics, destination.name(), copied.report);
 
     let mut metadata = source.metadata.clone();
-    if let Some(props) = metadata.get_mut("properties").and_then(Value::as_object_mut) {
-        for (k, v) in &destination.config.properties {
-            props.insert(k.clone(), Value::String(v.clone()));
+    if let Some(root) = metadata.as_object_mut()
+        && !destination.config.properties.is_empty()
+    {
+        let props = root.entry("properties").or_insert_with(|| Value::Object(Map::new()));
+        if let Some(props) = props.as_object_mut() {
+            for (k, v) in &destination.config.properties {
+                props.insert(k.clone(), Value::String(v.clone()));
+            }
         }
     }
     let target = map.rewrite(source_file, source_file).map_err(super::plan::PlanError::from)?;
@@ -306,12 +313,7 @@ async fn register(
         )));
     }
     tracing::info!(replica = %replica_table, snapshots = snapshots.len(), metadata = %target, "registered the replica with its history");
-    let managed = source
-        .metadata
-        .get("properties")
-        .and_then(Value::as_object)
-        .map(|p| p.keys().filter(|k| !destination.config.properties.contains_key(*k)).cloned().collect())
-        .unwrap_or_default();
+    let managed = plan::managed_property_keys(&source.metadata, &destination.config.properties);
     Ok(Made { table: registered, snapshots: snapshots.into_iter().collect(), managed_properties: managed })
 }
 
@@ -342,9 +344,7 @@ async fn create(
              registerTable keeps history (bootstrap = \"register\"); tables created through icerelay after the rule \
              exists replicate from their first commit",
             destination.name(),
-            humantime::format_rfc3339_millis(
-                std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(oldest).unwrap_or(0))
-            ),
+            rfc3339(oldest),
             (now - oldest) / 1000
         )));
     }
@@ -368,8 +368,7 @@ async fn create(
                 .collect()
         })
         .unwrap_or_default();
-    let managed: BTreeSet<String> =
-        properties.keys().filter(|k| !destination.config.properties.contains_key(*k)).cloned().collect();
+    let managed = plan::managed_property_keys(metadata, &destination.config.properties);
     for (k, v) in &destination.config.properties {
         properties.insert(k.clone(), Value::String(v.clone()));
     }
@@ -405,8 +404,8 @@ async fn create(
     Ok(Made { table: created, snapshots: Vec::new(), managed_properties: managed })
 }
 
-/// Renames the replica to follow a source rename (once: a replica already
-/// under the new name is left alone).
+/// Renames the replica to follow a source rename. Done already (a run that
+/// crashed after renaming) is fine; another table under the new name is refused.
 async fn rename_replica(destination: &Destination, from: &TableIdent, to: &TableIdent) -> Result<(), ReplicateError> {
     if from == to {
         return Ok(());
@@ -478,18 +477,6 @@ fn location_of(metadata: &Value, which: &'static str) -> Result<String, Replicat
     metadata.get("location").and_then(Value::as_str).map(str::to_owned).ok_or_else(|| {
         ReplicateError::Plan(super::plan::PlanError::InvalidMetadata { which, detail: "no `location`".into() })
     })
-}
-
-fn snapshot_ids(metadata: &Value) -> BTreeSet<i64> {
-    metadata
-        .get("snapshots")
-        .and_then(Value::as_array)
-        .map(|s| s.iter().filter_map(|s| s.get("snapshot-id").and_then(Value::as_i64)).collect())
-        .unwrap_or_default()
-}
-
-fn has_snapshot(metadata: &Value, id: i64) -> bool {
-    snapshot_ids(metadata).contains(&id)
 }
 
 fn table_copier(ctx: &Context, destination: &Destination) -> TableCopier {

@@ -55,7 +55,7 @@ use crate::catalog::{CatalogError, Namespace, RestCatalog, TableIdent};
 use crate::config::{Config, ReplicationConfig};
 use crate::metrics::{ReplicationMetrics, StatusLabels};
 use crate::proxy::commit_tap::HintKind;
-use crate::state::{ChangeLog, LaneChange, LaneKey, LaneRecord, LaneStatus, StateStore, now_ms};
+use crate::state::{ChangeLog, LaneChange, LaneKey, LaneRecord, StateStore, now_ms};
 use crate::storage::Storage;
 
 /// Hints fanned out per transaction.
@@ -427,17 +427,10 @@ fn record_gauges(metrics: &ReplicationMetrics, lanes: &[LaneRecord]) {
     let mut queue = 0;
     for lane in lanes {
         let d = lane.key.destination.as_str();
-        let seconds = lane.pending_since.map_or(0, |since| (now - since).max(0) / 1000);
         let entry = lag.entry(d).or_default();
-        *entry = (*entry).max(seconds);
+        *entry = (*entry).max(lane.seconds_behind(now));
         *behind.entry(d).or_default() += lane.snapshots_behind.unwrap_or(0);
-        let status = match lane.status() {
-            LaneStatus::Pending => "pending",
-            LaneStatus::Completed => "completed",
-            LaneStatus::Failed => "failed",
-            LaneStatus::Paused => "paused",
-        };
-        *by_status.entry(status).or_default() += 1;
+        *by_status.entry(lane.status().as_str()).or_default() += 1;
         if lane.has_work() {
             queue += 1;
         }

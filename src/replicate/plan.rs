@@ -36,7 +36,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Map, Value, json};
 
-use crate::rewrite::metadata::PATH_PROPERTIES;
+use crate::rewrite::metadata::{PATH_PROPERTIES, snapshot_ids};
 use crate::rewrite::{PathMap, RewriteError};
 
 /// The branch every table has.
@@ -636,10 +636,6 @@ impl<'a> Table<'a> {
         }
         false
     }
-}
-
-fn snapshot_ids(metadata: &Value) -> BTreeSet<i64> {
-    snapshots(metadata).iter().filter_map(id_of).collect()
 }
 
 fn snapshots(metadata: &Value) -> &[Value] {

@@ -174,6 +174,15 @@ pub fn retain_snapshots(metadata: &mut Value, keep: &BTreeSet<i64>) {
     // history, as after an expiry on the source.
 }
 
+/// The ids of every snapshot in the metadata.
+pub fn snapshot_ids(metadata: &Value) -> BTreeSet<i64> {
+    metadata
+        .get("snapshots")
+        .and_then(Value::as_array)
+        .map(|s| s.iter().filter_map(|s| s.get("snapshot-id").and_then(Value::as_i64)).collect())
+        .unwrap_or_default()
+}
+
 /// The ids of the table's current snapshot and of every snapshot a ref points at.
 pub fn current_snapshot_ids(metadata: &Value) -> BTreeSet<i64> {
     let mut ids = BTreeSet::new();

@@ -46,6 +46,12 @@ pub fn now_ms() -> Millis {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// A time as RFC 3339 text, to the millisecond (`2026-12-01T19:31:44.979Z`).
+pub fn rfc3339(at: Millis) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(at).unwrap_or(0));
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
 /// A hint as stored in the change log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordedHint {
@@ -91,6 +97,18 @@ pub enum LaneStatus {
     Failed,
     /// An operator paused the lane.
     Paused,
+}
+
+impl LaneStatus {
+    /// Its name in the status API and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Paused => "paused",
+        }
+    }
 }
 
 /// The last error of a lane.
@@ -161,6 +179,11 @@ impl LaneRecord {
         } else {
             LaneStatus::Completed
         }
+    }
+
+    /// Seconds since the oldest change the replica does not have yet (0 when none).
+    pub fn seconds_behind(&self, now: Millis) -> i64 {
+        self.pending_since.map_or(0, |since| (now - since).max(0) / 1000)
     }
 
     /// Whether the lane has work to do (and is allowed to).
