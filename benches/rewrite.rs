@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use apache_avro::types::Value as Avro;
 use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
+use icerelay::config::{StorageConfig, StorageKind};
 use icerelay::rewrite::{PathMap, avro, manifest, manifest_list};
 use icerelay::storage::Storage;
 use icerelay::storage::checkpoint::NoCheckpoints;
@@ -134,7 +135,8 @@ struct Generated {
 
 /// The timed part: everything `copy-table --metadata-only` does.
 async fn rewrite(metadata_url: &str, source: &str, target: &str) -> Duration {
-    let storage = Arc::new(Storage::new(&[]));
+    let local = |prefix: &str| StorageConfig { prefix: prefix.to_owned(), kind: StorageKind::Local };
+    let storage = Arc::new(Storage::new(&[local(source), local(target)]));
     let copier =
         TableCopier::new(Copier::new(storage, Arc::new(NoCheckpoints), CopySettings::default()), 4).metadata_only();
     let started = Instant::now();

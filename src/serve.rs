@@ -156,14 +156,19 @@ impl Server {
             Ok(proxy::stack(&proxy_settings, upstream, hints.clone(), proxy_metrics.clone()))
         };
         let replication = replicator.as_ref().map(|r| ReplicationAdmin { context: r.context(), wake: r.waker() });
-        let admin_router =
-            admin::router(AdminState { metrics: metrics.clone(), primary: primary_catalog, replication });
+        let admin_router = admin::router(
+            AdminState { metrics: metrics.clone(), primary: primary_catalog, replication },
+            config.admin.clone(),
+        );
 
         let token = CancellationToken::new();
         let mut services: JoinSet<(&'static str, std::io::Result<()>)> = JoinSet::new();
         let proxy_addr = proxy_workers.local_addr();
         let admin_addr = admin_listener.local_addr().unwrap_or(config.admin_listen);
         tracing::info!(listen = %proxy_addr, admin = %admin_addr, primary = %upstream_display, workers = config.proxy_workers, "icerelay is serving");
+        if config.admin.token.is_none() && !admin_addr.ip().is_loopback() {
+            tracing::warn!(admin = %admin_addr, "the admin API has no token and is reachable from other hosts (admin_allow_unauthenticated = true)");
+        }
 
         let stop = token.clone();
         services.spawn(async move { ("proxy", proxy_workers.serve(make_proxy, stop).await) });

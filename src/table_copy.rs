@@ -688,7 +688,7 @@ mod tests {
         let source = format!("file://{}/src/db/t", dir.path().display());
         let target = format!("file://{}/dst/db/t", dir.path().display());
         let metadata_url = write_fixture(&source);
-        let storage = Arc::new(Storage::new(&[]));
+        let storage = Arc::new(Storage::new(&[crate::config::StorageConfig::local_dir(dir.path())]));
         let journal = Arc::new(Journal::open(&dir.path().join("journal.jsonl")).expect("journal"));
         let copier =
             TableCopier::new(Copier::new(storage, journal.clone(), CopySettings::default()), 3).metadata_only();
@@ -734,7 +734,7 @@ mod tests {
         // prefix of the same length writes the same bytes but for the prefix.
         let other = format!("file://{}/ds2/db/t", dir.path().display());
         let other_map = PathMap::from_locations(&source, &other).expect("map");
-        let plain = uncheckpointed(1);
+        let plain = uncheckpointed(dir.path(), 1);
         let second =
             plain.copy_snapshots(&metadata, &metadata_url, &other_map, &snapshots, &NoProgress).await.expect("copy");
         for (id, list_url) in &second.manifest_lists {
@@ -750,9 +750,10 @@ mod tests {
     }
 
     /// A metadata-only copier without checkpoints.
-    fn uncheckpointed(manifest_parallelism: usize) -> TableCopier {
+    fn uncheckpointed(dir: &Path, manifest_parallelism: usize) -> TableCopier {
         let checkpoints = Arc::new(crate::storage::checkpoint::NoCheckpoints);
-        let copier = Copier::new(Arc::new(Storage::new(&[])), checkpoints, CopySettings::default());
+        let storage = Storage::new(&[crate::config::StorageConfig::local_dir(dir)]);
+        let copier = Copier::new(Arc::new(storage), checkpoints, CopySettings::default());
         TableCopier::new(copier, manifest_parallelism).metadata_only()
     }
 
@@ -761,7 +762,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let source = format!("file://{}/src/db/t", dir.path().display());
         let metadata_url = write_fixture(&source);
-        let copier = uncheckpointed(2);
+        let copier = uncheckpointed(dir.path(), 2);
         let metadata = copier.read_metadata(&metadata_url).await.expect("metadata");
         // Maps the metadata directory only: the data and delete files are unmapped.
         let mut map = PathMap::new();

@@ -4,6 +4,7 @@
 //! catalog URL, never reach it, and so that operators can bind it to an
 //! internal interface.
 
+mod guard;
 mod health;
 pub mod replication;
 
@@ -16,6 +17,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 
 use crate::catalog::RestCatalog;
+use crate::config::AdminAccess;
 use crate::metrics::Metrics;
 
 /// What the admin handlers read.
@@ -29,8 +31,8 @@ pub struct AdminState {
     pub replication: Option<replication::ReplicationAdmin>,
 }
 
-/// The admin API.
-pub fn router(state: AdminState) -> Router {
+/// The admin API, guarded by `access` (see [`guard`]).
+pub fn router(state: AdminState, access: AdminAccess) -> Router {
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
@@ -42,6 +44,7 @@ pub fn router(state: AdminState) -> Router {
             post(replication::act),
         )
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(access, guard::guard))
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {

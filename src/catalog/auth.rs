@@ -44,6 +44,20 @@ pub enum AuthError {
         /// `: error (description)` from the OAuth2 error body, if any.
         detail: String,
     },
+    /// The token endpoint answered with a redirect; following it would post
+    /// the client secret to wherever it points.
+    #[error(
+        "the OAuth2 token endpoint {endpoint} answered {status} redirecting to {location}; icerelay does not follow \
+         redirects with credentials: set token_endpoint to the final address"
+    )]
+    TokenRedirect {
+        /// The endpoint.
+        endpoint: String,
+        /// HTTP status.
+        status: reqwest::StatusCode,
+        /// Where it pointed.
+        location: String,
+    },
     /// The token endpoint answered 2xx without a usable token.
     #[error("the OAuth2 token endpoint {endpoint} answered without an access_token")]
     TokenMalformed {
@@ -161,6 +175,10 @@ impl OAuth2 {
             AuthError::TokenUnreachable { endpoint: endpoint.to_string(), source: source.without_url() }
         })?;
         let status = response.status();
+        if status.is_redirection() {
+            let location = super::client::location_of(&response);
+            return Err(AuthError::TokenRedirect { endpoint: endpoint.to_string(), status, location });
+        }
         if !status.is_success() {
             let detail = response
                 .json::<OAuthErrorBody>()

@@ -107,6 +107,9 @@ impl RestCatalog {
     ) -> Result<Self, CatalogError> {
         let name = name.into();
         let http = reqwest::Client::builder()
+            // A redirect is an error, never followed: reqwest would re-send
+            // the request (a token post's client secret included) to any host.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(settings.connect_timeout)
             .timeout(settings.request_timeout)
             .build()
@@ -429,6 +432,17 @@ impl RestCatalog {
                 .map_err(|source| CatalogError::Auth { catalog: self.name.clone(), source })?;
             let response = self.http.execute(request).await.map_err(|e| self.transport_error(url, e))?;
             let status = response.status();
+            if status.is_redirection() {
+                let mut shown = url.clone();
+                shown.set_query(None);
+                return Err(CatalogError::Redirect {
+                    catalog: self.name.clone(),
+                    operation: operation.to_owned(),
+                    url: shown.to_string(),
+                    status,
+                    location: location_of(&response),
+                });
+            }
             if status == StatusCode::UNAUTHORIZED && attempt == 0 {
                 self.auth.invalidate().await;
                 continue;
@@ -483,6 +497,16 @@ impl RestCatalog {
         } else {
             CatalogError::Unreachable { catalog: self.name.clone(), url: shown.to_string(), source: e.without_url() }
         }
+    }
+}
+
+/// The `Location` header of a redirect, for messages (query removed: it may carry a token).
+pub(crate) fn location_of(response: &reqwest::Response) -> String {
+    let raw =
+        response.headers().get(reqwest::header::LOCATION).map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned());
+    match raw {
+        None => "(no Location header)".to_owned(),
+        Some(l) => l.split(['?', '#']).next().unwrap_or_default().to_owned(),
     }
 }
 

@@ -100,6 +100,24 @@ pub enum CatalogError {
         /// `message` of the `ErrorModel`, or the start of the body.
         message: String,
     },
+    /// The catalog answered with a redirect, which icerelay never follows:
+    /// its credentials would go wherever the redirect points.
+    #[error(
+        "catalog {catalog}: {operation} at {url} answered {status} redirecting to {location}; icerelay does not follow \
+         redirects (they could carry its credentials to another host): set the catalog's uri to the final address"
+    )]
+    Redirect {
+        /// Catalog name.
+        catalog: String,
+        /// The REST operation.
+        operation: String,
+        /// URL called, without query.
+        url: String,
+        /// HTTP status.
+        status: StatusCode,
+        /// The `Location` the catalog named.
+        location: String,
+    },
     /// A 2xx answer whose body is not what the spec says.
     #[error("catalog {catalog}: {operation} answered with a body icerelay cannot read: {cause}")]
     Decode {
@@ -121,7 +139,7 @@ impl CatalogError {
                 AuthError::TokenUnreachable { .. } => Disposition::Retry,
                 _ => Disposition::Park,
             },
-            Self::Client { .. } | Self::Decode { .. } => Disposition::Park,
+            Self::Client { .. } | Self::Decode { .. } | Self::Redirect { .. } => Disposition::Park,
             Self::CommitOutcomeUnknown { .. } | Self::CommitConflict { .. } => Disposition::ReloadAndCheck,
             Self::Status { status, .. } => {
                 if status.is_server_error()

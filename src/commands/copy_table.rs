@@ -45,8 +45,13 @@ pub struct Args {
     #[arg(long = "map", value_name = "FROM=TO")]
     pub maps: Vec<String>,
     /// Configuration file whose [[storage]] sections give endpoints and credentials.
+    /// copy-table reads and writes only under their prefixes (and --allow-local).
     #[arg(long, env = "ICERELAY_CONFIG")]
     pub config: Option<PathBuf>,
+    /// A local directory copy-table may read and write, as a `[[storage]]`
+    /// section with prefix `file:///DIR/` would allow. Repeatable.
+    #[arg(long = "allow-local", value_name = "DIR")]
+    pub allow_local: Vec<PathBuf>,
     /// `all` (default) or `current`.
     #[arg(long, value_enum, default_value_t = Snapshots::All)]
     pub snapshots: Snapshots,
@@ -87,7 +92,11 @@ pub async fn run(args: Args) -> u8 {
 
 async fn execute(args: Args) -> Result<(), String> {
     let started = Instant::now();
-    let (storage_configs, destinations) = load_config(&args)?;
+    let (mut storage_configs, destinations) = load_config(&args)?;
+    for dir in &args.allow_local {
+        let dir = std::path::absolute(dir).map_err(|e| format!("--allow-local {}: {e}", dir.display()))?;
+        storage_configs.push(StorageConfig::local_dir(&dir));
+    }
     let storage = Arc::new(Storage::new(&storage_configs));
     let checkpoint_dir = args.checkpoint_dir.clone().unwrap_or_else(default_checkpoint_dir);
     let journal_path = checkpoint_dir

@@ -19,6 +19,25 @@ pub struct Args {
     /// Print the admin API's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// The admin API's bearer token (the server's `admin_token`).
+    #[arg(long, env = "ICERELAY_ADMIN_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
+    pub token: Option<String>,
+    /// A file holding the admin API's bearer token.
+    #[arg(long)]
+    pub token_file: Option<std::path::PathBuf>,
+}
+
+impl Args {
+    /// The token to send, from `--token`, `ICERELAY_ADMIN_TOKEN` or `--token-file`.
+    fn token(&self) -> Result<Option<String>, String> {
+        match (&self.token, &self.token_file) {
+            (Some(t), _) => Ok(Some(t.trim().to_owned())),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map(|t| Some(t.trim().to_owned()))
+                .map_err(|e| format!("cannot read the token file {}: {e}", path.display())),
+            (None, None) => Ok(None),
+        }
+    }
 }
 
 /// Runs the command; returns the process exit code.
@@ -36,7 +55,14 @@ pub async fn run(args: Args) -> u8 {
         },
         None => format!("{base}/v1/replication/status"),
     };
-    let answer = match fetch(&url).await {
+    let token = match args.token() {
+        Ok(t) => t,
+        Err(message) => {
+            eprintln!("icerelay status: {message}");
+            return 2;
+        }
+    };
+    let answer = match fetch(&url, token.as_deref()).await {
         Ok(v) => v,
         Err(message) => {
             eprintln!("icerelay status: {message}");
@@ -60,9 +86,25 @@ pub async fn run(args: Args) -> u8 {
     u8::from(failed)
 }
 
-async fn fetch(url: &str) -> Result<Value, String> {
-    let response = reqwest::get(url).await.map_err(|e| format!("cannot reach {url}: {}", e.without_url()))?;
+async fn fetch(url: &str, token: Option<&str>) -> Result<Value, String> {
+    // No redirects: the token must not travel to wherever a redirect points.
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+    let mut request = client.get(url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.map_err(|e| format!("cannot reach {url}: {}", e.without_url()))?;
     let status = response.status();
+    if status.is_redirection() {
+        let to = response.headers().get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok()).unwrap_or("?");
+        return Err(format!("{url} answered {status} redirecting to {to}; icerelay status does not follow redirects"));
+    }
+    if status == reqwest::StatusCode::UNAUTHORIZED && token.is_none() {
+        return Err(format!("{url} needs the admin token: pass --token, --token-file or set ICERELAY_ADMIN_TOKEN"));
+    }
     let body: Value = response.json().await.map_err(|e| format!("{url} did not answer JSON: {}", e.without_url()))?;
     if status.is_success() {
         Ok(body)

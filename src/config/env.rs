@@ -77,7 +77,10 @@ pub fn expand(input: &str, env: &dyn Env) -> Result<String, ExpandError> {
         } else if let Some(tail) = after.strip_prefix("${") {
             let end = tail
                 .find('}')
-                .ok_or_else(|| ExpandError::Malformed(format!("`${{` without a closing `}}` in {input:?}")))?;
+                // The value is not quoted: it may be a credential.
+                .ok_or_else(|| {
+                    ExpandError::Malformed("`${` without a closing `}`; write `$${` for a literal `${`".into())
+                })?;
             let name = &tail[..end];
             let valid = !name.is_empty()
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')

@@ -35,6 +35,15 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:9181";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9182";
 /// Default bound on bodies icerelay buffers.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 * 1024 * 1024;
+/// Default time a client has to send a request's headers.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a keep-alive connection may stay idle.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default bound on open client connections per proxy worker.
+pub const DEFAULT_MAX_CONNECTIONS_PER_WORKER: usize = 10_000;
+
+/// Keys whose values are credentials: their values never appear in a configuration error.
+const SECRET_KEYS: &[&str] = &["token", "client_secret", "secret_access_key", "session_token", "admin_token"];
 
 const ENV_OVERRIDE_PREFIX: &str = "ICERELAY__";
 
@@ -53,6 +62,10 @@ pub struct Config {
     pub shutdown_grace_period: Duration,
     /// Proxy worker threads.
     pub proxy_workers: usize,
+    /// Client connection limits and timeouts of the proxy listener.
+    pub connections: ConnectionLimits,
+    /// Who may use the admin API.
+    pub admin: AdminAccess,
     /// The primary catalog.
     pub primary: PrimaryConfig,
     /// Object stores.
@@ -72,6 +85,36 @@ impl Config {
     pub fn replicates(&self) -> bool {
         !self.rules.is_empty()
     }
+}
+
+/// Limits that keep one client from taking the proxy down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Time a client has to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// Time a keep-alive connection may stay idle between requests.
+    pub idle_timeout: Duration,
+    /// Open client connections per proxy worker; the excess is closed at once.
+    pub max_connections_per_worker: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections_per_worker: DEFAULT_MAX_CONNECTIONS_PER_WORKER,
+        }
+    }
+}
+
+/// Access to the admin API.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdminAccess {
+    /// The bearer token every protected request must carry; `None` leaves the API open.
+    pub token: Option<Secret>,
+    /// Whether `GET` status endpoints and `/metrics` answer without the token.
+    pub open_reads: bool,
 }
 
 /// `[replication]`, with defaults resolved.
@@ -114,6 +157,8 @@ pub struct PrimaryConfig {
     pub connect_timeout: Duration,
     /// Time until the primary's answer starts.
     pub request_timeout: Duration,
+    /// Longest pause between two chunks of an answer once it has started.
+    pub body_idle_timeout: Duration,
     /// Idle time before a pooled connection is closed.
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per host.
@@ -163,6 +208,14 @@ pub struct StorageConfig {
     pub prefix: String,
     /// What kind of store it is.
     pub kind: StorageKind,
+}
+
+impl StorageConfig {
+    /// A local directory, as `[[storage]] prefix = "file:///dir/"` would configure it.
+    pub fn local_dir(dir: &Path) -> Self {
+        let dir = dir.display().to_string();
+        Self { prefix: format!("file://{}/", dir.trim_end_matches('/')), kind: StorageKind::Local }
+    }
 }
 
 /// The kinds of object store icerelay can read and write.
@@ -326,7 +379,27 @@ pub fn load(path: Option<&Path>, overrides: &Overrides, env: &dyn Env) -> Result
     };
     let mut raw = parse(&text, env)?;
     apply_overrides(&mut raw, overrides);
+    read_admin_token_file(&mut raw)?;
     validate(raw)
+}
+
+/// Puts the content of `admin_token_file` into `admin_token`.
+fn read_admin_token_file(raw: &mut RawConfig) -> Result<(), ConfigErrors> {
+    let Some(path) = raw.admin_token_file.take() else { return Ok(()) };
+    if raw.admin_token.is_some() {
+        return Err(ConfigError::new("admin_token_file", "set either admin_token or admin_token_file, not both").into());
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        ConfigError::new("admin_token_file", format!("cannot read {path}: {e}; the file must hold the admin token"))
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(
+            ConfigError::new("admin_token_file", format!("{path} is empty; it must hold the admin token")).into()
+        );
+    }
+    raw.admin_token = Some(Secret::new(token));
+    Ok(())
 }
 
 /// Parses TOML text into a raw configuration, applying `ICERELAY__` overrides
@@ -343,7 +416,17 @@ pub fn parse(text: &str, env: &dyn Env) -> Result<RawConfig, ConfigErrors> {
     serde_path_to_error::deserialize::<_, RawConfig>(value).map_err(|e| {
         let key = e.path().to_string();
         let key = if key == "." { String::new() } else { key };
-        ConfigError::new(key, deserialize_message(e.inner())).into()
+        let message = if is_secret_key(&key) {
+            // serde's type errors quote the value they got: never a secret's.
+            "must be a string (the value is not shown: this key holds a credential)".to_owned()
+        } else if key == "auth" || key.ends_with(".auth") {
+            // Errors inside a tagged `auth` table are reported at the table,
+            // so any value quoted may be one of its secrets.
+            without_quoted_values(&deserialize_message(e.inner()))
+        } else {
+            deserialize_message(e.inner())
+        };
+        ConfigError::new(key, message).into()
     })
 }
 
@@ -355,6 +438,27 @@ fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigErrors {
         format!("line {line}, column {column}")
     });
     ConfigError::new(position.unwrap_or_default(), format!("invalid TOML: {}", e.message().trim())).into()
+}
+
+/// serde's message without the values it quotes in backticks.
+fn without_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut inside = false;
+    for part in message.split('`') {
+        if !inside {
+            out.push_str(part);
+        } else {
+            out.push_str("(value not shown)");
+        }
+        inside = !inside;
+    }
+    out
+}
+
+/// Whether the last segment of a dotted key path names a credential.
+fn is_secret_key(key: &str) -> bool {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    SECRET_KEYS.contains(&last)
 }
 
 fn deserialize_message(e: &toml::de::Error) -> String {
@@ -371,8 +475,11 @@ fn deserialize_message(e: &toml::de::Error) -> String {
 /// Applies `ICERELAY__SECTION__KEY=value` variables to the TOML tree.
 ///
 /// Segments are lower-cased; a numeric segment indexes an array
-/// (`ICERELAY__DESTINATIONS__0__URI`). The value is read as a TOML value when
-/// it parses as one (numbers, booleans, inline tables), else as a string.
+/// (`ICERELAY__DESTINATIONS__0__URI`). The value is a string (number and
+/// boolean keys accept their text), except that a value starting with `{` or
+/// `[` is read as a TOML inline table or array (`ICERELAY__PRIMARY__AUTH`).
+/// Reading every value as TOML would turn a secret made of digits into an
+/// integer, and a type error would then print it.
 fn apply_env_overrides(root: &mut toml::Value, env: &dyn Env) -> Result<(), ConfigErrors> {
     let mut errors = Vec::new();
     for (name, value) in env.vars_with_prefix(ENV_OVERRIDE_PREFIX) {
@@ -381,11 +488,12 @@ fn apply_env_overrides(root: &mut toml::Value, env: &dyn Env) -> Result<(), Conf
             errors.push(ConfigError::new(name.clone(), "malformed override name; expected ICERELAY__SECTION__KEY"));
             continue;
         }
-        let parsed = format!("v = {value}")
-            .parse::<toml::Table>()
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or(toml::Value::String(value));
+        let parsed = if value.trim_start().starts_with(['{', '[']) {
+            format!("v = {value}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v"))
+        } else {
+            None
+        }
+        .unwrap_or(toml::Value::String(value));
         if let Err(message) = set_path(root, &path, parsed) {
             errors.push(ConfigError::new(name, message));
         }
@@ -431,6 +539,11 @@ fn expand_strings(value: &mut toml::Value, key: &mut String, env: &dyn Env, erro
             Err(env::ExpandError::Unset(name)) => errors.push(ConfigError::new(
                 key.clone(),
                 format!("environment variable {name} is not set; export it or write the value directly"),
+            )),
+            Err(env::ExpandError::Malformed(_)) if is_secret_key(key) => errors.push(ConfigError::new(
+                key.clone(),
+                "has a `${` that is not a valid variable reference (the value is not shown: this key holds a \
+                 credential); write `$${` for a literal `${`",
             )),
             Err(env::ExpandError::Malformed(m)) => errors.push(ConfigError::new(key.clone(), m)),
         },
@@ -497,12 +610,24 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     if proxy_workers == 0 {
         v.error("proxy_workers", "must be at least 1");
     }
+    let connections = ConnectionLimits {
+        header_read_timeout: v.positive("header_read_timeout", raw.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT),
+        idle_timeout: v.positive("idle_timeout", raw.idle_timeout, DEFAULT_IDLE_TIMEOUT),
+        max_connections_per_worker: raw.max_connections_per_worker.unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_WORKER),
+    };
+    if connections.max_connections_per_worker == 0 {
+        v.error("max_connections_per_worker", "must be at least 1");
+    }
+    let admin = v.admin(admin_listen, raw.admin_token, raw.admin_open_reads, raw.admin_allow_unauthenticated);
     let primary = v.primary(raw.primary);
     let storage = raw.storage.into_iter().enumerate().filter_map(|(i, s)| v.storage(i, s)).collect::<Vec<_>>();
     v.unique("storage", "prefix", storage.iter().map(|s| s.prefix.as_str()));
     let destinations =
         raw.destinations.into_iter().enumerate().filter_map(|(i, d)| v.destination(i, d)).collect::<Vec<_>>();
     v.unique("destinations", "name", destinations.iter().map(|d| d.name.as_str()));
+    if let Some(primary) = &primary {
+        v.not_the_primary(primary, &destinations);
+    }
     let names: Vec<&str> = destinations.iter().map(|d| d.name.as_str()).collect();
     let rules = raw.rules.into_iter().enumerate().filter_map(|(i, r)| v.rule(i, r, &names)).collect();
     let state_dir = PathBuf::from(raw.state_dir.unwrap_or_else(|| "icerelay-state".to_owned()));
@@ -516,6 +641,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             max_body_bytes,
             shutdown_grace_period,
             proxy_workers,
+            connections,
+            admin,
             primary,
             storage,
             destinations,
@@ -605,6 +732,61 @@ impl Validator {
         }
     }
 
+    fn admin(
+        &mut self,
+        listen: Option<SocketAddr>,
+        token: Option<Secret>,
+        open_reads: Option<bool>,
+        allow_unauthenticated: Option<bool>,
+    ) -> AdminAccess {
+        let token = match token {
+            Some(t) if t.expose().trim().is_empty() => {
+                self.error("admin_token", "must not be empty");
+                None
+            }
+            other => other,
+        };
+        if let Some(addr) = listen
+            && !addr.ip().is_loopback()
+            && token.is_none()
+            && allow_unauthenticated != Some(true)
+        {
+            self.error(
+                "admin_listen",
+                format!(
+                    "{addr} is reachable from other hosts but admin_token is not set, so anyone who reaches it could \
+                     pause, resume and resync replication; set admin_token (or admin_token_file), bind a loopback \
+                     address, or set admin_allow_unauthenticated = true to accept that"
+                ),
+            );
+        }
+        AdminAccess { token, open_reads: open_reads.unwrap_or(false) }
+    }
+
+    /// A destination that is the primary itself would replicate tables onto themselves.
+    fn not_the_primary(&mut self, primary: &PrimaryConfig, destinations: &[DestinationConfig]) {
+        let same_uri = |a: &Url, b: &Url| {
+            a.scheme() == b.scheme()
+                && a.host_str().map(str::to_ascii_lowercase) == b.host_str().map(str::to_ascii_lowercase)
+                && a.port_or_known_default() == b.port_or_known_default()
+                && a.path().trim_end_matches('/') == b.path().trim_end_matches('/')
+        };
+        for (i, d) in destinations.iter().enumerate() {
+            if same_uri(&primary.uri, &d.uri) && primary.warehouse == d.warehouse {
+                self.error(
+                    format!("destinations[{i}].uri"),
+                    format!(
+                        "destination {:?} is the primary itself ({} with warehouse {}); replicating onto it would \
+                         write every table onto itself: point the destination at another catalog or warehouse",
+                        d.name,
+                        d.uri,
+                        d.warehouse.as_deref().unwrap_or("(none)")
+                    ),
+                );
+            }
+        }
+    }
+
     fn primary(&mut self, raw: Option<RawPrimary>) -> Option<PrimaryConfig> {
         let Some(raw) = raw else {
             self.error("primary.uri", "is required: set [primary] uri in the file or pass --upstream URL");
@@ -620,6 +802,8 @@ impl Validator {
         let auth = self.auth("primary.auth", raw.auth);
         let connect_timeout = self.positive("primary.connect_timeout", raw.connect_timeout, Duration::from_secs(5));
         let request_timeout = self.positive("primary.request_timeout", raw.request_timeout, Duration::from_secs(60));
+        let body_idle_timeout =
+            self.positive("primary.body_idle_timeout", raw.body_idle_timeout, Duration::from_secs(60));
         let pool_idle_timeout =
             self.positive("primary.pool_idle_timeout", raw.pool_idle_timeout, Duration::from_secs(90));
         Some(PrimaryConfig {
@@ -628,6 +812,7 @@ impl Validator {
             auth: auth?,
             connect_timeout,
             request_timeout,
+            body_idle_timeout,
             pool_idle_timeout,
             pool_max_idle_per_host: raw.pool_max_idle_per_host.unwrap_or(256),
         })
@@ -678,7 +863,8 @@ impl Validator {
     fn storage(&mut self, i: usize, raw: RawStorage) -> Option<StorageConfig> {
         let key = format!("storage[{i}]");
         let prefix = self.non_empty(&format!("{key}.prefix"), raw.prefix)?;
-        let Some((scheme, _)) = prefix.split_once("://") else {
+        let prefix = crate::storage::normalize_file_url(&prefix).into_owned();
+        let Some((scheme, rest)) = prefix.split_once("://") else {
             self.error(
                 format!("{key}.prefix"),
                 format!("{prefix:?} has no scheme; expected e.g. s3://bucket/ or file:///path/"),
@@ -704,6 +890,12 @@ impl Validator {
                 }
             }
             "file" => {
+                if !rest.starts_with('/') {
+                    self.error(
+                        format!("{key}.prefix"),
+                        format!("{prefix:?} is not an absolute local path; expected file:///path/"),
+                    );
+                }
                 for (field, set) in [
                     ("endpoint", raw.endpoint.is_some()),
                     ("region", raw.region.is_some()),
@@ -755,7 +947,7 @@ impl Validator {
                 BootstrapMode::Auto
             }
         };
-        let location = raw.location.map(|l| l.trim_end_matches('/').to_owned());
+        let location = raw.location.map(|l| crate::storage::normalize_file_url(l.trim_end_matches('/')).into_owned());
         if let Some(l) = &location
             && !l.contains("://")
         {

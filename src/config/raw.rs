@@ -12,6 +12,65 @@ use serde::Deserialize;
 
 use super::secret::Secret;
 
+/// Numbers and booleans that also accept their text, so an
+/// `ICERELAY__SECTION__KEY` override (always a string) can set them.
+mod lenient {
+    use std::fmt;
+    use std::marker::PhantomData;
+    use std::str::FromStr;
+
+    use serde::Deserializer;
+    use serde::de::{Error, Visitor};
+
+    /// An optional unsigned number written as a TOML integer or a string of digits.
+    pub fn number<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: TryFrom<u64> + FromStr,
+    {
+        struct Number<T>(PhantomData<T>);
+        impl<T: TryFrom<u64> + FromStr> Visitor<'_> for Number<T> {
+            type Value = Option<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a non-negative integer")
+            }
+            fn visit_u64<E: Error>(self, v: u64) -> Result<Self::Value, E> {
+                T::try_from(v).map(Some).map_err(|_| E::custom(format!("{v} is too large")))
+            }
+            fn visit_i64<E: Error>(self, v: i64) -> Result<Self::Value, E> {
+                let v = u64::try_from(v).map_err(|_| E::custom(format!("{v} is negative; expected 0 or more")))?;
+                self.visit_u64(v)
+            }
+            fn visit_str<E: Error>(self, v: &str) -> Result<Self::Value, E> {
+                v.trim().parse().map(Some).map_err(|_| E::custom(format!("{v:?} is not a non-negative integer")))
+            }
+        }
+        deserializer.deserialize_any(Number(PhantomData))
+    }
+
+    /// An optional boolean written as a TOML boolean or as `"true"` / `"false"`.
+    pub fn bool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<bool>, D::Error> {
+        struct Bool;
+        impl Visitor<'_> for Bool {
+            type Value = Option<bool>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("true or false")
+            }
+            fn visit_bool<E: Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(Some(v))
+            }
+            fn visit_str<E: Error>(self, v: &str) -> Result<Self::Value, E> {
+                match v.trim() {
+                    "true" => Ok(Some(true)),
+                    "false" => Ok(Some(false)),
+                    _ => Err(E::custom(format!("{v:?} is not a boolean; expected true or false"))),
+                }
+            }
+        }
+        deserializer.deserialize_any(Bool)
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,9 +85,11 @@ pub struct RawConfig {
     /// Largest request body icerelay buffers to inspect (commit, create,
     /// register, rename) and largest `/v1/config` answer it rewrites, in bytes.
     /// Default 16 MiB. Larger requests get `413`.
+    #[serde(default, deserialize_with = "lenient::number")]
     pub max_body_bytes: Option<u64>,
     /// Threads serving the proxy, each with its own runtime and upstream
     /// connection pool. Default: one per CPU core.
+    #[serde(default, deserialize_with = "lenient::number")]
     pub proxy_workers: Option<usize>,
     /// How long to wait for in-flight requests on shutdown. Default `30s`.
     #[serde(default, with = "humantime_serde")]
@@ -50,6 +111,32 @@ pub struct RawConfig {
     pub state_dir: Option<String>,
     /// How replication runs.
     pub replication: Option<RawReplication>,
+    /// Bearer token the admin API requires (`Authorization: Bearer <token>`),
+    /// e.g. `"${ICERELAY_ADMIN_TOKEN}"`. `/healthz` and `/readyz` never need it.
+    pub admin_token: Option<Secret>,
+    /// File holding the admin token (surrounding whitespace ignored), e.g. a
+    /// mounted Kubernetes Secret. Exclusive with `admin_token`.
+    pub admin_token_file: Option<String>,
+    /// Lets `GET` status endpoints and `/metrics` answer without the token
+    /// (state-changing requests still need it). Default `false`.
+    #[serde(default, deserialize_with = "lenient::bool")]
+    pub admin_open_reads: Option<bool>,
+    /// Allows a non-loopback `admin_listen` without `admin_token`: anyone who
+    /// reaches the address can then pause, resume and resync. Default `false`.
+    #[serde(default, deserialize_with = "lenient::bool")]
+    pub admin_allow_unauthenticated: Option<bool>,
+    /// Time a client has to send a request's headers; a slower client is
+    /// disconnected. Default `10s`.
+    #[serde(default, with = "humantime_serde")]
+    pub header_read_timeout: Option<Duration>,
+    /// Time a keep-alive connection may sit idle between requests before it is
+    /// closed. Default `60s`.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    /// Open client connections each proxy worker serves at once; connections
+    /// beyond it are closed at once, not queued. Default `10000`.
+    #[serde(default, deserialize_with = "lenient::number")]
+    pub max_connections_per_worker: Option<usize>,
 }
 
 /// `[replication]`: pacing and limits of the replication engine.
@@ -61,8 +148,10 @@ pub struct RawReplication {
     #[serde(default, with = "humantime_serde")]
     pub reconcile_interval: Option<Duration>,
     /// Lanes (table, destination) replicating at the same time. Default `4`.
+    #[serde(default, deserialize_with = "lenient::number")]
     pub max_concurrent_lanes: Option<usize>,
     /// Files copied at the same time within one lane. Default `8`.
+    #[serde(default, deserialize_with = "lenient::number")]
     pub copy_parallelism: Option<usize>,
     /// First wait before retrying a failed lane; doubles per attempt. Default `1s`.
     #[serde(default, with = "humantime_serde")]
@@ -94,7 +183,13 @@ pub struct RawPrimary {
     /// How long an idle pooled connection is kept. Default `90s`.
     #[serde(default, with = "humantime_serde")]
     pub pool_idle_timeout: Option<Duration>,
+    /// Longest pause allowed between two chunks of the primary's answer once
+    /// it has started; a stalled answer is cut off and the client's connection
+    /// reset. Default `60s`.
+    #[serde(default, with = "humantime_serde")]
+    pub body_idle_timeout: Option<Duration>,
     /// Idle connections kept per upstream host. Default `256`.
+    #[serde(default, deserialize_with = "lenient::number")]
     pub pool_max_idle_per_host: Option<usize>,
 }
 
@@ -148,6 +243,7 @@ pub struct RawStorage {
     /// S3 region. Default `us-east-1`.
     pub region: Option<String>,
     /// Path-style addressing (`http://endpoint/bucket/key`). Default `false`.
+    #[serde(default, deserialize_with = "lenient::bool")]
     pub path_style: Option<bool>,
     /// S3 access key id.
     pub access_key_id: Option<String>,

@@ -225,3 +225,104 @@ fn replication_settings_are_validated_with_their_keys() {
     assert_eq!(c.rules[0].on_drop, OnDrop::Propagate);
     assert_eq!(c.replication, ReplicationConfig::default());
 }
+
+#[test]
+fn env_values_for_string_keys_stay_strings_and_secrets_are_never_echoed() {
+    // A secret made only of digits used to become a TOML integer, and the
+    // type error printed it.
+    let secret = "918273645546372819";
+    let env = MapEnv::from_pairs([
+        ("ICERELAY__PRIMARY__AUTH__CLIENT_SECRET", secret),
+        ("ICERELAY__DESTINATIONS__0__AUTH__CLIENT_SECRET", "true"),
+        ("ICERELAY__PROXY_WORKERS", "3"),
+        ("ICERELAY__STORAGE__0__PATH_STYLE", "false"),
+        ("PRIMARY_SECRET", "p"),
+        ("S3_SECRET", "s"),
+        ("REPLICA_SECRET", "r"),
+    ]);
+    let c = load_str(FULL, &env).expect("valid");
+    match &c.primary.auth {
+        AuthConfig::OAuth2 { client_secret, .. } => assert_eq!(client_secret.expose(), secret),
+        other => panic!("unexpected auth {other:?}"),
+    }
+    match &c.destinations[0].auth {
+        AuthConfig::OAuth2 { client_secret, .. } => assert_eq!(client_secret.expose(), "true"),
+        other => panic!("unexpected auth {other:?}"),
+    }
+    assert_eq!(c.proxy_workers, 3);
+    assert!(matches!(c.storage[0].kind, StorageKind::S3 { path_style: false, .. }));
+
+    // A number written in the file for a secret key: an error without the value.
+    let text = FULL.replace("client_secret = \"${PRIMARY_SECRET}\"", &format!("client_secret = {secret}"));
+    let errors = load_str(&text, &self::env()).expect_err("a number is not a secret");
+    assert_eq!(keys(&errors), ["primary.auth"]);
+    assert!(!errors.to_string().contains(secret), "{errors}");
+    // A malformed `${` inside a secret: an error without the value.
+    let text = FULL.replace("${PRIMARY_SECRET}", "abc${not closed-x9q");
+    let errors = load_str(&text, &self::env()).expect_err("malformed reference");
+    assert!(!errors.to_string().contains("x9q"), "{errors}");
+    // A number key given a word through the environment names the key.
+    let env = MapEnv::from_pairs([
+        ("ICERELAY__PROXY_WORKERS", "many"),
+        ("PRIMARY_SECRET", "p"),
+        ("S3_SECRET", "s"),
+        ("REPLICA_SECRET", "r"),
+    ]);
+    let errors = load_str(FULL, &env).expect_err("not a number");
+    assert_eq!(keys(&errors), ["proxy_workers"]);
+}
+
+#[test]
+fn a_destination_that_is_the_primary_is_refused() {
+    let text =
+        FULL.replace("uri = \"http://127.0.0.1:8281\"\nwarehouse = \"replica\"", "uri = \"http://127.0.0.1:8181/\"");
+    let errors = load_str(&text, &env()).expect_err("the primary itself");
+    assert_eq!(keys(&errors), ["destinations[0].uri"]);
+    assert!(errors.to_string().contains("is the primary itself"), "{errors}");
+    // The same catalog with another warehouse is a different replica target.
+    let text = FULL.replace("uri = \"http://127.0.0.1:8281\"", "uri = \"http://127.0.0.1:8181\"");
+    load_str(&text, &env()).expect("another warehouse of the same catalog");
+}
+
+#[test]
+fn a_reachable_admin_listener_needs_a_token_or_an_explicit_opt_out() {
+    let open = FULL.replace("admin_listen = \"127.0.0.1:9182\"", "admin_listen = \"0.0.0.0:9182\"");
+    let errors = load_str(&open, &env()).expect_err("open admin listener");
+    assert_eq!(keys(&errors), ["admin_listen"]);
+    assert!(errors.to_string().contains("admin_token"), "{errors}");
+    let with_token = format!("admin_token = \"${{ADMIN}}\"\n{open}");
+    let env =
+        MapEnv::from_pairs([("PRIMARY_SECRET", "p"), ("S3_SECRET", "s"), ("REPLICA_SECRET", "r"), ("ADMIN", "t0k")]);
+    let c = load_str(&with_token, &env).expect("token set");
+    assert_eq!(c.admin.token.as_ref().map(Secret::expose), Some("t0k"));
+    assert!(!c.admin.open_reads);
+    let allowed = format!("admin_allow_unauthenticated = true\n{open}");
+    assert_eq!(load_str(&allowed, &env).expect("explicitly open").admin.token, None);
+}
+
+#[test]
+fn the_admin_token_can_come_from_a_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "  from-file\n").expect("write");
+    let config = dir.path().join("icerelay.toml");
+    std::fs::write(
+        &config,
+        format!("admin_token_file = {:?}\n[primary]\nuri = \"http://127.0.0.1:8181\"\n", token_file),
+    )
+    .expect("write");
+    let c = load(Some(&config), &Overrides::default(), &MapEnv::default()).expect("valid");
+    assert_eq!(c.admin.token.as_ref().map(Secret::expose), Some("from-file"));
+    std::fs::write(&token_file, "\n").expect("write");
+    let errors = load(Some(&config), &Overrides::default(), &MapEnv::default()).expect_err("empty");
+    assert_eq!(keys(&errors), ["admin_token_file"]);
+}
+
+#[test]
+fn connection_limits_have_defaults_and_are_checked() {
+    let c = load_str(FULL, &env()).expect("valid");
+    assert_eq!(c.connections, ConnectionLimits::default());
+    let text = format!("header_read_timeout = \"0s\"\nmax_connections_per_worker = 0\n{FULL}");
+    let errors = load_str(&text, &env()).expect_err("zero");
+    assert_eq!(keys(&errors), ["header_read_timeout", "max_connections_per_worker"]);
+}

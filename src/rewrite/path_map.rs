@@ -4,8 +4,10 @@
 //! wins. Prefixes are directory prefixes: `s3://b/t` matches `s3://b/t` and
 //! `s3://b/t/...`, never `s3://b/t2/...`. A path that no pair maps is an
 //! error naming the path and the file it was found in: a replica must never
-//! point back at the source's storage.
+//! point back at the source's storage. Hadoop-style `file:/path` and
+//! `file:///path` are one URL: both match a pair written either way.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use super::RewriteError;
@@ -41,8 +43,9 @@ impl PathMap {
 
     /// Adds a pair; a later pair with the same `from` replaces the earlier one.
     pub fn add(&mut self, from: &str, to: &str) -> Result<(), RewriteError> {
-        let from = trim(from);
-        let to = trim(to);
+        let (from, to) = (normalize_file_url(from), normalize_file_url(to));
+        let from = trim(&from);
+        let to = trim(&to);
         if from.is_empty() || !from.contains("://") && !from.starts_with('/') {
             return Err(RewriteError::InvalidMapping { from: from.to_owned(), to: to.to_owned() });
         }
@@ -57,6 +60,7 @@ impl PathMap {
 
     /// The target of `path`, if a pair maps it.
     pub fn map(&self, path: &str) -> Option<String> {
+        let path = normalize_file_url(path);
         self.pairs.iter().find_map(|pair| {
             let rest = path.strip_prefix(&pair.from)?;
             if rest.is_empty() || rest.starts_with('/') { Some(format!("{}{rest}", pair.to)) } else { None }
@@ -95,6 +99,14 @@ impl fmt::Display for PathMap {
     }
 }
 
+/// `file:/a/b` (as Hadoop and Java Iceberg write local paths) as `file:///a/b`.
+pub fn normalize_file_url(url: &str) -> Cow<'_, str> {
+    match url.strip_prefix("file:") {
+        Some(rest) if rest.starts_with('/') && !rest.starts_with("//") => format!("file://{rest}").into(),
+        _ => url.into(),
+    }
+}
+
 fn trim(s: &str) -> &str {
     let t = s.trim_end_matches('/');
     // Keep `file:///` or `s3://b` roots meaningful.
@@ -124,6 +136,20 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("s3://elsewhere/x.parquet") && text.contains("s3://w/t/metadata/m1.avro"), "{text}");
         assert!(text.contains("--map"), "says what to do: {text}");
+    }
+
+    #[test]
+    fn hadoop_style_file_urls_are_the_same_urls() {
+        let m = PathMap::from_locations("file:/tmp/wh/db/t", "file:/tmp/replica/db/t").expect("valid");
+        assert_eq!(
+            m.map("file:/tmp/wh/db/t/data/a.parquet").as_deref(),
+            Some("file:///tmp/replica/db/t/data/a.parquet")
+        );
+        assert_eq!(
+            m.map("file:///tmp/wh/db/t/data/a.parquet").as_deref(),
+            Some("file:///tmp/replica/db/t/data/a.parquet")
+        );
+        assert_eq!(m.map("file:/tmp/wh/db/t2/a.parquet"), None);
     }
 
     #[test]

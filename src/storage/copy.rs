@@ -391,7 +391,7 @@ pub(crate) async fn verify_written(
 
 /// Whether `location` is a local file (`file://`), which has no MD5 entity tags.
 fn is_local(location: &Location) -> bool {
-    super::local_path(&location.url).is_some()
+    super::local_path(&super::normalize_file_url(&location.url)).is_some()
 }
 
 /// Whether two entity tags agree, as far as they can be compared: plain MD5
@@ -428,7 +428,7 @@ mod tests {
     #[tokio::test]
     async fn copies_once_then_skips_and_detects_partial_targets() {
         let dir = tempfile::tempdir().expect("dir");
-        let storage = Arc::new(Storage::new(&[]));
+        let storage = Arc::new(Storage::new(&[crate::config::StorageConfig::local_dir(dir.path())]));
         let big: Vec<u8> = (0..(12 * 1024 * 1024 + 7)).map(|i| (i % 251) as u8).collect();
         storage.write(&local(dir.path(), "src/big.bin"), Bytes::from(big.clone())).await.expect("seed");
         storage.write(&local(dir.path(), "src/small.bin"), Bytes::from_static(b"small")).await.expect("seed");
@@ -461,7 +461,7 @@ mod tests {
     async fn a_missing_source_is_an_error_naming_it() {
         let dir = tempfile::tempdir().expect("dir");
         let copier = Copier::new(
-            Arc::new(Storage::new(&[])),
+            Arc::new(Storage::new(&[crate::config::StorageConfig::local_dir(dir.path())])),
             Arc::new(super::super::checkpoint::NoCheckpoints),
             CopySettings::default(),
         );

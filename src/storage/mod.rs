@@ -4,6 +4,14 @@
 //!   the store configured by the `[[storage]]` section with the longest
 //!   matching prefix, and offers the few operations icerelay needs: head,
 //!   bounded reads, writes.
+//!
+//! **Confinement.** Every URL icerelay reads or writes comes, in the end,
+//! from table metadata that anyone with commit rights on a replicated table
+//! can write. So a URL outside every configured prefix is refused before a
+//! byte is read: local files (`file://`) included, which resolve only where a
+//! `[[storage]]` prefix names their directory, and URLs with `.` or `..`
+//! segments, which could climb out of a prefix. Java's `file:/path` is the
+//! same URL as `file:///path`.
 //! - [`copy`]: the copy engine, streaming, parallel, idempotent, verified and
 //!   resumable through [`checkpoint`]s.
 //!
@@ -19,18 +27,23 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use object_store::aws::AmazonS3Builder;
+use object_store::client::{HttpClient, HttpConnector};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 
 use crate::config::{StorageConfig, StorageKind};
+pub use crate::rewrite::path_map::normalize_file_url;
 
 /// Errors of storage operations.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    /// No `[[storage]]` section covers the URL.
-    #[error("no [[storage]] section covers {url}; add one whose prefix it starts with (configured: {})",
-        if known.is_empty() { "none".to_owned() } else { known.join(", ") })]
+    /// No `[[storage]]` section covers the URL: icerelay neither reads nor writes it.
+    #[error("{url} is outside every [[storage]] prefix (configured: {}); icerelay reads and writes only under \
+        configured prefixes: if this {} location is meant to be replicated, add a [[storage]] section whose prefix \
+        it starts with",
+        if known.is_empty() { "none".to_owned() } else { known.join(", ") },
+        url.split(':').next().unwrap_or_default())]
     NoStore {
         /// The URL.
         url: String,
@@ -137,30 +150,40 @@ pub struct Storage {
 }
 
 impl Storage {
-    /// Stores for `configs`. `file://` URLs always resolve to the local
-    /// filesystem, configured or not.
+    /// Stores for `configs`; URLs under none of their prefixes are refused.
     pub fn new(configs: &[StorageConfig]) -> Self {
-        let mut configs = configs.to_vec();
+        let mut configs: Vec<StorageConfig> = configs
+            .iter()
+            .map(|c| StorageConfig { prefix: normalize_file_url(&c.prefix).into_owned(), kind: c.kind.clone() })
+            .collect();
         configs.sort_by_key(|c| std::cmp::Reverse(c.prefix.len()));
         Self { configs, stores: Mutex::new(HashMap::new()), local: Arc::new(LocalFileSystem::new()) }
     }
 
-    /// Resolves a file URL.
+    /// Resolves a file URL, if it is under a configured prefix.
     pub fn resolve(&self, url: &str) -> Result<Location, StorageError> {
-        if let Some(path) = local_path(url) {
-            let path = ObjectPath::from_absolute_path(path)
-                .map_err(|e| StorageError::InvalidUrl { url: url.to_owned(), reason: e.to_string() })?;
-            return Ok(Location { store: self.local.clone(), path, url: url.to_owned() });
+        let normalized = normalize_file_url(url);
+        if has_dot_segment(&normalized) {
+            return Err(StorageError::InvalidUrl {
+                url: url.to_owned(),
+                reason: "it has a `.` or `..` path segment, which could leave its [[storage]] prefix".into(),
+            });
         }
         let (index, config) = self
             .configs
             .iter()
             .enumerate()
-            .find(|(_, c)| url.starts_with(&c.prefix))
+            .find(|(_, c)| is_under(&normalized, &c.prefix))
             .ok_or_else(|| StorageError::NoStore { url: url.to_owned(), known: self.prefixes() })?;
-        let StorageKind::S3 { .. } = &config.kind else {
-            return Err(StorageError::InvalidUrl { url: url.to_owned(), reason: "expected an s3:// URL".into() });
-        };
+        if let StorageKind::Local = config.kind {
+            let path = local_path(&normalized).ok_or_else(|| StorageError::InvalidUrl {
+                url: url.to_owned(),
+                reason: "expected file:///path".into(),
+            })?;
+            let path = ObjectPath::from_absolute_path(path)
+                .map_err(|e| StorageError::InvalidUrl { url: url.to_owned(), reason: e.to_string() })?;
+            return Ok(Location { store: self.local.clone(), path, url: url.to_owned() });
+        }
         let (bucket, key) = split_bucket(url).ok_or_else(|| StorageError::InvalidUrl {
             url: url.to_owned(),
             reason: "expected s3://bucket/key".into(),
@@ -200,11 +223,7 @@ impl Storage {
                 max_retries: 5,
                 retry_timeout: Duration::from_secs(120),
             })
-            .with_client_options(
-                ClientOptions::new()
-                    .with_connect_timeout(Duration::from_secs(5))
-                    .with_timeout(Duration::from_secs(300)),
-            );
+            .with_http_connector(NoRedirects);
         if let Some(endpoint) = endpoint {
             let endpoint = endpoint.as_str().trim_end_matches('/');
             builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
@@ -259,6 +278,24 @@ impl Storage {
     }
 }
 
+/// The HTTP client of the S3 stores: object_store's own follows redirects,
+/// and a redirect to another host would carry the request's session token
+/// (`x-amz-security-token`) there. A redirect is an error instead.
+#[derive(Debug, Clone, Copy)]
+struct NoRedirects;
+
+impl HttpConnector for NoRedirects {
+    fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(300))
+            .build()
+            .map_err(|e| object_store::Error::Generic { store: "S3", source: Box::new(e) })?;
+        Ok(HttpClient::new(client))
+    }
+}
+
 async fn head(location: &Location) -> Result<Option<ObjectInfo>, StorageError> {
     match location.store.head(&location.path).await {
         Ok(meta) => Ok(Some(ObjectInfo { size: meta.size, e_tag: meta.e_tag })),
@@ -267,11 +304,28 @@ async fn head(location: &Location) -> Result<Option<ObjectInfo>, StorageError> {
     }
 }
 
-/// The local path of a `file:` URL (`file:///a/b` or Java's `file:/a/b`).
+/// The local path of a `file:///a/b` URL.
 fn local_path(url: &str) -> Option<&str> {
-    let rest = url.strip_prefix("file:")?;
-    let path = rest.strip_prefix("//").unwrap_or(rest);
-    path.starts_with('/').then_some(path)
+    url.strip_prefix("file://").filter(|path| path.starts_with('/'))
+}
+
+/// Whether `url` is `prefix` or below it. A prefix without a trailing `/`
+/// ends at a path segment: `s3://wh` covers `s3://wh/x`, not `s3://wh-other/x`.
+fn is_under(url: &str, prefix: &str) -> bool {
+    match url.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// Whether a URL's path has a `.` or `..` segment, raw or percent-encoded.
+fn has_dot_segment(url: &str) -> bool {
+    let path = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    path.split('/').any(|segment| {
+        let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+        decoded == "." || decoded == ".."
+    })
 }
 
 /// `s3://bucket/key` (or `s3a://`, `s3n://`) into bucket and key.
@@ -310,15 +364,55 @@ mod tests {
         let e = storage.resolve("s3://other/x").expect_err("not covered");
         assert!(e.to_string().contains("s3://other/x") && e.to_string().contains("s3://warehouse/"), "{e}");
         assert!(!format!("{storage:?}").contains("very-secret"));
-        let local = storage.resolve("file:///tmp/wh/t/metadata/v1.json").expect("local");
-        assert_eq!(local.path.as_ref(), "tmp/wh/t/metadata/v1.json");
-        assert!(storage.resolve("file:/tmp/java-style").is_ok());
+        assert!(storage.resolve("s3://warehouse-other/x").is_err(), "a prefix ends at a path segment");
+    }
+
+    fn local(prefix: &str) -> StorageConfig {
+        StorageConfig { prefix: prefix.into(), kind: StorageKind::Local }
+    }
+
+    #[test]
+    fn only_configured_prefixes_resolve_local_files_included() {
+        let storage = Storage::new(&[s3("s3://warehouse/")]);
+        for url in ["file:///etc/passwd", "file:/etc/passwd", "file:///tmp/wh/t/metadata/v1.json"] {
+            let e = storage.resolve(url).expect_err("local files are not configured");
+            assert!(matches!(e, StorageError::NoStore { .. }), "{url}: {e}");
+            assert!(
+                e.to_string().contains("outside every [[storage]] prefix") && e.to_string().contains("file"),
+                "{e}"
+            );
+        }
+        let storage = Storage::new(&[local("file:/tmp/wh/"), s3("s3://warehouse/")]);
+        let at = storage.resolve("file:///tmp/wh/t/metadata/v1.json").expect("under the local prefix");
+        assert_eq!(at.path.as_ref(), "tmp/wh/t/metadata/v1.json");
+        assert!(storage.resolve("file:/tmp/wh/t/java-style").is_ok(), "Hadoop-style URLs are the same");
+        assert!(storage.resolve("file:///tmp/other/x").is_err());
+        for climbing in [
+            "file:///tmp/wh/../../etc/passwd",
+            "file:///tmp/wh/%2e%2e/%2E%2E/etc/passwd",
+            "file:/tmp/wh/./x",
+            "s3://warehouse/a/../../other/x",
+        ] {
+            let e = storage.resolve(climbing).expect_err("dot segments");
+            assert!(matches!(e, StorageError::InvalidUrl { .. }), "{climbing}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_local_file_outside_the_prefixes_is_never_read() {
+        let dir = tempfile::tempdir().expect("dir");
+        let secret = dir.path().join("key.pem");
+        std::fs::write(&secret, "PRIVATE KEY").expect("write");
+        let storage = Storage::new(&[local(&format!("file://{}/wh/", dir.path().display()))]);
+        let e = storage.read(&format!("file://{}", secret.display()), 100).await.expect_err("outside");
+        assert!(!e.to_string().contains("PRIVATE KEY"), "{e}");
+        assert_eq!(storage.head(&format!("file:{}", secret.display())).await.ok(), None);
     }
 
     #[tokio::test]
     async fn local_write_read_head() {
         let dir = tempfile::tempdir().expect("dir");
-        let storage = Storage::new(&[]);
+        let storage = Storage::new(&[local(&format!("file://{}/", dir.path().display()))]);
         let url = format!("file://{}/a/b/c.json", dir.path().display());
         let info = storage.write(&url, Bytes::from_static(b"{\"x\":1}")).await.expect("write");
         assert_eq!(info.size, 7);

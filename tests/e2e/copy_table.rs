@@ -65,6 +65,8 @@ fn copy_args(
         target.into(),
         "--checkpoint-dir".into(),
         checkpoints.display().to_string(),
+        "--allow-local".into(),
+        checkpoints.display().to_string(),
     ]
 }
 
@@ -82,6 +84,7 @@ async fn copy_seaweed_table_into_rustberg(kind: &str) {
     let checkpoints = tempfile::tempdir().expect("dir");
     let mut args = copy_args(&config, &source, &target, checkpoints.path());
     args.extend(["--register".into(), rustberg.uri.clone(), "--register-warehouse".into(), rustberg.warehouse.clone()]);
+    args.extend(["--allow-local".into(), rustberg.warehouse_dir().display().to_string()]);
     args.extend(["--table".into(), format!("{copy_ns}.t")]);
     let (code, stdout, stderr) = icerelay(args).await;
     assert_eq!(code, 0, "{stdout}\n{stderr}");
@@ -127,6 +130,7 @@ async fn v3_deletion_vectors_copy_within_rustberg() {
     let checkpoints = tempfile::tempdir().expect("dir");
     let mut args = copy_args(&config, &source, &target, checkpoints.path());
     args.extend(["--register".into(), rustberg.uri.clone(), "--register-warehouse".into(), rustberg.warehouse.clone()]);
+    args.extend(["--allow-local".into(), rustberg.warehouse_dir().display().to_string()]);
     args.extend(["--table".into(), format!("{copy_ns}.t")]);
     let (code, stdout, stderr) = icerelay(args).await;
     assert_eq!(code, 0, "{stdout}\n{stderr}");
@@ -254,7 +258,9 @@ async fn corrupt_manifests_stop_the_copy_before_anything_is_written() {
 
     let target_dir = tempfile::tempdir().expect("dir");
     let target = format!("file://{}/t", target_dir.path().display());
-    let (code, stdout, stderr) = icerelay(copy_args(&config, &local_metadata, &target, target_dir.path())).await;
+    let mut args = copy_args(&config, &local_metadata, &target, target_dir.path());
+    args.extend(["--allow-local".into(), scratch.path().display().to_string()]);
+    let (code, stdout, stderr) = icerelay(args).await;
     assert_eq!(code, 1, "{stdout}\n{stderr}");
     let name = manifest.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     assert!(stderr.contains(name) && stderr.contains("corrupt or truncated"), "{stderr}");

@@ -14,7 +14,7 @@ use icerelay::catalog::{ClientSettings, Namespace, RestCatalog, TableIdent};
 use icerelay::config::{AuthConfig, Secret};
 use serde_json::{Value, json};
 
-use crate::harness::{Relay, RelayProcess, Rustberg, SeaweedFs, duckdb_extensions, python, unique};
+use crate::harness::{Relay, RelayProcess, Rustberg, SeaweedFs, duckdb_extensions, icerelay, python, unique};
 
 /// A replica catalog of the tests.
 #[derive(Clone, Copy)]
@@ -34,7 +34,12 @@ impl Replica {
                 s.storage_toml()
             ),
             Self::Rustberg(r) => {
-                format!("[[destinations]]\nname = \"dr\"\nuri = \"{}\"\nwarehouse = \"{}\"\n", r.uri, r.warehouse)
+                format!(
+                    "[[destinations]]\nname = \"dr\"\nuri = \"{}\"\nwarehouse = \"{}\"\n\n{}",
+                    r.uri,
+                    r.warehouse,
+                    r.storage_toml()
+                )
             }
         }
     }
@@ -150,10 +155,14 @@ async fn read_catalog(conn: Value, table: &str) -> Value {
     .await
 }
 
+/// `admin_token` of the tests that set one.
+const ADMIN_TOKEN: &str = "test-admin-token-7731";
+
 async fn lane_status(admin: &str, table: &str) -> Option<Value> {
     let (ns, name) = table.rsplit_once('.').expect("ns.table");
     let url = format!("{admin}/v1/replication/namespaces/{ns}/tables/{name}");
-    let answer = reqwest::get(&url).await.ok()?;
+    // The token of the tests that protect the admin API; ignored by the others.
+    let answer = reqwest::Client::new().get(&url).bearer_auth(ADMIN_TOKEN).send().await.ok()?;
     if !answer.status().is_success() {
         return None;
     }
@@ -492,6 +501,7 @@ async fn the_status_api_matches_its_openapi_description() {
         .expect("json");
     let resynced = http
         .post(format!("{}/v1/replication/namespaces/{ns}/tables/t/destinations/dr/resync", relay.admin_url))
+        .json(&json!({}))
         .send()
         .await
         .expect("resync");
@@ -603,7 +613,8 @@ async fn renames_follow_and_a_paused_lane_waits() {
     let replica = Replica::Seaweed(SeaweedFs::shared_replica());
     let ns = unique("rename");
     let state = tempfile::tempdir().expect("state");
-    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let extra = format!("admin_token = \"{ADMIN_TOKEN}\"");
+    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), &extra)).await;
     let written = write(&relay.url, &format!("{ns}.a"), json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
     wait_replicated(&relay.admin_url, &format!("{ns}.a"), written["metadata_location"].as_str().expect("location"))
         .await;
@@ -622,9 +633,46 @@ async fn renames_follow_and_a_paused_lane_waits() {
     let rows = source_rows(&renamed).await;
     assert_replica_matches(replica, &renamed, &rows, &status).await;
 
+    // The admin API is locked: no token, a wrong one, or a cross-site form
+    // post change nothing; the probes stay open.
     let http = reqwest::Client::new();
     let action = |a: &str| format!("{}/v1/replication/namespaces/{ns}/tables/b/destinations/dr/{a}", relay.admin_url);
-    assert_eq!(http.post(action("pause")).send().await.expect("pause").status(), 200);
+    let status_url = format!("{}/v1/replication/status", relay.admin_url);
+    assert_eq!(http.get(&status_url).send().await.expect("status").status(), 401);
+    assert_eq!(http.get(format!("{}/metrics", relay.admin_url)).send().await.expect("metrics").status(), 401);
+    assert_eq!(http.get(format!("{}/healthz", relay.admin_url)).send().await.expect("healthz").status(), 200);
+    let json_post = |url: String| http.post(url).header("content-type", "application/json");
+    assert_eq!(json_post(action("pause")).send().await.expect("pause").status(), 401);
+    assert_eq!(json_post(action("pause")).bearer_auth("wrong").send().await.expect("pause").status(), 401);
+    let forged = http
+        .post(action("pause"))
+        .header("content-type", "text/plain")
+        .header("origin", "https://attacker.example")
+        .bearer_auth(ADMIN_TOKEN)
+        .body("x=1")
+        .send()
+        .await
+        .expect("forged");
+    assert_eq!(forged.status(), 403);
+    let not_json = http.post(action("pause")).bearer_auth(ADMIN_TOKEN).send().await.expect("pause");
+    assert_eq!(not_json.status(), 415);
+    assert_eq!(lane_status(&relay.admin_url, &renamed).await.expect("status")["status"], "completed");
+    let (code, _, stderr) = icerelay(vec!["status".into(), "--admin".into(), relay.admin_url.clone()]).await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--token"), "says how to pass the token: {stderr}");
+    let (code, stdout, stderr) = icerelay(vec![
+        "status".into(),
+        "--admin".into(),
+        relay.admin_url.clone(),
+        "--token".into(),
+        ADMIN_TOKEN.into(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(&renamed), "{stdout}");
+
+    let post = |a: &str| json_post(action(a)).bearer_auth(ADMIN_TOKEN);
+    assert_eq!(post("pause").send().await.expect("pause").status(), 200);
     let written = write(&relay.url, &renamed, json!([{"op": "append", "start": 20, "rows": 2}])).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let paused = lane_status(&relay.admin_url, &renamed).await.expect("status");
@@ -632,7 +680,7 @@ async fn renames_follow_and_a_paused_lane_waits() {
     let replica_ids = history(&catalog.load_table(&ident(&renamed)).await.expect("load").expect("t").metadata);
     let newest = written["snapshots"].as_array().and_then(|s| s.last()).and_then(|s| s["id"].as_i64()).expect("id");
     assert!(!replica_ids.contains_key(&newest), "a paused lane commits nothing");
-    assert_eq!(http.post(action("resume")).send().await.expect("resume").status(), 200);
+    assert_eq!(post("resume").send().await.expect("resume").status(), 200);
     let status =
         wait_replicated(&relay.admin_url, &renamed, written["metadata_location"].as_str().expect("location")).await;
     let rows = source_rows(&renamed).await;
@@ -667,10 +715,11 @@ async fn v3_tables_with_deletion_vectors_replicate_between_rustberg_catalogs() {
     let table = format!("{ns}.t");
     let state = tempfile::tempdir().expect("state");
     let toml = format!(
-        "state_dir = \"{}\"\n[primary]\nuri = \"{}\"\nwarehouse = \"{}\"\n\n[replication]\nreconcile_interval = \"2s\"\nretry_initial_backoff = \"200ms\"\nretry_max_backoff = \"2s\"\n\n{}\n[[rules]]\nnamespace = \"{ns}\"\ndestinations = [\"dr\"]\n",
+        "state_dir = \"{}\"\n[primary]\nuri = \"{}\"\nwarehouse = \"{}\"\n\n[replication]\nreconcile_interval = \"2s\"\nretry_initial_backoff = \"200ms\"\nretry_max_backoff = \"2s\"\n\n{}\n{}\n[[rules]]\nnamespace = \"{ns}\"\ndestinations = [\"dr\"]\n",
         state.path().display(),
         primary.uri,
         primary.warehouse,
+        primary.storage_toml(),
         replica.destination_toml(),
     );
     let relay = Relay::start(&toml).await;

@@ -262,6 +262,11 @@ impl Rustberg {
     pub fn warehouse_dir(&self) -> PathBuf {
         PathBuf::from(self.warehouse.trim_start_matches("file://"))
     }
+
+    /// The `[[storage]]` section that lets icerelay read and write the warehouse.
+    pub fn storage_toml(&self) -> String {
+        format!("[[storage]]\nprefix = \"{}/\"\n", self.warehouse)
+    }
 }
 
 // === clients ===
