@@ -19,6 +19,7 @@
 //! - [`table_copy`]: copying a table's files with every path rewritten.
 //! - [`serve`]: binding, running and draining the services.
 //! - [`logging`]: log output.
+//! - [`dot_segments`]: refusing `.`/`..` in request paths and file URLs.
 
 // Data from the network, files and configuration is handled as errors with
 // context; outside tests nothing may unwrap it.
@@ -29,6 +30,7 @@
 pub mod admin;
 pub mod catalog;
 pub mod config;
+pub mod dot_segments;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;

@@ -84,6 +84,11 @@ impl std::fmt::Debug for dyn HintSink {
 impl Server {
     /// Binds the proxy and admin listeners.
     pub async fn bind(config: Config) -> Result<Self, ServeError> {
+        match crate::proxy::conn::raise_open_files_limit() {
+            Ok(Some((before, after))) => tracing::info!(before, after, "raised the open-files limit to the hard limit"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+        }
         let proxy_workers = ProxyWorkers::bind(config.listen, config.proxy_workers)
             .map_err(|source| ServeError::Bind { addr: config.listen, what: "proxy", source })?;
         let admin_listener = TcpListener::bind(config.admin_listen).await.map_err(|source| ServeError::Bind {
@@ -135,6 +140,7 @@ impl Server {
             uri: primary.uri.clone(),
             connect_timeout: primary.connect_timeout,
             request_timeout: primary.request_timeout,
+            body_idle_timeout: primary.body_idle_timeout,
             pool_idle_timeout: primary.pool_idle_timeout,
             pool_max_idle_per_host: primary.pool_max_idle_per_host,
         };
@@ -171,7 +177,8 @@ impl Server {
         }
 
         let stop = token.clone();
-        services.spawn(async move { ("proxy", proxy_workers.serve(make_proxy, stop).await) });
+        let limits = config.connections;
+        services.spawn(async move { ("proxy", proxy_workers.serve(make_proxy, limits, stop).await) });
         if let Some(replicator) = replicator {
             let stop = token.clone();
             tracing::info!(state_dir = %config.state_dir.display(), destinations = config.destinations.len(), rules = config.rules.len(), "replication is on");

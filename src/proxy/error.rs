@@ -72,6 +72,15 @@ pub enum ProxyError {
         /// Root cause.
         cause: String,
     },
+    /// The path has `.` or `..` segments, which could reach outside the catalog's API.
+    #[error(
+        "the request path {path} has a `.` or `..` segment (raw or percent-encoded); icerelay refuses such paths \
+         because the primary could resolve them to an address outside its REST API: send the path without them"
+    )]
+    DotSegment {
+        /// The path as received.
+        path: String,
+    },
     /// The path is not part of the Iceberg REST API.
     #[error(
         "{path} is not an Iceberg REST catalog path; icerelay serves the API under /v1/ (health and metrics are on the admin listener)"
@@ -91,7 +100,7 @@ impl ProxyError {
             }
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::ClientBody { .. } => StatusCode::BAD_REQUEST,
+            Self::ClientBody { .. } | Self::DotSegment { .. } => StatusCode::BAD_REQUEST,
             Self::NotIceberg { .. } => StatusCode::NOT_FOUND,
         }
     }
@@ -104,7 +113,7 @@ impl ProxyError {
             }
             Self::UpstreamTimeout { .. } => "GatewayTimeoutException",
             Self::BodyTooLarge { .. } => "RequestTooLargeException",
-            Self::ClientBody { .. } => "BadRequestException",
+            Self::ClientBody { .. } | Self::DotSegment { .. } => "BadRequestException",
             Self::NotIceberg { .. } => "NotFoundException",
         }
     }
@@ -118,6 +127,7 @@ impl ProxyError {
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::ConfigTooLarge { .. } => "config_too_large",
             Self::ClientBody { .. } => "client_body",
+            Self::DotSegment { .. } => "dot_segment",
             Self::NotIceberg { .. } => "not_iceberg",
         }
     }

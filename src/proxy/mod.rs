@@ -17,6 +17,7 @@
 pub mod body;
 pub mod commit_tap;
 pub mod config_rewrite;
+pub mod conn;
 pub mod error;
 pub mod observe;
 pub mod router;

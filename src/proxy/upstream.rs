@@ -42,6 +42,8 @@ pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     /// Time until the answer's head arrives.
     pub request_timeout: Duration,
+    /// Longest pause between two chunks of a streamed answer.
+    pub body_idle_timeout: Duration,
     /// Idle time before a pooled connection is closed.
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per host.
@@ -76,6 +78,7 @@ struct Inner {
     /// `scheme://host:port/base` for messages.
     display: String,
     request_timeout: Duration,
+    body_idle_timeout: Duration,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -127,6 +130,7 @@ impl Upstream {
                 base_path,
                 display,
                 request_timeout: settings.request_timeout,
+                body_idle_timeout: settings.body_idle_timeout,
             }),
         })
     }
@@ -155,6 +159,9 @@ impl Service<Request<Body>> for Upstream {
 impl Inner {
     async fn forward(&self, req: Request<Body>) -> Result<Response, ProxyError> {
         let (mut parts, body) = req.into_parts();
+        if crate::dot_segments::has_dot_segment(parts.uri.path()) {
+            return Err(ProxyError::DotSegment { path: parts.uri.path().to_owned() });
+        }
         if matches!(parts.extensions.get::<Classified>(), Some(c) if c.operation == Operation::NotIceberg) {
             return Err(ProxyError::NotIceberg { path: parts.uri.path().to_owned() });
         }
@@ -175,7 +182,7 @@ impl Inner {
                 .map_err(|e| self.transport_error(&e))?;
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, read_ahead(body).await))
+        Ok(Response::from_parts(parts, read_ahead(body, self.body_idle_timeout).await))
     }
 
     fn upstream_uri(&self, incoming: &Uri) -> Result<Uri, ProxyError> {
@@ -220,7 +227,7 @@ const READ_AHEAD_ROUNDS: usize = 3;
 /// answer go out in one write with a `Content-Length`. A body still arriving
 /// after that is streamed as it comes, so memory stays bounded and slow
 /// streams are not held back.
-async fn read_ahead(mut body: Incoming) -> Body {
+async fn read_ahead(mut body: Incoming, idle_timeout: Duration) -> Body {
     let mut prefix: Vec<Frame<Bytes>> = Vec::new();
     let mut held = 0;
     let mut idle_rounds = 0;
@@ -251,11 +258,79 @@ async fn read_ahead(mut body: Incoming) -> Body {
             None => break,
         }
     }
+    let rest = IdleTimeout::new(body, idle_timeout);
     if prefix.is_empty() {
-        return Body::new(body);
+        return Body::new(rest);
     }
-    let frames = futures::stream::iter(prefix.into_iter().map(Ok)).chain(BodyStream::new(body));
+    let frames = futures::stream::iter(prefix.into_iter().map(Ok)).chain(BodyStream::new(rest));
     Body::new(StreamBody::new(frames))
+}
+
+/// A streamed answer that fails when the primary sends nothing for `timeout`.
+///
+/// The client already has the head, so no error answer is possible any more:
+/// the failure makes hyper cut the client's connection (a reset on HTTP/1.1,
+/// `RST_STREAM` on HTTP/2), which every client sees as an incomplete answer
+/// rather than waiting forever. The timer is re-armed only when it fires, so
+/// a fast stream pays for one timer, not one per frame.
+struct IdleTimeout<B> {
+    inner: B,
+    timeout: Duration,
+    last_frame: tokio::time::Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// The primary stopped sending a started answer.
+#[derive(Debug, thiserror::Error)]
+#[error("the primary sent no data for {}; the answer was cut off ([primary] body_idle_timeout)", humantime::format_duration(*.0))]
+pub struct BodyStalled(Duration);
+
+impl<B> IdleTimeout<B> {
+    fn new(inner: B, timeout: Duration) -> Self {
+        let now = tokio::time::Instant::now();
+        Self { inner, timeout, last_frame: now, timer: Box::pin(tokio::time::sleep_until(now + timeout)) }
+    }
+}
+
+impl<B> http_body::Body for IdleTimeout<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn StdError + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.last_frame = tokio::time::Instant::now();
+                return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+            }
+            Poll::Pending => {}
+        }
+        // The timer may be older than the last frame: when it fires, it is
+        // moved to the real deadline, and only a deadline really passed fails.
+        while this.timer.as_mut().poll(cx).is_ready() {
+            let deadline = this.last_frame + this.timeout;
+            if tokio::time::Instant::now() >= deadline {
+                return Poll::Ready(Some(Err(Box::new(BodyStalled(this.timeout)))));
+            }
+            this.timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn concat(chunks: impl Iterator<Item = Bytes>) -> Bytes {
@@ -333,6 +408,7 @@ mod tests {
             uri: Url::parse(uri).expect("valid"),
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
+            body_idle_timeout: Duration::from_secs(1),
             pool_idle_timeout: Duration::from_secs(1),
             pool_max_idle_per_host: 1,
         };

@@ -15,9 +15,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::serve::ListenerExt;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio_util::sync::CancellationToken;
+
+use super::conn;
+use crate::config::ConnectionLimits;
 
 /// Listeners bound, one per worker, waiting to be served.
 #[derive(Debug)]
@@ -47,7 +49,12 @@ impl ProxyWorkers {
     ///
     /// `make_router` runs once on each worker thread, inside its runtime, so
     /// that the upstream client (and its connection tasks) belong to it.
-    pub async fn serve<F>(self, make_router: F, shutdown: CancellationToken) -> std::io::Result<()>
+    pub async fn serve<F>(
+        self,
+        make_router: F,
+        limits: ConnectionLimits,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()>
     where
         F: Fn() -> std::io::Result<Router> + Send + Sync + 'static,
     {
@@ -58,7 +65,7 @@ impl ProxyWorkers {
             let make_router = make_router.clone();
             let shutdown = shutdown.clone();
             std::thread::Builder::new().name(format!("icerelay-proxy-{index}")).spawn(move || {
-                let _ = tx.send(run_worker(listener, make_router.as_ref(), shutdown));
+                let _ = tx.send(run_worker(listener, make_router.as_ref(), limits, shutdown));
             })?;
             done.push(rx);
         }
@@ -80,6 +87,7 @@ impl ProxyWorkers {
 fn run_worker(
     listener: std::net::TcpListener,
     make_router: &(dyn Fn() -> std::io::Result<Router> + Send + Sync),
+    limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -95,12 +103,8 @@ fn run_worker(
                 tick.tick().await;
             }
         });
-        let listener = tokio::net::TcpListener::from_std(listener)?.tap_io(|tcp| {
-            // Without TCP_NODELAY a response written as head + body waits for
-            // the client's delayed ACK (Nagle), adding ~40 ms per request.
-            let _ = tcp.set_nodelay(true);
-        });
-        axum::serve(listener, make_router()?).with_graceful_shutdown(shutdown.cancelled_owned()).await
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        conn::serve(listener, make_router()?, limits, shutdown).await
     })
 }
 

@@ -105,9 +105,14 @@ async fn run_in_span(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateErr
         ctx.store.finish_rename(key).await?;
     }
 
+    // Counted before the replica is reached: while its catalog is down the
+    // status must still say how far behind it is.
+    let replicated = ctx.store.replicated_snapshots(key).await?;
+    ctx.store.record_snapshots_behind(key, plan::snapshots_missing_from(&source.metadata, &replicated) as i64).await?;
+
     let capabilities = destination.capabilities(&ctx.store, &ctx.storage).await?.clone();
     let mut known = Known {
-        replicated: ctx.store.replicated_snapshots(key).await?,
+        replicated,
         managed_properties: lane.managed_properties.clone().unwrap_or_default(),
         managed_refs: lane.managed_refs.clone().unwrap_or_default(),
         mode: capabilities.mode(),

@@ -137,6 +137,12 @@ pub fn snapshots_behind(source: &Value, replica: &Value) -> usize {
     snapshots(source).iter().filter(|s| id_of(s).is_some_and(|id| !have.contains(&id))).count()
 }
 
+/// Source snapshots that are not among `replicated` (what icerelay recorded
+/// as committed to the replica), for when the replica cannot be loaded.
+pub fn snapshots_missing_from(source: &Value, replicated: &BTreeSet<i64>) -> usize {
+    snapshots(source).iter().filter(|s| id_of(s).is_some_and(|id| !replicated.contains(&id))).count()
+}
+
 /// Plans the next replica commit; `None` when the replica agrees with the source.
 pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
     let source = Table::new(input.source, "source")?;

@@ -26,6 +26,8 @@ use crate::proxy::commit_tap::{CommitHint, HintKind};
 
 /// The database file inside the state directory.
 pub const DATABASE_FILE: &str = "icerelay.db";
+/// The lock file that keeps a second process off the state directory; it holds the owner's pid.
+pub const LOCK_FILE: &str = "icerelay.lock";
 
 const SCHEMA_VERSION: i64 = 3;
 
@@ -112,6 +114,8 @@ type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 pub struct EmbeddedStore {
     jobs: mpsc::Sender<Job>,
     path: String,
+    /// The exclusive lock on the state directory, released when the last clone drops.
+    _lock: std::sync::Arc<std::fs::File>,
 }
 
 impl EmbeddedStore {
@@ -119,6 +123,7 @@ impl EmbeddedStore {
     pub fn open(dir: &Path) -> Result<Self, StateError> {
         std::fs::create_dir_all(dir)
             .map_err(|source| StateError::Directory { path: dir.display().to_string(), source })?;
+        let lock = lock_directory(dir)?;
         let file = dir.join(DATABASE_FILE);
         let path = file.display().to_string();
         let db = |source| StateError::Database { path: path.clone(), source };
@@ -126,7 +131,7 @@ impl EmbeddedStore {
         connection
             .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
             .map_err(db)?;
-        migrate(&mut connection).map_err(db)?;
+        migrate(&mut connection, &path)?;
 
         let (jobs, queue) = mpsc::channel::<Job>();
         std::thread::Builder::new()
@@ -138,7 +143,7 @@ impl EmbeddedStore {
                 }
             })
             .map_err(|source| StateError::Directory { path: path.clone(), source })?;
-        Ok(Self { jobs, path })
+        Ok(Self { jobs, path, _lock: std::sync::Arc::new(lock) })
     }
 
     /// Runs `f` on the database thread.
@@ -158,8 +163,48 @@ impl EmbeddedStore {
     }
 }
 
-fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
-    let version: i64 = connection.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+/// Takes the state directory's lock (an advisory `flock`, released by the
+/// kernel when the process dies, however it dies) and writes our pid in it.
+fn lock_directory(dir: &Path) -> Result<std::fs::File, StateError> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join(LOCK_FILE);
+    let directory = |source| StateError::Directory { path: path.display().to_string(), source };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(directory)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Err(StateError::Locked {
+                path: dir.display().to_string(),
+                holder: if holder.is_empty() { "unknown".to_owned() } else { holder.to_owned() },
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(directory(e)),
+    }
+    file.set_len(0).map_err(directory)?;
+    file.rewind().map_err(directory)?;
+    write!(file, "{}", std::process::id()).map_err(directory)?;
+    Ok(file)
+}
+
+fn migrate(connection: &mut Connection, path: &str) -> Result<(), StateError> {
+    let db = |source| StateError::Database { path: path.to_owned(), source };
+    let version: i64 = connection.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db)?;
+    if version > SCHEMA_VERSION {
+        return Err(StateError::NewerSchema { path: path.to_owned(), found: version, supported: SCHEMA_VERSION });
+    }
+    apply_migrations(connection, version).map_err(db)
+}
+
+fn apply_migrations(connection: &mut Connection, version: i64) -> rusqlite::Result<()> {
     if version < SCHEMA_VERSION {
         let tx = connection.transaction()?;
         if version < 1 {
@@ -511,6 +556,18 @@ impl StateStore for EmbeddedStore {
                 )?;
             }
             tx.commit()
+        })
+        .await
+    }
+
+    async fn record_snapshots_behind(&self, key: &LaneKey, snapshots_behind: i64) -> Result<(), StateError> {
+        let key = key.clone();
+        self.call(move |c, _| {
+            c.execute(
+                &format!("UPDATE lanes SET snapshots_behind = ?4 WHERE {LANE_WHERE}"),
+                params![ns_text(&key.table.namespace), key.table.name, key.destination, snapshots_behind],
+            )
+            .map(|_| ())
         })
         .await
     }

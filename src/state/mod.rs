@@ -288,6 +288,30 @@ pub enum StateError {
         /// What is wrong.
         detail: String,
     },
+    /// Another process holds the state directory.
+    #[error(
+        "state directory {path} is in use by another icerelay (pid {holder}); two instances on one state_dir would \
+         both run every lane: stop the other one, or give this one its own state_dir"
+    )]
+    Locked {
+        /// The directory.
+        path: String,
+        /// The holder's process id, as it wrote it (`unknown` if unreadable).
+        holder: String,
+    },
+    /// The database was written by a newer icerelay.
+    #[error(
+        "state store {path} has schema version {found}, written by a newer icerelay; this one understands up to \
+         version {supported}: run the newer icerelay, or point state_dir at another directory"
+    )]
+    NewerSchema {
+        /// The database file.
+        path: String,
+        /// The database's version.
+        found: i64,
+        /// The newest version this build knows.
+        supported: i64,
+    },
     /// The store's thread has stopped.
     #[error("the state store has shut down")]
     Closed,
@@ -311,6 +335,9 @@ pub trait StateStore: Send + Sync + 'static {
     async fn replicated_snapshots(&self, key: &LaneKey) -> Result<BTreeSet<i64>, StateError>;
     /// Records a confirmed replica commit (or a check that found nothing to do).
     async fn record_progress(&self, progress: Progress) -> Result<(), StateError>;
+    /// Records how many source snapshots the replica lacks, as seen before
+    /// the replica was reached (it may be down).
+    async fn record_snapshots_behind(&self, key: &LaneKey, snapshots_behind: i64) -> Result<(), StateError>;
     /// Records that a run started at `generation` converged; clears the error.
     async fn record_success(&self, key: &LaneKey, generation: i64) -> Result<(), StateError>;
     /// Records a failed attempt.

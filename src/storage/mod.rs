@@ -321,11 +321,7 @@ fn is_under(url: &str, prefix: &str) -> bool {
 /// Whether a URL's path has a `.` or `..` segment, raw or percent-encoded.
 fn has_dot_segment(url: &str) -> bool {
     let path = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let path = path.split(['?', '#']).next().unwrap_or(path);
-    path.split('/').any(|segment| {
-        let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
-        decoded == "." || decoded == ".."
-    })
+    crate::dot_segments::has_dot_segment(path)
 }
 
 /// `s3://bucket/key` (or `s3a://`, `s3n://`) into bucket and key.

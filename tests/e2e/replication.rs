@@ -444,6 +444,15 @@ async fn sigkill_mid_replication_loses_nothing() {
     std::fs::write(&config, relay_toml(replica, &ns, &state.path().join("state"), "")).expect("config");
     let config = config.display().to_string();
     let mut first = RelayProcess::start(&["serve", "--config", &config], &[]).await;
+    // A second instance on the same state directory refuses to start, naming the first.
+    let (code, _, stderr) = icerelay(
+        ["serve", "--config", &config, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+            .map(str::to_owned)
+            .to_vec(),
+    )
+    .await;
+    assert_ne!(code, 0, "{stderr}");
+    assert!(stderr.contains(&format!("pid {}", first.pid())), "names the holder: {stderr}");
     let mut ops = vec![json!({"op": "create"})];
     ops.extend((0..8).map(|k| json!({"op": "append", "start": k * 10, "rows": 3})));
     let written = write(&first.url, &table, Value::Array(ops)).await;
@@ -571,6 +580,19 @@ async fn a_replica_that_is_down_catches_up_when_it_is_back() {
     })
     .await;
     assert_eq!(failing["last_error"]["waits_for_operator"], false, "retries on its own: {failing}");
+    // The four snapshots the replica lacks are counted while it is down.
+    let behind = wait_status(&relay.admin_url, &table, "the snapshots behind counted", |s| {
+        s["snapshots_behind"].as_i64().unwrap_or(0) >= 4
+    })
+    .await;
+    assert_eq!(behind["snapshots_behind"], 4, "{behind}");
+    let metrics =
+        reqwest::get(format!("{}/metrics", relay.admin_url)).await.expect("metrics").text().await.expect("text");
+    assert_eq!(
+        crate::harness::metric_sum(&metrics, "icerelay_replication_snapshots_behind", &["destination=\"dr\""]),
+        4.0,
+        "{metrics}"
+    );
     assert!(failing["last_error"]["message"].as_str().is_some_and(|m| m.contains("dr")), "{failing}");
 
     replica_server.restart();

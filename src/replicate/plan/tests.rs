@@ -465,3 +465,14 @@ fn statistics_spelled_differently_by_the_catalog_are_not_set_again() {
         "file-size-in-bytes": 10, "file-footer-size-in-bytes": 4}]);
     assert!(lane.plan(&src).expect("plans").is_none());
 }
+
+#[test]
+fn snapshots_missing_from_what_was_recorded_counts_without_the_replica() {
+    let s = source();
+    let all: BTreeSet<i64> = snapshot_ids(&s).into_iter().collect();
+    assert!(!all.is_empty());
+    assert_eq!(snapshots_missing_from(&s, &all), 0);
+    assert_eq!(snapshots_missing_from(&s, &BTreeSet::new()), all.len());
+    let first: BTreeSet<i64> = all.iter().take(1).copied().collect();
+    assert_eq!(snapshots_missing_from(&s, &first), all.len() - 1);
+}

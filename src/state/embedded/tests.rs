@@ -196,3 +196,38 @@ async fn a_rename_onto_a_name_with_a_lane_replaces_that_lane() {
     assert!(store.replicated_snapshots(&b).await.expect("read").is_empty());
     assert!(store.lane(&a).await.expect("read").is_none());
 }
+
+#[tokio::test]
+async fn a_second_process_on_the_same_state_dir_is_refused_with_the_holders_pid() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EmbeddedStore::open(dir.path()).expect("open");
+    let second = EmbeddedStore::open(dir.path()).expect_err("the directory is taken");
+    assert!(
+        matches!(&second, StateError::Locked { holder, .. } if *holder == std::process::id().to_string()),
+        "{second}"
+    );
+    assert!(second.to_string().contains(&format!("pid {}", std::process::id())), "{second}");
+    // Clones share the lock; it goes with the last one.
+    let clone = store.clone();
+    drop(store);
+    assert!(EmbeddedStore::open(dir.path()).is_err());
+    drop(clone);
+    EmbeddedStore::open(dir.path()).expect("free again");
+}
+
+#[tokio::test]
+async fn a_database_from_a_newer_icerelay_is_refused_naming_both_versions() {
+    let dir = tempfile::tempdir().expect("dir");
+    drop(EmbeddedStore::open(dir.path()).expect("open"));
+    let connection = Connection::open(dir.path().join(DATABASE_FILE)).expect("sqlite");
+    connection.execute_batch(&format!("PRAGMA user_version = {}", SCHEMA_VERSION + 1)).expect("bump");
+    drop(connection);
+    let e = EmbeddedStore::open(dir.path()).expect_err("newer");
+    let text = e.to_string();
+    assert!(matches!(e, StateError::NewerSchema { .. }), "{text}");
+    assert!(
+        text.contains(&format!("version {}", SCHEMA_VERSION + 1))
+            && text.contains(&format!("up to version {SCHEMA_VERSION}")),
+        "{text}"
+    );
+}

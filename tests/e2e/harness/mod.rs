@@ -383,12 +383,26 @@ impl RelayProcess {
     /// Runs `icerelay <args>` plus `--listen`/`--admin-listen` on free ports,
     /// with `env` added, and waits until `/healthz` answers.
     pub async fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_with_open_files(args, env, None).await
+    }
+
+    /// Like [`RelayProcess::start`], with the soft open-files limit set to
+    /// `open_files` first (as a default `ulimit -n` of 1,024 would).
+    pub async fn start_with_open_files(args: &[&str], env: &[(&str, &str)], open_files: Option<u64>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = dir.path().join("icerelay.log");
         let listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_icerelay"))
+        let mut command = match open_files {
+            None => Command::new(env!("CARGO_BIN_EXE_icerelay")),
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", &format!("ulimit -Sn {n} && exec \"$0\" \"$@\""), env!("CARGO_BIN_EXE_icerelay")]);
+                sh
+            }
+        };
+        let child = command
             .args(args)
             .args(["--listen", &listen.to_string(), "--admin-listen", &admin.to_string()])
             .envs(env.iter().copied())
@@ -407,6 +421,11 @@ impl RelayProcess {
             assert!(Instant::now() < deadline, "icerelay did not start:\n{}", process.logs());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Everything the process has written so far.

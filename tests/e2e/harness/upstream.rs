@@ -10,6 +10,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::Request;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
+use futures::StreamExt;
 use http_body_util::BodyExt;
 use serde_json::json;
 
@@ -60,6 +61,8 @@ pub enum Behaviour {
     Fixed(serde_json::Value),
     /// Answer a chunked body of this many bytes, without `Content-Length`.
     Stream(usize),
+    /// Answer the head and one chunk, then send nothing more, ever.
+    Stall,
 }
 
 /// Starts a stub on an ephemeral port.
@@ -130,6 +133,10 @@ async fn answer(
             .header("content-type", "application/json")
             .body(Body::from(value.to_string()))
             .expect("response"),
+        Behaviour::Stall => {
+            let first = futures::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"{\"partial\":")) });
+            Response::new(Body::from_stream(first.chain(futures::stream::pending())))
+        }
         Behaviour::Stream(total) => {
             let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
             let chunks = total.div_ceil(chunk.len());

@@ -1,0 +1,176 @@
+//! What one hostile client or a misbehaving primary can do to the proxy:
+//! dot-segment paths, slow and idle connections, connection floods with a
+//! low open-files limit, an answer that stalls after its head.
+//!
+//! Every wait here is bounded, so a regression fails instead of hanging; no
+//! assertion is about speed.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::harness::upstream::{self, Behaviour};
+use crate::harness::{Relay, RelayProcess};
+
+fn relay_toml(upstream: &str, extra: &str) -> String {
+    format!("{extra}\n[primary]\nuri = \"{upstream}\"\nbody_idle_timeout = \"1s\"\n")
+}
+
+fn addr(url: &str) -> String {
+    url.trim_start_matches("http://").to_owned()
+}
+
+/// Sends `request` raw and reads the answer until the server closes or 10 s pass.
+async fn raw(url: &str, request: &str) -> String {
+    let mut stream = TcpStream::connect(addr(url)).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Whether the server closes `stream` within `within` (EOF or reset).
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(within, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dot_segment_paths_are_refused_and_never_forwarded() {
+    let stub = upstream::start(Behaviour::Echo).await;
+    // A primary with a base path: /v1/../../x would reach /x on a server that resolves dot segments.
+    let relay = Relay::start(&relay_toml(&format!("{}/api/catalog", stub.url), "")).await;
+    for path in [
+        "/v1/../../management/v1/principals",
+        "/v1/%2e%2e/%2E%2E/management/v1/principals",
+        "/v1/wh/namespaces/./tables",
+        "/v1/wh/%2e%2e%2f%2e%2e%2fmanagement",
+    ] {
+        let answer = raw(&relay.url, &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let error: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
+        assert_eq!(error["error"]["type"], "BadRequestException", "{path}");
+        assert!(error["error"]["message"].as_str().is_some_and(|m| m.contains("segment")), "{error}");
+    }
+    assert!(stub.requests().is_empty(), "nothing reached the primary: {:?}", stub.requests());
+    // A dot inside a name is not a dot segment.
+    let answer = raw(&relay.url, "GET /v1/wh/namespaces/a.b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_that_stalls_after_its_head_is_cut_off() {
+    let stub = upstream::start(Behaviour::Stall).await;
+    let relay = Relay::start(&relay_toml(&stub.url, "")).await;
+    // A streamed answer (loadTable): the client has the head, so the body is cut off.
+    let response = reqwest::get(format!("{}/v1/wh/namespaces/db/tables/t", relay.url)).await.expect("the head arrives");
+    assert_eq!(response.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(20), response.bytes()).await;
+    let body = body.expect("the stalled answer is cut off instead of hanging");
+    assert!(body.is_err(), "an incomplete answer must fail, not look complete: {body:?}");
+    // An answer icerelay reads whole (/v1/config, to rewrite it): a clean 502 instead.
+    let response = tokio::time::timeout(Duration::from_secs(20), reqwest::get(format!("{}/v1/config", relay.url)))
+        .await
+        .expect("answered instead of hanging")
+        .expect("answered");
+    assert_eq!(response.status(), 502);
+    let error: Value = response.json().await.expect("an ErrorModel");
+    assert!(error["error"]["message"].as_str().is_some_and(|m| m.contains("body_idle_timeout")), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_heads_and_idle_connections_are_closed_and_busy_ones_are_not() {
+    let stub = upstream::start(Behaviour::Slow(Duration::from_secs(3))).await;
+    let relay =
+        Relay::start(&relay_toml(&stub.url, "header_read_timeout = \"1s\"\nidle_timeout = \"2s\"\nproxy_workers = 1"))
+            .await;
+
+    // One byte every 300 ms never completes a head: closed after header_read_timeout.
+    let mut slow = TcpStream::connect(addr(&relay.url)).await.expect("connect");
+    let dripping = async {
+        for byte in b"GET /v1/config HTTP/1.1\r\nHost: x\r\nX-Drip: ".iter().cycle() {
+            if slow.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    let dripped = tokio::time::timeout(Duration::from_secs(15), dripping).await;
+    assert!(dripped.is_ok(), "a connection sending one byte at a time must be closed");
+
+    // A connection that never sends anything: closed after idle_timeout.
+    let mut idle = TcpStream::connect(addr(&relay.url)).await.expect("connect");
+    assert!(closed_within(&mut idle, Duration::from_secs(15)).await, "an idle connection must be closed");
+
+    // A request whose answer takes longer than both timeouts is answered.
+    let answer = raw(&relay.url, "GET /v1/config HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("late"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_beyond_the_cap_are_closed_at_once() {
+    let stub = upstream::start(Behaviour::Echo).await;
+    let relay = Relay::start(&relay_toml(&stub.url, "max_connections_per_worker = 3\nproxy_workers = 1")).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(addr(&relay.url)).await.expect("connect");
+        c.write_all(b"GET /v1/config HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        let mut buf = [0u8; 512];
+        let n = c.read(&mut buf).await.expect("answer");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+        held.push(c);
+    }
+    let mut over = TcpStream::connect(addr(&relay.url)).await.expect("the kernel accepts");
+    assert!(closed_within(&mut over, Duration::from_secs(5)).await, "the fourth connection is closed, not queued");
+    // Once one closes, there is room again.
+    drop(held.pop());
+    let mut answered = false;
+    for _ in 0..50 {
+        let answer = raw(&relay.url, "GET /v1/config HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        if answer.starts_with("HTTP/1.1 200") {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answered, "a slot freed by a closed connection is used again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_thousand_idle_connections_do_not_starve_normal_requests() {
+    // This test process holds the 2,000 connections and the stub's side.
+    rlimit::increase_nofile_limit(u64::MAX).expect("raise the test's own open-files limit");
+    let stub = upstream::start(Behaviour::Echo).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("icerelay.toml");
+    std::fs::write(&config, format!("proxy_workers = 2\n[primary]\nuri = \"{}\"\n", stub.url)).expect("config");
+    let config = config.display().to_string();
+    // icerelay starts with the common soft default of 1,024 descriptors.
+    let relay = RelayProcess::start_with_open_files(&["serve", "--config", &config], &[], Some(1024)).await;
+    assert!(relay.logs().contains("raised the open-files limit"), "{}", relay.logs());
+
+    let mut hostile = Vec::with_capacity(2000);
+    for i in 0..2000 {
+        match TcpStream::connect(addr(&relay.url)).await {
+            Ok(c) => hostile.push(c),
+            Err(e) => panic!("connection {i}: {e}"),
+        }
+    }
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+    for i in 0..20 {
+        let answer = http.get(format!("{}/v1/config", relay.url)).send().await;
+        let status =
+            answer.map(|a| a.status().as_u16()).unwrap_or_else(|e| panic!("request {i}: {e}\n{}", relay.logs()));
+        assert_eq!(status, 200, "request {i}");
+    }
+    drop(hostile);
+}
