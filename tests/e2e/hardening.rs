@@ -174,3 +174,76 @@ async fn two_thousand_idle_connections_do_not_starve_normal_requests() {
     }
     drop(hostile);
 }
+
+mod redirects {
+    //! icerelay's own HTTP clients follow no redirect: a redirect is an error
+    //! naming both URLs, and the host it points at receives nothing.
+
+    use icerelay::catalog::{CatalogError, ClientSettings, RestCatalog};
+    use icerelay::config::{AuthConfig, Secret, StorageConfig, StorageKind};
+    use icerelay::storage::Storage;
+
+    use super::*;
+
+    fn settings() -> ClientSettings {
+        ClientSettings { connect_timeout: Duration::from_secs(2), request_timeout: Duration::from_secs(5) }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn catalog_calls_do_not_follow_redirects() {
+        let elsewhere = upstream::start(Behaviour::Echo).await;
+        let redirecting =
+            upstream::start(Behaviour::Redirect(302, format!("{}/v1/config?token=t", elsewhere.url))).await;
+        let url = reqwest::Url::parse(&redirecting.url).expect("url");
+        let auth = AuthConfig::Bearer { token: Secret::new("catalog-token-5521") };
+        let catalog = RestCatalog::new("primary", url, None, &auth, settings()).expect("client");
+        let e = catalog.config().await.expect_err("a redirect is an error");
+        assert!(matches!(e, CatalogError::Redirect { .. }), "{e}");
+        let text = e.to_string();
+        assert!(text.contains(&redirecting.url) && text.contains(&elsewhere.url), "names both URLs: {text}");
+        assert!(!text.contains("token=t") && !text.contains("catalog-token-5521"), "{text}");
+        assert!(elsewhere.requests().is_empty(), "the other host received nothing");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_client_secret_is_never_posted_to_a_redirect_target() {
+        let elsewhere = upstream::start(Behaviour::Echo).await;
+        let token_endpoint = upstream::start(Behaviour::Redirect(307, format!("{}/steal", elsewhere.url))).await;
+        let catalog_stub = upstream::start(Behaviour::Echo).await;
+        let auth = AuthConfig::OAuth2 {
+            client_id: "icerelay".into(),
+            client_secret: Secret::new("client-secret-8812"),
+            token_endpoint: Some(reqwest::Url::parse(&format!("{}/token", token_endpoint.url)).expect("url")),
+            scope: "catalog".into(),
+        };
+        let url = reqwest::Url::parse(&catalog_stub.url).expect("url");
+        let catalog = RestCatalog::new("primary", url, None, &auth, settings()).expect("client");
+        let e = catalog.config().await.expect_err("the token cannot be fetched");
+        let text = e.to_string();
+        assert!(text.contains("redirect") && text.contains(&elsewhere.url), "{text}");
+        assert!(!text.contains("client-secret-8812"), "{text}");
+        assert!(elsewhere.requests().is_empty(), "the secret was not re-posted: {:?}", elsewhere.requests());
+        assert_eq!(token_endpoint.requests().len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn object_store_calls_do_not_follow_redirects() {
+        let elsewhere = upstream::start(Behaviour::Echo).await;
+        let s3 = upstream::start(Behaviour::Redirect(307, format!("{}/bucket/key", elsewhere.url))).await;
+        let storage = Storage::new(&[StorageConfig {
+            prefix: "s3://bucket/".into(),
+            kind: StorageKind::S3 {
+                endpoint: Some(reqwest::Url::parse(&s3.url).expect("url")),
+                region: "us-east-1".into(),
+                path_style: true,
+                access_key_id: Some("AKIDEXAMPLE".into()),
+                secret_access_key: Some(Secret::new("s3-secret-3390")),
+                session_token: Some(Secret::new("session-token-4471")),
+            },
+        }]);
+        let e = storage.read("s3://bucket/key", 1024).await.expect_err("a redirect is an error");
+        assert!(!e.to_string().contains("s3-secret-3390") && !e.to_string().contains("session-token-4471"), "{e}");
+        assert!(!s3.requests().is_empty(), "the store was asked");
+        assert!(elsewhere.requests().is_empty(), "the session token did not travel: {:?}", elsewhere.requests());
+    }
+}

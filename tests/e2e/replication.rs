@@ -823,3 +823,50 @@ async fn on_drop_propagate_drops_the_replica_too() {
     wait_status(&relay.admin_url, &table, "the drop", |s| s["source_dropped"] == true).await;
     assert!(replica.catalog().load_table(&ident(&table)).await.expect("load").is_none(), "dropped on the replica too");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn local_files_a_committer_points_at_are_never_read() {
+    // Anyone with commit rights can point a table's data at a local
+    // directory. icerelay's own disk is under no [[storage]] prefix, so the
+    // lane stops before reading a byte, and says why.
+    let replica = Replica::Seaweed(SeaweedFs::shared_replica());
+    let ns = unique("confined");
+    let table = format!("{ns}.t");
+    let state = tempfile::tempdir().expect("state");
+    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let written = write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
+    wait_replicated(&relay.admin_url, &table, written["metadata_location"].as_str().expect("location")).await;
+
+    let local = tempfile::tempdir().expect("local dir");
+    let local_data = format!("file://{}/data", local.path().display());
+    let written = write(
+        &relay.url,
+        &table,
+        json!([{"op": "set_property", "key": "write.data.path", "value": local_data}, {"op": "append", "start": 10, "rows": 2}]),
+    )
+    .await;
+    let local_files: Vec<_> = walk(local.path());
+    assert!(!local_files.is_empty(), "the writer put its data files on the local disk");
+    let failed =
+        wait_status(&relay.admin_url, &table, "a refusal to read local files", |s| s["status"] == "failed").await;
+    let message = failed["last_error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("outside every [[storage]] prefix") && message.contains(&local_data), "{failed}");
+    assert_eq!(failed["last_error"]["waits_for_operator"], true, "{failed}");
+    let newest = written["snapshots"].as_array().and_then(|s| s.last()).and_then(|s| s["id"].as_i64()).expect("id");
+    let on_replica = replica.catalog().load_table(&ident(&table)).await.expect("load").expect("replica");
+    assert!(!history(&on_replica.metadata).contains_key(&newest), "the snapshot with local files is not replicated");
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}

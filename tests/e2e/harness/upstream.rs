@@ -63,6 +63,8 @@ pub enum Behaviour {
     Stream(usize),
     /// Answer the head and one chunk, then send nothing more, ever.
     Stall,
+    /// Answer every request with this redirect status to this URL.
+    Redirect(u16, String),
 }
 
 /// Starts a stub on an ephemeral port.
@@ -133,6 +135,9 @@ async fn answer(
             .header("content-type", "application/json")
             .body(Body::from(value.to_string()))
             .expect("response"),
+        Behaviour::Redirect(status, to) => {
+            Response::builder().status(*status).header("location", to.as_str()).body(Body::empty()).expect("response")
+        }
         Behaviour::Stall => {
             let first = futures::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"{\"partial\":")) });
             Response::new(Body::from_stream(first.chain(futures::stream::pending())))
