@@ -253,10 +253,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                let filled = buf.filled();
-                if filled.len() > before {
-                    let read = filled[before..].to_vec();
-                    this.saw_read(&read);
+                let read = &buf.filled()[before..];
+                if !read.is_empty() {
+                    this.saw_read(read);
                 }
                 Poll::Ready(Ok(()))
             }

@@ -310,7 +310,7 @@ async fn an_interrupted_copy_resumes_without_recopying_finished_files() {
     let target = format!("file://{}/t", out.path().display());
     let config = config_file(&seaweed.storage_toml());
     let mut args = copy_args(&config, &source, &target, &checkpoints);
-    args.extend(["--parallelism".into(), "1".into()]);
+    args.extend(["--parallelism".into(), "1".into(), "--allow-local".into(), out.path().display().to_string()]);
 
     // Kill the copy (SIGKILL) once some files are recorded as done.
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_icerelay"))
