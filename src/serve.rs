@@ -19,8 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::replication::ReplicationAdmin;
 use crate::admin::{self, AdminState};
+use crate::catalog::sigv4::Signer;
 use crate::catalog::{CatalogError, ClientSettings, RestCatalog};
-use crate::config::Config;
+use crate::config::{Config, EngineAuth};
 use crate::metrics::Metrics;
 use crate::proxy::commit_tap::{HintSink, LogHints};
 use crate::proxy::upstream::{Upstream, UpstreamError, UpstreamSettings};
@@ -143,6 +144,8 @@ impl Server {
             body_idle_timeout: primary.body_idle_timeout,
             pool_idle_timeout: primary.pool_idle_timeout,
             pool_max_idle_per_host: primary.pool_max_idle_per_host,
+            resign: (primary.engine_auth == EngineAuth::SigV4).then(|| primary.auth.clone()),
+            max_body_bytes: config.max_body_bytes,
         };
         // Built here once to report a bad URI before serving; each proxy
         // worker builds its own (its pool belongs to the worker's runtime).
@@ -172,6 +175,22 @@ impl Server {
         let proxy_addr = proxy_workers.local_addr();
         let admin_addr = admin_listener.local_addr().unwrap_or(config.admin_listen);
         tracing::info!(listen = %proxy_addr, admin = %admin_addr, primary = %upstream_display, workers = config.proxy_workers, "icerelay is serving");
+        if primary.engine_auth == EngineAuth::SigV4
+            && let Some(signer) = Signer::from_auth(&primary.auth)
+        {
+            // Engines act with this identity: say which, once, at start.
+            match signer.credentials().await {
+                Ok(c) => tracing::info!(
+                    key_id = c.access_key_id(),
+                    service = signer.service(),
+                    region = signer.region(),
+                    "engine_auth = sigv4: every forwarded request is signed with icerelay's AWS identity"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "engine_auth = sigv4: no AWS credentials yet; forwarded requests fail until there are")
+                }
+            }
+        }
         if config.admin.token.is_none() && !admin_addr.ip().is_loopback() {
             tracing::warn!(admin = %admin_addr, "the admin API has no token and is reachable from other hosts (admin_allow_unauthenticated = true)");
         }

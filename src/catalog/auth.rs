@@ -13,6 +13,7 @@ use reqwest::Url;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
+use super::sigv4::{SigV4Error, Signer};
 use crate::config::{AuthConfig, Secret};
 
 /// Lifetime assumed for a token whose response has no `expires_in`.
@@ -64,9 +65,9 @@ pub enum AuthError {
         /// The endpoint.
         endpoint: String,
     },
-    /// SigV4 signing is configured but not available yet.
-    #[error("auth type sigv4 is accepted in the configuration but icerelay cannot sign requests with it yet")]
-    SigV4Unsupported,
+    /// A SigV4 signature could not be made.
+    #[error(transparent)]
+    SigV4(#[from] SigV4Error),
 }
 
 /// Adds icerelay's credentials to outgoing catalog requests.
@@ -80,7 +81,7 @@ enum Method {
     None,
     Bearer(Secret),
     OAuth2(Box<OAuth2>),
-    SigV4,
+    SigV4(Box<Signer>),
 }
 
 #[derive(Debug)]
@@ -125,7 +126,10 @@ impl Authenticator {
                     cached: Mutex::new(None),
                 }))
             }
-            AuthConfig::SigV4 { .. } => Method::SigV4,
+            AuthConfig::SigV4 { .. } => match Signer::from_auth(config) {
+                Some(signer) => Method::SigV4(Box::new(signer)),
+                None => Method::None,
+            },
         };
         Self { method }
     }
@@ -136,7 +140,12 @@ impl Authenticator {
             Method::None => return Ok(()),
             Method::Bearer(token) => token.clone(),
             Method::OAuth2(oauth2) => oauth2.token(http).await?,
-            Method::SigV4 => return Err(AuthError::SigV4Unsupported),
+            Method::SigV4(signer) => {
+                let (method, url) = (request.method().to_string(), request.url().to_string());
+                let body = request.body().and_then(reqwest::Body::as_bytes).map(<[u8]>::to_vec).unwrap_or_default();
+                signer.sign(&method, &url, request.headers_mut(), &body).await?;
+                return Ok(());
+            }
         };
         let value = format!("Bearer {}", token.expose());
         if let Ok(mut header) = reqwest::header::HeaderValue::from_str(&value) {
@@ -146,10 +155,21 @@ impl Authenticator {
         Ok(())
     }
 
-    /// Forgets a cached token, after the catalog answered `401` to it.
+    /// Forgets cached credentials, after the catalog refused them
+    /// (`401` to a token, `403` to a SigV4 signature).
     pub async fn invalidate(&self) {
-        if let Method::OAuth2(oauth2) = &self.method {
-            *oauth2.cached.lock().await = None;
+        match &self.method {
+            Method::OAuth2(oauth2) => *oauth2.cached.lock().await = None,
+            Method::SigV4(signer) => signer.invalidate().await,
+            Method::None | Method::Bearer(_) => {}
+        }
+    }
+
+    /// The signer, when the method is SigV4.
+    pub fn sigv4(&self) -> Option<&Signer> {
+        match &self.method {
+            Method::SigV4(signer) => Some(signer),
+            _ => None,
         }
     }
 }

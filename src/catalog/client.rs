@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
 use super::auth::Authenticator;
-use super::error::CatalogError;
+use super::error::{CatalogError, SignerIdentity};
 use super::ident::{Namespace, TableIdent};
 use crate::config::AuthConfig;
 
@@ -443,7 +443,9 @@ impl RestCatalog {
                     location: location_of(&response),
                 });
             }
-            if status == StatusCode::UNAUTHORIZED && attempt == 0 {
+            let refused =
+                status == StatusCode::UNAUTHORIZED || (status == StatusCode::FORBIDDEN && self.auth.sigv4().is_some());
+            if refused && attempt == 0 {
                 self.auth.invalidate().await;
                 continue;
             }
@@ -475,6 +477,22 @@ impl RestCatalog {
     }
 
     fn status_error(&self, operation: &str, status: StatusCode, body: &[u8]) -> CatalogError {
+        if let Some(signer) = self.auth.sigv4()
+            && status == StatusCode::FORBIDDEN
+        {
+            return CatalogError::SigV4Refused {
+                catalog: self.name.clone(),
+                operation: operation.to_owned(),
+                status,
+                message: error_message(body),
+                signer: Box::new(SignerIdentity {
+                    service: signer.service().to_owned(),
+                    region: signer.region().to_owned(),
+                    key_id: signer.key_id().unwrap_or_else(|| "(none resolved)".to_owned()),
+                    from_environment: signer.from_environment(),
+                }),
+            };
+        }
         let parsed = serde_json::from_slice::<ErrorResponse>(body).ok();
         CatalogError::Status {
             catalog: self.name.clone(),

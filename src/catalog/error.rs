@@ -8,6 +8,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 
 use super::auth::AuthError;
+use super::sigv4::SigV4Error;
 
 /// What a replication lane should do after an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +21,25 @@ pub enum Disposition {
     /// Retrying will not help until someone changes something: stop the lane
     /// and report the error.
     Park,
+}
+
+/// The identity behind a refused SigV4 signature, for messages: never a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignerIdentity {
+    /// Signing name.
+    pub service: String,
+    /// Signing region.
+    pub region: String,
+    /// The access key id.
+    pub key_id: String,
+    /// Whether the credentials come from the AWS environment.
+    pub from_environment: bool,
+}
+
+impl std::fmt::Display for SignerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "signing name {}, region {}, key id {}", self.service, self.region, self.key_id)
+    }
 }
 
 /// Errors from icerelay's own catalog calls.
@@ -118,6 +138,23 @@ pub enum CatalogError {
         /// The `Location` the catalog named.
         location: String,
     },
+    /// The catalog refused icerelay's SigV4 signature.
+    #[error(
+        "catalog {catalog}: {operation} answered {status}: {message}; the SigV4 signature ({signer}) was refused: \
+         check the secret access key, the region and the signing name"
+    )]
+    SigV4Refused {
+        /// Catalog name.
+        catalog: String,
+        /// The REST operation.
+        operation: String,
+        /// HTTP status.
+        status: StatusCode,
+        /// The catalog's message.
+        message: String,
+        /// Who signed.
+        signer: Box<SignerIdentity>,
+    },
     /// A 2xx answer whose body is not what the spec says.
     #[error("catalog {catalog}: {operation} answered with a body icerelay cannot read: {cause}")]
     Decode {
@@ -137,9 +174,15 @@ impl CatalogError {
             Self::Unreachable { .. } | Self::Timeout { .. } => Disposition::Retry,
             Self::Auth { source, .. } => match source {
                 AuthError::TokenUnreachable { .. } => Disposition::Retry,
+                // The AWS chain may be a network call (STS, instance metadata).
+                AuthError::SigV4(SigV4Error::NoCredentials { .. }) => Disposition::Retry,
                 _ => Disposition::Park,
             },
-            Self::Client { .. } | Self::Decode { .. } | Self::Redirect { .. } => Disposition::Park,
+            // Credentials from the AWS environment can be rotated: retrying picks up new ones.
+            Self::SigV4Refused { signer, .. } if signer.from_environment => Disposition::Retry,
+            Self::Client { .. } | Self::Decode { .. } | Self::Redirect { .. } | Self::SigV4Refused { .. } => {
+                Disposition::Park
+            }
             Self::CommitOutcomeUnknown { .. } | Self::CommitConflict { .. } => Disposition::ReloadAndCheck,
             Self::Status { status, .. } => {
                 if status.is_server_error()
@@ -157,7 +200,7 @@ impl CatalogError {
     /// The HTTP status, when the catalog answered.
     pub fn status(&self) -> Option<StatusCode> {
         match self {
-            Self::Status { status, .. } => Some(*status),
+            Self::Status { status, .. } | Self::SigV4Refused { status, .. } => Some(*status),
             _ => None,
         }
     }

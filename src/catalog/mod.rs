@@ -13,7 +13,8 @@ pub mod auth;
 mod client;
 mod error;
 mod ident;
+pub mod sigv4;
 
 pub use client::{CatalogConfig, ClientSettings, LoadedTable, RestCatalog};
-pub use error::{CatalogError, Disposition};
+pub use error::{CatalogError, Disposition, SignerIdentity};
 pub use ident::{Namespace, TableIdent};

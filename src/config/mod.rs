@@ -163,6 +163,17 @@ pub struct PrimaryConfig {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per host.
     pub pool_max_idle_per_host: usize,
+    /// What happens to the engines' credentials.
+    pub engine_auth: EngineAuth,
+}
+
+/// What the proxy does with the credentials engines send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineAuth {
+    /// Forwarded untouched; the primary authenticates the engine.
+    Passthrough,
+    /// Dropped; icerelay signs each forwarded request with its own SigV4 credentials.
+    SigV4,
 }
 
 /// How icerelay authenticates its own calls to a catalog.
@@ -198,6 +209,8 @@ pub enum AuthConfig {
         secret_access_key: Option<Secret>,
         /// Session token.
         session_token: Option<Secret>,
+        /// Shared-profile name for the AWS chain, when no keys are set.
+        profile: Option<String>,
     },
 }
 
@@ -619,7 +632,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         v.error("max_connections_per_worker", "must be at least 1");
     }
     let admin = v.admin(admin_listen, raw.admin_token, raw.admin_open_reads, raw.admin_allow_unauthenticated);
-    let primary = v.primary(raw.primary);
+    let primary = v.primary(raw.primary, listen);
     let storage = raw.storage.into_iter().enumerate().filter_map(|(i, s)| v.storage(i, s)).collect::<Vec<_>>();
     v.unique("storage", "prefix", storage.iter().map(|s| s.prefix.as_str()));
     let destinations =
@@ -787,7 +800,7 @@ impl Validator {
         }
     }
 
-    fn primary(&mut self, raw: Option<RawPrimary>) -> Option<PrimaryConfig> {
+    fn primary(&mut self, raw: Option<RawPrimary>, listen: Option<SocketAddr>) -> Option<PrimaryConfig> {
         let Some(raw) = raw else {
             self.error("primary.uri", "is required: set [primary] uri in the file or pass --upstream URL");
             return None;
@@ -800,6 +813,36 @@ impl Validator {
             }
         };
         let auth = self.auth("primary.auth", raw.auth);
+        let engine_auth = match raw.engine_auth.as_deref() {
+            None | Some("passthrough") => EngineAuth::Passthrough,
+            Some("sigv4") => {
+                if !matches!(auth, Some(AuthConfig::SigV4 { .. })) {
+                    self.error(
+                        "primary.engine_auth",
+                        "sigv4 signs forwarded requests with icerelay's own credentials: set [primary] auth = { type = \
+                         \"sigv4\", service = \"s3tables\", region = \"...\" } too",
+                    );
+                }
+                if let Some(addr) = listen
+                    && !addr.ip().is_loopback()
+                    && raw.allow_remote_engines != Some(true)
+                {
+                    self.error(
+                        "listen",
+                        format!(
+                            "{addr} is reachable from other hosts, and with engine_auth = \"sigv4\" every client \
+                             that reaches it acts with icerelay's AWS identity; bind a loopback address (the sidecar \
+                             pattern) or set [primary] allow_remote_engines = true to accept that"
+                        ),
+                    );
+                }
+                EngineAuth::SigV4
+            }
+            Some(other) => {
+                self.error("primary.engine_auth", format!("{other:?} is not valid; expected passthrough or sigv4"));
+                EngineAuth::Passthrough
+            }
+        };
         let connect_timeout = self.positive("primary.connect_timeout", raw.connect_timeout, Duration::from_secs(5));
         let request_timeout = self.positive("primary.request_timeout", raw.request_timeout, Duration::from_secs(60));
         let body_idle_timeout =
@@ -815,6 +858,7 @@ impl Validator {
             body_idle_timeout,
             pool_idle_timeout,
             pool_max_idle_per_host: raw.pool_max_idle_per_host.unwrap_or(256),
+            engine_auth,
         })
     }
 
@@ -845,7 +889,7 @@ impl Validator {
                     scope: scope.unwrap_or_else(|| "catalog".to_owned()),
                 }
             }
-            Some(RawAuth::Sigv4 { service, region, access_key_id, secret_access_key, session_token }) => {
+            Some(RawAuth::Sigv4 { service, region, access_key_id, secret_access_key, session_token, profile }) => {
                 if service.trim().is_empty() {
                     self.error(format!("{key}.service"), "must not be empty (e.g. \"glue\" or \"s3tables\")");
                 }
@@ -855,7 +899,10 @@ impl Validator {
                 if access_key_id.is_some() != secret_access_key.is_some() {
                     self.error(key, "access_key_id and secret_access_key must be set together");
                 }
-                AuthConfig::SigV4 { service, region, access_key_id, secret_access_key, session_token }
+                if profile.is_some() && access_key_id.is_some() {
+                    self.error(format!("{key}.profile"), "is used only when access_key_id is not set; set one of them");
+                }
+                AuthConfig::SigV4 { service, region, access_key_id, secret_access_key, session_token, profile }
             }
         })
     }

@@ -188,6 +188,14 @@ pub struct RawPrimary {
     /// reset. Default `60s`.
     #[serde(default, with = "humantime_serde")]
     pub body_idle_timeout: Option<Duration>,
+    /// What happens to the engines' credentials: `passthrough` (default:
+    /// forwarded untouched) or `sigv4` (dropped; icerelay signs every
+    /// forwarded request with `auth`, which must be `sigv4`).
+    pub engine_auth: Option<String>,
+    /// With `engine_auth = "sigv4"`, allows a `listen` address other hosts
+    /// can reach: they would all act with icerelay's identity. Default `false`.
+    #[serde(default, deserialize_with = "lenient::bool")]
+    pub allow_remote_engines: Option<bool>,
     /// Idle connections kept per upstream host. Default `256`.
     #[serde(default, deserialize_with = "lenient::number")]
     pub pool_max_idle_per_host: Option<usize>,
@@ -229,6 +237,8 @@ pub enum RawAuth {
         secret_access_key: Option<Secret>,
         /// Session token, for temporary credentials.
         session_token: Option<Secret>,
+        /// Profile of the shared AWS files to use when no keys are set. Default: `AWS_PROFILE`, else `default`.
+        profile: Option<String>,
     },
 }
 

@@ -326,3 +326,27 @@ fn connection_limits_have_defaults_and_are_checked() {
     let errors = load_str(&text, &env()).expect_err("zero");
     assert_eq!(keys(&errors), ["header_read_timeout", "max_connections_per_worker"]);
 }
+
+#[test]
+fn engine_auth_sigv4_needs_sigv4_credentials_and_a_loopback_listener() {
+    let sigv4 = "{ type = \"sigv4\", service = \"s3tables\", region = \"us-east-1\" }";
+    let text = |auth: &str, listen: &str, extra: &str| {
+        format!(
+            "listen = \"{listen}\"\n[primary]\nuri = \"http://127.0.0.1:8181\"\nauth = {auth}\nengine_auth = \"sigv4\"\n{extra}"
+        )
+    };
+    let c = load_str(&text(sigv4, "127.0.0.1:9181", ""), &MapEnv::default()).expect("a loopback sidecar");
+    assert_eq!(c.primary.engine_auth, EngineAuth::SigV4);
+    let errors =
+        load_str(&text("{ type = \"none\" }", "127.0.0.1:9181", ""), &MapEnv::default()).expect_err("no signer");
+    assert_eq!(keys(&errors), ["primary.engine_auth"]);
+    let errors = load_str(&text(sigv4, "0.0.0.0:9181", ""), &MapEnv::default()).expect_err("reachable");
+    assert_eq!(keys(&errors), ["listen"]);
+    assert!(errors.to_string().contains("allow_remote_engines"), "{errors}");
+    load_str(&text(sigv4, "0.0.0.0:9181", "allow_remote_engines = true"), &MapEnv::default())
+        .expect("explicitly allowed");
+    let errors =
+        load_str(&text(sigv4, "127.0.0.1:9181", "").replace("\"sigv4\"\n", "\"forward\"\n"), &MapEnv::default())
+            .expect_err("unknown mode");
+    assert_eq!(keys(&errors), ["primary.engine_auth"]);
+}

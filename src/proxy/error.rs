@@ -81,6 +81,12 @@ pub enum ProxyError {
         /// The path as received.
         path: String,
     },
+    /// icerelay could not sign a request it forwards (`engine_auth = "sigv4"`).
+    #[error("icerelay cannot sign the request for the primary catalog: {cause}")]
+    Signing {
+        /// Why (names the signing name and key id, never the secret).
+        cause: String,
+    },
     /// The path is not part of the Iceberg REST API.
     #[error(
         "{path} is not an Iceberg REST catalog path; icerelay serves the API under /v1/ (health and metrics are on the admin listener)"
@@ -95,9 +101,10 @@ impl ProxyError {
     /// The HTTP status the client gets.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::UpstreamUnreachable { .. } | Self::UpstreamFailed { .. } | Self::ConfigTooLarge { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::UpstreamUnreachable { .. }
+            | Self::UpstreamFailed { .. }
+            | Self::ConfigTooLarge { .. }
+            | Self::Signing { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::ClientBody { .. } | Self::DotSegment { .. } => StatusCode::BAD_REQUEST,
@@ -108,9 +115,10 @@ impl ProxyError {
     /// The `type` of the `ErrorModel`, named like the Java exceptions engines know.
     fn error_type(&self) -> &'static str {
         match self {
-            Self::UpstreamUnreachable { .. } | Self::UpstreamFailed { .. } | Self::ConfigTooLarge { .. } => {
-                "BadGatewayException"
-            }
+            Self::UpstreamUnreachable { .. }
+            | Self::UpstreamFailed { .. }
+            | Self::ConfigTooLarge { .. }
+            | Self::Signing { .. } => "BadGatewayException",
             Self::UpstreamTimeout { .. } => "GatewayTimeoutException",
             Self::BodyTooLarge { .. } => "RequestTooLargeException",
             Self::ClientBody { .. } | Self::DotSegment { .. } => "BadRequestException",
@@ -128,6 +136,7 @@ impl ProxyError {
             Self::ConfigTooLarge { .. } => "config_too_large",
             Self::ClientBody { .. } => "client_body",
             Self::DotSegment { .. } => "dot_segment",
+            Self::Signing { .. } => "signing",
             Self::NotIceberg { .. } => "not_iceberg",
         }
     }

@@ -20,6 +20,7 @@ pub mod config_rewrite;
 pub mod conn;
 pub mod error;
 pub mod observe;
+pub mod resign;
 pub mod router;
 pub mod upstream;
 pub mod workers;

@@ -32,6 +32,8 @@ use tower::Service;
 
 use super::error::ProxyError;
 use super::router::{Classified, Operation};
+use crate::catalog::sigv4::Signer;
+use crate::config::AuthConfig;
 
 /// Connection settings for the primary.
 #[derive(Debug, Clone)]
@@ -48,6 +50,11 @@ pub struct UpstreamSettings {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per host.
     pub pool_max_idle_per_host: usize,
+    /// With `engine_auth = "sigv4"`: icerelay's SigV4 credentials, which
+    /// replace the engine's on every forwarded request.
+    pub resign: Option<AuthConfig>,
+    /// Bound on the bodies read whole to be signed.
+    pub max_body_bytes: u64,
 }
 
 /// Why an [`Upstream`] could not be built.
@@ -79,6 +86,8 @@ struct Inner {
     display: String,
     request_timeout: Duration,
     body_idle_timeout: Duration,
+    signer: Option<Signer>,
+    max_body_bytes: u64,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -131,6 +140,8 @@ impl Upstream {
                 display,
                 request_timeout: settings.request_timeout,
                 body_idle_timeout: settings.body_idle_timeout,
+                signer: settings.resign.as_ref().and_then(Signer::from_auth),
+                max_body_bytes: settings.max_body_bytes,
             }),
         })
     }
@@ -171,6 +182,10 @@ impl Inner {
         strip_hop_by_hop(&mut parts.headers);
         // The client sets Host from the upstream URI, as reverse proxies do.
         parts.headers.remove(header::HOST);
+        let body = match &self.signer {
+            Some(signer) => super::resign::resign(&mut parts, body, signer, self.max_body_bytes).await?,
+            None => body,
+        };
 
         let response =
             tokio::time::timeout(self.request_timeout, self.client.request(Request::from_parts(parts, body)))
@@ -409,6 +424,8 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
             body_idle_timeout: Duration::from_secs(1),
+            resign: None,
+            max_body_bytes: 1024,
             pool_idle_timeout: Duration::from_secs(1),
             pool_max_idle_per_host: 1,
         };

@@ -26,12 +26,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AwsCredential};
 use object_store::client::{HttpClient, HttpConnector};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 
+use crate::catalog::sigv4::Signer;
 use crate::config::{StorageConfig, StorageKind};
 pub use crate::rewrite::path_map::normalize_file_url;
 
@@ -230,9 +231,13 @@ impl Storage {
         }
         if let (Some(id), Some(secret)) = (access_key_id, secret_access_key) {
             builder = builder.with_access_key_id(id).with_secret_access_key(secret.expose());
-        }
-        if let Some(token) = session_token {
-            builder = builder.with_token(token.expose());
+            if let Some(token) = session_token {
+                builder = builder.with_token(token.expose());
+            }
+        } else {
+            // No keys: the standard AWS chain, as for catalogs.
+            let chain = Signer::new("s3", region, None, None, None, None);
+            builder = builder.with_credentials(Arc::new(ChainCredentials(chain)));
         }
         let store: Arc<dyn ObjectStore> =
             Arc::new(builder.build().map_err(|e| StorageError::store("configure", url, e))?);
@@ -275,6 +280,29 @@ impl Storage {
             .await
             .map_err(|e| StorageError::store("write", url, e))?;
         copy::verify_written(&location, size, result.e_tag.as_deref(), &copy::ExpectedTag::Single(md5)).await
+    }
+}
+
+/// S3 credentials from the standard AWS chain (environment, profile, web
+/// identity, ECS, EC2), cached and refreshed by [`Signer`].
+#[derive(Debug)]
+struct ChainCredentials(Signer);
+
+#[async_trait::async_trait]
+impl object_store::CredentialProvider for ChainCredentials {
+    type Credential = AwsCredential;
+
+    async fn get_credential(&self) -> object_store::Result<Arc<AwsCredential>> {
+        let c = self
+            .0
+            .credentials()
+            .await
+            .map_err(|e| object_store::Error::Generic { store: "S3", source: Box::new(e) })?;
+        Ok(Arc::new(AwsCredential {
+            key_id: c.access_key_id().to_owned(),
+            secret_key: c.secret_access_key().to_owned(),
+            token: c.session_token().map(str::to_owned),
+        }))
     }
 }
 

@@ -25,12 +25,24 @@ def emit(result):
 
 
 def pyiceberg_catalog(conn):
-    """conn: {"uri", "warehouse", "credential"?, "s3": {...}?} -> a pyiceberg RestCatalog."""
+    """conn: {"uri", "warehouse", "credential"?, "sigv4"?: {"access_key_id", "secret_access_key",
+    "service"?, "region"?}, "s3": {...}?} -> a pyiceberg RestCatalog."""
     from pyiceberg.catalog import load_catalog
 
     props = {"type": "rest", "uri": conn["uri"], "warehouse": conn["warehouse"]}
     if conn.get("credential"):
         props["credential"] = conn["credential"]
+    sigv4 = conn.get("sigv4")
+    if sigv4:
+        # As an engine on AWS signs: rest.sigv4-enabled with its own keys.
+        props.update({
+            "rest.sigv4-enabled": "true",
+            "rest.signing-name": sigv4.get("service", "s3tables"),
+            "rest.signing-region": sigv4.get("region", "us-east-1"),
+            "client.access-key-id": sigv4["access_key_id"],
+            "client.secret-access-key": sigv4["secret_access_key"],
+            "client.region": sigv4.get("region", "us-east-1"),
+        })
     s3 = conn.get("s3")
     if s3:
         props.update({

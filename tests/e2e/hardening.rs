@@ -155,7 +155,7 @@ async fn two_thousand_idle_connections_do_not_starve_normal_requests() {
     std::fs::write(&config, format!("proxy_workers = 2\n[primary]\nuri = \"{}\"\n", stub.url)).expect("config");
     let config = config.display().to_string();
     // icerelay starts with the common soft default of 1,024 descriptors.
-    let relay = RelayProcess::start_with_open_files(&["serve", "--config", &config], &[], Some(1024)).await;
+    let relay = RelayProcess::start_with_ulimit(&["serve", "--config", &config], &[], Some("-Sn 1024")).await;
     assert!(relay.logs().contains("raised the open-files limit"), "{}", relay.logs());
 
     let mut hostile = Vec::with_capacity(2000);
@@ -246,4 +246,52 @@ mod redirects {
         assert!(!s3.requests().is_empty(), "the store was asked");
         assert!(elsewhere.requests().is_empty(), "the session token did not travel: {:?}", elsewhere.requests());
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn out_of_file_descriptors_the_accept_loop_backs_off_and_recovers() {
+    rlimit::increase_nofile_limit(u64::MAX).expect("raise the test's own open-files limit");
+    let stub = upstream::start(Behaviour::Echo).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("icerelay.toml");
+    std::fs::write(&config, format!("proxy_workers = 1\n[primary]\nuri = \"{}\"\n", stub.url)).expect("config");
+    let config = config.display().to_string();
+    // A hard limit of 128 descriptors: the flood below exhausts them.
+    let relay = RelayProcess::start_with_ulimit(&["serve", "--config", &config], &[], Some("-n 128")).await;
+    let mut flood = Vec::new();
+    for _ in 0..300 {
+        if let Ok(c) = TcpStream::connect(addr(&relay.url)).await {
+            flood.push(c);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // While accept fails, the loop waits instead of spinning on the error.
+    let cpu = || cpu_seconds(relay.pid());
+    let before = cpu();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = cpu() - before;
+    assert!(used < 1.5, "the accept loop spun: {used:.2} s of CPU in 3 s\n{}", relay.logs());
+    assert!(relay.logs().contains("backing off"), "{}", relay.logs());
+    // Once the flood is gone, requests are served again.
+    drop(flood);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client");
+    let mut served = false;
+    for _ in 0..40 {
+        if http.get(format!("{}/v1/config", relay.url)).send().await.is_ok_and(|a| a.status() == 200) {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(served, "requests are served once descriptors are free\n{}", relay.logs());
+}
+
+/// User + system CPU time of a process, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name (which may contain spaces) start after ") ".
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).expect("stat format");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    ticks / 100.0
 }

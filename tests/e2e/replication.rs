@@ -870,3 +870,137 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     files
 }
+
+// === AWS SigV4 (SeaweedFS's Iceberg endpoint verifies it like S3 Tables) ===
+
+/// icerelay's configuration with SigV4 everywhere: `primary_auth` and `replica_auth` are `auth` tables.
+fn sigv4_toml(ns: &str, state: &std::path::Path, primary_auth: &str, replica_auth: &str) -> String {
+    let (source, replica) = (SeaweedFs::shared(), SeaweedFs::shared_replica());
+    format!(
+        "state_dir = \"{}\"\n[primary]\nuri = \"{}\"\nwarehouse = \"{}\"\nauth = {primary_auth}\nengine_auth = \"sigv4\"\n\n[replication]\nreconcile_interval = \"2s\"\nretry_initial_backoff = \"200ms\"\nretry_max_backoff = \"1s\"\n\n{}\n[[destinations]]\nname = \"dr\"\nuri = \"{}\"\nwarehouse = \"{}\"\nauth = {replica_auth}\n\n{}\n[[rules]]\nnamespace = \"{ns}\"\ndestinations = [\"dr\"]\n",
+        state.display(),
+        source.catalog_uri(),
+        source.warehouse(),
+        source.storage_toml(),
+        replica.catalog_uri(),
+        replica.warehouse(),
+        replica.storage_toml(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigv4_everywhere_with_engines_that_sign_and_engines_that_do_not() {
+    let (source, replica) = (SeaweedFs::shared(), SeaweedFs::shared_replica());
+    let ns = unique("sigv4");
+    let table = format!("{ns}.t");
+    let state = tempfile::tempdir().expect("state");
+    let toml = sigv4_toml(&ns, state.path(), &source.sigv4_auth_toml(None), &replica.sigv4_auth_toml(None));
+    let relay = Relay::start(&toml).await;
+
+    // An engine configured for AWS signs for icerelay's address; icerelay
+    // signs again for the primary. Another engine sends no credentials.
+    let (id, secret) = source.keys();
+    let signing = json!({"uri": relay.url, "warehouse": source.warehouse(), "s3": source.s3_json(),
+                         "sigv4": {"access_key_id": id, "secret_access_key": secret}});
+    let anonymous = json!({"uri": relay.url, "warehouse": source.warehouse(), "s3": source.s3_json()});
+    write_with(
+        signing,
+        &table,
+        json!([{"op": "create"}, {"op": "append", "rows": 4}, {"op": "add_column", "name": "note"},
+               {"op": "append", "start": 10, "rows": 3}, {"op": "delete_below", "id": 2}, {"op": "tag", "name": "v1"}]),
+    )
+    .await;
+    let written = write_with(anonymous, &table, json!([{"op": "append", "start": 20, "rows": 2}])).await;
+    let status =
+        wait_replicated(&relay.admin_url, &table, written["metadata_location"].as_str().expect("location")).await;
+    let rows = source_rows(&table).await;
+    assert_replica_matches(Replica::Seaweed(replica), &table, &rows, &status).await;
+    let replica_table = Replica::Seaweed(replica).catalog().load_table(&ident(&table)).await.expect("load").expect("t");
+    assert!(refs(&replica_table.metadata).contains_key("v1"), "the tag is replicated");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_sigv4_secret_names_the_key_id_and_never_the_secret() {
+    let (source, replica) = (SeaweedFs::shared(), SeaweedFs::shared_replica());
+    let ns = unique("sigv4bad");
+    let table = format!("{ns}.t");
+    let state = tempfile::tempdir().expect("state");
+    let wrong = "wrong-secret-value-6621";
+    let toml = sigv4_toml(
+        &ns,
+        &state.path().join("state"),
+        &source.sigv4_auth_toml(None),
+        &replica.sigv4_auth_toml(Some(wrong)),
+    );
+    let config = state.path().join("icerelay.toml");
+    std::fs::write(&config, toml).expect("config");
+    let relay = RelayProcess::start(&["serve", "--config", &config.display().to_string()], &[]).await;
+    write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
+    let failed = wait_status(&relay.admin_url, &table, "a refused signature", |s| s["status"] == "failed").await;
+    let message = failed["last_error"]["message"].as_str().unwrap_or_default();
+    let (id, _) = replica.keys();
+    assert!(
+        message.contains("SigV4") && message.contains(&format!("key id {id}")) && message.contains("s3tables"),
+        "{failed}"
+    );
+    let all = reqwest::get(format!("{}/v1/replication/status", relay.admin_url))
+        .await
+        .expect("status")
+        .text()
+        .await
+        .expect("text");
+    let metrics =
+        reqwest::get(format!("{}/metrics", relay.admin_url)).await.expect("metrics").text().await.expect("text");
+    for (what, text) in [("status", all), ("metrics", metrics), ("logs", relay.logs())] {
+        assert!(!text.contains(wrong) && !text.contains(source.secret()), "a secret leaked into the {what}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigv4_keys_from_the_environment_and_a_rotated_profile_file() {
+    let (source, replica) = (SeaweedFs::shared(), SeaweedFs::shared_replica());
+    let (id, secret) = source.keys();
+    let ns = unique("sigv4env");
+    let table = format!("{ns}.t");
+    let dir = tempfile::tempdir().expect("dir");
+    // The primary's keys only in environment variables; the replica's only
+    // in a shared credentials file, under a profile, with a wrong secret first.
+    let credentials = dir.path().join("credentials");
+    std::fs::write(
+        &credentials,
+        format!("[replica]\naws_access_key_id = {id}\naws_secret_access_key = stale-secret-0934\n"),
+    )
+    .expect("credentials");
+    let from_env = "{ type = \"sigv4\", service = \"s3tables\", region = \"us-east-1\" }";
+    let from_profile = "{ type = \"sigv4\", service = \"s3tables\", region = \"us-east-1\", profile = \"replica\" }";
+    let config = dir.path().join("icerelay.toml");
+    // The [[storage]] sections lose their keys too: S3 credentials come from the chain as well.
+    let toml = sigv4_toml(&ns, &dir.path().join("state"), from_env, from_profile)
+        .replace(&format!("access_key_id = \"{id}\"\nsecret_access_key = \"{secret}\"\n"), "");
+    assert!(!toml.contains(secret), "no key left in the file:\n{toml}");
+    std::fs::write(&config, toml).expect("config");
+    let credentials_file = credentials.display().to_string();
+    let missing = dir.path().join("no-config").display().to_string();
+    let relay = RelayProcess::start(
+        &["serve", "--config", &config.display().to_string()],
+        &[
+            ("AWS_ACCESS_KEY_ID", id),
+            ("AWS_SECRET_ACCESS_KEY", secret),
+            ("AWS_SHARED_CREDENTIALS_FILE", &credentials_file),
+            ("AWS_CONFIG_FILE", &missing),
+        ],
+    )
+    .await;
+    let written = write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
+    let failed =
+        wait_status(&relay.admin_url, &table, "the stale profile secret refused", |s| s["status"] == "failed").await;
+    assert!(failed["last_error"]["message"].as_str().is_some_and(|m| m.contains("SigV4")), "{failed}");
+    // Rotated in the file while icerelay runs: picked up without a restart.
+    std::fs::write(&credentials, format!("[replica]\naws_access_key_id = {id}\naws_secret_access_key = {secret}\n"))
+        .expect("rotate");
+    let status =
+        wait_replicated(&relay.admin_url, &table, written["metadata_location"].as_str().expect("location")).await;
+    let rows = source_rows(&table).await;
+    assert_replica_matches(Replica::Seaweed(replica), &table, &rows, &status).await;
+    assert!(!relay.logs().contains("stale-secret-0934") && !relay.logs().contains(secret), "{}", relay.logs());
+}

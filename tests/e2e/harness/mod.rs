@@ -135,6 +135,21 @@ impl SeaweedFs {
         SHARED.get_or_init(|| SeaweedFs::start_with_warehouse("e2e-replica", "replica"))
     }
 
+    /// An icerelay `auth` inline table that signs with SigV4, as for S3 Tables
+    /// (`secret` replaces the real secret key when given).
+    pub fn sigv4_auth_toml(&self, secret: Option<&str>) -> String {
+        format!(
+            "{{ type = \"sigv4\", service = \"s3tables\", region = \"us-east-1\", access_key_id = \"{}\", secret_access_key = \"{}\" }}",
+            self.get("ACCESS_KEY"),
+            secret.unwrap_or(self.get("SECRET_KEY"))
+        )
+    }
+
+    /// The keys of this instance (access key id, secret).
+    pub fn keys(&self) -> (&str, &str) {
+        (self.get("ACCESS_KEY"), self.get("SECRET_KEY"))
+    }
+
     /// An icerelay `auth` inline table for this instance's catalog.
     pub fn auth_toml(&self) -> String {
         format!(
@@ -383,25 +398,31 @@ impl RelayProcess {
     /// Runs `icerelay <args>` plus `--listen`/`--admin-listen` on free ports,
     /// with `env` added, and waits until `/healthz` answers.
     pub async fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
-        Self::start_with_open_files(args, env, None).await
+        Self::start_with_ulimit(args, env, None).await
     }
 
-    /// Like [`RelayProcess::start`], with the soft open-files limit set to
-    /// `open_files` first (as a default `ulimit -n` of 1,024 would).
-    pub async fn start_with_open_files(args: &[&str], env: &[(&str, &str)], open_files: Option<u64>) -> Self {
+    /// Like [`RelayProcess::start`], with `ulimit <flags>` applied first
+    /// (`-Sn 1024`: the common soft default; `-n 256`: soft and hard).
+    pub async fn start_with_ulimit(args: &[&str], env: &[(&str, &str)], ulimit: Option<&str>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = dir.path().join("icerelay.log");
         let listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let file = std::fs::File::create(&log).expect("log file");
-        let mut command = match open_files {
+        let mut command = match ulimit {
             None => Command::new(env!("CARGO_BIN_EXE_icerelay")),
-            Some(n) => {
+            Some(flags) => {
                 let mut sh = Command::new("sh");
-                sh.args(["-c", &format!("ulimit -Sn {n} && exec \"$0\" \"$@\""), env!("CARGO_BIN_EXE_icerelay")]);
+                sh.args(["-c", &format!("ulimit {flags} && exec \"$0\" \"$@\""), env!("CARGO_BIN_EXE_icerelay")]);
                 sh
             }
         };
+        // Hermetic AWS: no keys from the test's own environment, and never the
+        // instance metadata endpoint (not a loopback address).
+        for inherited in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"] {
+            command.env_remove(inherited);
+        }
+        command.env("AWS_EC2_METADATA_DISABLED", "true");
         let child = command
             .args(args)
             .args(["--listen", &listen.to_string(), "--admin-listen", &admin.to_string()])
