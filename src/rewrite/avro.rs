@@ -21,6 +21,12 @@
 //!   decodes just those, and writes records back as their original bytes
 //!   with only the replaced fields encoded anew. Every other field is kept
 //!   bit for bit, which is stronger than decoding and re-encoding it.
+//!
+//! Files come from any writer and may be corrupt. Before `apache-avro` reads
+//! the header or a record, [`lengths`] checks every length and count they
+//! declare against the bytes that are there, so that no declared length
+//! makes `apache-avro` allocate more than the file holds; block sizes, record
+//! counts and Snappy's declared sizes are checked here.
 
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -30,11 +36,13 @@ use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::schema::ResolvedSchema;
 use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
-use apache_avro::{Codec, Reader, Schema, Writer};
+use apache_avro::{Codec, Schema, Writer};
 use md5::Digest;
 use serde::de::{Deserialize, Deserializer, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor};
 
 use super::RewriteError;
+
+mod lengths;
 
 const MAGIC: &[u8; 4] = b"Obj\x01";
 /// Bytes of records after which a data block is written out: `apache-avro`'s
@@ -65,15 +73,22 @@ fn invalid(file: &str, detail: impl Into<String>) -> RewriteError {
 
 /// Reads the header and every record of an Avro container file.
 pub fn read(bytes: &[u8], file: &str) -> Result<(Header, Vec<Value>), RewriteError> {
-    let (metadata, _) = read_metadata(bytes, file)?;
-    let codec = codec(&metadata, file)?;
-    let reader = Reader::new(bytes).map_err(|e| RewriteError::avro(file, e))?;
-    let schema = reader.writer_schema().clone();
-    let mut records = Vec::new();
-    for record in reader {
-        records.push(record.map_err(|e| RewriteError::avro(file, e))?);
-    }
-    Ok((Header { metadata, schema, codec }, records))
+    // Through [`Records`], whose walk checks every declared length first:
+    // the records are then decoded from the data that walk accepted.
+    let records = Records::read(bytes, file, &[])?;
+    let resolved = ResolvedSchema::try_from(&records.header.schema).map_err(|e| RewriteError::avro(file, e))?;
+    let reader = GenericDatumReader::builder(&records.header.schema)
+        .resolved_writer_schemata(resolved)
+        .build()
+        .map_err(|e| RewriteError::avro(file, e))?;
+    let values = (0..records.len())
+        .map(|record| {
+            let span = records.span(record, None);
+            let mut bytes = &records.data[span.start as usize..span.end as usize];
+            reader.read_value(&mut bytes).map_err(|e| RewriteError::avro(file, e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((records.header, values))
 }
 
 fn codec(metadata: &HashMap<String, Vec<u8>>, file: &str) -> Result<Codec, RewriteError> {
@@ -84,14 +99,42 @@ fn codec(metadata: &HashMap<String, Vec<u8>>, file: &str) -> Result<Codec, Rewri
     }
 }
 
+/// Refuses a Snappy block whose declared decompressed size it cannot hold.
+/// `apache-avro` allocates the declared size before decompressing. One
+/// element of Snappy's format writes at most 64 bytes from 3 (a copy with a
+/// two-byte offset), so a block can expand at most 64/3 times; 22 times its
+/// size is a bound no real block reaches.
+fn check_snappy_length(block: &[u8]) -> Result<(), String> {
+    // The size is Snappy's preamble: an unsigned varint of at most 5 bytes.
+    let mut declared = 0u64;
+    for (i, byte) in block.iter().take(5).enumerate() {
+        declared |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            let bound = (block.len() as u64).saturating_mul(22);
+            return if declared > bound {
+                Err(format!(
+                    "declares {declared} bytes of Snappy-compressed records, more than its {} bytes can hold",
+                    block.len()
+                ))
+            } else {
+                Ok(())
+            };
+        }
+    }
+    Err("has no readable Snappy length".to_owned())
+}
+
 /// The header's metadata map, decoded with `apache-avro` from the raw bytes
 /// (the reader API does not expose `avro.*` keys), and the offset just past it.
 fn read_metadata(bytes: &[u8], file: &str) -> Result<(HashMap<String, Vec<u8>>, usize), RewriteError> {
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
         return Err(invalid(file, "missing the Avro container magic bytes (not an Avro file, or empty)"));
     }
-    let mut cursor = Cursor::new(&bytes[MAGIC.len()..]);
     let map_schema = Schema::map(Schema::Bytes).build();
+    let mut end = MAGIC.len();
+    lengths::check(&map_schema, &HashMap::new(), bytes, &mut end)
+        .map_err(|m| invalid(file, format!("the header metadata is corrupt: {m}")))?;
+    let mut cursor = Cursor::new(&bytes[MAGIC.len()..end]);
     let value = GenericDatumReader::builder(&map_schema)
         .build()
         .and_then(|r| r.read_value(&mut cursor))
@@ -99,7 +142,6 @@ fn read_metadata(bytes: &[u8], file: &str) -> Result<(HashMap<String, Vec<u8>>, 
     let Value::Map(entries) = value else {
         return Err(invalid(file, "the header metadata is not a map"));
     };
-    let end = MAGIC.len() + cursor.position() as usize;
     let metadata = entries
         .into_iter()
         .filter_map(|(k, v)| match v {
@@ -190,11 +232,10 @@ impl Records {
     pub fn read(bytes: &[u8], file: &str, paths: &'static [&'static [&'static str]]) -> Result<Self, RewriteError> {
         let (metadata, mut pos) = read_metadata(bytes, file)?;
         let codec = codec(&metadata, file)?;
-        let schema_json: serde_json::Value =
-            metadata
-                .get("avro.schema")
-                .and_then(|s| serde_json::from_slice(s).ok())
-                .ok_or_else(|| invalid(file, "the header has no readable `avro.schema`"))?;
+        let schema_json: serde_json::Value = serde_json::from_slice(
+            metadata.get("avro.schema").ok_or_else(|| invalid(file, "the header has no `avro.schema`"))?,
+        )
+        .map_err(|e| invalid(file, format!("the header's `avro.schema` is not JSON: {e}")))?;
         let schema = Schema::parse(&schema_json).map_err(|e| RewriteError::avro(file, e))?;
         let marker: [u8; 16] = bytes
             .get(pos..pos + 16)
@@ -207,29 +248,46 @@ impl Records {
         {
             let layout = Layout::new(&schema, paths, file)?;
             let long = GenericDatumReader::builder(&Schema::Long).build().map_err(|e| RewriteError::avro(file, e))?;
-            let read_count = |cursor: &mut Cursor<&[u8]>, what: &str| -> Result<usize, RewriteError> {
+            let read_count = |cursor: &mut Cursor<&[u8]>, at: usize, what: &str| -> Result<usize, RewriteError> {
                 match long.read_value(cursor).map_err(|e| RewriteError::avro(file, e))? {
-                    Value::Long(n) => usize::try_from(n).map_err(|_| invalid(file, format!("a block has {what} {n}"))),
-                    _ => Err(invalid(file, format!("a block's {what} is not a number"))),
+                    Value::Long(n) => usize::try_from(n).map_err(|_| {
+                        invalid(file, format!("the data block at byte {at} declares a negative {what} {n}"))
+                    }),
+                    _ => Err(invalid(file, format!("the data block at byte {at} has no {what}"))),
                 }
             };
             while pos < bytes.len() {
+                let at = pos;
                 let mut cursor = Cursor::new(&bytes[pos..]);
-                let count = read_count(&mut cursor, "record count")?;
-                let size = read_count(&mut cursor, "byte size")?;
+                let count = read_count(&mut cursor, at, "record count")?;
+                let size = read_count(&mut cursor, at, "byte size")?;
                 let start = pos + cursor.position() as usize;
-                let block = bytes
-                    .get(start..start.saturating_add(size))
-                    .ok_or_else(|| invalid(file, "a data block is truncated"))?;
+                let left = bytes.len() - start;
+                if size > left {
+                    return Err(invalid(
+                        file,
+                        format!(
+                            "the data block at byte {at} declares {size} bytes, more than the {left} left in the file"
+                        ),
+                    ));
+                }
+                let block = &bytes[start..start + size];
                 let end = start + size;
                 if bytes.get(end..end + 16) != Some(&marker[..]) {
-                    return Err(invalid(file, "a data block does not end with the file's sync marker"));
+                    return Err(invalid(
+                        file,
+                        format!("the data block at byte {at} does not end with the file's sync marker"),
+                    ));
                 }
                 pos = end + 16;
                 let base = data.len();
                 if codec == Codec::Null {
                     data.extend_from_slice(block);
                 } else {
+                    if matches!(codec, Codec::Snappy) {
+                        check_snappy_length(block)
+                            .map_err(|detail| invalid(file, format!("the data block at byte {at} {detail}")))?;
+                    }
                     let mut decompressed = block.to_vec();
                     codec.decompress(&mut decompressed).map_err(|e| RewriteError::avro(file, e))?;
                     data.extend_from_slice(&decompressed);
@@ -237,7 +295,16 @@ impl Records {
                 if u32::try_from(data.len()).is_err() {
                     return Err(invalid(file, "more than 4 GiB of records"));
                 }
-                layout.walk_block(&data, base, count, &mut spans, file)?;
+                let held = data.len() - base;
+                if count > held {
+                    return Err(invalid(
+                        file,
+                        format!(
+                            "the data block at byte {at} declares {count} records, more than its {held} bytes of records can hold"
+                        ),
+                    ));
+                }
+                layout.walk_block(&data, base, count, &mut spans, file, at)?;
             }
         }
         Ok(Self { header: Header { metadata, schema, codec }, paths, data, spans })
@@ -405,6 +472,8 @@ fn as_record<'s>(schema: &'s Schema, resolved: &ResolvedSchema<'s>) -> Option<&'
 
 /// How to walk one record: one step per field, in schema order.
 struct Layout<'s> {
+    schema: &'s Schema,
+    resolved: ResolvedSchema<'s>,
     steps: Vec<Step<'s>>,
     slots: usize,
 }
@@ -424,11 +493,11 @@ impl<'s> Layout<'s> {
         let record = as_record(schema, &resolved).ok_or_else(|| invalid(file, "the records are not Avro records"))?;
         let wanted: Vec<(usize, &[&str])> = paths.iter().enumerate().map(|(slot, p)| (slot, *p)).collect();
         let steps = plan(record, &wanted, &resolved, file, "")?;
-        Ok(Self { steps, slots: paths.len() })
+        Ok(Self { schema, resolved, steps, slots: paths.len() })
     }
 
-    /// Walks the `count` records of the block at `data[base..]`, appending
-    /// each record's spans.
+    /// Walks the `count` records of the block at `data[base..]` (at byte
+    /// `at` of the file), appending each record's spans.
     fn walk_block(
         &self,
         data: &[u8],
@@ -436,7 +505,17 @@ impl<'s> Layout<'s> {
         count: usize,
         spans: &mut Vec<Span>,
         file: &str,
+        at: usize,
     ) -> Result<(), RewriteError> {
+        // Every declared length first: apache-avro allocates what a record
+        // declares before it reads it.
+        let records = &data[base..];
+        let mut end = 0;
+        for record in 0..count {
+            lengths::check(self.schema, self.resolved.get_names(), records, &mut end).map_err(|m| {
+                invalid(file, format!("record {record} of the data block at byte {at} is corrupt: {m}"))
+            })?;
+        }
         let mut pos = base;
         for _ in 0..count {
             let first = spans.len();
@@ -896,6 +975,18 @@ mod tests {
                 let untouched = fields.write("f.avro", |_, _| Ok(())).expect("write");
                 assert_eq!(read(&untouched, "f.avro").expect("read back").1, read(&bytes, "f.avro").expect("read").1);
             }
+        }
+    }
+
+    #[test]
+    fn read_decodes_what_apache_avros_reader_decodes() {
+        for codec in [Codec::Null, Codec::Deflate(Default::default()), Codec::Snappy] {
+            let bytes = rich_file(codec, 300);
+            let (header, values) = read(&bytes, "f.avro").expect("read");
+            let reader = apache_avro::Reader::new(&bytes[..]).expect("reader");
+            assert_eq!(&header.schema, reader.writer_schema());
+            let expected = reader.collect::<Result<Vec<_>, _>>().expect("records");
+            assert_eq!(values, expected, "{codec:?}");
         }
     }
 

@@ -10,31 +10,32 @@ use serde_json::Value;
 
 use super::*;
 
-const TARGET: &str = "s3://copy-bucket/replica/table";
+pub(super) const TARGET: &str = "s3://copy-bucket/replica/table";
 
-struct Fixture {
+/// A fixture table: its directory and its `index.json` (source path to role).
+pub(super) struct Fixture {
     dir: PathBuf,
     index: Value,
 }
 
 impl Fixture {
-    fn load(name: &str) -> Self {
+    pub(super) fn load(name: &str) -> Self {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
         let index: Value =
             serde_json::from_slice(&std::fs::read(dir.join("index.json")).expect("index.json")).expect("json");
         Self { dir, index }
     }
 
-    fn location(&self) -> &str {
+    pub(super) fn location(&self) -> &str {
         self.index["location"].as_str().expect("location")
     }
 
-    fn read(&self, path: &str) -> Vec<u8> {
+    pub(super) fn read(&self, path: &str) -> Vec<u8> {
         let name = path.rsplit('/').next().expect("name");
         std::fs::read(self.dir.join(name)).unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
-    fn paths(&self, role: &str) -> Vec<String> {
+    pub(super) fn paths(&self, role: &str) -> Vec<String> {
         let files = self.index["files"].as_object().expect("files");
         let mut paths: Vec<String> = files.iter().filter(|(_, r)| *r == role).map(|(p, _)| p.clone()).collect();
         paths.sort();

@@ -68,7 +68,10 @@ pub fn rewrite_metadata(
     let root = value.as_object_mut().ok_or_else(|| invalid("not a JSON object"))?;
     let mut references = Vec::new();
 
-    let location = root.get("location").and_then(Value::as_str).ok_or_else(|| invalid("no `location`"))?;
+    let location = match root.get("location") {
+        None => return Err(invalid("no `location`")),
+        Some(location) => location.as_str().ok_or_else(|| invalid("`location` is not a string"))?,
+    };
     let location = map.rewrite(location, found_in)?;
     root.insert("location".into(), Value::String(location));
 
@@ -77,6 +80,9 @@ pub fn rewrite_metadata(
         for snapshot in snapshots {
             let snapshot = snapshot.as_object_mut().ok_or_else(|| invalid("a snapshot is not an object"))?;
             let snapshot_id = snapshot.get("snapshot-id").and_then(Value::as_i64);
+            if snapshot.get("manifest-list").is_some_and(|list| !list.is_string() && !list.is_null()) {
+                return Err(invalid("a snapshot's `manifest-list` is not a string"));
+            }
             if let Some(list) = snapshot.get("manifest-list").and_then(Value::as_str) {
                 let target = map.rewrite(list, found_in)?;
                 references.push(Reference {
@@ -135,8 +141,10 @@ pub fn rewrite_metadata(
         let entries = log.as_array_mut().ok_or_else(|| invalid("`metadata-log` is not an array"))?;
         let mut kept = Vec::with_capacity(entries.len());
         for mut entry in entries.drain(..) {
-            let Some(path) = entry.get("metadata-file").and_then(Value::as_str).map(str::to_owned) else {
-                return Err(invalid("a `metadata-log` entry has no `metadata-file`"));
+            let path = match entry.get("metadata-file") {
+                Some(Value::String(path)) => path.clone(),
+                Some(_) => return Err(invalid("a `metadata-log` entry's `metadata-file` is not a string")),
+                None => return Err(invalid("a `metadata-log` entry has no `metadata-file`")),
             };
             if keep_log_entry(&path) {
                 let target = map.rewrite(&path, found_in)?;

@@ -103,3 +103,5 @@ impl RewriteError {
 
 #[cfg(test)]
 mod fixture_tests;
+#[cfg(test)]
+mod mutation_tests;

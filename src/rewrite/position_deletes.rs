@@ -10,6 +10,7 @@
 //! re-sorts only if two mappings reordered the paths, because the spec
 //! requires rows sorted by `file_path`, then `pos`.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
@@ -18,7 +19,7 @@ use arrow_schema::{DataType, SchemaRef};
 use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::file::metadata::KeyValue;
+use parquet::file::metadata::{KeyValue, ParquetMetaData};
 use parquet::file::properties::{WriterProperties, WriterVersion};
 use parquet::schema::types::ColumnPath;
 
@@ -26,6 +27,9 @@ use super::manifest::DELETE_FILE_PATH_FIELD_ID;
 use super::{PathMap, RewriteError};
 
 const ARROW_SCHEMA_KEY: &str = "ARROW:schema";
+const MAGIC: &[u8; 4] = b"PAR1";
+/// The end of a Parquet file: the footer's length (u32 little-endian), `PAR1`.
+const TRAILER: usize = 8;
 const FIELD_ID_KEY: &str = "PARQUET:field_id";
 
 fn error(file: &str, detail: impl std::fmt::Display) -> RewriteError {
@@ -34,9 +38,30 @@ fn error(file: &str, detail: impl std::fmt::Display) -> RewriteError {
 
 /// Rewrites a position-delete file's `file_path` column through `map`.
 pub fn rewrite(bytes: &[u8], file: &str, map: &PathMap) -> Result<Vec<u8>, RewriteError> {
+    check_footer(bytes, file)?;
+    // The `parquet` and `arrow` crates still panic on some corrupt pages
+    // instead of returning an error (a bounds assertion while decoding
+    // definition levels, found by `mutation_tests`; apache/arrow-rs#10107 is
+    // another). A delete file comes from any writer, so such a panic becomes
+    // an error naming the file. Everything the closure builds is dropped with
+    // it, so nothing half-changed survives. (This relies on panic = "unwind",
+    // Cargo's default, which icerelay's profiles keep.)
+    std::panic::catch_unwind(AssertUnwindSafe(|| rewrite_checked(bytes, file, map))).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_owned());
+        Err(error(file, format!("the parquet crate panicked decoding it ({message})")))
+    })
+}
+
+/// [`rewrite`] once the footer's length is known to fit.
+fn rewrite_checked(bytes: &[u8], file: &str, map: &PathMap) -> Result<Vec<u8>, RewriteError> {
     let input = Bytes::copy_from_slice(bytes);
     let builder = ParquetRecordBatchReaderBuilder::try_new(input.clone()).map_err(|e| error(file, e))?;
     let metadata = builder.metadata().clone();
+    check_column_chunks(&metadata, bytes.len(), file)?;
     let schema: SchemaRef = builder.schema().clone();
     let path_column = path_column_index(&schema).ok_or_else(|| {
         error(
@@ -97,6 +122,54 @@ pub fn rewrite(bytes: &[u8], file: &str, map: &PathMap) -> Result<Vec<u8>, Rewri
         writer.flush().map_err(|e| error(file, e))?;
     }
     writer.into_inner().map_err(|e| error(file, e))
+}
+
+/// Checks the magic numbers, and the footer's declared length against the
+/// file's, before the `parquet` crate reads the footer: a clear error here
+/// instead of the crate's "NeedMoreData".
+fn check_footer(bytes: &[u8], file: &str) -> Result<(), RewriteError> {
+    let len = bytes.len();
+    if len < MAGIC.len() + TRAILER || &bytes[..MAGIC.len()] != MAGIC || &bytes[len - MAGIC.len()..] != MAGIC {
+        return Err(error(file, format!("missing the PAR1 magic at the start or the end of its {len} bytes")));
+    }
+    let mut declared = [0u8; 4];
+    declared.copy_from_slice(&bytes[len - TRAILER..len - MAGIC.len()]);
+    let declared = u32::from_le_bytes(declared);
+    let room = len - MAGIC.len() - TRAILER;
+    if u64::from(declared) > room as u64 {
+        return Err(error(
+            file,
+            format!("the footer declares {declared} bytes of metadata, more than the {room} bytes the file has for it"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that every column chunk the footer declares lies inside the file,
+/// before the `parquet` crate reads one: the crate asserts (panics) on a
+/// negative offset or length.
+fn check_column_chunks(metadata: &ParquetMetaData, len: usize, file: &str) -> Result<(), RewriteError> {
+    for (g, row_group) in metadata.row_groups().iter().enumerate() {
+        for column in row_group.columns() {
+            let start = column.dictionary_page_offset().unwrap_or_else(|| column.data_page_offset());
+            let length = column.compressed_size();
+            let inside = u64::try_from(start)
+                .ok()
+                .zip(u64::try_from(length).ok())
+                .and_then(|(start, length)| start.checked_add(length))
+                .is_some_and(|end| end <= len as u64);
+            if !inside {
+                return Err(error(
+                    file,
+                    format!(
+                        "row group {g} declares column {} at offset {start} with {length} bytes, outside the file's {len} bytes",
+                        column.column_path()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The column with field id 2147483546, or named `file_path`.

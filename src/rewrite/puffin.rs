@@ -36,7 +36,7 @@ fn footer(bytes: &[u8], file: &str) -> Result<(Value, usize), RewriteError> {
     let flags = bytes[len - 8];
     let payload_end = len - FOOTER_TAIL;
     let footer_start = payload_end
-        .checked_sub(payload_len + MAGIC.len())
+        .checked_sub(payload_len.saturating_add(MAGIC.len()))
         .filter(|start| *start >= MAGIC.len())
         .ok_or_else(|| error(file, format!("footer payload length {payload_len} does not fit in a {len}-byte file")))?;
     if &bytes[footer_start..footer_start + 4] != MAGIC {
@@ -47,7 +47,33 @@ fn footer(bytes: &[u8], file: &str) -> Result<(Value, usize), RewriteError> {
     }
     let payload = &bytes[footer_start + 4..payload_end];
     let json = serde_json::from_slice(payload).map_err(|e| error(file, format!("footer is not JSON: {e}")))?;
+    check_blobs(&json, footer_start, file)?;
     Ok((json, footer_start))
+}
+
+/// Checks that every blob lies between the leading magic and the footer.
+/// A rewrite keeps the blobs where they are and the footer's offsets as they
+/// are, so a blob outside that range means the file is corrupt, and a copy
+/// would be too.
+fn check_blobs(json: &Value, footer_start: usize, file: &str) -> Result<(), RewriteError> {
+    let Some(blobs) = json.get("blobs").and_then(Value::as_array) else { return Ok(()) };
+    let area = MAGIC.len() as u64..footer_start as u64;
+    for (i, blob) in blobs.iter().enumerate() {
+        let number = |key: &str| blob.get(key).and_then(Value::as_u64);
+        let (Some(offset), Some(length)) = (number("offset"), number("length")) else {
+            return Err(error(file, format!("blob {i} has no `offset` and `length` as non-negative integers")));
+        };
+        if offset < area.start || offset.checked_add(length).is_none_or(|end| end > area.end) {
+            return Err(error(
+                file,
+                format!(
+                    "blob {i} declares {length} bytes at offset {offset}, outside the blobs (bytes {} to {}, before the footer)",
+                    area.start, area.end
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The `referenced-data-file` of every blob.
