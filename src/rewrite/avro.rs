@@ -68,7 +68,7 @@ impl Header {
 }
 
 fn invalid(file: &str, detail: impl Into<String>) -> RewriteError {
-    RewriteError::InvalidManifest { file: file.to_owned(), kind: "Avro file", detail: detail.into() }
+    RewriteError::CorruptAvro { file: file.to_owned(), detail: detail.into() }
 }
 
 /// Reads the header and every record of an Avro container file.

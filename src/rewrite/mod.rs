@@ -67,6 +67,15 @@ pub enum RewriteError {
         #[source]
         source: Box<apache_avro::Error>,
     },
+    /// An Avro file's structure contradicts itself or its size (a length,
+    /// count or block running past the end, a schema that cannot describe it).
+    #[error("{file} is not a readable Avro file (corrupt or truncated?): {detail}")]
+    CorruptAvro {
+        /// The file.
+        file: String,
+        /// What is wrong, and where.
+        detail: String,
+    },
     /// An Avro manifest or manifest list lacks a field the spec requires.
     #[error("{file} is not a valid Iceberg {kind}: {detail}")]
     InvalidManifest {

@@ -144,6 +144,7 @@ fn explains(e: &RewriteError, file: &str) -> Result<(), &'static str> {
     let detail = match e {
         RewriteError::InvalidMetadata { detail, .. }
         | RewriteError::InvalidManifest { detail, .. }
+        | RewriteError::CorruptAvro { detail, .. }
         | RewriteError::Parquet { detail, .. }
         | RewriteError::Puffin { detail, .. } => detail.clone(),
         RewriteError::Avro { source, .. } => source.to_string(),

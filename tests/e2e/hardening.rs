@@ -150,12 +150,8 @@ async fn two_thousand_idle_connections_do_not_starve_normal_requests() {
     // This test process holds the 2,000 connections and the stub's side.
     rlimit::increase_nofile_limit(u64::MAX).expect("raise the test's own open-files limit");
     let stub = upstream::start(Behaviour::Echo).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let config = dir.path().join("icerelay.toml");
-    std::fs::write(&config, format!("proxy_workers = 2\n[primary]\nuri = \"{}\"\n", stub.url)).expect("config");
-    let config = config.display().to_string();
     // icerelay starts with the common soft default of 1,024 descriptors.
-    let relay = RelayProcess::start_with_ulimit(&["serve", "--config", &config], &[], Some("-Sn 1024")).await;
+    let (relay, _dir) = limited_relay(&stub.url, 2, "-Sn 1024").await;
     assert!(relay.logs().contains("raised the open-files limit"), "{}", relay.logs());
 
     let mut hostile = Vec::with_capacity(2000);
@@ -252,12 +248,8 @@ mod redirects {
 async fn out_of_file_descriptors_the_accept_loop_backs_off_and_recovers() {
     rlimit::increase_nofile_limit(u64::MAX).expect("raise the test's own open-files limit");
     let stub = upstream::start(Behaviour::Echo).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let config = dir.path().join("icerelay.toml");
-    std::fs::write(&config, format!("proxy_workers = 1\n[primary]\nuri = \"{}\"\n", stub.url)).expect("config");
-    let config = config.display().to_string();
     // A hard limit of 128 descriptors: the flood below exhausts them.
-    let relay = RelayProcess::start_with_ulimit(&["serve", "--config", &config], &[], Some("-n 128")).await;
+    let (relay, _dir) = limited_relay(&stub.url, 1, "-n 128").await;
     let mut flood = Vec::new();
     for _ in 0..300 {
         if let Ok(c) = TcpStream::connect(addr(&relay.url)).await {
@@ -284,6 +276,16 @@ async fn out_of_file_descriptors_the_accept_loop_backs_off_and_recovers() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(served, "requests are served once descriptors are free\n{}", relay.logs());
+}
+
+/// icerelay as a process in front of `upstream`, with `ulimit <flags>` applied first.
+async fn limited_relay(upstream: &str, workers: usize, flags: &str) -> (RelayProcess, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("icerelay.toml");
+    std::fs::write(&config, format!("proxy_workers = {workers}\n[primary]\nuri = \"{upstream}\"\n")).expect("config");
+    let relay =
+        RelayProcess::start_with_ulimit(&["serve", "--config", &config.display().to_string()], &[], Some(flags)).await;
+    (relay, dir)
 }
 
 /// User + system CPU time of a process, from `/proc/<pid>/stat`.
