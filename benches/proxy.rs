@@ -83,11 +83,24 @@ fn main() {
         ("seaweedfs", "SeaweedFS catalog", catalog.as_str()),
     ];
     for (_, name, upstream) in upstreams.into_iter().filter(|(key, _, _)| only.as_deref().is_none_or(|o| o == *key)) {
-        let relay = Icerelay::start(upstream);
+        let relay = Icerelay::start(upstream, &[]);
+        // engine_auth = "sigv4": the engine's token is dropped and every
+        // request signed again (SeaweedFS verifies the signature).
+        let signing = Icerelay::start(
+            upstream,
+            &[
+                ("ICERELAY__PRIMARY__ENGINE_AUTH", "sigv4"),
+                (
+                    "ICERELAY__PRIMARY__AUTH",
+                    r#"{ type = "sigv4", service = "s3tables", region = "us-east-1", access_key_id = "admin", secret_access_key = "adminsecret" }"#,
+                ),
+            ],
+        );
         let nginx = Nginx::start(upstream, &work.path().join(format!("nginx-{}", free_port())));
         let targets = [
             ("direct", upstream.to_owned(), Vec::new()),
             ("icerelay", relay.url.clone(), vec![relay.child.id()]),
+            ("icerelay sigv4", signing.url.clone(), vec![signing.child.id()]),
             ("nginx", nginx.url.clone(), with_children(nginx.child.id())),
         ];
         // Warm every path (connection pools, caches) before measuring.
@@ -119,6 +132,7 @@ fn main() {
             ));
         }
         drop(nginx);
+        drop(signing);
         drop(relay);
     }
     let _ = Command::new(root.join("scripts/teststack/seaweedfs.sh"))
@@ -250,11 +264,12 @@ struct Icerelay {
 }
 
 impl Icerelay {
-    fn start(upstream: &str) -> Self {
+    fn start(upstream: &str, env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_icerelay"))
             .args(["serve", "--upstream", upstream, "--listen", &format!("127.0.0.1:{port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
+            .envs(env.iter().copied())
             // The default log level, as users run it.
             .env_remove("RUST_LOG")
             .stderr(Stdio::inherit())

@@ -13,7 +13,11 @@ pub fn has_dot_segment(path: &str) -> bool {
             return false;
         }
         let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
-        decoded.split(['/', '\\']).any(|part| part == "." || part == "..")
+        // Servlet containers drop a `;parameter` before resolving `..;`.
+        decoded.split(['/', '\\']).any(|part| {
+            let part = part.split(';').next().unwrap_or(part);
+            part == "." || part == ".."
+        })
     })
 }
 
@@ -23,7 +27,17 @@ mod tests {
 
     #[test]
     fn raw_encoded_and_hidden_dot_segments_are_found() {
-        for path in ["/v1/../x", "/v1/./x", "/v1/%2e%2e/x", "/v1/%2E./x", "/v1/a%2f..%2fb", "/v1/a%5c..", "/x/.."] {
+        for path in [
+            "/v1/../x",
+            "/v1/./x",
+            "/v1/%2e%2e/x",
+            "/v1/%2E./x",
+            "/v1/a%2f..%2fb",
+            "/v1/a%5c..",
+            "/x/..",
+            "/v1/..;/x",
+            "/v1/..%3bx/y",
+        ] {
             assert!(has_dot_segment(path), "{path}");
         }
         for path in ["/v1/wh/namespaces/a.b/tables/t", "/v1/...", "/v1/a%1Fb", "/v1/.hidden", "/v1/x..y"] {

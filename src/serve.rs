@@ -207,11 +207,10 @@ impl Server {
             });
         }
         let stop = token.clone();
+        // The admin listener gets the proxy's connection limits and timeouts too.
+        let limits = config.connections;
         services.spawn(async move {
-            let result = axum::serve(admin_listener, admin_router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            ("admin", result)
+            ("admin", crate::proxy::conn::serve(admin_listener, admin_router, limits, stop).await)
         });
 
         let mut failure = None;

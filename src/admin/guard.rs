@@ -45,6 +45,8 @@ enum Refusal {
     CrossSite(String),
     /// A state-changing request without a JSON content type.
     NotJson,
+    /// A request to a tokenless admin API addressed by a DNS name.
+    ForeignHost(String),
 }
 
 impl IntoResponse for Refusal {
@@ -63,6 +65,15 @@ impl IntoResponse for Refusal {
                 format!(
                     "a request from origin {origin} may not change replication: the admin API refuses cross-site \
                      requests"
+                ),
+            ),
+            Self::ForeignHost(host) => (
+                StatusCode::FORBIDDEN,
+                "ForbiddenException",
+                format!(
+                    "the admin API has no admin_token, so it answers only requests addressed to localhost or an IP \
+                     address, not {host}: a web page that points a DNS name at 127.0.0.1 must not reach it. Set \
+                     admin_token to use it by name"
                 ),
             ),
             Self::NotJson => (
@@ -86,6 +97,11 @@ impl IntoResponse for Refusal {
 fn check(access: &AdminAccess, method: &Method, path: &str, headers: &HeaderMap) -> Result<(), Refusal> {
     if ALWAYS_OPEN.contains(&path) {
         return Ok(());
+    }
+    if access.local_hosts_only
+        && let Some(host) = dns_host(headers)
+    {
+        return Err(Refusal::ForeignHost(host));
     }
     let reads = matches!(*method, Method::GET | Method::HEAD);
     if !reads {
@@ -126,6 +142,18 @@ fn foreign_origin(headers: &HeaderMap) -> Option<String> {
     }
 }
 
+/// The `Host` header when it is a DNS name other than `localhost` (an IP
+/// literal, with or without a port, cannot be rebound).
+fn dns_host(headers: &HeaderMap) -> Option<String> {
+    let host = String::from_utf8_lossy(headers.get(header::HOST)?.as_bytes()).into_owned();
+    let name = match host.strip_prefix('[') {
+        Some(v6) => return (v6.split(']').next()?.parse::<std::net::Ipv6Addr>().is_err()).then_some(host.clone()),
+        None => host.rsplit_once(':').map_or(host.as_str(), |(name, _)| name),
+    };
+    let local = name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok();
+    (!local).then_some(host)
+}
+
 fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
@@ -160,7 +188,7 @@ mod tests {
 
     #[test]
     fn tokens_guard_everything_but_the_probes() {
-        let access = AdminAccess { token: Some(Secret::new("s3cret")), open_reads: false };
+        let access = AdminAccess { token: Some(Secret::new("s3cret")), open_reads: false, local_hosts_only: false };
         let json = ("content-type", "application/json");
         assert_eq!(check(&access, &Method::GET, "/healthz", &HeaderMap::new()), Ok(()));
         assert_eq!(check(&access, &Method::GET, "/readyz", &HeaderMap::new()), Ok(()));
@@ -173,6 +201,17 @@ mod tests {
         let open_reads = AdminAccess { open_reads: true, ..access };
         assert_eq!(check(&open_reads, &Method::GET, "/v1/replication/status", &HeaderMap::new()), Ok(()));
         assert_eq!(check(&open_reads, &Method::POST, PAUSE, &headers(&[json])), Err(Refusal::Unauthorized));
+    }
+
+    #[test]
+    fn without_a_token_only_local_names_are_answered() {
+        let local = AdminAccess { local_hosts_only: true, ..AdminAccess::default() };
+        let get = |host: &str| check(&local, &Method::GET, "/v1/replication/status", &headers(&[("host", host)]));
+        for host in ["127.0.0.1:9182", "localhost:9182", "LOCALHOST", "[::1]:9182", "10.0.0.7"] {
+            assert_eq!(get(host), Ok(()), "{host}");
+        }
+        assert!(matches!(get("rebound.attacker.example:9182"), Err(Refusal::ForeignHost(_))));
+        assert_eq!(check(&local, &Method::GET, "/healthz", &headers(&[("host", "any.name")])), Ok(()));
     }
 
     #[test]

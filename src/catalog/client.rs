@@ -443,17 +443,38 @@ impl RestCatalog {
                     location: location_of(&response),
                 });
             }
-            let refused =
-                status == StatusCode::UNAUTHORIZED || (status == StatusCode::FORBIDDEN && self.auth.sigv4().is_some());
-            if refused && attempt == 0 {
+            let bytes = response.bytes().await.map_err(|e| self.transport_error(url, e))?;
+            if self.credentials_refused(status, &bytes) && attempt == 0 {
                 self.auth.invalidate().await;
                 continue;
             }
-            let bytes = response.bytes().await.map_err(|e| self.transport_error(url, e))?;
             tracing::debug!(catalog = %self.name, operation, status = status.as_u16(), "catalog call");
             return Ok((status, bytes));
         }
         unreachable!("the loop returns on its second attempt")
+    }
+
+    /// Whether the catalog refused icerelay's credentials themselves (a
+    /// stale token, a bad or expired signature), not what they may do: only
+    /// then is fetching new credentials worth it.
+    fn credentials_refused(&self, status: StatusCode, body: &[u8]) -> bool {
+        match status {
+            StatusCode::UNAUTHORIZED => true,
+            StatusCode::FORBIDDEN if self.auth.sigv4().is_some() => {
+                let text = String::from_utf8_lossy(body).to_ascii_lowercase();
+                [
+                    "signature",
+                    "expiredtoken",
+                    "security token",
+                    "invalidclienttokenid",
+                    "unrecognizedclient",
+                    "access key",
+                ]
+                .iter()
+                .any(|sign| text.contains(sign))
+            }
+            _ => false,
+        }
     }
 
     fn decode<T: serde::de::DeserializeOwned>(&self, operation: &str, body: &[u8]) -> Result<T, CatalogError> {
@@ -478,7 +499,7 @@ impl RestCatalog {
 
     fn status_error(&self, operation: &str, status: StatusCode, body: &[u8]) -> CatalogError {
         if let Some(signer) = self.auth.sigv4()
-            && status == StatusCode::FORBIDDEN
+            && self.credentials_refused(status, body)
         {
             return CatalogError::SigV4Refused {
                 catalog: self.name.clone(),

@@ -94,7 +94,10 @@ async fn execute(args: Args) -> Result<(), String> {
     let started = Instant::now();
     let (mut storage_configs, destinations) = load_config(&args)?;
     for dir in &args.allow_local {
-        let dir = std::path::absolute(dir).map_err(|e| format!("--allow-local {}: {e}", dir.display()))?;
+        // Canonical, so `..` and links resolve as the URLs under it will.
+        let dir = std::fs::canonicalize(dir)
+            .or_else(|_| std::path::absolute(dir))
+            .map_err(|e| format!("--allow-local {}: {e}", dir.display()))?;
         storage_configs.push(StorageConfig::local_dir(&dir));
     }
     let storage = Arc::new(Storage::new(&storage_configs));

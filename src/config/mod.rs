@@ -115,6 +115,9 @@ pub struct AdminAccess {
     pub token: Option<Secret>,
     /// Whether `GET` status endpoints and `/metrics` answer without the token.
     pub open_reads: bool,
+    /// Whether only requests addressed to `localhost` or an IP address are
+    /// answered (no token on a loopback listener: DNS rebinding protection).
+    pub local_hosts_only: bool,
 }
 
 /// `[replication]`, with defaults resolved.
@@ -434,8 +437,16 @@ pub fn parse(text: &str, env: &dyn Env) -> Result<RawConfig, ConfigErrors> {
             "must be a string (the value is not shown: this key holds a credential)".to_owned()
         } else if key == "auth" || key.ends_with(".auth") {
             // Errors inside a tagged `auth` table are reported at the table,
-            // so any value quoted may be one of its secrets.
-            without_quoted_values(&deserialize_message(e.inner()))
+            // so a value serde quotes may be one of its secrets. Only the
+            // messages that quote names (of fields, of the auth types) are shown.
+            let message = deserialize_message(e.inner());
+            if ["unknown field", "missing field", "unknown variant"].iter().any(|m| message.starts_with(m)) {
+                message
+            } else {
+                "must be an auth table such as { type = \"oauth2\", client_id = \"...\", client_secret = \
+                 \"${SECRET}\" } (the value is not shown: it may hold a credential)"
+                    .to_owned()
+            }
         } else {
             deserialize_message(e.inner())
         };
@@ -451,21 +462,6 @@ fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigErrors {
         format!("line {line}, column {column}")
     });
     ConfigError::new(position.unwrap_or_default(), format!("invalid TOML: {}", e.message().trim())).into()
-}
-
-/// serde's message without the values it quotes in backticks.
-fn without_quoted_values(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    let mut inside = false;
-    for part in message.split('`') {
-        if !inside {
-            out.push_str(part);
-        } else {
-            out.push_str("(value not shown)");
-        }
-        inside = !inside;
-    }
-    out
 }
 
 /// Whether the last segment of a dotted key path names a credential.
@@ -688,6 +684,8 @@ impl Validator {
     }
 
     fn http_url(&mut self, key: &str, value: &str) -> Option<Url> {
+        // Messages show the URL without its query, which may carry a token.
+        let shown = value.split(['?', '#']).next().unwrap_or(value);
         match Url::parse(value) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
                 if !u.username().is_empty() || u.password().is_some() {
@@ -695,17 +693,17 @@ impl Validator {
                     return None;
                 }
                 if u.query().is_some() || u.fragment().is_some() {
-                    self.error(key, format!("{value:?} must not have a query or fragment"));
+                    self.error(key, format!("{shown:?} must not have a query or fragment"));
                     return None;
                 }
                 Some(u)
             }
             Ok(_) => {
-                self.error(key, format!("{value:?} is not an http(s) URL; expected e.g. http://127.0.0.1:8181"));
+                self.error(key, format!("{shown:?} is not an http(s) URL; expected e.g. http://127.0.0.1:8181"));
                 None
             }
             Err(e) => {
-                self.error(key, format!("{value:?} is not a valid URL ({e}); expected e.g. http://127.0.0.1:8181"));
+                self.error(key, format!("{shown:?} is not a valid URL ({e}); expected e.g. http://127.0.0.1:8181"));
                 None
             }
         }
@@ -773,7 +771,8 @@ impl Validator {
                 ),
             );
         }
-        AdminAccess { token, open_reads: open_reads.unwrap_or(false) }
+        let local_hosts_only = token.is_none() && listen.is_some_and(|a| a.ip().is_loopback());
+        AdminAccess { token, open_reads: open_reads.unwrap_or(false), local_hosts_only }
     }
 
     /// A destination that is the primary itself would replicate tables onto themselves.

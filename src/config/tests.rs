@@ -257,6 +257,15 @@ fn env_values_for_string_keys_stay_strings_and_secrets_are_never_echoed() {
     let errors = load_str(&text, &self::env()).expect_err("a number is not a secret");
     assert_eq!(keys(&errors), ["primary.auth"]);
     assert!(!errors.to_string().contains(secret), "{errors}");
+    // An auth written as a plain string (a token pasted in): not echoed either.
+    let env_auth = MapEnv::from_pairs([
+        ("ICERELAY__PRIMARY__AUTH", "tok-2231-secret"),
+        ("S3_SECRET", "s"),
+        ("REPLICA_SECRET", "r"),
+    ]);
+    let errors = load_str(FULL, &env_auth).expect_err("not a table");
+    assert_eq!(keys(&errors), ["primary.auth"]);
+    assert!(!errors.to_string().contains("tok-2231-secret"), "{errors}");
     // A malformed `${` inside a secret: an error without the value.
     let text = FULL.replace("${PRIMARY_SECRET}", "abc${not closed-x9q");
     let errors = load_str(&text, &self::env()).expect_err("malformed reference");

@@ -11,7 +11,11 @@
 //!   arrive whole within `header_read_timeout` of its first byte (one byte a
 //!   second keeps nobody's connection), and a connection waiting for its next
 //!   request is closed after `idle_timeout`. While a request is being answered
-//!   neither applies: the primary's own timeouts bound that.
+//!   (counted by [`InFlight`] around the service) neither applies: the
+//!   primary's own timeouts bound that.
+//! - **HTTP/1.1 only.** Engines' REST clients speak HTTP/1.1 to a plain-http
+//!   catalog; serving HTTP/2 with prior knowledge too would only add a
+//!   protocol whose handshake a client could stall.
 //! - **Graceful shutdown.** Accepting stops at once; connections finish their
 //!   request in flight and close.
 //!
@@ -27,15 +31,17 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
+use tower::Service;
 
+use super::idle::{IdleTimeout, Stalled};
 use crate::config::ConnectionLimits;
 
 /// First wait after a failed `accept`.
@@ -61,10 +67,11 @@ pub async fn serve(
 ) -> io::Result<()> {
     let open = Arc::new(AtomicUsize::new(0));
     let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper's own header timer would also close idle keep-alive connections
-    // after the (short) header timeout; GuardedIo tells the two apart.
-    builder.http1().keep_alive(true);
+    // hyper's own header timer (off without a timer) would also close idle
+    // keep-alive connections after the short header timeout; GuardedIo tells
+    // the two apart.
+    let mut builder = http1::Builder::new();
+    builder.keep_alive(true);
     let mut backoff = ACCEPT_BACKOFF_START;
     let mut refused_logged = false;
     loop {
@@ -105,9 +112,22 @@ pub async fn serve(
         // Without TCP_NODELAY a response written as head + body waits for
         // the client's delayed ACK (Nagle), adding ~40 ms per request.
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(GuardedIo::new(stream, limits.header_read_timeout, limits.idle_timeout));
-        let connection = builder.serve_connection(io, TowerToHyperService::new(router.clone())).into_owned();
-        let connection = graceful.watch(connection);
+        let requests = Arc::new(Requests::default());
+        let io = TokioIo::new(GuardedIo::new(stream, limits, requests.clone()));
+        let router = router.clone();
+        let body_timeout = limits.header_read_timeout;
+        let service = tower::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            // A request body must keep coming too: the commit tap and
+            // re-signing read it whole before anything reaches the primary.
+            let request = request.map(|body| IdleTimeout::new(body, body_timeout, Stalled::Client));
+            let mut router = router.clone();
+            let busy = InFlight::enter(&requests);
+            async move {
+                let _busy = busy;
+                router.call(request).await
+            }
+        });
+        let connection = graceful.watch(builder.serve_connection(io, TowerToHyperService::new(service)));
         let slot = OpenConnection::take(&open);
         tokio::spawn(async move {
             let _slot = slot;
@@ -119,6 +139,33 @@ pub async fn serve(
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// What the service did with a connection's requests, for its [`GuardedIo`].
+#[derive(Debug, Default)]
+pub struct Requests {
+    /// Requests the service has started on, ever.
+    started: AtomicUsize,
+    /// Requests the service is answering now (until their answer's head).
+    in_flight: AtomicUsize,
+}
+
+/// A request being answered on a connection; the in-flight count goes down
+/// when it is dropped.
+struct InFlight(Arc<Requests>);
+
+impl InFlight {
+    fn enter(requests: &Arc<Requests>) -> Self {
+        requests.started.fetch_add(1, Ordering::Relaxed);
+        requests.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(requests.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One counted connection; the count goes down when it is dropped.
@@ -145,102 +192,141 @@ enum Phase {
     /// Waiting for the first byte of a request, since the instant noted
     /// (noted lazily, the first time a read finds nothing).
     Idle { since: Option<Instant> },
-    /// Reading a request head, which must be complete by `deadline`;
-    /// `matched` bytes of the blank line that ends it have been seen.
-    Head { deadline: Instant, matched: usize },
-    /// The head is complete; `answered` once any answer byte was written.
-    Busy { answered: bool },
-    /// HTTP/2 with prior knowledge: frames, not heads. Only `idle` applies.
-    Http2,
+    /// Reading a request head, which must be complete by `deadline`.
+    Head { deadline: Instant, scan: HeadScan },
+    /// The head is complete (by `head_deadline`, `started` requests having
+    /// been started before it); `answered` once any answer byte was written.
+    Busy { answered: bool, head_deadline: Instant, started: usize },
 }
 
-/// The blank line that ends an HTTP/1 request head.
-const HEAD_END: &[u8; 4] = b"\r\n\r\n";
-/// The start of the HTTP/2 connection preface.
-const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
+/// How far a request head has come: it ends at the first empty line after
+/// its request line (`\r\n\r\n`, or bare `\n\n` as parsers accept), while
+/// empty lines before the request line are skipped, as parsers skip them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct HeadScan {
+    /// A byte other than CR or LF has been seen.
+    started: bool,
+    /// The current line holds nothing but CR so far.
+    line_empty: bool,
+}
+
+impl HeadScan {
+    /// Feeds bytes; true once the head is complete.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        for &byte in bytes {
+            match byte {
+                b'\n' if self.started && self.line_empty => return true,
+                b'\n' => self.line_empty = true,
+                b'\r' => {}
+                _ => {
+                    self.started = true;
+                    self.line_empty = false;
+                }
+            }
+        }
+        false
+    }
+}
 
 /// A socket that fails with `TimedOut` when a request head is too slow or a
 /// connection waits too long for its next request.
 ///
-/// It follows the HTTP/1 exchange from the bytes alone: a request head ends
-/// at the first blank line, and the first byte read after answer bytes were
-/// written starts the next head. Its timer is touched only when a read finds
-/// nothing, so the bytes of a busy connection pay no timer at all.
+/// It follows the HTTP/1 exchange from the bytes and from the count of
+/// requests the service is answering: a request head ends at its first empty
+/// line, and the first byte read once an answer was written and no request is
+/// in flight starts the next head. Its timer is touched only when a read
+/// finds nothing, so the bytes of a busy connection pay no timer at all.
 #[derive(Debug)]
 pub struct GuardedIo<T> {
     inner: T,
     header_timeout: Duration,
     idle_timeout: Duration,
+    requests: Arc<Requests>,
     phase: Phase,
     timer: Pin<Box<Sleep>>,
 }
 
 impl<T> GuardedIo<T> {
-    /// Guards `inner` with the two timeouts.
-    pub fn new(inner: T, header_timeout: Duration, idle_timeout: Duration) -> Self {
+    /// Guards `inner` with the limits' two timeouts; `requests` is what the
+    /// service did with this connection's requests.
+    pub fn new(inner: T, limits: ConnectionLimits, requests: Arc<Requests>) -> Self {
         let now = Instant::now();
         Self {
             inner,
-            header_timeout,
-            idle_timeout,
+            header_timeout: limits.header_read_timeout,
+            idle_timeout: limits.idle_timeout,
+            requests,
             phase: Phase::Idle { since: Some(now) },
-            timer: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
+            timer: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
         }
+    }
+
+    fn answering(&self) -> bool {
+        self.requests.in_flight.load(Ordering::Relaxed) > 0
+    }
+
+    fn started(&self) -> usize {
+        self.requests.started.load(Ordering::Relaxed)
     }
 
     /// Follows the request cycle through `bytes`, just read.
     fn saw_read(&mut self, bytes: &[u8]) {
         let starts_head = match self.phase {
             Phase::Idle { .. } => true,
-            Phase::Busy { answered } => answered,
-            Phase::Head { .. } | Phase::Http2 => false,
+            // Body bytes (after a `100 Continue`, say) are not a new head.
+            Phase::Busy { answered, .. } => answered && !self.answering(),
+            Phase::Head { .. } => false,
         };
         if starts_head {
-            if bytes.starts_with(H2_PREFACE_START) {
-                self.phase = Phase::Http2;
-                return;
-            }
-            self.phase = Phase::Head { deadline: Instant::now() + self.header_timeout, matched: 0 };
+            self.phase = Phase::Head { deadline: Instant::now() + self.header_timeout, scan: HeadScan::default() };
         }
-        if let Phase::Head { deadline, mut matched } = self.phase {
-            for &byte in bytes {
-                matched = if byte == HEAD_END[matched] { matched + 1 } else { usize::from(byte == b'\r') };
-                if matched == HEAD_END.len() {
-                    self.phase = Phase::Busy { answered: false };
-                    return;
-                }
-            }
-            self.phase = Phase::Head { deadline, matched };
+        if let Phase::Head { deadline, mut scan } = self.phase {
+            self.phase = if scan.feed(bytes) {
+                Phase::Busy { answered: false, head_deadline: deadline, started: self.started() }
+            } else {
+                Phase::Head { deadline, scan }
+            };
         }
     }
 
     fn saw_write(&mut self) {
         match self.phase {
-            Phase::Busy { .. } => self.phase = Phase::Busy { answered: true },
-            // Bytes going out (an HTTP/2 ack, a `100 Continue`) are activity.
+            Phase::Busy { head_deadline, started, .. } => {
+                self.phase = Phase::Busy { answered: true, head_deadline, started };
+            }
             Phase::Idle { .. } => self.phase = Phase::Idle { since: None },
-            Phase::Head { .. } | Phase::Http2 => {}
+            Phase::Head { .. } => {}
         }
     }
 
     /// When the connection must have made progress by, given that a read just found nothing.
     fn deadline(&mut self) -> Option<Instant> {
+        if self.answering() {
+            // The service has the request: the primary's timeouts bound it.
+            return None;
+        }
         match self.phase {
             Phase::Idle { since: Some(since) } => Some(since + self.idle_timeout),
-            Phase::Idle { since: None } | Phase::Busy { answered: true } => {
+            Phase::Idle { since: None } | Phase::Busy { answered: true, .. } => {
                 // Nothing to read after an answer: the connection is idle from now.
                 let now = Instant::now();
                 self.phase = Phase::Idle { since: Some(now) };
                 Some(now + self.idle_timeout)
             }
             Phase::Head { deadline, .. } => Some(deadline),
-            Phase::Busy { answered: false } | Phase::Http2 => None,
+            // The service has answered; hyper writes the answer next.
+            Phase::Busy { answered: false, started, .. } if self.started() > started => None,
+            // A head that looked whole to us but not to hyper (no request
+            // came of it): it is still a head, and still has its deadline.
+            Phase::Busy { answered: false, head_deadline, .. } => Some(head_deadline),
         }
     }
 
     fn timed_out(&self) -> io::Error {
         let what = match self.phase {
-            Phase::Head { .. } => "the request head did not arrive within header_read_timeout",
+            Phase::Head { .. } | Phase::Busy { answered: false, .. } => {
+                "the request head did not arrive within header_read_timeout"
+            }
             _ => "the connection was idle for idle_timeout",
         };
         io::Error::new(io::ErrorKind::TimedOut, what)
@@ -313,57 +399,93 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 
     const HEADER: Duration = Duration::from_secs(10);
     const IDLE: Duration = Duration::from_secs(60);
 
-    async fn read_some(io: &mut GuardedIo<tokio::io::DuplexStream>) -> io::Result<usize> {
+    fn guarded(server: DuplexStream) -> (GuardedIo<DuplexStream>, Arc<Requests>) {
+        let requests = Arc::new(Requests::default());
+        let limits =
+            ConnectionLimits { header_read_timeout: HEADER, idle_timeout: IDLE, max_connections_per_worker: 1 };
+        (GuardedIo::new(server, limits, requests.clone()), requests)
+    }
+
+    async fn read_some(io: &mut GuardedIo<DuplexStream>) -> io::Result<usize> {
         let mut buf = [0u8; 256];
         io.read(&mut buf).await
+    }
+
+    /// Sends `bytes` one at a time, a second apart, reading as a server would; the error that ends it.
+    async fn drip(client: &mut DuplexStream, io: &mut GuardedIo<DuplexStream>, bytes: &[u8]) -> io::Error {
+        for byte in bytes.iter().cycle().take(200) {
+            client.write_all(&[*byte]).await.expect("write");
+            if let Err(e) = read_some(io).await {
+                return e;
+            }
+            tokio::select! {
+                r = read_some(io) => if let Err(e) = r { return e },
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        panic!("never cut off")
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_head_sent_one_byte_at_a_time_is_cut_off() {
         let (mut client, server) = duplex(1024);
-        let mut io = GuardedIo::new(server, HEADER, IDLE);
+        let (mut io, _) = guarded(server);
         let started = Instant::now();
-        let mut outcome = Ok(0);
-        for byte in b"GET /v1/config HTTP/1.1\r\nHost: x\r\n".iter().cycle().take(100) {
-            client.write_all(&[*byte]).await.expect("write");
-            outcome = read_some(&mut io).await;
-            if outcome.is_err() {
-                break;
-            }
-            tokio::select! {
-                r = read_some(&mut io) => { outcome = r; break; }
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        }
-        let e = outcome.expect_err("timed out");
+        let e = drip(&mut client, &mut io, b"GET /v1/config HTTP/1.1\r\nHost: x\r\n").await;
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert!(e.to_string().contains("header_read_timeout"), "{e}");
         assert!(Instant::now() - started <= HEADER + Duration::from_secs(1));
     }
 
     #[tokio::test(start_paused = true)]
+    async fn blank_lines_or_a_head_no_request_came_of_do_not_end_the_head_deadline() {
+        // Empty lines before a request line are skipped by parsers: no head.
+        let (mut client, server) = duplex(1024);
+        let (mut io, _) = guarded(server);
+        client.write_all(b"\r\n\r\n\r\n").await.expect("write");
+        let e = drip(&mut client, &mut io, b"\r\n").await;
+        assert!(e.to_string().contains("header_read_timeout"), "{e}");
+        // A head that looks whole but that the service never got: still timed.
+        let (mut client, server) = duplex(1024);
+        let (mut io, _) = guarded(server);
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.expect("write");
+        read_some(&mut io).await.expect("head");
+        let e = read_some(&mut io).await.expect_err("no request was started");
+        assert!(e.to_string().contains("header_read_timeout"), "{e}");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_answered_connection_may_idle_until_idle_timeout_but_a_busy_one_forever() {
         let (mut client, server) = duplex(1024);
-        let mut io = GuardedIo::new(server, HEADER, IDLE);
-        client.write_all(b"GET /v1/config HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        let (mut io, requests) = guarded(server);
+        client.write_all(b"POST /v1/x HTTP/1.1\r\nExpect: 100-continue\r\n\r\n").await.expect("write");
         read_some(&mut io).await.expect("head");
-        // Busy: the primary takes longer than both timeouts; nothing fires.
+        let busy = InFlight::enter(&requests);
+        // A `100 Continue`, then the body a while later: not a new head.
+        io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.expect("continue");
+        tokio::time::sleep(HEADER * 2).await;
+        client.write_all(b"{\"body\": 1}").await.expect("body");
+        read_some(&mut io).await.expect("body");
+        // The primary takes longer than both timeouts; nothing fires.
         tokio::select! {
             r = read_some(&mut io) => panic!("no deadline while busy: {r:?}"),
             () = tokio::time::sleep(IDLE * 3) => {}
         }
+        drop(busy);
         io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.expect("answer");
         // Idle after the answer: the next head may come late, but not later than IDLE.
         let (second, ()) = tokio::join!(read_some(&mut io), async {
             tokio::time::sleep(IDLE - Duration::from_secs(1)).await;
-            client.write_all(b"GET /v1/config HTTP/1.1\r\n\r\n").await.expect("write");
+            client.write_all(b"GET /v1/config HTTP/1.1\n\n").await.expect("write");
         });
         second.expect("second head in time");
+        let busy = InFlight::enter(&requests);
+        drop(busy);
         io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.expect("answer");
         let started = Instant::now();
         let e = read_some(&mut io).await.expect_err("idle too long");
@@ -372,24 +494,14 @@ mod tests {
         assert_eq!(Instant::now() - started, IDLE);
     }
 
-    #[tokio::test]
-    async fn heads_end_at_the_first_blank_line_even_split_across_reads() {
-        let (_client, server) = duplex(8);
-        let mut io = GuardedIo::new(server, HEADER, IDLE);
-        io.saw_read(b"GET / HTTP/1.1\r\nA: b\r");
-        assert!(matches!(io.phase, Phase::Head { matched: 1, .. }), "{:?}", io.phase);
-        io.saw_read(b"\n\r");
-        assert!(matches!(io.phase, Phase::Head { matched: 3, .. }), "{:?}", io.phase);
-        io.saw_read(b"\nbody");
-        assert_eq!(io.phase, Phase::Busy { answered: false });
-        io.saw_read(b"more body");
-        assert_eq!(io.phase, Phase::Busy { answered: false }, "body bytes are not a new head");
-        io.saw_write();
-        io.saw_read(b"GET");
-        assert!(matches!(io.phase, Phase::Head { .. }), "a read after an answer starts the next head");
-        let (_client, server) = duplex(8);
-        let mut h2 = GuardedIo::new(server, HEADER, IDLE);
-        h2.saw_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-        assert_eq!(h2.phase, Phase::Http2);
+    #[test]
+    fn heads_end_at_the_first_empty_line_after_the_request_line() {
+        let mut scan = HeadScan::default();
+        assert!(!scan.feed(b"\r\n\r\n"), "leading empty lines are skipped");
+        assert!(!scan.feed(b"GET / HTTP/1.1\r\nA: b\r"));
+        assert!(!scan.feed(b"\n\r"));
+        assert!(scan.feed(b"\nbody"));
+        assert!(HeadScan::default().feed(b"GET / HTTP/1.1\nA: b\n\n"), "bare LF");
+        assert!(!HeadScan::default().feed(b"GET / HTTP/1.1\r\n \r\n"), "a line of a space is not empty");
     }
 }

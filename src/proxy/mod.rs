@@ -19,6 +19,7 @@ pub mod commit_tap;
 pub mod config_rewrite;
 pub mod conn;
 pub mod error;
+pub mod idle;
 pub mod observe;
 pub mod resign;
 pub mod router;

@@ -31,6 +31,7 @@ use reqwest::Url;
 use tower::Service;
 
 use super::error::ProxyError;
+use super::idle::{IdleTimeout, Stalled};
 use super::router::{Classified, Operation};
 use crate::catalog::sigv4::Signer;
 use crate::config::AuthConfig;
@@ -273,79 +274,12 @@ async fn read_ahead(mut body: Incoming, idle_timeout: Duration) -> Body {
             None => break,
         }
     }
-    let rest = IdleTimeout::new(body, idle_timeout);
+    let rest = IdleTimeout::new(body, idle_timeout, Stalled::Primary);
     if prefix.is_empty() {
         return Body::new(rest);
     }
     let frames = futures::stream::iter(prefix.into_iter().map(Ok)).chain(BodyStream::new(rest));
     Body::new(StreamBody::new(frames))
-}
-
-/// A streamed answer that fails when the primary sends nothing for `timeout`.
-///
-/// The client already has the head, so no error answer is possible any more:
-/// the failure makes hyper cut the client's connection (a reset on HTTP/1.1,
-/// `RST_STREAM` on HTTP/2), which every client sees as an incomplete answer
-/// rather than waiting forever. The timer is re-armed only when it fires, so
-/// a fast stream pays for one timer, not one per frame.
-struct IdleTimeout<B> {
-    inner: B,
-    timeout: Duration,
-    last_frame: tokio::time::Instant,
-    timer: Pin<Box<tokio::time::Sleep>>,
-}
-
-/// The primary stopped sending a started answer.
-#[derive(Debug, thiserror::Error)]
-#[error("the primary sent no data for {}; the answer was cut off ([primary] body_idle_timeout)", humantime::format_duration(*.0))]
-pub struct BodyStalled(Duration);
-
-impl<B> IdleTimeout<B> {
-    fn new(inner: B, timeout: Duration) -> Self {
-        let now = tokio::time::Instant::now();
-        Self { inner, timeout, last_frame: now, timer: Box::pin(tokio::time::sleep_until(now + timeout)) }
-    }
-}
-
-impl<B> http_body::Body for IdleTimeout<B>
-where
-    B: http_body::Body<Data = Bytes> + Unpin,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
-{
-    type Data = Bytes;
-    type Error = Box<dyn StdError + Send + Sync>;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                this.last_frame = tokio::time::Instant::now();
-                return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
-            }
-            Poll::Pending => {}
-        }
-        // The timer may be older than the last frame: when it fires, it is
-        // moved to the real deadline, and only a deadline really passed fails.
-        while this.timer.as_mut().poll(cx).is_ready() {
-            let deadline = this.last_frame + this.timeout;
-            if tokio::time::Instant::now() >= deadline {
-                return Poll::Ready(Some(Err(Box::new(BodyStalled(this.timeout)))));
-            }
-            this.timer.as_mut().reset(deadline);
-        }
-        Poll::Pending
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 fn concat(chunks: impl Iterator<Item = Bytes>) -> Bytes {

@@ -28,6 +28,11 @@ use crate::proxy::commit_tap::{CommitHint, HintKind};
 pub const DATABASE_FILE: &str = "icerelay.db";
 /// The lock file that keeps a second process off the state directory; it holds the owner's pid.
 pub const LOCK_FILE: &str = "icerelay.lock";
+/// How long opening waits for a store this same process dropped to let go.
+#[cfg(not(test))]
+const OWN_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+#[cfg(test)]
+const OWN_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 const SCHEMA_VERSION: i64 = 3;
 
@@ -114,8 +119,6 @@ type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 pub struct EmbeddedStore {
     jobs: mpsc::Sender<Job>,
     path: String,
-    /// The exclusive lock on the state directory, released when the last clone drops.
-    _lock: std::sync::Arc<std::fs::File>,
 }
 
 impl EmbeddedStore {
@@ -137,13 +140,15 @@ impl EmbeddedStore {
         std::thread::Builder::new()
             .name("icerelay-state".into())
             .spawn(move || {
-                // Runs until every sender (every clone of the store) is gone.
+                // Runs until every sender (every clone of the store) is gone;
+                // the directory stays locked until the last job is done.
+                let _lock = lock;
                 while let Ok(job) = queue.recv() {
                     job(&mut connection);
                 }
             })
             .map_err(|source| StateError::Directory { path: path.clone(), source })?;
-        Ok(Self { jobs, path, _lock: std::sync::Arc::new(lock) })
+        Ok(Self { jobs, path })
     }
 
     /// Runs `f` on the database thread.
@@ -176,18 +181,28 @@ fn lock_directory(dir: &Path) -> Result<std::fs::File, StateError> {
         .truncate(false)
         .open(&path)
         .map_err(directory)?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            return Err(StateError::Locked {
-                path: dir.display().to_string(),
-                holder: if holder.is_empty() { "unknown".to_owned() } else { holder.to_owned() },
-            });
+    // A store this process dropped a moment ago lets go once its thread has
+    // finished its last job: wait for that, but never for another process.
+    let give_up = std::time::Instant::now() + OWN_RELEASE_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                file.rewind().map_err(directory)?;
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim().to_owned();
+                if holder == std::process::id().to_string() && std::time::Instant::now() < give_up {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    continue;
+                }
+                return Err(StateError::Locked {
+                    path: dir.display().to_string(),
+                    holder: if holder.is_empty() { "unknown".to_owned() } else { holder },
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(directory(e)),
         }
-        Err(std::fs::TryLockError::Error(e)) => return Err(directory(e)),
     }
     file.set_len(0).map_err(directory)?;
     file.rewind().map_err(directory)?;

@@ -53,6 +53,7 @@ async fn dot_segment_paths_are_refused_and_never_forwarded() {
         "/v1/%2e%2e/%2E%2E/management/v1/principals",
         "/v1/wh/namespaces/./tables",
         "/v1/wh/%2e%2e%2f%2e%2e%2fmanagement",
+        "/v1/..;/..;/management/v1/principals",
     ] {
         let answer = raw(&relay.url, &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
@@ -110,6 +111,20 @@ async fn slow_heads_and_idle_connections_are_closed_and_busy_ones_are_not() {
     // A connection that never sends anything: closed after idle_timeout.
     let mut idle = TcpStream::connect(addr(&relay.url)).await.expect("connect");
     assert!(closed_within(&mut idle, Duration::from_secs(15)).await, "an idle connection must be closed");
+
+    // Empty lines are not a request: still cut off.
+    let mut blank = TcpStream::connect(addr(&relay.url)).await.expect("connect");
+    blank.write_all(b"\r\n\r\n").await.expect("write");
+    assert!(closed_within(&mut blank, Duration::from_secs(15)).await, "empty lines do not make a request");
+
+    // A commit whose body never comes: refused once the client stays quiet.
+    let answer = raw(
+        &relay.url,
+        "POST /v1/wh/transactions/commit HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("no request body data"), "{answer}");
 
     // A request whose answer takes longer than both timeouts is answered.
     let answer = raw(&relay.url, "GET /v1/config HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
