@@ -11,6 +11,8 @@
 //!
 //! Needs the test stack (`scripts/setup-test-env.sh`) and Debian's
 //! `nginx-light` and `wrk`. Run: `cargo bench --bench proxy [-- --duration 10 --rounds 3]`.
+//! `--baseline PATH` adds another icerelay binary (an earlier build, say) as
+//! a target, so a change is measured against what it changed in one run.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -29,6 +31,7 @@ fn main() {
     let connections = flag("--connections", 64);
     // `--only static` or `--only seaweedfs` runs one upstream.
     let only = args.text("--only").map(str::to_owned);
+    let baseline = args.text("--baseline").map(str::to_owned);
     for tool in ["nginx", "wrk"] {
         let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().map(|o| o.status.success());
         assert!(found.unwrap_or(false), "{tool} is required: apt-get install nginx-light wrk");
@@ -84,6 +87,7 @@ fn main() {
     ];
     for (_, name, upstream) in upstreams.into_iter().filter(|(key, _, _)| only.as_deref().is_none_or(|o| o == *key)) {
         let relay = Icerelay::start(upstream, &[]);
+        let earlier = baseline.as_deref().map(|binary| Icerelay::start_binary(binary, upstream, &[]));
         // engine_auth = "sigv4": the engine's token is dropped and every
         // request signed again (SeaweedFS verifies the signature).
         let signing = Icerelay::start(
@@ -97,12 +101,15 @@ fn main() {
             ],
         );
         let nginx = Nginx::start(upstream, &work.path().join(format!("nginx-{}", free_port())));
-        let targets = [
+        let mut targets = vec![
             ("direct", upstream.to_owned(), Vec::new()),
             ("icerelay", relay.url.clone(), vec![relay.child.id()]),
             ("icerelay sigv4", signing.url.clone(), vec![signing.child.id()]),
             ("nginx", nginx.url.clone(), with_children(nginx.child.id())),
         ];
+        if let Some(earlier) = &earlier {
+            targets.insert(2, ("icerelay baseline", earlier.url.clone(), vec![earlier.child.id()]));
+        }
         // Warm every path (connection pools, caches) before measuring.
         for (_, url, _) in &targets {
             wrk(&format!("{url}{path}"), &token, 2, connections);
@@ -132,6 +139,7 @@ fn main() {
             ));
         }
         drop(nginx);
+        drop(earlier);
         drop(signing);
         drop(relay);
     }
@@ -265,8 +273,12 @@ struct Icerelay {
 
 impl Icerelay {
     fn start(upstream: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_binary(env!("CARGO_BIN_EXE_icerelay"), upstream, env)
+    }
+
+    fn start_binary(binary: &str, upstream: &str, env: &[(&str, &str)]) -> Self {
         let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_icerelay"))
+        let child = Command::new(binary)
             .args(["serve", "--upstream", upstream, "--listen", &format!("127.0.0.1:{port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
             .envs(env.iter().copied())

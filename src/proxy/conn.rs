@@ -211,20 +211,34 @@ struct HeadScan {
 }
 
 impl HeadScan {
-    /// Feeds bytes; true once the head is complete.
+    /// Feeds bytes; true once the head is complete. Looks at each line, not
+    /// each byte: the newlines are found with `memchr`.
     fn feed(&mut self, bytes: &[u8]) -> bool {
-        for &byte in bytes {
-            match byte {
-                b'\n' if self.started && self.line_empty => return true,
-                b'\n' => self.line_empty = true,
-                b'\r' => {}
-                _ => {
-                    self.started = true;
-                    self.line_empty = false;
-                }
+        let mut line_start = 0;
+        for newline in memchr::memchr_iter(b'\n', bytes) {
+            if self.line_ends(&bytes[line_start..newline]) {
+                return true;
             }
+            line_start = newline + 1;
         }
+        self.line_continues(&bytes[line_start..]);
         false
+    }
+
+    /// A line (or the rest of one) ends with `text` before its newline; true when it ends the head.
+    fn line_ends(&mut self, text: &[u8]) -> bool {
+        self.line_continues(text);
+        let ends = self.started && self.line_empty;
+        self.line_empty = true;
+        ends
+    }
+
+    /// More of the current line, without its newline.
+    fn line_continues(&mut self, text: &[u8]) {
+        if text.iter().any(|&b| b != b'\r') {
+            self.started = true;
+            self.line_empty = false;
+        }
     }
 }
 
@@ -348,13 +362,19 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
                 let Some(deadline) = this.deadline() else { return Poll::Pending };
-                if this.timer.deadline() != deadline {
+                // Re-arming costs a trip through the timer wheel, and every
+                // answered request moves the idle deadline: the timer is only
+                // moved earlier, or re-armed once it has fired early.
+                if this.timer.deadline() > deadline || this.timer.is_elapsed() {
                     this.timer.as_mut().reset(deadline);
                 }
-                match this.timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(this.timed_out())),
-                    Poll::Pending => Poll::Pending,
+                while this.timer.as_mut().poll(cx).is_ready() {
+                    if Instant::now() >= deadline {
+                        return Poll::Ready(Err(this.timed_out()));
+                    }
+                    this.timer.as_mut().reset(deadline);
                 }
+                Poll::Pending
             }
         }
     }

@@ -11,8 +11,8 @@
 //! Only time spent *waiting on the sender* counts: the clock starts when the
 //! reader asks for more and nothing is there, not when the last chunk was
 //! delivered, so a slow reader (backpressure) never trips it. The timer is
-//! re-armed only when it fires, so a busy stream pays for one timer, not one
-//! per chunk.
+//! made on the first wait and re-armed only when it fires, so a body that is
+//! always there (an empty `GET` body, a fast stream) costs no timer at all.
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -52,14 +52,13 @@ pub struct IdleTimeout<B> {
     who: Stalled,
     /// When the reader started waiting for the next frame; `None` right after one.
     waiting_since: Option<Instant>,
-    timer: Pin<Box<Sleep>>,
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<B> IdleTimeout<B> {
     /// Wraps `inner`.
     pub fn new(inner: B, timeout: Duration, who: Stalled) -> Self {
-        let timer = Box::pin(tokio::time::sleep_until(Instant::now() + timeout));
-        Self { inner, timeout, who, waiting_since: None, timer }
+        Self { inner, timeout, who, waiting_since: None, timer: None }
     }
 }
 
@@ -81,14 +80,15 @@ where
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         let since = *this.waiting_since.get_or_insert_with(Instant::now);
+        let deadline = since + this.timeout;
+        let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         // The timer may be older than this wait: when it fires early it is
         // moved to the real deadline, and only a deadline really passed fails.
-        while this.timer.as_mut().poll(cx).is_ready() {
-            let deadline = since + this.timeout;
+        while timer.as_mut().poll(cx).is_ready() {
             if Instant::now() >= deadline {
                 return Poll::Ready(Some(Err(Box::new(BodyStalled { who: this.who, timeout: this.timeout }))));
             }
-            this.timer.as_mut().reset(deadline);
+            timer.as_mut().reset(deadline);
         }
         Poll::Pending
     }
