@@ -421,8 +421,11 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 
-    const HEADER: Duration = Duration::from_secs(10);
-    const IDLE: Duration = Duration::from_secs(60);
+    // Real time, scaled down: tokio's paused clock (test-util) would leak
+    // into the benchmarked binary through Cargo's feature unification.
+    const HEADER: Duration = Duration::from_millis(200);
+    const IDLE: Duration = Duration::from_millis(600);
+    const TICK: Duration = Duration::from_millis(50);
 
     fn guarded(server: DuplexStream) -> (GuardedIo<DuplexStream>, Arc<Requests>) {
         let requests = Arc::new(Requests::default());
@@ -445,13 +448,13 @@ mod tests {
             }
             tokio::select! {
                 r = read_some(io) => if let Err(e) = r { return e },
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = tokio::time::sleep(TICK) => {}
             }
         }
         panic!("never cut off")
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_head_sent_one_byte_at_a_time_is_cut_off() {
         let (mut client, server) = duplex(1024);
         let (mut io, _) = guarded(server);
@@ -459,10 +462,10 @@ mod tests {
         let e = drip(&mut client, &mut io, b"GET /v1/config HTTP/1.1\r\nHost: x\r\n").await;
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert!(e.to_string().contains("header_read_timeout"), "{e}");
-        assert!(Instant::now() - started <= HEADER + Duration::from_secs(1));
+        assert!(Instant::now() - started >= HEADER, "not before the deadline");
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn blank_lines_or_a_head_no_request_came_of_do_not_end_the_head_deadline() {
         // Empty lines before a request line are skipped by parsers: no head.
         let (mut client, server) = duplex(1024);
@@ -479,7 +482,7 @@ mod tests {
         assert!(e.to_string().contains("header_read_timeout"), "{e}");
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn an_answered_connection_may_idle_until_idle_timeout_but_a_busy_one_forever() {
         let (mut client, server) = duplex(1024);
         let (mut io, requests) = guarded(server);
@@ -500,7 +503,7 @@ mod tests {
         io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.expect("answer");
         // Idle after the answer: the next head may come late, but not later than IDLE.
         let (second, ()) = tokio::join!(read_some(&mut io), async {
-            tokio::time::sleep(IDLE - Duration::from_secs(1)).await;
+            tokio::time::sleep(IDLE - 2 * TICK).await;
             client.write_all(b"GET /v1/config HTTP/1.1\n\n").await.expect("write");
         });
         second.expect("second head in time");
@@ -511,7 +514,7 @@ mod tests {
         let e = read_some(&mut io).await.expect_err("idle too long");
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert!(e.to_string().contains("idle_timeout"), "{e}");
-        assert_eq!(Instant::now() - started, IDLE);
+        assert!(Instant::now() - started >= IDLE, "not before the deadline");
     }
 
     #[test]

@@ -107,20 +107,20 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_quiet_sender_fails_but_a_slow_reader_does_not() {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
         let stream = http_body_util::StreamBody::new(tokio_stream_from(rx));
-        let mut body = IdleTimeout::new(stream, Duration::from_secs(5), Stalled::Client);
+        let mut body = IdleTimeout::new(stream, Duration::from_millis(200), Stalled::Client);
         tx.send(Ok(Frame::data(Bytes::from_static(b"a")))).await.expect("send");
         // The reader comes back late (backpressure): the wait starts now.
-        tokio::time::sleep(Duration::from_secs(60)).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
         assert!(body.frame().await.expect("frame").is_ok());
         tx.send(Ok(Frame::data(Bytes::from_static(b"b")))).await.expect("send");
         assert!(body.frame().await.expect("frame").is_ok(), "a frame that is there is never late");
         let started = Instant::now();
         let e = body.frame().await.expect("a failure").expect_err("stalled");
-        assert_eq!(Instant::now() - started, Duration::from_secs(5));
+        assert!(Instant::now() - started >= Duration::from_millis(200), "not before the deadline");
         assert!(e.to_string().contains("header_read_timeout"), "{e}");
         drop(tx);
     }

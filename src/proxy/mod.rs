@@ -7,12 +7,17 @@
 //!    and echoed to the client) and opens the request's tracing span.
 //! 3. [`observe::ObserveLayer`]: request counts and latency by route template.
 //! 4. [`error::RespondLayer`]: the one place icerelay's own errors become
-//!    `ErrorModel` responses (502, 504, 413, 404).
+//!    `ErrorModel` responses (502, 504, 413, 404, 400).
 //! 5. [`config_rewrite::ConfigRewriteLayer`]: keeps `GET /v1/config` from
 //!    sending clients around the proxy.
 //! 6. [`commit_tap::CommitTapLayer`]: after a successful commit, records a
 //!    change hint per table; never alters the answer.
-//! 7. [`upstream::Upstream`]: forwards and streams.
+//! 7. [`upstream::Upstream`]: forwards and streams; refuses dot-segment
+//!    paths; with `engine_auth = "sigv4"` re-signs ([`resign`]); cuts off a
+//!    stalled answer ([`idle`]).
+//!
+//! Below the stack, [`conn`] accepts connections (one loop per
+//! [`workers`] thread) under a cap and with header and idle timeouts.
 
 pub mod body;
 pub mod commit_tap;
