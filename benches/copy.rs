@@ -162,6 +162,8 @@ impl Seaweed {
         StorageConfig {
             prefix: prefix.to_owned(),
             kind: StorageKind::S3 {
+                sse: None,
+                storage_class: None,
                 endpoint: Some(self.endpoint.parse().expect("url")),
                 region: "us-east-1".into(),
                 path_style: true,

@@ -251,9 +251,25 @@ pub enum StorageKind {
         secret_access_key: Option<Secret>,
         /// Session token.
         session_token: Option<Secret>,
+        /// Server-side encryption of written objects.
+        sse: Option<Sse>,
+        /// Storage class of written objects.
+        storage_class: Option<String>,
     },
     /// A local filesystem (`file://` prefixes).
     Local,
+}
+
+/// Server-side encryption of the objects icerelay writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sse {
+    /// SSE-S3 (`AES256`).
+    Aes256,
+    /// SSE-KMS, with a key id or the account's default key.
+    Kms {
+        /// The KMS key; `None` for the default `aws/s3` key.
+        key_id: Option<String>,
+    },
 }
 
 /// A replica catalog.
@@ -926,7 +942,31 @@ impl Validator {
                 if raw.access_key_id.is_some() != raw.secret_access_key.is_some() {
                     self.error(&key, "access_key_id and secret_access_key must be set together");
                 }
+                let sse = match raw.sse.as_deref() {
+                    None => None,
+                    Some("AES256") => Some(Sse::Aes256),
+                    Some("aws:kms") => Some(Sse::Kms { key_id: raw.sse_kms_key_id.clone() }),
+                    Some(other) => {
+                        self.error(format!("{key}.sse"), format!("{other:?} is not valid; expected AES256 or aws:kms"));
+                        None
+                    }
+                };
+                if raw.sse_kms_key_id.is_some() && !matches!(sse, Some(Sse::Kms { .. })) {
+                    self.error(format!("{key}.sse_kms_key_id"), "applies only with sse = \"aws:kms\"");
+                }
+                if let Some(class) = &raw.storage_class
+                    && (class.is_empty() || !class.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+                {
+                    self.error(
+                        format!("{key}.storage_class"),
+                        format!(
+                            "{class:?} is not an S3 storage class; expected e.g. STANDARD_IA or INTELLIGENT_TIERING"
+                        ),
+                    );
+                }
                 StorageKind::S3 {
+                    sse,
+                    storage_class: raw.storage_class,
                     endpoint,
                     region: raw.region.unwrap_or_else(|| "us-east-1".to_owned()),
                     path_style: raw.path_style.unwrap_or(false),
@@ -947,6 +987,9 @@ impl Validator {
                     ("region", raw.region.is_some()),
                     ("access_key_id", raw.access_key_id.is_some()),
                     ("secret_access_key", raw.secret_access_key.is_some()),
+                    ("sse", raw.sse.is_some()),
+                    ("sse_kms_key_id", raw.sse_kms_key_id.is_some()),
+                    ("storage_class", raw.storage_class.is_some()),
                 ] {
                     if set {
                         self.error(format!("{key}.{field}"), "applies only to s3:// prefixes");

@@ -261,6 +261,14 @@ pub struct RawStorage {
     pub secret_access_key: Option<Secret>,
     /// S3 session token, for temporary credentials.
     pub session_token: Option<Secret>,
+    /// Server-side encryption of the objects icerelay writes: `AES256`
+    /// (SSE-S3) or `aws:kms` (SSE-KMS). Default: the bucket's own setting.
+    pub sse: Option<String>,
+    /// KMS key for `sse = "aws:kms"`. Default: the account's `aws/s3` key.
+    pub sse_kms_key_id: Option<String>,
+    /// Storage class of the objects icerelay writes (`STANDARD_IA`,
+    /// `INTELLIGENT_TIERING`, ...). Default: the bucket's.
+    pub storage_class: Option<String>,
 }
 
 /// `[[destinations]]`: one replica catalog.

@@ -359,3 +359,21 @@ fn engine_auth_sigv4_needs_sigv4_credentials_and_a_loopback_listener() {
             .expect_err("unknown mode");
     assert_eq!(keys(&errors), ["primary.engine_auth"]);
 }
+
+#[test]
+fn replica_write_settings_are_checked() {
+    let with = |extra: &str| FULL.replace("path_style = true\n", &format!("path_style = true\n{extra}\n"));
+    let c = load_str(&with("sse = \"aws:kms\"\nsse_kms_key_id = \"k1\"\nstorage_class = \"STANDARD_IA\""), &env())
+        .expect("valid");
+    match &c.storage[0].kind {
+        StorageKind::S3 { sse, storage_class, .. } => {
+            assert_eq!(sse, &Some(Sse::Kms { key_id: Some("k1".into()) }));
+            assert_eq!(storage_class.as_deref(), Some("STANDARD_IA"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let errors = load_str(&with("sse = \"aes256\"\nstorage_class = \"cold\""), &env()).expect_err("invalid");
+    assert_eq!(keys(&errors), ["storage[0].sse", "storage[0].storage_class"]);
+    let errors = load_str(&with("sse = \"AES256\"\nsse_kms_key_id = \"k1\""), &env()).expect_err("key without kms");
+    assert_eq!(keys(&errors), ["storage[0].sse_kms_key_id"]);
+}

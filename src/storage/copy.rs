@@ -218,7 +218,7 @@ impl Copier {
         }
         let result = location
             .store
-            .put(&location.path, PutPayload::from_bytes(bytes))
+            .put_opts(&location.path, PutPayload::from_bytes(bytes), location.put_options())
             .await
             .map_err(|e| fail(StorageError::store("write", target, e)))?;
         let expected = md5.clone().map_or(ExpectedTag::Unknown, ExpectedTag::Single);
@@ -262,15 +262,18 @@ impl Copier {
             let md5 = hex(&whole.finalize());
             let result = target
                 .store
-                .put(&target.path, PutPayload::from_bytes(buf.freeze()))
+                .put_opts(&target.path, PutPayload::from_bytes(buf.freeze()), target.put_options())
                 .await
                 .map_err(|e| StorageError::store("write", &target.url, e))?;
             let info = verify_written(target, size, result.e_tag.as_deref(), &ExpectedTag::Single(md5.clone())).await?;
             return Ok((info, md5));
         }
 
-        let mut upload =
-            target.store.put_multipart(&target.path).await.map_err(|e| StorageError::store("write", &target.url, e))?;
+        let mut upload = target
+            .store
+            .put_multipart_opts(&target.path, target.multipart_options())
+            .await
+            .map_err(|e| StorageError::store("write", &target.url, e))?;
         // (entity tag of the completed upload, MD5 of each part, bytes read)
         type Uploaded = (Option<String>, Vec<[u8; 16]>, u64);
         let outcome: Result<Uploaded, StorageError> = async {

@@ -26,14 +26,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use object_store::aws::{AmazonS3Builder, AwsCredential};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, AwsCredential};
 use object_store::client::{HttpClient, HttpConnector};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+use object_store::{
+    Attribute, Attributes, BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions,
+    PutPayload, RetryConfig,
+};
 
 use crate::catalog::sigv4::Signer;
-use crate::config::{StorageConfig, StorageKind};
+use crate::config::{Sse, StorageConfig, StorageKind};
 pub use crate::rewrite::path_map::normalize_file_url;
 
 /// Errors of storage operations.
@@ -139,6 +142,20 @@ pub struct Location {
     pub path: ObjectPath,
     /// The URL, for messages.
     pub url: String,
+    /// Attributes of every object written here (the storage class).
+    pub attributes: Attributes,
+}
+
+impl Location {
+    /// Options of a single-request write.
+    pub fn put_options(&self) -> PutOptions {
+        PutOptions { attributes: self.attributes.clone(), ..PutOptions::default() }
+    }
+
+    /// Options of a multipart write.
+    pub fn multipart_options(&self) -> PutMultipartOptions {
+        PutMultipartOptions { attributes: self.attributes.clone(), ..PutMultipartOptions::default() }
+    }
 }
 
 /// The configured stores, resolved by longest URL prefix.
@@ -183,7 +200,12 @@ impl Storage {
             })?;
             let path = ObjectPath::from_absolute_path(path)
                 .map_err(|e| StorageError::InvalidUrl { url: url.to_owned(), reason: e.to_string() })?;
-            return Ok(Location { store: self.local.clone(), path, url: url.to_owned() });
+            return Ok(Location {
+                store: self.local.clone(),
+                path,
+                url: url.to_owned(),
+                attributes: Attributes::new(),
+            });
         }
         let (bucket, key) = split_bucket(url).ok_or_else(|| StorageError::InvalidUrl {
             url: url.to_owned(),
@@ -192,7 +214,11 @@ impl Storage {
         let path = ObjectPath::parse(key)
             .map_err(|e| StorageError::InvalidUrl { url: url.to_owned(), reason: e.to_string() })?;
         let store = self.s3_store(index, config, bucket, url)?;
-        Ok(Location { store, path, url: url.to_owned() })
+        let mut attributes = Attributes::new();
+        if let StorageKind::S3 { storage_class: Some(class), .. } = &config.kind {
+            attributes.insert(Attribute::StorageClass, class.clone().into());
+        }
+        Ok(Location { store, path, url: url.to_owned(), attributes })
     }
 
     fn prefixes(&self) -> Vec<String> {
@@ -210,8 +236,16 @@ impl Storage {
         if let Some(store) = stores.get(&(index, bucket.to_owned())) {
             return Ok(store.clone());
         }
-        let StorageKind::S3 { endpoint, region, path_style, access_key_id, secret_access_key, session_token } =
-            &config.kind
+        let StorageKind::S3 {
+            endpoint,
+            region,
+            path_style,
+            access_key_id,
+            secret_access_key,
+            session_token,
+            sse,
+            storage_class: _,
+        } = &config.kind
         else {
             return Err(StorageError::InvalidUrl { url: url.to_owned(), reason: "not an S3 store".into() });
         };
@@ -228,6 +262,18 @@ impl Storage {
         if let Some(endpoint) = endpoint {
             let endpoint = endpoint.as_str().trim_end_matches('/');
             builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
+        }
+        // object_store sends the encryption headers on every write (single
+        // and multipart) once its builder knows the type.
+        let encryption = || "aws_server_side_encryption".parse::<AmazonS3ConfigKey>();
+        match sse {
+            None => {}
+            Some(Sse::Kms { key_id: Some(key) }) => builder = builder.with_sse_kms_encryption(key),
+            Some(other) => {
+                let kind = if *other == Sse::Aes256 { "AES256" } else { "aws:kms" };
+                let key = encryption().map_err(|e| StorageError::store("configure", url, e))?;
+                builder = builder.with_config(key, kind);
+            }
         }
         if let (Some(id), Some(secret)) = (access_key_id, secret_access_key) {
             builder = builder.with_access_key_id(id).with_secret_access_key(secret.expose());
@@ -276,7 +322,7 @@ impl Storage {
         let size = bytes.len() as u64;
         let result = location
             .store
-            .put(&location.path, PutPayload::from_bytes(bytes))
+            .put_opts(&location.path, PutPayload::from_bytes(bytes), location.put_options())
             .await
             .map_err(|e| StorageError::store("write", url, e))?;
         copy::verify_written(&location, size, result.e_tag.as_deref(), &copy::ExpectedTag::Single(md5)).await
@@ -374,6 +420,8 @@ mod tests {
                 access_key_id: Some("id".into()),
                 secret_access_key: Some(Secret::new("very-secret")),
                 session_token: None,
+                sse: None,
+                storage_class: None,
             },
         }
     }

@@ -250,6 +250,8 @@ mod redirects {
                 access_key_id: Some("AKIDEXAMPLE".into()),
                 secret_access_key: Some(Secret::new("s3-secret-3390")),
                 session_token: Some(Secret::new("session-token-4471")),
+                sse: None,
+                storage_class: None,
             },
         }]);
         let e = storage.read("s3://bucket/key", 1024).await.expect_err("a redirect is an error");
@@ -311,4 +313,75 @@ fn cpu_seconds(pid: u32) -> f64 {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
     ticks / 100.0
+}
+
+mod write_settings {
+    //! Server-side encryption and storage class reach the store on every
+    //! kind of write (a recording stand-in for S3 shows the headers).
+
+    use std::sync::Arc;
+
+    use icerelay::config::{Secret, Sse, StorageConfig, StorageKind};
+    use icerelay::storage::Storage;
+    use icerelay::storage::checkpoint::NoCheckpoints;
+    use icerelay::storage::copy::{Copier, CopySettings, CopyTask};
+
+    use super::*;
+
+    fn s3(prefix: &str, endpoint: &str, sse: Sse) -> StorageConfig {
+        StorageConfig {
+            prefix: prefix.into(),
+            kind: StorageKind::S3 {
+                endpoint: Some(reqwest::Url::parse(endpoint).expect("url")),
+                region: "us-east-1".into(),
+                path_style: true,
+                access_key_id: Some("AKIDEXAMPLE".into()),
+                secret_access_key: Some(Secret::new("s")),
+                session_token: None,
+                sse: Some(sse),
+                storage_class: Some("STANDARD_IA".into()),
+            },
+        }
+    }
+
+    fn header<'a>(seen: &'a upstream::Seen, name: &str) -> Option<&'a str> {
+        seen.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn sse_and_storage_class_headers_go_with_single_and_multipart_writes() {
+        let store = upstream::start(Behaviour::Echo).await;
+        let dir = tempfile::tempdir().expect("dir");
+        let storage = Arc::new(Storage::new(&[
+            s3("s3://aes/", &store.url, Sse::Aes256),
+            s3("s3://kms/", &store.url, Sse::Kms { key_id: Some("arn:aws:kms:us-east-1:1:key/k".into()) }),
+            StorageConfig::local_dir(dir.path()),
+        ]));
+        // A single PUT (the stand-in's answer fails verification afterwards; the request is what counts).
+        let _ = storage.write("s3://aes/t/metadata/v1.metadata.json", bytes::Bytes::from_static(b"{}")).await;
+        // A multipart upload, from a local file larger than a part.
+        let source = dir.path().join("big.parquet");
+        std::fs::write(&source, vec![7u8; 6 * 1024 * 1024]).expect("write");
+        let settings = CopySettings { parallelism: 1, part_size: 5 * 1024 * 1024, part_concurrency: 1 };
+        let copier = Copier::new(storage.clone(), Arc::new(NoCheckpoints), settings);
+        let task =
+            CopyTask { source: format!("file://{}", source.display()), target: "s3://kms/t/data/big.parquet".into() };
+        let _ = copier.copy(&task).await;
+
+        let writes: Vec<upstream::Seen> =
+            store.requests().into_iter().filter(|r| r.method == "PUT" || r.method == "POST").collect();
+        let single = writes.iter().find(|r| r.target.contains("/aes/")).expect("the PUT reached the store");
+        assert_eq!(header(single, "x-amz-server-side-encryption"), Some("AES256"), "{:?}", single.headers);
+        assert_eq!(header(single, "x-amz-storage-class"), Some("STANDARD_IA"));
+        let multipart = writes
+            .iter()
+            .find(|r| r.target.contains("/kms/") && r.target.contains("uploads"))
+            .unwrap_or_else(|| panic!("the multipart upload started: {writes:?}"));
+        assert_eq!(header(multipart, "x-amz-server-side-encryption"), Some("aws:kms"), "{:?}", multipart.headers);
+        assert_eq!(
+            header(multipart, "x-amz-server-side-encryption-aws-kms-key-id"),
+            Some("arn:aws:kms:us-east-1:1:key/k")
+        );
+        assert_eq!(header(multipart, "x-amz-storage-class"), Some("STANDARD_IA"));
+    }
 }
