@@ -235,6 +235,9 @@ impl StorageConfig {
 }
 
 /// The kinds of object store icerelay can read and write.
+// A handful of these exist, built once at start: their size does not matter,
+// and boxing would only make every match on them harder to read.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StorageKind {
     /// Amazon S3 or an S3-compatible store.
