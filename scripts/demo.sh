@@ -25,7 +25,7 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 say "Installing the local test stack (Python venv with SeaweedFS, PyIceberg, DuckDB) if needed"
 ICERELAY_SKIP_RUSTBERG=1 scripts/setup-test-env.sh
-PY=$ROOT/.teststack/venv/bin/python
+PY=${ICERELAY_TESTSTACK:-$ROOT/.teststack}/venv/bin/python
 
 if [ -n "${ICERELAY_BIN:-}" ]; then
   BIN=$ICERELAY_BIN
