@@ -68,8 +68,9 @@ impl Known {
     }
 }
 
+/// One run in four phases: identify the source, open (or make) the
+/// replica, replay what it lacks, record that it converged.
 async fn run_in_span(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateError> {
-    let generation = lane.wanted;
     let key = &lane.key;
     let route = ctx.rules.route(&key.table, &key.destination).ok_or_else(|| ReplicateError::NoRoute {
         table: key.table.to_string(),
@@ -80,31 +81,64 @@ async fn run_in_span(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateErr
         .get(&key.destination)
         .cloned()
         .ok_or_else(|| ReplicateError::UnknownDestination(key.destination.clone()))?;
-    let replica_table = &lane.replica_table;
-
-    let Some(mut source) = ctx.primary.load_table(&key.table).await? else {
-        return source_dropped(ctx, &lane, &destination, route.on_drop, generation).await;
+    let Some(source) = ctx.primary.load_table(&key.table).await? else {
+        return source_dropped(ctx, &lane, &destination, route.on_drop, lane.wanted).await;
     };
-    let mut source_file =
+    let source_file = identify_source(&lane, &source, &destination)?;
+    if let Some(old) = &lane.replica_renamed_from {
+        rename_replica(&destination, old, &lane.replica_table).await?;
+        ctx.store.finish_rename(key).await?;
+    }
+    let mut following = open_replica(ctx, &lane, &destination, source, source_file).await?;
+    replay(ctx, &lane, &destination, &mut following).await?;
+    finish(ctx, &lane, &destination, following).await
+}
+
+/// What a run follows: the source as last loaded, the replica as last
+/// committed, and what icerelay knows it put there.
+struct Following {
+    source: LoadedTable,
+    source_file: String,
+    replica: LoadedTable,
+    known: Known,
+}
+
+/// The source's metadata file, once it is known to be the table the replica follows.
+fn identify_source(
+    lane: &LaneRecord,
+    source: &LoadedTable,
+    destination: &Destination,
+) -> Result<String, ReplicateError> {
+    let key = &lane.key;
+    let source_file =
         source.metadata_location.clone().ok_or_else(|| ReplicateError::NoMetadataLocation(key.table.to_string()))?;
-    let source_uuid = source.metadata.get("table-uuid").and_then(Value::as_str).map(str::to_owned);
-    if let (Some(followed), Some(now)) = (&lane.source_uuid, &source_uuid)
+    let source_uuid = source.metadata.get("table-uuid").and_then(Value::as_str);
+    if let (Some(followed), Some(now)) = (lane.source_uuid.as_deref(), source_uuid)
         && followed != now
     {
         return Err(ReplicateError::Refused(format!(
-            "the source table {} was dropped and created again (its uuid is now {now}; the replica {replica_table} \
+            "the source table {} was dropped and created again (its uuid is now {now}; the replica {} \
              follows the earlier table, {followed}); icerelay keeps the replica as it is. Drop or rename the replica \
              table on destination {}, then resync, to replicate the new table",
             key.table,
+            lane.replica_table,
             destination.name()
         )));
     }
+    Ok(source_file)
+}
 
-    if let Some(old) = &lane.replica_renamed_from {
-        rename_replica(&destination, old, replica_table).await?;
-        ctx.store.finish_rename(key).await?;
-    }
-
+/// Loads the replica, or makes it (by the destination's bootstrap), and
+/// adopts the snapshots a crash left unrecorded.
+async fn open_replica(
+    ctx: &Context,
+    lane: &LaneRecord,
+    destination: &Destination,
+    source: LoadedTable,
+    source_file: String,
+) -> Result<Following, ReplicateError> {
+    let key = &lane.key;
+    let replica_table = &lane.replica_table;
     // Counted before the replica is reached: while its catalog is down the
     // status must still say how far behind it is.
     let replicated = ctx.store.replicated_snapshots(key).await?;
@@ -116,14 +150,14 @@ async fn run_in_span(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateErr
         managed_properties: lane.managed_properties.clone().unwrap_or_default(),
         managed_refs: lane.managed_refs.clone().unwrap_or_default(),
         mode: capabilities.mode(),
-        source_uuid: source_uuid.clone(),
+        source_uuid: source.metadata.get("table-uuid").and_then(Value::as_str).map(str::to_owned),
     };
-    let mut replica = match destination.catalog.load_table(replica_table).await? {
+    let replica = match destination.catalog.load_table(replica_table).await? {
         Some(t) => t,
         None => {
             let made = match capabilities.bootstrap {
-                Bootstrap::Register => register(ctx, &destination, replica_table, &source, &source_file).await?,
-                Bootstrap::Create => create(&destination, replica_table, &source, &capabilities.reason).await?,
+                Bootstrap::Register => register(ctx, destination, replica_table, &source, &source_file).await?,
+                Bootstrap::Create => create(destination, replica_table, &source, &capabilities.reason).await?,
             };
             if lane.replica_metadata_location.is_some() {
                 tracing::warn!(replica = %replica_table, "the replica was gone; made it again");
@@ -144,16 +178,29 @@ async fn run_in_span(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateErr
         known.replicated.extend(&unrecorded);
         ctx.store.record_progress(known.progress(key, &replica, &source.metadata, unrecorded)).await?;
     }
+    Ok(Following { source, source_file, replica, known })
+}
 
+/// Commits the planned steps, one source commit at a time, until the
+/// replica agrees with the source.
+async fn replay(
+    ctx: &Context,
+    lane: &LaneRecord,
+    destination: &Destination,
+    following: &mut Following,
+) -> Result<(), ReplicateError> {
+    let key = &lane.key;
+    let replica_table = &lane.replica_table;
+    let Following { source, source_file, replica, known } = following;
     let replica_location = location_of(&replica.metadata, "replica")?;
     let map = path_map(&source.metadata, &replica_location)?;
-    let copier = table_copier(ctx, &destination);
+    let copier = table_copier(ctx, destination);
     let mut reloads = 0;
     let mut previous: Option<Step> = None;
     loop {
         let step = plan::next_step(&PlanInput {
             source: &source.metadata,
-            source_file: &source_file,
+            source_file,
             replica: &replica.metadata,
             replicated: &known.replicated,
             map: &map,
@@ -161,7 +208,7 @@ async fn run_in_span(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateErr
             managed_refs: &known.managed_refs,
             destination_properties: &destination.config.properties,
         })?;
-        let Some(step) = step else { break };
+        let Some(step) = step else { return Ok(()) };
         if step.snapshot.is_none() {
             // A commit without a snapshot moves the replica's last-updated-ms
             // to now; a snapshot the source took meanwhile must come in the
@@ -170,8 +217,8 @@ async fn run_in_span(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateErr
                 && fresh.metadata_location.is_some()
                 && fresh.metadata_location != source.metadata_location
             {
-                source_file = fresh.metadata_location.clone().unwrap_or_default();
-                source = fresh;
+                *source_file = fresh.metadata_location.clone().unwrap_or_default();
+                *source = fresh;
                 previous = None;
                 continue;
             }
@@ -189,7 +236,7 @@ async fn run_in_span(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateErr
         let mut wanted: BTreeSet<i64> = step.statistics_of.clone();
         wanted.extend(step.snapshot);
         if !wanted.is_empty() {
-            let copied = copier.copy_snapshots(&source.metadata, &source_file, &map, &wanted, &NoProgress).await?;
+            let copied = copier.copy_snapshots(&source.metadata, source_file, &map, &wanted, &NoProgress).await?;
             count_copies(&ctx.metrics, destination.name(), copied.report);
         }
 
@@ -202,7 +249,7 @@ async fn run_in_span(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateErr
                 let added = step.snapshot.into_iter().collect();
                 ctx.store.record_progress(known.progress(key, &committed, &source.metadata, added)).await?;
                 tracing::info!(step = %step.describe(), behind = plan::snapshots_behind(&source.metadata, &committed.metadata), "replicated");
-                replica = committed;
+                *replica = committed;
                 previous = Some(step);
                 reloads = 0;
             }
@@ -214,7 +261,7 @@ async fn run_in_span(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateErr
                     )));
                 }
                 tracing::warn!(error = %e, "reloading the replica to see what it has");
-                replica = destination.catalog.load_table(replica_table).await?.ok_or_else(|| {
+                *replica = destination.catalog.load_table(replica_table).await?.ok_or_else(|| {
                     ReplicateError::Refused(format!("the replica {replica_table} disappeared during replication"))
                 })?;
                 if let Some(id) = step.snapshot
@@ -224,20 +271,29 @@ async fn run_in_span(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateErr
                     known.replicated.insert(id);
                     known.managed_properties.extend(step.managed_properties.iter().cloned());
                     known.managed_refs = step.managed_refs.clone();
-                    ctx.store.record_progress(known.progress(key, &replica, &source.metadata, vec![id])).await?;
+                    ctx.store.record_progress(known.progress(key, replica, &source.metadata, vec![id])).await?;
                     reloads = 0;
                 }
             }
             Err(e) => return Err(explain_refusal(e, &step, &source.metadata, &replica.metadata, destination.name())),
         }
     }
+}
 
+/// Records that the lane converged at the generation it started for.
+async fn finish(
+    ctx: &Context,
+    lane: &LaneRecord,
+    destination: &Destination,
+    following: Following,
+) -> Result<(), ReplicateError> {
+    let Following { source, source_file, replica, mut known } = following;
     known.managed_properties.extend(plan::managed_property_keys(&source.metadata, &destination.config.properties));
-    let mut done = known.progress(key, &replica, &source.metadata, Vec::new());
+    let mut done = known.progress(&lane.key, &replica, &source.metadata, Vec::new());
     done.source_metadata_location = Some(source_file);
     done.snapshots_behind = 0;
     ctx.store.record_progress(done).await?;
-    ctx.store.record_success(key, generation).await?;
+    ctx.store.record_success(&lane.key, lane.wanted).await?;
     Ok(())
 }
 
