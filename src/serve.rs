@@ -21,7 +21,7 @@ use crate::admin::replication::ReplicationAdmin;
 use crate::admin::{self, AdminState};
 use crate::catalog::sigv4::Signer;
 use crate::catalog::{CatalogError, ClientSettings, RestCatalog};
-use crate::config::{Config, EngineAuth};
+use crate::config::{AuthConfig, Config, EngineAuth};
 use crate::metrics::Metrics;
 use crate::proxy::commit_tap::{HintSink, LogHints};
 use crate::proxy::upstream::{Upstream, UpstreamError, UpstreamSettings};
@@ -137,6 +137,12 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
         let Self { config, proxy_workers, admin_listener, hints, replicator, metrics } = self;
         let primary = &config.primary;
+        // With engine_auth = "sigv4" (validated to come with sigv4 credentials),
+        // forwarded requests are signed with the primary's credentials.
+        let resign = match (&primary.engine_auth, &primary.auth) {
+            (EngineAuth::SigV4, AuthConfig::SigV4(sigv4)) => Some(sigv4.clone()),
+            _ => None,
+        };
         let upstream_settings = UpstreamSettings {
             uri: primary.uri.clone(),
             connect_timeout: primary.connect_timeout,
@@ -144,7 +150,7 @@ impl Server {
             body_idle_timeout: primary.body_idle_timeout,
             pool_idle_timeout: primary.pool_idle_timeout,
             pool_max_idle_per_host: primary.pool_max_idle_per_host,
-            resign: (primary.engine_auth == EngineAuth::SigV4).then(|| primary.auth.clone()),
+            resign: resign.clone(),
             max_body_bytes: config.max_body_bytes,
         };
         // Built here once to report a bad URI before serving; each proxy
@@ -175,11 +181,10 @@ impl Server {
         let proxy_addr = proxy_workers.local_addr();
         let admin_addr = admin_listener.local_addr().unwrap_or(config.admin_listen);
         tracing::info!(listen = %proxy_addr, admin = %admin_addr, primary = %upstream_display, workers = config.proxy_workers, "icerelay is serving");
-        if primary.engine_auth == EngineAuth::SigV4
-            && let Some(signer) = Signer::from_auth(&primary.auth)
-        {
+        if let Some(sigv4) = &resign {
             // Engines act with this identity: say which, once, at start.
-            match signer.credentials().await {
+            let signer = Signer::new(sigv4);
+            match signer.credentials().get(signer.service(), signer.region()).await {
                 Ok(c) => tracing::info!(
                     key_id = c.access_key_id(),
                     service = signer.service(),

@@ -126,10 +126,7 @@ impl Authenticator {
                     cached: Mutex::new(None),
                 }))
             }
-            AuthConfig::SigV4 { .. } => match Signer::from_auth(config) {
-                Some(signer) => Method::SigV4(Box::new(signer)),
-                None => Method::None,
-            },
+            AuthConfig::SigV4(sigv4) => Method::SigV4(Box::new(Signer::new(sigv4))),
         };
         Self { method }
     }
@@ -160,7 +157,7 @@ impl Authenticator {
     pub async fn invalidate(&self) {
         match &self.method {
             Method::OAuth2(oauth2) => *oauth2.cached.lock().await = None,
-            Method::SigV4(signer) => signer.invalidate().await,
+            Method::SigV4(signer) => signer.credentials().invalidate().await,
             Method::None | Method::Bearer(_) => {}
         }
     }

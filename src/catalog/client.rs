@@ -509,8 +509,8 @@ impl RestCatalog {
                 signer: Box::new(SignerIdentity {
                     service: signer.service().to_owned(),
                     region: signer.region().to_owned(),
-                    key_id: signer.key_id().unwrap_or_else(|| "(none resolved)".to_owned()),
-                    from_environment: signer.from_environment(),
+                    key_id: signer.credentials().key_id().unwrap_or_else(|| "(none resolved)".to_owned()),
+                    from_environment: signer.credentials().from_environment(),
                 }),
             };
         }

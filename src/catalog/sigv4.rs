@@ -24,7 +24,7 @@ use aws_smithy_runtime_api::client::identity::Identity;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::Mutex;
 
-use crate::config::{AuthConfig, Secret};
+use crate::config::{Secret, SigV4Config};
 
 /// How long long-lived credentials from the AWS chain are used before they are read again.
 const CHAIN_REFRESH: Duration = Duration::from_secs(300);
@@ -65,6 +65,68 @@ pub enum SigV4Error {
 pub struct Signer {
     service: String,
     region: String,
+    credentials: AwsCredentials,
+}
+
+impl Signer {
+    /// The signer of an `auth = { type = "sigv4" }` configuration.
+    pub fn new(config: &SigV4Config) -> Self {
+        let credentials = match (&config.access_key_id, &config.secret_access_key) {
+            (Some(id), Some(secret)) => AwsCredentials::configured(id, secret, config.session_token.as_ref()),
+            _ => config.profile.as_deref().map_or_else(AwsCredentials::chain, AwsCredentials::profile),
+        };
+        Self { service: config.service.clone(), region: config.region.clone(), credentials }
+    }
+
+    /// The signing name.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The signing region.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// Where the signer's credentials come from.
+    pub fn credentials(&self) -> &AwsCredentials {
+        &self.credentials
+    }
+
+    /// Signs a request in place: sets `Authorization`, `X-Amz-Date` and,
+    /// for temporary credentials, `X-Amz-Security-Token`. `url` must be the
+    /// URL the request is sent to (its host is signed); `headers` are the
+    /// ones that will be sent, without a signature already.
+    pub async fn sign(&self, method: &str, url: &str, headers: &mut HeaderMap, body: &[u8]) -> Result<(), SigV4Error> {
+        let credentials = self.credentials.get(&self.service, &self.region).await?;
+        let key_id = credentials.access_key_id().to_owned();
+        let failed = |cause: String| SigV4Error::Sign { service: self.service.clone(), key_id: key_id.clone(), cause };
+        let identity = Identity::from(credentials);
+        let params = SigningParams::builder()
+            .identity(&identity)
+            .region(&self.region)
+            .name(&self.service)
+            .time(SystemTime::now())
+            .settings(SigningSettings::default())
+            .build()
+            .map_err(|e| failed(e.to_string()))?;
+        let signed_headers = headers.iter().filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)));
+        let request = SignableRequest::new(method, url, signed_headers, SignableBody::Bytes(body))
+            .map_err(|e| failed(e.to_string()))?;
+        let (instructions, _signature) = sign(request, &params.into()).map_err(|e| failed(e.to_string()))?.into_parts();
+        let (new_headers, _) = instructions.into_parts();
+        for header in new_headers {
+            let mut value = HeaderValue::from_str(header.value()).map_err(|e| failed(e.to_string()))?;
+            value.set_sensitive(header.sensitive() || header.name() == "authorization");
+            headers.insert(HeaderName::from_static(header.name()), value);
+        }
+        Ok(())
+    }
+}
+
+/// AWS credentials from the configuration or the environment, cached.
+#[derive(Debug)]
+pub struct AwsCredentials {
     source: Source,
     cached: Mutex<Option<Cached>>,
     /// The key id last resolved, for messages (readable without waiting for a lookup).
@@ -89,65 +151,31 @@ struct Cached {
     refresh_at: Option<Instant>,
 }
 
-impl Signer {
-    /// A signer with the configured keys, or the AWS chain (optionally a named profile) when they are absent.
-    pub fn new(
-        service: &str,
-        region: &str,
-        access_key_id: Option<&str>,
-        secret_access_key: Option<&Secret>,
-        session_token: Option<&Secret>,
-        profile: Option<&str>,
-    ) -> Self {
-        let source = match (access_key_id, secret_access_key) {
-            (Some(id), Some(secret)) => Source::Static(Credentials::new(
-                id,
-                secret.expose(),
-                session_token.map(|t| t.expose().to_owned()),
-                None,
-                "icerelay-configuration",
-            )),
-            _ => profile.map_or(Source::Chain, |name| Source::Profile(name.to_owned())),
-        };
-        Self {
-            service: service.to_owned(),
-            region: region.to_owned(),
-            source,
-            cached: Mutex::new(None),
-            key_id: std::sync::Mutex::new(None),
-        }
+impl AwsCredentials {
+    fn new(source: Source) -> Self {
+        Self { source, cached: Mutex::new(None), key_id: std::sync::Mutex::new(None) }
     }
 
-    /// The signer of an `auth = { type = "sigv4" }` configuration; `None` for other types.
-    pub fn from_auth(auth: &AuthConfig) -> Option<Self> {
-        match auth {
-            AuthConfig::SigV4 { service, region, access_key_id, secret_access_key, session_token, profile } => {
-                Some(Self::new(
-                    service,
-                    region,
-                    access_key_id.as_deref(),
-                    secret_access_key.as_ref(),
-                    session_token.as_ref(),
-                    profile.as_deref(),
-                ))
-            }
-            _ => None,
-        }
+    /// Keys written in the configuration.
+    pub fn configured(access_key_id: &str, secret_access_key: &Secret, session_token: Option<&Secret>) -> Self {
+        let token = session_token.map(|t| t.expose().to_owned());
+        let keys = Credentials::new(access_key_id, secret_access_key.expose(), token, None, "icerelay-configuration");
+        Self::new(Source::Static(keys))
+    }
+
+    /// The standard AWS chain: environment, shared profile, web identity, ECS, EC2.
+    pub fn chain() -> Self {
+        Self::new(Source::Chain)
+    }
+
+    /// One profile of the shared AWS files.
+    pub fn profile(name: &str) -> Self {
+        Self::new(Source::Profile(name.to_owned()))
     }
 
     /// Whether the credentials come from the AWS environment (and so may be rotated under us).
     pub fn from_environment(&self) -> bool {
         !matches!(self.source, Source::Static(_))
-    }
-
-    /// The signing name.
-    pub fn service(&self) -> &str {
-        &self.service
-    }
-
-    /// The signing region.
-    pub fn region(&self) -> &str {
-        &self.region
     }
 
     /// The access key id in use, once credentials were found.
@@ -160,8 +188,9 @@ impl Signer {
         *self.cached.lock().await = None;
     }
 
-    /// Current credentials, from the cache or freshly resolved.
-    pub async fn credentials(&self) -> Result<Credentials, SigV4Error> {
+    /// Current credentials, from the cache or freshly resolved; `service`
+    /// and `region` name what they are for in an error.
+    pub async fn get(&self, service: &str, region: &str) -> Result<Credentials, SigV4Error> {
         // Holding the lock across resolution makes concurrent callers wait
         // for one lookup (which may be a network call to STS or IMDS).
         let mut cached = self.cached.lock().await;
@@ -178,8 +207,8 @@ impl Signer {
             }
         };
         let credentials = resolved.map_err(|e| SigV4Error::NoCredentials {
-            service: self.service.clone(),
-            region: self.region.clone(),
+            service: service.to_owned(),
+            region: region.to_owned(),
             cause: error_chain(&e),
         })?;
         let refresh_at = match (&self.source, credentials.expiry()) {
@@ -195,39 +224,6 @@ impl Signer {
         }
         *cached = Some(Cached { credentials: credentials.clone(), refresh_at });
         Ok(credentials)
-    }
-
-    /// Signs a request in place: sets `Authorization`, `X-Amz-Date` and,
-    /// for temporary credentials, `X-Amz-Security-Token`. `url` must be the
-    /// URL the request is sent to (its host is signed); `headers` are the
-    /// ones that will be sent.
-    pub async fn sign(&self, method: &str, url: &str, headers: &mut HeaderMap, body: &[u8]) -> Result<(), SigV4Error> {
-        let credentials = self.credentials().await?;
-        let key_id = credentials.access_key_id().to_owned();
-        let failed = |cause: String| SigV4Error::Sign { service: self.service.clone(), key_id: key_id.clone(), cause };
-        for stale in ["authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256"] {
-            headers.remove(stale);
-        }
-        let identity = Identity::from(credentials);
-        let params = SigningParams::builder()
-            .identity(&identity)
-            .region(&self.region)
-            .name(&self.service)
-            .time(SystemTime::now())
-            .settings(SigningSettings::default())
-            .build()
-            .map_err(|e| failed(e.to_string()))?;
-        let signed_headers = headers.iter().filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)));
-        let request = SignableRequest::new(method, url, signed_headers, SignableBody::Bytes(body))
-            .map_err(|e| failed(e.to_string()))?;
-        let (instructions, _signature) = sign(request, &params.into()).map_err(|e| failed(e.to_string()))?.into_parts();
-        let (new_headers, _) = instructions.into_parts();
-        for header in new_headers {
-            let mut value = HeaderValue::from_str(header.value()).map_err(|e| failed(e.to_string()))?;
-            value.set_sensitive(header.sensitive() || header.name() == "authorization");
-            headers.insert(HeaderName::from_static(header.name()), value);
-        }
-        Ok(())
     }
 }
 
@@ -247,10 +243,21 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
 
+    fn keys(service: &str, region: &str, id: &str, secret: Secret, token: Option<Secret>) -> SigV4Config {
+        SigV4Config {
+            service: service.into(),
+            region: region.into(),
+            access_key_id: Some(id.into()),
+            secret_access_key: Some(secret),
+            session_token: token,
+            profile: None,
+        }
+    }
+
     #[tokio::test]
     async fn signs_with_the_configured_keys_and_never_shows_the_secret() {
         let secret = Secret::new("wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY");
-        let signer = Signer::new("s3tables", "us-east-1", Some("AKIDEXAMPLE"), Some(&secret), None, None);
+        let signer = Signer::new(&keys("s3tables", "us-east-1", "AKIDEXAMPLE", secret, None));
         let mut headers = HeaderMap::new();
         headers.insert("content-type", HeaderValue::from_static("application/json"));
         headers.insert("authorization", HeaderValue::from_static("Bearer engine"));
@@ -261,13 +268,13 @@ mod tests {
         assert!(authorization.contains("SignedHeaders=content-type;host;x-amz-date"), "{authorization}");
         assert!(headers.contains_key("x-amz-date"));
         assert!(!format!("{signer:?}{headers:?}").contains("wJalrXUtnFEMI"), "the secret never shows");
-        assert_eq!(signer.key_id().as_deref(), Some("AKIDEXAMPLE"));
+        assert_eq!(signer.credentials().key_id().as_deref(), Some("AKIDEXAMPLE"));
     }
 
     #[tokio::test]
     async fn temporary_credentials_carry_their_session_token() {
         let (secret, token) = (Secret::new("s"), Secret::new("session-token-1"));
-        let signer = Signer::new("glue", "eu-west-1", Some("ASIA1"), Some(&secret), Some(&token), None);
+        let signer = Signer::new(&keys("glue", "eu-west-1", "ASIA1", secret, Some(token)));
         let mut headers = HeaderMap::new();
         signer
             .sign("GET", "https://glue.eu-west-1.amazonaws.com/iceberg/v1/config", &mut headers, b"")

@@ -201,20 +201,24 @@ pub enum AuthConfig {
         scope: String,
     },
     /// AWS SigV4 signing.
-    SigV4 {
-        /// Signing service name.
-        service: String,
-        /// Signing region.
-        region: String,
-        /// Access key id (else the AWS environment).
-        access_key_id: Option<String>,
-        /// Secret access key.
-        secret_access_key: Option<Secret>,
-        /// Session token.
-        session_token: Option<Secret>,
-        /// Shared-profile name for the AWS chain, when no keys are set.
-        profile: Option<String>,
-    },
+    SigV4(SigV4Config),
+}
+
+/// `auth = { type = "sigv4" }`: who signs, for which service and region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigV4Config {
+    /// Signing service name.
+    pub service: String,
+    /// Signing region.
+    pub region: String,
+    /// Access key id (else the AWS environment).
+    pub access_key_id: Option<String>,
+    /// Secret access key.
+    pub secret_access_key: Option<Secret>,
+    /// Session token.
+    pub session_token: Option<Secret>,
+    /// Shared-profile name for the AWS chain, when no keys are set.
+    pub profile: Option<String>,
 }
 
 /// One object store, chosen by the longest matching URL prefix.
@@ -834,7 +838,7 @@ impl Validator {
         let engine_auth = match raw.engine_auth.as_deref() {
             None | Some("passthrough") => EngineAuth::Passthrough,
             Some("sigv4") => {
-                if !matches!(auth, Some(AuthConfig::SigV4 { .. })) {
+                if !matches!(auth, Some(AuthConfig::SigV4(_))) {
                     self.error(
                         "primary.engine_auth",
                         "sigv4 signs forwarded requests with icerelay's own credentials: set [primary] auth = { type = \
@@ -920,7 +924,14 @@ impl Validator {
                 if profile.is_some() && access_key_id.is_some() {
                     self.error(format!("{key}.profile"), "is used only when access_key_id is not set; set one of them");
                 }
-                AuthConfig::SigV4 { service, region, access_key_id, secret_access_key, session_token, profile }
+                AuthConfig::SigV4(SigV4Config {
+                    service,
+                    region,
+                    access_key_id,
+                    secret_access_key,
+                    session_token,
+                    profile,
+                })
             }
         })
     }

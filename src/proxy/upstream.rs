@@ -34,7 +34,7 @@ use super::error::ProxyError;
 use super::idle::{IdleTimeout, Stalled};
 use super::router::{Classified, Operation};
 use crate::catalog::sigv4::Signer;
-use crate::config::AuthConfig;
+use crate::config::SigV4Config;
 
 /// Connection settings for the primary.
 #[derive(Debug, Clone)]
@@ -53,7 +53,7 @@ pub struct UpstreamSettings {
     pub pool_max_idle_per_host: usize,
     /// With `engine_auth = "sigv4"`: icerelay's SigV4 credentials, which
     /// replace the engine's on every forwarded request.
-    pub resign: Option<AuthConfig>,
+    pub resign: Option<SigV4Config>,
     /// Bound on the bodies read whole to be signed.
     pub max_body_bytes: u64,
 }
@@ -141,7 +141,7 @@ impl Upstream {
                 display,
                 request_timeout: settings.request_timeout,
                 body_idle_timeout: settings.body_idle_timeout,
-                signer: settings.resign.as_ref().and_then(Signer::from_auth),
+                signer: settings.resign.as_ref().map(Signer::new),
                 max_body_bytes: settings.max_body_bytes,
             }),
         })

@@ -35,7 +35,7 @@ use object_store::{
     PutPayload, RetryConfig,
 };
 
-use crate::catalog::sigv4::Signer;
+use crate::catalog::sigv4::AwsCredentials;
 use crate::config::{Sse, StorageConfig, StorageKind};
 pub use crate::rewrite::path_map::normalize_file_url;
 
@@ -282,8 +282,7 @@ impl Storage {
             }
         } else {
             // No keys: the standard AWS chain, as for catalogs.
-            let chain = Signer::new("s3", region, None, None, None, None);
-            builder = builder.with_credentials(Arc::new(ChainCredentials(chain)));
+            builder = builder.with_credentials(Arc::new(ChainCredentials(AwsCredentials::chain(), region.clone())));
         }
         let store: Arc<dyn ObjectStore> =
             Arc::new(builder.build().map_err(|e| StorageError::store("configure", url, e))?);
@@ -330,9 +329,10 @@ impl Storage {
 }
 
 /// S3 credentials from the standard AWS chain (environment, profile, web
-/// identity, ECS, EC2), cached and refreshed by [`Signer`].
+/// identity, ECS, EC2), cached and refreshed as for catalogs; the region
+/// names the store in errors.
 #[derive(Debug)]
-struct ChainCredentials(Signer);
+struct ChainCredentials(AwsCredentials, String);
 
 #[async_trait::async_trait]
 impl object_store::CredentialProvider for ChainCredentials {
@@ -341,7 +341,7 @@ impl object_store::CredentialProvider for ChainCredentials {
     async fn get_credential(&self) -> object_store::Result<Arc<AwsCredential>> {
         let c = self
             .0
-            .credentials()
+            .get("s3", &self.1)
             .await
             .map_err(|e| object_store::Error::Generic { store: "S3", source: Box::new(e) })?;
         Ok(Arc::new(AwsCredential {
