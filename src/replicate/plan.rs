@@ -133,8 +133,7 @@ impl Step {
 
 /// Source snapshots the replica does not have.
 pub fn snapshots_behind(source: &Value, replica: &Value) -> usize {
-    let have = snapshot_ids(replica);
-    snapshots(source).iter().filter(|s| id_of(s).is_some_and(|id| !have.contains(&id))).count()
+    snapshots_missing_from(source, &snapshot_ids(replica))
 }
 
 /// Source snapshots that are not among `replicated` (what icerelay recorded

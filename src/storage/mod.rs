@@ -265,15 +265,18 @@ impl Storage {
         }
         // object_store sends the encryption headers on every write (single
         // and multipart) once its builder knows the type.
-        let encryption = || "aws_server_side_encryption".parse::<AmazonS3ConfigKey>();
-        match sse {
-            None => {}
-            Some(Sse::Kms { key_id: Some(key) }) => builder = builder.with_sse_kms_encryption(key),
-            Some(other) => {
-                let kind = if *other == Sse::Aes256 { "AES256" } else { "aws:kms" };
-                let key = encryption().map_err(|e| StorageError::store("configure", url, e))?;
-                builder = builder.with_config(key, kind);
-            }
+        if let Some(sse) = sse {
+            let kind = match sse {
+                Sse::Aes256 => "AES256",
+                Sse::Kms { .. } => "aws:kms",
+            };
+            let key = "aws_server_side_encryption"
+                .parse::<AmazonS3ConfigKey>()
+                .map_err(|e| StorageError::store("configure", url, e))?;
+            builder = builder.with_config(key, kind);
+        }
+        if let Some(Sse::Kms { key_id: Some(key) }) = sse {
+            builder = builder.with_sse_kms_encryption(key);
         }
         if let (Some(id), Some(secret)) = (access_key_id, secret_access_key) {
             builder = builder.with_access_key_id(id).with_secret_access_key(secret.expose());
