@@ -164,6 +164,7 @@ impl Seaweed {
             kind: StorageKind::S3 {
                 sse: None,
                 storage_class: None,
+                ca_file: None,
                 endpoint: Some(self.endpoint.parse().expect("url")),
                 region: "us-east-1".into(),
                 path_style: true,

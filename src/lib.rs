@@ -10,6 +10,7 @@
 //! - [`proxy`]: the request path, as tower layers: classify, observe, respond
 //!   to errors, rewrite `/v1/config`, tap commits, forward upstream.
 //! - [`catalog`]: identifiers and the REST client for icerelay's own calls.
+//! - [`causes`]: error texts that carry their causes (transport, TLS).
 //! - [`admin`]: the admin listener (health, readiness, metrics).
 //! - [`metrics`]: the Prometheus registry.
 //! - [`replicate`]: the replication engine: rules, destinations, planner, lanes.
@@ -20,6 +21,7 @@
 //! - [`serve`]: binding, running and draining the services.
 //! - [`logging`]: log output.
 //! - [`dot_segments`]: refusing `.`/`..` in request paths and file URLs.
+//! - [`tls`]: client roots (`ca_file`) and listener certificates, reloaded.
 
 // Data from the network, files and configuration is handled as errors with
 // context; outside tests nothing may unwrap it.
@@ -29,6 +31,7 @@
 
 pub mod admin;
 pub mod catalog;
+pub mod causes;
 pub mod config;
 pub mod dot_segments;
 pub mod logging;
@@ -40,3 +43,4 @@ pub mod serve;
 pub mod state;
 pub mod storage;
 pub mod table_copy;
+pub mod tls;

@@ -21,7 +21,7 @@ use crate::admin::replication::ReplicationAdmin;
 use crate::admin::{self, AdminState};
 use crate::catalog::sigv4::Signer;
 use crate::catalog::{CatalogError, ClientSettings, RestCatalog};
-use crate::config::{AuthConfig, Config, EngineAuth};
+use crate::config::{AuthConfig, Config, EngineAuth, ListenerTls};
 use crate::metrics::Metrics;
 use crate::proxy::commit_tap::{HintSink, LogHints};
 use crate::proxy::upstream::{Upstream, UpstreamError, UpstreamSettings};
@@ -30,6 +30,7 @@ use crate::proxy::{self, ProxySettings};
 use crate::replicate::Replicator;
 use crate::state::StateError;
 use crate::state::embedded::EmbeddedStore;
+use crate::tls::ServerCertificate;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +52,15 @@ pub enum ServeError {
     /// The primary's catalog client could not be built.
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    /// A TLS certificate, key or CA file cannot be used.
+    #[error("{setting}: {source}")]
+    Tls {
+        /// The configuration key, e.g. `tls_cert_file` or `primary.ca_file`.
+        setting: &'static str,
+        /// Cause.
+        #[source]
+        source: crate::tls::TlsError,
+    },
     /// The replication state store could not be opened.
     #[error("cannot open the replication state (state_dir): {0}")]
     State(#[from] StateError),
@@ -71,6 +81,10 @@ pub struct Server {
     config: Config,
     proxy_workers: ProxyWorkers,
     admin_listener: TcpListener,
+    /// The proxy listener's certificate, with `tls_cert_file`.
+    proxy_certificate: Option<Arc<ServerCertificate>>,
+    /// The admin listener's certificate, with `admin_tls_cert_file`.
+    admin_certificate: Option<Arc<ServerCertificate>>,
     hints: Arc<dyn HintSink>,
     replicator: Option<Replicator>,
     metrics: Arc<Metrics>,
@@ -97,9 +111,25 @@ impl Server {
             what: "admin",
             source,
         })?;
+        let certificate = |tls: &Option<ListenerTls>, setting| match tls {
+            Some(tls) => ServerCertificate::load(&tls.cert_file, &tls.key_file)
+                .map(Some)
+                .map_err(|source| ServeError::Tls { setting, source }),
+            None => Ok(None),
+        };
+        let proxy_certificate = certificate(&config.tls, "tls_cert_file")?;
+        let admin_certificate = certificate(&config.admin_tls, "admin_tls_cert_file")?;
         let metrics = Arc::new(Metrics::new());
-        let mut server =
-            Self { config, proxy_workers, admin_listener, hints: Arc::new(LogHints), replicator: None, metrics };
+        let mut server = Self {
+            config,
+            proxy_workers,
+            admin_listener,
+            proxy_certificate,
+            admin_certificate,
+            hints: Arc::new(LogHints),
+            replicator: None,
+            metrics,
+        };
         if server.config.replicates() {
             let store = Arc::new(EmbeddedStore::open(&server.config.state_dir)?);
             let primary = &server.config.primary;
@@ -108,7 +138,11 @@ impl Server {
                 primary.uri.clone(),
                 primary.warehouse.clone(),
                 &primary.auth,
-                ClientSettings { connect_timeout: primary.connect_timeout, request_timeout: primary.request_timeout },
+                ClientSettings {
+                    connect_timeout: primary.connect_timeout,
+                    request_timeout: primary.request_timeout,
+                    ca_file: primary.ca_file.clone(),
+                },
             )?);
             let replicator = Replicator::new(&server.config, store, catalog, server.metrics.replication.clone())?;
             server.hints = Arc::new(replicator.change_log());
@@ -135,7 +169,22 @@ impl Server {
 
     /// Serves until `shutdown` completes or a service exits, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
-        let Self { config, proxy_workers, admin_listener, hints, replicator, metrics } = self;
+        let Self {
+            config,
+            proxy_workers,
+            admin_listener,
+            proxy_certificate,
+            admin_certificate,
+            hints,
+            replicator,
+            metrics,
+        } = self;
+        let acceptor = |certificate: &Option<Arc<ServerCertificate>>, setting| match certificate {
+            Some(c) => c.acceptor().map(Some).map_err(|source| ServeError::Tls { setting, source }),
+            None => Ok(None),
+        };
+        let proxy_tls = acceptor(&proxy_certificate, "tls_cert_file")?;
+        let admin_tls = acceptor(&admin_certificate, "admin_tls_cert_file")?;
         let primary = &config.primary;
         // With engine_auth = "sigv4" (validated to come with sigv4 credentials),
         // forwarded requests are signed with the primary's credentials.
@@ -152,6 +201,10 @@ impl Server {
             pool_max_idle_per_host: primary.pool_max_idle_per_host,
             resign: resign.clone(),
             max_body_bytes: config.max_body_bytes,
+            tls: Arc::new(
+                crate::tls::client_config(primary.ca_file.as_deref())
+                    .map_err(|source| ServeError::Tls { setting: "primary.ca_file", source })?,
+            ),
         };
         // Built here once to report a bad URI before serving; each proxy
         // worker builds its own (its pool belongs to the worker's runtime).
@@ -161,7 +214,11 @@ impl Server {
             primary.uri.clone(),
             primary.warehouse.clone(),
             &primary.auth,
-            ClientSettings { connect_timeout: primary.connect_timeout, request_timeout: Duration::from_secs(10) },
+            ClientSettings {
+                connect_timeout: primary.connect_timeout,
+                request_timeout: Duration::from_secs(10),
+                ca_file: primary.ca_file.clone(),
+            },
         )?);
         let proxy_settings =
             ProxySettings { public_url: config.public_url.clone(), max_body_bytes: config.max_body_bytes };
@@ -180,7 +237,25 @@ impl Server {
         let mut services: JoinSet<(&'static str, std::io::Result<()>)> = JoinSet::new();
         let proxy_addr = proxy_workers.local_addr();
         let admin_addr = admin_listener.local_addr().unwrap_or(config.admin_listen);
-        tracing::info!(listen = %proxy_addr, admin = %admin_addr, primary = %upstream_display, workers = config.proxy_workers, "icerelay is serving");
+        tracing::info!(
+            listen = %proxy_addr,
+            admin = %admin_addr,
+            primary = %upstream_display,
+            workers = config.proxy_workers,
+            proxy_tls = proxy_tls.is_some(),
+            admin_tls = admin_tls.is_some(),
+            "icerelay is serving"
+        );
+        // Certificates are reloaded on SIGHUP or when their files change.
+        for (listener, certificate) in [("proxy", proxy_certificate), ("admin", admin_certificate)] {
+            if let Some(certificate) = certificate {
+                let stop = token.clone();
+                services.spawn(async move {
+                    certificate.watch(listener, stop).await;
+                    ("tls-reload", Ok(()))
+                });
+            }
+        }
         if let Some(sigv4) = &resign {
             // Engines act with this identity: say which, once, at start.
             let signer = Signer::new(sigv4);
@@ -202,7 +277,7 @@ impl Server {
 
         let stop = token.clone();
         let limits = config.connections;
-        services.spawn(async move { ("proxy", proxy_workers.serve(make_proxy, limits, stop).await) });
+        services.spawn(async move { ("proxy", proxy_workers.serve(make_proxy, limits, proxy_tls, stop).await) });
         if let Some(replicator) = replicator {
             let stop = token.clone();
             tracing::info!(state_dir = %config.state_dir.display(), destinations = config.destinations.len(), rules = config.rules.len(), "replication is on");
@@ -215,7 +290,7 @@ impl Server {
         // The admin listener gets the proxy's connection limits and timeouts too.
         let limits = config.connections;
         services.spawn(async move {
-            ("admin", crate::proxy::conn::serve(admin_listener, admin_router, limits, stop).await)
+            ("admin", crate::proxy::conn::serve(admin_listener, admin_router, limits, admin_tls, stop).await)
         });
 
         let mut failure = None;

@@ -27,7 +27,7 @@ const REFRESH_MARGIN: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     /// The token endpoint could not be reached.
-    #[error("cannot reach the OAuth2 token endpoint {endpoint}: {source}")]
+    #[error("cannot reach the OAuth2 token endpoint {endpoint}: {}", crate::causes::transport(.source))]
     TokenUnreachable {
         /// The endpoint (never carries credentials).
         endpoint: String,

@@ -8,6 +8,7 @@
 //! may have applied it. Metadata is returned as raw JSON: replication rewrites
 //! it field by field and must not lose fields it does not know.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode, Url};
@@ -27,6 +28,8 @@ pub struct ClientSettings {
     pub connect_timeout: Duration,
     /// Whole-request timeout.
     pub request_timeout: Duration,
+    /// CA certificates trusted besides the system's roots (`ca_file`).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A table as `loadTable`, `createTable`, `registerTable` and `updateTable` return it.
@@ -106,7 +109,10 @@ impl RestCatalog {
         settings: ClientSettings,
     ) -> Result<Self, CatalogError> {
         let name = name.into();
+        let roots = crate::tls::reqwest_roots(settings.ca_file.as_deref())
+            .map_err(|source| CatalogError::Tls { catalog: name.clone(), source })?;
         let http = reqwest::Client::builder()
+            .tls_certs_merge(roots)
             // A redirect is an error, never followed: reqwest would re-send
             // the request (a token post's client secret included) to any host.
             .redirect(reqwest::redirect::Policy::none())
@@ -572,7 +578,11 @@ mod tests {
             Url::parse("http://h:1/api/catalog/").expect("url"),
             None,
             &AuthConfig::None,
-            ClientSettings { connect_timeout: Duration::from_secs(1), request_timeout: Duration::from_secs(1) },
+            ClientSettings {
+                connect_timeout: Duration::from_secs(1),
+                request_timeout: Duration::from_secs(1),
+                ca_file: None,
+            },
         )
         .expect("client");
         let ns = Namespace::new(vec!["a".into(), "b c".into()]);

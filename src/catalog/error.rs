@@ -46,7 +46,7 @@ impl std::fmt::Display for SignerIdentity {
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     /// No HTTP answer (connection refused, DNS, TLS, reset).
-    #[error("catalog {catalog} at {url} is unreachable: {source}")]
+    #[error("catalog {catalog} at {url} is unreachable: {}", crate::causes::transport(.source))]
     Unreachable {
         /// Catalog name (`primary` or a destination).
         catalog: String,
@@ -83,6 +83,15 @@ pub enum CatalogError {
         /// Cause.
         #[source]
         source: reqwest::Error,
+    },
+    /// The catalog's `ca_file` cannot be used.
+    #[error("catalog {catalog}: ca_file: {source}")]
+    Tls {
+        /// Catalog name.
+        catalog: String,
+        /// Cause.
+        #[source]
+        source: crate::tls::TlsError,
     },
     /// A commit got no definite answer (timeout, 500, 502, 503, 504): it may or may not have been applied.
     #[error(
@@ -180,9 +189,11 @@ impl CatalogError {
             },
             // Credentials from the AWS environment can be rotated: retrying picks up new ones.
             Self::SigV4Refused { signer, .. } if signer.from_environment => Disposition::Retry,
-            Self::Client { .. } | Self::Decode { .. } | Self::Redirect { .. } | Self::SigV4Refused { .. } => {
-                Disposition::Park
-            }
+            Self::Client { .. }
+            | Self::Tls { .. }
+            | Self::Decode { .. }
+            | Self::Redirect { .. }
+            | Self::SigV4Refused { .. } => Disposition::Park,
             Self::CommitOutcomeUnknown { .. } | Self::CommitConflict { .. } => Disposition::ReloadAndCheck,
             Self::Status { status, .. } => {
                 if status.is_server_error()

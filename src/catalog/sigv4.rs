@@ -209,7 +209,7 @@ impl AwsCredentials {
         let credentials = resolved.map_err(|e| SigV4Error::NoCredentials {
             service: service.to_owned(),
             region: region.to_owned(),
-            cause: error_chain(&e),
+            cause: crate::causes::chain(&e),
         })?;
         let refresh_at = match (&self.source, credentials.expiry()) {
             (Source::Static(_), _) => None,
@@ -225,18 +225,6 @@ impl AwsCredentials {
         *cached = Some(Cached { credentials: credentials.clone(), refresh_at });
         Ok(credentials)
     }
-}
-
-/// An error and its causes, joined with `: `.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use icerelay::catalog::{ClientSettings, Namespace, RestCatalog, TableIdent};
-use icerelay::config::{self, AuthConfig, Overrides, ProcessEnv, StorageConfig};
+use icerelay::config::{self, AuthConfig, DestinationConfig, Overrides, ProcessEnv, StorageConfig};
 use icerelay::rewrite::PathMap;
 use icerelay::rewrite::metadata::{current_snapshot_ids, retain_snapshots, snapshot_ids};
 use icerelay::storage::Storage;
@@ -186,10 +186,14 @@ async fn execute(args: Args) -> Result<(), String> {
     if let (Some(uri), Some(table)) = (&args.register, &args.table) {
         let ident = parse_table(table)?;
         let base = reqwest::Url::parse(uri).map_err(|e| format!("--register {uri:?}: {e}"))?;
-        let auth = destinations.iter().find(|(u, _)| u.as_str().trim_end_matches('/') == uri.trim_end_matches('/'));
-        let auth = auth.map_or(AuthConfig::None, |(_, a)| a.clone());
-        let settings =
-            ClientSettings { connect_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(60) };
+        // A configured destination at this URI lends its credentials and CA.
+        let known = destinations.iter().find(|d| d.uri.as_str().trim_end_matches('/') == uri.trim_end_matches('/'));
+        let auth = known.map_or(AuthConfig::None, |d| d.auth.clone());
+        let settings = ClientSettings {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(60),
+            ca_file: known.and_then(|d| d.ca_file.clone()),
+        };
         let catalog = RestCatalog::new("register", base, args.register_warehouse.clone(), &auth, settings)
             .map_err(|e| e.to_string())?;
         catalog.ensure_namespace(&ident.namespace).await.map_err(|e| e.to_string())?;
@@ -202,9 +206,7 @@ async fn execute(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-type Destinations = Vec<(reqwest::Url, AuthConfig)>;
-
-fn load_config(args: &Args) -> Result<(Vec<StorageConfig>, Destinations), String> {
+fn load_config(args: &Args) -> Result<(Vec<StorageConfig>, Vec<DestinationConfig>), String> {
     let Some(path) = &args.config else { return Ok((Vec::new(), Vec::new())) };
     // Only [[storage]] and [[destinations]] matter here; a placeholder primary
     // lets a storage-only file validate.
@@ -215,7 +217,7 @@ fn load_config(args: &Args) -> Result<(Vec<StorageConfig>, Destinations), String
         raw.primary = Some(config::raw::RawPrimary { uri: overrides.upstream, ..Default::default() });
     }
     let config = config::validate(raw).map_err(|e| format!("{}:\n{e}", path.display()))?;
-    Ok((config.storage, config.destinations.into_iter().map(|d| (d.uri, d.auth)).collect()))
+    Ok((config.storage, config.destinations))
 }
 
 fn parse_table(text: &str) -> Result<TableIdent, String> {

@@ -25,6 +25,10 @@ pub struct Args {
     /// A file holding the admin API's bearer token.
     #[arg(long)]
     pub token_file: Option<std::path::PathBuf>,
+    /// PEM file of the CA that issued an `https` admin listener's certificate
+    /// (`admin_tls_cert_file`), trusted besides the system's roots.
+    #[arg(long, env = "ICERELAY_ADMIN_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Args {
@@ -62,7 +66,7 @@ pub async fn run(args: Args) -> u8 {
             return 2;
         }
     };
-    let answer = match fetch(&url, token.as_deref()).await {
+    let answer = match fetch(&url, token.as_deref(), args.ca_file.as_deref()).await {
         Ok(v) => v,
         Err(message) => {
             eprintln!("icerelay status: {message}");
@@ -86,9 +90,11 @@ pub async fn run(args: Args) -> u8 {
     u8::from(failed)
 }
 
-async fn fetch(url: &str, token: Option<&str>) -> Result<Value, String> {
+async fn fetch(url: &str, token: Option<&str>, ca_file: Option<&std::path::Path>) -> Result<Value, String> {
+    let roots = icerelay::tls::reqwest_roots(ca_file).map_err(|e| format!("--ca-file: {e}"))?;
     // No redirects: the token must not travel to wherever a redirect points.
     let client = reqwest::Client::builder()
+        .tls_certs_merge(roots)
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
@@ -96,7 +102,10 @@ async fn fetch(url: &str, token: Option<&str>) -> Result<Value, String> {
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
-    let response = request.send().await.map_err(|e| format!("cannot reach {url}: {}", e.without_url()))?;
+    let response = request
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach {url}: {}", icerelay::causes::transport(&e.without_url())))?;
     let status = response.status();
     if status.is_redirection() {
         let to = response.headers().get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok()).unwrap_or("?");

@@ -78,6 +78,19 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Pacing and limits of replication.
     pub replication: ReplicationConfig,
+    /// TLS on the proxy listener, if configured.
+    pub tls: Option<ListenerTls>,
+    /// TLS on the admin listener, if configured.
+    pub admin_tls: Option<ListenerTls>,
+}
+
+/// A listener's TLS certificate and key files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    /// PEM certificate chain, the server's certificate first.
+    pub cert_file: PathBuf,
+    /// PEM private key of that certificate.
+    pub key_file: PathBuf,
 }
 
 impl Config {
@@ -168,6 +181,8 @@ pub struct PrimaryConfig {
     pub pool_max_idle_per_host: usize,
     /// What happens to the engines' credentials.
     pub engine_auth: EngineAuth,
+    /// CA certificates trusted besides the system's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// What the proxy does with the credentials engines send.
@@ -262,6 +277,8 @@ pub enum StorageKind {
         sse: Option<Sse>,
         /// Storage class of written objects.
         storage_class: Option<String>,
+        /// CA certificates trusted besides the system's roots.
+        ca_file: Option<PathBuf>,
     },
     /// A local filesystem (`file://` prefixes).
     Local,
@@ -298,6 +315,8 @@ pub struct DestinationConfig {
     pub properties: BTreeMap<String, String>,
     /// Time allowed for one request.
     pub request_timeout: Duration,
+    /// CA certificates trusted besides the system's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// How a destination's replica tables are first made.
@@ -419,7 +438,42 @@ pub fn load(path: Option<&Path>, overrides: &Overrides, env: &dyn Env) -> Result
     let mut raw = parse(&text, env)?;
     apply_overrides(&mut raw, overrides);
     read_admin_token_file(&mut raw)?;
-    validate(raw)
+    let config = validate(raw)?;
+    check_tls_files(&config)?;
+    Ok(config)
+}
+
+/// Reads every TLS file the configuration names, so that a missing file, a
+/// file without a certificate or a key that does not match is reported by
+/// `check-config` and at start, with the key that names it.
+fn check_tls_files(config: &Config) -> Result<(), ConfigErrors> {
+    let mut errors = Vec::new();
+    for (key, tls) in [("tls_cert_file", &config.tls), ("admin_tls_cert_file", &config.admin_tls)] {
+        if let Some(tls) = tls
+            && let Err(e) = crate::tls::ServerCertificate::load(&tls.cert_file, &tls.key_file)
+        {
+            errors.push(ConfigError::new(key, e.to_string()));
+        }
+    }
+    let mut ca_files = vec![("primary.ca_file".to_owned(), config.primary.ca_file.as_ref())];
+    ca_files.extend(
+        config.destinations.iter().enumerate().map(|(i, d)| (format!("destinations[{i}].ca_file"), d.ca_file.as_ref())),
+    );
+    ca_files.extend(config.storage.iter().enumerate().map(|(i, s)| {
+        let file = match &s.kind {
+            StorageKind::S3 { ca_file, .. } => ca_file.as_ref(),
+            StorageKind::Local => None,
+        };
+        (format!("storage[{i}].ca_file"), file)
+    }));
+    for (key, file) in ca_files {
+        if let Some(file) = file
+            && let Err(e) = crate::tls::read_certificates(file)
+        {
+            errors.push(ConfigError::new(key, format!("{e}; it must hold the PEM certificate of the CA to trust")));
+        }
+    }
+    if errors.is_empty() { Ok(()) } else { Err(ConfigErrors(errors)) }
 }
 
 /// Puts the content of `admin_token_file` into `admin_token`.
@@ -664,6 +718,9 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     let rules = raw.rules.into_iter().enumerate().filter_map(|(i, r)| v.rule(i, r, &names)).collect();
     let state_dir = PathBuf::from(raw.state_dir.unwrap_or_else(|| "icerelay-state".to_owned()));
     let replication = v.replication(raw.replication.unwrap_or_default());
+    let tls = v.listener_tls("tls_cert_file", "tls_key_file", raw.tls_cert_file, raw.tls_key_file);
+    let admin_tls =
+        v.listener_tls("admin_tls_cert_file", "admin_tls_key_file", raw.admin_tls_cert_file, raw.admin_tls_key_file);
 
     match (v.errors.is_empty(), listen, admin_listen, primary) {
         (true, Some(listen), Some(admin_listen), Some(primary)) => Ok(Config {
@@ -681,6 +738,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             rules,
             state_dir,
             replication,
+            tls,
+            admin_tls,
         }),
         _ => Err(ConfigErrors(v.errors)),
     }
@@ -798,6 +857,52 @@ impl Validator {
         AdminAccess { token, open_reads: open_reads.unwrap_or(false), local_hosts_only }
     }
 
+    /// A listener's certificate and key: both or neither.
+    fn listener_tls(
+        &mut self,
+        cert_key: &str,
+        key_key: &str,
+        cert_file: Option<String>,
+        key_file: Option<String>,
+    ) -> Option<ListenerTls> {
+        match (cert_file, key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) if !cert.trim().is_empty() && !key.trim().is_empty() => {
+                Some(ListenerTls { cert_file: PathBuf::from(cert), key_file: PathBuf::from(key) })
+            }
+            (Some(_), Some(_)) => {
+                self.error(cert_key, format!("{cert_key} and {key_key} must not be empty"));
+                None
+            }
+            (Some(_), None) => {
+                self.error(key_key, format!("is required with {cert_key}: the PEM private key of that certificate"));
+                None
+            }
+            (None, Some(_)) => {
+                self.error(cert_key, format!("is required with {key_key}: the PEM certificate chain of that key"));
+                None
+            }
+        }
+    }
+
+    /// A `ca_file` applies only where icerelay speaks TLS.
+    fn ca_file(&mut self, key: &str, ca_file: Option<String>, url: Option<&Url>) -> Option<PathBuf> {
+        let file = ca_file?;
+        if file.trim().is_empty() {
+            self.error(key, "must not be empty; remove it to trust the system's roots only");
+            return None;
+        }
+        if let Some(url) = url
+            && url.scheme() != "https"
+        {
+            self.error(
+                key,
+                format!("applies only to https, and {url} is {}: use an https URL or remove ca_file", url.scheme()),
+            );
+        }
+        Some(PathBuf::from(file))
+    }
+
     /// A destination that is the primary itself would replicate tables onto themselves.
     fn not_the_primary(&mut self, primary: &PrimaryConfig, destinations: &[DestinationConfig]) {
         let same_uri = |a: &Url, b: &Url| {
@@ -871,6 +976,7 @@ impl Validator {
             self.positive("primary.body_idle_timeout", raw.body_idle_timeout, Duration::from_secs(60));
         let pool_idle_timeout =
             self.positive("primary.pool_idle_timeout", raw.pool_idle_timeout, Duration::from_secs(90));
+        let ca_file = self.ca_file("primary.ca_file", raw.ca_file, uri.as_ref());
         Some(PrimaryConfig {
             uri: uri?,
             warehouse: raw.warehouse,
@@ -881,6 +987,7 @@ impl Validator {
             pool_idle_timeout,
             pool_max_idle_per_host: raw.pool_max_idle_per_host.unwrap_or(256),
             engine_auth,
+            ca_file,
         })
     }
 
@@ -978,7 +1085,9 @@ impl Validator {
                         ),
                     );
                 }
+                let ca_file = self.ca_file(&format!("{key}.ca_file"), raw.ca_file.clone(), endpoint.as_ref());
                 StorageKind::S3 {
+                    ca_file,
                     sse,
                     storage_class: raw.storage_class,
                     endpoint,
@@ -1004,6 +1113,7 @@ impl Validator {
                     ("sse", raw.sse.is_some()),
                     ("sse_kms_key_id", raw.sse_kms_key_id.is_some()),
                     ("storage_class", raw.storage_class.is_some()),
+                    ("ca_file", raw.ca_file.is_some()),
                 ] {
                     if set {
                         self.error(format!("{key}.{field}"), "applies only to s3:// prefixes");
@@ -1061,6 +1171,7 @@ impl Validator {
         }
         let request_timeout =
             self.positive(&format!("{key}.request_timeout"), raw.request_timeout, Duration::from_secs(60));
+        let ca_file = self.ca_file(&format!("{key}.ca_file"), raw.ca_file, uri.as_ref());
         Some(DestinationConfig {
             name: name?,
             uri: uri?,
@@ -1070,6 +1181,7 @@ impl Validator {
             location,
             properties: raw.properties,
             request_timeout,
+            ca_file,
         })
     }
 

@@ -137,6 +137,16 @@ pub struct RawConfig {
     /// beyond it are closed at once, not queued. Default `10000`.
     #[serde(default, deserialize_with = "lenient::number")]
     pub max_connections_per_worker: Option<usize>,
+    /// PEM certificate chain for TLS on `listen` (with `tls_key_file`);
+    /// reloaded on SIGHUP or when the file changes. Default: plain HTTP.
+    pub tls_cert_file: Option<String>,
+    /// PEM private key for `tls_cert_file`.
+    pub tls_key_file: Option<String>,
+    /// PEM certificate chain for TLS on `admin_listen` (with
+    /// `admin_tls_key_file`; may be the proxy's pair). Default: plain HTTP.
+    pub admin_tls_cert_file: Option<String>,
+    /// PEM private key for `admin_tls_cert_file`.
+    pub admin_tls_key_file: Option<String>,
 }
 
 /// `[replication]`: pacing and limits of the replication engine.
@@ -199,6 +209,9 @@ pub struct RawPrimary {
     /// Idle connections kept per upstream host. Default `256`.
     #[serde(default, deserialize_with = "lenient::number")]
     pub pool_max_idle_per_host: Option<usize>,
+    /// PEM file of CA certificates trusted for an `https` uri, in addition
+    /// to the system's roots (a private CA). Default: the system's roots only.
+    pub ca_file: Option<String>,
 }
 
 /// `auth = { type = ... }`: how icerelay authenticates its own calls to a catalog.
@@ -269,6 +282,9 @@ pub struct RawStorage {
     /// Storage class of the objects icerelay writes (`STANDARD_IA`,
     /// `INTELLIGENT_TIERING`, ...). Default: the bucket's.
     pub storage_class: Option<String>,
+    /// PEM file of CA certificates trusted for an `https` endpoint, in
+    /// addition to the system's roots. Default: the system's roots only.
+    pub ca_file: Option<String>,
 }
 
 /// `[[destinations]]`: one replica catalog.
@@ -298,6 +314,9 @@ pub struct RawDestination {
     /// Time allowed for the replica catalog to answer one request. Default `60s`.
     #[serde(default, with = "humantime_serde")]
     pub request_timeout: Option<Duration>,
+    /// PEM file of CA certificates trusted for an `https` uri, in addition
+    /// to the system's roots. Default: the system's roots only.
+    pub ca_file: Option<String>,
 }
 
 /// `[[rules]]`: tables that replicate, and where to.

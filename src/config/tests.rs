@@ -377,3 +377,70 @@ fn replica_write_settings_are_checked() {
     let errors = load_str(&with("sse = \"AES256\"\nsse_kms_key_id = \"k1\""), &env()).expect_err("key without kms");
     assert_eq!(keys(&errors), ["storage[0].sse_kms_key_id"]);
 }
+
+#[test]
+fn tls_settings_come_in_pairs_and_ca_files_only_with_https() {
+    let text = r#"
+tls_cert_file = "/etc/icerelay/tls.crt"
+admin_tls_key_file = "/etc/icerelay/admin.key"
+[primary]
+uri = "http://127.0.0.1:8181"
+ca_file = "/etc/icerelay/ca.pem"
+[[storage]]
+prefix = "file:///data/"
+ca_file = "/etc/icerelay/ca.pem"
+[[destinations]]
+name = "dr"
+uri = "https://replica.example:8443"
+ca_file = ""
+"#;
+    let errors = load_str(text, &env()).expect_err("invalid");
+    let mut found = keys(&errors);
+    found.sort_unstable();
+    assert_eq!(
+        found,
+        ["admin_tls_cert_file", "destinations[0].ca_file", "primary.ca_file", "storage[0].ca_file", "tls_key_file"],
+        "{errors}"
+    );
+    let text = errors.to_string();
+    assert!(text.contains("tls_key_file: is required with tls_cert_file"), "{text}");
+    assert!(text.contains("applies only to https, and http://127.0.0.1:8181/ is http"), "{text}");
+
+    let valid = load_str(
+        r#"
+tls_cert_file = "/etc/icerelay/tls.crt"
+tls_key_file = "/etc/icerelay/tls.key"
+[primary]
+uri = "https://catalog.example"
+ca_file = "/etc/icerelay/ca.pem"
+"#,
+        &env(),
+    )
+    .expect("valid");
+    assert_eq!(valid.tls.map(|t| t.key_file), Some(PathBuf::from("/etc/icerelay/tls.key")));
+    assert_eq!(valid.primary.ca_file, Some(PathBuf::from("/etc/icerelay/ca.pem")));
+}
+
+#[test]
+fn tls_files_are_read_when_the_file_is_loaded() {
+    let dir = tempfile::tempdir().expect("dir");
+    let not_pem = dir.path().join("ca.pem");
+    std::fs::write(&not_pem, "not a certificate").expect("write");
+    let config = dir.path().join("icerelay.toml");
+    let missing = dir.path().join("tls.crt");
+    std::fs::write(
+        &config,
+        format!(
+            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n[primary]\nuri = \"https://catalog.example\"\nca_file = \"{}\"\n",
+            missing.display(),
+            missing.display(),
+            not_pem.display()
+        ),
+    )
+    .expect("write");
+    let errors = load(Some(&config), &Overrides::default(), &env()).expect_err("unusable files");
+    assert_eq!(keys(&errors), ["tls_cert_file", "primary.ca_file"], "{errors}");
+    let text = errors.to_string();
+    assert!(text.contains(&format!("cannot read {}", missing.display())), "{text}");
+    assert!(text.contains("holds no PEM certificate"), "{text}");
+}

@@ -16,6 +16,9 @@
 //! - **HTTP/1.1 only.** Engines' REST clients speak HTTP/1.1 to a plain-http
 //!   catalog; serving HTTP/2 with prior knowledge too would only add a
 //!   protocol whose handshake a client could stall.
+//! - **TLS** (with `tls_cert_file`): the handshake runs on the connection's
+//!   own task, within `header_read_timeout`; the timeouts above then watch
+//!   the decrypted bytes.
 //! - **Graceful shutdown.** Accepting stops at once; connections finish their
 //!   request in flight and close.
 //!
@@ -33,11 +36,12 @@ use std::time::Duration;
 use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 
@@ -57,12 +61,13 @@ pub fn raise_open_files_limit() -> io::Result<Option<(u64, u64)>> {
     Ok((after > before).then_some((before, after)))
 }
 
-/// Accepts and serves connections on `listener` until `shutdown`, then
-/// waits for the connections in flight to finish.
+/// Accepts and serves connections on `listener` (over TLS with `tls`) until
+/// `shutdown`, then waits for the connections in flight to finish.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ConnectionLimits,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let open = Arc::new(AtomicUsize::new(0));
@@ -112,9 +117,48 @@ pub async fn serve(
         // Without TCP_NODELAY a response written as head + body waits for
         // the client's delayed ACK (Nagle), adding ~40 ms per request.
         let _ = stream.set_nodelay(true);
+        let slot = OpenConnection::take(&open);
+        let connection =
+            Connection { router: router.clone(), http: builder.clone(), limits, graceful: graceful.watcher() };
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            match tls {
+                None => connection.serve(stream).await,
+                Some(acceptor) => {
+                    // The handshake counts as part of the first request's
+                    // head: a client that stalls it is cut off as a slow head is.
+                    match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => connection.serve(stream).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out (header_read_timeout)"),
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// What serving one accepted connection needs.
+struct Connection {
+    router: Router,
+    http: http1::Builder,
+    limits: ConnectionLimits,
+    graceful: Watcher,
+}
+
+impl Connection {
+    /// Serves HTTP/1.1 on `stream` (plain TCP or TLS) until the client goes or shutdown.
+    async fn serve<S>(self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Self { router, http, limits, graceful } = self;
         let requests = Arc::new(Requests::default());
         let io = TokioIo::new(GuardedIo::new(stream, limits, requests.clone()));
-        let router = router.clone();
         let body_timeout = limits.header_read_timeout;
         let service = tower::service_fn(move |request: http::Request<hyper::body::Incoming>| {
             // A request body must keep coming too: the commit tap and
@@ -127,18 +171,10 @@ pub async fn serve(
                 router.call(request).await
             }
         });
-        let connection = graceful.watch(builder.serve_connection(io, TowerToHyperService::new(service)));
-        let slot = OpenConnection::take(&open);
-        tokio::spawn(async move {
-            let _slot = slot;
-            // A client that goes away or times out ends its connection; that
-            // is its business, not an error of the proxy.
-            let _ = connection.await;
-        });
+        // A client that goes away or times out ends its connection; that is
+        // its business, not an error of the proxy.
+        let _ = graceful.watch(http.serve_connection(io, TowerToHyperService::new(service))).await;
     }
-    drop(listener);
-    graceful.shutdown().await;
-    Ok(())
 }
 
 /// What the service did with a connection's requests, for its [`GuardedIo`].

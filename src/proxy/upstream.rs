@@ -7,7 +7,6 @@
 //! The answer comes back the same way: status, headers and body unchanged.
 //! Connections to the primary are pooled and kept alive.
 
-use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -56,6 +55,8 @@ pub struct UpstreamSettings {
     pub resign: Option<SigV4Config>,
     /// Bound on the bodies read whole to be signed.
     pub max_body_bytes: u64,
+    /// TLS for an `https` primary: the roots it trusts (see [`crate::tls::client_config`]).
+    pub tls: Arc<rustls::ClientConfig>,
 }
 
 /// Why an [`Upstream`] could not be built.
@@ -120,12 +121,12 @@ impl Upstream {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(settings.connect_timeout));
-        let builder = hyper_rustls::HttpsConnectorBuilder::new();
-        let builder = match builder.with_native_roots() {
-            Ok(b) => b,
-            Err(_) => hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots(),
-        };
-        let connector = builder.https_or_http().enable_http1().enable_http2().wrap_connector(http);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*settings.tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(settings.pool_idle_timeout)
@@ -219,7 +220,7 @@ impl Inner {
     }
 
     fn transport_error(&self, e: &hyper_util::client::legacy::Error) -> ProxyError {
-        let cause = cause_chain(e);
+        let cause = crate::causes::transport(e);
         if e.is_connect() {
             ProxyError::UpstreamUnreachable { upstream: self.display.clone(), cause }
         } else {
@@ -296,16 +297,6 @@ fn concat(chunks: impl Iterator<Item = Bytes>) -> Bytes {
 
 /// The error's causes below the top level, joined with `: `
 /// (e.g. `tcp connect error: Connection refused (os error 111)`).
-fn cause_chain(e: &dyn StdError) -> String {
-    let mut parts = Vec::new();
-    let mut current = e.source();
-    while let Some(err) = current {
-        parts.push(err.to_string());
-        current = err.source();
-    }
-    if parts.is_empty() { e.to_string() } else { parts.join(": ") }
-}
-
 /// Removes connection-specific header fields (RFC 9110 §7.6.1): those named in
 /// `Connection` and the fixed set that only concerns one hop.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -362,6 +353,7 @@ mod tests {
             max_body_bytes: 1024,
             pool_idle_timeout: Duration::from_secs(1),
             pool_max_idle_per_host: 1,
+            tls: Arc::new(crate::tls::client_config(None).expect("system roots")),
         };
         let up = Upstream::new(&settings("http://127.0.0.1:8181/api/catalog/")).expect("builds");
         let incoming: Uri = "/v1/wh/namespaces/a%1Fb/tables/t?x=1%202".parse().expect("valid");

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::conn;
@@ -53,6 +54,7 @@ impl ProxyWorkers {
         self,
         make_router: F,
         limits: ConnectionLimits,
+        tls: Option<TlsAcceptor>,
         shutdown: CancellationToken,
     ) -> std::io::Result<()>
     where
@@ -64,8 +66,9 @@ impl ProxyWorkers {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let make_router = make_router.clone();
             let shutdown = shutdown.clone();
+            let tls = tls.clone();
             std::thread::Builder::new().name(format!("icerelay-proxy-{index}")).spawn(move || {
-                let _ = tx.send(run_worker(listener, make_router.as_ref(), limits, shutdown));
+                let _ = tx.send(run_worker(listener, make_router.as_ref(), limits, tls, shutdown));
             })?;
             done.push(rx);
         }
@@ -88,6 +91,7 @@ fn run_worker(
     listener: std::net::TcpListener,
     make_router: &(dyn Fn() -> std::io::Result<Router> + Send + Sync),
     limits: ConnectionLimits,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -104,7 +108,7 @@ fn run_worker(
             }
         });
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        conn::serve(listener, make_router()?, limits, shutdown).await
+        conn::serve(listener, make_router()?, limits, tls, shutdown).await
     })
 }
 

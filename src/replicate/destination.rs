@@ -76,6 +76,7 @@ impl Destination {
         let settings = ClientSettings {
             connect_timeout: std::time::Duration::from_secs(5),
             request_timeout: config.request_timeout,
+            ca_file: config.ca_file.clone(),
         };
         let catalog = RestCatalog::new(
             config.name.clone(),

@@ -245,6 +245,7 @@ impl Storage {
             session_token,
             sse,
             storage_class: _,
+            ca_file,
         } = &config.kind
         else {
             return Err(StorageError::InvalidUrl { url: url.to_owned(), reason: "not an S3 store".into() });
@@ -258,7 +259,12 @@ impl Storage {
                 max_retries: 5,
                 retry_timeout: Duration::from_secs(120),
             })
-            .with_http_connector(NoRedirects);
+            .with_http_connector(NoRedirects {
+                roots: crate::tls::reqwest_roots(ca_file.as_deref()).map_err(|e| StorageError::InvalidUrl {
+                    url: url.to_owned(),
+                    reason: format!("[[storage]] ca_file: {e}"),
+                })?,
+            });
         if let Some(endpoint) = endpoint {
             let endpoint = endpoint.as_str().trim_end_matches('/');
             builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
@@ -357,13 +363,17 @@ impl object_store::CredentialProvider for ChainCredentials {
 
 /// The HTTP client of the S3 stores: object_store's own follows redirects,
 /// and a redirect to another host would carry the request's session token
-/// (`x-amz-security-token`) there. A redirect is an error instead.
-#[derive(Debug, Clone, Copy)]
-struct NoRedirects;
+/// (`x-amz-security-token`) there. A redirect is an error instead. It trusts
+/// the system's roots and those of the store's `ca_file`.
+#[derive(Debug, Clone)]
+struct NoRedirects {
+    roots: Vec<reqwest::Certificate>,
+}
 
 impl HttpConnector for NoRedirects {
     fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
         let client = reqwest::Client::builder()
+            .tls_certs_merge(self.roots.iter().cloned())
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(300))
@@ -425,6 +435,7 @@ mod tests {
                 session_token: None,
                 sse: None,
                 storage_class: None,
+                ca_file: None,
             },
         }
     }

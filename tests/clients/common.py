@@ -26,7 +26,9 @@ def emit(result):
 
 def pyiceberg_catalog(conn):
     """conn: {"uri", "warehouse", "credential"?, "sigv4"?: {"access_key_id", "secret_access_key",
-    "service"?, "region"?}, "s3": {...}?} -> a pyiceberg RestCatalog."""
+    "service"?, "region"?}, "s3": {...}?, "ca_file"?} -> a pyiceberg RestCatalog.
+
+    ca_file: the PEM CA that issued an https catalog's certificate (PyIceberg's ssl.cabundle)."""
     from pyiceberg.catalog import load_catalog
 
     props = {"type": "rest", "uri": conn["uri"], "warehouse": conn["warehouse"]}
@@ -43,6 +45,11 @@ def pyiceberg_catalog(conn):
             "client.secret-access-key": sigv4["secret_access_key"],
             "client.region": sigv4.get("region", "us-east-1"),
         })
+    if conn.get("ca_file"):
+        props["ssl"] = {"cabundle": conn["ca_file"]}
+        # PyIceberg's OAuth2 token request uses a session of its own that
+        # ignores ssl.cabundle; requests' environment variable reaches it.
+        os.environ["REQUESTS_CA_BUNDLE"] = conn["ca_file"]
     s3 = conn.get("s3")
     if s3:
         props.update({

@@ -197,7 +197,11 @@ mod redirects {
     use super::*;
 
     fn settings() -> ClientSettings {
-        ClientSettings { connect_timeout: Duration::from_secs(2), request_timeout: Duration::from_secs(5) }
+        ClientSettings {
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+            ca_file: None,
+        }
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -252,6 +256,7 @@ mod redirects {
                 session_token: Some(Secret::new("session-token-4471")),
                 sse: None,
                 storage_class: None,
+                ca_file: None,
             },
         }]);
         let e = storage.read("s3://bucket/key", 1024).await.expect_err("a redirect is an error");
@@ -340,6 +345,7 @@ mod write_settings {
                 session_token: None,
                 sse: Some(sse),
                 storage_class: Some("STANDARD_IA".into()),
+                ca_file: None,
             },
         }
     }

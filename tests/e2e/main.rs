@@ -13,3 +13,4 @@ mod hardening;
 mod proxy_clients;
 mod proxy_passthrough;
 mod replication;
+mod tls;

@@ -18,7 +18,7 @@ use crate::harness::{Relay, RelayProcess, Rustberg, SeaweedFs, duckdb_extensions
 
 /// A replica catalog of the tests.
 #[derive(Clone, Copy)]
-enum Replica {
+pub(crate) enum Replica {
     Seaweed(&'static SeaweedFs),
     Rustberg(&'static Rustberg),
 }
@@ -75,7 +75,7 @@ impl Replica {
 }
 
 fn settings() -> ClientSettings {
-    ClientSettings { connect_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(30) }
+    ClientSettings { connect_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(30), ca_file: None }
 }
 
 fn seaweed_catalog(s: &SeaweedFs) -> RestCatalog {
@@ -115,7 +115,7 @@ async fn write(uri: &str, table: &str, ops: Value) -> Value {
     write_with(SeaweedFs::shared().client_conn(uri), table, ops).await
 }
 
-async fn write_with(conn: Value, table: &str, ops: Value) -> Value {
+pub(crate) async fn write_with(conn: Value, table: &str, ops: Value) -> Value {
     python(
         "writer.py",
         vec![conn.to_string(), table.into(), ops.to_string(), duckdb_extensions().display().to_string()],
@@ -162,7 +162,7 @@ async fn lane_status(admin: &str, table: &str) -> Option<Value> {
     let (ns, name) = table.rsplit_once('.').expect("ns.table");
     let url = format!("{admin}/v1/replication/namespaces/{ns}/tables/{name}");
     // The token of the tests that protect the admin API; ignored by the others.
-    let answer = reqwest::Client::new().get(&url).bearer_auth(ADMIN_TOKEN).send().await.ok()?;
+    let answer = crate::harness::http_client().get(&url).bearer_auth(ADMIN_TOKEN).send().await.ok()?;
     if !answer.status().is_success() {
         return None;
     }
@@ -170,7 +170,7 @@ async fn lane_status(admin: &str, table: &str) -> Option<Value> {
 }
 
 /// Waits until the lane of `table` has replicated `source_metadata` and is completed.
-async fn wait_replicated(admin: &str, table: &str, source_metadata: &str) -> Value {
+pub(crate) async fn wait_replicated(admin: &str, table: &str, source_metadata: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut last = None;
     while Instant::now() < deadline {
@@ -225,7 +225,7 @@ fn refs(metadata: &Value) -> BTreeMap<String, i64> {
 
 /// Checks the replica against the source: identity of every source snapshot,
 /// refs, the rows every reader sees, no source path, true sizes.
-async fn assert_replica_matches(replica: Replica, table: &str, source_rows: &Value, status: &Value) {
+pub(crate) async fn assert_replica_matches(replica: Replica, table: &str, source_rows: &Value, status: &Value) {
     let source = SeaweedFs::shared();
     let source_table = seaweed_catalog(source).load_table(&ident(table)).await.expect("load source").expect("source");
     let replica_table =
@@ -266,7 +266,7 @@ async fn assert_replica_matches(replica: Replica, table: &str, source_rows: &Val
     assert_eq!(report["violations"], json!([]), "{table} on the replica: {report}");
 }
 
-async fn source_rows(table: &str) -> Value {
+pub(crate) async fn source_rows(table: &str) -> Value {
     let source = SeaweedFs::shared();
     let rows = read_catalog(source.client_conn(source.catalog_uri()), table).await;
     assert_eq!(rows["errors"], json!({}), "readers failed on the source: {rows}");

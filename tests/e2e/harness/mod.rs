@@ -14,6 +14,7 @@
 
 #![allow(dead_code)]
 
+pub mod tls;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -285,6 +286,12 @@ impl Rustberg {
 }
 
 // === clients ===
+
+/// An HTTP client for the tests' own calls that trusts the test CA too
+/// (for `https://localhost` listeners).
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder().tls_certs_merge([tls::TestCa::shared().reqwest_root()]).build().expect("client")
+}
 
 /// Runs the `icerelay` binary to completion; returns (exit code, stdout, stderr).
 pub async fn icerelay(args: Vec<String>) -> (i32, String, String) {
