@@ -133,7 +133,7 @@ impl Server {
         if server.config.replicates() {
             let store = Arc::new(EmbeddedStore::open(&server.config.state_dir)?);
             let primary = &server.config.primary;
-            let catalog = Arc::new(RestCatalog::new(
+            let catalog = RestCatalog::new(
                 "primary",
                 primary.uri.clone(),
                 primary.warehouse.clone(),
@@ -143,7 +143,7 @@ impl Server {
                     request_timeout: primary.request_timeout,
                     ca_file: primary.ca_file.clone(),
                 },
-            )?);
+            )?;
             let replicator = Replicator::new(&server.config, store, catalog, server.metrics.replication.clone())?;
             server.hints = Arc::new(replicator.change_log());
             server.replicator = Some(replicator);

@@ -9,6 +9,7 @@
 //! it field by field and must not lose fields it does not know.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode, Url};
@@ -20,6 +21,7 @@ use super::auth::Authenticator;
 use super::error::{CatalogError, SignerIdentity};
 use super::ident::{Namespace, TableIdent};
 use crate::config::AuthConfig;
+use crate::storage::vended::{Renew, StorageCredential, VendedCredentials};
 
 /// Connection settings for [`RestCatalog::new`].
 #[derive(Debug, Clone)]
@@ -39,6 +41,8 @@ pub struct LoadedTable {
     pub metadata_location: Option<String>,
     /// The table metadata, as raw JSON.
     pub metadata: Value,
+    /// Storage credentials the catalog vended with the answer.
+    pub credentials: Vec<StorageCredential>,
 }
 
 /// What `GET /v1/config` told icerelay.
@@ -70,13 +74,6 @@ struct ConfigResponse {
 }
 
 #[derive(Deserialize)]
-struct LoadTableResponse {
-    #[serde(rename = "metadata-location")]
-    metadata_location: Option<String>,
-    metadata: Value,
-}
-
-#[derive(Deserialize)]
 struct ErrorResponse {
     error: ErrorBody,
 }
@@ -97,7 +94,34 @@ pub struct RestCatalog {
     http: reqwest::Client,
     auth: Authenticator,
     config: OnceCell<CatalogConfig>,
+    vending: Option<Vending>,
 }
+
+/// Where a catalog that asks for vended credentials keeps them.
+#[derive(Debug)]
+struct Vending {
+    credentials: Arc<VendedCredentials>,
+    /// The catalog itself, for renewals (weak: the credentials outlive no catalog).
+    catalog: Weak<RestCatalog>,
+}
+
+/// Renews the credentials of one table through the catalog that vended them.
+#[derive(Debug)]
+struct TableRenewal {
+    catalog: Weak<RestCatalog>,
+    table: TableIdent,
+}
+
+#[async_trait::async_trait]
+impl Renew for TableRenewal {
+    async fn renew(&self) -> Result<Vec<StorageCredential>, String> {
+        let catalog = self.catalog.upgrade().ok_or("the catalog client is gone")?;
+        catalog.load_credentials(&self.table).await.map_err(|e| e.to_string())
+    }
+}
+
+/// The header that asks a catalog for vended credentials.
+const ACCESS_DELEGATION: &str = "X-Iceberg-Access-Delegation";
 
 impl RestCatalog {
     /// A client for the catalog at `base` (the URI without `/v1`).
@@ -121,7 +145,66 @@ impl RestCatalog {
             .build()
             .map_err(|source| CatalogError::Client { catalog: name.clone(), source })?;
         let auth = Authenticator::new(auth, &base);
-        Ok(Self { name, base, warehouse, settings, http, auth, config: OnceCell::new() })
+        Ok(Self { name, base, warehouse, settings, http, auth, config: OnceCell::new(), vending: None })
+    }
+
+    /// This catalog, asking for vended credentials on every table it loads,
+    /// creates or registers, and keeping them in `credentials`.
+    pub fn vending_into(self, credentials: Arc<VendedCredentials>) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self { vending: Some(Vending { credentials, catalog: me.clone() }), ..self })
+    }
+
+    /// The credentials the catalog vends now for `table`: from its credentials
+    /// endpoint where it has one, else from a new loadTable.
+    pub async fn load_credentials(&self, table: &TableIdent) -> Result<Vec<StorageCredential>, CatalogError> {
+        #[derive(Deserialize)]
+        struct Answer {
+            #[serde(rename = "storage-credentials", default)]
+            storage_credentials: Vec<Value>,
+        }
+        let op = format!("loadCredentials {table}");
+        let advertised =
+            self.config().await?.supports("GET", "/v1/{prefix}/namespaces/{namespace}/tables/{table}/credentials");
+        if advertised {
+            let url = self
+                .url(&[
+                    "namespaces",
+                    &table.namespace.to_path_segment(),
+                    "tables",
+                    &table.name_path_segment(),
+                    "credentials",
+                ])
+                .await?;
+            let (status, body) = self.send_delegating(&op, Method::GET, &url, None, true).await?;
+            if status.is_success() {
+                let answer: Answer = self.decode(&op, &body)?;
+                let listed = json!({"storage-credentials": answer.storage_credentials});
+                return Ok(StorageCredential::from_answer(&listed));
+            }
+            // Catalogs that list every endpoint, or none, may still lack this one.
+            if !matches!(status.as_u16(), 400 | 404 | 405 | 501) {
+                return Err(self.status_error(&op, status, &body));
+            }
+        }
+        let loaded = self.load_table(table).await?.ok_or_else(|| CatalogError::Status {
+            catalog: self.name.clone(),
+            operation: op,
+            status: StatusCode::NOT_FOUND,
+            error_type: Some("NoSuchTableException".into()),
+            message: format!("{table} no longer exists, so its storage credentials cannot be renewed"),
+        })?;
+        Ok(loaded.credentials)
+    }
+
+    /// Keeps the credentials vended with `loaded`, renewed through this catalog.
+    fn keep_credentials(&self, table: &TableIdent, loaded: &LoadedTable) {
+        if let Some(vending) = &self.vending
+            && !loaded.credentials.is_empty()
+        {
+            let renew: Arc<dyn Renew> =
+                Arc::new(TableRenewal { catalog: vending.catalog.clone(), table: table.clone() });
+            vending.credentials.remember(loaded.credentials.clone(), &renew);
+        }
     }
 
     /// The catalog's name in messages.
@@ -160,9 +243,13 @@ impl RestCatalog {
     pub async fn load_table(&self, table: &TableIdent) -> Result<Option<LoadedTable>, CatalogError> {
         let op = format!("loadTable {table}");
         let url = self.table_url(table).await?;
-        let (status, body) = self.send(&op, Method::GET, &url, None).await?;
+        let (status, body) = self.send_delegating(&op, Method::GET, &url, None, true).await?;
         match status {
-            s if s.is_success() => self.decode_table(&op, &body).map(Some),
+            s if s.is_success() => {
+                let loaded = self.decode_table(&op, &body)?;
+                self.keep_credentials(table, &loaded);
+                Ok(Some(loaded))
+            }
             StatusCode::NOT_FOUND => Ok(None),
             s => Err(self.status_error(&op, s, &body)),
         }
@@ -285,8 +372,13 @@ impl RestCatalog {
         let name = request.get("name").and_then(Value::as_str).unwrap_or("?");
         let op = format!("createTable {namespace}.{name}");
         let url = self.url(&["namespaces", &namespace.to_path_segment(), "tables"]).await?;
-        let (status, body) = self.send(&op, Method::POST, &url, Some(request)).await?;
-        if status.is_success() { self.decode_table(&op, &body) } else { Err(self.status_error(&op, status, &body)) }
+        let (status, body) = self.send_delegating(&op, Method::POST, &url, Some(request), true).await?;
+        if !status.is_success() {
+            return Err(self.status_error(&op, status, &body));
+        }
+        let loaded = self.decode_table(&op, &body)?;
+        self.keep_credentials(&TableIdent::new(namespace.clone(), name), &loaded);
+        Ok(loaded)
     }
 
     /// `POST .../namespaces/{ns}/register`.
@@ -298,13 +390,16 @@ impl RestCatalog {
         let op = format!("registerTable {table}");
         let url = self.url(&["namespaces", &table.namespace.to_path_segment(), "register"]).await?;
         let request = json!({"name": table.name, "metadata-location": metadata_location});
-        let (status, body) = self.send(&op, Method::POST, &url, Some(&request)).await?;
+        let (status, body) = self.send_delegating(&op, Method::POST, &url, Some(&request), true).await?;
         if !status.is_success() {
             return Err(self.status_error(&op, status, &body));
         }
         // Some catalogs answer registerTable with an empty or partial body; load to be sure.
         match self.decode_table(&op, &body) {
-            Ok(t) => Ok(t),
+            Ok(t) => {
+                self.keep_credentials(table, &t);
+                Ok(t)
+            }
             Err(_) => self.load_table(table).await?.ok_or_else(|| CatalogError::Decode {
                 catalog: self.name.clone(),
                 operation: op,
@@ -425,8 +520,24 @@ impl RestCatalog {
         url: &Url,
         body: Option<&Value>,
     ) -> Result<(StatusCode, bytes::Bytes), CatalogError> {
+        self.send_delegating(operation, method, url, body, false).await
+    }
+
+    /// [`Self::send`], asking for vended credentials when `delegate` and this
+    /// catalog keeps them.
+    async fn send_delegating(
+        &self,
+        operation: &str,
+        method: Method,
+        url: &Url,
+        body: Option<&Value>,
+        delegate: bool,
+    ) -> Result<(StatusCode, bytes::Bytes), CatalogError> {
         for attempt in 0..2 {
             let mut builder = self.http.request(method.clone(), url.clone());
+            if delegate && self.vending.is_some() {
+                builder = builder.header(ACCESS_DELEGATION, "vended-credentials");
+            }
             if let Some(b) = body {
                 builder = builder.json(b);
             }
@@ -492,15 +603,17 @@ impl RestCatalog {
     }
 
     fn decode_table(&self, operation: &str, body: &[u8]) -> Result<LoadedTable, CatalogError> {
-        let parsed: LoadTableResponse = self.decode(operation, body)?;
-        if !parsed.metadata.is_object() {
-            return Err(CatalogError::Decode {
+        let mut answer: Value = self.decode(operation, body)?;
+        let credentials = StorageCredential::from_answer(&answer);
+        let metadata = answer.get_mut("metadata").map(Value::take).filter(Value::is_object).ok_or_else(|| {
+            CatalogError::Decode {
                 catalog: self.name.clone(),
                 operation: operation.to_owned(),
-                cause: "`metadata` is not an object".into(),
-            });
-        }
-        Ok(LoadedTable { metadata_location: parsed.metadata_location, metadata: parsed.metadata })
+                cause: "`metadata` is missing or not an object".into(),
+            }
+        })?;
+        let metadata_location = answer.get("metadata-location").and_then(Value::as_str).map(str::to_owned);
+        Ok(LoadedTable { metadata_location, metadata, credentials })
     }
 
     fn status_error(&self, operation: &str, status: StatusCode, body: &[u8]) -> CatalogError {

@@ -183,6 +183,8 @@ pub struct PrimaryConfig {
     pub engine_auth: EngineAuth,
     /// CA certificates trusted besides the system's roots.
     pub ca_file: Option<PathBuf>,
+    /// Whether icerelay asks for (and uses) vended storage credentials.
+    pub vended_credentials: bool,
 }
 
 /// What the proxy does with the credentials engines send.
@@ -317,6 +319,8 @@ pub struct DestinationConfig {
     pub request_timeout: Duration,
     /// CA certificates trusted besides the system's roots.
     pub ca_file: Option<PathBuf>,
+    /// Whether icerelay asks for (and uses) vended storage credentials.
+    pub vended_credentials: bool,
 }
 
 /// How a destination's replica tables are first made.
@@ -988,6 +992,7 @@ impl Validator {
             pool_max_idle_per_host: raw.pool_max_idle_per_host.unwrap_or(256),
             engine_auth,
             ca_file,
+            vended_credentials: raw.vended_credentials.unwrap_or(true),
         })
     }
 
@@ -1182,6 +1187,7 @@ impl Validator {
             properties: raw.properties,
             request_timeout,
             ca_file,
+            vended_credentials: raw.vended_credentials.unwrap_or(true),
         })
     }
 

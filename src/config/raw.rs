@@ -212,6 +212,11 @@ pub struct RawPrimary {
     /// PEM file of CA certificates trusted for an `https` uri, in addition
     /// to the system's roots (a private CA). Default: the system's roots only.
     pub ca_file: Option<String>,
+    /// Asks for vended storage credentials (`X-Iceberg-Access-Delegation`)
+    /// when icerelay loads source tables, and uses them for keyless
+    /// `[[storage]]` entries. Default `true`.
+    #[serde(default, deserialize_with = "lenient::bool")]
+    pub vended_credentials: Option<bool>,
 }
 
 /// `auth = { type = ... }`: how icerelay authenticates its own calls to a catalog.
@@ -317,6 +322,11 @@ pub struct RawDestination {
     /// PEM file of CA certificates trusted for an `https` uri, in addition
     /// to the system's roots. Default: the system's roots only.
     pub ca_file: Option<String>,
+    /// Asks for vended storage credentials when icerelay creates, registers
+    /// and loads replica tables, and uses them for keyless `[[storage]]`
+    /// entries. Default `true`.
+    #[serde(default, deserialize_with = "lenient::bool")]
+    pub vended_credentials: Option<bool>,
 }
 
 /// `[[rules]]`: tables that replicate, and where to.

@@ -24,6 +24,7 @@ use crate::catalog::{CatalogError, ClientSettings, Namespace, RestCatalog, Table
 use crate::config::{BootstrapMode, DestinationConfig};
 use crate::state::{StateStore, now_ms};
 use crate::storage::Storage;
+use crate::storage::vended::VendedCredentials;
 
 /// Prefix of the capability probe's throwaway namespace. Each probe uses a
 /// namespace of its own: two icerelay instances probing one catalog must not
@@ -66,13 +67,13 @@ pub struct Destination {
     /// Its configuration.
     pub config: DestinationConfig,
     /// icerelay's client for it.
-    pub catalog: RestCatalog,
+    pub catalog: Arc<RestCatalog>,
     capabilities: OnceCell<Capabilities>,
 }
 
 impl Destination {
-    /// A destination from its configuration.
-    pub fn new(config: DestinationConfig) -> Result<Self, CatalogError> {
+    /// A destination from its configuration; credentials it vends go to `vended`.
+    pub fn new(config: DestinationConfig, vended: &Arc<VendedCredentials>) -> Result<Self, CatalogError> {
         let settings = ClientSettings {
             connect_timeout: std::time::Duration::from_secs(5),
             request_timeout: config.request_timeout,
@@ -85,6 +86,7 @@ impl Destination {
             &config.auth,
             settings,
         )?;
+        let catalog = if config.vended_credentials { catalog.vending_into(vended.clone()) } else { Arc::new(catalog) };
         Ok(Self { config, catalog, capabilities: OnceCell::new() })
     }
 

@@ -98,19 +98,23 @@ impl Replicator {
     pub fn new(
         config: &Config,
         store: Arc<dyn StateStore>,
-        primary: Arc<RestCatalog>,
+        primary: RestCatalog,
         metrics: Arc<ReplicationMetrics>,
     ) -> Result<Self, CatalogError> {
+        let storage = Arc::new(Storage::new(&config.storage));
+        let vended = storage.vended();
         let mut destinations = BTreeMap::new();
         for d in &config.destinations {
-            destinations.insert(d.name.clone(), Arc::new(Destination::new(d.clone())?));
+            destinations.insert(d.name.clone(), Arc::new(Destination::new(d.clone(), vended)?));
         }
+        let primary =
+            if config.primary.vended_credentials { primary.vending_into(vended.clone()) } else { Arc::new(primary) };
         let ctx = Context {
             store,
             primary,
             destinations,
             rules: Rules::new(config.rules.clone()),
-            storage: Arc::new(Storage::new(&config.storage)),
+            storage,
             metrics,
             settings: config.replication.clone(),
         };

@@ -15,11 +15,15 @@
 //! - [`copy`]: the copy engine, streaming, parallel, idempotent, verified and
 //!   resumable through [`checkpoint`]s.
 //!
+//! - [`vended`]: credentials catalogs vend for a table's files, used where a
+//!   `[[storage]]` entry has no keys of its own.
+//!
 //! S3 and local files go through the `object_store` crate; icerelay never
 //! speaks S3 itself. Errors name the URL, never a credential.
 
 pub mod checkpoint;
 pub mod copy;
+pub mod vended;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -38,6 +42,7 @@ use object_store::{
 use crate::catalog::sigv4::AwsCredentials;
 use crate::config::{Sse, StorageConfig, StorageKind};
 pub use crate::rewrite::path_map::normalize_file_url;
+use vended::VendedCredentials;
 
 /// Errors of storage operations.
 #[derive(Debug, thiserror::Error)]
@@ -162,10 +167,15 @@ impl Location {
 #[derive(Debug)]
 pub struct Storage {
     configs: Vec<StorageConfig>,
-    /// One store per (configured prefix, bucket), built on first use.
-    stores: Mutex<HashMap<(usize, String), Arc<dyn ObjectStore>>>,
+    /// One store per (configured prefix, bucket, vended prefix), built on first use.
+    stores: Mutex<HashMap<StoreKey, Arc<dyn ObjectStore>>>,
     local: Arc<dyn ObjectStore>,
+    vended: Arc<VendedCredentials>,
 }
+
+/// A built store: its `[[storage]]` entry, bucket, and the prefix of the
+/// vended credentials it signs with, if any.
+type StoreKey = (usize, String, Option<String>);
 
 impl Storage {
     /// Stores for `configs`; URLs under none of their prefixes are refused.
@@ -175,7 +185,17 @@ impl Storage {
             .map(|c| StorageConfig { prefix: normalize_file_url(&c.prefix).into_owned(), kind: c.kind.clone() })
             .collect();
         configs.sort_by_key(|c| std::cmp::Reverse(c.prefix.len()));
-        Self { configs, stores: Mutex::new(HashMap::new()), local: Arc::new(LocalFileSystem::new()) }
+        Self {
+            configs,
+            stores: Mutex::new(HashMap::new()),
+            local: Arc::new(LocalFileSystem::new()),
+            vended: Arc::new(VendedCredentials::default()),
+        }
+    }
+
+    /// The credentials catalogs vended, which keyless S3 entries use.
+    pub fn vended(&self) -> &Arc<VendedCredentials> {
+        &self.vended
     }
 
     /// Resolves a file URL, if it is under a configured prefix.
@@ -232,10 +252,6 @@ impl Storage {
         bucket: &str,
         url: &str,
     ) -> Result<Arc<dyn ObjectStore>, StorageError> {
-        let mut stores = self.stores.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(store) = stores.get(&(index, bucket.to_owned())) {
-            return Ok(store.clone());
-        }
         let StorageKind::S3 {
             endpoint,
             region,
@@ -250,6 +266,14 @@ impl Storage {
         else {
             return Err(StorageError::InvalidUrl { url: url.to_owned(), reason: "not an S3 store".into() });
         };
+        // Configured keys win; without them, credentials a catalog vended for
+        // this URL, else the AWS chain.
+        let vended = if access_key_id.is_none() { self.vended.provider(url) } else { None };
+        let key = (index, bucket.to_owned(), vended.as_ref().map(|v| v.prefix().to_owned()));
+        let mut stores = self.stores.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(store) = stores.get(&key) {
+            return Ok(store.clone());
+        }
         let mut builder = AmazonS3Builder::new()
             .with_bucket_name(bucket)
             .with_region(region)
@@ -289,13 +313,15 @@ impl Storage {
             if let Some(token) = session_token {
                 builder = builder.with_token(token.expose());
             }
+        } else if let Some(vended) = vended {
+            builder = builder.with_credentials(Arc::new(vended));
         } else {
             // No keys: the standard AWS chain, as for catalogs.
             builder = builder.with_credentials(Arc::new(ChainCredentials(AwsCredentials::chain(), region.clone())));
         }
         let store: Arc<dyn ObjectStore> =
             Arc::new(builder.build().map_err(|e| StorageError::store("configure", url, e))?);
-        stores.insert((index, bucket.to_owned()), store.clone());
+        stores.insert(key, store.clone());
         Ok(store)
     }
 

@@ -14,6 +14,7 @@ use icerelay::catalog::{ClientSettings, Namespace, RestCatalog, TableIdent};
 use icerelay::config::{AuthConfig, Secret};
 use serde_json::{Value, json};
 
+use crate::harness::vending::VendingCatalog;
 use crate::harness::{Relay, RelayProcess, Rustberg, SeaweedFs, duckdb_extensions, icerelay, python, unique};
 
 /// A replica catalog of the tests.
@@ -1003,4 +1004,54 @@ async fn sigv4_keys_from_the_environment_and_a_rotated_profile_file() {
     let rows = source_rows(&table).await;
     assert_replica_matches(Replica::Seaweed(replica), &table, &rows, &status).await;
     assert!(!relay.logs().contains("stale-secret-0934") && !relay.logs().contains(secret), "{}", relay.logs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_s3_tables_shaped_setup_replicates_with_vended_credentials_only() {
+    use std::sync::atomic::Ordering;
+    let (source, replica) = (SeaweedFs::shared(), SeaweedFs::shared_replica());
+    // Catalogs that vend (expired at issue: they must be renewed before use)
+    // in front of both SeaweedFS instances; SigV4 everywhere; no S3 keys.
+    let lifetime = Duration::from_secs(3);
+    let (primary, destination) =
+        (VendingCatalog::start(source, lifetime).await, VendingCatalog::start(replica, lifetime).await);
+    let ns = unique("vended");
+    let table = format!("{ns}.t");
+    let dir = tempfile::tempdir().expect("dir");
+    let (id, secret) = source.keys();
+    let toml =
+        sigv4_toml(&ns, &dir.path().join("state"), &source.sigv4_auth_toml(None), &replica.sigv4_auth_toml(None))
+            .replace(&format!("uri = \"{}\"", source.catalog_uri()), &format!("uri = \"{}\"", primary.url))
+            .replace(&format!("uri = \"{}\"", replica.catalog_uri()), &format!("uri = \"{}\"", destination.url))
+            .replace(&format!("access_key_id = \"{id}\"\nsecret_access_key = \"{secret}\"\n"), "");
+    assert!(!toml.contains(&format!("secret_access_key = \"{secret}\"\n")), "[[storage]] has no keys:\n{toml}");
+    let config = dir.path().join("icerelay.toml");
+    std::fs::write(&config, toml).expect("config");
+    let relay = RelayProcess::start(&["serve", "--config", &config.display().to_string()], &[]).await;
+
+    let signing = json!({"uri": relay.url, "warehouse": source.warehouse(), "s3": source.s3_json(),
+                         "sigv4": {"access_key_id": id, "secret_access_key": secret}});
+    write_with(signing.clone(), &table, json!([{"op": "create"}, {"op": "append", "rows": 3}])).await;
+    let written = write_with(signing.clone(), &table, json!([{"op": "append", "start": 10, "rows": 2}])).await;
+    let status =
+        wait_replicated(&relay.admin_url, &table, written["metadata_location"].as_str().expect("location")).await;
+    let renewed = destination.counts.renewals.load(Ordering::SeqCst);
+    assert!(primary.counts.vended.load(Ordering::SeqCst) > 0 && primary.counts.renewals.load(Ordering::SeqCst) > 0);
+    assert!(destination.counts.vended.load(Ordering::SeqCst) > 0 && renewed > 0);
+
+    // Past the renewed credentials' life: renewed again, replication goes on.
+    tokio::time::sleep(lifetime + Duration::from_secs(1)).await;
+    let written =
+        write_with(signing, &table, json!([{"op": "delete_below", "id": 1}, {"op": "tag", "name": "v1"}])).await;
+    let status2 =
+        wait_replicated(&relay.admin_url, &table, written["metadata_location"].as_str().expect("location")).await;
+    assert!(destination.counts.renewals.load(Ordering::SeqCst) > renewed, "renewed after expiry");
+    let rows = source_rows(&table).await;
+    assert_replica_matches(Replica::Seaweed(replica), &table, &rows, &status2).await;
+    assert_ne!(status["replica_metadata_location"], status2["replica_metadata_location"]);
+    for catalog in [&primary, &destination] {
+        assert_eq!(catalog.counts.unsigned.load(Ordering::SeqCst), 0, "every request the catalogs got was signed");
+    }
+    let logs = relay.logs();
+    assert!(!logs.contains(secret), "a secret leaked:\n{logs}");
 }

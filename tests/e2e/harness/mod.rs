@@ -16,6 +16,7 @@
 
 pub mod tls;
 pub mod upstream;
+pub mod vending;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
