@@ -250,8 +250,9 @@ impl Server {
         for (listener, certificate) in [("proxy", proxy_certificate), ("admin", admin_certificate)] {
             if let Some(certificate) = certificate {
                 let stop = token.clone();
+                let check_every = config.tls_reload_interval;
                 services.spawn(async move {
-                    certificate.watch(listener, stop).await;
+                    certificate.watch(listener, check_every, stop).await;
                     ("tls-reload", Ok(()))
                 });
             }

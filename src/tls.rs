@@ -7,7 +7,7 @@
 //! - **As a server** (the proxy and admin listeners with `tls_cert_file` and
 //!   `tls_key_file`): [`ServerCertificate`] reads the pair at start and again
 //!   on SIGHUP or when either file changes (checked every
-//!   [`RELOAD_CHECK_INTERVAL`]). A handshake takes the certificate current at
+//!   `tls_reload_interval`, [`DEFAULT_RELOAD_CHECK_INTERVAL`] by default). A handshake takes the certificate current at
 //!   that moment, so connections already open keep theirs and none is
 //!   dropped. A reload that fails keeps the previous certificate and logs why:
 //!   a half-written file during a rotation must not take the listener down.
@@ -24,8 +24,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-/// How often the listener's certificate files are checked for a change.
-pub const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the listener's certificate files are checked for a change, by default.
+pub const DEFAULT_RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Why TLS material could not be used. Every message names the file.
 #[derive(Debug, thiserror::Error)]
@@ -195,12 +195,23 @@ impl ServerCertificate {
         Ok(true)
     }
 
-    /// Reloads on SIGHUP and on a change of either file until `stop`.
-    pub async fn watch(self: Arc<Self>, listener: &'static str, stop: CancellationToken) {
+    /// Reloads on SIGHUP, and on a change of either file found by a check
+    /// every `check_every` (`None`: SIGHUP only), until `stop`.
+    pub async fn watch(
+        self: Arc<Self>,
+        listener: &'static str,
+        check_every: Option<Duration>,
+        stop: CancellationToken,
+    ) {
         #[cfg(unix)]
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        let mut tick = tokio::time::interval(RELOAD_CHECK_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = check_every.map(|every| {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick
+        });
+        // A broken pair is reported once, not at every check.
+        let mut last_error: Option<String> = None;
         loop {
             #[cfg(unix)]
             let signalled = async {
@@ -211,18 +222,31 @@ impl ServerCertificate {
             };
             #[cfg(not(unix))]
             let signalled = std::future::pending::<Option<()>>();
+            let checked = async {
+                match tick.as_mut() {
+                    Some(t) => {
+                        t.tick().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = stop.cancelled() => return,
-                _ = tick.tick() => {}
+                () = checked => {}
                 _ = signalled => tracing::info!(listener, "SIGHUP: checking the TLS certificate files"),
             }
             match self.reload_if_changed() {
                 Ok(true) => {
+                    last_error = None;
                     tracing::info!(listener, cert_file = %self.cert_file.display(), "TLS certificate reloaded; new connections use it")
                 }
-                Ok(false) => {}
+                Ok(false) => last_error = None,
                 Err(e) => {
-                    tracing::warn!(listener, error = %e, "cannot reload the TLS certificate; still serving the previous one")
+                    let message = e.to_string();
+                    if last_error.as_ref() != Some(&message) {
+                        tracing::warn!(listener, error = %message, "cannot reload the TLS certificate; still serving the previous one");
+                        last_error = Some(message);
+                    }
                 }
             }
         }

@@ -9,6 +9,7 @@
 //! it field by field and must not lose fields it does not know.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -101,6 +102,9 @@ pub struct RestCatalog {
 #[derive(Debug)]
 struct Vending {
     credentials: Arc<VendedCredentials>,
+    /// The catalog answered 403 to a request that asked for credentials and
+    /// 2xx without: it is no longer asked.
+    refused: AtomicBool,
     /// The catalog itself, for renewals (weak: the credentials outlive no catalog).
     catalog: Weak<RestCatalog>,
 }
@@ -151,7 +155,10 @@ impl RestCatalog {
     /// This catalog, asking for vended credentials on every table it loads,
     /// creates or registers, and keeping them in `credentials`.
     pub fn vending_into(self, credentials: Arc<VendedCredentials>) -> Arc<Self> {
-        Arc::new_cyclic(|me| Self { vending: Some(Vending { credentials, catalog: me.clone() }), ..self })
+        Arc::new_cyclic(|me| Self {
+            vending: Some(Vending { credentials, catalog: me.clone(), refused: AtomicBool::new(false) }),
+            ..self
+        })
     }
 
     /// The credentials the catalog vends now for `table`: from its credentials
@@ -533,9 +540,13 @@ impl RestCatalog {
         body: Option<&Value>,
         delegate: bool,
     ) -> Result<(StatusCode, bytes::Bytes), CatalogError> {
-        for attempt in 0..2 {
+        let mut ask = delegate && self.vending.as_ref().is_some_and(|v| !v.refused.load(Ordering::Relaxed));
+        let mut refused_with_header = false;
+        let mut refreshed = false;
+        // At most three rounds: once without the delegation header, once with fresh credentials.
+        loop {
             let mut builder = self.http.request(method.clone(), url.clone());
-            if delegate && self.vending.is_some() {
+            if ask {
                 builder = builder.header(ACCESS_DELEGATION, "vended-credentials");
             }
             if let Some(b) = body {
@@ -561,14 +572,33 @@ impl RestCatalog {
                 });
             }
             let bytes = response.bytes().await.map_err(|e| self.transport_error(url, e))?;
-            if self.credentials_refused(status, &bytes) && attempt == 0 {
+            if ask && status == StatusCode::FORBIDDEN {
+                // Some catalogs refuse the request itself when the caller may
+                // not have credentials vended: ask once more without.
+                ask = false;
+                refused_with_header = true;
+                continue;
+            }
+            if refused_with_header
+                && status != StatusCode::FORBIDDEN
+                && let Some(vending) = &self.vending
+                && !vending.refused.swap(true, Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    catalog = %self.name,
+                    "the catalog refuses requests that ask for vended storage credentials (403) and answers them \
+                     without; icerelay stops asking it: give [[storage]] keys or AWS credentials, or grant the \
+                     credential-vending privilege and restart"
+                );
+            }
+            if self.credentials_refused(status, &bytes) && !refreshed {
+                refreshed = true;
                 self.auth.invalidate().await;
                 continue;
             }
             tracing::debug!(catalog = %self.name, operation, status = status.as_u16(), "catalog call");
             return Ok((status, bytes));
         }
-        unreachable!("the loop returns on its second attempt")
     }
 
     /// Whether the catalog refused icerelay's credentials themselves (a

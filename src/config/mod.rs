@@ -82,6 +82,8 @@ pub struct Config {
     pub tls: Option<ListenerTls>,
     /// TLS on the admin listener, if configured.
     pub admin_tls: Option<ListenerTls>,
+    /// How often listener certificate files are checked for a change; `None`: on SIGHUP only.
+    pub tls_reload_interval: Option<Duration>,
 }
 
 /// A listener's TLS certificate and key files.
@@ -252,6 +254,11 @@ impl StorageConfig {
     pub fn local_dir(dir: &Path) -> Self {
         let dir = dir.display().to_string();
         Self { prefix: format!("file://{}/", dir.trim_end_matches('/')), kind: StorageKind::Local }
+    }
+
+    /// Whether credentials a catalog vends are used here: an S3 store without keys.
+    pub fn takes_vended_credentials(&self) -> bool {
+        matches!(self.kind, StorageKind::S3 { access_key_id: None, .. })
     }
 }
 
@@ -725,6 +732,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     let tls = v.listener_tls("tls_cert_file", "tls_key_file", raw.tls_cert_file, raw.tls_key_file);
     let admin_tls =
         v.listener_tls("admin_tls_cert_file", "admin_tls_key_file", raw.admin_tls_cert_file, raw.admin_tls_key_file);
+    let tls_reload_interval =
+        Some(raw.tls_reload_interval.unwrap_or(crate::tls::DEFAULT_RELOAD_CHECK_INTERVAL)).filter(|d| !d.is_zero());
 
     match (v.errors.is_empty(), listen, admin_listen, primary) {
         (true, Some(listen), Some(admin_listen), Some(primary)) => Ok(Config {
@@ -744,6 +753,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             replication,
             tls,
             admin_tls,
+            tls_reload_interval,
         }),
         _ => Err(ConfigErrors(v.errors)),
     }

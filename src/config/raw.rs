@@ -147,6 +147,10 @@ pub struct RawConfig {
     pub admin_tls_cert_file: Option<String>,
     /// PEM private key for `admin_tls_cert_file`.
     pub admin_tls_key_file: Option<String>,
+    /// How often the listeners' certificate files are checked for a change;
+    /// `0s` reloads on SIGHUP only. Default `2s`.
+    #[serde(default, with = "humantime_serde")]
+    pub tls_reload_interval: Option<Duration>,
 }
 
 /// `[replication]`: pacing and limits of the replication engine.

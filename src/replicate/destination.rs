@@ -72,8 +72,9 @@ pub struct Destination {
 }
 
 impl Destination {
-    /// A destination from its configuration; credentials it vends go to `vended`.
-    pub fn new(config: DestinationConfig, vended: &Arc<VendedCredentials>) -> Result<Self, CatalogError> {
+    /// A destination from its configuration; credentials it vends go to
+    /// `vended` (`None`: it is not asked for any).
+    pub fn new(config: DestinationConfig, vended: Option<&Arc<VendedCredentials>>) -> Result<Self, CatalogError> {
         let settings = ClientSettings {
             connect_timeout: std::time::Duration::from_secs(5),
             request_timeout: config.request_timeout,
@@ -86,7 +87,10 @@ impl Destination {
             &config.auth,
             settings,
         )?;
-        let catalog = if config.vended_credentials { catalog.vending_into(vended.clone()) } else { Arc::new(catalog) };
+        let catalog = match vended {
+            Some(vended) if config.vended_credentials => catalog.vending_into(vended.clone()),
+            _ => Arc::new(catalog),
+        };
         Ok(Self { config, catalog, capabilities: OnceCell::new() })
     }
 

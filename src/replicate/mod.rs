@@ -52,7 +52,7 @@ pub use error::ReplicateError;
 pub use rules::{Route, Rules};
 
 use crate::catalog::{CatalogError, Namespace, RestCatalog, TableIdent};
-use crate::config::{Config, ReplicationConfig};
+use crate::config::{Config, ReplicationConfig, StorageConfig};
 use crate::metrics::{ReplicationMetrics, StatusLabels};
 use crate::proxy::commit_tap::HintKind;
 use crate::state::{ChangeLog, LaneChange, LaneKey, LaneRecord, StateStore, now_ms};
@@ -102,13 +102,18 @@ impl Replicator {
         metrics: Arc<ReplicationMetrics>,
     ) -> Result<Self, CatalogError> {
         let storage = Arc::new(Storage::new(&config.storage));
-        let vended = storage.vended();
+        // Catalogs are asked for credentials only where some store would use
+        // them: an S3 [[storage]] entry without keys.
+        let keyless = config.storage.iter().any(StorageConfig::takes_vended_credentials);
+        let vended = keyless.then(|| storage.vended().clone());
         let mut destinations = BTreeMap::new();
         for d in &config.destinations {
-            destinations.insert(d.name.clone(), Arc::new(Destination::new(d.clone(), vended)?));
+            destinations.insert(d.name.clone(), Arc::new(Destination::new(d.clone(), vended.as_ref())?));
         }
-        let primary =
-            if config.primary.vended_credentials { primary.vending_into(vended.clone()) } else { Arc::new(primary) };
+        let primary = match &vended {
+            Some(vended) if config.primary.vended_credentials => primary.vending_into(vended.clone()),
+            _ => Arc::new(primary),
+        };
         let ctx = Context {
             store,
             primary,

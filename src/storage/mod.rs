@@ -26,6 +26,7 @@ pub mod copy;
 pub mod vended;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -169,6 +170,10 @@ pub struct Storage {
     configs: Vec<StorageConfig>,
     /// One store per (configured prefix, bucket, vended prefix), built on first use.
     stores: Mutex<HashMap<StoreKey, Arc<dyn ObjectStore>>>,
+    /// One HTTP client (connection pool, trusted roots) per `[[storage]]`
+    /// entry, shared by its stores: with vended credentials there is a store
+    /// per table.
+    clients: Mutex<HashMap<usize, reqwest::Client>>,
     local: Arc<dyn ObjectStore>,
     vended: Arc<VendedCredentials>,
 }
@@ -188,6 +193,7 @@ impl Storage {
         Self {
             configs,
             stores: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
             local: Arc::new(LocalFileSystem::new()),
             vended: Arc::new(VendedCredentials::default()),
         }
@@ -283,12 +289,7 @@ impl Storage {
                 max_retries: 5,
                 retry_timeout: Duration::from_secs(120),
             })
-            .with_http_connector(NoRedirects {
-                roots: crate::tls::reqwest_roots(ca_file.as_deref()).map_err(|e| StorageError::InvalidUrl {
-                    url: url.to_owned(),
-                    reason: format!("[[storage]] ca_file: {e}"),
-                })?,
-            });
+            .with_http_connector(NoRedirects { client: self.http_client(index, ca_file.as_deref(), url)? });
         if let Some(endpoint) = endpoint {
             let endpoint = endpoint.as_str().trim_end_matches('/');
             builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
@@ -323,6 +324,25 @@ impl Storage {
             Arc::new(builder.build().map_err(|e| StorageError::store("configure", url, e))?);
         stores.insert(key, store.clone());
         Ok(store)
+    }
+
+    /// The HTTP client of the `index`th `[[storage]]` entry, built on first use.
+    fn http_client(&self, index: usize, ca_file: Option<&Path>, url: &str) -> Result<reqwest::Client, StorageError> {
+        let mut clients = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(client) = clients.get(&index) {
+            return Ok(client.clone());
+        }
+        let configure = |reason: String| StorageError::InvalidUrl { url: url.to_owned(), reason };
+        let roots = crate::tls::reqwest_roots(ca_file).map_err(|e| configure(format!("[[storage]] ca_file: {e}")))?;
+        let client = reqwest::Client::builder()
+            .tls_certs_merge(roots)
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(300))
+            .build()
+            .map_err(|e| configure(format!("cannot build its HTTP client: {e}")))?;
+        clients.insert(index, client.clone());
+        Ok(client)
     }
 
     /// Size and entity tag of an object; `None` if it does not exist.
@@ -389,23 +409,17 @@ impl object_store::CredentialProvider for ChainCredentials {
 
 /// The HTTP client of the S3 stores: object_store's own follows redirects,
 /// and a redirect to another host would carry the request's session token
-/// (`x-amz-security-token`) there. A redirect is an error instead. It trusts
-/// the system's roots and those of the store's `ca_file`.
+/// (`x-amz-security-token`) there. A redirect is an error instead
+/// ([`Storage::http_client`] builds the client: no redirects, the system's
+/// roots and those of the store's `ca_file`).
 #[derive(Debug, Clone)]
 struct NoRedirects {
-    roots: Vec<reqwest::Certificate>,
+    client: reqwest::Client,
 }
 
 impl HttpConnector for NoRedirects {
     fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
-        let client = reqwest::Client::builder()
-            .tls_certs_merge(self.roots.iter().cloned())
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(300))
-            .build()
-            .map_err(|e| object_store::Error::Generic { store: "S3", source: Box::new(e) })?;
-        Ok(HttpClient::new(client))
+        Ok(HttpClient::new(self.client.clone()))
     }
 }
 

@@ -24,6 +24,8 @@ use crate::config::Secret;
 
 /// Longest time before expiry at which credentials are renewed.
 const RENEW_MARGIN: Duration = Duration::from_secs(300);
+/// After a failed renewal, how long still-valid credentials serve before the next try.
+const RENEW_RETRY: Duration = Duration::from_secs(10);
 
 /// S3 credentials a catalog vended for the files under `prefix`.
 #[derive(Clone, PartialEq, Eq)]
@@ -91,10 +93,6 @@ impl StorageCredential {
         }
     }
 
-    fn covers(&self, url: &str) -> bool {
-        url.strip_prefix(&self.prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-    }
-
     fn as_aws(&self) -> AwsCredential {
         AwsCredential {
             key_id: self.access_key_id.clone(),
@@ -102,6 +100,11 @@ impl StorageCredential {
             token: self.session_token.as_ref().map(|t| t.expose().to_owned()),
         }
     }
+}
+
+/// Whether `url` is `prefix` or under it (a prefix ends at a path segment).
+fn covers(prefix: &str, url: &str) -> bool {
+    url.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// Asks the catalog that vended credentials for fresh ones.
@@ -131,6 +134,8 @@ struct Held {
     /// When icerelay got them, to renew at half their life when that is short.
     received: SystemTime,
     renew: Arc<dyn Renew>,
+    /// After a failed renewal: serve these (still valid) until then, then try again.
+    retry_after: Option<SystemTime>,
 }
 
 impl VendedCredentials {
@@ -138,7 +143,7 @@ impl VendedCredentials {
     pub fn remember(&self, credentials: Vec<StorageCredential>, renew: &Arc<dyn Renew>) {
         let mut entries = self.entries.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         for credential in credentials {
-            let held = Held { credential, received: SystemTime::now(), renew: renew.clone() };
+            let held = Held { credential, received: SystemTime::now(), renew: renew.clone(), retry_after: None };
             match entries.get(&held.credential.prefix) {
                 Some(entry) => *entry.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = held,
                 None => {
@@ -155,10 +160,7 @@ impl VendedCredentials {
     /// The credentials for `url` (longest covering prefix), as an `object_store` provider.
     pub fn provider(self: &Arc<Self>, url: &str) -> Option<VendedProvider> {
         let entries = self.entries.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = entries
-            .values()
-            .filter(|e| e.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).credential.covers(url))
-            .max_by_key(|e| e.prefix.len())?;
+        let entry = entries.values().filter(|e| covers(&e.prefix, url)).max_by_key(|e| e.prefix.len())?;
         Some(VendedProvider { entry: entry.clone(), all: self.clone() })
     }
 }
@@ -176,13 +178,22 @@ impl VendedProvider {
         &self.entry.prefix
     }
 
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.entry.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The credentials, unless they are due for renewal.
     fn fresh(&self) -> Option<AwsCredential> {
-        let held = self.entry.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let held = self.held();
         let Some(expires_at) = held.credential.expires_at else { return Some(held.credential.as_aws()) };
+        let now = SystemTime::now();
+        if held.retry_after.is_some_and(|at| now < at) && now < expires_at {
+            return Some(held.credential.as_aws());
+        }
         let life = expires_at.duration_since(held.received).unwrap_or_default();
         let margin = RENEW_MARGIN.min(life / 2);
         let renew_at = expires_at.checked_sub(margin).unwrap_or(expires_at);
-        (SystemTime::now() < renew_at).then(|| held.credential.as_aws())
+        (now < renew_at).then(|| held.credential.as_aws())
     }
 
     async fn renewed(&self) -> Result<AwsCredential, String> {
@@ -190,20 +201,41 @@ impl VendedProvider {
         if let Some(fresh) = self.fresh() {
             return Ok(fresh); // renewed while this call waited
         }
-        let renew = self.entry.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).renew.clone();
-        let credentials = renew.renew().await?;
-        let key_ids: Vec<String> = credentials.iter().map(|c| c.access_key_id.clone()).collect();
-        self.all.remember(credentials, &renew);
-        let held = self.entry.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let expired = held.credential.expires_at.is_some_and(|at| at <= SystemTime::now());
-        if expired {
-            return Err(format!(
-                "the catalog renewed credentials (key ids {key_ids:?}) but none for {} that have not expired",
-                self.entry.prefix
-            ));
+        let renew = self.held().renew.clone();
+        let outcome = renew.renew().await.and_then(|credentials| {
+            // The answer's credential for this prefix: the same prefix, or the
+            // narrowest one that covers it.
+            let best = credentials
+                .iter()
+                .filter(|c| covers(&c.prefix, &self.entry.prefix))
+                .max_by_key(|c| c.prefix.len())
+                .cloned()
+                .filter(|c| c.expires_at.is_none_or(|at| at > SystemTime::now()));
+            let key_ids: Vec<String> = credentials.iter().map(|c| c.access_key_id.clone()).collect();
+            self.all.remember(credentials, &renew);
+            best.ok_or_else(|| {
+                format!(
+                    "the catalog renewed credentials (key ids {key_ids:?}) but none for {} that have not expired",
+                    self.entry.prefix
+                )
+            })
+        });
+        let mut held = self.held();
+        match outcome {
+            Ok(credential) => {
+                tracing::debug!(prefix = %self.entry.prefix, key_id = %credential.access_key_id, "vended storage credentials renewed");
+                *held = Held { credential, received: SystemTime::now(), renew, retry_after: None };
+                Ok(held.credential.as_aws())
+            }
+            // Credentials that have not expired yet still serve; the next
+            // renewal is tried after a pause, not on every request.
+            Err(message) if held.credential.expires_at.is_some_and(|at| at > SystemTime::now()) => {
+                tracing::warn!(prefix = %self.entry.prefix, error = %message, "cannot renew vended storage credentials; using them until they expire");
+                held.retry_after = Some(SystemTime::now() + RENEW_RETRY);
+                Ok(held.credential.as_aws())
+            }
+            Err(message) => Err(message),
         }
-        tracing::debug!(prefix = %self.entry.prefix, key_id = %held.credential.access_key_id, "vended storage credentials renewed");
-        Ok(held.credential.as_aws())
     }
 }
 
@@ -249,6 +281,37 @@ mod tests {
             session_token: None,
             expires_at,
         }
+    }
+
+    #[derive(Debug)]
+    struct Failing(AtomicUsize);
+
+    #[async_trait::async_trait]
+    impl Renew for Failing {
+        async fn renew(&self) -> Result<Vec<StorageCredential>, String> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Err("catalog unreachable".into())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_renewal_keeps_valid_credentials_and_waits_before_trying_again() {
+        let all = Arc::new(VendedCredentials::default());
+        let failing = Arc::new(Failing(AtomicUsize::new(0)));
+        let renew: Arc<dyn Renew> = failing.clone();
+        // Due for renewal (half of a 4 s life is over) but valid for about a second more.
+        let expires = SystemTime::now() + Duration::from_millis(1200);
+        all.remember(vec![credential("s3://bucket/wh", "due", Some(expires))], &renew);
+        all.entries.read().expect("lock")["s3://bucket/wh"].current.lock().expect("lock").received =
+            SystemTime::now() - Duration::from_millis(2800);
+        let provider = all.provider("s3://bucket/wh/x").expect("covered");
+        assert_eq!(provider.get_credential().await.expect("still valid").key_id, "due");
+        assert_eq!(provider.get_credential().await.expect("still valid").key_id, "due");
+        assert_eq!(failing.0.load(Ordering::SeqCst), 1, "one try, then a pause");
+        let expired = SystemTime::now() - Duration::from_secs(1);
+        all.remember(vec![credential("s3://bucket/wh", "gone", Some(expired))], &renew);
+        let e = provider.get_credential().await.expect_err("expired and not renewable");
+        assert!(e.to_string().contains("catalog unreachable"), "{e}");
     }
 
     #[test]
@@ -303,11 +366,12 @@ mod tests {
     async fn short_lived_credentials_are_renewed_at_half_their_life() {
         let all = Arc::new(VendedCredentials::default());
         let renew: Arc<dyn Renew> = Arc::new(Counting::default());
-        let soon = SystemTime::now() + Duration::from_millis(400);
+        // Fresh for 1.5 s (half of 3 s), renewed after.
+        let soon = SystemTime::now() + Duration::from_secs(3);
         all.remember(vec![credential("s3://bucket/wh", "short", Some(soon))], &renew);
         let provider = all.provider("s3://bucket/wh/x").expect("covered");
         assert_eq!(provider.get_credential().await.expect("fresh").key_id, "short");
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(1600)).await;
         assert_eq!(provider.get_credential().await.expect("renewed").key_id, "renewed-1");
     }
 }

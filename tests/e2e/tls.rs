@@ -29,13 +29,18 @@ fn toml_path(path: &Path) -> String {
     path.display().to_string()
 }
 
-/// An icerelay with a TLS listener (certificate `name` from `ca`) forwarding to `upstream`.
-async fn tls_front(ca: &TestCa, dir: &Path, name: &str, upstream: &str) -> (RelayProcess, ServerPair) {
+/// An icerelay with a TLS listener (certificate `name` from `ca`) forwarding
+/// to `upstream`, with `extra` configuration.
+async fn tls_front(ca: &TestCa, dir: &Path, name: &str, upstream: &str, extra: &str) -> (RelayProcess, ServerPair) {
     let pair = ca.issue(dir, name);
     let config = dir.join(format!("{name}.toml"));
     std::fs::write(
         &config,
-        format!("tls_cert_file = {:?}\ntls_key_file = {:?}\n", toml_path(&pair.cert_file), toml_path(&pair.key_file)),
+        format!(
+            "tls_cert_file = {:?}\ntls_key_file = {:?}\n{extra}\n",
+            toml_path(&pair.cert_file),
+            toml_path(&pair.key_file)
+        ),
     )
     .expect("config");
     (RelayProcess::start(&["serve", "--config", &toml_path(&config), "--upstream", upstream], &[]).await, pair)
@@ -46,8 +51,8 @@ async fn engines_catalogs_and_the_admin_api_over_tls_with_a_private_ca() {
     let (source, replica) = (SeaweedFs::shared(), SeaweedFs::shared_replica());
     let ca = TestCa::shared();
     let dir = tempfile::tempdir().expect("dir");
-    let (source_front, _) = tls_front(ca, dir.path(), "source-front", source.catalog_uri()).await;
-    let (replica_front, _) = tls_front(ca, dir.path(), "replica-front", replica.catalog_uri()).await;
+    let (source_front, _) = tls_front(ca, dir.path(), "source-front", source.catalog_uri(), "").await;
+    let (replica_front, _) = tls_front(ca, dir.path(), "replica-front", replica.catalog_uri(), "").await;
     let own = ca.issue(dir.path(), "icerelay");
     let ns = unique("tls");
     let table = format!("{ns}.t");
@@ -103,7 +108,7 @@ async fn engines_catalogs_and_the_admin_api_over_tls_with_a_private_ca() {
 async fn a_catalog_certificate_from_another_ca_is_refused_with_what_to_set() {
     let source = SeaweedFs::shared();
     let dir = tempfile::tempdir().expect("dir");
-    let (front, _) = tls_front(TestCa::shared(), dir.path(), "front", source.catalog_uri()).await;
+    let (front, _) = tls_front(TestCa::shared(), dir.path(), "front", source.catalog_uri(), "").await;
     let other = TestCa::new("other");
     let relay = Relay::start(&format!(
         "[primary]\nuri = \"{}\"\nca_file = {:?}\n",
@@ -164,26 +169,34 @@ async fn listener_certificates_are_replaced_on_sighup_and_on_file_change_without
     let ca = TestCa::shared();
     let dir = tempfile::tempdir().expect("dir");
     // The primary is unreachable: every request gets icerelay's own 502, which
-    // is all a connection test needs.
-    let (mut front, first) = tls_front(ca, dir.path(), "front", "http://127.0.0.1:1").await;
+    // is all a connection test needs. File checks are off: SIGHUP only.
+    let (mut front, first) =
+        tls_front(ca, dir.path(), "front", "http://127.0.0.1:1", "tls_reload_interval = \"0s\"").await;
     let addr = front.url.trim_start_matches("http://").to_owned();
-
     let (mut open, presented) = connect(&addr, &ca.ca_file).await;
     assert_eq!(presented, first.der);
     assert_eq!(request(&mut open).await, 502);
 
-    // Rotated files, then SIGHUP.
+    // Rotated files are not noticed without a signal...
     let second = ca.issue(dir.path(), "front");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(connect(&addr, &ca.ca_file).await.1, first.der, "no file checks with tls_reload_interval = 0s");
+    // ...and served after SIGHUP.
     let status = std::process::Command::new("kill").args(["-HUP", &front.pid().to_string()]).status().expect("kill");
     assert!(status.success());
     wait_presented(&addr, &ca.ca_file, &second.der, "after SIGHUP").await;
     assert!(front.logs().contains("TLS certificate reloaded"), "{}", front.logs());
     // The connection opened before keeps its certificate and is served.
     assert_eq!(request(&mut open).await, 502);
+    let _ = front.terminate();
 
-    // Rotated files alone: noticed by the file check.
-    let third = ca.issue(dir.path(), "front");
-    wait_presented(&addr, &ca.ca_file, &third.der, "after a file change").await;
+    // With the default file check, rotated files alone are enough.
+    let (mut front, first) = tls_front(ca, dir.path(), "watched", "http://127.0.0.1:1", "").await;
+    let addr = front.url.trim_start_matches("http://").to_owned();
+    let (mut open, presented) = connect(&addr, &ca.ca_file).await;
+    assert_eq!(presented, first.der);
+    let rotated = ca.issue(dir.path(), "watched");
+    wait_presented(&addr, &ca.ca_file, &rotated.der, "after a file change").await;
     assert_eq!(request(&mut open).await, 502);
     let _ = front.terminate();
 }

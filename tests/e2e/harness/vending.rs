@@ -5,11 +5,12 @@
 //! Every request is forwarded to SeaweedFS unchanged. A loadTable-shaped
 //! answer (anything with a `metadata` object) to a request that asked with
 //! `X-Iceberg-Access-Delegation: vended-credentials` gets `storage-credentials`
-//! for the warehouse bucket that say they **expired a second ago** (the keys
-//! themselves still work, so engines, which PyIceberg shows do not look at the
-//! expiry, keep working). A client that respects the expiry must renew through
-//! the table credentials endpoint (advertised in `/v1/config`), which answers
-//! with a short life, so it keeps renewing; [`Counts`] says how often it did. It also counts requests that arrive without a
+//! for the warehouse bucket. PyIceberg (which asks by default, and ignores
+//! expiry) gets working keys. Any other client gets credentials that
+//! **expired a second ago and carry a wrong secret**: used without renewal,
+//! SeaweedFS refuses them. The table credentials endpoint (advertised in
+//! `/v1/config`) answers the real keys with a short life, so such a client
+//! must renew through it, and keep renewing; [`Counts`] says how often it did. It also counts requests that arrive without a
 //! SigV4 signature (SeaweedFS would refuse them; the count says who sent them).
 
 use std::sync::Arc;
@@ -28,6 +29,9 @@ use super::SeaweedFs;
 
 /// The credentials endpoint, as `/v1/config` lists endpoints.
 const CREDENTIALS_ENDPOINT: &str = "GET /v1/{prefix}/namespaces/{namespace}/tables/{table}/credentials";
+
+/// The secret of the credentials that expired at issue: SeaweedFS refuses it.
+pub const EXPIRED_SECRET: &str = "expired-vended-secret-5521";
 
 /// What the stand-in saw.
 #[derive(Debug, Default)]
@@ -118,6 +122,8 @@ impl Upstream {
                 "s3.session-token-expires-at-ms": expires.to_string()}}]}),
             );
         }
+        let engine =
+            parts.headers.get("user-agent").and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("PyIceberg/"));
         let delegated = parts
             .headers
             .get("x-iceberg-access-delegation")
@@ -148,8 +154,9 @@ impl Upstream {
         if delegated && status.is_success() && value.get("metadata").is_some_and(Value::is_object) {
             self.counts.vended.fetch_add(1, Ordering::SeqCst);
             let expired = epoch_ms(SystemTime::now() - Duration::from_secs(1));
+            let secret = if engine { self.secret.as_str() } else { EXPIRED_SECRET };
             value["storage-credentials"] = json!([{"prefix": self.prefix, "config": {
-                "s3.access-key-id": self.key_id, "s3.secret-access-key": self.secret,
+                "s3.access-key-id": self.key_id, "s3.secret-access-key": secret,
                 "s3.session-token-expires-at-ms": expired.to_string()}}]);
         }
         json_response(status, &value)
