@@ -182,7 +182,9 @@ async fn listener_certificates_are_replaced_on_sighup_and_on_file_change_without
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(connect(&addr, &ca.ca_file).await.1, first.der, "no file checks with tls_reload_interval = 0s");
     // ...and served after SIGHUP.
-    let status = std::process::Command::new("kill").args(["-HUP", &front.pid().to_string()]).status().expect("kill");
+    // The shell's own `kill`: a fresh machine may have no kill binary.
+    let status =
+        std::process::Command::new("sh").args(["-c", &format!("kill -HUP {}", front.pid())]).status().expect("kill");
     assert!(status.success());
     wait_presented(&addr, &ca.ca_file, &second.der, "after SIGHUP").await;
     assert!(front.logs().contains("TLS certificate reloaded"), "{}", front.logs());
