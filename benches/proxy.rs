@@ -100,11 +100,20 @@ fn main() {
                 ),
             ],
         );
+        // TLS on the listener (wrk does not verify the certificate; the
+        // handshake happens once per keep-alive connection).
+        let (cert_file, key_file) = self_signed(work.path());
+        let tls = Icerelay::start(
+            upstream,
+            &[("ICERELAY__TLS_CERT_FILE", cert_file.as_str()), ("ICERELAY__TLS_KEY_FILE", key_file.as_str())],
+        );
+        let tls_url = tls.url.replace("http://", "https://");
         let nginx = Nginx::start(upstream, &work.path().join(format!("nginx-{}", free_port())));
         let mut targets = vec![
             ("direct", upstream.to_owned(), Vec::new()),
             ("icerelay", relay.url.clone(), vec![relay.child.id()]),
             ("icerelay sigv4", signing.url.clone(), vec![signing.child.id()]),
+            ("icerelay tls", tls_url, vec![tls.child.id()]),
             ("nginx", nginx.url.clone(), with_children(nginx.child.id())),
         ];
         if let Some(earlier) = &earlier {
@@ -255,6 +264,15 @@ fn oauth_token(catalog: &str) -> String {
     let text = String::from_utf8_lossy(&out.stdout);
     let v: serde_json::Value = serde_json::from_str(&text).expect("token json");
     v["access_token"].as_str().expect("access_token").to_owned()
+}
+
+/// A self-signed certificate for 127.0.0.1, as PEM files in `dir`.
+fn self_signed(dir: &Path) -> (String, String) {
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("certificate");
+    let (cert, key) = (dir.join("bench.crt"), dir.join("bench.key"));
+    std::fs::write(&cert, made.cert.pem()).expect("write certificate");
+    std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
+    (cert.display().to_string(), key.display().to_string())
 }
 
 fn curl_body(url: &str, token: &str) -> Vec<u8> {
