@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::replication::ReplicationAdmin;
@@ -81,10 +82,10 @@ pub struct Server {
     config: Config,
     proxy_workers: ProxyWorkers,
     admin_listener: TcpListener,
-    /// The proxy listener's certificate, with `tls_cert_file`.
-    proxy_certificate: Option<Arc<ServerCertificate>>,
-    /// The admin listener's certificate, with `admin_tls_cert_file`.
-    admin_certificate: Option<Arc<ServerCertificate>>,
+    /// TLS of the proxy listener, with `tls_cert_file`.
+    proxy_tls: Option<ListenerCertificate>,
+    /// TLS of the admin listener, with `admin_tls_cert_file`.
+    admin_tls: Option<ListenerCertificate>,
     hints: Arc<dyn HintSink>,
     replicator: Option<Replicator>,
     metrics: Arc<Metrics>,
@@ -111,21 +112,15 @@ impl Server {
             what: "admin",
             source,
         })?;
-        let certificate = |tls: &Option<ListenerTls>, setting| match tls {
-            Some(tls) => ServerCertificate::load(&tls.cert_file, &tls.key_file)
-                .map(Some)
-                .map_err(|source| ServeError::Tls { setting, source }),
-            None => Ok(None),
-        };
-        let proxy_certificate = certificate(&config.tls, "tls_cert_file")?;
-        let admin_certificate = certificate(&config.admin_tls, "admin_tls_cert_file")?;
+        let proxy_tls = ListenerCertificate::load(config.tls.as_ref(), "tls_cert_file")?;
+        let admin_tls = ListenerCertificate::load(config.admin_tls.as_ref(), "admin_tls_cert_file")?;
         let metrics = Arc::new(Metrics::new());
         let mut server = Self {
             config,
             proxy_workers,
             admin_listener,
-            proxy_certificate,
-            admin_certificate,
+            proxy_tls,
+            admin_tls,
             hints: Arc::new(LogHints),
             replicator: None,
             metrics,
@@ -169,27 +164,13 @@ impl Server {
 
     /// Serves until `shutdown` completes or a service exits, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
-        let Self {
-            config,
-            proxy_workers,
-            admin_listener,
-            proxy_certificate,
-            admin_certificate,
-            hints,
-            replicator,
-            metrics,
-        } = self;
-        let acceptor = |certificate: &Option<Arc<ServerCertificate>>, setting| match certificate {
-            Some(c) => c.acceptor().map(Some).map_err(|source| ServeError::Tls { setting, source }),
-            None => Ok(None),
-        };
-        let proxy_tls = acceptor(&proxy_certificate, "tls_cert_file")?;
-        let admin_tls = acceptor(&admin_certificate, "admin_tls_cert_file")?;
+        let Self { config, proxy_workers, admin_listener, proxy_tls, admin_tls, hints, replicator, metrics } = self;
         let primary = &config.primary;
         // With engine_auth = "sigv4" (validated to come with sigv4 credentials),
         // forwarded requests are signed with the primary's credentials.
+        // One signer for every worker: one credential lookup, one identity.
         let resign = match (&primary.engine_auth, &primary.auth) {
-            (EngineAuth::SigV4, AuthConfig::SigV4(sigv4)) => Some(sigv4.clone()),
+            (EngineAuth::SigV4, AuthConfig::SigV4(sigv4)) => Some(Arc::new(Signer::new(sigv4))),
             _ => None,
         };
         let upstream_settings = UpstreamSettings {
@@ -247,8 +228,9 @@ impl Server {
             "icerelay is serving"
         );
         // Certificates are reloaded on SIGHUP or when their files change.
-        for (listener, certificate) in [("proxy", proxy_certificate), ("admin", admin_certificate)] {
-            if let Some(certificate) = certificate {
+        for (listener, tls) in [("proxy", &proxy_tls), ("admin", &admin_tls)] {
+            if let Some(ListenerCertificate { certificate, .. }) = tls {
+                let certificate = certificate.clone();
                 let stop = token.clone();
                 let check_every = config.tls_reload_interval;
                 services.spawn(async move {
@@ -257,9 +239,8 @@ impl Server {
                 });
             }
         }
-        if let Some(sigv4) = &resign {
+        if let Some(signer) = &resign {
             // Engines act with this identity: say which, once, at start.
-            let signer = Signer::new(sigv4);
             match signer.credentials().get(signer.service(), signer.region()).await {
                 Ok(c) => tracing::info!(
                     key_id = c.access_key_id(),
@@ -278,7 +259,8 @@ impl Server {
 
         let stop = token.clone();
         let limits = config.connections;
-        services.spawn(async move { ("proxy", proxy_workers.serve(make_proxy, limits, proxy_tls, stop).await) });
+        let acceptor = proxy_tls.map(|tls| tls.acceptor);
+        services.spawn(async move { ("proxy", proxy_workers.serve(make_proxy, limits, acceptor, stop).await) });
         if let Some(replicator) = replicator {
             let stop = token.clone();
             tracing::info!(state_dir = %config.state_dir.display(), destinations = config.destinations.len(), rules = config.rules.len(), "replication is on");
@@ -290,8 +272,9 @@ impl Server {
         let stop = token.clone();
         // The admin listener gets the proxy's connection limits and timeouts too.
         let limits = config.connections;
+        let acceptor = admin_tls.map(|tls| tls.acceptor);
         services.spawn(async move {
-            ("admin", crate::proxy::conn::serve(admin_listener, admin_router, limits, admin_tls, stop).await)
+            ("admin", crate::proxy::conn::serve(admin_listener, admin_router, limits, acceptor, stop).await)
         });
 
         let mut failure = None;
@@ -317,6 +300,29 @@ impl Server {
             services.abort_all();
         }
         failure.map_or(Ok(()), Err)
+    }
+}
+
+/// A listener's certificate (reloaded while serving) and the acceptor that serves it.
+struct ListenerCertificate {
+    certificate: Arc<ServerCertificate>,
+    acceptor: TlsAcceptor,
+}
+
+impl std::fmt::Debug for ListenerCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerCertificate").field("cert_file", &self.certificate.cert_file()).finish()
+    }
+}
+
+impl ListenerCertificate {
+    /// Reads the pair `tls` names; `setting` names it in errors.
+    fn load(tls: Option<&ListenerTls>, setting: &'static str) -> Result<Option<Self>, ServeError> {
+        let Some(tls) = tls else { return Ok(None) };
+        let error = |source| ServeError::Tls { setting, source };
+        let certificate = ServerCertificate::load(&tls.cert_file, &tls.key_file).map_err(error)?;
+        let acceptor = certificate.acceptor().map_err(error)?;
+        Ok(Some(Self { certificate, acceptor }))
     }
 }
 

@@ -164,11 +164,6 @@ impl RestCatalog {
     /// The credentials the catalog vends now for `table`: from its credentials
     /// endpoint where it has one, else from a new loadTable.
     pub async fn load_credentials(&self, table: &TableIdent) -> Result<Vec<StorageCredential>, CatalogError> {
-        #[derive(Deserialize)]
-        struct Answer {
-            #[serde(rename = "storage-credentials", default)]
-            storage_credentials: Vec<Value>,
-        }
         let op = format!("loadCredentials {table}");
         let advertised =
             self.config().await?.supports("GET", "/v1/{prefix}/namespaces/{namespace}/tables/{table}/credentials");
@@ -184,9 +179,9 @@ impl RestCatalog {
                 .await?;
             let (status, body) = self.send_delegating(&op, Method::GET, &url, None, true).await?;
             if status.is_success() {
-                let answer: Answer = self.decode(&op, &body)?;
-                let listed = json!({"storage-credentials": answer.storage_credentials});
-                return Ok(StorageCredential::from_answer(&listed));
+                // `{"storage-credentials": [...]}`, as in a loadTable answer.
+                let answer: Value = self.decode(&op, &body)?;
+                return Ok(StorageCredential::from_answer(&answer));
             }
             // Catalogs that list every endpoint, or none, may still lack this one.
             if !matches!(status.as_u16(), 400 | 404 | 405 | 501) {

@@ -28,8 +28,15 @@ use crate::config::{Secret, SigV4Config};
 
 /// How long long-lived credentials from the AWS chain are used before they are read again.
 const CHAIN_REFRESH: Duration = Duration::from_secs(300);
-/// Temporary credentials are renewed this long before they expire.
+/// Temporary credentials are renewed this long before they expire, at most.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(300);
+
+/// How long before their expiry credentials that live `life` are renewed:
+/// five minutes, or half their life when that is shorter. Shared by AWS
+/// credentials and the storage credentials catalogs vend.
+pub fn renewal_margin(life: Duration) -> Duration {
+    EXPIRY_MARGIN.min(life / 2)
+}
 
 /// Why a request could not be signed.
 #[derive(Debug, thiserror::Error)]
@@ -215,7 +222,7 @@ impl AwsCredentials {
             (Source::Static(_), _) => None,
             (_, Some(expiry)) => {
                 let left = expiry.duration_since(SystemTime::now()).unwrap_or_default();
-                Some(Instant::now() + left.saturating_sub(EXPIRY_MARGIN.min(left / 2)))
+                Some(Instant::now() + left.saturating_sub(renewal_margin(left)))
             }
             (_, None) => Some(Instant::now() + CHAIN_REFRESH),
         };

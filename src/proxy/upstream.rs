@@ -33,7 +33,6 @@ use super::error::ProxyError;
 use super::idle::{IdleTimeout, Stalled};
 use super::router::{Classified, Operation};
 use crate::catalog::sigv4::Signer;
-use crate::config::SigV4Config;
 
 /// Connection settings for the primary.
 #[derive(Debug, Clone)]
@@ -50,9 +49,10 @@ pub struct UpstreamSettings {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per host.
     pub pool_max_idle_per_host: usize,
-    /// With `engine_auth = "sigv4"`: icerelay's SigV4 credentials, which
-    /// replace the engine's on every forwarded request.
-    pub resign: Option<SigV4Config>,
+    /// With `engine_auth = "sigv4"`: the signer (icerelay's credentials)
+    /// that replaces the engine's credentials on every forwarded request,
+    /// shared by all workers.
+    pub resign: Option<Arc<Signer>>,
     /// Bound on the bodies read whole to be signed.
     pub max_body_bytes: u64,
     /// TLS for an `https` primary: the roots it trusts (see [`crate::tls::client_config`]).
@@ -88,7 +88,7 @@ struct Inner {
     display: String,
     request_timeout: Duration,
     body_idle_timeout: Duration,
-    signer: Option<Signer>,
+    signer: Option<Arc<Signer>>,
     max_body_bytes: u64,
 }
 
@@ -142,7 +142,7 @@ impl Upstream {
                 display,
                 request_timeout: settings.request_timeout,
                 body_idle_timeout: settings.body_idle_timeout,
-                signer: settings.resign.as_ref().map(Signer::new),
+                signer: settings.resign.clone(),
                 max_body_bytes: settings.max_body_bytes,
             }),
         })

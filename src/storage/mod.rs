@@ -301,6 +301,7 @@ impl Storage {
                 Sse::Aes256 => "AES256",
                 Sse::Kms { .. } => "aws:kms",
             };
+            // (object_store does not export the typed key; its name parses.)
             let key = "aws_server_side_encryption"
                 .parse::<AmazonS3ConfigKey>()
                 .map_err(|e| StorageError::store("configure", url, e))?;
@@ -438,7 +439,7 @@ fn local_path(url: &str) -> Option<&str> {
 
 /// Whether `url` is `prefix` or below it. A prefix without a trailing `/`
 /// ends at a path segment: `s3://wh` covers `s3://wh/x`, not `s3://wh-other/x`.
-fn is_under(url: &str, prefix: &str) -> bool {
+pub(crate) fn is_under(url: &str, prefix: &str) -> bool {
     match url.strip_prefix(prefix) {
         Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
         None => false,

@@ -20,10 +20,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use object_store::aws::AwsCredential;
 use serde_json::{Map, Value};
 
+use super::is_under;
+use crate::catalog::sigv4::renewal_margin;
 use crate::config::Secret;
 
-/// Longest time before expiry at which credentials are renewed.
-const RENEW_MARGIN: Duration = Duration::from_secs(300);
 /// After a failed renewal, how long still-valid credentials serve before the next try.
 const RENEW_RETRY: Duration = Duration::from_secs(10);
 
@@ -102,11 +102,6 @@ impl StorageCredential {
     }
 }
 
-/// Whether `url` is `prefix` or under it (a prefix ends at a path segment).
-fn covers(prefix: &str, url: &str) -> bool {
-    url.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-}
-
 /// Asks the catalog that vended credentials for fresh ones.
 #[async_trait::async_trait]
 pub trait Renew: Send + Sync + fmt::Debug {
@@ -160,7 +155,7 @@ impl VendedCredentials {
     /// The credentials for `url` (longest covering prefix), as an `object_store` provider.
     pub fn provider(self: &Arc<Self>, url: &str) -> Option<VendedProvider> {
         let entries = self.entries.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = entries.values().filter(|e| covers(&e.prefix, url)).max_by_key(|e| e.prefix.len())?;
+        let entry = entries.values().filter(|e| is_under(url, &e.prefix)).max_by_key(|e| e.prefix.len())?;
         Some(VendedProvider { entry: entry.clone(), all: self.clone() })
     }
 }
@@ -191,8 +186,7 @@ impl VendedProvider {
             return Some(held.credential.as_aws());
         }
         let life = expires_at.duration_since(held.received).unwrap_or_default();
-        let margin = RENEW_MARGIN.min(life / 2);
-        let renew_at = expires_at.checked_sub(margin).unwrap_or(expires_at);
+        let renew_at = expires_at.checked_sub(renewal_margin(life)).unwrap_or(expires_at);
         (now < renew_at).then(|| held.credential.as_aws())
     }
 
@@ -207,7 +201,7 @@ impl VendedProvider {
             // narrowest one that covers it.
             let best = credentials
                 .iter()
-                .filter(|c| covers(&c.prefix, &self.entry.prefix))
+                .filter(|c| is_under(&self.entry.prefix, &c.prefix))
                 .max_by_key(|c| c.prefix.len())
                 .cloned()
                 .filter(|c| c.expires_at.is_none_or(|at| at > SystemTime::now()));
