@@ -8,10 +8,13 @@
 //!
 //! - [`config`]: the TOML file, `${VAR}` expansion and env overrides, validation.
 //! - [`proxy`]: the request path, as tower layers: classify, observe, respond
-//!   to errors, rewrite `/v1/config`, tap commits, forward upstream.
+//!   to errors, rewrite `/v1/config`, refuse writes to replicas, tap commits,
+//!   forward upstream.
 //! - [`catalog`]: identifiers and the REST client for icerelay's own calls.
 //! - [`causes`]: error texts that carry their causes (transport, TLS).
-//! - [`admin`]: the admin listener (health, readiness, metrics).
+//! - [`admin`]: the admin listener (health, readiness, metrics, replication
+//!   status, pause / resume / resync / promote, the audit log).
+//! - [`audit`]: the audit log, one JSON line per change to a replica.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`replicate`]: the replication engine: rules, destinations, planner, lanes.
 //! - [`rewrite`]: path rewriting of metadata, manifests, delete files (pure).
@@ -30,6 +33,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod audit;
 pub mod catalog;
 pub mod causes;
 pub mod config;

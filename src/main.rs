@@ -90,6 +90,21 @@ enum Command {
     ///   icerelay status --admin http://127.0.0.1:9182 sales.orders
     #[command(verbatim_doc_comment)]
     Status(commands::status::Args),
+    /// Promote replicas (failover): each becomes a writable table of its own.
+    ///
+    /// Asks the admin API of the icerelay that replicates the tables. By
+    /// default it first replicates what the source still serves (and waits up
+    /// to --timeout); with --now it takes the replicas as they are. Prints each
+    /// replica's metadata location, recovery point and missed snapshots.
+    /// Exits 0 when all were promoted, 1 when one was not, 2 when the admin
+    /// API cannot be asked.
+    ///
+    /// Examples:
+    ///   icerelay promote --destination dr --table sales.orders
+    ///   icerelay promote --destination dr --namespace sales --now
+    ///   icerelay promote --destination dr --now
+    #[command(verbatim_doc_comment)]
+    Promote(commands::promote::Args),
     /// Validate a configuration file and print every problem found.
     ///
     /// Exits 0 when the file is valid, 1 otherwise.
@@ -123,6 +138,13 @@ fn main() -> ExitCode {
         },
         Command::Status(args) => match tokio::runtime::Runtime::new() {
             Ok(runtime) => ExitCode::from(runtime.block_on(commands::status::run(args))),
+            Err(e) => {
+                eprintln!("icerelay: cannot start the async runtime: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Promote(args) => match tokio::runtime::Runtime::new() {
+            Ok(runtime) => ExitCode::from(runtime.block_on(commands::promote::run(args))),
             Err(e) => {
                 eprintln!("icerelay: cannot start the async runtime: {e}");
                 ExitCode::FAILURE

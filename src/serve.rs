@@ -20,14 +20,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::replication::ReplicationAdmin;
 use crate::admin::{self, AdminState};
+use crate::audit::AuditLog;
 use crate::catalog::sigv4::Signer;
 use crate::catalog::{CatalogError, ClientSettings, RestCatalog};
-use crate::config::{AuthConfig, Config, EngineAuth, ListenerTls};
+use crate::config::{AuthConfig, Config, EngineAuth, ListenerTls, PrimaryConfig};
 use crate::metrics::Metrics;
 use crate::proxy::commit_tap::{HintSink, LogHints};
+use crate::proxy::read_only::ReplicaMarks;
 use crate::proxy::upstream::{Upstream, UpstreamError, UpstreamSettings};
 use crate::proxy::workers::ProxyWorkers;
-use crate::proxy::{self, ProxySettings};
+use crate::proxy::{self, ProxySettings, StackParts};
 use crate::replicate::Replicator;
 use crate::state::StateError;
 use crate::state::embedded::EmbeddedStore;
@@ -62,6 +64,9 @@ pub enum ServeError {
         #[source]
         source: crate::tls::TlsError,
     },
+    /// The audit log cannot be written.
+    #[error("cannot open the audit log (audit_log): {0}")]
+    Audit(#[from] crate::audit::AuditError),
     /// The replication state store could not be opened.
     #[error("cannot open the replication state (state_dir): {0}")]
     State(#[from] StateError),
@@ -128,18 +133,10 @@ impl Server {
         if server.config.replicates() {
             let store = Arc::new(EmbeddedStore::open(&server.config.state_dir)?);
             let primary = &server.config.primary;
-            let catalog = RestCatalog::new(
-                "primary",
-                primary.uri.clone(),
-                primary.warehouse.clone(),
-                &primary.auth,
-                ClientSettings {
-                    connect_timeout: primary.connect_timeout,
-                    request_timeout: primary.request_timeout,
-                    ca_file: primary.ca_file.clone(),
-                },
-            )?;
-            let replicator = Replicator::new(&server.config, store, catalog, server.metrics.replication.clone())?;
+            let catalog = primary_client(primary, primary.request_timeout)?;
+            let audit = Arc::new(AuditLog::open(&server.config.audit)?);
+            let replicator =
+                Replicator::new(&server.config, store, catalog, server.metrics.replication.clone(), audit)?;
             server.hints = Arc::new(replicator.change_log());
             server.replicator = Some(replicator);
         }
@@ -190,23 +187,28 @@ impl Server {
         // Built here once to report a bad URI before serving; each proxy
         // worker builds its own (its pool belongs to the worker's runtime).
         let upstream_display = Upstream::new(&upstream_settings)?.display().to_owned();
-        let primary_catalog = Arc::new(RestCatalog::new(
-            "primary",
-            primary.uri.clone(),
-            primary.warehouse.clone(),
-            &primary.auth,
-            ClientSettings {
-                connect_timeout: primary.connect_timeout,
-                request_timeout: Duration::from_secs(10),
-                ca_file: primary.ca_file.clone(),
-            },
-        )?);
+        let primary_catalog = Arc::new(primary_client(primary, Duration::from_secs(10))?);
         let proxy_settings =
             ProxySettings { public_url: config.public_url.clone(), max_body_bytes: config.max_body_bytes };
         let proxy_metrics = metrics.proxy.clone();
+        let read_only_replicas = config.read_only_replicas;
+        let primary_config = config.primary.clone();
         let make_proxy = move || {
             let upstream = Upstream::new(&upstream_settings).map_err(std::io::Error::other)?;
-            Ok(proxy::stack(&proxy_settings, upstream, hints.clone(), proxy_metrics.clone()))
+            // Marks are read with icerelay's own credentials where it has
+            // some, by a client per worker (its connections belong to the
+            // worker's runtime); else with the engine's.
+            let read_only: Option<Option<Arc<dyn ReplicaMarks>>> = match (read_only_replicas, &primary_config.auth) {
+                (false, _) => None,
+                (true, AuthConfig::None) => Some(None),
+                (true, _) => Some(Some(Arc::new(
+                    primary_client(&primary_config, primary_config.request_timeout).map_err(std::io::Error::other)?,
+                ))),
+            };
+            Ok(proxy::stack(
+                &proxy_settings,
+                StackParts { upstream, hints: hints.clone(), read_only, metrics: proxy_metrics.clone() },
+            ))
         };
         let replication = replicator.as_ref().map(|r| ReplicationAdmin { context: r.context(), wake: r.waker() });
         let admin_router = admin::router(
@@ -301,6 +303,17 @@ impl Server {
         }
         failure.map_or(Ok(()), Err)
     }
+}
+
+/// icerelay's own client for the primary catalog.
+fn primary_client(primary: &PrimaryConfig, request_timeout: Duration) -> Result<RestCatalog, CatalogError> {
+    RestCatalog::new(
+        "primary",
+        primary.uri.clone(),
+        primary.warehouse.clone(),
+        &primary.auth,
+        ClientSettings { connect_timeout: primary.connect_timeout, request_timeout, ca_file: primary.ca_file.clone() },
+    )
 }
 
 /// A listener's certificate (reloaded while serving) and the acceptor that serves it.

@@ -43,6 +43,8 @@ pub fn router(state: AdminState, access: AdminAccess) -> Router {
             "/v1/replication/namespaces/{namespace}/tables/{table}/destinations/{destination}/{action}",
             post(replication::act),
         )
+        .route("/v1/replication/destinations/{destination}/promote", post(replication::promote_destination))
+        .route("/v1/replication/audit", get(replication::audit))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(access, guard::guard))
 }

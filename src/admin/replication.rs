@@ -7,17 +7,22 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
 use super::AdminState;
+use crate::audit::{Action, Event, Query as AuditQuery};
 use crate::catalog::TableIdent;
 use crate::replicate::Context;
-use crate::state::{LaneKey, LaneRecord, LaneStatus, Millis, now_ms, rfc3339};
+use crate::state::{LaneKey, LaneRecord, LaneStatus, Millis, PromotionMode, now_ms, rfc3339};
 
 /// What the replication endpoints read.
 #[derive(Clone)]
@@ -46,8 +51,26 @@ fn not_configured() -> Response {
     )
 }
 
+fn promotion_json(lane: &LaneRecord) -> Value {
+    match &lane.promoted {
+        Some(p) => json!({
+            "promoted_at": rfc3339(p.at),
+            "recovery_point": p.recovery_point.map(|id| json!({
+                "snapshot_id": id,
+                "timestamp": p.recovery_point_at.map(rfc3339),
+            })),
+            "missed_snapshots": p.missed_snapshots,
+            "source_answered": p.source_answered,
+            "replica_metadata_location": p.metadata_location,
+        }),
+        None => Value::Null,
+    }
+}
+
 fn lane_json(lane: &LaneRecord, now: Millis) -> Value {
     json!({
+        "promotion": promotion_json(lane),
+        "promotion_requested": lane.promotion.map(|m| m.as_str()),
         "destination": lane.key.destination,
         "replica": {"namespace": lane.replica_table.namespace, "name": lane.replica_table.name},
         "status": lane.status().as_str(),
@@ -106,6 +129,7 @@ pub async fn status(State(state): State<AdminState>) -> Response {
             "completed": count(LaneStatus::Completed),
             "failed": count(LaneStatus::Failed),
             "paused": count(LaneStatus::Paused),
+            "promoted": count(LaneStatus::Promoted),
         },
         "destinations": destinations,
         "tables": tables_json(&lanes),
@@ -146,10 +170,11 @@ pub async fn table(State(state): State<AdminState>, Path((namespace, name)): Pat
     }
 }
 
-/// `POST .../destinations/{destination}/{action}`: `pause`, `resume` or `resync`.
+/// `POST .../destinations/{destination}/{action}`: `pause`, `resume`, `resync` or `promote`.
 pub async fn act(
     State(state): State<AdminState>,
     Path((namespace, name, destination, action)): Path<(String, String, String, String)>,
+    body: Bytes,
 ) -> Response {
     let Some(admin) = state.replication else { return not_configured() };
     let Some(ident) = table_from_path(&namespace, &name) else {
@@ -157,20 +182,38 @@ pub async fn act(
     };
     let key = LaneKey::new(ident, destination);
     let store = &admin.context.store;
-    let done = match action.as_str() {
-        "pause" => store.set_paused(&key, true).await,
-        "resume" => store.set_paused(&key, false).await,
-        "resync" => store.request_resync(&key).await,
+    if let Ok(Some(lane)) = store.lane(&key).await
+        && lane.promoted.is_some()
+        && action != "promote"
+    {
+        return error(
+            StatusCode::CONFLICT,
+            "PromotedException",
+            format!("{key} was promoted: the replica is a table of its own and the lane does not run any more"),
+        );
+    }
+    let (done, audited) = match action.as_str() {
+        "pause" => (store.set_paused(&key, true).await, Action::Pause),
+        "resume" => (store.set_paused(&key, false).await, Action::Resume),
+        "resync" => (store.request_resync(&key).await, Action::Resync),
+        "promote" => {
+            let options = match PromoteOptions::parse(&body) {
+                Ok(o) => o,
+                Err(message) => return error(StatusCode::BAD_REQUEST, "BadRequest", message),
+            };
+            return promote_one(&admin, key, options).await;
+        }
         other => {
             return error(
                 StatusCode::NOT_FOUND,
                 "NotFound",
-                format!("unknown action {other:?}; expected pause, resume or resync"),
+                format!("unknown action {other:?}; expected pause, resume, resync or promote"),
             );
         }
     };
     match done {
         Ok(true) => {
+            admin.context.audit.record(Event::ok(audited, &key));
             admin.wake.notify_one();
             match store.lane(&key).await {
                 Ok(Some(lane)) => Json(lane_json(&lane, now_ms())).into_response(),
@@ -179,5 +222,211 @@ pub async fn act(
         }
         Ok(false) => error(StatusCode::NOT_FOUND, "NoSuchTableException", format!("no lane {key}")),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "StateUnavailable", e.to_string()),
+    }
+}
+
+/// The options of a promotion request (its JSON body).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromoteOptions {
+    /// Promote the replica as it is, without replicating what the source still has.
+    #[serde(default)]
+    now: bool,
+    /// How long to wait for the lane (draining included). Default 60.
+    timeout_seconds: Option<u64>,
+    /// Destination-wide requests only: just this namespace.
+    namespace: Option<Vec<String>>,
+}
+
+impl PromoteOptions {
+    fn parse(body: &[u8]) -> Result<Self, String> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self::default());
+        }
+        serde_json::from_slice(body).map_err(|e| {
+            format!("the promote request body is not valid: {e}; expected {{\"now\": bool, \"timeout_seconds\": int}}")
+        })
+    }
+
+    fn mode(&self) -> PromotionMode {
+        if self.now { PromotionMode::Now } else { PromotionMode::Drain }
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_seconds.unwrap_or(60).clamp(1, 3600))
+    }
+}
+
+/// How a lane's promotion ended.
+enum Promoted {
+    Done(LaneRecord),
+    TimedOut(Option<LaneRecord>),
+}
+
+/// Asks each lane for promotion and waits for all of them (bounded); a lane
+/// that did not promote in time has its request withdrawn.
+async fn promote_lanes(
+    admin: &ReplicationAdmin,
+    keys: Vec<LaneKey>,
+    options: &PromoteOptions,
+) -> Result<Vec<(LaneKey, Promoted)>, Response> {
+    let store = &admin.context.store;
+    for key in &keys {
+        match store.request_promotion(key, options.mode()).await {
+            Ok(true) => {}
+            Ok(false) => return Err(error(StatusCode::NOT_FOUND, "NoSuchTableException", format!("no lane {key}"))),
+            Err(e) => return Err(error(StatusCode::SERVICE_UNAVAILABLE, "StateUnavailable", e.to_string())),
+        }
+    }
+    admin.wake.notify_one();
+    let deadline = tokio::time::Instant::now() + options.timeout();
+    let mut waiting = keys;
+    let mut outcomes = Vec::new();
+    loop {
+        let mut still = Vec::new();
+        for key in waiting {
+            match store.lane(&key).await {
+                Ok(Some(lane)) if lane.promoted.is_some() => outcomes.push((key, Promoted::Done(lane))),
+                Ok(_) => still.push(key),
+                Err(e) => return Err(error(StatusCode::SERVICE_UNAVAILABLE, "StateUnavailable", e.to_string())),
+            }
+        }
+        waiting = still;
+        if waiting.is_empty() || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for key in waiting {
+        let _ = store.withdraw_promotion(&key).await;
+        // It may have been carried out between the last look and the withdrawal.
+        let lane = store.lane(&key).await.ok().flatten();
+        match lane {
+            Some(lane) if lane.promoted.is_some() => outcomes.push((key, Promoted::Done(lane))),
+            other => outcomes.push((key, Promoted::TimedOut(other))),
+        }
+    }
+    admin.wake.notify_one();
+    Ok(outcomes)
+}
+
+fn timed_out_message(key: &LaneKey, lane: Option<&LaneRecord>, options: &PromoteOptions) -> String {
+    let cause = lane
+        .and_then(|l| l.last_error.as_ref())
+        .map_or_else(String::new, |e| format!(" (the lane's last error: {})", e.message));
+    if options.now {
+        format!(
+            "{key} was not promoted within {}s{cause}; nothing was changed on the replica's read-only state",
+            options.timeout().as_secs()
+        )
+    } else {
+        format!(
+            "{key} was not promoted: the lane did not finish replicating what the source serves within {}s{cause}. \
+             If the source is gone, promote the replica as it is with now = true (icerelay promote --now)",
+            options.timeout().as_secs()
+        )
+    }
+}
+
+async fn promote_one(admin: &ReplicationAdmin, key: LaneKey, options: PromoteOptions) -> Response {
+    if options.namespace.is_some() {
+        return error(StatusCode::BAD_REQUEST, "BadRequest", "`namespace` is for destination-wide promotions".into());
+    }
+    let outcomes = match promote_lanes(admin, vec![key], &options).await {
+        Ok(o) => o,
+        Err(response) => return response,
+    };
+    match outcomes.into_iter().next() {
+        Some((_, Promoted::Done(lane))) => Json(lane_json(&lane, now_ms())).into_response(),
+        Some((key, Promoted::TimedOut(lane))) => {
+            error(StatusCode::GATEWAY_TIMEOUT, "PromotionTimeout", timed_out_message(&key, lane.as_ref(), &options))
+        }
+        None => StatusCode::NO_CONTENT.into_response(),
+    }
+}
+
+/// `POST /v1/replication/destinations/{destination}/promote`: every lane of a
+/// destination (or of one namespace in it).
+pub async fn promote_destination(
+    State(state): State<AdminState>,
+    Path(destination): Path<String>,
+    body: Bytes,
+) -> Response {
+    let Some(admin) = state.replication else { return not_configured() };
+    if !admin.context.destinations.contains_key(&destination) {
+        return error(StatusCode::NOT_FOUND, "NotFound", format!("no destination {destination:?} is configured"));
+    }
+    let options = match PromoteOptions::parse(&body) {
+        Ok(o) => o,
+        Err(message) => return error(StatusCode::BAD_REQUEST, "BadRequest", message),
+    };
+    let lanes = match admin.context.store.lanes().await {
+        Ok(l) => l,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "StateUnavailable", e.to_string()),
+    };
+    let keys: Vec<LaneKey> = lanes
+        .iter()
+        .filter(|l| l.key.destination == destination && l.promoted.is_none())
+        .filter(|l| options.namespace.as_ref().is_none_or(|ns| l.key.table.namespace.levels() == ns.as_slice()))
+        .map(|l| l.key.clone())
+        .collect();
+    let outcomes = match promote_lanes(&admin, keys, &options).await {
+        Ok(o) => o,
+        Err(response) => return response,
+    };
+    let now = now_ms();
+    let mut promoted = Vec::new();
+    let mut failed = Vec::new();
+    for (key, outcome) in outcomes {
+        match outcome {
+            Promoted::Done(lane) => promoted.push(json!({
+                "namespace": key.table.namespace, "table": key.table.name, "lane": lane_json(&lane, now),
+            })),
+            Promoted::TimedOut(lane) => failed.push(json!({
+                "namespace": key.table.namespace, "table": key.table.name,
+                "message": timed_out_message(&key, lane.as_ref(), &options),
+            })),
+        }
+    }
+    let status = if failed.is_empty() { StatusCode::OK } else { StatusCode::GATEWAY_TIMEOUT };
+    (status, Json(json!({"destination": destination, "promoted": promoted, "not_promoted": failed}))).into_response()
+}
+
+/// The query of `GET /v1/replication/audit`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditParams {
+    table: Option<String>,
+    since: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/replication/audit?table=&since=&limit=`: audit lines, oldest first.
+pub async fn audit(State(state): State<AdminState>, Query(params): Query<AuditParams>) -> Response {
+    let Some(admin) = state.replication else { return not_configured() };
+    let since = match params.since.as_deref() {
+        None => None,
+        Some(text) => match crate::audit::parse_time(text) {
+            Some(at) => Some(at),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    format!("since={text:?} is not an RFC 3339 time (e.g. 2026-12-01T19:31:44.979Z)"),
+                );
+            }
+        },
+    };
+    let query = AuditQuery { table: params.table, since, limit: params.limit.unwrap_or(1000).clamp(1, 10_000) };
+    let log = admin.context.audit.clone();
+    match tokio::task::spawn_blocking(move || log.read(&query)).await {
+        Ok(Ok(page)) => Json(json!({
+            "entries": page.entries,
+            "next_since": page.next_since,
+            "dropped": admin.context.audit.dropped(),
+        }))
+        .into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "AuditUnavailable", e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "AuditUnavailable", e.to_string()),
     }
 }

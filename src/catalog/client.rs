@@ -96,6 +96,8 @@ pub struct RestCatalog {
     auth: Authenticator,
     config: OnceCell<CatalogConfig>,
     vending: Option<Vending>,
+    /// Sent as the replica-writer header (see [`crate::replicate::mark`]).
+    writer: Option<reqwest::header::HeaderValue>,
 }
 
 /// Where a catalog that asks for vended credentials keeps them.
@@ -149,7 +151,18 @@ impl RestCatalog {
             .build()
             .map_err(|source| CatalogError::Client { catalog: name.clone(), source })?;
         let auth = Authenticator::new(auth, &base);
-        Ok(Self { name, base, warehouse, settings, http, auth, config: OnceCell::new(), vending: None })
+        Ok(Self { name, base, warehouse, settings, http, auth, config: OnceCell::new(), vending: None, writer: None })
+    }
+
+    /// This catalog, with every request saying that icerelay writes replicas
+    /// as `writer` ([`crate::replicate::mark::writer`]), so that an icerelay
+    /// in front of it lets the replica commits through.
+    pub fn writing_replicas_as(mut self, writer: &str) -> Self {
+        match reqwest::header::HeaderValue::from_str(writer) {
+            Ok(value) => self.writer = Some(value),
+            Err(_) => tracing::warn!(catalog = %self.name, "cannot send the replica-writer header (not ASCII)"),
+        }
+        self
     }
 
     /// This catalog, asking for vended credentials on every table it loads,
@@ -251,6 +264,36 @@ impl RestCatalog {
                 let loaded = self.decode_table(&op, &body)?;
                 self.keep_credentials(table, &loaded);
                 Ok(Some(loaded))
+            }
+            StatusCode::NOT_FOUND => Ok(None),
+            s => Err(self.status_error(&op, s, &body)),
+        }
+    }
+
+    /// One property of a table, read where an engine's request found it:
+    /// `prefix` is the `{prefix}` of that request's path (already encoded),
+    /// not this client's. `Ok(None)` when the table or the property does not
+    /// exist. Only refs are asked for (`snapshots=refs`), to keep the answer small.
+    pub async fn table_property(
+        &self,
+        prefix: Option<&str>,
+        table: &TableIdent,
+        key: &str,
+    ) -> Result<Option<String>, CatalogError> {
+        let op = format!("loadTable {table}");
+        let mut url = self
+            .join(&["namespaces", &table.namespace.to_path_segment(), "tables", &table.name_path_segment()], prefix);
+        url.query_pairs_mut().append_pair("snapshots", "refs");
+        let (status, body) = self.send(&op, Method::GET, &url, None).await?;
+        match status {
+            s if s.is_success() => {
+                // Lenient on purpose: an answer without properties has no mark.
+                let answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                Ok(answer
+                    .pointer("/metadata/properties")
+                    .and_then(|p| p.get(key))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned))
             }
             StatusCode::NOT_FOUND => Ok(None),
             s => Err(self.status_error(&op, s, &body)),
@@ -543,6 +586,9 @@ impl RestCatalog {
             let mut builder = self.http.request(method.clone(), url.clone());
             if ask {
                 builder = builder.header(ACCESS_DELEGATION, "vended-credentials");
+            }
+            if let Some(writer) = &self.writer {
+                builder = builder.header(crate::replicate::mark::WRITER_HEADER, writer.clone());
             }
             if let Some(b) = body {
                 builder = builder.json(b);

@@ -1,4 +1,6 @@
 //! The subcommands that do more than start the server.
 
+pub mod admin_client;
 pub mod copy_table;
+pub mod promote;
 pub mod status;

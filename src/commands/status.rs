@@ -8,65 +8,38 @@
 
 use serde_json::Value;
 
+use super::admin_client::{AdminArgs, AdminClient, split_table};
+
 /// The arguments of `status`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The admin listener of the icerelay to ask.
-    #[arg(long, env = "ICERELAY_ADMIN", default_value = "http://127.0.0.1:9182")]
-    pub admin: String,
+    /// How to reach the admin API.
+    #[command(flatten)]
+    pub admin: AdminArgs,
     /// One source table (`namespace.table`, nested namespaces dotted); default: all.
     pub table: Option<String>,
     /// Print the admin API's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// The admin API's bearer token (the server's `admin_token`).
-    #[arg(long, env = "ICERELAY_ADMIN_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
-    pub token: Option<String>,
-    /// A file holding the admin API's bearer token.
-    #[arg(long)]
-    pub token_file: Option<std::path::PathBuf>,
-    /// PEM file of the CA that issued an `https` admin listener's certificate
-    /// (`admin_tls_cert_file`), trusted besides the system's roots.
-    #[arg(long, env = "ICERELAY_ADMIN_CA_FILE")]
-    pub ca_file: Option<std::path::PathBuf>,
-}
-
-impl Args {
-    /// The token to send, from `--token`, `ICERELAY_ADMIN_TOKEN` or `--token-file`.
-    fn token(&self) -> Result<Option<String>, String> {
-        match (&self.token, &self.token_file) {
-            (Some(t), _) => Ok(Some(t.trim().to_owned())),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map(|t| Some(t.trim().to_owned()))
-                .map_err(|e| format!("cannot read the token file {}: {e}", path.display())),
-            (None, None) => Ok(None),
-        }
-    }
 }
 
 /// Runs the command; returns the process exit code.
 pub async fn run(args: Args) -> u8 {
-    let base = args.admin.trim_end_matches('/');
-    let url = match &args.table {
-        Some(t) => match t.rsplit_once('.') {
-            Some((ns, name)) if !ns.is_empty() && !name.is_empty() => {
-                format!("{base}/v1/replication/namespaces/{ns}/tables/{name}")
-            }
-            _ => {
+    let path = match &args.table {
+        Some(t) => match split_table(t) {
+            Some((ns, name)) => format!("/v1/replication/namespaces/{ns}/tables/{name}"),
+            None => {
                 eprintln!("icerelay status: {t:?} is not NAMESPACE.TABLE");
                 return 2;
             }
         },
-        None => format!("{base}/v1/replication/status"),
+        None => "/v1/replication/status".to_owned(),
     };
-    let token = match args.token() {
-        Ok(t) => t,
-        Err(message) => {
-            eprintln!("icerelay status: {message}");
-            return 2;
-        }
+    let answer = match AdminClient::new(&args.admin) {
+        Ok(client) => client.get(&path).await,
+        Err(message) => Err(message),
     };
-    let answer = match fetch(&url, token.as_deref(), args.ca_file.as_deref()).await {
+    let answer = match answer {
         Ok(v) => v,
         Err(message) => {
             eprintln!("icerelay status: {message}");
@@ -88,39 +61,6 @@ pub async fn run(args: Args) -> u8 {
         .flatten()
         .any(|lane| lane.get("status").and_then(Value::as_str) == Some("failed"));
     u8::from(failed)
-}
-
-async fn fetch(url: &str, token: Option<&str>, ca_file: Option<&std::path::Path>) -> Result<Value, String> {
-    let roots = icerelay::tls::reqwest_roots(ca_file).map_err(|e| format!("--ca-file: {e}"))?;
-    // No redirects: the token must not travel to wherever a redirect points.
-    let client = reqwest::Client::builder()
-        .tls_certs_merge(roots)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
-    let mut request = client.get(url);
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    let response = request
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach {url}: {}", icerelay::causes::transport(&e.without_url())))?;
-    let status = response.status();
-    if status.is_redirection() {
-        let to = response.headers().get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok()).unwrap_or("?");
-        return Err(format!("{url} answered {status} redirecting to {to}; icerelay status does not follow redirects"));
-    }
-    if status == reqwest::StatusCode::UNAUTHORIZED && token.is_none() {
-        return Err(format!("{url} needs the admin token: pass --token, --token-file or set ICERELAY_ADMIN_TOKEN"));
-    }
-    let body: Value = response.json().await.map_err(|e| format!("{url} did not answer JSON: {}", e.without_url()))?;
-    if status.is_success() {
-        Ok(body)
-    } else {
-        let message = body.pointer("/error/message").and_then(Value::as_str).unwrap_or("(no message)");
-        Err(format!("{url} answered {status}: {message}"))
-    }
 }
 
 /// The answer as a table: one row per (table, destination), then the errors.

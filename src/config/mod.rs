@@ -84,6 +84,21 @@ pub struct Config {
     pub admin_tls: Option<ListenerTls>,
     /// How often listener certificate files are checked for a change; `None`: on SIGHUP only.
     pub tls_reload_interval: Option<Duration>,
+    /// Whether engine writes to read-only replicas are refused.
+    pub read_only_replicas: bool,
+    /// Where and how the audit log is written.
+    pub audit: AuditConfig,
+}
+
+/// The audit log's file and rotation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// The current file; rotated files get `.1`, `.2`, ... appended.
+    pub path: PathBuf,
+    /// Size at which the file is rotated.
+    pub max_bytes: u64,
+    /// Rotated files kept.
+    pub keep: usize,
 }
 
 /// A listener's TLS certificate and key files.
@@ -734,6 +749,14 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         v.listener_tls("admin_tls_cert_file", "admin_tls_key_file", raw.admin_tls_cert_file, raw.admin_tls_key_file);
     let tls_reload_interval =
         Some(raw.tls_reload_interval.unwrap_or(crate::tls::DEFAULT_RELOAD_CHECK_INTERVAL)).filter(|d| !d.is_zero());
+    let audit = AuditConfig {
+        path: raw.audit_log.map_or_else(|| state_dir.join("audit.log"), PathBuf::from),
+        max_bytes: raw.audit_log_max_bytes.unwrap_or(64 * 1024 * 1024),
+        keep: raw.audit_log_keep.unwrap_or(5),
+    };
+    if audit.max_bytes < 4096 {
+        v.error("audit_log_max_bytes", "must be at least 4096 (one line must fit)");
+    }
 
     match (v.errors.is_empty(), listen, admin_listen, primary) {
         (true, Some(listen), Some(admin_listen), Some(primary)) => Ok(Config {
@@ -754,6 +777,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             tls,
             admin_tls,
             tls_reload_interval,
+            read_only_replicas: raw.read_only_replicas.unwrap_or(true),
+            audit,
         }),
         _ => Err(ConfigErrors(v.errors)),
     }

@@ -151,6 +151,20 @@ pub struct RawConfig {
     /// `0s` reloads on SIGHUP only. Default `2s`.
     #[serde(default, with = "humantime_serde")]
     pub tls_reload_interval: Option<Duration>,
+    /// Refuse engine writes to tables that are read-only replicas (they carry
+    /// the `icerelay.replica-of` property). Default `true`.
+    #[serde(default, deserialize_with = "lenient::bool")]
+    pub read_only_replicas: Option<bool>,
+    /// The audit log: one JSON line per replica commit, bootstrap, promotion,
+    /// pause, resume, resync and divergence. Default `<state_dir>/audit.log`.
+    pub audit_log: Option<String>,
+    /// Size at which the audit log is rotated (`audit.log` becomes
+    /// `audit.log.1`). Default 64 MiB.
+    #[serde(default, deserialize_with = "lenient::number")]
+    pub audit_log_max_bytes: Option<u64>,
+    /// Rotated audit log files kept. Default 5.
+    #[serde(default, deserialize_with = "lenient::number")]
+    pub audit_log_keep: Option<usize>,
 }
 
 /// `[replication]`: pacing and limits of the replication engine.

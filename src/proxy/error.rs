@@ -87,6 +87,31 @@ pub enum ProxyError {
         /// Why (names the signing name and key id, never the secret).
         cause: String,
     },
+    /// The write names a read-only replica.
+    #[error(
+        "{table} is a read-only replica of {mark}: icerelay keeps it equal to its source and refuses writes that \
+         would make it diverge (nothing was sent to the catalog). Write to the source instead; to make this table \
+         writable (failover), promote it on the icerelay that replicates it: {}",
+        crate::replicate::mark::promote_hint(.mark)
+    )]
+    ReadOnlyReplica {
+        /// The table written to.
+        table: String,
+        /// Its read-only mark: what it replicates.
+        mark: String,
+    },
+    /// Whether a written table is a read-only replica could not be checked.
+    #[error(
+        "icerelay could not check whether {table} is a read-only replica before forwarding the write, so it did not \
+         forward it: {cause}. Give icerelay credentials the primary accepts ([primary] auth), or set \
+         read_only_replicas = false to forward writes unchecked"
+    )]
+    ReplicaCheck {
+        /// The table written to.
+        table: String,
+        /// Why.
+        cause: String,
+    },
     /// The path is not part of the Iceberg REST API.
     #[error(
         "{path} is not an Iceberg REST catalog path; icerelay serves the API under /v1/ (health and metrics are on the admin listener)"
@@ -109,6 +134,8 @@ impl ProxyError {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::ClientBody { .. } | Self::DotSegment { .. } => StatusCode::BAD_REQUEST,
             Self::NotIceberg { .. } => StatusCode::NOT_FOUND,
+            Self::ReadOnlyReplica { .. } => StatusCode::FORBIDDEN,
+            Self::ReplicaCheck { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -123,6 +150,8 @@ impl ProxyError {
             Self::BodyTooLarge { .. } => "RequestTooLargeException",
             Self::ClientBody { .. } | Self::DotSegment { .. } => "BadRequestException",
             Self::NotIceberg { .. } => "NotFoundException",
+            Self::ReadOnlyReplica { .. } => "ForbiddenException",
+            Self::ReplicaCheck { .. } => "ServiceUnavailableException",
         }
     }
 
@@ -138,6 +167,8 @@ impl ProxyError {
             Self::DotSegment { .. } => "dot_segment",
             Self::Signing { .. } => "signing",
             Self::NotIceberg { .. } => "not_iceberg",
+            Self::ReadOnlyReplica { .. } => "read_only_replica",
+            Self::ReplicaCheck { .. } => "replica_check",
         }
     }
 

@@ -10,9 +10,11 @@
 //!    `ErrorModel` responses (502, 504, 413, 404, 400).
 //! 5. [`config_rewrite::ConfigRewriteLayer`]: keeps `GET /v1/config` from
 //!    sending clients around the proxy.
-//! 6. [`commit_tap::CommitTapLayer`]: after a successful commit, records a
+//! 6. [`read_only::ReadOnlyLayer`]: refuses writes to read-only replicas
+//!    (`read_only_replicas`, on by default).
+//! 7. [`commit_tap::CommitTapLayer`]: after a successful commit, records a
 //!    change hint per table; never alters the answer.
-//! 7. [`upstream::Upstream`]: forwards and streams; refuses dot-segment
+//! 8. [`upstream::Upstream`]: forwards and streams; refuses dot-segment
 //!    paths; with `engine_auth = "sigv4"` re-signs ([`resign`]); cuts off a
 //!    stalled answer ([`idle`]).
 //!
@@ -26,6 +28,7 @@ pub mod conn;
 pub mod error;
 pub mod idle;
 pub mod observe;
+pub mod read_only;
 pub mod resign;
 pub mod router;
 pub mod upstream;
@@ -47,6 +50,7 @@ use commit_tap::{CommitTapLayer, HintSink};
 use config_rewrite::ConfigRewriteLayer;
 use error::RespondLayer;
 use observe::ObserveLayer;
+use read_only::{ReadOnlyLayer, ReplicaMarks};
 use router::{Classified, ClassifyLayer};
 use upstream::Upstream;
 
@@ -59,13 +63,22 @@ pub struct ProxySettings {
     pub max_body_bytes: u64,
 }
 
+/// What the proxy stack is built from besides its settings.
+pub struct StackParts {
+    /// Where requests go.
+    pub upstream: Upstream,
+    /// Where commit hints go.
+    pub hints: Arc<dyn HintSink>,
+    /// Whether writes to read-only replicas are refused, and with whose
+    /// credentials marks are read (`Some(None)`: the engine's).
+    pub read_only: Option<Option<Arc<dyn ReplicaMarks>>>,
+    /// The proxy's metrics.
+    pub metrics: Arc<ProxyMetrics>,
+}
+
 /// Builds the proxy as an axum router (every path goes to the stack).
-pub fn stack(
-    settings: &ProxySettings,
-    upstream: Upstream,
-    hints: Arc<dyn HintSink>,
-    metrics: Arc<ProxyMetrics>,
-) -> Router {
+pub fn stack(settings: &ProxySettings, parts: StackParts) -> Router {
+    let StackParts { upstream, hints, read_only, metrics } = parts;
     let request_id = HeaderName::from_static("x-request-id");
     let service = ServiceBuilder::new()
         .layer(ClassifyLayer)
@@ -82,6 +95,7 @@ pub fn stack(
         .layer(ObserveLayer::new(metrics.clone()))
         .layer(RespondLayer)
         .layer(ConfigRewriteLayer::new(settings.public_url.as_ref(), settings.max_body_bytes, upstream.display()))
+        .option_layer(read_only.map(|own| ReadOnlyLayer::new(own, settings.max_body_bytes)))
         .layer(CommitTapLayer::new(hints, metrics, settings.max_body_bytes))
         .service(upstream);
     Router::new().fallback_service(service)

@@ -74,7 +74,13 @@ pub struct Destination {
 impl Destination {
     /// A destination from its configuration; credentials it vends go to
     /// `vended` (`None`: it is not asked for any).
-    pub fn new(config: DestinationConfig, vended: Option<&Arc<VendedCredentials>>) -> Result<Self, CatalogError> {
+    /// `writer` names icerelay as the writer of its replicas (see
+    /// [`super::mark::writer`]).
+    pub fn new(
+        config: DestinationConfig,
+        vended: Option<&Arc<VendedCredentials>>,
+        writer: &str,
+    ) -> Result<Self, CatalogError> {
         let settings = ClientSettings {
             connect_timeout: std::time::Duration::from_secs(5),
             request_timeout: config.request_timeout,
@@ -86,7 +92,8 @@ impl Destination {
             config.warehouse.clone(),
             &config.auth,
             settings,
-        )?;
+        )?
+        .writing_replicas_as(writer);
         let catalog = match vended {
             Some(vended) if config.vended_credentials => catalog.vending_into(vended.clone()),
             _ => Arc::new(catalog),

@@ -58,6 +58,11 @@ impl From<TableCopyError> for ReplicateError {
 }
 
 impl ReplicateError {
+    /// Whether the replica was written around icerelay.
+    pub fn is_divergence(&self) -> bool {
+        matches!(self, Self::Plan(PlanError::Diverged { .. }))
+    }
+
     /// Whether the lane waits for an operator (resync, configuration change)
     /// instead of retrying on its own.
     pub fn parks(&self) -> bool {

@@ -22,12 +22,13 @@ use super::Context;
 use super::destination::{Bootstrap, Destination};
 use super::error::ReplicateError;
 use super::plan::{self, PlanInput, Step};
+use crate::audit::{Action, Event};
 use crate::catalog::{CatalogError, LoadedTable, TableIdent};
 use crate::config::OnDrop;
 use crate::metrics::ReplicationMetrics;
 use crate::rewrite::PathMap;
 use crate::rewrite::metadata::{PATH_PROPERTIES, snapshot_ids};
-use crate::state::{LaneChange, LaneKey, LaneRecord, Progress, now_ms, rfc3339};
+use crate::state::{LaneChange, LaneKey, LaneRecord, Progress, PromotionMode, now_ms, rfc3339};
 use crate::storage::checkpoint::StateCheckpoints;
 use crate::storage::copy::{Copier, CopyReport, CopySettings};
 use crate::table_copy::{NoProgress, TableCopier};
@@ -37,10 +38,26 @@ const TIMESTAMP_TOLERANCE_MS: i64 = 60_000;
 /// Planning rounds after a refused or unknown commit before the run gives up.
 const MAX_RELOADS: usize = 5;
 
-/// Runs `lane` until its replica agrees with the source (or an error).
+/// Runs `lane` until its replica agrees with the source (or an error), and
+/// carries out a requested promotion.
 pub async fn run(ctx: Arc<Context>, lane: LaneRecord) -> Result<(), ReplicateError> {
     let span = tracing::info_span!("lane", table = %lane.key.table, destination = %lane.key.destination);
-    run_in_span(&ctx, lane).instrument(span).await
+    async move {
+        if lane.promoted.is_some() {
+            // A promoted replica is a table of its own.
+            return Ok(());
+        }
+        match lane.promotion {
+            None => follow(&ctx, lane).await,
+            Some(PromotionMode::Now) => super::promote::promote(&ctx, &lane).await,
+            Some(PromotionMode::Drain) => {
+                follow(&ctx, lane.clone()).await?;
+                super::promote::promote(&ctx, &lane).await
+            }
+        }
+    }
+    .instrument(span)
+    .await
 }
 
 /// What a run knows about its replica, recorded after every confirmed commit.
@@ -70,7 +87,7 @@ impl Known {
 
 /// One run in four phases: identify the source, open (or make) the
 /// replica, replay what it lacks, record that it converged.
-async fn run_in_span(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateError> {
+async fn follow(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateError> {
     let key = &lane.key;
     let route = ctx.rules.route(&key.table, &key.destination).ok_or_else(|| ReplicateError::NoRoute {
         table: key.table.to_string(),
@@ -155,9 +172,13 @@ async fn open_replica(
     let replica = match destination.catalog.load_table(replica_table).await? {
         Some(t) => t,
         None => {
+            let started = std::time::Instant::now();
             let made = match capabilities.bootstrap {
-                Bootstrap::Register => register(ctx, destination, replica_table, &source, &source_file).await?,
-                Bootstrap::Create => create(destination, replica_table, &source, &capabilities.reason).await?,
+                Bootstrap::Register => register(ctx, key, destination, replica_table, &source, &source_file).await?,
+                Bootstrap::Create => {
+                    let properties = replica_properties(ctx, key, destination);
+                    create(destination, &properties, replica_table, &source, &capabilities.reason).await?
+                }
             };
             if lane.replica_metadata_location.is_some() {
                 tracing::warn!(replica = %replica_table, "the replica was gone; made it again");
@@ -166,6 +187,14 @@ async fn open_replica(
             known.replicated = made.snapshots.iter().copied().collect();
             known.managed_properties = made.managed_properties;
             known.managed_refs = plan::ref_ids(&made.table.metadata);
+            let mut event = Event::ok(Action::Bootstrap, key).took(started);
+            event.replica = Some(replica_table.to_string());
+            event.source_snapshots.clone_from(&made.snapshots);
+            event.replica_metadata_location.clone_from(&made.table.metadata_location);
+            event.files_copied = made.copied.copied_files;
+            event.bytes_copied = made.copied.copied_bytes;
+            event.detail = Some(json!({"mode": capabilities.mode()}));
+            ctx.audit.record(event);
             ctx.store.record_progress(known.progress(key, &made.table, &source.metadata, made.snapshots)).await?;
             made.table
         }
@@ -175,6 +204,12 @@ async fn open_replica(
     let shared = plan::shared_snapshots(&source.metadata, &replica.metadata);
     let unrecorded: Vec<i64> = shared.difference(&known.replicated).copied().collect();
     if !unrecorded.is_empty() {
+        let mut event = Event::ok(Action::Commit, key);
+        event.replica = Some(replica_table.to_string());
+        event.source_snapshots.clone_from(&unrecorded);
+        event.replica_metadata_location.clone_from(&replica.metadata_location);
+        event.detail = Some(json!({"adopted": "committed before a restart, recorded now"}));
+        ctx.audit.record(event);
         known.replicated.extend(&unrecorded);
         ctx.store.record_progress(known.progress(key, &replica, &source.metadata, unrecorded)).await?;
     }
@@ -195,6 +230,7 @@ async fn replay(
     let replica_location = location_of(&replica.metadata, "replica")?;
     let map = path_map(&source.metadata, &replica_location)?;
     let copier = table_copier(ctx, destination);
+    let properties = replica_properties(ctx, key, destination);
     let mut reloads = 0;
     let mut previous: Option<Step> = None;
     loop {
@@ -206,7 +242,7 @@ async fn replay(
             map: &map,
             managed_properties: &known.managed_properties,
             managed_refs: &known.managed_refs,
-            destination_properties: &destination.config.properties,
+            destination_properties: &properties,
         })?;
         let Some(step) = step else { return Ok(()) };
         if step.snapshot.is_none() {
@@ -233,12 +269,25 @@ async fn replay(
         }
         tracing::debug!(step = %step.describe(), behind = step.snapshots_behind, "replaying");
 
+        let started = std::time::Instant::now();
         let mut wanted: BTreeSet<i64> = step.statistics_of.clone();
         wanted.extend(step.snapshot);
+        let mut report = CopyReport::default();
         if !wanted.is_empty() {
             let copied = copier.copy_snapshots(&source.metadata, source_file, &map, &wanted, &NoProgress).await?;
             count_copies(&ctx.metrics, destination.name(), copied.report);
+            report = copied.report;
         }
+        let audit = |committed: &LoadedTable| {
+            let mut event = Event::ok(Action::Commit, key).took(started);
+            event.replica = Some(replica_table.to_string());
+            event.source_snapshots = step.snapshot.into_iter().collect();
+            event.replica_metadata_location = committed.metadata_location.clone();
+            event.files_copied = report.copied_files;
+            event.bytes_copied = report.copied_bytes;
+            event.detail = Some(json!({"updates": step.describe()}));
+            ctx.audit.record(event);
+        };
 
         match destination.catalog.update_table(replica_table, &step.requirements, &step.updates).await {
             Ok(committed) => {
@@ -247,6 +296,8 @@ async fn replay(
                 known.managed_properties.extend(step.managed_properties.iter().cloned());
                 known.managed_refs = step.managed_refs.clone();
                 let added = step.snapshot.into_iter().collect();
+                // Audited first: the commit has landed, whatever happens next.
+                audit(&committed);
                 ctx.store.record_progress(known.progress(key, &committed, &source.metadata, added)).await?;
                 tracing::info!(step = %step.describe(), behind = plan::snapshots_behind(&source.metadata, &committed.metadata), "replicated");
                 *replica = committed;
@@ -271,6 +322,7 @@ async fn replay(
                     known.replicated.insert(id);
                     known.managed_properties.extend(step.managed_properties.iter().cloned());
                     known.managed_refs = step.managed_refs.clone();
+                    audit(replica);
                     ctx.store.record_progress(known.progress(key, replica, &source.metadata, vec![id])).await?;
                     reloads = 0;
                 }
@@ -288,7 +340,8 @@ async fn finish(
     following: Following,
 ) -> Result<(), ReplicateError> {
     let Following { source, source_file, replica, mut known } = following;
-    known.managed_properties.extend(plan::managed_property_keys(&source.metadata, &destination.config.properties));
+    let properties = replica_properties(ctx, &lane.key, destination);
+    known.managed_properties.extend(plan::managed_property_keys(&source.metadata, &properties));
     let mut done = known.progress(&lane.key, &replica, &source.metadata, Vec::new());
     done.source_metadata_location = Some(source_file);
     done.snapshots_behind = 0;
@@ -327,12 +380,14 @@ struct Made {
     table: LoadedTable,
     snapshots: Vec<i64>,
     managed_properties: BTreeSet<String>,
+    copied: CopyReport,
 }
 
 /// Bootstraps with history: every file of every retained snapshot copied and
 /// rewritten, then the rewritten metadata.json written and registered.
 async fn register(
     ctx: &Context,
+    key: &LaneKey,
     destination: &Destination,
     replica_table: &TableIdent,
     source: &LoadedTable,
@@ -346,13 +401,12 @@ async fn register(
     let copied = copier.copy_snapshots(&source.metadata, source_file, &map, &snapshots, &NoProgress).await?;
     count_copies(&ctx.metrics, destination.name(), copied.report);
 
+    let properties = replica_properties(ctx, key, destination);
     let mut metadata = source.metadata.clone();
-    if let Some(root) = metadata.as_object_mut()
-        && !destination.config.properties.is_empty()
-    {
+    if let Some(root) = metadata.as_object_mut() {
         let props = root.entry("properties").or_insert_with(|| Value::Object(Map::new()));
         if let Some(props) = props.as_object_mut() {
-            for (k, v) in &destination.config.properties {
+            for (k, v) in &properties {
                 props.insert(k.clone(), Value::String(v.clone()));
             }
         }
@@ -374,8 +428,13 @@ async fn register(
         )));
     }
     tracing::info!(replica = %replica_table, snapshots = snapshots.len(), metadata = %target, "registered the replica with its history");
-    let managed = plan::managed_property_keys(&source.metadata, &destination.config.properties);
-    Ok(Made { table: registered, snapshots: snapshots.into_iter().collect(), managed_properties: managed })
+    let managed = plan::managed_property_keys(&source.metadata, &properties);
+    Ok(Made {
+        table: registered,
+        snapshots: snapshots.into_iter().collect(),
+        managed_properties: managed,
+        copied: copied.report,
+    })
 }
 
 /// Creates an empty replica with the source's first schema and spec; the
@@ -383,6 +442,7 @@ async fn register(
 /// the catalog would refuse the source's history (the timestamp rule).
 async fn create(
     destination: &Destination,
+    replica_properties: &BTreeMap<String, String>,
     replica_table: &TableIdent,
     source: &LoadedTable,
     why: &str,
@@ -429,8 +489,8 @@ async fn create(
                 .collect()
         })
         .unwrap_or_default();
-    let managed = plan::managed_property_keys(metadata, &destination.config.properties);
-    for (k, v) in &destination.config.properties {
+    let managed = plan::managed_property_keys(metadata, replica_properties);
+    for (k, v) in replica_properties {
         properties.insert(k.clone(), Value::String(v.clone()));
     }
     if let Some(version) = metadata.get("format-version").and_then(Value::as_i64) {
@@ -462,7 +522,7 @@ async fn create(
         )));
     }
     tracing::info!(replica = %replica_table, location = %location_of(&created.metadata, "replica").unwrap_or_default(), "created the replica");
-    Ok(Made { table: created, snapshots: Vec::new(), managed_properties: managed })
+    Ok(Made { table: created, snapshots: Vec::new(), managed_properties: managed, copied: CopyReport::default() })
 }
 
 /// Renames the replica to follow a source rename. Done already (a run that
@@ -538,6 +598,13 @@ fn location_of(metadata: &Value, which: &'static str) -> Result<String, Replicat
     metadata.get("location").and_then(Value::as_str).map(str::to_owned).ok_or_else(|| {
         ReplicateError::Plan(super::plan::PlanError::InvalidMetadata { which, detail: "no `location`".into() })
     })
+}
+
+/// What the destination sets on this lane's replica: its configured
+/// properties and the read-only mark.
+fn replica_properties(ctx: &Context, key: &LaneKey, destination: &Destination) -> BTreeMap<String, String> {
+    let mark = super::mark::value(&key.table, &ctx.primary_uri, destination.name());
+    super::mark::replica_properties(&destination.config.properties, mark)
 }
 
 fn table_copier(ctx: &Context, destination: &Destination) -> TableCopier {

@@ -34,7 +34,9 @@
 pub mod destination;
 mod error;
 pub mod lane;
+pub mod mark;
 pub mod plan;
+pub mod promote;
 pub mod rules;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -51,6 +53,7 @@ pub use destination::{Bootstrap, Capabilities, Destination};
 pub use error::ReplicateError;
 pub use rules::{Route, Rules};
 
+use crate::audit::{Action, AuditLog, Event};
 use crate::catalog::{CatalogError, Namespace, RestCatalog, TableIdent};
 use crate::config::{Config, ReplicationConfig, StorageConfig};
 use crate::metrics::{ReplicationMetrics, StatusLabels};
@@ -67,6 +70,8 @@ pub struct Context {
     pub store: Arc<dyn StateStore>,
     /// icerelay's client for the primary.
     pub primary: Arc<RestCatalog>,
+    /// The primary's URI, as replicas' read-only marks name it.
+    pub primary_uri: reqwest::Url,
     /// Destinations by name.
     pub destinations: BTreeMap<String, Arc<Destination>>,
     /// The rules.
@@ -77,6 +82,8 @@ pub struct Context {
     pub metrics: Arc<ReplicationMetrics>,
     /// Pacing and limits.
     pub settings: ReplicationConfig,
+    /// Where every change to a replica is recorded.
+    pub audit: Arc<AuditLog>,
 }
 
 impl std::fmt::Debug for Context {
@@ -100,6 +107,7 @@ impl Replicator {
         store: Arc<dyn StateStore>,
         primary: RestCatalog,
         metrics: Arc<ReplicationMetrics>,
+        audit: Arc<AuditLog>,
     ) -> Result<Self, CatalogError> {
         let storage = Arc::new(Storage::new(&config.storage));
         // Catalogs are asked for credentials only where some store would use
@@ -108,7 +116,8 @@ impl Replicator {
         let vended = keyless.then(|| storage.vended().clone());
         let mut destinations = BTreeMap::new();
         for d in &config.destinations {
-            destinations.insert(d.name.clone(), Arc::new(Destination::new(d.clone(), vended.as_ref())?));
+            let writer = mark::writer(&config.primary.uri, &d.name);
+            destinations.insert(d.name.clone(), Arc::new(Destination::new(d.clone(), vended.as_ref(), &writer)?));
         }
         let primary = match &vended {
             Some(vended) if config.primary.vended_credentials => primary.vending_into(vended.clone()),
@@ -117,11 +126,13 @@ impl Replicator {
         let ctx = Context {
             store,
             primary,
+            primary_uri: config.primary.uri.clone(),
             destinations,
             rules: Rules::new(config.rules.clone()),
             storage,
             metrics,
             settings: config.replication.clone(),
+            audit,
         };
         Ok(Self { ctx: Arc::new(ctx), appended: Arc::new(Notify::new()), wake: Arc::new(Notify::new()) })
     }
@@ -256,7 +267,7 @@ pub async fn reconcile(ctx: &Context) -> Result<usize, ReplicateError> {
             seen.insert(key.clone());
             let wants_work = match lanes.get(&key) {
                 None => true,
-                Some(lane) if lane.paused || lane.has_work() => false,
+                Some(lane) if lane.paused || lane.has_work() || lane.promoted.is_some() => false,
                 Some(lane) => {
                     if location.is_none() {
                         location = Some(match ctx.primary.load_table(table).await {
@@ -278,7 +289,8 @@ pub async fn reconcile(ctx: &Context) -> Result<usize, ReplicateError> {
     }
     // Lanes whose table is no longer listed: the lane finds out whether it was dropped.
     for (key, lane) in &lanes {
-        if !seen.contains(key) && !lane.source_dropped && !lane.paused && !lane.has_work() && covered(ctx, &key.table) {
+        let idle = !lane.source_dropped && !lane.paused && !lane.has_work() && lane.promoted.is_none();
+        if !seen.contains(key) && idle && covered(ctx, &key.table) {
             changes.push(LaneChange::Touch { key: key.clone(), replica_table: lane.replica_table.clone(), at: now });
         }
     }
@@ -356,7 +368,9 @@ async fn schedule(ctx: Arc<Context>, wake: Arc<Notify>, stop: CancellationToken)
             if running.len() >= ctx.settings.max_concurrent_lanes {
                 break;
             }
-            let parked = lane.last_error.as_ref().is_some_and(|e| e.parked) && tried_since_start.contains(&lane.key);
+            let parked = lane.last_error.as_ref().is_some_and(|e| e.parked)
+                && tried_since_start.contains(&lane.key)
+                && lane.promotion.is_none();
             let due = retry_at.get(&lane.key).is_none_or(|at| *at <= now);
             if lane.has_work() && !parked && due && !active.contains(&lane.key) {
                 active.insert(lane.key.clone());
@@ -403,6 +417,8 @@ async fn finish(
     ctx.metrics.failures.get_or_create(&ReplicationMetrics::labels(&key.destination)).inc();
     let parked = error.parks();
     let message = error.to_string();
+    let action = if error.is_divergence() { Action::Divergence } else { Action::Failure };
+    ctx.audit.record(Event::failed(action, &key, message.clone()));
     if parked {
         tracing::error!(table = %key.table, destination = %key.destination, error = %message, "replication stopped; waiting for an operator (resync)");
     } else {
@@ -432,7 +448,7 @@ fn record_gauges(metrics: &ReplicationMetrics, lanes: &[LaneRecord]) {
     let mut lag: BTreeMap<&str, i64> = BTreeMap::new();
     let mut behind: BTreeMap<&str, i64> = BTreeMap::new();
     let mut by_status: BTreeMap<&'static str, i64> =
-        [("pending", 0), ("completed", 0), ("failed", 0), ("paused", 0)].into_iter().collect();
+        [("pending", 0), ("completed", 0), ("failed", 0), ("paused", 0), ("promoted", 0)].into_iter().collect();
     let mut queue = 0;
     for lane in lanes {
         let d = lane.key.destination.as_str();

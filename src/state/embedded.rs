@@ -18,8 +18,8 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use tokio::sync::oneshot;
 
 use super::{
-    CopiedFile, HintId, LaneChange, LaneError, LaneKey, LaneRecord, Progress, RecordedHint, StateError, StateStore,
-    now_ms,
+    CopiedFile, HintId, LaneChange, LaneError, LaneKey, LaneRecord, Progress, Promotion, PromotionMode, RecordedHint,
+    StateError, StateStore, now_ms,
 };
 use crate::catalog::{Namespace, TableIdent};
 use crate::proxy::commit_tap::{CommitHint, HintKind};
@@ -34,7 +34,7 @@ const OWN_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 #[cfg(test)]
 const OWN_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE hints (
@@ -110,6 +110,17 @@ CREATE TABLE destinations (
 const MIGRATE_TO_3: &str = "
 ALTER TABLE lanes ADD COLUMN managed_refs TEXT;
 ALTER TABLE lanes ADD COLUMN source_uuid TEXT;
+";
+
+/// From version 3: promotion (failover) requests and what a promotion recorded.
+const MIGRATE_TO_4: &str = "
+ALTER TABLE lanes ADD COLUMN promote_requested TEXT;
+ALTER TABLE lanes ADD COLUMN promoted_at INTEGER;
+ALTER TABLE lanes ADD COLUMN recovery_point INTEGER;
+ALTER TABLE lanes ADD COLUMN recovery_point_at INTEGER;
+ALTER TABLE lanes ADD COLUMN missed_snapshots INTEGER;
+ALTER TABLE lanes ADD COLUMN source_answered INTEGER;
+ALTER TABLE lanes ADD COLUMN promoted_metadata_location TEXT;
 ";
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
@@ -231,6 +242,9 @@ fn apply_migrations(connection: &mut Connection, version: i64) -> rusqlite::Resu
         if version < 3 {
             tx.execute_batch(MIGRATE_TO_3)?;
         }
+        if version < 4 {
+            tx.execute_batch(MIGRATE_TO_4)?;
+        }
         tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
         tx.commit()?;
     }
@@ -290,7 +304,21 @@ fn read_lane(row: &Row<'_>) -> rusqlite::Result<LaneRecord> {
     };
     let managed_properties = json_column::<BTreeSet<String>>(row, "managed_properties")?;
     let managed_refs = json_column::<BTreeMap<String, i64>>(row, "managed_refs")?;
+    let promoted = match row.get::<_, Option<i64>>("promoted_at")? {
+        Some(at) => Some(Promotion {
+            at,
+            recovery_point: row.get("recovery_point")?,
+            recovery_point_at: row.get("recovery_point_at")?,
+            missed_snapshots: row.get("missed_snapshots")?,
+            source_answered: row.get::<_, Option<bool>>("source_answered")?.unwrap_or(false),
+            metadata_location: row.get("promoted_metadata_location")?,
+        }),
+        None => None,
+    };
+    let promotion = row.get::<_, Option<String>>("promote_requested")?.as_deref().and_then(PromotionMode::parse);
     Ok(LaneRecord {
+        promotion,
+        promoted,
         replica_renamed_from: renamed_from,
         managed_properties,
         managed_refs,
@@ -640,6 +668,68 @@ impl StateStore for EmbeddedStore {
                      error_attempts = 0, error_parked = 0, source_metadata_location = NULL WHERE {LANE_WHERE}"
                 ),
                 params![ns_text(&key.table.namespace), key.table.name, key.destination, now_ms()],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn request_promotion(&self, key: &LaneKey, mode: PromotionMode) -> Result<bool, StateError> {
+        let key = key.clone();
+        self.call(move |c, _| {
+            // Already promoted: nothing to ask, and the answer is the promotion.
+            let n = c.execute(
+                &format!(
+                    "UPDATE lanes SET promote_requested = CASE WHEN promoted_at IS NULL THEN ?4 ELSE NULL END,
+                     wanted = wanted + 1, pending_since = COALESCE(pending_since, ?5),
+                     error_attempts = 0, error_parked = 0 WHERE {LANE_WHERE}"
+                ),
+                params![ns_text(&key.table.namespace), key.table.name, key.destination, mode.as_str(), now_ms()],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn withdraw_promotion(&self, key: &LaneKey) -> Result<bool, StateError> {
+        let key = key.clone();
+        self.call(move |c, _| {
+            let n = c.execute(
+                &format!(
+                    "UPDATE lanes SET promote_requested = NULL, wanted = wanted + 1,
+                     pending_since = COALESCE(pending_since, ?4)
+                     WHERE {LANE_WHERE} AND promoted_at IS NULL AND promote_requested IS NOT NULL"
+                ),
+                params![ns_text(&key.table.namespace), key.table.name, key.destination, now_ms()],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn record_promotion(&self, key: &LaneKey, p: Promotion) -> Result<bool, StateError> {
+        let key = key.clone();
+        self.call(move |c, _| {
+            let n = c.execute(
+                &format!(
+                    "UPDATE lanes SET promote_requested = NULL, promoted_at = ?4, recovery_point = ?5,
+                     recovery_point_at = ?6, missed_snapshots = ?7, source_answered = ?8,
+                     promoted_metadata_location = ?9, replica_metadata_location = COALESCE(?9, replica_metadata_location),
+                     done = wanted, pending_since = NULL,
+                     error_message = NULL, error_at = NULL, error_attempts = 0, error_parked = 0
+                     WHERE {LANE_WHERE} AND promote_requested IS NOT NULL AND promoted_at IS NULL"
+                ),
+                params![
+                    ns_text(&key.table.namespace),
+                    key.table.name,
+                    key.destination,
+                    p.at,
+                    p.recovery_point,
+                    p.recovery_point_at,
+                    p.missed_snapshots,
+                    p.source_answered,
+                    p.metadata_location
+                ],
             )?;
             Ok(n > 0)
         })

@@ -97,6 +97,8 @@ pub enum LaneStatus {
     Failed,
     /// An operator paused the lane.
     Paused,
+    /// The replica was promoted: it is a table of its own, never written by the lane again.
+    Promoted,
 }
 
 impl LaneStatus {
@@ -107,6 +109,7 @@ impl LaneStatus {
             Self::Completed => "completed",
             Self::Failed => "failed",
             Self::Paused => "paused",
+            Self::Promoted => "promoted",
         }
     }
 }
@@ -165,12 +168,66 @@ pub struct LaneRecord {
     /// The uuid of the source table the replica follows (a source dropped and
     /// created again under the same name is another table).
     pub source_uuid: Option<String>,
+    /// An operator asked for the replica to be promoted; the lane's next run does it.
+    pub promotion: Option<PromotionMode>,
+    /// The replica was promoted: the lane never writes it again.
+    pub promoted: Option<Promotion>,
+}
+
+/// How a promotion treats what the source still has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromotionMode {
+    /// Replicate what the source still serves first (the source must answer).
+    Drain,
+    /// Promote the replica as it is (the source may be gone).
+    Now,
+}
+
+impl PromotionMode {
+    /// Its stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Drain => "drain",
+            Self::Now => "now",
+        }
+    }
+
+    /// From its stored name.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "drain" => Some(Self::Drain),
+            "now" => Some(Self::Now),
+            _ => None,
+        }
+    }
+}
+
+/// What a promotion recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Promotion {
+    /// When.
+    pub at: Millis,
+    /// The recovery point: the replica's `main` snapshot at promotion (the
+    /// last source snapshot it received), if it had one.
+    pub recovery_point: Option<i64>,
+    /// That snapshot's timestamp.
+    pub recovery_point_at: Option<Millis>,
+    /// Source snapshots the replica did not receive: counted on the source if
+    /// it answered, else as of the lane's last check.
+    pub missed_snapshots: Option<i64>,
+    /// Whether `missed_snapshots` was counted on the source at promotion.
+    pub source_answered: bool,
+    /// The replica's metadata after promotion.
+    pub metadata_location: Option<String>,
 }
 
 impl LaneRecord {
     /// The status the admin API shows.
     pub fn status(&self) -> LaneStatus {
-        if self.paused {
+        if self.promoted.is_some() {
+            LaneStatus::Promoted
+        } else if self.paused {
             LaneStatus::Paused
         } else if self.last_error.is_some() {
             LaneStatus::Failed
@@ -186,9 +243,10 @@ impl LaneRecord {
         self.pending_since.map_or(0, |since| (now - since).max(0) / 1000)
     }
 
-    /// Whether the lane has work to do (and is allowed to).
+    /// Whether the lane has work to do (and is allowed to). A requested
+    /// promotion is work even on a paused lane; a promoted lane has none.
     pub fn has_work(&self) -> bool {
-        !self.paused && self.wanted > self.done
+        self.promoted.is_none() && (self.promotion.is_some() || !self.paused && self.wanted > self.done)
     }
 }
 
@@ -346,6 +404,15 @@ pub trait StateStore: Send + Sync + 'static {
     async fn set_paused(&self, key: &LaneKey, paused: bool) -> Result<bool, StateError>;
     /// Asks a lane for a full check (resync); `false` if there is no such lane.
     async fn request_resync(&self, key: &LaneKey) -> Result<bool, StateError>;
+    /// Asks the lane to promote its replica; `false` if there is no such lane.
+    async fn request_promotion(&self, key: &LaneKey, mode: PromotionMode) -> Result<bool, StateError>;
+    /// Withdraws a promotion request that was not carried out yet (the lane
+    /// runs once more, to put back what it may have begun); `false` if it was
+    /// carried out or there was none.
+    async fn withdraw_promotion(&self, key: &LaneKey) -> Result<bool, StateError>;
+    /// Records that the lane promoted its replica; `false` (nothing recorded)
+    /// if the request was withdrawn meanwhile.
+    async fn record_promotion(&self, key: &LaneKey, promotion: Promotion) -> Result<bool, StateError>;
     /// Records that the replica now has the lane's current name.
     async fn finish_rename(&self, key: &LaneKey) -> Result<(), StateError>;
     /// Forgets what the lane knew about its replica (the replica is gone and

@@ -9,6 +9,7 @@ mod harness;
 mod cli;
 mod copy_table;
 mod demo;
+mod failover;
 mod hardening;
 mod proxy_clients;
 mod proxy_passthrough;

@@ -17,7 +17,9 @@ fn relay_toml(upstream: &str, extra: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn headers_paths_and_bodies_pass_through_unchanged() {
     let stub = upstream::start(Behaviour::Echo).await;
-    let relay = Relay::start(&relay_toml(&stub.url, "")).await;
+    // Every request the stub sees is the client's: the read-only check's own
+    // loadTable before a write is tested in failover.rs.
+    let relay = Relay::start(&relay_toml(&stub.url, "read_only_replicas = false")).await;
     let http = reqwest::Client::new();
 
     let target = "/v1/wh/namespaces/a%1Fb/tables/t%20x?snapshots=refs&x=%2F";
@@ -129,7 +131,7 @@ async fn slow_upstream_is_a_504_error_model() {
 #[tokio::test(flavor = "multi_thread")]
 async fn inspected_bodies_are_bounded_with_a_413() {
     let stub = upstream::start(Behaviour::Echo).await;
-    let relay = Relay::start(&relay_toml(&stub.url, "max_body_bytes = 1024")).await;
+    let relay = Relay::start(&relay_toml(&stub.url, "max_body_bytes = 1024\nread_only_replicas = false")).await;
     let http = reqwest::Client::new();
     let big = json!({"table-changes": [], "padding": "x".repeat(2000)}).to_string();
 

@@ -45,14 +45,14 @@ impl Replica {
         }
     }
 
-    fn conn(self) -> Value {
+    pub(crate) fn conn(self) -> Value {
         match self {
             Self::Seaweed(s) => s.client_conn(s.catalog_uri()),
             Self::Rustberg(r) => r.client_conn(),
         }
     }
 
-    fn catalog(self) -> RestCatalog {
+    pub(crate) fn catalog(self) -> RestCatalog {
         match self {
             Self::Seaweed(s) => seaweed_catalog(s),
             Self::Rustberg(r) => RestCatalog::new(
@@ -79,7 +79,7 @@ fn settings() -> ClientSettings {
     ClientSettings { connect_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(30), ca_file: None }
 }
 
-fn seaweed_catalog(s: &SeaweedFs) -> RestCatalog {
+pub(crate) fn seaweed_catalog(s: &SeaweedFs) -> RestCatalog {
     let auth = AuthConfig::OAuth2 {
         client_id: "admin".into(),
         client_secret: Secret::new(s.secret()),
@@ -99,7 +99,17 @@ fn seaweed_catalog(s: &SeaweedFs) -> RestCatalog {
 /// icerelay's configuration: the shared SeaweedFS as primary, `replica` as
 /// the destination, a rule for `namespace`.
 fn relay_toml(replica: Replica, namespace: &str, state: &std::path::Path, extra: &str) -> String {
-    let source = SeaweedFs::shared();
+    relay_toml_from(SeaweedFs::shared(), replica, namespace, state, extra)
+}
+
+/// [`relay_toml`] with another SeaweedFS as the primary.
+pub(crate) fn relay_toml_from(
+    source: &SeaweedFs,
+    replica: Replica,
+    namespace: &str,
+    state: &std::path::Path,
+    extra: &str,
+) -> String {
     format!(
         "state_dir = \"{}\"\n{extra}\n[primary]\nuri = \"{}\"\nwarehouse = \"{}\"\nauth = {}\n\n[replication]\nreconcile_interval = \"2s\"\nretry_initial_backoff = \"200ms\"\nretry_max_backoff = \"2s\"\n\n{}\n{}\n[[rules]]\nnamespace = \"{namespace}\"\ndestinations = [\"dr\"]\n",
         state.display(),
@@ -141,14 +151,14 @@ async fn wait_status(admin: &str, table: &str, what: &str, done: impl Fn(&Value)
 }
 
 /// Validates documents against a schema of `openapi/admin.yaml`.
-async fn validate(schema: &str, documents: &[&Value]) -> Value {
+pub(crate) async fn validate(schema: &str, documents: &[&Value]) -> Value {
     let spec = crate::harness::repo_root().join("openapi/admin.yaml").display().to_string();
     let mut args = vec![spec, schema.to_owned()];
     args.extend(documents.iter().map(|d| d.to_string()));
     python("validate_openapi.py", args).await
 }
 
-async fn read_catalog(conn: Value, table: &str) -> Value {
+pub(crate) async fn read_catalog(conn: Value, table: &str) -> Value {
     python(
         "read_snapshots.py",
         vec![json!({"catalog": conn, "table": table}).to_string(), duckdb_extensions().display().to_string()],
@@ -159,7 +169,7 @@ async fn read_catalog(conn: Value, table: &str) -> Value {
 /// `admin_token` of the tests that set one.
 const ADMIN_TOKEN: &str = "test-admin-token-7731";
 
-async fn lane_status(admin: &str, table: &str) -> Option<Value> {
+pub(crate) async fn lane_status(admin: &str, table: &str) -> Option<Value> {
     let (ns, name) = table.rsplit_once('.').expect("ns.table");
     let url = format!("{admin}/v1/replication/namespaces/{ns}/tables/{name}");
     // The token of the tests that protect the admin API; ignored by the others.
@@ -186,7 +196,7 @@ pub(crate) async fn wait_replicated(admin: &str, table: &str, source_metadata: &
     panic!("{table} was not replicated within 120 s; last status: {last:?}");
 }
 
-fn ident(table: &str) -> TableIdent {
+pub(crate) fn ident(table: &str) -> TableIdent {
     let (ns, name) = table.rsplit_once('.').expect("ns.table");
     TableIdent::new(Namespace::from_dotted(ns), name)
 }
@@ -215,7 +225,7 @@ fn history(metadata: &Value) -> BTreeMap<i64, Value> {
         .collect()
 }
 
-fn refs(metadata: &Value) -> BTreeMap<String, i64> {
+pub(crate) fn refs(metadata: &Value) -> BTreeMap<String, i64> {
     metadata["refs"]
         .as_object()
         .into_iter()

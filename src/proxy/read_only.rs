@@ -1,0 +1,276 @@
+//! Refuses engine writes to read-only replicas, before they reach the primary.
+//!
+//! A table carrying the read-only mark ([`crate::replicate::mark`]) is kept
+//! by an icerelay as a copy of another table; a write to it would make it
+//! diverge from its source and stop its replication. So before forwarding a
+//! write (updateTable, dropTable, renameTable of it, a transactions/commit
+//! naming it, registerTable with `overwrite`), this layer reads the table's
+//! mark from the primary and answers 403 with an `ErrorModel` that says what
+//! the table replicates and how to promote it. Nothing of a refused request
+//! is forwarded. Reads are never checked.
+//!
+//! The icerelay that keeps a replica writes it with a header naming itself
+//! as the mark does ([`crate::replicate::mark::WRITER_HEADER`]); those
+//! writes pass, so replication works through an icerelay in front of the
+//! replica catalog.
+//!
+//! Whose credentials read the mark:
+//! - **icerelay's own** when `[primary] auth` gives it some. A check the
+//!   primary refuses, or that gets no answer, refuses the write too (503): the
+//!   read-only promise holds, and the message says what to fix.
+//! - **the engine's** otherwise (a pure proxy, engines bring their own
+//!   credentials): the check is a `loadTable` with the write's own headers,
+//!   sent the way the write would be. If the primary refuses the engine that
+//!   read (401/403), the write goes on and the primary answers it itself.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, Method, Request, StatusCode, header};
+use serde::Deserialize;
+use serde_json::Value;
+use tower::{Layer, Service, ServiceExt};
+
+use super::body::{read_bounded, read_request_body};
+use super::error::ProxyError;
+use super::router::{Classified, Operation, classify};
+use crate::catalog::{RestCatalog, TableIdent};
+use crate::replicate::mark::{REPLICA_OF, WRITER_HEADER, written_by};
+
+/// A boxed future of a mark lookup.
+pub type MarkFuture<'a> = Pin<Box<dyn Future<Output = Result<Option<String>, String>> + Send + 'a>>;
+
+/// Reads a table's read-only mark on the primary.
+pub trait ReplicaMarks: Send + Sync + 'static {
+    /// The mark of `table` under the request's `prefix`; `None` when the
+    /// table is not a replica (or does not exist). `Err` says why the primary
+    /// could not be asked.
+    fn mark<'a>(&'a self, prefix: Option<&'a str>, table: &'a TableIdent) -> MarkFuture<'a>;
+}
+
+impl ReplicaMarks for RestCatalog {
+    fn mark<'a>(&'a self, prefix: Option<&'a str>, table: &'a TableIdent) -> MarkFuture<'a> {
+        Box::pin(async move { self.table_property(prefix, table, REPLICA_OF).await.map_err(|e| e.to_string()) })
+    }
+}
+
+/// Builds [`ReadOnly`] services.
+#[derive(Clone)]
+pub struct ReadOnlyLayer {
+    own: Option<Arc<dyn ReplicaMarks>>,
+    limit: u64,
+}
+
+impl ReadOnlyLayer {
+    /// Marks are read through `own` (icerelay's credentials), or with the
+    /// engine's when `None`; inspected bodies are bounded by `limit` bytes.
+    pub fn new(own: Option<Arc<dyn ReplicaMarks>>, limit: u64) -> Self {
+        Self { own, limit }
+    }
+}
+
+impl<S> Layer<S> for ReadOnlyLayer {
+    type Service = ReadOnly<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ReadOnly { inner, settings: self.clone() }
+    }
+}
+
+/// The service built by [`ReadOnlyLayer`].
+#[derive(Clone)]
+pub struct ReadOnly<S> {
+    inner: S,
+    settings: ReadOnlyLayer,
+}
+
+impl<S> Service<Request<Body>> for ReadOnly<S>
+where
+    S: Service<Request<Body>, Response = Response, Error = ProxyError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let Some(classified) = req.extensions().get::<Classified>() else {
+            return Box::pin(self.inner.call(req));
+        };
+        let writes = match &classified.operation {
+            Operation::UpdateTable(t) | Operation::DropTable(t) => Writes::Path(t.clone()),
+            Operation::RenameTable => Writes::Body("renameTable", Operation::RenameTable),
+            Operation::CommitTransaction => Writes::Body("commitTransaction", Operation::CommitTransaction),
+            op @ Operation::RegisterTable(_) => Writes::Body("registerTable", op.clone()),
+            _ => return Box::pin(self.inner.call(req)),
+        };
+        let prefix = classified.prefix.clone();
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let settings = self.settings.clone();
+        Box::pin(async move {
+            let (req, tables) = match writes {
+                Writes::Path(table) => (req, vec![table]),
+                Writes::Body(name, operation) => {
+                    let (parts, body) = req.into_parts();
+                    let bytes = read_request_body(&parts.headers, body, settings.limit, name).await?;
+                    let tables = written_tables(&operation, &bytes);
+                    (Request::from_parts(parts, Body::from(bytes)), tables)
+                }
+            };
+            let writer = req.headers().get(WRITER_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            for table in &tables {
+                let mark = match &settings.own {
+                    Some(own) => own.mark(prefix.as_deref(), table).await,
+                    None => engine_mark(inner.clone(), req.headers(), prefix.as_deref(), table, settings.limit).await,
+                };
+                match mark {
+                    Ok(None) => {}
+                    // The icerelay that keeps this replica, writing it.
+                    Ok(Some(mark)) if writer.as_deref().is_some_and(|w| written_by(&mark, w)) => {}
+                    Ok(Some(mark)) => {
+                        return Err(ProxyError::ReadOnlyReplica { table: table.to_string(), mark });
+                    }
+                    Err(cause) => return Err(ProxyError::ReplicaCheck { table: table.to_string(), cause }),
+                }
+            }
+            inner.call(req).await
+        })
+    }
+}
+
+/// Reads `table`'s mark with the engine's credentials: a `loadTable` with
+/// the write's headers, through the rest of the stack as the write would go.
+async fn engine_mark<S>(
+    inner: S,
+    headers: &HeaderMap,
+    prefix: Option<&str>,
+    table: &TableIdent,
+    limit: u64,
+) -> Result<Option<String>, String>
+where
+    S: Service<Request<Body>, Response = Response, Error = ProxyError>,
+{
+    let mut path = String::from("/v1");
+    if let Some(prefix) = prefix {
+        path.push('/');
+        path.push_str(prefix);
+    }
+    path.push_str(&format!("/namespaces/{}/tables/{}", table.namespace.to_path_segment(), table.name_path_segment()));
+    let classified = classify(&Method::GET, &path);
+    let mut load = Request::builder()
+        .method(Method::GET)
+        .uri(format!("{path}?snapshots=refs"))
+        .body(Body::empty())
+        .map_err(|e| format!("cannot build the check request: {e}"))?;
+    for (name, value) in headers {
+        if !BODY_HEADERS.contains(name) {
+            load.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    load.extensions_mut().insert(classified);
+    let response = inner.oneshot(load).await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    match status {
+        s if s.is_success() => {
+            let (parts, body) = response.into_parts();
+            let bytes = read_bounded(&parts.headers, body, limit)
+                .await
+                .map_err(|_| format!("the primary's loadTable answer is larger than {limit} bytes (max_body_bytes)"))?;
+            let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            Ok(answer
+                .pointer("/metadata/properties")
+                .and_then(|p| p.get(REPLICA_OF))
+                .and_then(Value::as_str)
+                .map(str::to_owned))
+        }
+        // Not there, or this engine may not read it: the primary decides the write.
+        StatusCode::NOT_FOUND | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Ok(None),
+        s => Err(format!("the primary answered loadTable {table} with {s}")),
+    }
+}
+
+/// Headers of the write's body, which the check (a GET) does not have.
+const BODY_HEADERS: [HeaderName; 5] =
+    [header::CONTENT_LENGTH, header::CONTENT_TYPE, header::CONTENT_ENCODING, header::TRANSFER_ENCODING, header::EXPECT];
+
+/// Where a write names its tables.
+enum Writes {
+    /// In the path.
+    Path(TableIdent),
+    /// In the body, which must be read first.
+    Body(&'static str, Operation),
+}
+
+#[derive(Deserialize)]
+struct RenameBody {
+    source: TableIdent,
+}
+
+#[derive(Deserialize)]
+struct TransactionBody {
+    #[serde(rename = "table-changes")]
+    table_changes: Vec<TableChange>,
+}
+
+#[derive(Deserialize)]
+struct TableChange {
+    identifier: Option<TableIdent>,
+}
+
+#[derive(Deserialize)]
+struct RegisterBody {
+    name: String,
+    #[serde(default)]
+    overwrite: bool,
+}
+
+/// The existing tables a write body changes. A body that does not parse
+/// changes nothing the primary would accept, so it goes on to be refused there.
+fn written_tables(operation: &Operation, body: &Bytes) -> Vec<TableIdent> {
+    match operation {
+        Operation::RenameTable => {
+            serde_json::from_slice::<RenameBody>(body).map(|b| vec![b.source]).unwrap_or_default()
+        }
+        Operation::CommitTransaction => serde_json::from_slice::<TransactionBody>(body)
+            .map(|b| b.table_changes.into_iter().filter_map(|c| c.identifier).collect())
+            .unwrap_or_default(),
+        Operation::RegisterTable(namespace) => serde_json::from_slice::<RegisterBody>(body)
+            .ok()
+            .filter(|b| b.overwrite)
+            .map(|b| vec![TableIdent::new(namespace.clone(), b.name)])
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Namespace;
+
+    #[test]
+    fn writes_name_the_tables_they_change() {
+        let tx = r#"{"table-changes":[{"identifier":{"namespace":["a"],"name":"x"},"requirements":[],"updates":[]},
+                                      {"identifier":{"namespace":["b"],"name":"y"},"requirements":[],"updates":[]}]}"#;
+        let names = |op: &Operation, body: &str| -> Vec<String> {
+            written_tables(op, &Bytes::from(body.to_owned())).iter().map(ToString::to_string).collect()
+        };
+        assert_eq!(names(&Operation::CommitTransaction, tx), ["a.x", "b.y"]);
+        let rename = r#"{"source":{"namespace":["a"],"name":"x"},"destination":{"namespace":["a"],"name":"z"}}"#;
+        assert_eq!(names(&Operation::RenameTable, rename), ["a.x"]);
+        let ns = Operation::RegisterTable(Namespace::from_dotted("db"));
+        assert_eq!(names(&ns, r#"{"name":"r","metadata-location":"s3://b/m.json","overwrite":true}"#), ["db.r"]);
+        assert!(names(&ns, r#"{"name":"r","metadata-location":"s3://b/m.json"}"#).is_empty());
+        assert!(names(&Operation::CommitTransaction, "{").is_empty());
+    }
+}
