@@ -425,8 +425,9 @@ impl TableCopier {
                 }
             })
             .await?;
-            delete_sizes.insert(entry.path.clone(), out.len() as i64);
-            run.count(self.copier.put(&entry.path, &target, Bytes::from(out)).await?);
+            let outcome = self.copier.put(&entry.path, &target, Bytes::from(out)).await?;
+            delete_sizes.insert(entry.path.clone(), outcome.bytes() as i64);
+            run.count(outcome);
         }
 
         let out = match pending {
@@ -436,10 +437,10 @@ impl TableCopier {
                 on_cpu(move || parsed.rewrite(&source, &map, &delete_sizes)).await?
             }
         };
-        let length = out.len() as i64;
-        run.count(self.copier.put(source, &target, Bytes::from(out)).await?);
+        let outcome = self.copier.put(source, &target, Bytes::from(out)).await?;
+        run.count(outcome);
         if let Ok(mut lengths) = run.manifest_lengths.lock() {
-            lengths.insert(source.to_owned(), length);
+            lengths.insert(source.to_owned(), outcome.bytes() as i64);
         }
         Ok(())
     }

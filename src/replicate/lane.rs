@@ -199,21 +199,71 @@ async fn open_replica(
             made.table
         }
     };
-    // A commit that landed just before a crash was never recorded: what the
-    // replica shares with the source is icerelay's, whoever recorded it.
+    adopt_shared(ctx, lane, destination, &source, &replica, &mut known).await?;
+    Ok(Following { source, source_file, replica, known })
+}
+
+/// Records as icerelay's the snapshots the replica shares with the source
+/// that it did not record: a commit that landed just before a crash, or a
+/// table that existed before the lane (the old primary, configured as a
+/// destination after a failover). Such a table is followed from the newest
+/// snapshot both have; snapshots only it has stop the lane, by id.
+async fn adopt_shared(
+    ctx: &Context,
+    lane: &LaneRecord,
+    destination: &Destination,
+    source: &LoadedTable,
+    replica: &LoadedTable,
+    known: &mut Known,
+) -> Result<(), ReplicateError> {
+    let key = &lane.key;
     let shared = plan::shared_snapshots(&source.metadata, &replica.metadata);
     let unrecorded: Vec<i64> = shared.difference(&known.replicated).copied().collect();
-    if !unrecorded.is_empty() {
-        let mut event = Event::ok(Action::Commit, key);
-        event.replica = Some(replica_table.to_string());
-        event.source_snapshots.clone_from(&unrecorded);
-        event.replica_metadata_location.clone_from(&replica.metadata_location);
-        event.detail = Some(json!({"adopted": "committed before a restart, recorded now"}));
-        ctx.audit.record(event);
-        known.replicated.extend(&unrecorded);
-        ctx.store.record_progress(known.progress(key, &replica, &source.metadata, unrecorded)).await?;
+    if unrecorded.is_empty() {
+        return Ok(());
     }
-    Ok(Following { source, source_file, replica, known })
+    let existed = lane.replica_metadata_location.is_none() && known.replicated.is_empty();
+    if existed {
+        let only_there: Vec<String> = snapshot_ids(&replica.metadata)
+            .into_iter()
+            .filter(|id| !shared.contains(id))
+            .map(|id| id.to_string())
+            .collect();
+        if !only_there.is_empty() {
+            let ancestor = plan::common_ancestor(&source.metadata, &replica.metadata)
+                .map_or_else(|| "no snapshot on the source's main branch".to_owned(), |id| format!("snapshot {id}"));
+            return Err(plan::PlanError::Diverged {
+                detail: format!(
+                    "destination {} already has {} with {} snapshot(s) of the source's history (the newest on the \
+                     source's main branch: {ancestor}) and {} snapshot(s) the source does not have: {} (written there \
+                     after its last replication, before a failover?). Those snapshots' sequence numbers are taken, \
+                     so the source's later snapshots cannot follow them in this table",
+                    destination.name(),
+                    lane.replica_table,
+                    shared.len(),
+                    only_there.len(),
+                    only_there.join(", ")
+                ),
+            }
+            .into());
+        }
+    }
+    let mut event = Event::ok(Action::Commit, key);
+    event.replica = Some(lane.replica_table.to_string());
+    event.source_snapshots.clone_from(&unrecorded);
+    event.replica_metadata_location.clone_from(&replica.metadata_location);
+    event.detail = Some(json!({"adopted": if existed {
+        "the table existed with this history (the old primary after a failover?); followed from here"
+    } else {
+        "committed before a restart, recorded now"
+    }}));
+    ctx.audit.record(event);
+    if existed {
+        tracing::warn!(replica = %lane.replica_table, shared = unrecorded.len(), "the replica table existed with the source's history; following it from there");
+    }
+    known.replicated.extend(&unrecorded);
+    ctx.store.record_progress(known.progress(key, replica, &source.metadata, unrecorded)).await?;
+    Ok(())
 }
 
 /// Commits the planned steps, one source commit at a time, until the

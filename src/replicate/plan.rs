@@ -491,6 +491,26 @@ pub fn managed_property_keys(source: &Value, destination_properties: &BTreeMap<S
         .unwrap_or_default()
 }
 
+/// The newest snapshot of the source's `main` branch that the replica has
+/// (the point two histories share, after a failover).
+pub fn common_ancestor(source: &Value, replica: &Value) -> Option<i64> {
+    let source = Table { value: source, format_version: 0 };
+    let replica = Table { value: replica, format_version: 0 };
+    let mut current = source.ref_id(MAIN);
+    let mut steps = 0;
+    while let Some(id) = current {
+        if replica.has_snapshot(id) {
+            return Some(id);
+        }
+        steps += 1;
+        if steps > 100_000 {
+            return None;
+        }
+        current = source.snapshot(id).and_then(|s| s.get("parent-snapshot-id")).and_then(Value::as_i64);
+    }
+    None
+}
+
 /// Snapshot ids the replica and the source both have.
 pub fn shared_snapshots(source: &Value, replica: &Value) -> BTreeSet<i64> {
     let theirs = snapshot_ids(source);

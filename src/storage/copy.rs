@@ -5,7 +5,8 @@
 //!   parts in flight, so memory stays near `parallelism × part_size ×
 //!   (part_concurrency + 1)` whatever the file sizes.
 //! - **Idempotent.** A target that already exists with the source's size (and
-//!   the same MD5 entity tag, when both stores give one) is not copied again.
+//!   the same MD5 entity tag, when both stores give one) is not copied again;
+//!   a rewritten file whose target exists is not written again ([`Copier::put`]).
 //! - **Verified.** After writing, the target's size is checked, and its entity
 //!   tag against the MD5 computed while streaming (plain MD5 for a single PUT,
 //!   the MD5 of the part MD5s with `-N` for a multipart upload) when the store
@@ -93,6 +94,15 @@ pub enum CopyOutcome {
         /// Size of the file.
         bytes: u64,
     },
+}
+
+impl CopyOutcome {
+    /// The size of the file at the target.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Self::Copied { bytes } | Self::Skipped { bytes } => bytes,
+        }
+    }
 }
 
 /// Totals of a copy run.
@@ -198,8 +208,18 @@ impl Copier {
         Ok(CopyOutcome::Copied { bytes: written.size })
     }
 
-    /// Writes rewritten contents (a manifest, a delete file) unless the target
-    /// already holds exactly these bytes; records it under `source`.
+    /// Writes rewritten contents (a manifest, a manifest list, a delete
+    /// file) unless the target exists already; records it under `source`.
+    /// The outcome's size is the size of what is at the target, which the
+    /// caller records (a manifest's length in its list, a delete file's size
+    /// in its manifest).
+    ///
+    /// An existing target is kept as it is, whatever its bytes: Iceberg files
+    /// are immutable and named uniquely, and the target is derived from the
+    /// source path, so an existing one is this file's rewrite from an earlier
+    /// run, or (after a failover, the old primary as a destination) the very
+    /// original this source was copied from. Overwriting it could change the
+    /// size that older manifests there record for it.
     ///
     /// The MD5 is computed only for stores that give S3-style entity tags to
     /// compare it with; a local file has none, so its checkpoint records no
@@ -207,15 +227,13 @@ impl Copier {
     pub async fn put(&self, source: &str, target: &str, bytes: Bytes) -> Result<CopyOutcome, CopyError> {
         let fail = |error| CopyError::Storage { source_url: source.to_owned(), target: target.to_owned(), error };
         let location = self.storage.resolve(target).map_err(fail)?;
+        if let Some(found) = head(&location).await.map_err(fail)? {
+            let checksum = found.e_tag.as_deref().map(|t| t.trim_matches('"').to_owned());
+            self.checkpoints.put(source, CopiedFile { target: target.to_owned(), size: found.size, checksum }).await?;
+            return Ok(CopyOutcome::Skipped { bytes: found.size });
+        }
         let md5 = (!is_local(&location)).then(|| md5_hex(&bytes));
         let size = bytes.len() as u64;
-        if let Some(found) = head(&location).await.map_err(fail)?
-            && found.size == size
-            && tags_agree(md5.as_ref().map(|m| format!("\"{m}\"")).as_deref(), found.e_tag.as_deref())
-        {
-            self.checkpoints.put(source, CopiedFile { target: target.to_owned(), size, checksum: md5 }).await?;
-            return Ok(CopyOutcome::Skipped { bytes: size });
-        }
         let result = location
             .store
             .put_opts(&location.path, PutPayload::from_bytes(bytes), location.put_options())

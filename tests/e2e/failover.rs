@@ -7,13 +7,15 @@
 //! engines would use it after a failover.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::harness::{Relay, SeaweedFs, icerelay, python, unique};
 use crate::replication::{
-    Replica, ident, lane_status, read_catalog, relay_toml_from, validate, wait_replicated, write_with,
+    Replica, ident, lane_status, read_catalog, relay_toml_from, relay_toml_with, seaweed_destination_toml, validate,
+    wait_replicated, write_with,
 };
 
 /// The read-only mark's property key.
@@ -212,4 +214,147 @@ async fn replicas_refuse_writes_and_a_failover_promotes_them_at_their_recovery_p
         .await
         .expect("resync");
     assert_eq!(resync.status(), 409);
+}
+
+/// icerelay's configuration replicating `source` to `destination` (named
+/// `name`) for `namespace`.
+fn replicate_toml(source: &SeaweedFs, destination: &SeaweedFs, name: &str, namespace: &str, state: &Path) -> String {
+    relay_toml_with(source, &seaweed_destination_toml(destination, name), name, namespace, state, "")
+}
+
+async fn post_admin(admin: &str, path: &str) -> reqwest::StatusCode {
+    let answer =
+        crate::harness::http_client().post(format!("{admin}{path}")).json(&json!({})).send().await.expect("admin");
+    answer.status()
+}
+
+/// Rows by snapshot id, both readers, read directly from a catalog.
+async fn rows_on(catalog: &SeaweedFs, table: &str) -> Value {
+    let rows = read_catalog(catalog.client_conn(catalog.catalog_uri()), table).await;
+    assert_eq!(rows["errors"], json!({}), "{rows}");
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failback_follows_the_old_primary_from_the_common_ancestor_and_a_second_promote_returns_the_roles() {
+    let old_primary = SeaweedFs::start("failback-primary");
+    let new_primary = SeaweedFs::shared_replica();
+    let ns = unique("failback");
+    let (clean, orphaned) = (format!("{ns}.clean"), format!("{ns}.orphaned"));
+    let dir = tempfile::tempdir().expect("dir");
+
+    // Before the disaster: icerelay A replicates the old primary to `dr`.
+    let a = Relay::start(&replicate_toml(&old_primary, new_primary, "dr", &ns, &dir.path().join("a"))).await;
+    for table in [&clean, &orphaned] {
+        let ops = json!([{"op": "create"}, {"op": "append", "start": 0, "rows": 3},
+                         {"op": "append", "start": 10, "rows": 3}, {"op": "append", "start": 20, "rows": 3}]);
+        let written = write_with(old_primary.client_conn(&a.url), table, ops).await;
+        wait_replicated(&a.admin_url, table, written["metadata_location"].as_str().expect("location")).await;
+    }
+    // Two commits on the old primary never replicate (the lane is paused), then it is lost.
+    let (ns_part, orphaned_name) = orphaned.rsplit_once('.').expect("ns.table");
+    let pause = format!("/v1/replication/namespaces/{ns_part}/tables/{orphaned_name}/destinations/dr/pause");
+    assert_eq!(post_admin(&a.admin_url, &pause).await, 200);
+    let lost = write_with(
+        old_primary.client_conn(old_primary.catalog_uri()),
+        &orphaned,
+        json!([{"op": "append", "start": 500, "rows": 1}, {"op": "append", "start": 600, "rows": 1}]),
+    )
+    .await;
+    let lost_ids: Vec<i64> =
+        lost["snapshots"].as_array().into_iter().flatten().filter_map(|s| s["id"].as_i64()).skip(3).collect();
+    assert_eq!(lost_ids.len(), 2, "{lost}");
+    old_primary.stop();
+
+    // Failover of the whole destination.
+    let (code, stdout, stderr) =
+        icerelay(["promote", "--admin", &a.admin_url, "--destination", "dr", "--now"].map(str::to_owned).to_vec())
+            .await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains(&format!("replica of {clean}")) && stdout.contains(&format!("replica of {orphaned}")));
+
+    // Engines write to the new primary through icerelay B, which replicates
+    // it to the old primary (`back`) once that is back.
+    let b = Relay::start(&replicate_toml(new_primary, &old_primary, "back", &ns, &dir.path().join("b"))).await;
+    let mut after_failover = Value::Null;
+    for table in [&clean, &orphaned] {
+        let ops = json!([{"op": "append", "start": 100, "rows": 2}, {"op": "append", "start": 110, "rows": 2}]);
+        after_failover = write_with(new_primary.client_conn(&b.url), table, ops).await;
+    }
+    let clean_now = write_with(new_primary.client_conn(&b.url), &clean, json!([])).await;
+    assert!(after_failover["metadata_location"].is_string());
+    old_primary.restart();
+
+    // The clean table is followed from the common ancestor: only what is new
+    // is copied (3 files a commit: data file, manifest, manifest list).
+    let location = clean_now["metadata_location"].as_str().expect("location");
+    let status = wait_replicated(&b.admin_url, &clean, location).await;
+    let on_old = crate::replication::seaweed_catalog(&old_primary).load_table(&ident(&clean)).await.expect("load");
+    let on_old = on_old.expect("the old primary's table");
+    let on_new = crate::replication::seaweed_catalog(new_primary).load_table(&ident(&clean)).await.expect("load");
+    let on_new = on_new.expect("the new primary's table");
+    assert_eq!(snapshot_ids(&on_old.metadata), snapshot_ids(&on_new.metadata), "same snapshots, same order");
+    assert_eq!(crate::replication::refs(&on_old.metadata), crate::replication::refs(&on_new.metadata));
+    let mark = on_old.metadata["properties"][MARK].as_str().unwrap_or_default();
+    assert!(mark.ends_with("(destination back)"), "the old primary is now a read-only replica: {mark}");
+    assert_eq!(status["replica_metadata_location"], on_old.metadata_location.clone().unwrap_or_default());
+    let log = audit(&b.admin_url, &clean).await;
+    let commits: Vec<&Value> = log["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["action"] == "commit" && e["source_snapshots"].as_array().is_some_and(|s| !s.is_empty()))
+        .collect();
+    let adopted: Vec<&&Value> = commits.iter().filter(|e| e["detail"]["adopted"].is_string()).collect();
+    assert_eq!(adopted.len(), 1, "{log}");
+    assert_eq!(adopted[0]["source_snapshots"].as_array().map_or(0, Vec::len), 3, "the common history: {log}");
+    let replayed: Vec<&&Value> = commits.iter().filter(|e| e["detail"]["adopted"].is_null()).collect();
+    assert_eq!(replayed.len(), 2, "{log}");
+    for commit in &replayed {
+        assert_eq!(commit["files_copied"], 3, "nothing already there is copied again: {commit}");
+    }
+    let (old_rows, new_rows) = (rows_on(&old_primary, &clean).await, rows_on(new_primary, &clean).await);
+    for reader in ["pyiceberg", "duckdb"] {
+        assert_eq!(old_rows[reader], new_rows[reader], "{reader}: same rows at every snapshot on both sides");
+    }
+
+    // The table with unreplicated snapshots on the old side waits for an
+    // operator, naming them.
+    let failed = crate::replication::wait_status(&b.admin_url, &orphaned, "the orphans reported", |s| {
+        s["status"] == "failed" && s["last_error"]["waits_for_operator"] == true
+    })
+    .await;
+    let message = failed["last_error"]["message"].as_str().unwrap_or_default();
+    for id in &lost_ids {
+        assert!(message.contains(&id.to_string()), "orphan {id} named: {message}");
+    }
+    let untouched =
+        crate::replication::seaweed_catalog(&old_primary).load_table(&ident(&orphaned)).await.expect("load");
+    let untouched = untouched.expect("kept");
+    assert_eq!(untouched.metadata["current-snapshot-id"].as_i64(), lost_ids.last().copied(), "nothing overwritten");
+
+    // Roles return: the old primary is promoted (drained first: the new
+    // primary answers) and replicated to the old replica by icerelay C.
+    let (code, stdout, stderr) = icerelay(
+        ["promote", "--admin", &b.admin_url, "--destination", "back", "--table", &clean, "--timeout", "60s"]
+            .map(str::to_owned)
+            .to_vec(),
+    )
+    .await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("none: the replica had every source snapshot"), "{stdout}");
+    let c = Relay::start(&replicate_toml(&old_primary, new_primary, "dr", &ns, &dir.path().join("c"))).await;
+    let written =
+        write_with(old_primary.client_conn(&c.url), &clean, json!([{"op": "append", "start": 900, "rows": 1}])).await;
+    wait_replicated(&c.admin_url, &clean, written["metadata_location"].as_str().expect("location")).await;
+    let back = crate::replication::seaweed_catalog(new_primary).load_table(&ident(&clean)).await.expect("load");
+    let back = back.expect("table");
+    assert!(back.metadata["properties"][MARK].as_str().is_some_and(|m| m.ends_with("(destination dr)")));
+    let (old_rows, new_rows) = (rows_on(&old_primary, &clean).await, rows_on(new_primary, &clean).await);
+    assert_eq!(old_rows["snapshots"], new_rows["snapshots"]);
+    for reader in ["pyiceberg", "duckdb"] {
+        assert_eq!(old_rows[reader], new_rows[reader], "{reader} after the roles returned");
+    }
+    drop(b);
+    old_primary.stop();
 }

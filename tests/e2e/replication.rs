@@ -27,13 +27,7 @@ pub(crate) enum Replica {
 impl Replica {
     fn destination_toml(self) -> String {
         match self {
-            Self::Seaweed(s) => format!(
-                "[[destinations]]\nname = \"dr\"\nuri = \"{}\"\nwarehouse = \"{}\"\nauth = {}\n\n{}",
-                s.catalog_uri(),
-                s.warehouse(),
-                s.auth_toml(),
-                s.storage_toml()
-            ),
+            Self::Seaweed(s) => seaweed_destination_toml(s, "dr"),
             Self::Rustberg(r) => {
                 format!(
                     "[[destinations]]\nname = \"dr\"\nuri = \"{}\"\nwarehouse = \"{}\"\n\n{}",
@@ -102,6 +96,17 @@ fn relay_toml(replica: Replica, namespace: &str, state: &std::path::Path, extra:
     relay_toml_from(SeaweedFs::shared(), replica, namespace, state, extra)
 }
 
+/// A SeaweedFS as the destination `name`, with its storage.
+pub(crate) fn seaweed_destination_toml(s: &SeaweedFs, name: &str) -> String {
+    format!(
+        "[[destinations]]\nname = \"{name}\"\nuri = \"{}\"\nwarehouse = \"{}\"\nauth = {}\n\n{}",
+        s.catalog_uri(),
+        s.warehouse(),
+        s.auth_toml(),
+        s.storage_toml()
+    )
+}
+
 /// [`relay_toml`] with another SeaweedFS as the primary.
 pub(crate) fn relay_toml_from(
     source: &SeaweedFs,
@@ -110,14 +115,26 @@ pub(crate) fn relay_toml_from(
     state: &std::path::Path,
     extra: &str,
 ) -> String {
+    relay_toml_with(source, &replica.destination_toml(), "dr", namespace, state, extra)
+}
+
+/// icerelay replicating `source` to the destination `destination_toml`
+/// describes (named `name`) for `namespace`.
+pub(crate) fn relay_toml_with(
+    source: &SeaweedFs,
+    destination_toml: &str,
+    name: &str,
+    namespace: &str,
+    state: &std::path::Path,
+    extra: &str,
+) -> String {
     format!(
-        "state_dir = \"{}\"\n{extra}\n[primary]\nuri = \"{}\"\nwarehouse = \"{}\"\nauth = {}\n\n[replication]\nreconcile_interval = \"2s\"\nretry_initial_backoff = \"200ms\"\nretry_max_backoff = \"2s\"\n\n{}\n{}\n[[rules]]\nnamespace = \"{namespace}\"\ndestinations = [\"dr\"]\n",
+        "state_dir = \"{}\"\n{extra}\n[primary]\nuri = \"{}\"\nwarehouse = \"{}\"\nauth = {}\n\n[replication]\nreconcile_interval = \"2s\"\nretry_initial_backoff = \"200ms\"\nretry_max_backoff = \"2s\"\n\n{}\n{destination_toml}\n[[rules]]\nnamespace = \"{namespace}\"\ndestinations = [\"{name}\"]\n",
         state.display(),
         source.catalog_uri(),
         source.warehouse(),
         source.auth_toml(),
         source.storage_toml(),
-        replica.destination_toml(),
     )
 }
 
@@ -135,7 +152,7 @@ pub(crate) async fn write_with(conn: Value, table: &str, ops: Value) -> Value {
 }
 
 /// Waits until the lane of `table` satisfies `done`; returns its status.
-async fn wait_status(admin: &str, table: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn wait_status(admin: &str, table: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut last = None;
     while Instant::now() < deadline {
