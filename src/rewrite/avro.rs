@@ -755,6 +755,15 @@ pub fn replace_long(value: &mut Value, new: i64) -> bool {
     }
 }
 
+/// `value` (a long, or a union holding one) with `shift` applied, if that
+/// changes it; `None` for null, a missing field, or a number it keeps.
+pub fn shift_long(value: Option<Value>, shift: super::SequenceShift) -> Option<Value> {
+    let mut value = value?;
+    let n = as_long(&value)?;
+    let shifted = shift.apply(n);
+    (shifted != n && replace_long(&mut value, shifted)).then_some(value)
+}
+
 /// A string field.
 pub fn string<'v>(value: &'v Value, name: &str) -> Option<&'v str> {
     field(value, name).and_then(as_str)

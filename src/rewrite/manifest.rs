@@ -5,9 +5,11 @@
 //! position-delete files (column 2147483546 in `lower_bounds` / `upper_bounds`:
 //! a reader uses them to match delete files to data files, so a stale bound
 //! silently un-deletes rows), and `file_size_in_bytes` (field 104) of delete
-//! files whose contents were rewritten. Everything else (metrics, partition
-//! values, sequence numbers, `first_row_id`, fields this code does not know)
-//! is kept byte for byte: only the changed fields are decoded and encoded
+//! files whose contents were rewritten. After a failback with a
+//! [`super::SequenceShift`], explicit `sequence_number` and
+//! `file_sequence_number` (fields 3 and 4) are shifted. Everything else
+//! (metrics, partition values, `first_row_id`, fields this code does not
+//! know) is kept byte for byte: only the changed fields are decoded and encoded
 //! (see [`avro::Records`]).
 
 use std::collections::HashMap;
@@ -19,6 +21,10 @@ use super::{PathMap, RewriteError};
 
 /// `status`, field id 0: 0 existing, 1 added, 2 deleted.
 pub const STATUS: &str = "status";
+/// `sequence_number`, field id 3: the data sequence number (null: inherited).
+pub const SEQUENCE_NUMBER: &str = "sequence_number";
+/// `file_sequence_number`, field id 4 (null: inherited).
+pub const FILE_SEQUENCE_NUMBER: &str = "file_sequence_number";
 /// `data_file`, field id 2.
 pub const DATA_FILE: &str = "data_file";
 /// `content`, field id 134: 0 data, 1 position deletes, 2 equality deletes.
@@ -102,6 +108,8 @@ const FIELDS: &[&[&str]] = &[
     &[DATA_FILE, REFERENCED_DATA_FILE],
     &[DATA_FILE, LOWER_BOUNDS],
     &[DATA_FILE, UPPER_BOUNDS],
+    &[SEQUENCE_NUMBER],
+    &[FILE_SEQUENCE_NUMBER],
 ];
 const SLOT_STATUS: usize = 0;
 const SLOT_CONTENT: usize = 1;
@@ -110,6 +118,7 @@ const SLOT_FILE_FORMAT: usize = 3;
 const SLOT_FILE_SIZE: usize = 4;
 const SLOT_REFERENCED: usize = 5;
 const SLOT_BOUNDS: [usize; 2] = [6, 7];
+const SLOT_SEQUENCE_NUMBERS: [usize; 2] = [8, 9];
 
 /// A decoded manifest: its header and entry records, so that it can be both
 /// listed and rewritten from one decode (decoding dominates the cost).
@@ -249,6 +258,11 @@ fn rewrite_entry(
         replace_string(&mut referenced, target);
         edits.push((SLOT_REFERENCED, referenced));
     }
+    if let Some(shift) = map.sequence_shift() {
+        for slot in SLOT_SEQUENCE_NUMBERS {
+            edits.extend(avro::shift_long(fields.value(record, slot, file)?, shift).map(|v| (slot, v)));
+        }
+    }
     if fields.value(record, SLOT_CONTENT, file)?.as_ref().and_then(as_long) == Some(1) {
         let mut bounds = [None, None];
         for (slot, value) in SLOT_BOUNDS.into_iter().zip(&mut bounds) {
@@ -360,6 +374,33 @@ pub(crate) mod tests {
             }
         }
         avro::write(&header, &records, file).expect("write")
+    }
+
+    #[test]
+    fn a_sequence_shift_moves_explicit_numbers_above_the_ancestor() {
+        use crate::rewrite::SequenceShift;
+        let (location, manifests) = fixture("pyiceberg_v2", "manifest");
+        let (path, bytes) = &manifests[0];
+        let (header, mut records) = avro::read(bytes, path).expect("read");
+        // Explicit numbers, as a carried-over (existing) entry has them: 1 and 4.
+        for (i, record) in records.iter_mut().enumerate() {
+            for name in [SEQUENCE_NUMBER, FILE_SEQUENCE_NUMBER] {
+                *field_mut(record, name).expect("field") =
+                    Value::Union(1, Box::new(Value::Long(1 + 3 * (i as i64 % 2))));
+            }
+        }
+        let bytes = avro::write(&header, &records, path).expect("write");
+        let map = PathMap::from_locations(&location, "s3://copy-bucket/replica/table")
+            .expect("map")
+            .with_sequence_shift(Some(SequenceShift { above: 2, by: 10 }));
+        let sizes: HashMap<String, i64> = HashMap::new();
+        let out = rewrite(&bytes, path, &map, &sizes).expect("rewrite");
+        let (_, after) = avro::read(&out, path).expect("read");
+        for (i, record) in after.iter().enumerate() {
+            let expected = if i % 2 == 0 { 1 } else { 14 };
+            assert_eq!(long(record, SEQUENCE_NUMBER), Some(expected), "entry {i}");
+            assert_eq!(long(record, FILE_SEQUENCE_NUMBER), Some(expected), "entry {i}");
+        }
     }
 
     #[test]

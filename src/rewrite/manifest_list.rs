@@ -2,8 +2,10 @@
 //!
 //! Rewriting changes `manifest_path` (field 500) and sets `manifest_length`
 //! (field 501) to the size of the rewritten manifest: a stale length makes
-//! readers that trust it (Trino) fail. Every other field is kept byte for
-//! byte (see [`avro::Records`]).
+//! readers that trust it (Trino) fail. After a failback with a
+//! [`super::SequenceShift`], `sequence_number` and `min_sequence_number`
+//! (515, 516) are shifted too. Every other field is kept byte for byte (see
+//! [`avro::Records`]).
 
 use std::collections::HashMap;
 
@@ -22,6 +24,10 @@ pub const PARTITION_SPEC_ID: &str = "partition_spec_id";
 pub const CONTENT: &str = "content";
 /// `added_snapshot_id`, field id 503.
 pub const ADDED_SNAPSHOT_ID: &str = "added_snapshot_id";
+/// `sequence_number`, field id 515 (v2+).
+pub const SEQUENCE_NUMBER: &str = "sequence_number";
+/// `min_sequence_number`, field id 516 (v2+).
+pub const MIN_SEQUENCE_NUMBER: &str = "min_sequence_number";
 
 const KIND: &str = "manifest list";
 
@@ -41,13 +47,21 @@ pub struct ManifestFile {
 }
 
 /// The fields a copy reads or changes, by slot (see [`avro::Records`]).
-const FIELDS: &[&[&str]] =
-    &[&[MANIFEST_PATH], &[MANIFEST_LENGTH], &[CONTENT], &[PARTITION_SPEC_ID], &[ADDED_SNAPSHOT_ID]];
+const FIELDS: &[&[&str]] = &[
+    &[MANIFEST_PATH],
+    &[MANIFEST_LENGTH],
+    &[CONTENT],
+    &[PARTITION_SPEC_ID],
+    &[ADDED_SNAPSHOT_ID],
+    &[SEQUENCE_NUMBER],
+    &[MIN_SEQUENCE_NUMBER],
+];
 const SLOT_PATH: usize = 0;
 const SLOT_LENGTH: usize = 1;
 const SLOT_CONTENT: usize = 2;
 const SLOT_SPEC_ID: usize = 3;
 const SLOT_ADDED_SNAPSHOT_ID: usize = 4;
+const SLOT_SEQUENCE_NUMBERS: [usize; 2] = [5, 6];
 
 fn invalid(file: &str, detail: String) -> RewriteError {
     RewriteError::InvalidManifest { file: file.to_owned(), kind: KIND, detail }
@@ -108,6 +122,11 @@ impl ManifestList {
             }
             edits.push((SLOT_PATH, path));
             edits.push((SLOT_LENGTH, recorded));
+            if let Some(shift) = map.sequence_shift() {
+                for slot in SLOT_SEQUENCE_NUMBERS {
+                    edits.extend(avro::shift_long(fields.value(record, slot, file)?, shift).map(|v| (slot, v)));
+                }
+            }
             Ok(())
         })
     }
@@ -173,6 +192,31 @@ mod tests {
                 assert!(rewrite(bytes, path, &map, &missing).is_err(), "a manifest without a known length");
             }
         }
+    }
+
+    #[test]
+    fn a_sequence_shift_moves_the_numbers_above_the_ancestor_and_nothing_else() {
+        use crate::rewrite::SequenceShift;
+        let numbers = |bytes: &[u8], path: &str| -> Vec<(Option<i64>, Option<i64>)> {
+            let (_, records) = avro::read(bytes, path).expect("read");
+            records.iter().map(|r| (avro::long(r, SEQUENCE_NUMBER), avro::long(r, MIN_SEQUENCE_NUMBER))).collect()
+        };
+        let (location, lists) = fixture("pyiceberg_v2", "manifest-list");
+        let (path, bytes) = &lists[lists.len() - 1];
+        let before = numbers(bytes, path);
+        assert!(before.iter().any(|(s, _)| s.is_some_and(|n| n > 1)), "the fixture has several numbers: {before:?}");
+        let shift = SequenceShift { above: 1, by: 5 };
+        let map = PathMap::from_locations(&location, "s3://copy-bucket/replica/table")
+            .expect("map")
+            .with_sequence_shift(Some(shift));
+        let lengths: HashMap<String, i64> =
+            list(bytes, path).expect("list").iter().map(|m| (m.path.clone(), m.length)).collect();
+        let out = rewrite(bytes, path, &map, &lengths).expect("rewrite");
+        let after = numbers(&out, path);
+        let expected: Vec<_> =
+            before.iter().map(|(s, m)| (s.map(|n| shift.apply(n)), m.map(|n| shift.apply(n)))).collect();
+        assert_eq!(after, expected);
+        assert_eq!(list(&out, path).expect("list").len(), lengths.len(), "everything else is kept");
     }
 
     #[test]

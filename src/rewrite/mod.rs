@@ -12,6 +12,7 @@
 //! - [`manifest_list`] and [`manifest`]: Avro manifest lists and manifests.
 //! - [`position_deletes`]: Parquet position-delete files.
 //! - [`puffin`]: deletion-vector Puffin files (Iceberg v3).
+//! - [`sequence`]: sequence numbers shifted on a replica after a failback.
 //!
 //! Everything takes values or bytes and returns values or bytes; reading and
 //! writing storage is the caller's business (`storage`, `table_copy`).
@@ -23,8 +24,10 @@ pub mod metadata;
 pub mod path_map;
 pub mod position_deletes;
 pub mod puffin;
+pub mod sequence;
 
 pub use path_map::PathMap;
+pub use sequence::SequenceShift;
 
 /// Why a file could not be rewritten.
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use super::RewriteError;
+use super::{RewriteError, SequenceShift};
 
 /// One mapping pair.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,11 +21,14 @@ struct Pair {
     to: String,
 }
 
-/// Source-to-target path prefixes.
+/// Source-to-target path prefixes (and, after a failback, sequence numbers:
+/// everything a file's rewrite changes besides sizes).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PathMap {
     /// Longest `from` first.
     pairs: Vec<Pair>,
+    /// How sequence numbers differ at the target, if they do.
+    sequence: Option<SequenceShift>,
 }
 
 impl PathMap {
@@ -79,6 +82,17 @@ impl PathMap {
     /// Whether `path` starts with one of the source prefixes.
     pub fn is_source_path(&self, path: &str) -> bool {
         self.map(path).is_some()
+    }
+
+    /// This map, with sequence numbers shifted at the target.
+    pub fn with_sequence_shift(mut self, shift: Option<SequenceShift>) -> Self {
+        self.sequence = shift.filter(|s| s.by != 0);
+        self
+    }
+
+    /// How sequence numbers differ at the target, if they do.
+    pub fn sequence_shift(&self) -> Option<SequenceShift> {
+        self.sequence
     }
 
     /// The pairs, longest source prefix first.
