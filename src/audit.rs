@@ -40,6 +40,9 @@ pub enum Action {
     Bootstrap,
     /// A replica was promoted to a table of its own.
     Promote,
+    /// An existing table with snapshots of its own was adopted as a replica
+    /// (failback), as an operator chose.
+    Failback,
     /// An operator paused a lane.
     Pause,
     /// An operator resumed a lane.

@@ -105,6 +105,17 @@ enum Command {
     ///   icerelay promote --destination dr --now
     #[command(verbatim_doc_comment)]
     Promote(commands::promote::Args),
+    /// Fail back onto an old primary that has snapshots the new one never received.
+    ///
+    /// Its lane stops and names them; this keeps them on a new branch (or
+    /// leaves them unreferenced) and follows the new primary from the newest
+    /// snapshot both sides have.
+    ///
+    /// Examples:
+    ///   icerelay failback --destination old --table sales.orders --keep-unreplicated-as-branch before_failover
+    ///   icerelay failback --destination old --table sales.orders --continue-from-common-ancestor
+    #[command(verbatim_doc_comment)]
+    Failback(commands::failback::Args),
     /// Validate a configuration file and print every problem found.
     ///
     /// Exits 0 when the file is valid, 1 otherwise.
@@ -145,6 +156,13 @@ fn main() -> ExitCode {
         },
         Command::Promote(args) => match tokio::runtime::Runtime::new() {
             Ok(runtime) => ExitCode::from(runtime.block_on(commands::promote::run(args))),
+            Err(e) => {
+                eprintln!("icerelay: cannot start the async runtime: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Failback(args) => match tokio::runtime::Runtime::new() {
+            Ok(runtime) => ExitCode::from(runtime.block_on(commands::failback::run(args))),
             Err(e) => {
                 eprintln!("icerelay: cannot start the async runtime: {e}");
                 ExitCode::FAILURE

@@ -22,7 +22,7 @@ use super::AdminState;
 use crate::audit::{Action, Event, Query as AuditQuery};
 use crate::catalog::TableIdent;
 use crate::replicate::Context;
-use crate::state::{LaneKey, LaneRecord, LaneStatus, Millis, PromotionMode, now_ms, rfc3339};
+use crate::state::{FailbackChoice, LaneKey, LaneRecord, LaneStatus, Millis, PromotionMode, now_ms, rfc3339};
 
 /// What the replication endpoints read.
 #[derive(Clone)]
@@ -70,6 +70,13 @@ fn promotion_json(lane: &LaneRecord) -> Value {
 fn lane_json(lane: &LaneRecord, now: Millis) -> Value {
     json!({
         "promotion": promotion_json(lane),
+        "adoption": lane.adoption.as_ref().map(|a| json!({
+            "common_ancestor": a.common_ancestor,
+            "unreplicated_snapshots": a.unreplicated,
+            "kept_branch": a.kept_branch.as_ref().map(|(name, id)| json!({"name": name, "snapshot_id": id})),
+            "sequence_shift": a.sequence_shift.map(|s| json!({"above": s.above, "by": s.by})),
+        })),
+        "failback_requested": lane.failback.is_some(),
         "promotion_requested": lane.promotion.map(|m| m.as_str()),
         "destination": lane.key.destination,
         "replica": {"namespace": lane.replica_table.namespace, "name": lane.replica_table.name},
@@ -203,11 +210,15 @@ pub async fn act(
             };
             return promote_one(&admin, key, options).await;
         }
+        "failback" => match failback_choice(&body) {
+            Ok(choice) => (store.request_failback(&key, choice).await, Action::Failback),
+            Err(message) => return error(StatusCode::BAD_REQUEST, "BadRequest", message),
+        },
         other => {
             return error(
                 StatusCode::NOT_FOUND,
                 "NotFound",
-                format!("unknown action {other:?}; expected pause, resume, resync or promote"),
+                format!("unknown action {other:?}; expected pause, resume, resync, promote or failback"),
             );
         }
     };
@@ -428,5 +439,25 @@ pub async fn audit(State(state): State<AdminState>, Query(params): Query<AuditPa
         .into_response(),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "AuditUnavailable", e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "AuditUnavailable", e.to_string()),
+    }
+}
+
+/// The body of a failback request: exactly one of the two choices.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailbackBody {
+    keep_unreplicated_as_branch: Option<String>,
+    #[serde(default)]
+    continue_from_common_ancestor: bool,
+}
+
+fn failback_choice(body: &[u8]) -> Result<FailbackChoice, String> {
+    let expected = "expected {\"keep_unreplicated_as_branch\": \"NAME\"} or {\"continue_from_common_ancestor\": true}";
+    let parsed: FailbackBody =
+        serde_json::from_slice(body).map_err(|e| format!("the failback request body is not valid: {e}; {expected}"))?;
+    match (parsed.keep_unreplicated_as_branch, parsed.continue_from_common_ancestor) {
+        (Some(name), false) if !name.trim().is_empty() => Ok(FailbackChoice { keep_branch: Some(name) }),
+        (None, true) => Ok(FailbackChoice { keep_branch: None }),
+        _ => Err(format!("choose exactly one: {expected}")),
     }
 }

@@ -2,5 +2,6 @@
 
 pub mod admin_client;
 pub mod copy_table;
+pub mod failback;
 pub mod promote;
 pub mod status;

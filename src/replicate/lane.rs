@@ -27,8 +27,11 @@ use crate::catalog::{CatalogError, LoadedTable, TableIdent};
 use crate::config::OnDrop;
 use crate::metrics::ReplicationMetrics;
 use crate::rewrite::PathMap;
+use crate::rewrite::SequenceShift;
 use crate::rewrite::metadata::{PATH_PROPERTIES, snapshot_ids};
-use crate::state::{LaneChange, LaneKey, LaneRecord, Progress, PromotionMode, now_ms, rfc3339};
+use crate::state::{
+    Adoption, FailbackChoice, LaneChange, LaneKey, LaneRecord, Progress, PromotionMode, now_ms, rfc3339,
+};
 use crate::storage::checkpoint::StateCheckpoints;
 use crate::storage::copy::{Copier, CopyReport, CopySettings};
 use crate::table_copy::{NoProgress, TableCopier};
@@ -67,6 +70,7 @@ struct Known {
     managed_refs: BTreeMap<String, i64>,
     mode: String,
     source_uuid: Option<String>,
+    adoption: Option<Adoption>,
 }
 
 impl Known {
@@ -168,6 +172,7 @@ async fn open_replica(
         managed_refs: lane.managed_refs.clone().unwrap_or_default(),
         mode: capabilities.mode(),
         source_uuid: source.metadata.get("table-uuid").and_then(Value::as_str).map(str::to_owned),
+        adoption: lane.adoption.clone(),
     };
     let replica = match destination.catalog.load_table(replica_table).await? {
         Some(t) => t,
@@ -229,25 +234,131 @@ async fn adopt_shared(
             .filter(|id| !shared.contains(id))
             .map(|id| id.to_string())
             .collect();
-        if !only_there.is_empty() {
-            let ancestor = plan::common_ancestor(&source.metadata, &replica.metadata)
-                .map_or_else(|| "no snapshot on the source's main branch".to_owned(), |id| format!("snapshot {id}"));
-            return Err(plan::PlanError::Diverged {
-                detail: format!(
-                    "destination {} already has {} with {} snapshot(s) of the source's history (the newest on the \
-                     source's main branch: {ancestor}) and {} snapshot(s) the source does not have: {} (written there \
-                     after its last replication, before a failover?). Those snapshots' sequence numbers are taken, \
-                     so the source's later snapshots cannot follow them in this table",
-                    destination.name(),
-                    lane.replica_table,
-                    shared.len(),
-                    only_there.len(),
-                    only_there.join(", ")
-                ),
+        if !only_there.is_empty() && known.adoption.is_none() {
+            if let Some(choice) = &lane.failback {
+                let adoption = adoption(lane, destination, source, replica, choice)?;
+                tracing::warn!(replica = %lane.replica_table, unreplicated = ?adoption.unreplicated, kept_branch = ?adoption.kept_branch, shift = ?adoption.sequence_shift, "failback: following the source from the common ancestor");
+                let mut event = Event::ok(Action::Failback, key);
+                event.replica = Some(lane.replica_table.to_string());
+                event.source_snapshots = vec![adoption.common_ancestor];
+                event.replica_metadata_location.clone_from(&replica.metadata_location);
+                event.detail = serde_json::to_value(&adoption).ok();
+                ctx.audit.record(event);
+                ctx.store.record_adoption(key, adoption.clone()).await?;
+                known.adoption = Some(adoption);
+            } else {
+                let ancestor = plan::common_ancestor(&source.metadata, &replica.metadata).map_or_else(
+                    || "no snapshot on the source's main branch".to_owned(),
+                    |id| format!("snapshot {id}"),
+                );
+                return Err(failback_needed(lane, destination, shared.len(), &ancestor, &only_there));
             }
-            .into());
         }
     }
+    record_adopted(ctx, lane, source, replica, known, unrecorded, existed).await
+}
+
+/// The divergence of a replica table that existed with snapshots of its own.
+fn failback_needed(
+    lane: &LaneRecord,
+    destination: &Destination,
+    shared: usize,
+    ancestor: &str,
+    only_there: &[String],
+) -> ReplicateError {
+    plan::PlanError::Diverged {
+        detail: format!(
+            "destination {} already has {} with {shared} snapshot(s) of the source's history (the newest on the \
+             source's main branch: {ancestor}) and {} snapshot(s) the source does not have: {} (written there after \
+             its last replication, before a failover?). To follow the source from {ancestor}, choose what becomes \
+             of them: `icerelay failback --table {} --destination {} --keep-unreplicated-as-branch NAME` keeps them \
+             on a branch, `--continue-from-common-ancestor` leaves them unreferenced",
+            destination.name(),
+            lane.replica_table,
+            only_there.len(),
+            only_there.join(", "),
+            lane.key.table,
+            destination.name(),
+        ),
+    }
+    .into()
+}
+
+/// How an adopted table with snapshots of its own is followed, from the
+/// operator's `choice`: from the common ancestor, its own snapshots kept
+/// (on a branch, if asked), the source's later sequence numbers shifted
+/// above the ones they took.
+fn adoption(
+    lane: &LaneRecord,
+    destination: &Destination,
+    source: &LoadedTable,
+    replica: &LoadedTable,
+    choice: &FailbackChoice,
+) -> Result<Adoption, ReplicateError> {
+    let refused = |why: String| {
+        ReplicateError::Refused(format!(
+            "cannot fail back onto {} on destination {}: {why}",
+            lane.replica_table,
+            destination.name()
+        ))
+    };
+    let ancestor = plan::common_ancestor(&source.metadata, &replica.metadata)
+        .ok_or_else(|| refused("it has no snapshot of the source's main branch (no common history)".into()))?;
+    if replica.metadata.get("format-version").and_then(Value::as_i64).unwrap_or(1) >= 3 {
+        return Err(refused(
+            "it is a v3 table, whose row ids (like its sequence numbers) its own snapshots have taken; icerelay does \
+             not shift row ids yet. Rename or drop it there to have the replica made again"
+                .into(),
+        ));
+    }
+    let source_ids = snapshot_ids(&source.metadata);
+    let unreplicated: Vec<i64> =
+        snapshot_ids(&replica.metadata).into_iter().filter(|id| !source_ids.contains(id)).collect();
+    let sequence_of = |id: i64| {
+        replica.metadata.get("snapshots").and_then(Value::as_array).and_then(|all| {
+            all.iter()
+                .find(|s| s.get("snapshot-id").and_then(Value::as_i64) == Some(id))
+                .and_then(|s| s.get("sequence-number"))
+                .and_then(Value::as_i64)
+        })
+    };
+    let above = sequence_of(ancestor).unwrap_or(0);
+    let last = replica.metadata.get("last-sequence-number").and_then(Value::as_i64).unwrap_or(above);
+    let kept_branch = match &choice.keep_branch {
+        None => None,
+        Some(name) => {
+            let taken = |m: &Value| m.get("refs").and_then(|r| r.get(name)).is_some();
+            if taken(&source.metadata) || taken(&replica.metadata) {
+                return Err(refused(format!("a ref named {name:?} exists already; choose another branch name")));
+            }
+            let tip = plan::ref_ids(&replica.metadata)
+                .get(plan::MAIN)
+                .copied()
+                .filter(|id| unreplicated.contains(id))
+                .or_else(|| unreplicated.last().copied())
+                .ok_or_else(|| refused("it has no snapshot of its own to keep".into()))?;
+            Some((name.clone(), tip))
+        }
+    };
+    Ok(Adoption {
+        common_ancestor: ancestor,
+        unreplicated,
+        kept_branch,
+        sequence_shift: (last > above).then_some(SequenceShift { above, by: last - above }),
+    })
+}
+
+/// Records the shared snapshots as icerelay's (see [`adopt_shared`]).
+async fn record_adopted(
+    ctx: &Context,
+    lane: &LaneRecord,
+    source: &LoadedTable,
+    replica: &LoadedTable,
+    known: &mut Known,
+    unrecorded: Vec<i64>,
+    existed: bool,
+) -> Result<(), ReplicateError> {
+    let key = &lane.key;
     let mut event = Event::ok(Action::Commit, key);
     event.replica = Some(lane.replica_table.to_string());
     event.source_snapshots.clone_from(&unrecorded);
@@ -278,7 +389,10 @@ async fn replay(
     let replica_table = &lane.replica_table;
     let Following { source, source_file, replica, known } = following;
     let replica_location = location_of(&replica.metadata, "replica")?;
-    let map = path_map(&source.metadata, &replica_location)?;
+    let shift = known.adoption.as_ref().and_then(|a| a.sequence_shift);
+    let map = path_map(&source.metadata, &replica_location)?.with_sequence_shift(shift);
+    let unreplicated: BTreeSet<i64> =
+        known.adoption.as_ref().map(|a| a.unreplicated.iter().copied().collect()).unwrap_or_default();
     let copier = table_copier(ctx, destination);
     let properties = replica_properties(ctx, key, destination);
     let mut reloads = 0;
@@ -293,6 +407,11 @@ async fn replay(
             managed_properties: &known.managed_properties,
             managed_refs: &known.managed_refs,
             destination_properties: &properties,
+            adopted: known.adoption.as_ref().map(|a| plan::Adopted {
+                unreplicated: &unreplicated,
+                kept_branch: a.kept_branch.as_ref().map(|(name, id)| (name.as_str(), *id)),
+                sequence_shift: a.sequence_shift,
+            }),
         })?;
         let Some(step) = step else { return Ok(()) };
         if step.snapshot.is_none() {

@@ -37,7 +37,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{Map, Value, json};
 
 use crate::rewrite::metadata::{PATH_PROPERTIES, snapshot_ids};
-use crate::rewrite::{PathMap, RewriteError};
+use crate::rewrite::{PathMap, RewriteError, SequenceShift};
 
 /// The branch every table has.
 pub const MAIN: &str = "main";
@@ -99,6 +99,30 @@ pub struct PlanInput<'a> {
     pub managed_refs: &'a BTreeMap<String, i64>,
     /// Properties the destination sets on every replica (they win over the source's).
     pub destination_properties: &'a BTreeMap<String, String>,
+    /// How the lane follows a replica table it adopted with snapshots of its
+    /// own (failback); `None` for every replica icerelay made.
+    pub adopted: Option<Adopted<'a>>,
+}
+
+/// A replica table adopted with snapshots the source does not have.
+#[derive(Debug, Clone, Copy)]
+pub struct Adopted<'a> {
+    /// Those snapshots: kept, and a ref at one of them may be moved.
+    pub unreplicated: &'a BTreeSet<i64>,
+    /// The branch that keeps them, and the snapshot it points at.
+    pub kept_branch: Option<(&'a str, i64)>,
+    /// How the source's sequence numbers differ on the replica.
+    pub sequence_shift: Option<SequenceShift>,
+}
+
+impl Adopted<'_> {
+    fn tolerates(&self, id: i64) -> bool {
+        self.unreplicated.contains(&id)
+    }
+
+    fn keeps(&self, name: &str) -> bool {
+        self.kept_branch.is_some_and(|(kept, _)| kept == name)
+    }
 }
 
 /// One replica commit.
@@ -146,7 +170,9 @@ pub fn snapshots_missing_from(source: &Value, replicated: &BTreeSet<i64>) -> usi
 pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
     let source = Table::new(input.source, "source")?;
     let replica = Table::new(input.replica, "replica")?;
-    check_divergence(&source, &replica, input.replicated, input.managed_refs)?;
+    check_divergence(&source, &replica, input.replicated, input.managed_refs, input.adopted)?;
+    let tolerated = |id: i64| input.adopted.is_some_and(|a| a.tolerates(id));
+    let kept = |name: &str| input.adopted.is_some_and(|a| a.keeps(name));
 
     let missing = source.missing_on(&replica);
     let next = missing.first().copied();
@@ -292,6 +318,11 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
             invalid("source", &format!("snapshot {id} has no `manifest-list` (v1 inline manifests cannot be replayed)"))
         })?;
         obj.insert("manifest-list".into(), Value::String(input.map.rewrite(list, input.source_file)?));
+        if let (Some(shift), Some(n)) =
+            (input.map.sequence_shift(), snapshot.get("sequence-number").and_then(Value::as_i64))
+        {
+            obj.insert("sequence-number".into(), json!(shift.apply(n)));
+        }
         if let Some(schema) = snapshot.get("schema-id").and_then(Value::as_i64) {
             let mapped = schema_on_replica(schema).ok_or_else(|| {
                 invalid("source", &format!("snapshot {id} names schema {schema}, which the source does not have"))
@@ -300,8 +331,10 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
         }
         updates.push(json!({"action": "add-snapshot", "snapshot": added}));
         for (name, target) in source.refs() {
+            // A ref at a snapshot only the adopted table has moves on to the source's history.
             let follows = |on_replica: Option<i64>| {
-                name == MAIN && on_replica.is_none() || on_replica.is_some_and(|r| source.is_ancestor(r, id, &replica))
+                name == MAIN && on_replica.is_none()
+                    || on_replica.is_some_and(|r| source.is_ancestor(r, id, &replica) || tolerated(r))
             };
             let moves = target.id == id
                 || target.is_branch() && source.is_ancestor(id, target.id, &replica) && follows(replica.ref_id(&name));
@@ -322,10 +355,17 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
             }
         }
     }
+    // The branch that keeps an adopted table's own snapshots, first.
+    if let Some((name, id)) = input.adopted.and_then(|a| a.kept_branch)
+        && replica.ref_id(name).is_none()
+    {
+        updates.push(json!({"action": "set-snapshot-ref", "ref-name": name, "type": "branch", "snapshot-id": id}));
+        moved.insert(name.to_owned());
+    }
     // Every ref on the replica was set by icerelay (else it diverged, above).
     let source_refs: BTreeSet<String> = source.refs().into_iter().map(|(n, _)| n).collect();
     for (name, _) in replica.refs() {
-        if !source_refs.contains(&name) {
+        if !source_refs.contains(&name) && !kept(&name) {
             updates.push(json!({"action": "remove-snapshot-ref", "ref-name": name}));
             moved.insert(name);
         }
@@ -437,8 +477,10 @@ fn check_divergence(
     replica: &Table<'_>,
     replicated: &BTreeSet<i64>,
     managed_refs: &BTreeMap<String, i64>,
+    adopted: Option<Adopted<'_>>,
 ) -> Result<(), PlanError> {
-    let known = |id: i64| source.has_snapshot(id) || replicated.contains(&id);
+    let tolerated = |id: i64| adopted.is_some_and(|a| a.tolerates(id));
+    let known = |id: i64| source.has_snapshot(id) || replicated.contains(&id) || tolerated(id);
     let foreign: Vec<String> =
         replica.snapshots().iter().filter_map(id_of).filter(|id| !known(*id)).map(|id| id.to_string()).collect();
     if !foreign.is_empty() {
@@ -451,6 +493,9 @@ fn check_divergence(
     }
     let source_refs: BTreeMap<String, i64> = source.ref_ids();
     for (name, r) in replica.refs() {
+        if adopted.is_some_and(|a| a.keeps(&name)) {
+            continue;
+        }
         if !known(r.id) {
             return Err(PlanError::Diverged {
                 detail: format!("ref {name:?} points at snapshot {}, which the source does not have", r.id),
@@ -460,14 +505,16 @@ fn check_divergence(
         // Where icerelay may have put the ref: where it recorded, where the
         // source has it now, or a step further along the source's history (a
         // commit that landed just before a crash, not recorded yet).
-        let ours = match managed_refs.get(&name) {
-            Some(set) => {
-                r.id == *set
-                    || on_source == Some(r.id)
-                    || source.has_snapshot(r.id) && source.is_ancestor(*set, r.id, replica)
-            }
-            None => on_source.is_some_and(|target| source.is_ancestor(r.id, target, replica)),
-        };
+        // A ref at a snapshot only an adopted table has is icerelay's to move.
+        let ours = tolerated(r.id)
+            || match managed_refs.get(&name) {
+                Some(set) => {
+                    r.id == *set
+                        || on_source == Some(r.id)
+                        || source.has_snapshot(r.id) && source.is_ancestor(*set, r.id, replica)
+                }
+                None => on_source.is_some_and(|target| source.is_ancestor(r.id, target, replica)),
+            };
         if !ours {
             let detail = match managed_refs.get(&name) {
                 Some(set) => {

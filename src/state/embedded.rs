@@ -18,8 +18,8 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use tokio::sync::oneshot;
 
 use super::{
-    CopiedFile, HintId, LaneChange, LaneError, LaneKey, LaneRecord, Progress, Promotion, PromotionMode, RecordedHint,
-    StateError, StateStore, now_ms,
+    Adoption, CopiedFile, FailbackChoice, HintId, LaneChange, LaneError, LaneKey, LaneRecord, Progress, Promotion,
+    PromotionMode, RecordedHint, StateError, StateStore, now_ms,
 };
 use crate::catalog::{Namespace, TableIdent};
 use crate::proxy::commit_tap::{CommitHint, HintKind};
@@ -112,7 +112,8 @@ ALTER TABLE lanes ADD COLUMN managed_refs TEXT;
 ALTER TABLE lanes ADD COLUMN source_uuid TEXT;
 ";
 
-/// From version 3: promotion (failover) requests and what a promotion recorded.
+/// From version 3: promotion (failover) requests and what a promotion
+/// recorded; failback choices and adopted replica tables.
 const MIGRATE_TO_4: &str = "
 ALTER TABLE lanes ADD COLUMN promote_requested TEXT;
 ALTER TABLE lanes ADD COLUMN promoted_at INTEGER;
@@ -121,6 +122,8 @@ ALTER TABLE lanes ADD COLUMN recovery_point_at INTEGER;
 ALTER TABLE lanes ADD COLUMN missed_snapshots INTEGER;
 ALTER TABLE lanes ADD COLUMN source_answered INTEGER;
 ALTER TABLE lanes ADD COLUMN promoted_metadata_location TEXT;
+ALTER TABLE lanes ADD COLUMN failback_choice TEXT;
+ALTER TABLE lanes ADD COLUMN adoption TEXT;
 ";
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
@@ -319,6 +322,8 @@ fn read_lane(row: &Row<'_>) -> rusqlite::Result<LaneRecord> {
     Ok(LaneRecord {
         promotion,
         promoted,
+        failback: json_column::<FailbackChoice>(row, "failback_choice")?,
+        adoption: json_column::<Adoption>(row, "adoption")?,
         replica_renamed_from: renamed_from,
         managed_properties,
         managed_refs,
@@ -736,6 +741,39 @@ impl StateStore for EmbeddedStore {
         .await
     }
 
+    async fn request_failback(&self, key: &LaneKey, choice: FailbackChoice) -> Result<bool, StateError> {
+        let key = key.clone();
+        self.call(move |c, _| {
+            let n = c.execute(
+                &format!(
+                    "UPDATE lanes SET failback_choice = ?4, wanted = wanted + 1, pending_since = COALESCE(pending_since, ?5),
+                     error_attempts = 0, error_parked = 0 WHERE {LANE_WHERE}"
+                ),
+                params![
+                    ns_text(&key.table.namespace),
+                    key.table.name,
+                    key.destination,
+                    to_json(Some(&choice)),
+                    now_ms()
+                ],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn record_adoption(&self, key: &LaneKey, adoption: Adoption) -> Result<(), StateError> {
+        let key = key.clone();
+        self.call(move |c, _| {
+            c.execute(
+                &format!("UPDATE lanes SET adoption = ?4, failback_choice = NULL WHERE {LANE_WHERE}"),
+                params![ns_text(&key.table.namespace), key.table.name, key.destination, to_json(Some(&adoption))],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn finish_rename(&self, key: &LaneKey) -> Result<(), StateError> {
         let key = key.clone();
         self.call(move |c, _| {
@@ -757,7 +795,7 @@ impl StateStore for EmbeddedStore {
             tx.execute(
                 &format!(
                     "UPDATE lanes SET replica_metadata_location = NULL, managed_properties = NULL, mode = NULL,
-                     managed_refs = NULL, source_uuid = NULL WHERE {LANE_WHERE}"
+                     managed_refs = NULL, source_uuid = NULL, adoption = NULL WHERE {LANE_WHERE}"
                 ),
                 args,
             )?;

@@ -172,6 +172,32 @@ pub struct LaneRecord {
     pub promotion: Option<PromotionMode>,
     /// The replica was promoted: the lane never writes it again.
     pub promoted: Option<Promotion>,
+    /// An operator's choice for a replica table that existed with snapshots
+    /// the source does not have (failback), not carried out yet.
+    pub failback: Option<FailbackChoice>,
+    /// How the lane follows a replica table that existed before it with
+    /// snapshots of its own (failback), once carried out.
+    pub adoption: Option<Adoption>,
+}
+
+/// What to do with the snapshots only the old side has, on a failback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct FailbackChoice {
+    /// Keep them on this branch (else they stay in the table, unreferenced).
+    pub keep_branch: Option<String>,
+}
+
+/// A replica table the lane adopted with snapshots of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Adoption {
+    /// The newest snapshot of the source's main branch that it had.
+    pub common_ancestor: i64,
+    /// Its snapshots the source does not have (never written by icerelay).
+    pub unreplicated: Vec<i64>,
+    /// The branch that keeps them, and the snapshot it points at.
+    pub kept_branch: Option<(String, i64)>,
+    /// How the source's later sequence numbers are shifted on it.
+    pub sequence_shift: Option<crate::rewrite::SequenceShift>,
 }
 
 /// How a promotion treats what the source still has.
@@ -413,6 +439,10 @@ pub trait StateStore: Send + Sync + 'static {
     /// Records that the lane promoted its replica; `false` (nothing recorded)
     /// if the request was withdrawn meanwhile.
     async fn record_promotion(&self, key: &LaneKey, promotion: Promotion) -> Result<bool, StateError>;
+    /// Records an operator's failback choice; `false` if there is no such lane.
+    async fn request_failback(&self, key: &LaneKey, choice: FailbackChoice) -> Result<bool, StateError>;
+    /// Records how the lane follows an adopted replica table.
+    async fn record_adoption(&self, key: &LaneKey, adoption: Adoption) -> Result<(), StateError>;
     /// Records that the replica now has the lane's current name.
     async fn finish_rename(&self, key: &LaneKey) -> Result<(), StateError>;
     /// Forgets what the lane knew about its replica (the replica is gone and

@@ -264,6 +264,7 @@ async fn failback_follows_the_old_primary_from_the_common_ancestor_and_a_second_
     let lost_ids: Vec<i64> =
         lost["snapshots"].as_array().into_iter().flatten().filter_map(|s| s["id"].as_i64()).skip(3).collect();
     assert_eq!(lost_ids.len(), 2, "{lost}");
+    let before_disaster = rows_on(&old_primary, &orphaned).await;
     old_primary.stop();
 
     // Failover of the whole destination.
@@ -276,13 +277,12 @@ async fn failback_follows_the_old_primary_from_the_common_ancestor_and_a_second_
     // Engines write to the new primary through icerelay B, which replicates
     // it to the old primary (`back`) once that is back.
     let b = Relay::start(&replicate_toml(new_primary, &old_primary, "back", &ns, &dir.path().join("b"))).await;
-    let mut after_failover = Value::Null;
+    let mut orphaned_now = Value::Null;
     for table in [&clean, &orphaned] {
         let ops = json!([{"op": "append", "start": 100, "rows": 2}, {"op": "append", "start": 110, "rows": 2}]);
-        after_failover = write_with(new_primary.client_conn(&b.url), table, ops).await;
+        orphaned_now = write_with(new_primary.client_conn(&b.url), table, ops).await;
     }
     let clean_now = write_with(new_primary.client_conn(&b.url), &clean, json!([])).await;
-    assert!(after_failover["metadata_location"].is_string());
     old_primary.restart();
 
     // The clean table is followed from the common ancestor: only what is new
@@ -332,6 +332,66 @@ async fn failback_follows_the_old_primary_from_the_common_ancestor_and_a_second_
         crate::replication::seaweed_catalog(&old_primary).load_table(&ident(&orphaned)).await.expect("load");
     let untouched = untouched.expect("kept");
     assert_eq!(untouched.metadata["current-snapshot-id"].as_i64(), lost_ids.last().copied(), "nothing overwritten");
+
+    // The operator keeps them on a branch; the new primary's snapshots follow
+    // the common ancestor, their sequence numbers above the ones the old side took.
+    let (code, stdout, stderr) = icerelay(
+        [
+            "failback",
+            "--admin",
+            &b.admin_url,
+            "--destination",
+            "back",
+            "--table",
+            &orphaned,
+            "--keep-unreplicated-as-branch",
+            "before_failover",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    )
+    .await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let location = orphaned_now["metadata_location"].as_str().expect("location");
+    let status = wait_replicated(&b.admin_url, &orphaned, location).await;
+    assert_eq!(status["adoption"]["kept_branch"]["name"], "before_failover", "{status}");
+    assert_eq!(status["adoption"]["sequence_shift"]["by"], 2, "{status}");
+    let kept = crate::replication::seaweed_catalog(&old_primary).load_table(&ident(&orphaned)).await.expect("load");
+    let kept = kept.expect("table");
+    let source = crate::replication::seaweed_catalog(new_primary).load_table(&ident(&orphaned)).await.expect("load");
+    let source = source.expect("table");
+    let kept_refs = crate::replication::refs(&kept.metadata);
+    assert_eq!(kept_refs.get("before_failover"), lost_ids.last(), "{kept_refs:?}");
+    assert_eq!(kept_refs.get("main"), crate::replication::refs(&source.metadata).get("main"));
+    let sequence = |m: &Value, id: i64| {
+        m["snapshots"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["snapshot-id"] == id)
+            .map(|s| s["sequence-number"].clone())
+    };
+    let above = status["adoption"]["sequence_shift"]["above"].as_i64().expect("above");
+    assert_eq!(above, 3, "the common ancestor is the third append: {status}");
+    for id in snapshot_ids(&source.metadata) {
+        let theirs = sequence(&source.metadata, id).and_then(|n| n.as_i64()).expect("source sequence number");
+        let expected = if theirs > above { theirs + 2 } else { theirs };
+        assert_eq!(sequence(&kept.metadata, id), Some(json!(expected)), "sequence number of snapshot {id}");
+    }
+    let (old_rows, new_rows) = (rows_on(&old_primary, &orphaned).await, rows_on(new_primary, &orphaned).await);
+    for reader in ["pyiceberg", "duckdb"] {
+        for (id, rows) in new_rows[reader].as_object().expect("rows") {
+            assert_eq!(&old_rows[reader][id], rows, "{reader} at snapshot {id} of the new primary");
+        }
+        for id in &lost_ids {
+            let id = id.to_string();
+            assert_eq!(old_rows[reader][&id], before_disaster[reader][&id], "{reader}: the kept snapshot {id}");
+        }
+    }
+    let log = audit(&b.admin_url, &orphaned).await;
+    let failbacks: Vec<&Value> =
+        log["entries"].as_array().expect("entries").iter().filter(|e| e["action"] == "failback").collect();
+    assert_eq!(failbacks.len(), 2, "the choice and its execution: {log}");
 
     // Roles return: the old primary is promoted (drained first: the new
     // primary answers) and replicated to the old replica by icerelay C.

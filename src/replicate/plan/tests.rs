@@ -76,6 +76,7 @@ impl Lane {
             managed_properties: &self.managed,
             managed_refs: &self.refs,
             destination_properties: &self.destination,
+            adopted: None,
         })
     }
 
