@@ -140,34 +140,10 @@ fn main() -> ExitCode {
             };
             serve(config)
         }
-        Command::CopyTable(args) => match tokio::runtime::Runtime::new() {
-            Ok(runtime) => ExitCode::from(runtime.block_on(commands::copy_table::run(args))),
-            Err(e) => {
-                eprintln!("icerelay: cannot start the async runtime: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Status(args) => match tokio::runtime::Runtime::new() {
-            Ok(runtime) => ExitCode::from(runtime.block_on(commands::status::run(args))),
-            Err(e) => {
-                eprintln!("icerelay: cannot start the async runtime: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Promote(args) => match tokio::runtime::Runtime::new() {
-            Ok(runtime) => ExitCode::from(runtime.block_on(commands::promote::run(args))),
-            Err(e) => {
-                eprintln!("icerelay: cannot start the async runtime: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Failback(args) => match tokio::runtime::Runtime::new() {
-            Ok(runtime) => ExitCode::from(runtime.block_on(commands::failback::run(args))),
-            Err(e) => {
-                eprintln!("icerelay: cannot start the async runtime: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::CopyTable(args) => run_to_exit_code(commands::copy_table::run(args)),
+        Command::Status(args) => run_to_exit_code(commands::status::run(args)),
+        Command::Promote(args) => run_to_exit_code(commands::promote::run(args)),
+        Command::Failback(args) => run_to_exit_code(commands::failback::run(args)),
         Command::CheckConfig { file } => match config::load(Some(&file), &Overrides::default(), &ProcessEnv) {
             Ok(c) => {
                 println!(
@@ -208,6 +184,17 @@ fn serve(config: config::Config) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "icerelay stopped");
             eprintln!("icerelay: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a command that answers its exit code on a runtime of its own.
+fn run_to_exit_code(command: impl std::future::Future<Output = u8>) -> ExitCode {
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => ExitCode::from(runtime.block_on(command)),
+        Err(e) => {
+            eprintln!("icerelay: cannot start the async runtime: {e}");
             ExitCode::FAILURE
         }
     }

@@ -60,7 +60,7 @@ impl From<TableCopyError> for ReplicateError {
 impl ReplicateError {
     /// Whether the replica was written around icerelay.
     pub fn is_divergence(&self) -> bool {
-        matches!(self, Self::Plan(PlanError::Diverged { .. }))
+        matches!(self, Self::Plan(PlanError::Diverged { .. } | PlanError::FailbackChoiceNeeded { .. }))
     }
 
     /// Whether the lane waits for an operator (resync, configuration change)

@@ -266,7 +266,7 @@ fn failback_needed(
     ancestor: &str,
     only_there: &[String],
 ) -> ReplicateError {
-    plan::PlanError::Diverged {
+    plan::PlanError::FailbackChoiceNeeded {
         detail: format!(
             "destination {} already has {} with {shared} snapshot(s) of the source's history (the newest on the \
              source's main branch: {ancestor}) and {} snapshot(s) the source does not have: {} (written there after \

@@ -54,6 +54,13 @@ pub enum PlanError {
         /// What differs.
         detail: String,
     },
+    /// The replica table existed before the lane with snapshots the source
+    /// does not have (the old primary after a failover): an operator chooses.
+    #[error("{detail}")]
+    FailbackChoiceNeeded {
+        /// What it has, and the choices.
+        detail: String,
+    },
     /// A partition spec would get another id on the replica than on the
     /// source; manifests name specs by id, so the replica would be unreadable.
     #[error(

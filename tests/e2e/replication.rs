@@ -507,6 +507,18 @@ async fn sigkill_mid_replication_loses_nothing() {
     let source_ids: Vec<i64> =
         written["snapshots"].as_array().into_iter().flatten().filter_map(|s| s["id"].as_i64()).collect();
     assert_eq!(ids, source_ids, "same snapshots, same order, none twice");
+
+    // The audit log survived the kill whole: every line is JSON, and every
+    // replica snapshot is in a commit line (committed, or adopted after the restart).
+    let text = std::fs::read_to_string(state.path().join("state/audit.log")).expect("audit log");
+    let mut audited = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let entry: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("a torn audit line ({e}): {line}"));
+        if entry["action"] == "commit" {
+            audited.extend(entry["source_snapshots"].as_array().into_iter().flatten().filter_map(Value::as_i64));
+        }
+    }
+    assert_eq!(audited, ids.iter().copied().collect(), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -477,3 +477,64 @@ fn snapshots_missing_from_what_was_recorded_counts_without_the_replica() {
     let first: BTreeSet<i64> = all.iter().take(1).copied().collect();
     assert_eq!(snapshots_missing_from(&s, &first), all.len() - 1);
 }
+
+/// The old primary after a failover: it shares snapshot 10 with the source
+/// (the new primary) and has snapshot 11 of its own, which took sequence
+/// number 2; the source's snapshot 20 has number 2 too.
+fn old_primary() -> Value {
+    let mut table = source();
+    table["location"] = json!(REP);
+    table["table-uuid"] = json!("old-uuid");
+    table["snapshots"] = json!([snap(10, None, 1, 0), snap(11, Some(10), 2, 1)]);
+    table["refs"] = json!({"main": {"snapshot-id": 11, "type": "branch"}});
+    table["last-sequence-number"] = json!(2);
+    table
+}
+
+#[test]
+fn an_adopted_table_keeps_its_own_snapshots_on_a_branch_and_follows_from_the_ancestor_shifted() {
+    let source = source();
+    let replica = old_primary();
+    let (replicated, managed, refs, destination) =
+        (BTreeSet::from([10]), BTreeSet::new(), BTreeMap::new(), BTreeMap::new());
+    let unreplicated = BTreeSet::from([11]);
+    let shift = SequenceShift { above: 1, by: 1 };
+    let map = map().with_sequence_shift(Some(shift));
+    let input = |adopted| PlanInput {
+        source: &source,
+        source_file: "src.metadata.json",
+        replica: &replica,
+        replicated: &replicated,
+        map: &map,
+        managed_properties: &managed,
+        managed_refs: &refs,
+        destination_properties: &destination,
+        adopted,
+    };
+    // Without the operator's choice, snapshot 11 is divergence.
+    let refused = next_step(&input(None)).expect_err("diverged");
+    assert!(refused.to_string().contains("11"), "{refused}");
+
+    let adopted = Adopted { unreplicated: &unreplicated, kept_branch: Some(("lost", 11)), sequence_shift: Some(shift) };
+    let step = next_step(&input(Some(adopted))).expect("plans").expect("a step");
+    assert_eq!(step.snapshot, Some(20));
+    let added = step.updates.iter().find(|u| u["action"] == "add-snapshot").expect("add-snapshot");
+    assert_eq!(added["snapshot"]["sequence-number"], 3, "above the old side's own number 2");
+    assert_eq!(added["snapshot"]["parent-snapshot-id"], 10);
+    let set = |name: &str| step.updates.iter().find(|u| u["action"] == "set-snapshot-ref" && u["ref-name"] == name);
+    assert_eq!(set("main").map(|u| u["snapshot-id"].clone()), Some(json!(20)), "main moves on from 11");
+    assert_eq!(set("lost").map(|u| u["snapshot-id"].clone()), Some(json!(11)), "11 is kept on the branch");
+    assert!(step.requirements.contains(&json!({"type": "assert-ref-snapshot-id", "ref": "main", "snapshot-id": 11})));
+    assert!(step.requirements.contains(&json!({"type": "assert-ref-snapshot-id", "ref": "lost", "snapshot-id": null})));
+    assert!(!step.updates.iter().any(|u| u["action"] == "remove-snapshot-ref"), "nothing of the old side is removed");
+
+    // Applied, the next plan leaves the kept branch alone.
+    let mut after = replica.clone();
+    apply(&mut after, &step).expect("applies");
+    let replicated = BTreeSet::from([10, 20]);
+    let refs = step.managed_refs.clone();
+    let next =
+        next_step(&PlanInput { replica: &after, replicated: &replicated, managed_refs: &refs, ..input(Some(adopted)) })
+            .expect("plans");
+    assert!(next.as_ref().is_none_or(|s| !s.updates.iter().any(|u| u["ref-name"] == "lost")), "{next:?}");
+}
