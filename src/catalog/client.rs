@@ -286,15 +286,7 @@ impl RestCatalog {
         url.query_pairs_mut().append_pair("snapshots", "refs");
         let (status, body) = self.send(&op, Method::GET, &url, None).await?;
         match status {
-            s if s.is_success() => {
-                // Lenient on purpose: an answer without properties has no mark.
-                let answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                Ok(answer
-                    .pointer("/metadata/properties")
-                    .and_then(|p| p.get(key))
-                    .and_then(Value::as_str)
-                    .map(str::to_owned))
-            }
+            s if s.is_success() => Ok(table_property_in(&body, key)),
             StatusCode::NOT_FOUND => Ok(None),
             s => Err(self.status_error(&op, s, &body)),
         }
@@ -749,6 +741,13 @@ fn error_message(body: &[u8]) -> String {
             if text.is_empty() { "(empty body)".to_owned() } else { text.chars().take(300).collect() }
         }
     }
+}
+
+/// A table property in a loadTable answer; `None` when the answer has none
+/// (lenient on purpose: what does not parse has no such property).
+pub fn table_property_in(answer: &[u8], key: &str) -> Option<String> {
+    let answer: Value = serde_json::from_slice(answer).ok()?;
+    answer.pointer("/metadata/properties")?.get(key)?.as_str().map(str::to_owned)
 }
 
 #[cfg(test)]

@@ -33,13 +33,12 @@ use axum::response::Response;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, Method, Request, StatusCode, header};
 use serde::Deserialize;
-use serde_json::Value;
 use tower::{Layer, Service, ServiceExt};
 
 use super::body::{read_bounded, read_request_body};
 use super::error::ProxyError;
 use super::router::{Classified, Operation, classify};
-use crate::catalog::{RestCatalog, TableIdent};
+use crate::catalog::{RestCatalog, TableIdent, table_property_in};
 use crate::replicate::mark::{REPLICA_OF, WRITER_HEADER, written_by};
 
 /// A boxed future of a mark lookup.
@@ -186,12 +185,7 @@ where
             let bytes = read_bounded(&parts.headers, body, limit)
                 .await
                 .map_err(|_| format!("the primary's loadTable answer is larger than {limit} bytes (max_body_bytes)"))?;
-            let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            Ok(answer
-                .pointer("/metadata/properties")
-                .and_then(|p| p.get(REPLICA_OF))
-                .and_then(Value::as_str)
-                .map(str::to_owned))
+            Ok(table_property_in(&bytes, REPLICA_OF))
         }
         // Not there, or this engine may not read it: the primary decides the write.
         StatusCode::NOT_FOUND | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Ok(None),

@@ -314,15 +314,7 @@ fn adoption(
     let source_ids = snapshot_ids(&source.metadata);
     let unreplicated: Vec<i64> =
         snapshot_ids(&replica.metadata).into_iter().filter(|id| !source_ids.contains(id)).collect();
-    let sequence_of = |id: i64| {
-        replica.metadata.get("snapshots").and_then(Value::as_array).and_then(|all| {
-            all.iter()
-                .find(|s| s.get("snapshot-id").and_then(Value::as_i64) == Some(id))
-                .and_then(|s| s.get("sequence-number"))
-                .and_then(Value::as_i64)
-        })
-    };
-    let above = sequence_of(ancestor).unwrap_or(0);
+    let above = plan::snapshot_field(&replica.metadata, ancestor, "sequence-number").unwrap_or(0);
     let last = replica.metadata.get("last-sequence-number").and_then(Value::as_i64).unwrap_or(above);
     let kept_branch = match &choice.keep_branch {
         None => None,
@@ -722,15 +714,7 @@ async fn rename_replica(destination: &Destination, from: &TableIdent, to: &Table
 /// Adds the catalog's message about the timestamp rule where it applies.
 fn explain_refusal(e: CatalogError, step: &Step, source: &Value, replica: &Value, destination: &str) -> ReplicateError {
     let refused = e.status().is_some_and(|s| s.as_u16() == 400);
-    let snapshot_ts = step.snapshot.and_then(|id| {
-        source
-            .get("snapshots")?
-            .as_array()?
-            .iter()
-            .find(|s| s.get("snapshot-id").and_then(Value::as_i64) == Some(id))?
-            .get("timestamp-ms")?
-            .as_i64()
-    });
+    let snapshot_ts = step.snapshot.and_then(|id| plan::snapshot_field(source, id, "timestamp-ms"));
     let last_updated = replica.get("last-updated-ms").and_then(Value::as_i64);
     match (refused, snapshot_ts, last_updated) {
         (true, Some(ts), Some(last)) if ts < last - TIMESTAMP_TOLERANCE_MS => ReplicateError::Refused(format!(

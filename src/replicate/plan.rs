@@ -565,6 +565,11 @@ pub fn common_ancestor(source: &Value, replica: &Value) -> Option<i64> {
     None
 }
 
+/// A field of one snapshot of a table's metadata (`timestamp-ms`, `sequence-number`).
+pub fn snapshot_field(metadata: &Value, id: i64, key: &str) -> Option<i64> {
+    snapshots(metadata).iter().find(|s| id_of(s) == Some(id))?.get(key)?.as_i64()
+}
+
 /// Snapshot ids the replica and the source both have.
 pub fn shared_snapshots(source: &Value, replica: &Value) -> BTreeSet<i64> {
     let theirs = snapshot_ids(source);

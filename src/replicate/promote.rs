@@ -49,16 +49,7 @@ pub async fn promote(ctx: &Context, lane: &LaneRecord) -> Result<(), ReplicateEr
         replica = destination.catalog.update_table(replica_table, &requirements, &updates).await?;
     }
     let main = plan::ref_ids(&replica.metadata).get(plan::MAIN).copied();
-    let main_at = main.and_then(|id| {
-        replica
-            .metadata
-            .get("snapshots")?
-            .as_array()?
-            .iter()
-            .find(|s| s.get("snapshot-id").and_then(Value::as_i64) == Some(id))?
-            .get("timestamp-ms")?
-            .as_i64()
-    });
+    let main_at = main.and_then(|id| plan::snapshot_field(&replica.metadata, id, "timestamp-ms"));
     // The source may be gone (that is what failover is for): ask it briefly.
     let source = match tokio::time::timeout(SOURCE_CHECK, ctx.primary.load_table(&key.table)).await {
         Ok(Ok(Some(source))) => Some(source),
