@@ -268,6 +268,9 @@ impl PromoteOptions {
     }
 }
 
+/// How much longer a promotion the lane already began gets to finish.
+const CLAIMED_GRACE: Duration = Duration::from_secs(30);
+
 /// How a lane's promotion ended.
 enum Promoted {
     Done(LaneRecord),
@@ -282,8 +285,12 @@ async fn promote_lanes(
     options: &PromoteOptions,
 ) -> Result<Vec<(LaneKey, Promoted)>, Response> {
     let store = &admin.context.store;
+    // The request expires with the wait: a promotion nobody waits for any
+    // more (the operator pressed Ctrl-C, icerelay restarted) is not carried
+    // out later by surprise.
+    let expires = now_ms() + i64::try_from(options.timeout().as_millis()).unwrap_or(i64::MAX);
     for key in &keys {
-        match store.request_promotion(key, options.mode()).await {
+        match store.request_promotion(key, options.mode(), expires).await {
             Ok(true) => {}
             Ok(false) => return Err(error(StatusCode::NOT_FOUND, "NoSuchTableException", format!("no lane {key}"))),
             Err(e) => return Err(error(StatusCode::SERVICE_UNAVAILABLE, "StateUnavailable", e.to_string())),
@@ -309,9 +316,17 @@ async fn promote_lanes(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for key in waiting {
-        let _ = store.withdraw_promotion(&key).await;
-        // It may have been carried out between the last look and the withdrawal.
-        let lane = store.lane(&key).await.ok().flatten();
+        // A claimed promotion is under way and cannot be withdrawn: give it a
+        // little longer to finish.
+        let claimed = !matches!(store.withdraw_promotion(&key).await, Ok(true));
+        let finish_by = tokio::time::Instant::now() + if claimed { CLAIMED_GRACE } else { Duration::ZERO };
+        let lane = loop {
+            let lane = store.lane(&key).await.ok().flatten();
+            if lane.as_ref().is_some_and(|l| l.promoted.is_some()) || tokio::time::Instant::now() >= finish_by {
+                break lane;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         match lane {
             Some(lane) if lane.promoted.is_some() => outcomes.push((key, Promoted::Done(lane))),
             other => outcomes.push((key, Promoted::TimedOut(other))),
@@ -325,9 +340,14 @@ fn timed_out_message(key: &LaneKey, lane: Option<&LaneRecord>, options: &Promote
     let cause = lane
         .and_then(|l| l.last_error.as_ref())
         .map_or_else(String::new, |e| format!(" (the lane's last error: {})", e.message));
-    if options.now {
+    if lane.is_some_and(|l| l.promotion.is_some()) {
         format!(
-            "{key} was not promoted within {}s{cause}; nothing was changed on the replica's read-only state",
+            "{key}: the promotion began and has not finished yet{cause}; the lane carries it out (icerelay status \
+             shows `promoted` when it is done)"
+        )
+    } else if options.now {
+        format!(
+            "{key} was not promoted within {}s{cause}; the request was withdrawn and the replica is still a replica",
             options.timeout().as_secs()
         )
     } else {

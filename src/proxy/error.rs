@@ -103,14 +103,21 @@ pub enum ProxyError {
     /// Whether a written table is a read-only replica could not be checked.
     #[error(
         "icerelay could not check whether {table} is a read-only replica before forwarding the write, so it did not \
-         forward it: {cause}. Give icerelay credentials the primary accepts ([primary] auth), or set \
-         read_only_replicas = false to forward writes unchecked"
+         forward it; the reason is in icerelay's log (its operator can fix [primary] auth, or set \
+         read_only_replicas = false)"
     )]
     ReplicaCheck {
         /// The table written to.
         table: String,
-        /// Why.
-        cause: String,
+    },
+    /// A write's body does not say which tables it changes.
+    #[error(
+        "icerelay cannot read which tables this {operation} request changes (its body is not the JSON the REST \
+         spec describes, or has duplicate keys), so it cannot check that none is a read-only replica: send a valid body"
+    )]
+    UnreadableWrite {
+        /// The operation.
+        operation: &'static str,
     },
     /// The path is not part of the Iceberg REST API.
     #[error(
@@ -132,7 +139,7 @@ impl ProxyError {
             | Self::Signing { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::ClientBody { .. } | Self::DotSegment { .. } => StatusCode::BAD_REQUEST,
+            Self::ClientBody { .. } | Self::DotSegment { .. } | Self::UnreadableWrite { .. } => StatusCode::BAD_REQUEST,
             Self::NotIceberg { .. } => StatusCode::NOT_FOUND,
             Self::ReadOnlyReplica { .. } => StatusCode::FORBIDDEN,
             Self::ReplicaCheck { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -148,7 +155,7 @@ impl ProxyError {
             | Self::Signing { .. } => "BadGatewayException",
             Self::UpstreamTimeout { .. } => "GatewayTimeoutException",
             Self::BodyTooLarge { .. } => "RequestTooLargeException",
-            Self::ClientBody { .. } | Self::DotSegment { .. } => "BadRequestException",
+            Self::ClientBody { .. } | Self::DotSegment { .. } | Self::UnreadableWrite { .. } => "BadRequestException",
             Self::NotIceberg { .. } => "NotFoundException",
             Self::ReadOnlyReplica { .. } => "ForbiddenException",
             Self::ReplicaCheck { .. } => "ServiceUnavailableException",
@@ -169,6 +176,7 @@ impl ProxyError {
             Self::NotIceberg { .. } => "not_iceberg",
             Self::ReadOnlyReplica { .. } => "read_only_replica",
             Self::ReplicaCheck { .. } => "replica_check",
+            Self::UnreadableWrite { .. } => "unreadable_write",
         }
     }
 

@@ -105,6 +105,11 @@ where
         let Some(classified) = req.extensions().get::<Classified>() else {
             return Box::pin(self.inner.call(req));
         };
+        // Refused further down, before anything is sent anywhere: the check
+        // must not send such a path (its prefix) to the primary either.
+        if crate::dot_segments::has_dot_segment(req.uri().path()) {
+            return Box::pin(self.inner.call(req));
+        }
         let writes = match &classified.operation {
             Operation::UpdateTable(t) | Operation::DropTable(t) => Writes::Path(t.clone()),
             Operation::RenameTable => Writes::Body("renameTable", Operation::RenameTable),
@@ -122,7 +127,9 @@ where
                 Writes::Body(name, operation) => {
                     let (parts, body) = req.into_parts();
                     let bytes = read_request_body(&parts.headers, body, settings.limit, name).await?;
-                    let tables = written_tables(&operation, &bytes);
+                    // A write whose tables icerelay cannot read could name a replica.
+                    let tables =
+                        written_tables(&operation, &bytes).ok_or(ProxyError::UnreadableWrite { operation: name })?;
                     (Request::from_parts(parts, Body::from(bytes)), tables)
                 }
             };
@@ -139,7 +146,12 @@ where
                     Ok(Some(mark)) => {
                         return Err(ProxyError::ReadOnlyReplica { table: table.to_string(), mark });
                     }
-                    Err(cause) => return Err(ProxyError::ReplicaCheck { table: table.to_string(), cause }),
+                    Err(cause) => {
+                        // The cause is the operator's business (it can name
+                        // icerelay's identity), not the engine's: logged only.
+                        tracing::warn!(table = %table, cause = %cause, "cannot check whether a written table is a read-only replica; the write was refused");
+                        return Err(ProxyError::ReplicaCheck { table: table.to_string() });
+                    }
                 }
             }
             inner.call(req).await
@@ -228,23 +240,23 @@ struct RegisterBody {
     overwrite: bool,
 }
 
-/// The existing tables a write body changes. A body that does not parse
-/// changes nothing the primary would accept, so it goes on to be refused there.
-fn written_tables(operation: &Operation, body: &Bytes) -> Vec<TableIdent> {
-    match operation {
-        Operation::RenameTable => {
-            serde_json::from_slice::<RenameBody>(body).map(|b| vec![b.source]).unwrap_or_default()
-        }
+/// The existing tables a write body changes; `None` when the body does not
+/// parse (a catalog may read it differently, duplicate keys say).
+fn written_tables(operation: &Operation, body: &Bytes) -> Option<Vec<TableIdent>> {
+    Some(match operation {
+        Operation::RenameTable => vec![serde_json::from_slice::<RenameBody>(body).ok()?.source],
         Operation::CommitTransaction => serde_json::from_slice::<TransactionBody>(body)
-            .map(|b| b.table_changes.into_iter().filter_map(|c| c.identifier).collect())
-            .unwrap_or_default(),
-        Operation::RegisterTable(namespace) => serde_json::from_slice::<RegisterBody>(body)
-            .ok()
-            .filter(|b| b.overwrite)
-            .map(|b| vec![TableIdent::new(namespace.clone(), b.name)])
-            .unwrap_or_default(),
+            .ok()?
+            .table_changes
+            .into_iter()
+            .filter_map(|c| c.identifier)
+            .collect(),
+        Operation::RegisterTable(namespace) => {
+            let b = serde_json::from_slice::<RegisterBody>(body).ok()?;
+            if b.overwrite { vec![TableIdent::new(namespace.clone(), b.name)] } else { Vec::new() }
+        }
         _ => Vec::new(),
-    }
+    })
 }
 
 #[cfg(test)]
@@ -257,7 +269,11 @@ mod tests {
         let tx = r#"{"table-changes":[{"identifier":{"namespace":["a"],"name":"x"},"requirements":[],"updates":[]},
                                       {"identifier":{"namespace":["b"],"name":"y"},"requirements":[],"updates":[]}]}"#;
         let names = |op: &Operation, body: &str| -> Vec<String> {
-            written_tables(op, &Bytes::from(body.to_owned())).iter().map(ToString::to_string).collect()
+            written_tables(op, &Bytes::from(body.to_owned()))
+                .unwrap_or_default()
+                .iter()
+                .map(ToString::to_string)
+                .collect()
         };
         assert_eq!(names(&Operation::CommitTransaction, tx), ["a.x", "b.y"]);
         let rename = r#"{"source":{"namespace":["a"],"name":"x"},"destination":{"namespace":["a"],"name":"z"}}"#;
@@ -265,6 +281,8 @@ mod tests {
         let ns = Operation::RegisterTable(Namespace::from_dotted("db"));
         assert_eq!(names(&ns, r#"{"name":"r","metadata-location":"s3://b/m.json","overwrite":true}"#), ["db.r"]);
         assert!(names(&ns, r#"{"name":"r","metadata-location":"s3://b/m.json"}"#).is_empty());
-        assert!(names(&Operation::CommitTransaction, "{").is_empty());
+        assert!(written_tables(&Operation::CommitTransaction, &Bytes::from("{")).is_none());
+        let twice = r#"{"table-changes":[{"identifier":{"namespace":["a"],"name":"x"},"identifier":{"namespace":["a"],"name":"replica"}}]}"#;
+        assert!(written_tables(&Operation::CommitTransaction, &Bytes::from(twice)).is_none(), "duplicate keys");
     }
 }

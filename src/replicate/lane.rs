@@ -50,10 +50,28 @@ pub async fn run(ctx: Arc<Context>, lane: LaneRecord) -> Result<(), ReplicateErr
             // A promoted replica is a table of its own.
             return Ok(());
         }
+        // A request nobody waits for any more is dropped, unless the lane
+        // already began it.
+        let expired = lane.promotion_deadline.is_some_and(|deadline| deadline < now_ms());
+        if expired && ctx.store.withdraw_promotion(&lane.key).await? {
+            tracing::info!("a promotion request expired before it was carried out; the replica stays a replica");
+            return follow(&ctx, LaneRecord { promotion: None, ..lane }).await;
+        }
         match lane.promotion {
             None => follow(&ctx, lane).await,
+            // Begun already (a run that failed half way): finish it.
+            Some(_) if lane.promotion_claimed => super::promote::promote(&ctx, &lane).await,
             Some(PromotionMode::Now) => super::promote::promote(&ctx, &lane).await,
             Some(PromotionMode::Drain) => {
+                // Draining needs the source: a source that is gone (or
+                // answers 404 after a bad restore) is not a drop to follow.
+                if ctx.primary.load_table(&lane.key.table).await?.is_none() {
+                    return Err(ReplicateError::Refused(format!(
+                        "cannot drain {} before promoting its replica: the source does not have the table (any \
+                         more); promote the replica as it is with --now",
+                        lane.key.table
+                    )));
+                }
                 follow(&ctx, lane.clone()).await?;
                 super::promote::promote(&ctx, &lane).await
             }
@@ -227,13 +245,14 @@ async fn adopt_shared(
     if unrecorded.is_empty() {
         return Ok(());
     }
+    let mut unrecorded = unrecorded;
     let existed = lane.replica_metadata_location.is_none() && known.replicated.is_empty();
     if existed {
-        let only_there: Vec<String> = snapshot_ids(&replica.metadata)
-            .into_iter()
-            .filter(|id| !shared.contains(id))
-            .map(|id| id.to_string())
-            .collect();
+        let (older, only_there) = own_snapshots(source, replica);
+        // Snapshots of the shared history the source has expired since are
+        // history, not the old side's own.
+        unrecorded.extend(older);
+        let only_there: Vec<String> = only_there.iter().map(ToString::to_string).collect();
         if !only_there.is_empty() && known.adoption.is_none() {
             if let Some(choice) = &lane.failback {
                 let adoption = adoption(lane, destination, source, replica, choice)?;
@@ -284,6 +303,21 @@ fn failback_needed(
     .into()
 }
 
+/// The replica's snapshots the source does not have, split at the common
+/// ancestor's sequence number: the older ones are shared history the source
+/// expired, the newer ones the replica's own (written after the last
+/// replication). Without a common ancestor, all are its own.
+fn own_snapshots(source: &LoadedTable, replica: &LoadedTable) -> (Vec<i64>, Vec<i64>) {
+    let source_ids = snapshot_ids(&source.metadata);
+    let above = plan::common_ancestor(&source.metadata, &replica.metadata)
+        .and_then(|id| plan::snapshot_field(&replica.metadata, id, "sequence-number"));
+    snapshot_ids(&replica.metadata).into_iter().filter(|id| !source_ids.contains(id)).partition(|id| {
+        above.is_some_and(|above| {
+            plan::snapshot_field(&replica.metadata, *id, "sequence-number").is_some_and(|n| n <= above)
+        })
+    })
+}
+
 /// How an adopted table with snapshots of its own is followed, from the
 /// operator's `choice`: from the common ancestor, its own snapshots kept
 /// (on a branch, if asked), the source's later sequence numbers shifted
@@ -311,10 +345,11 @@ fn adoption(
                 .into(),
         ));
     }
-    let source_ids = snapshot_ids(&source.metadata);
-    let unreplicated: Vec<i64> =
-        snapshot_ids(&replica.metadata).into_iter().filter(|id| !source_ids.contains(id)).collect();
+    let (_, unreplicated) = own_snapshots(source, replica);
     let above = plan::snapshot_field(&replica.metadata, ancestor, "sequence-number").unwrap_or(0);
+    let sequence = |id: i64| plan::snapshot_field(&replica.metadata, id, "sequence-number").unwrap_or(0);
+    let refs = plan::ref_ids(&replica.metadata);
+    let main_at = refs.get(plan::MAIN).copied();
     let last = replica.metadata.get("last-sequence-number").and_then(Value::as_i64).unwrap_or(above);
     let kept_branch = match &choice.keep_branch {
         None => None,
@@ -323,19 +358,25 @@ fn adoption(
             if taken(&source.metadata) || taken(&replica.metadata) {
                 return Err(refused(format!("a ref named {name:?} exists already; choose another branch name")));
             }
-            let tip = plan::ref_ids(&replica.metadata)
-                .get(plan::MAIN)
-                .copied()
+            // Its main, if that is one of them; else the newest.
+            let tip = main_at
                 .filter(|id| unreplicated.contains(id))
-                .or_else(|| unreplicated.last().copied())
+                .or_else(|| unreplicated.iter().copied().max_by_key(|id| sequence(*id)))
                 .ok_or_else(|| refused("it has no snapshot of its own to keep".into()))?;
             Some((name.clone(), tip))
         }
     };
+    let kept_refs = refs
+        .iter()
+        .filter(|(name, id)| *name != plan::MAIN && unreplicated.contains(id))
+        .map(|(n, _)| n.clone())
+        .collect();
     Ok(Adoption {
         common_ancestor: ancestor,
         unreplicated,
         kept_branch,
+        kept_refs,
+        main_at,
         sequence_shift: (last > above).then_some(SequenceShift { above, by: last - above }),
     })
 }
@@ -363,6 +404,19 @@ async fn record_adopted(
     ctx.audit.record(event);
     if existed {
         tracing::warn!(replica = %lane.replica_table, shared = unrecorded.len(), "the replica table existed with the source's history; following it from there");
+        if known.adoption.is_none() {
+            // Recorded so that its files are kept as they are (see `table_copier`).
+            let adoption = Adoption {
+                common_ancestor: plan::common_ancestor(&source.metadata, &replica.metadata).unwrap_or_default(),
+                unreplicated: Vec::new(),
+                kept_branch: None,
+                kept_refs: Vec::new(),
+                main_at: plan::ref_ids(&replica.metadata).get(plan::MAIN).copied(),
+                sequence_shift: None,
+            };
+            ctx.store.record_adoption(key, adoption.clone()).await?;
+            known.adoption = Some(adoption);
+        }
     }
     known.replicated.extend(&unrecorded);
     ctx.store.record_progress(known.progress(key, replica, &source.metadata, unrecorded)).await?;
@@ -385,7 +439,7 @@ async fn replay(
     let map = path_map(&source.metadata, &replica_location)?.with_sequence_shift(shift);
     let unreplicated: BTreeSet<i64> =
         known.adoption.as_ref().map(|a| a.unreplicated.iter().copied().collect()).unwrap_or_default();
-    let copier = table_copier(ctx, destination);
+    let copier = table_copier(ctx, destination, known.adoption.is_some());
     let properties = replica_properties(ctx, key, destination);
     let mut reloads = 0;
     let mut previous: Option<Step> = None;
@@ -402,6 +456,8 @@ async fn replay(
             adopted: known.adoption.as_ref().map(|a| plan::Adopted {
                 unreplicated: &unreplicated,
                 kept_branch: a.kept_branch.as_ref().map(|(name, id)| (name.as_str(), *id)),
+                kept_refs: &a.kept_refs,
+                main_at: a.main_at,
                 sequence_shift: a.sequence_shift,
             }),
         })?;
@@ -558,7 +614,7 @@ async fn register(
     let location = destination.table_location(replica_table).await?;
     let map = path_map(&source.metadata, &location)?;
     let snapshots: BTreeSet<i64> = snapshot_ids(&source.metadata);
-    let copier = table_copier(ctx, destination);
+    let copier = table_copier(ctx, destination, false);
     let copied = copier.copy_snapshots(&source.metadata, source_file, &map, &snapshots, &NoProgress).await?;
     count_copies(&ctx.metrics, destination.name(), copied.report);
 
@@ -760,9 +816,17 @@ fn replica_properties(ctx: &Context, key: &LaneKey, destination: &Destination) -
     super::mark::replica_properties(&destination.config.properties, mark)
 }
 
-fn table_copier(ctx: &Context, destination: &Destination) -> TableCopier {
+/// The copier of a lane. For a replica table that existed before the lane
+/// (the old primary after a failover), a rewritten file whose target exists
+/// is kept as it is: it is the original the source's copy was made from, and
+/// older manifests there record its size.
+fn table_copier(ctx: &Context, destination: &Destination, adopted: bool) -> TableCopier {
     let checkpoints = Arc::new(StateCheckpoints::new(ctx.store.clone(), destination.name()));
-    let settings = CopySettings { parallelism: ctx.settings.copy_parallelism, ..CopySettings::default() };
+    let settings = CopySettings {
+        parallelism: ctx.settings.copy_parallelism,
+        keep_existing_rewrites: adopted,
+        ..CopySettings::default()
+    };
     TableCopier::new(Copier::new(ctx.storage.clone(), checkpoints, settings), 4)
 }
 

@@ -118,6 +118,10 @@ pub struct Adopted<'a> {
     pub unreplicated: &'a BTreeSet<i64>,
     /// The branch that keeps them, and the snapshot it points at.
     pub kept_branch: Option<(&'a str, i64)>,
+    /// The table's own refs at them (besides `main`), kept as they are.
+    pub kept_refs: &'a [String],
+    /// Where its `main` was when adopted: icerelay moves it on from there.
+    pub main_at: Option<i64>,
     /// How the source's sequence numbers differ on the replica.
     pub sequence_shift: Option<SequenceShift>,
 }
@@ -128,7 +132,12 @@ impl Adopted<'_> {
     }
 
     fn keeps(&self, name: &str) -> bool {
-        self.kept_branch.is_some_and(|(kept, _)| kept == name)
+        self.kept_branch.is_some_and(|(kept, _)| kept == name) || self.kept_refs.iter().any(|r| r == name)
+    }
+
+    /// Whether `name` at `id` is where the adopted table's `main` was.
+    fn main_was(&self, name: &str, id: i64) -> bool {
+        name == MAIN && self.main_at == Some(id)
     }
 }
 
@@ -178,7 +187,7 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
     let source = Table::new(input.source, "source")?;
     let replica = Table::new(input.replica, "replica")?;
     check_divergence(&source, &replica, input.replicated, input.managed_refs, input.adopted)?;
-    let tolerated = |id: i64| input.adopted.is_some_and(|a| a.tolerates(id));
+    let main_was = |name: &str, id: i64| input.adopted.is_some_and(|a| a.main_was(name, id));
     let kept = |name: &str| input.adopted.is_some_and(|a| a.keeps(name));
 
     let missing = source.missing_on(&replica);
@@ -341,7 +350,7 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
             // A ref at a snapshot only the adopted table has moves on to the source's history.
             let follows = |on_replica: Option<i64>| {
                 name == MAIN && on_replica.is_none()
-                    || on_replica.is_some_and(|r| source.is_ancestor(r, id, &replica) || tolerated(r))
+                    || on_replica.is_some_and(|r| source.is_ancestor(r, id, &replica) || main_was(&name, r))
             };
             let moves = target.id == id
                 || target.is_branch() && source.is_ancestor(id, target.id, &replica) && follows(replica.ref_id(&name));
@@ -512,8 +521,8 @@ fn check_divergence(
         // Where icerelay may have put the ref: where it recorded, where the
         // source has it now, or a step further along the source's history (a
         // commit that landed just before a crash, not recorded yet).
-        // A ref at a snapshot only an adopted table has is icerelay's to move.
-        let ours = tolerated(r.id)
+        // An adopted table's main, where it was, is icerelay's to move.
+        let ours = adopted.is_some_and(|a| a.main_was(&name, r.id))
             || match managed_refs.get(&name) {
                 Some(set) => {
                     r.id == *set

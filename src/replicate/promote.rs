@@ -3,7 +3,9 @@
 //! An operator asks for it (`icerelay promote`, or the admin API); the state
 //! store keeps the request, and the lane's next run carries it out, so a
 //! promotion is serial with the lane's replica commits and survives a crash
-//! half way. In `drain` mode the run first replicates what the source still
+//! half way. The run claims the request before it changes the replica: an
+//! unclaimed request can be withdrawn (and expires when the operator's wait
+//! does), a claimed one is carried out to the end. In `drain` mode the run first replicates what the source still
 //! serves (and fails, to be retried, while the source does not answer); in
 //! `now` mode it takes the replica as it is. Then it removes the read-only
 //! mark, records the recovery point (the replica's `main` snapshot: the last
@@ -32,7 +34,17 @@ pub async fn promote(ctx: &Context, lane: &LaneRecord) -> Result<(), ReplicateEr
         .destinations
         .get(&key.destination)
         .ok_or_else(|| ReplicateError::UnknownDestination(key.destination.clone()))?;
-    let replica_table = &lane.replica_table;
+    if !ctx.store.claim_promotion(key).await? {
+        tracing::info!("the promotion was withdrawn before it began; the replica stays a replica");
+        return Ok(());
+    }
+    // A rename the lane has not applied yet: the replica still has its old name.
+    let mut replica_table = &lane.replica_table;
+    if let Some(old) = &lane.replica_renamed_from
+        && destination.catalog.load_table(replica_table).await?.is_none()
+    {
+        replica_table = old;
+    }
     let mut replica = destination.catalog.load_table(replica_table).await?.ok_or_else(|| {
         ReplicateError::Refused(format!(
             "cannot promote {replica_table} on destination {}: the table does not exist there (it was never \
@@ -68,10 +80,11 @@ pub async fn promote(ctx: &Context, lane: &LaneRecord) -> Result<(), ReplicateEr
         metadata_location: replica.metadata_location.clone(),
     };
     if !ctx.store.record_promotion(key, promotion.clone()).await? {
-        // Withdrawn while it ran (the operator's wait timed out): the lane
-        // runs once more as a follower and puts the mark back.
-        tracing::warn!(replica = %replica_table, "the promotion was withdrawn while it ran; the replica stays a replica");
-        return Ok(());
+        // Only a claimed promotion is recorded, and a claim cannot be withdrawn.
+        return Err(ReplicateError::NoProgress(format!(
+            "the promotion of {replica_table} was carried out but could not be recorded (the request is gone); \
+             the replica is writable: check the lane's state"
+        )));
     }
     let mut event = Event::ok(Action::Promote, key).took(started);
     event.replica = Some(replica_table.to_string());

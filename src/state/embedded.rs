@@ -18,8 +18,8 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use tokio::sync::oneshot;
 
 use super::{
-    Adoption, CopiedFile, FailbackChoice, HintId, LaneChange, LaneError, LaneKey, LaneRecord, Progress, Promotion,
-    PromotionMode, RecordedHint, StateError, StateStore, now_ms,
+    Adoption, CopiedFile, FailbackChoice, HintId, LaneChange, LaneError, LaneKey, LaneRecord, Millis, Progress,
+    Promotion, PromotionMode, RecordedHint, StateError, StateStore, now_ms,
 };
 use crate::catalog::{Namespace, TableIdent};
 use crate::proxy::commit_tap::{CommitHint, HintKind};
@@ -116,6 +116,8 @@ ALTER TABLE lanes ADD COLUMN source_uuid TEXT;
 /// recorded; failback choices and adopted replica tables.
 const MIGRATE_TO_4: &str = "
 ALTER TABLE lanes ADD COLUMN promote_requested TEXT;
+ALTER TABLE lanes ADD COLUMN promote_deadline INTEGER;
+ALTER TABLE lanes ADD COLUMN promote_claimed INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE lanes ADD COLUMN promoted_at INTEGER;
 ALTER TABLE lanes ADD COLUMN recovery_point INTEGER;
 ALTER TABLE lanes ADD COLUMN recovery_point_at INTEGER;
@@ -321,6 +323,8 @@ fn read_lane(row: &Row<'_>) -> rusqlite::Result<LaneRecord> {
     let promotion = row.get::<_, Option<String>>("promote_requested")?.as_deref().and_then(PromotionMode::parse);
     Ok(LaneRecord {
         promotion,
+        promotion_deadline: row.get("promote_deadline")?,
+        promotion_claimed: row.get("promote_claimed")?,
         promoted,
         failback: json_column::<FailbackChoice>(row, "failback_choice")?,
         adoption: json_column::<Adoption>(row, "adoption")?,
@@ -679,17 +683,46 @@ impl StateStore for EmbeddedStore {
         .await
     }
 
-    async fn request_promotion(&self, key: &LaneKey, mode: PromotionMode) -> Result<bool, StateError> {
+    async fn request_promotion(
+        &self,
+        key: &LaneKey,
+        mode: PromotionMode,
+        deadline: Millis,
+    ) -> Result<bool, StateError> {
         let key = key.clone();
         self.call(move |c, _| {
             // Already promoted: nothing to ask, and the answer is the promotion.
             let n = c.execute(
                 &format!(
                     "UPDATE lanes SET promote_requested = CASE WHEN promoted_at IS NULL THEN ?4 ELSE NULL END,
-                     wanted = wanted + 1, pending_since = COALESCE(pending_since, ?5),
+                     promote_deadline = CASE WHEN promoted_at IS NULL THEN ?6 ELSE NULL END,
+                     wanted = CASE WHEN promoted_at IS NULL THEN wanted + 1 ELSE wanted END,
+                     pending_since = CASE WHEN promoted_at IS NULL THEN COALESCE(pending_since, ?5) ELSE pending_since END,
                      error_attempts = 0, error_parked = 0 WHERE {LANE_WHERE}"
                 ),
-                params![ns_text(&key.table.namespace), key.table.name, key.destination, mode.as_str(), now_ms()],
+                params![
+                    ns_text(&key.table.namespace),
+                    key.table.name,
+                    key.destination,
+                    mode.as_str(),
+                    now_ms(),
+                    deadline
+                ],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn claim_promotion(&self, key: &LaneKey) -> Result<bool, StateError> {
+        let key = key.clone();
+        self.call(move |c, _| {
+            let n = c.execute(
+                &format!(
+                    "UPDATE lanes SET promote_claimed = 1 WHERE {LANE_WHERE} AND promote_requested IS NOT NULL
+                     AND promoted_at IS NULL AND (promote_claimed = 1 OR COALESCE(promote_deadline, ?4) >= ?4)"
+                ),
+                params![ns_text(&key.table.namespace), key.table.name, key.destination, now_ms()],
             )?;
             Ok(n > 0)
         })
@@ -701,9 +734,10 @@ impl StateStore for EmbeddedStore {
         self.call(move |c, _| {
             let n = c.execute(
                 &format!(
-                    "UPDATE lanes SET promote_requested = NULL, wanted = wanted + 1,
+                    "UPDATE lanes SET promote_requested = NULL, promote_deadline = NULL, wanted = wanted + 1,
                      pending_since = COALESCE(pending_since, ?4)
-                     WHERE {LANE_WHERE} AND promoted_at IS NULL AND promote_requested IS NOT NULL"
+                     WHERE {LANE_WHERE} AND promoted_at IS NULL AND promote_requested IS NOT NULL
+                     AND promote_claimed = 0"
                 ),
                 params![ns_text(&key.table.namespace), key.table.name, key.destination, now_ms()],
             )?;
@@ -717,12 +751,13 @@ impl StateStore for EmbeddedStore {
         self.call(move |c, _| {
             let n = c.execute(
                 &format!(
-                    "UPDATE lanes SET promote_requested = NULL, promoted_at = ?4, recovery_point = ?5,
+                    "UPDATE lanes SET promote_requested = NULL, promote_deadline = NULL, promote_claimed = 0,
+                     promoted_at = ?4, recovery_point = ?5,
                      recovery_point_at = ?6, missed_snapshots = ?7, source_answered = ?8,
                      promoted_metadata_location = ?9, replica_metadata_location = COALESCE(?9, replica_metadata_location),
                      done = wanted, pending_since = NULL,
                      error_message = NULL, error_at = NULL, error_attempts = 0, error_parked = 0
-                     WHERE {LANE_WHERE} AND promote_requested IS NOT NULL AND promoted_at IS NULL"
+                     WHERE {LANE_WHERE} AND promote_claimed = 1 AND promoted_at IS NULL"
                 ),
                 params![
                     ns_text(&key.table.namespace),

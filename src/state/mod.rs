@@ -170,6 +170,10 @@ pub struct LaneRecord {
     pub source_uuid: Option<String>,
     /// An operator asked for the replica to be promoted; the lane's next run does it.
     pub promotion: Option<PromotionMode>,
+    /// When an unclaimed promotion request expires (the operator stopped waiting).
+    pub promotion_deadline: Option<Millis>,
+    /// The lane began the requested promotion: it is carried out to the end.
+    pub promotion_claimed: bool,
     /// The replica was promoted: the lane never writes it again.
     pub promoted: Option<Promotion>,
     /// An operator's choice for a replica table that existed with snapshots
@@ -196,6 +200,12 @@ pub struct Adoption {
     pub unreplicated: Vec<i64>,
     /// The branch that keeps them, and the snapshot it points at.
     pub kept_branch: Option<(String, i64)>,
+    /// Its own refs at those snapshots (besides `main`): kept as they are.
+    #[serde(default)]
+    pub kept_refs: Vec<String>,
+    /// Where its `main` was when adopted (icerelay moves it from there only).
+    #[serde(default)]
+    pub main_at: Option<i64>,
     /// How the source's later sequence numbers are shifted on it.
     pub sequence_shift: Option<crate::rewrite::SequenceShift>,
 }
@@ -264,8 +274,12 @@ impl LaneRecord {
         }
     }
 
-    /// Seconds since the oldest change the replica does not have yet (0 when none).
+    /// Seconds since the oldest change the replica does not have yet (0 when
+    /// none, and for a promoted replica, which follows nothing).
     pub fn seconds_behind(&self, now: Millis) -> i64 {
+        if self.promoted.is_some() {
+            return 0;
+        }
         self.pending_since.map_or(0, |since| (now - since).max(0) / 1000)
     }
 
@@ -430,14 +444,19 @@ pub trait StateStore: Send + Sync + 'static {
     async fn set_paused(&self, key: &LaneKey, paused: bool) -> Result<bool, StateError>;
     /// Asks a lane for a full check (resync); `false` if there is no such lane.
     async fn request_resync(&self, key: &LaneKey) -> Result<bool, StateError>;
-    /// Asks the lane to promote its replica; `false` if there is no such lane.
-    async fn request_promotion(&self, key: &LaneKey, mode: PromotionMode) -> Result<bool, StateError>;
-    /// Withdraws a promotion request that was not carried out yet (the lane
-    /// runs once more, to put back what it may have begun); `false` if it was
-    /// carried out or there was none.
+    /// Asks the lane to promote its replica, unless the request expires at
+    /// `deadline` before the lane claims it; `false` if there is no such lane.
+    async fn request_promotion(&self, key: &LaneKey, mode: PromotionMode, deadline: Millis)
+    -> Result<bool, StateError>;
+    /// The lane takes the request before it changes the replica: from then
+    /// on it is carried out, and can no longer be withdrawn. `false` if there
+    /// is no request (withdrawn, or expired unclaimed).
+    async fn claim_promotion(&self, key: &LaneKey) -> Result<bool, StateError>;
+    /// Withdraws a promotion request the lane has not claimed; `false` if it
+    /// was claimed, carried out, or there was none.
     async fn withdraw_promotion(&self, key: &LaneKey) -> Result<bool, StateError>;
-    /// Records that the lane promoted its replica; `false` (nothing recorded)
-    /// if the request was withdrawn meanwhile.
+    /// Records that the lane carried out the promotion it claimed; `false` if
+    /// it had not claimed one.
     async fn record_promotion(&self, key: &LaneKey, promotion: Promotion) -> Result<bool, StateError>;
     /// Records an operator's failback choice; `false` if there is no such lane.
     async fn request_failback(&self, key: &LaneKey, choice: FailbackChoice) -> Result<bool, StateError>;

@@ -6,7 +6,8 @@
 //!   (part_concurrency + 1)` whatever the file sizes.
 //! - **Idempotent.** A target that already exists with the source's size (and
 //!   the same MD5 entity tag, when both stores give one) is not copied again;
-//!   a rewritten file whose target exists is not written again ([`Copier::put`]).
+//!   a rewritten file whose target holds its bytes is not written again
+//!   ([`Copier::put`]).
 //! - **Verified.** After writing, the target's size is checked, and its entity
 //!   tag against the MD5 computed while streaming (plain MD5 for a single PUT,
 //!   the MD5 of the part MD5s with `-N` for a multipart upload) when the store
@@ -35,11 +36,13 @@ pub struct CopySettings {
     pub part_size: usize,
     /// Parts of one file in flight at once.
     pub part_concurrency: usize,
+    /// Keep a rewritten file's existing target whatever its bytes (see [`Copier::put`]).
+    pub keep_existing_rewrites: bool,
 }
 
 impl Default for CopySettings {
     fn default() -> Self {
-        Self { parallelism: 8, part_size: 8 * 1024 * 1024, part_concurrency: 2 }
+        Self { parallelism: 8, part_size: 8 * 1024 * 1024, part_concurrency: 2, keep_existing_rewrites: false }
     }
 }
 
@@ -209,17 +212,15 @@ impl Copier {
     }
 
     /// Writes rewritten contents (a manifest, a manifest list, a delete
-    /// file) unless the target exists already; records it under `source`.
-    /// The outcome's size is the size of what is at the target, which the
-    /// caller records (a manifest's length in its list, a delete file's size
-    /// in its manifest).
+    /// file) unless the target already holds exactly these bytes; records it
+    /// under `source`. The outcome's size is the size of what is at the
+    /// target, which the caller records (a manifest's length in its list, a
+    /// delete file's size in its manifest).
     ///
-    /// An existing target is kept as it is, whatever its bytes: Iceberg files
-    /// are immutable and named uniquely, and the target is derived from the
-    /// source path, so an existing one is this file's rewrite from an earlier
-    /// run, or (after a failover, the old primary as a destination) the very
-    /// original this source was copied from. Overwriting it could change the
-    /// size that older manifests there record for it.
+    /// With `keep_existing_rewrites` an existing target is kept whatever its
+    /// bytes: on a table that existed before replication (the old primary
+    /// after a failover) it is the very original this source was copied from,
+    /// and overwriting it would change the size older manifests there record.
     ///
     /// The MD5 is computed only for stores that give S3-style entity tags to
     /// compare it with; a local file has none, so its checkpoint records no
@@ -227,13 +228,17 @@ impl Copier {
     pub async fn put(&self, source: &str, target: &str, bytes: Bytes) -> Result<CopyOutcome, CopyError> {
         let fail = |error| CopyError::Storage { source_url: source.to_owned(), target: target.to_owned(), error };
         let location = self.storage.resolve(target).map_err(fail)?;
-        if let Some(found) = head(&location).await.map_err(fail)? {
+        let md5 = (!is_local(&location)).then(|| md5_hex(&bytes));
+        let size = bytes.len() as u64;
+        if let Some(found) = head(&location).await.map_err(fail)?
+            && (self.settings.keep_existing_rewrites
+                || found.size == size
+                    && tags_agree(md5.as_ref().map(|m| format!("\"{m}\"")).as_deref(), found.e_tag.as_deref()))
+        {
             let checksum = found.e_tag.as_deref().map(|t| t.trim_matches('"').to_owned());
             self.checkpoints.put(source, CopiedFile { target: target.to_owned(), size: found.size, checksum }).await?;
             return Ok(CopyOutcome::Skipped { bytes: found.size });
         }
-        let md5 = (!is_local(&location)).then(|| md5_hex(&bytes));
-        let size = bytes.len() as u64;
         let result = location
             .store
             .put_opts(&location.path, PutPayload::from_bytes(bytes), location.put_options())
@@ -454,7 +459,7 @@ mod tests {
         storage.write(&local(dir.path(), "src/big.bin"), Bytes::from(big.clone())).await.expect("seed");
         storage.write(&local(dir.path(), "src/small.bin"), Bytes::from_static(b"small")).await.expect("seed");
         let journal = Arc::new(Journal::open(&dir.path().join("journal.jsonl")).expect("journal"));
-        let settings = CopySettings { parallelism: 2, part_size: 5 * 1024 * 1024, part_concurrency: 2 };
+        let settings = CopySettings { parallelism: 2, part_size: 5 * 1024 * 1024, ..CopySettings::default() };
         let copier = Copier::new(storage.clone(), journal.clone(), settings);
         let tasks: Vec<CopyTask> = ["big.bin", "small.bin"]
             .iter()

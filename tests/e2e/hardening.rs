@@ -368,7 +368,8 @@ mod write_settings {
         // A multipart upload, from a local file larger than a part.
         let source = dir.path().join("big.parquet");
         std::fs::write(&source, vec![7u8; 6 * 1024 * 1024]).expect("write");
-        let settings = CopySettings { parallelism: 1, part_size: 5 * 1024 * 1024, part_concurrency: 1 };
+        let settings =
+            CopySettings { parallelism: 1, part_size: 5 * 1024 * 1024, part_concurrency: 1, ..CopySettings::default() };
         let copier = Copier::new(storage.clone(), Arc::new(NoCheckpoints), settings);
         let task =
             CopyTask { source: format!("file://{}", source.display()), target: "s3://kms/t/data/big.parquet".into() };

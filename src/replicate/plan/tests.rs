@@ -515,7 +515,13 @@ fn an_adopted_table_keeps_its_own_snapshots_on_a_branch_and_follows_from_the_anc
     let refused = next_step(&input(None)).expect_err("diverged");
     assert!(refused.to_string().contains("11"), "{refused}");
 
-    let adopted = Adopted { unreplicated: &unreplicated, kept_branch: Some(("lost", 11)), sequence_shift: Some(shift) };
+    let adopted = Adopted {
+        unreplicated: &unreplicated,
+        kept_branch: Some(("lost", 11)),
+        kept_refs: &[],
+        main_at: Some(11),
+        sequence_shift: Some(shift),
+    };
     let step = next_step(&input(Some(adopted))).expect("plans").expect("a step");
     assert_eq!(step.snapshot, Some(20));
     let added = step.updates.iter().find(|u| u["action"] == "add-snapshot").expect("add-snapshot");

@@ -231,3 +231,51 @@ async fn a_database_from_a_newer_icerelay_is_refused_naming_both_versions() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_promotion_is_withdrawn_or_expires_until_claimed_and_is_carried_out_once_claimed() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EmbeddedStore::open(dir.path()).expect("open");
+    let key = LaneKey::new(table("db", "t"), "dr");
+    store.apply_lane_changes(vec![touch(&key)], None).await.expect("touch");
+    let later = now_ms() + 60_000;
+
+    // Unclaimed: withdrawn, and then nothing to claim.
+    assert!(store.request_promotion(&key, PromotionMode::Now, later).await.expect("request"));
+    let lane = store.lane(&key).await.expect("read").expect("lane");
+    assert_eq!((lane.promotion, lane.promotion_claimed), (Some(PromotionMode::Now), false));
+    assert!(lane.has_work());
+    assert!(store.withdraw_promotion(&key).await.expect("withdraw"));
+    assert!(!store.claim_promotion(&key).await.expect("claim"));
+
+    // Expired unclaimed: cannot be claimed.
+    store.request_promotion(&key, PromotionMode::Drain, now_ms() - 1).await.expect("request");
+    assert!(!store.claim_promotion(&key).await.expect("claim"));
+    assert!(store.withdraw_promotion(&key).await.expect("withdraw"));
+
+    // Claimed: no longer withdrawn; recorded once; the lane is promoted for good.
+    store.request_promotion(&key, PromotionMode::Now, later).await.expect("request");
+    assert!(store.claim_promotion(&key).await.expect("claim"));
+    assert!(!store.withdraw_promotion(&key).await.expect("withdraw"), "a claimed promotion runs to the end");
+    let promotion = Promotion {
+        at: 5,
+        recovery_point: Some(42),
+        recovery_point_at: Some(4),
+        missed_snapshots: Some(1),
+        source_answered: false,
+        metadata_location: Some("s3://r/db/t/metadata/v9.metadata.json".into()),
+    };
+    assert!(store.record_promotion(&key, promotion.clone()).await.expect("record"));
+    assert!(!store.record_promotion(&key, promotion.clone()).await.expect("again"), "recorded once");
+    drop(store);
+    let store = EmbeddedStore::open(dir.path()).expect("reopen");
+    let lane = store.lane(&key).await.expect("read").expect("lane");
+    assert_eq!(lane.promoted, Some(promotion));
+    assert_eq!(lane.status(), LaneStatus::Promoted);
+    store.apply_lane_changes(vec![touch(&key)], None).await.expect("a later hint");
+    let lane = store.lane(&key).await.expect("read").expect("lane");
+    assert!(!lane.has_work() && lane.seconds_behind(now_ms() + 10_000) == 0, "a promoted lane follows nothing");
+    // Asking again answers with the promotion and asks for nothing.
+    assert!(store.request_promotion(&key, PromotionMode::Now, later).await.expect("request"));
+    assert_eq!(store.lane(&key).await.expect("read").expect("lane").promotion, None);
+}
