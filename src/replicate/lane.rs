@@ -27,11 +27,8 @@ use crate::catalog::{CatalogError, LoadedTable, TableIdent};
 use crate::config::OnDrop;
 use crate::metrics::ReplicationMetrics;
 use crate::rewrite::PathMap;
-use crate::rewrite::SequenceShift;
 use crate::rewrite::metadata::{PATH_PROPERTIES, snapshot_ids};
-use crate::state::{
-    Adoption, FailbackChoice, LaneChange, LaneKey, LaneRecord, Progress, PromotionMode, now_ms, rfc3339,
-};
+use crate::state::{Adoption, LaneChange, LaneKey, LaneRecord, Progress, PromotionMode, now_ms, rfc3339};
 use crate::storage::checkpoint::StateCheckpoints;
 use crate::storage::copy::{Copier, CopyReport, CopySettings};
 use crate::table_copy::{NoProgress, TableCopier};
@@ -82,17 +79,24 @@ pub async fn run(ctx: Arc<Context>, lane: LaneRecord) -> Result<(), ReplicateErr
 }
 
 /// What a run knows about its replica, recorded after every confirmed commit.
-struct Known {
-    replicated: BTreeSet<i64>,
-    managed_properties: BTreeSet<String>,
-    managed_refs: BTreeMap<String, i64>,
-    mode: String,
-    source_uuid: Option<String>,
-    adoption: Option<Adoption>,
+pub(super) struct Known {
+    pub(super) replicated: BTreeSet<i64>,
+    pub(super) managed_properties: BTreeSet<String>,
+    pub(super) managed_refs: BTreeMap<String, i64>,
+    pub(super) mode: String,
+    pub(super) source_uuid: Option<String>,
+    pub(super) adoption: Option<Adoption>,
 }
 
 impl Known {
-    fn progress(&self, key: &LaneKey, replica: &LoadedTable, source: &Value, added: Vec<i64>) -> Progress {
+    /// What a confirmed commit of `step` put on the replica.
+    fn applied(&mut self, step: &Step) {
+        self.replicated.extend(step.snapshot);
+        self.managed_properties.extend(step.managed_properties.iter().cloned());
+        self.managed_refs = step.managed_refs.clone();
+    }
+
+    pub(super) fn progress(&self, key: &LaneKey, replica: &LoadedTable, source: &Value, added: Vec<i64>) -> Progress {
         Progress {
             key: key.clone(),
             source_metadata_location: None,
@@ -222,205 +226,8 @@ async fn open_replica(
             made.table
         }
     };
-    adopt_shared(ctx, lane, destination, &source, &replica, &mut known).await?;
+    super::adopt::adopt_shared(ctx, lane, destination, &source, &replica, &mut known).await?;
     Ok(Following { source, source_file, replica, known })
-}
-
-/// Records as icerelay's the snapshots the replica shares with the source
-/// that it did not record: a commit that landed just before a crash, or a
-/// table that existed before the lane (the old primary, configured as a
-/// destination after a failover). Such a table is followed from the newest
-/// snapshot both have; snapshots only it has stop the lane, by id.
-async fn adopt_shared(
-    ctx: &Context,
-    lane: &LaneRecord,
-    destination: &Destination,
-    source: &LoadedTable,
-    replica: &LoadedTable,
-    known: &mut Known,
-) -> Result<(), ReplicateError> {
-    let key = &lane.key;
-    let shared = plan::shared_snapshots(&source.metadata, &replica.metadata);
-    let unrecorded: Vec<i64> = shared.difference(&known.replicated).copied().collect();
-    if unrecorded.is_empty() {
-        return Ok(());
-    }
-    let mut unrecorded = unrecorded;
-    let existed = lane.replica_metadata_location.is_none() && known.replicated.is_empty();
-    if existed {
-        let (older, only_there) = own_snapshots(source, replica);
-        // Snapshots of the shared history the source has expired since are
-        // history, not the old side's own.
-        unrecorded.extend(older);
-        let only_there: Vec<String> = only_there.iter().map(ToString::to_string).collect();
-        if !only_there.is_empty() && known.adoption.is_none() {
-            if let Some(choice) = &lane.failback {
-                let adoption = adoption(lane, destination, source, replica, choice)?;
-                tracing::warn!(replica = %lane.replica_table, unreplicated = ?adoption.unreplicated, kept_branch = ?adoption.kept_branch, shift = ?adoption.sequence_shift, "failback: following the source from the common ancestor");
-                let mut event = Event::ok(Action::Failback, key);
-                event.replica = Some(lane.replica_table.to_string());
-                event.source_snapshots = vec![adoption.common_ancestor];
-                event.replica_metadata_location.clone_from(&replica.metadata_location);
-                event.detail = serde_json::to_value(&adoption).ok();
-                ctx.audit.record(event);
-                ctx.store.record_adoption(key, adoption.clone()).await?;
-                known.adoption = Some(adoption);
-            } else {
-                let ancestor = plan::common_ancestor(&source.metadata, &replica.metadata).map_or_else(
-                    || "no snapshot on the source's main branch".to_owned(),
-                    |id| format!("snapshot {id}"),
-                );
-                return Err(failback_needed(lane, destination, shared.len(), &ancestor, &only_there));
-            }
-        }
-    }
-    record_adopted(ctx, lane, source, replica, known, unrecorded, existed).await
-}
-
-/// The divergence of a replica table that existed with snapshots of its own.
-fn failback_needed(
-    lane: &LaneRecord,
-    destination: &Destination,
-    shared: usize,
-    ancestor: &str,
-    only_there: &[String],
-) -> ReplicateError {
-    plan::PlanError::FailbackChoiceNeeded {
-        detail: format!(
-            "destination {} already has {} with {shared} snapshot(s) of the source's history (the newest on the \
-             source's main branch: {ancestor}) and {} snapshot(s) the source does not have: {} (written there after \
-             its last replication, before a failover?). To follow the source from {ancestor}, choose what becomes \
-             of them: `icerelay failback --table {} --destination {} --keep-unreplicated-as-branch NAME` keeps them \
-             on a branch, `--continue-from-common-ancestor` leaves them unreferenced",
-            destination.name(),
-            lane.replica_table,
-            only_there.len(),
-            only_there.join(", "),
-            lane.key.table,
-            destination.name(),
-        ),
-    }
-    .into()
-}
-
-/// The replica's snapshots the source does not have, split at the common
-/// ancestor's sequence number: the older ones are shared history the source
-/// expired, the newer ones the replica's own (written after the last
-/// replication). Without a common ancestor, all are its own.
-fn own_snapshots(source: &LoadedTable, replica: &LoadedTable) -> (Vec<i64>, Vec<i64>) {
-    let source_ids = snapshot_ids(&source.metadata);
-    let above = plan::common_ancestor(&source.metadata, &replica.metadata)
-        .and_then(|id| plan::snapshot_field(&replica.metadata, id, "sequence-number"));
-    snapshot_ids(&replica.metadata).into_iter().filter(|id| !source_ids.contains(id)).partition(|id| {
-        above.is_some_and(|above| {
-            plan::snapshot_field(&replica.metadata, *id, "sequence-number").is_some_and(|n| n <= above)
-        })
-    })
-}
-
-/// How an adopted table with snapshots of its own is followed, from the
-/// operator's `choice`: from the common ancestor, its own snapshots kept
-/// (on a branch, if asked), the source's later sequence numbers shifted
-/// above the ones they took.
-fn adoption(
-    lane: &LaneRecord,
-    destination: &Destination,
-    source: &LoadedTable,
-    replica: &LoadedTable,
-    choice: &FailbackChoice,
-) -> Result<Adoption, ReplicateError> {
-    let refused = |why: String| {
-        ReplicateError::Refused(format!(
-            "cannot fail back onto {} on destination {}: {why}",
-            lane.replica_table,
-            destination.name()
-        ))
-    };
-    let ancestor = plan::common_ancestor(&source.metadata, &replica.metadata)
-        .ok_or_else(|| refused("it has no snapshot of the source's main branch (no common history)".into()))?;
-    if replica.metadata.get("format-version").and_then(Value::as_i64).unwrap_or(1) >= 3 {
-        return Err(refused(
-            "it is a v3 table, whose row ids (like its sequence numbers) its own snapshots have taken; icerelay does \
-             not shift row ids yet. Rename or drop it there to have the replica made again"
-                .into(),
-        ));
-    }
-    let (_, unreplicated) = own_snapshots(source, replica);
-    let above = plan::snapshot_field(&replica.metadata, ancestor, "sequence-number").unwrap_or(0);
-    let sequence = |id: i64| plan::snapshot_field(&replica.metadata, id, "sequence-number").unwrap_or(0);
-    let refs = plan::ref_ids(&replica.metadata);
-    let main_at = refs.get(plan::MAIN).copied();
-    let last = replica.metadata.get("last-sequence-number").and_then(Value::as_i64).unwrap_or(above);
-    let kept_branch = match &choice.keep_branch {
-        None => None,
-        Some(name) => {
-            let taken = |m: &Value| m.get("refs").and_then(|r| r.get(name)).is_some();
-            if taken(&source.metadata) || taken(&replica.metadata) {
-                return Err(refused(format!("a ref named {name:?} exists already; choose another branch name")));
-            }
-            // Its main, if that is one of them; else the newest.
-            let tip = main_at
-                .filter(|id| unreplicated.contains(id))
-                .or_else(|| unreplicated.iter().copied().max_by_key(|id| sequence(*id)))
-                .ok_or_else(|| refused("it has no snapshot of its own to keep".into()))?;
-            Some((name.clone(), tip))
-        }
-    };
-    let kept_refs = refs
-        .iter()
-        .filter(|(name, id)| *name != plan::MAIN && unreplicated.contains(id))
-        .map(|(n, _)| n.clone())
-        .collect();
-    Ok(Adoption {
-        common_ancestor: ancestor,
-        unreplicated,
-        kept_branch,
-        kept_refs,
-        main_at,
-        sequence_shift: (last > above).then_some(SequenceShift { above, by: last - above }),
-    })
-}
-
-/// Records the shared snapshots as icerelay's (see [`adopt_shared`]).
-async fn record_adopted(
-    ctx: &Context,
-    lane: &LaneRecord,
-    source: &LoadedTable,
-    replica: &LoadedTable,
-    known: &mut Known,
-    unrecorded: Vec<i64>,
-    existed: bool,
-) -> Result<(), ReplicateError> {
-    let key = &lane.key;
-    let mut event = Event::ok(Action::Commit, key);
-    event.replica = Some(lane.replica_table.to_string());
-    event.source_snapshots.clone_from(&unrecorded);
-    event.replica_metadata_location.clone_from(&replica.metadata_location);
-    event.detail = Some(json!({"adopted": if existed {
-        "the table existed with this history (the old primary after a failover?); followed from here"
-    } else {
-        "committed before a restart, recorded now"
-    }}));
-    ctx.audit.record(event);
-    if existed {
-        tracing::warn!(replica = %lane.replica_table, shared = unrecorded.len(), "the replica table existed with the source's history; following it from there");
-        if known.adoption.is_none() {
-            // Recorded so that its files are kept as they are (see `table_copier`).
-            let adoption = Adoption {
-                common_ancestor: plan::common_ancestor(&source.metadata, &replica.metadata).unwrap_or_default(),
-                unreplicated: Vec::new(),
-                kept_branch: None,
-                kept_refs: Vec::new(),
-                main_at: plan::ref_ids(&replica.metadata).get(plan::MAIN).copied(),
-                sequence_shift: None,
-            };
-            ctx.store.record_adoption(key, adoption.clone()).await?;
-            known.adoption = Some(adoption);
-        }
-    }
-    known.replicated.extend(&unrecorded);
-    ctx.store.record_progress(known.progress(key, replica, &source.metadata, unrecorded)).await?;
-    Ok(())
 }
 
 /// Commits the planned steps, one source commit at a time, until the
@@ -453,13 +260,7 @@ async fn replay(
             managed_properties: &known.managed_properties,
             managed_refs: &known.managed_refs,
             destination_properties: &properties,
-            adopted: known.adoption.as_ref().map(|a| plan::Adopted {
-                unreplicated: &unreplicated,
-                kept_branch: a.kept_branch.as_ref().map(|(name, id)| (name.as_str(), *id)),
-                kept_refs: &a.kept_refs,
-                main_at: a.main_at,
-                sequence_shift: a.sequence_shift,
-            }),
+            adopted: known.adoption.as_ref().map(|a| adopted(a, &unreplicated)),
         })?;
         let Some(step) = step else { return Ok(()) };
         if step.snapshot.is_none() {
@@ -487,14 +288,7 @@ async fn replay(
         tracing::debug!(step = %step.describe(), behind = step.snapshots_behind, "replaying");
 
         let started = std::time::Instant::now();
-        let mut wanted: BTreeSet<i64> = step.statistics_of.clone();
-        wanted.extend(step.snapshot);
-        let mut report = CopyReport::default();
-        if !wanted.is_empty() {
-            let copied = copier.copy_snapshots(&source.metadata, source_file, &map, &wanted, &NoProgress).await?;
-            count_copies(&ctx.metrics, destination.name(), copied.report);
-            report = copied.report;
-        }
+        let report = copy_files_of(ctx, destination, &copier, source, source_file, &map, &step).await?;
         let audit = |committed: &LoadedTable| {
             let mut event = Event::ok(Action::Commit, key).took(started);
             event.replica = Some(replica_table.to_string());
@@ -509,9 +303,7 @@ async fn replay(
         match destination.catalog.update_table(replica_table, &step.requirements, &step.updates).await {
             Ok(committed) => {
                 ctx.metrics.commits.get_or_create(&ReplicationMetrics::labels(destination.name())).inc();
-                known.replicated.extend(step.snapshot);
-                known.managed_properties.extend(step.managed_properties.iter().cloned());
-                known.managed_refs = step.managed_refs.clone();
+                known.applied(&step);
                 let added = step.snapshot.into_iter().collect();
                 // Audited first: the commit has landed, whatever happens next.
                 audit(&committed);
@@ -536,9 +328,7 @@ async fn replay(
                     && snapshot_ids(&replica.metadata).contains(&id)
                 {
                     // The commit landed after all.
-                    known.replicated.insert(id);
-                    known.managed_properties.extend(step.managed_properties.iter().cloned());
-                    known.managed_refs = step.managed_refs.clone();
+                    known.applied(&step);
                     audit(replica);
                     ctx.store.record_progress(known.progress(key, replica, &source.metadata, vec![id])).await?;
                     reloads = 0;
@@ -547,6 +337,38 @@ async fn replay(
             Err(e) => return Err(explain_refusal(e, &step, &source.metadata, &replica.metadata, destination.name())),
         }
     }
+}
+
+/// The planner's view of an adopted table.
+fn adopted<'a>(adoption: &'a Adoption, unreplicated: &'a BTreeSet<i64>) -> plan::Adopted<'a> {
+    plan::Adopted {
+        unreplicated,
+        kept_branch: adoption.kept_branch.as_ref().map(|(name, id)| (name.as_str(), *id)),
+        kept_refs: &adoption.kept_refs,
+        main_at: adoption.main_at,
+        sequence_shift: adoption.sequence_shift,
+    }
+}
+
+/// Copies the files `step` references (its snapshot's, its statistics')
+/// before it is committed.
+async fn copy_files_of(
+    ctx: &Context,
+    destination: &Destination,
+    copier: &TableCopier,
+    source: &LoadedTable,
+    source_file: &str,
+    map: &PathMap,
+    step: &Step,
+) -> Result<CopyReport, ReplicateError> {
+    let mut wanted: BTreeSet<i64> = step.statistics_of.clone();
+    wanted.extend(step.snapshot);
+    if wanted.is_empty() {
+        return Ok(CopyReport::default());
+    }
+    let copied = copier.copy_snapshots(&source.metadata, source_file, map, &wanted, &NoProgress).await?;
+    count_copies(&ctx.metrics, destination.name(), copied.report);
+    Ok(copied.report)
 }
 
 /// Records that the lane converged at the generation it started for.

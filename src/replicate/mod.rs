@@ -10,6 +10,9 @@
 //! - [`destination`]: a replica catalog and how its replicas are first made.
 //! - [`plan`]: the next replica commit, from source and replica metadata (pure).
 //! - [`lane`]: one run of one (table, destination) lane.
+//! - `adopt`: a replica table that existed before its lane (failback).
+//! - [`promote`]: failover, a replica becomes a table of its own.
+//! - [`mark`]: the read-only mark every replica carries.
 //!
 //! The engine itself (this module) is three loops over the state store:
 //!
@@ -31,6 +34,7 @@
 //! store before it is acted on, so killing icerelay at any moment loses
 //! nothing.
 
+mod adopt;
 pub mod destination;
 mod error;
 pub mod lane;

@@ -183,17 +183,19 @@ pub fn snapshots_missing_from(source: &Value, replicated: &BTreeSet<i64>) -> usi
 }
 
 /// Plans the next replica commit; `None` when the replica agrees with the source.
+///
+/// In phases: divergence, the format version, historical fields (a commit of
+/// their own when the catalog may number them differently), active state,
+/// properties, statistics, then the next snapshot with the refs it moves (or,
+/// with no snapshot missing, the refs alone).
 pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
     let source = Table::new(input.source, "source")?;
     let replica = Table::new(input.replica, "replica")?;
     check_divergence(&source, &replica, input.replicated, input.managed_refs, input.adopted)?;
-    let main_was = |name: &str, id: i64| input.adopted.is_some_and(|a| a.main_was(name, id));
-    let kept = |name: &str| input.adopted.is_some_and(|a| a.keeps(name));
 
     let missing = source.missing_on(&replica);
     let next = missing.first().copied();
     let mut updates = Vec::new();
-    let mut statistics_of = BTreeSet::new();
 
     // Format version first: later updates may need it. But a v3 table takes
     // only snapshots with row lineage (`first-row-id`): snapshots written
@@ -204,9 +206,79 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
         updates.push(json!({"action": "upgrade-format-version", "format-version": source.format_version}));
     }
 
-    // Historical fields, only ever added. An id the catalog might assign
-    // differently (it assigns the next free one) goes in a commit of its own,
-    // so that the next plan can read back what it became.
+    let history = historical_updates(&source, &replica)?;
+    updates.extend(history.updates.iter().cloned());
+    if history.assigned_elsewhere {
+        // Ids the catalog may number differently go in a commit of their
+        // own, so that the next plan can read back what they became.
+        return Ok(Some(Step {
+            requirements: requirements(&replica, &BTreeSet::new()),
+            updates,
+            snapshot: None,
+            statistics_of: BTreeSet::new(),
+            managed_properties: input.managed_properties.clone(),
+            managed_refs: replica.ref_ids(),
+            snapshots_behind: missing.len(),
+        }));
+    }
+    updates.extend(active_state_updates(&source, &replica, &history));
+    let (property_updates, managed_properties) = properties(&source, &replica, input)?;
+    updates.extend(property_updates);
+    let (statistics, statistics_of) = statistics_updates(&source, &replica, next, input)?;
+    updates.extend(statistics);
+    let (ref_updates, moved) = match next {
+        Some(snapshot) => snapshot_updates(&source, &replica, snapshot, &history, input)?,
+        None => ref_updates(&source, &replica),
+    };
+    updates.extend(ref_updates);
+    let (cleanup, cleaned) = ref_cleanup(&source, &replica, input.adopted);
+    updates.extend(cleanup);
+
+    if updates.is_empty() {
+        return Ok(None);
+    }
+    let mut moved = moved;
+    moved.extend(cleaned);
+    Ok(Some(Step {
+        requirements: requirements(&replica, &moved),
+        managed_refs: refs_after(&replica, &updates),
+        updates,
+        snapshot: next.and_then(id_of),
+        statistics_of,
+        managed_properties,
+        snapshots_behind: missing.len(),
+    }))
+}
+
+/// The historical fields the replica lacks, and where each source id is on
+/// the replica.
+struct History {
+    updates: Vec<Value>,
+    /// Source schema id to the replica's, for schemas it has.
+    schema_ids: BTreeMap<i64, i64>,
+    /// Source schema id to the id the catalog will give it, for added ones.
+    added_schemas: BTreeMap<i64, i64>,
+    /// Source sort order id to the replica's, for orders it has.
+    order_ids: BTreeMap<i64, i64>,
+    /// Source sort order ids added by these updates.
+    added_orders: BTreeSet<i64>,
+    /// Some id would not be the one the catalog assigns (the next free one).
+    assigned_elsewhere: bool,
+}
+
+impl History {
+    fn schema_on_replica(&self, id: i64) -> Option<i64> {
+        self.schema_ids.get(&id).or_else(|| self.added_schemas.get(&id)).copied()
+    }
+
+    fn order_on_replica(&self, id: i64) -> Option<i64> {
+        self.order_ids.get(&id).copied().or_else(|| self.added_orders.contains(&id).then_some(id))
+    }
+}
+
+/// Historical fields, only ever added: schemas, partition specs, sort orders.
+fn historical_updates(source: &Table<'_>, replica: &Table<'_>) -> Result<History, PlanError> {
+    let mut updates = Vec::new();
     let schema_ids = match_by_structure(source.schemas(), replica.schemas(), "schema-id", same_schema);
     let mut next_schema_id = replica.max_id(replica.schemas(), "schema-id") + 1;
     let mut assigned_elsewhere = false;
@@ -259,25 +331,13 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
             updates.push(json!({"action": "add-sort-order", "sort-order": order}));
         }
     }
-    if assigned_elsewhere {
-        let ids_only: Vec<Value> = updates
-            .into_iter()
-            .filter(|u| matches!(action(u), "add-schema" | "add-spec" | "add-sort-order" | "upgrade-format-version"))
-            .collect();
-        return Ok(Some(Step {
-            requirements: requirements(&replica, &BTreeSet::new()),
-            updates: ids_only,
-            snapshot: None,
-            statistics_of,
-            managed_properties: input.managed_properties.clone(),
-            managed_refs: replica.ref_ids(),
-            snapshots_behind: missing.len(),
-        }));
-    }
+    Ok(History { updates, schema_ids, added_schemas, order_ids, added_orders, assigned_elsewhere })
+}
 
-    // Active state: current schema, default spec and sort order.
-    let schema_on_replica = |id: i64| schema_ids.get(&id).or_else(|| added_schemas.get(&id)).copied();
-    if let Some(current) = source.int("current-schema-id").and_then(schema_on_replica)
+/// Active state: current schema, default spec and sort order.
+fn active_state_updates(source: &Table<'_>, replica: &Table<'_>, history: &History) -> Vec<Value> {
+    let mut updates = Vec::new();
+    if let Some(current) = source.int("current-schema-id").and_then(|id| history.schema_on_replica(id))
         && replica.int("current-schema-id") != Some(current)
     {
         updates.push(json!({"action": "set-current-schema", "schema-id": current}));
@@ -287,18 +347,24 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
     {
         updates.push(json!({"action": "set-default-spec", "spec-id": spec}));
     }
-    let order_on_replica = |id: i64| order_ids.get(&id).copied().or_else(|| added_orders.contains(&id).then_some(id));
-    if let Some(order) = source.int("default-sort-order-id").and_then(order_on_replica)
+    if let Some(order) = source.int("default-sort-order-id").and_then(|id| history.order_on_replica(id))
         && replica.int("default-sort-order-id") != Some(order)
     {
         updates.push(json!({"action": "set-default-sort-order", "sort-order-id": order}));
     }
+    updates
+}
 
-    // Properties: the source's (paths rewritten), then the destination's.
-    let (property_updates, managed_properties) = properties(&source, &replica, input)?;
-    updates.extend(property_updates);
-
-    // Statistics of snapshots the replica has (or gets in this commit).
+/// Statistics of snapshots the replica has (or gets in this commit), and
+/// the snapshots whose statistics files must be copied first.
+fn statistics_updates(
+    source: &Table<'_>,
+    replica: &Table<'_>,
+    next: Option<&Value>,
+    input: &PlanInput<'_>,
+) -> Result<(Vec<Value>, BTreeSet<i64>), PlanError> {
+    let mut updates = Vec::new();
+    let mut statistics_of = BTreeSet::new();
     let on_replica = |id: i64| replica.has_snapshot(id) || next.is_some_and(|n| id_of(n) == Some(id));
     for (field, action_name) in [("statistics", "set-statistics"), ("partition-statistics", "set-partition-statistics")]
     {
@@ -323,97 +389,117 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
             }
         }
     }
+    Ok((updates, statistics_of))
+}
 
-    // The snapshot, with its manifest list at the replica and its schema id there.
-    let mut moved = BTreeSet::new();
-    if let Some(snapshot) = next {
-        let id = id_of(snapshot).ok_or_else(|| invalid("source", "a snapshot has no `snapshot-id`"))?;
-        let mut added = snapshot.clone();
-        let obj = added.as_object_mut().ok_or_else(|| invalid("source", "a snapshot is not an object"))?;
-        let list = snapshot.get("manifest-list").and_then(Value::as_str).ok_or_else(|| {
-            invalid("source", &format!("snapshot {id} has no `manifest-list` (v1 inline manifests cannot be replayed)"))
+/// The next snapshot, with its manifest list at the replica, its schema id
+/// there and (after a failback) its shifted sequence number, and the refs it
+/// moves: those that point at it, and branches whose history passes through it.
+fn snapshot_updates(
+    source: &Table<'_>,
+    replica: &Table<'_>,
+    snapshot: &Value,
+    history: &History,
+    input: &PlanInput<'_>,
+) -> Result<(Vec<Value>, BTreeSet<String>), PlanError> {
+    let id = id_of(snapshot).ok_or_else(|| invalid("source", "a snapshot has no `snapshot-id`"))?;
+    let mut added = snapshot.clone();
+    let obj = added.as_object_mut().ok_or_else(|| invalid("source", "a snapshot is not an object"))?;
+    let list = snapshot.get("manifest-list").and_then(Value::as_str).ok_or_else(|| {
+        invalid("source", &format!("snapshot {id} has no `manifest-list` (v1 inline manifests cannot be replayed)"))
+    })?;
+    obj.insert("manifest-list".into(), Value::String(input.map.rewrite(list, input.source_file)?));
+    if let (Some(shift), Some(n)) =
+        (input.map.sequence_shift(), snapshot.get("sequence-number").and_then(Value::as_i64))
+    {
+        obj.insert("sequence-number".into(), json!(shift.apply(n)));
+    }
+    if let Some(schema) = snapshot.get("schema-id").and_then(Value::as_i64) {
+        let mapped = history.schema_on_replica(schema).ok_or_else(|| {
+            invalid("source", &format!("snapshot {id} names schema {schema}, which the source does not have"))
         })?;
-        obj.insert("manifest-list".into(), Value::String(input.map.rewrite(list, input.source_file)?));
-        if let (Some(shift), Some(n)) =
-            (input.map.sequence_shift(), snapshot.get("sequence-number").and_then(Value::as_i64))
-        {
-            obj.insert("sequence-number".into(), json!(shift.apply(n)));
-        }
-        if let Some(schema) = snapshot.get("schema-id").and_then(Value::as_i64) {
-            let mapped = schema_on_replica(schema).ok_or_else(|| {
-                invalid("source", &format!("snapshot {id} names schema {schema}, which the source does not have"))
-            })?;
-            obj.insert("schema-id".into(), json!(mapped));
-        }
-        updates.push(json!({"action": "add-snapshot", "snapshot": added}));
-        for (name, target) in source.refs() {
-            // A ref at a snapshot only the adopted table has moves on to the source's history.
-            let follows = |on_replica: Option<i64>| {
-                name == MAIN && on_replica.is_none()
-                    || on_replica.is_some_and(|r| source.is_ancestor(r, id, &replica) || main_was(&name, r))
-            };
-            let moves = target.id == id
-                || target.is_branch() && source.is_ancestor(id, target.id, &replica) && follows(replica.ref_id(&name));
-            if moves {
-                updates.push(set_ref(&name, target.json, id));
-                moved.insert(name);
-            }
-        }
-    } else {
-        for (name, target) in source.refs() {
-            if !replica.has_snapshot(target.id) {
-                continue;
-            }
-            let there = replica.refs().into_iter().find(|(n, _)| *n == name).map(|(_, r)| r);
-            if there.is_none_or(|r| r.id != target.id || !same_ref_settings(r.json, target.json)) {
-                updates.push(set_ref(&name, target.json, target.id));
-                moved.insert(name);
-            }
+        obj.insert("schema-id".into(), json!(mapped));
+    }
+    let mut updates = vec![json!({"action": "add-snapshot", "snapshot": added})];
+    let mut moved = BTreeSet::new();
+    let main_was = |name: &str, at: i64| input.adopted.is_some_and(|a| a.main_was(name, at));
+    for (name, target) in source.refs() {
+        // An adopted table's main moves on from where it was to the source's history.
+        let follows = |on_replica: Option<i64>| {
+            name == MAIN && on_replica.is_none()
+                || on_replica.is_some_and(|r| source.is_ancestor(r, id, replica) || main_was(&name, r))
+        };
+        let moves = target.id == id
+            || target.is_branch() && source.is_ancestor(id, target.id, replica) && follows(replica.ref_id(&name));
+        if moves {
+            updates.push(set_ref(&name, target.json, id));
+            moved.insert(name);
         }
     }
-    // The branch that keeps an adopted table's own snapshots, first.
-    if let Some((name, id)) = input.adopted.and_then(|a| a.kept_branch)
+    Ok((updates, moved))
+}
+
+/// With no snapshot missing: refs set (or changed) where the source has them.
+fn ref_updates(source: &Table<'_>, replica: &Table<'_>) -> (Vec<Value>, BTreeSet<String>) {
+    let mut updates = Vec::new();
+    let mut moved = BTreeSet::new();
+    for (name, target) in source.refs() {
+        if !replica.has_snapshot(target.id) {
+            continue;
+        }
+        let there = replica.refs().into_iter().find(|(n, _)| *n == name).map(|(_, r)| r);
+        if there.is_none_or(|r| r.id != target.id || !same_ref_settings(r.json, target.json)) {
+            updates.push(set_ref(&name, target.json, target.id));
+            moved.insert(name);
+        }
+    }
+    (updates, moved)
+}
+
+/// The branch that keeps an adopted table's own snapshots, and the removal
+/// of refs the source no longer has (every ref on the replica was set by
+/// icerelay, else it diverged; an adopted table's own refs are kept).
+fn ref_cleanup(
+    source: &Table<'_>,
+    replica: &Table<'_>,
+    adopted: Option<Adopted<'_>>,
+) -> (Vec<Value>, BTreeSet<String>) {
+    let mut updates = Vec::new();
+    let mut moved = BTreeSet::new();
+    if let Some((name, id)) = adopted.and_then(|a| a.kept_branch)
         && replica.ref_id(name).is_none()
     {
         updates.push(json!({"action": "set-snapshot-ref", "ref-name": name, "type": "branch", "snapshot-id": id}));
         moved.insert(name.to_owned());
     }
-    // Every ref on the replica was set by icerelay (else it diverged, above).
     let source_refs: BTreeSet<String> = source.refs().into_iter().map(|(n, _)| n).collect();
     for (name, _) in replica.refs() {
-        if !source_refs.contains(&name) && !kept(&name) {
+        if !source_refs.contains(&name) && !adopted.is_some_and(|a| a.keeps(&name)) {
             updates.push(json!({"action": "remove-snapshot-ref", "ref-name": name}));
             moved.insert(name);
         }
     }
+    (updates, moved)
+}
 
-    if updates.is_empty() {
-        return Ok(None);
-    }
-    let mut managed_refs = replica.ref_ids();
-    for update in &updates {
+/// The replica's refs once `updates` are applied.
+fn refs_after(replica: &Table<'_>, updates: &[Value]) -> BTreeMap<String, i64> {
+    let mut refs = replica.ref_ids();
+    for update in updates {
         let name = update.get("ref-name").and_then(Value::as_str).unwrap_or_default().to_owned();
         match action(update) {
             "set-snapshot-ref" => {
                 if let Some(id) = update.get("snapshot-id").and_then(Value::as_i64) {
-                    managed_refs.insert(name, id);
+                    refs.insert(name, id);
                 }
             }
             "remove-snapshot-ref" => {
-                managed_refs.remove(&name);
+                refs.remove(&name);
             }
             _ => {}
         }
     }
-    Ok(Some(Step {
-        requirements: requirements(&replica, &moved),
-        updates,
-        snapshot: next.and_then(id_of),
-        statistics_of,
-        managed_properties,
-        managed_refs,
-        snapshots_behind: missing.len(),
-    }))
+    refs
 }
 
 /// `assert-table-uuid`, and `assert-ref-snapshot-id` for `main` and every moved ref.
