@@ -208,6 +208,8 @@ pub struct Query {
     pub table: Option<String>,
     /// Only lines at or after this time.
     pub since: Option<Millis>,
+    /// Lines at exactly `since` to pass over (the previous page had them).
+    pub skip: usize,
     /// At most this many.
     pub limit: usize,
 }
@@ -219,6 +221,9 @@ pub struct Page {
     pub entries: Vec<Value>,
     /// The time of the next matching line, when `limit` cut the answer short.
     pub next_since: Option<String>,
+    /// With `next_since`: how many lines at that time this page already has
+    /// (pass it as `skip`, so that lines sharing a millisecond come once).
+    pub next_skip: Option<usize>,
 }
 
 struct Writer {
@@ -292,6 +297,7 @@ fn read(config: &AuditConfig, query: &Query) -> Result<Page, AuditError> {
     let mut files: Vec<PathBuf> = (1..=config.keep).rev().map(|n| rotated(&config.path, n)).collect();
     files.push(config.path.clone());
     let mut page = Page::default();
+    let mut skipped = 0;
     for path in files {
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -303,13 +309,21 @@ fn read(config: &AuditConfig, query: &Query) -> Result<Page, AuditError> {
             // A line being written right now may be incomplete: skip it.
             let Ok(entry) = serde_json::from_str::<Value>(&line) else { continue };
             let time = entry.get("time").and_then(Value::as_str).unwrap_or_default();
-            if query.since.is_some_and(|since| parse_time(time).is_none_or(|t| t < since)) {
+            let at = parse_time(time);
+            if query.since.is_some_and(|since| at.is_none_or(|t| t < since)) {
                 continue;
             }
             if query.table.as_deref().is_some_and(|t| entry.get("table").and_then(Value::as_str) != Some(t)) {
                 continue;
             }
+            if query.since.is_some() && at == query.since && skipped < query.skip {
+                skipped += 1;
+                continue;
+            }
             if page.entries.len() == query.limit {
+                let same_time = page.entries.iter().filter(|e| e.get("time").and_then(Value::as_str) == Some(time));
+                let earlier = if at == query.since { query.skip } else { 0 };
+                page.next_skip = Some(earlier + same_time.count());
                 page.next_since = Some(time.to_owned());
                 return Ok(page);
             }
@@ -371,6 +385,30 @@ mod tests {
         assert!(two.next_since.is_some());
         let future = log.read(&Query { since: Some(now_ms() + 60_000), limit: 100, ..Query::default() }).unwrap();
         assert!(future.entries.is_empty());
+    }
+
+    #[test]
+    fn pages_return_every_line_once_even_when_lines_share_a_millisecond() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = AuditConfig { path: dir.path().join("audit.log"), max_bytes: 1 << 20, keep: 1 };
+        let log = AuditLog::open(&config).unwrap();
+        for i in 0..7 {
+            let mut event = Event::ok(Action::Commit, &lane("a"));
+            event.time = "2026-12-04T10:00:00.000Z".into();
+            event.source_snapshots = vec![i];
+            log.record(event);
+        }
+        wait_for_lines(&config.path, 7);
+        let mut seen = Vec::new();
+        let mut query = Query { limit: 3, ..Query::default() };
+        for _ in 0..5 {
+            let page = log.read(&query).unwrap();
+            seen.extend(page.entries.iter().map(|e| e["source_snapshots"][0].as_i64().unwrap()));
+            let Some(next) = page.next_since else { break };
+            query.since = parse_time(&next);
+            query.skip = page.next_skip.unwrap();
+        }
+        assert_eq!(seen, (0..7).collect::<Vec<_>>());
     }
 
     #[test]

@@ -429,10 +429,11 @@ pub async fn promote_destination(
 pub struct AuditParams {
     table: Option<String>,
     since: Option<String>,
+    skip: Option<usize>,
     limit: Option<usize>,
 }
 
-/// `GET /v1/replication/audit?table=&since=&limit=`: audit lines, oldest first.
+/// `GET /v1/replication/audit?table=&since=&skip=&limit=`: audit lines, oldest first.
 pub async fn audit(State(state): State<AdminState>, Query(params): Query<AuditParams>) -> Response {
     let Some(admin) = state.replication else { return not_configured() };
     let since = match params.since.as_deref() {
@@ -448,12 +449,18 @@ pub async fn audit(State(state): State<AdminState>, Query(params): Query<AuditPa
             }
         },
     };
-    let query = AuditQuery { table: params.table, since, limit: params.limit.unwrap_or(1000).clamp(1, 10_000) };
+    let query = AuditQuery {
+        table: params.table,
+        since,
+        skip: params.skip.unwrap_or(0),
+        limit: params.limit.unwrap_or(1000).clamp(1, 10_000),
+    };
     let log = admin.context.audit.clone();
     match tokio::task::spawn_blocking(move || log.read(&query)).await {
         Ok(Ok(page)) => Json(json!({
             "entries": page.entries,
             "next_since": page.next_since,
+            "next_skip": page.next_skip,
             "dropped": admin.context.audit.dropped(),
         }))
         .into_response(),
