@@ -210,10 +210,27 @@ pub async fn act(
             };
             return promote_one(&admin, key, options).await;
         }
-        "failback" => match failback_choice(&body) {
-            Ok(choice) => (store.request_failback(&key, choice).await, Action::Failback),
-            Err(message) => return error(StatusCode::BAD_REQUEST, "BadRequest", message),
-        },
+        "failback" => {
+            let choice = match failback_choice(&body) {
+                Ok(choice) => choice,
+                Err(message) => return error(StatusCode::BAD_REQUEST, "BadRequest", message),
+            };
+            // A choice only answers a lane whose replica table existed before it.
+            if let Ok(Some(lane)) = store.lane(&key).await
+                && (lane.adoption.is_some() || lane.replica_metadata_location.is_some())
+            {
+                return error(
+                    StatusCode::CONFLICT,
+                    "FailbackNotApplicable",
+                    format!(
+                        "{key} does not wait for a failback choice: its replica is {} (icerelay status shows why a \
+                         lane stopped)",
+                        if lane.adoption.is_some() { "adopted already" } else { "one icerelay made or follows" }
+                    ),
+                );
+            }
+            (store.request_failback(&key, choice).await, Action::Failback)
+        }
         other => {
             return error(
                 StatusCode::NOT_FOUND,
