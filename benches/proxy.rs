@@ -126,7 +126,7 @@ fn main() {
         let mut results: HashMap<&str, Vec<WrkResult>> = HashMap::new();
         for round in 0..rounds {
             for (target, url, pids) in &targets {
-                let r = measure(&format!("{url}{path}"), &token, duration, connections, pids);
+                let r = measure(&format!("{url}{path}"), &token, duration, connections, pids, None);
                 eprintln!("[{name}] round {round} {target}: {r:?}");
                 results.entry(target).or_default().push(r);
             }
@@ -151,6 +151,52 @@ fn main() {
         drop(earlier);
         drop(signing);
         drop(relay);
+    }
+    // The commit path, on the static upstream: an updateTable POST through
+    // icerelay with the read-only check (one loadTable first) and without.
+    if only.as_deref().is_none_or(|o| o == "static") {
+        let script = work.path().join("commit.lua");
+        std::fs::write(
+            &script,
+            "wrk.method = \"POST\"\nwrk.body = '{\"requirements\":[],\"updates\":[]}'\n\
+             wrk.headers[\"Content-Type\"] = \"application/json\"\n",
+        )
+        .expect("write commit.lua");
+        let script = script.display().to_string();
+        let checked = Icerelay::start(&static_url, &[]);
+        let unchecked = Icerelay::start(&static_url, &[("ICERELAY__READ_ONLY_REPLICAS", "false")]);
+        let targets = [
+            ("direct", static_url.clone(), Vec::new()),
+            ("icerelay, read_only_replicas = false", unchecked.url.clone(), vec![unchecked.child.id()]),
+            ("icerelay (read-only check)", checked.url.clone(), vec![checked.child.id()]),
+        ];
+        for (_, url, _) in &targets {
+            wrk_with(&format!("{url}{path}"), &token, 2, connections, Some(&script));
+        }
+        let mut results: HashMap<&str, Vec<WrkResult>> = HashMap::new();
+        for round in 0..rounds {
+            for (target, url, pids) in &targets {
+                let r = measure(&format!("{url}{path}"), &token, duration, connections, pids, Some(&script));
+                eprintln!("[commit] round {round} {target}: {r:?}");
+                results.entry(target).or_default().push(r);
+            }
+        }
+        let direct = median(&results["direct"]);
+        report.push_str(
+            "\n### updateTable (POST) on the static upstream\n\n| target | requests/s | p50 | p99 | throughput vs direct | p50 added | proxy CPU per request |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for (target, _, _) in &targets {
+            let m = median(&results[target]);
+            let cpu = if m.cpu_us.is_nan() { "-".to_owned() } else { format!("{:.1} µs", m.cpu_us) };
+            report.push_str(&format!(
+                "| {target} | {:.0} | {:.2} ms | {:.2} ms | {:.2}x | {:+.2} ms | {cpu} |\n",
+                m.rps,
+                m.p50_ms,
+                m.p99_ms,
+                m.rps / direct.rps,
+                m.p50_ms - direct.p50_ms
+            ));
+        }
     }
     let _ = Command::new(root.join("scripts/teststack/seaweedfs.sh"))
         .args(["stop", &seaweed_dir.display().to_string()])
@@ -177,12 +223,18 @@ fn median(results: &[WrkResult]) -> WrkResult {
 }
 
 fn wrk(url: &str, token: &str, seconds: u64, connections: u64) -> WrkResult {
-    let out = Command::new("wrk")
-        .args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", "-H"])
-        .arg(format!("Authorization: Bearer {token}"))
-        .arg(url)
-        .output()
-        .expect("wrk");
+    wrk_with(url, token, seconds, connections, None)
+}
+
+/// wrk, with a Lua `script` (method, body) when given.
+fn wrk_with(url: &str, token: &str, seconds: u64, connections: u64, script: Option<&str>) -> WrkResult {
+    let mut command = Command::new("wrk");
+    command.args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", "-H"]);
+    command.arg(format!("Authorization: Bearer {token}"));
+    if let Some(script) = script {
+        command.args(["-s", script]);
+    }
+    let out = command.arg(url).output().expect("wrk");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("Non-2xx"), "errors from {url}:\n{text}");
     let rps = text
@@ -233,9 +285,16 @@ fn with_children(pid: u32) -> Vec<u32> {
 }
 
 /// Runs wrk against a proxy and charges it the CPU its processes used.
-fn measure(url: &str, token: &str, seconds: u64, connections: u64, proxy_pids: &[u32]) -> WrkResult {
+fn measure(
+    url: &str,
+    token: &str,
+    seconds: u64,
+    connections: u64,
+    proxy_pids: &[u32],
+    script: Option<&str>,
+) -> WrkResult {
     let before = cpu_seconds(proxy_pids);
-    let mut r = wrk(url, token, seconds, connections);
+    let mut r = wrk_with(url, token, seconds, connections, script);
     let used = cpu_seconds(proxy_pids) - before;
     r.cpu_us = if proxy_pids.is_empty() { f64::NAN } else { used * 1e6 / r.cpu_us };
     r
