@@ -91,7 +91,7 @@ pub(super) struct Known {
 impl Known {
     /// What a confirmed commit of `step` put on the replica.
     fn applied(&mut self, step: &Step) {
-        self.replicated.extend(step.snapshot);
+        self.replicated.extend(step.snapshots.iter().copied());
         self.managed_properties.extend(step.managed_properties.iter().cloned());
         self.managed_refs = step.managed_refs.clone();
     }
@@ -263,7 +263,7 @@ async fn replay(
             adopted: known.adoption.as_ref().map(|a| adopted(a, &unreplicated)),
         })?;
         let Some(step) = step else { return Ok(()) };
-        if step.snapshot.is_none() {
+        if step.snapshots.is_empty() {
             // A commit without a snapshot moves the replica's last-updated-ms
             // to now; a snapshot the source took meanwhile must come in the
             // same commit (the timestamp rule), so look again first.
@@ -276,7 +276,7 @@ async fn replay(
                 previous = None;
                 continue;
             }
-            if previous.as_ref().is_some_and(|p| p.snapshot.is_none() && p.updates == step.updates) {
+            if previous.as_ref().is_some_and(|p| p.snapshots.is_empty() && p.updates == step.updates) {
                 return Err(ReplicateError::NoProgress(format!(
                     "destination {} accepted a commit but does not keep it (the same change is planned again: {}); \
                      icerelay stops instead of committing it forever",
@@ -292,7 +292,7 @@ async fn replay(
         let audit = |committed: &LoadedTable| {
             let mut event = Event::ok(Action::Commit, key).took(started);
             event.replica = Some(replica_table.to_string());
-            event.source_snapshots = step.snapshot.into_iter().collect();
+            event.source_snapshots.clone_from(&step.snapshots);
             event.replica_metadata_location = committed.metadata_location.clone();
             event.files_copied = report.copied_files;
             event.bytes_copied = report.copied_bytes;
@@ -304,7 +304,7 @@ async fn replay(
             Ok(committed) => {
                 ctx.metrics.commits.get_or_create(&ReplicationMetrics::labels(destination.name())).inc();
                 known.applied(&step);
-                let added = step.snapshot.into_iter().collect();
+                let added = step.snapshots.clone();
                 // Audited first: the commit has landed, whatever happens next.
                 audit(&committed);
                 ctx.store.record_progress(known.progress(key, &committed, &source.metadata, added)).await?;
@@ -324,13 +324,13 @@ async fn replay(
                 *replica = destination.catalog.load_table(replica_table).await?.ok_or_else(|| {
                     ReplicateError::Refused(format!("the replica {replica_table} disappeared during replication"))
                 })?;
-                if let Some(id) = step.snapshot
-                    && snapshot_ids(&replica.metadata).contains(&id)
-                {
+                let there = snapshot_ids(&replica.metadata);
+                if !step.snapshots.is_empty() && step.snapshots.iter().all(|id| there.contains(id)) {
                     // The commit landed after all.
                     known.applied(&step);
                     audit(replica);
-                    ctx.store.record_progress(known.progress(key, replica, &source.metadata, vec![id])).await?;
+                    let added = step.snapshots.clone();
+                    ctx.store.record_progress(known.progress(key, replica, &source.metadata, added)).await?;
                     reloads = 0;
                 }
             }
@@ -362,7 +362,7 @@ async fn copy_files_of(
     step: &Step,
 ) -> Result<CopyReport, ReplicateError> {
     let mut wanted: BTreeSet<i64> = step.statistics_of.clone();
-    wanted.extend(step.snapshot);
+    wanted.extend(step.snapshots.iter().copied());
     if wanted.is_empty() {
         return Ok(CopyReport::default());
     }
@@ -592,14 +592,15 @@ async fn rename_replica(destination: &Destination, from: &TableIdent, to: &Table
 /// Adds the catalog's message about the timestamp rule where it applies.
 fn explain_refusal(e: CatalogError, step: &Step, source: &Value, replica: &Value, destination: &str) -> ReplicateError {
     let refused = e.status().is_some_and(|s| s.as_u16() == 400);
-    let snapshot_ts = step.snapshot.and_then(|id| plan::snapshot_field(source, id, "timestamp-ms"));
+    let first = step.snapshots.first().copied();
+    let snapshot_ts = first.and_then(|id| plan::snapshot_field(source, id, "timestamp-ms"));
     let last_updated = replica.get("last-updated-ms").and_then(Value::as_i64);
     match (refused, snapshot_ts, last_updated) {
         (true, Some(ts), Some(last)) if ts < last - TIMESTAMP_TOLERANCE_MS => ReplicateError::Refused(format!(
             "{e} — destination {destination} refuses snapshot {} because it is {} s older than the replica's last \
              update (the timestamp rule: at most 60 s). icerelay does not change snapshot timestamps; the replica \
              fell behind a metadata-only commit. Drop the replica table and resync to make it again",
-            step.snapshot.unwrap_or_default(),
+            first.unwrap_or_default(),
             (last - ts) / 1000,
         )),
         _ => ReplicateError::Catalog(e),

@@ -11,8 +11,11 @@
 //!
 //! The rules of a replica (see DESIGN.md, "What a replica must be"):
 //!
-//! - **One commit per source snapshot**, in sequence-number order, carrying
-//!   the metadata-only changes that are pending (new schemas, specs, sort
+//! - **One commit per source commit**, in sequence-number order: the
+//!   snapshots the source committed together (an overwrite's delete and
+//!   append) go in one commit ([`commit_group`]), so that the replica's
+//!   snapshot-log equals the source's; each commit carries the metadata-only
+//!   changes that are pending (new schemas, specs, sort
 //!   orders, current schema, default spec and order, properties, format
 //!   version, statistics). Catalogs refuse a snapshot more than a minute older
 //!   than the table's `last-updated-ms`, and a commit without a snapshot sets
@@ -148,8 +151,9 @@ pub struct Step {
     pub requirements: Vec<Value>,
     /// `updates` of the `updateTable` request.
     pub updates: Vec<Value>,
-    /// The source snapshot this commit adds, if any; its files must be copied first.
-    pub snapshot: Option<i64>,
+    /// The source snapshots this commit adds, in order (several when the
+    /// source committed them together); their files must be copied first.
+    pub snapshots: Vec<i64>,
     /// Snapshots whose statistics files this commit references (copy them first).
     pub statistics_of: BTreeSet<i64>,
     /// Property keys managed from the source once this commit is applied.
@@ -164,9 +168,13 @@ impl Step {
     /// A short description for logs: the update actions in order.
     pub fn describe(&self) -> String {
         let actions: Vec<&str> = self.updates.iter().filter_map(|u| u.get("action").and_then(Value::as_str)).collect();
-        match self.snapshot {
-            Some(id) => format!("snapshot {id} ({})", actions.join(", ")),
-            None => format!("metadata ({})", actions.join(", ")),
+        match self.snapshots.as_slice() {
+            [] => format!("metadata ({})", actions.join(", ")),
+            [id] => format!("snapshot {id} ({})", actions.join(", ")),
+            ids => {
+                let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+                format!("snapshots {} in one commit ({})", ids.join(", "), actions.join(", "))
+            }
         }
     }
 }
@@ -194,7 +202,8 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
     check_divergence(&source, &replica, input.replicated, input.managed_refs, input.adopted)?;
 
     let missing = source.missing_on(&replica);
-    let next = missing.first().copied();
+    let group = commit_group(&source, &missing);
+    let next = group.first().copied();
     let mut updates = Vec::new();
 
     // Format version first: later updates may need it. But a v3 table takes
@@ -214,7 +223,7 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
         return Ok(Some(Step {
             requirements: requirements(&replica, &BTreeSet::new()),
             updates,
-            snapshot: None,
+            snapshots: Vec::new(),
             statistics_of: BTreeSet::new(),
             managed_properties: input.managed_properties.clone(),
             managed_refs: replica.ref_ids(),
@@ -224,11 +233,12 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
     updates.extend(active_state_updates(&source, &replica, &history));
     let (property_updates, managed_properties) = properties(&source, &replica, input)?;
     updates.extend(property_updates);
-    let (statistics, statistics_of) = statistics_updates(&source, &replica, next, input)?;
+    let (statistics, statistics_of) = statistics_updates(&source, &replica, &group, input)?;
     updates.extend(statistics);
-    let (ref_updates, moved) = match next {
-        Some(snapshot) => snapshot_updates(&source, &replica, snapshot, &history, input)?,
-        None => ref_updates(&source, &replica),
+    let (ref_updates, moved) = if group.is_empty() {
+        ref_updates(&source, &replica)
+    } else {
+        snapshot_updates(&source, &replica, &group, &history, input)?
     };
     updates.extend(ref_updates);
     let (cleanup, cleaned) = ref_cleanup(&source, &replica, input.adopted);
@@ -243,11 +253,43 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
         requirements: requirements(&replica, &moved),
         managed_refs: refs_after(&replica, &updates),
         updates,
-        snapshot: next.and_then(id_of),
+        snapshots: group.iter().filter_map(|s| id_of(s)).collect(),
         statistics_of,
         managed_properties,
         snapshots_behind: missing.len(),
     }))
+}
+
+/// The source snapshots the next replica commit adds: the first missing
+/// one and, when the source committed it together with the next ones, those
+/// too, so that the replica's snapshot-log equals the source's.
+///
+/// Iceberg's metadata builders leave out of the snapshot-log a snapshot that
+/// one commit added and then replaced as `main` (an overwrite's delete
+/// snapshot, say): a snapshot of `main`'s history that the log does not list,
+/// though newer than the log's first entry, was committed with its child.
+/// Older snapshots, from before the log was trimmed, are committed one by one.
+fn commit_group<'a>(source: &Table<'a>, missing: &[&'a Value]) -> Vec<&'a Value> {
+    let Some(first) = missing.first().copied() else { return Vec::new() };
+    let log = source.list("snapshot-log");
+    let logged: BTreeSet<i64> = log.iter().filter_map(|e| e.get("snapshot-id").and_then(Value::as_i64)).collect();
+    let Some(log_start) = log.iter().filter_map(|e| e.get("timestamp-ms").and_then(Value::as_i64)).min() else {
+        return vec![first];
+    };
+    let main_history = source.history_of(MAIN);
+    let committed_with_child = |snapshot: &Value| {
+        id_of(snapshot).is_some_and(|id| main_history.contains(&id) && !logged.contains(&id))
+            && snapshot.get("timestamp-ms").and_then(Value::as_i64).is_some_and(|ts| ts >= log_start)
+    };
+    let mut group = vec![first];
+    while let Some(last) = group.last().copied()
+        && committed_with_child(last)
+        && let Some(child) = missing.get(group.len()).copied()
+        && child.get("parent-snapshot-id").and_then(Value::as_i64) == id_of(last)
+    {
+        group.push(child);
+    }
+    group
 }
 
 /// The historical fields the replica lacks, and where each source id is on
@@ -360,12 +402,12 @@ fn active_state_updates(source: &Table<'_>, replica: &Table<'_>, history: &Histo
 fn statistics_updates(
     source: &Table<'_>,
     replica: &Table<'_>,
-    next: Option<&Value>,
+    group: &[&Value],
     input: &PlanInput<'_>,
 ) -> Result<(Vec<Value>, BTreeSet<i64>), PlanError> {
     let mut updates = Vec::new();
     let mut statistics_of = BTreeSet::new();
-    let on_replica = |id: i64| replica.has_snapshot(id) || next.is_some_and(|n| id_of(n) == Some(id));
+    let on_replica = |id: i64| replica.has_snapshot(id) || group.iter().any(|n| id_of(n) == Some(id));
     for (field, action_name) in [("statistics", "set-statistics"), ("partition-statistics", "set-partition-statistics")]
     {
         for entry in source.list(field) {
@@ -392,16 +434,51 @@ fn statistics_updates(
     Ok((updates, statistics_of))
 }
 
-/// The next snapshot, with its manifest list at the replica, its schema id
-/// there and (after a failback) its shifted sequence number, and the refs it
-/// moves: those that point at it, and branches whose history passes through it.
+/// The next snapshots (one, or those the source committed together), each
+/// with its manifest list at the replica, its schema id there and (after a
+/// failback) its shifted sequence number, and the refs they move: those that
+/// point at one of them, and branches whose history passes through the last.
 fn snapshot_updates(
     source: &Table<'_>,
     replica: &Table<'_>,
-    snapshot: &Value,
+    group: &[&Value],
     history: &History,
     input: &PlanInput<'_>,
 ) -> Result<(Vec<Value>, BTreeSet<String>), PlanError> {
+    let mut updates = Vec::new();
+    let mut ids = Vec::new();
+    for snapshot in group {
+        let (id, added) = replica_snapshot(snapshot, history, input)?;
+        updates.push(json!({"action": "add-snapshot", "snapshot": added}));
+        ids.push(id);
+    }
+    let Some(last) = ids.last().copied() else { return Ok((updates, BTreeSet::new())) };
+    let mut moved = BTreeSet::new();
+    let main_was = |name: &str, at: i64| input.adopted.is_some_and(|a| a.main_was(name, at));
+    for (name, target) in source.refs() {
+        // An adopted table's main moves on from where it was to the source's history.
+        let follows = |on_replica: Option<i64>| {
+            name == MAIN && on_replica.is_none()
+                || on_replica.is_some_and(|r| source.is_ancestor(r, last, replica) || main_was(&name, r))
+        };
+        let to = if ids.contains(&target.id) {
+            Some(target.id)
+        } else if target.is_branch() && source.is_ancestor(last, target.id, replica) && follows(replica.ref_id(&name)) {
+            Some(last)
+        } else {
+            None
+        };
+        if let Some(to) = to {
+            updates.push(set_ref(&name, target.json, to));
+            moved.insert(name);
+        }
+    }
+    Ok((updates, moved))
+}
+
+/// A source snapshot as the replica gets it: its manifest list at the
+/// replica, its schema id there and (after a failback) its shifted sequence number.
+fn replica_snapshot(snapshot: &Value, history: &History, input: &PlanInput<'_>) -> Result<(i64, Value), PlanError> {
     let id = id_of(snapshot).ok_or_else(|| invalid("source", "a snapshot has no `snapshot-id`"))?;
     let mut added = snapshot.clone();
     let obj = added.as_object_mut().ok_or_else(|| invalid("source", "a snapshot is not an object"))?;
@@ -420,23 +497,7 @@ fn snapshot_updates(
         })?;
         obj.insert("schema-id".into(), json!(mapped));
     }
-    let mut updates = vec![json!({"action": "add-snapshot", "snapshot": added})];
-    let mut moved = BTreeSet::new();
-    let main_was = |name: &str, at: i64| input.adopted.is_some_and(|a| a.main_was(name, at));
-    for (name, target) in source.refs() {
-        // An adopted table's main moves on from where it was to the source's history.
-        let follows = |on_replica: Option<i64>| {
-            name == MAIN && on_replica.is_none()
-                || on_replica.is_some_and(|r| source.is_ancestor(r, id, replica) || main_was(&name, r))
-        };
-        let moves = target.id == id
-            || target.is_branch() && source.is_ancestor(id, target.id, replica) && follows(replica.ref_id(&name));
-        if moves {
-            updates.push(set_ref(&name, target.json, id));
-            moved.insert(name);
-        }
-    }
-    Ok((updates, moved))
+    Ok((id, added))
 }
 
 /// With no snapshot missing: refs set (or changed) where the source has them.
@@ -776,6 +837,19 @@ impl<'a> Table<'a> {
 
     fn ref_id(&self, name: &str) -> Option<i64> {
         self.refs().into_iter().find(|(n, _)| n == name).map(|(_, r)| r.id)
+    }
+
+    /// The snapshots of `name`'s history: its target and every ancestor this table has.
+    fn history_of(&self, name: &str) -> BTreeSet<i64> {
+        let mut ids = BTreeSet::new();
+        let mut current = self.ref_id(name);
+        while let Some(id) = current {
+            if !ids.insert(id) {
+                break;
+            }
+            current = self.snapshot(id).and_then(|s| s.get("parent-snapshot-id")).and_then(Value::as_i64);
+        }
+        ids
     }
 
     /// Source snapshots `other` lacks, oldest first.

@@ -85,7 +85,7 @@ impl Lane {
         let mut steps = Vec::new();
         while let Some(step) = self.plan(source).expect("plans") {
             apply(&mut self.replica, &step).expect("the catalog accepts the commit");
-            if let Some(id) = step.snapshot {
+            for &id in &step.snapshots {
                 self.replicated.insert(id);
             }
             self.managed = step.managed_properties.clone();
@@ -205,7 +205,7 @@ fn one_commit_per_snapshot_with_pending_metadata_folded_into_the_first() {
         actions(&steps[0]),
         ["add-schema", "set-current-schema", "set-properties", "add-snapshot", "set-snapshot-ref"]
     );
-    assert_eq!(steps[0].snapshot, Some(10));
+    assert_eq!(steps[0].snapshots, [10]);
     assert_eq!(
         steps[0].requirements,
         vec![
@@ -244,7 +244,7 @@ fn source_expiry_and_removed_schemas_never_reach_the_replica() {
     expired["snapshots"].as_array_mut().expect("list").push(snap(30, Some(20), 3, 1));
     expired["refs"]["main"]["snapshot-id"] = json!(30);
     let steps = lane.converge(&expired);
-    assert_eq!(steps.iter().map(|s| s.snapshot).collect::<Vec<_>>(), [Some(30)]);
+    assert_eq!(steps.iter().map(|s| s.snapshots.clone()).collect::<Vec<_>>(), [vec![30]]);
 }
 
 #[test]
@@ -304,7 +304,7 @@ fn schema_ids_the_catalog_may_assign_differently_get_their_own_commit() {
     let mut lane = Lane::new(created());
     let first = lane.plan(&src).expect("plans").expect("a step");
     assert_eq!(actions(&first), ["add-schema"], "alone, so its id can be read back");
-    assert_eq!(first.snapshot, None);
+    assert!(first.snapshots.is_empty());
     let steps = lane.converge(&src);
     let last = steps.last().expect("steps");
     // The catalog gave the schema id 1; the snapshot names it so.
@@ -378,7 +378,7 @@ fn statistics_are_set_with_replica_paths_and_format_upgrades_replay() {
     let steps = lane.converge(&src);
     assert!(steps.iter().any(|s| actions(s).contains(&"upgrade-format-version")));
     let with_stats = steps.iter().find(|s| !s.statistics_of.is_empty()).expect("statistics set");
-    assert_eq!(with_stats.snapshot, Some(20), "set with the snapshot they describe");
+    assert_eq!(with_stats.snapshots, [20], "set with the snapshot they describe");
     assert_eq!(lane.replica["statistics"][0]["statistics-path"], format!("{REP}/metadata/stats-20.puffin"));
     assert_eq!(lane.replica["format-version"], 3);
 }
@@ -434,9 +434,9 @@ fn an_upgrade_to_v3_waits_for_the_first_snapshot_with_row_lineage() {
     src["refs"]["main"]["snapshot-id"] = json!(30);
     let mut lane = Lane::new(created());
     let steps = lane.converge(&src);
-    let upgraded_with: Vec<Option<i64>> =
-        steps.iter().filter(|s| actions(s).contains(&"upgrade-format-version")).map(|s| s.snapshot).collect();
-    assert_eq!(upgraded_with, [Some(30)], "v2 snapshots 10 and 20 go in before the upgrade");
+    let upgraded_with: Vec<Vec<i64>> =
+        steps.iter().filter(|s| actions(s).contains(&"upgrade-format-version")).map(|s| s.snapshots.clone()).collect();
+    assert_eq!(upgraded_with, [vec![30]], "v2 snapshots 10 and 20 go in before the upgrade");
     assert_eq!(lane.replica["format-version"], 3);
 }
 
@@ -450,7 +450,7 @@ fn two_new_specs_fold_into_the_snapshot_commit() {
     }
     src["default-spec-id"] = json!(2);
     let first = Lane::new(created()).plan(&src).expect("plans").expect("step");
-    assert_eq!(first.snapshot, Some(10), "no commit of their own: {:?}", first.describe());
+    assert_eq!(first.snapshots, [10], "no commit of their own: {:?}", first.describe());
     assert_eq!(actions(&first).iter().filter(|a| **a == "add-spec").count(), 2);
 }
 
@@ -523,7 +523,7 @@ fn an_adopted_table_keeps_its_own_snapshots_on_a_branch_and_follows_from_the_anc
         sequence_shift: Some(shift),
     };
     let step = next_step(&input(Some(adopted))).expect("plans").expect("a step");
-    assert_eq!(step.snapshot, Some(20));
+    assert_eq!(step.snapshots, [20]);
     let added = step.updates.iter().find(|u| u["action"] == "add-snapshot").expect("add-snapshot");
     assert_eq!(added["snapshot"]["sequence-number"], 3, "above the old side's own number 2");
     assert_eq!(added["snapshot"]["parent-snapshot-id"], 10);
@@ -543,4 +543,53 @@ fn an_adopted_table_keeps_its_own_snapshots_on_a_branch_and_follows_from_the_anc
         next_step(&PlanInput { replica: &after, replicated: &replicated, managed_refs: &refs, ..input(Some(adopted)) })
             .expect("plans");
     assert!(next.as_ref().is_none_or(|s| !s.updates.iter().any(|u| u["ref-name"] == "lost")), "{next:?}");
+}
+
+/// An overwrite: snapshot 20 (delete) and 30 (append) were one commit, so
+/// the source's snapshot-log lists 10 and 30 only.
+fn overwritten() -> Value {
+    let mut src = source();
+    let mut append = snap(30, Some(20), 3, 1);
+    append["timestamp-ms"] = json!(1003);
+    src["snapshots"].as_array_mut().expect("list").push(append);
+    src["refs"]["main"]["snapshot-id"] = json!(30);
+    src["current-snapshot-id"] = json!(30);
+    src["snapshot-log"] = json!([{"snapshot-id": 10, "timestamp-ms": 1001}, {"snapshot-id": 30, "timestamp-ms": 1003}]);
+    src
+}
+
+#[test]
+fn snapshots_the_source_committed_together_are_committed_together() {
+    let src = overwritten();
+    let mut lane = Lane::new(created());
+    let steps = lane.converge(&src);
+    let groups: Vec<Vec<i64>> = steps.iter().filter(|s| !s.snapshots.is_empty()).map(|s| s.snapshots.clone()).collect();
+    assert_eq!(groups, [vec![10], vec![20, 30]], "{:?}", steps.iter().map(Step::describe).collect::<Vec<_>>());
+    let both = steps.iter().find(|s| s.snapshots == [20, 30]).expect("the overwrite's commit");
+    let sets: Vec<&Value> = both.updates.iter().filter(|u| u["action"] == "set-snapshot-ref").collect();
+    assert_eq!(sets.len(), 1, "main is set once, to the last: {:?}", both.updates);
+    assert_eq!(sets[0]["snapshot-id"], 30);
+    let adds: Vec<i64> = both
+        .updates
+        .iter()
+        .filter(|u| u["action"] == "add-snapshot")
+        .filter_map(|u| u["snapshot"]["snapshot-id"].as_i64())
+        .collect();
+    assert_eq!(adds, [20, 30], "in the source's order");
+
+    // A tag on the intermediate snapshot is set to it in the same commit.
+    let mut tagged = overwritten();
+    tagged["refs"]["before"] = json!({"snapshot-id": 20, "type": "tag"});
+    let mut lane = Lane::new(created());
+    let steps = lane.converge(&tagged);
+    let both = steps.iter().find(|s| s.snapshots == [20, 30]).expect("one commit");
+    assert!(both.updates.iter().any(|u| u["ref-name"] == "before" && u["snapshot-id"] == 20), "{:?}", both.updates);
+
+    // Snapshots older than the log's first entry (a trimmed log) go one by one.
+    let mut trimmed = overwritten();
+    trimmed["snapshot-log"] = json!([{"snapshot-id": 30, "timestamp-ms": 1003}]);
+    let mut lane = Lane::new(created());
+    let steps = lane.converge(&trimmed);
+    let groups: Vec<Vec<i64>> = steps.iter().filter(|s| !s.snapshots.is_empty()).map(|s| s.snapshots.clone()).collect();
+    assert_eq!(groups, [vec![10], vec![20], vec![30]]);
 }
