@@ -131,22 +131,8 @@ fn main() {
                 results.entry(target).or_default().push(r);
             }
         }
-        let direct = median(&results["direct"]);
-        report.push_str(&format!(
-            "\n### {name}\n\n| target | requests/s | p50 | p99 | throughput vs direct | p50 added | proxy CPU per request |\n|---|---:|---:|---:|---:|---:|---:|\n"
-        ));
-        for (target, _, _) in &targets {
-            let m = median(&results[target]);
-            let cpu = if m.cpu_us.is_nan() { "-".to_owned() } else { format!("{:.1} µs", m.cpu_us) };
-            report.push_str(&format!(
-                "| {target} | {:.0} | {:.2} ms | {:.2} ms | {:.2}x | {:+.2} ms | {cpu} |\n",
-                m.rps,
-                m.p50_ms,
-                m.p99_ms,
-                m.rps / direct.rps,
-                m.p50_ms - direct.p50_ms
-            ));
-        }
+        let order: Vec<&str> = targets.iter().map(|(t, _, _)| *t).collect();
+        report.push_str(&table(name, &order, &results));
         drop(nginx);
         drop(earlier);
         drop(signing);
@@ -181,22 +167,8 @@ fn main() {
                 results.entry(target).or_default().push(r);
             }
         }
-        let direct = median(&results["direct"]);
-        report.push_str(
-            "\n### updateTable (POST) on the static upstream\n\n| target | requests/s | p50 | p99 | throughput vs direct | p50 added | proxy CPU per request |\n|---|---:|---:|---:|---:|---:|---:|\n",
-        );
-        for (target, _, _) in &targets {
-            let m = median(&results[target]);
-            let cpu = if m.cpu_us.is_nan() { "-".to_owned() } else { format!("{:.1} µs", m.cpu_us) };
-            report.push_str(&format!(
-                "| {target} | {:.0} | {:.2} ms | {:.2} ms | {:.2}x | {:+.2} ms | {cpu} |\n",
-                m.rps,
-                m.p50_ms,
-                m.p99_ms,
-                m.rps / direct.rps,
-                m.p50_ms - direct.p50_ms
-            ));
-        }
+        let order: Vec<&str> = targets.iter().map(|(t, _, _)| *t).collect();
+        report.push_str(&table("updateTable (POST) on the static upstream", &order, &results));
     }
     let _ = Command::new(root.join("scripts/teststack/seaweedfs.sh"))
         .args(["stop", &seaweed_dir.display().to_string()])
@@ -220,6 +192,27 @@ fn median(results: &[WrkResult]) -> WrkResult {
     let mut sorted = results.to_vec();
     sorted.sort_by(|a, b| a.rps.total_cmp(&b.rps));
     sorted[sorted.len() / 2]
+}
+
+/// One section of the report: the median round of each target, against `direct`.
+fn table(title: &str, targets: &[&str], results: &HashMap<&str, Vec<WrkResult>>) -> String {
+    let direct = median(&results["direct"]);
+    let mut out = format!(
+        "\n### {title}\n\n| target | requests/s | p50 | p99 | throughput vs direct | p50 added | proxy CPU per request |\n|---|---:|---:|---:|---:|---:|---:|\n"
+    );
+    for target in targets {
+        let m = median(&results[target]);
+        let cpu = if m.cpu_us.is_nan() { "-".to_owned() } else { format!("{:.1} µs", m.cpu_us) };
+        out.push_str(&format!(
+            "| {target} | {:.0} | {:.2} ms | {:.2} ms | {:.2}x | {:+.2} ms | {cpu} |\n",
+            m.rps,
+            m.p50_ms,
+            m.p99_ms,
+            m.rps / direct.rps,
+            m.p50_ms - direct.p50_ms
+        ));
+    }
+    out
 }
 
 fn wrk(url: &str, token: &str, seconds: u64, connections: u64) -> WrkResult {
