@@ -9,6 +9,8 @@ TABLE is "ns.name". OPS_JSON is a list of operations, run in order:
   {"op": "partition_by", "field": "category"}                   identity partition evolution
   {"op": "overwrite", "category": "a", "start": 100, "rows": 3}
   {"op": "delete_below", "id": 4}                               copy-on-write delete
+  {"op": "tx_delete_append", "id": 4, "start": 0, "rows": 2}    one transaction: a delete, then an append
+  {"op": "dynamic_overwrite", "start": 0, "rows": 3}            replaces the partitions the rows fall in
   {"op": "duckdb_delete", "ids": [1, 2]}                        merge-on-read (position deletes)
   {"op": "tag", "name": "v1"} / {"op": "branch", "name": "audit"}   at the current snapshot
   {"op": "expire", "keep_last": 1}                              remove older snapshots from metadata
@@ -85,6 +87,12 @@ for op in ops:
         table.overwrite(batch(op.get("start", 100), op.get("rows", 3)), overwrite_filter=EqualTo("category", op["category"]))
     elif kind == "delete_below":
         table.delete(delete_filter=LessThan("id", op["id"]))
+    elif kind == "tx_delete_append":
+        with table.transaction() as tx:
+            tx.delete(delete_filter=LessThan("id", op["id"]))
+            tx.append(batch(op.get("start", 0), op.get("rows", 2)))
+    elif kind == "dynamic_overwrite":
+        table.dynamic_partition_overwrite(batch(op.get("start", 0), op.get("rows", 3)))
     elif kind == "duckdb_delete":
         con = duckdb_connect(ext_dir)
         duckdb_attach(con, conn, "cat")

@@ -1101,3 +1101,67 @@ async fn an_s3_tables_shaped_setup_replicates_with_vended_credentials_only() {
     let logs = relay.logs();
     assert!(!logs.contains(secret) && !logs.contains(EXPIRED_SECRET), "a secret leaked:\n{logs}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn time_travel_by_timestamp_reads_the_same_rows_on_the_replica_at_every_moment_of_the_source_log() {
+    let replica = Replica::Seaweed(SeaweedFs::shared_replica());
+    let ns = unique("asof");
+    let table = format!("{ns}.t");
+    let state = tempfile::tempdir().expect("state");
+    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    // An overwrite, a transaction with a delete and an append, and a dynamic
+    // partition overwrite each add two snapshots in one commit.
+    let written = write(
+        &relay.url,
+        &table,
+        json!([
+            {"op": "create", "partitioned": false},
+            {"op": "partition_by", "field": "category"},
+            {"op": "append", "start": 0, "rows": 6},
+            {"op": "overwrite", "category": "a", "start": 100, "rows": 3},
+            {"op": "tx_delete_append", "id": 3, "start": 200, "rows": 2},
+            {"op": "dynamic_overwrite", "start": 300, "rows": 3},
+            {"op": "append", "start": 400, "rows": 2},
+        ]),
+    )
+    .await;
+    let location = written["metadata_location"].as_str().expect("location");
+    let status = wait_replicated(&relay.admin_url, &table, location).await;
+    let rows = source_rows(&table).await;
+    assert_replica_matches(replica, &table, &rows, &status).await;
+
+    let source = seaweed_catalog(SeaweedFs::shared()).load_table(&ident(&table)).await.expect("load").expect("source");
+    let log: Vec<(i64, i64)> = source.metadata["snapshot-log"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some((e["snapshot-id"].as_i64()?, e["timestamp-ms"].as_i64()?)))
+        .collect();
+    let logged: std::collections::BTreeSet<i64> = log.iter().map(|(id, _)| *id).collect();
+    let intermediate: Vec<i64> = source.metadata["snapshots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["snapshot-id"].as_i64().is_some_and(|id| !logged.contains(&id)))
+        .filter_map(|s| s["timestamp-ms"].as_i64())
+        .collect();
+    assert!(intermediate.len() >= 3, "three commits of two snapshots each: {}", source.metadata["snapshots"]);
+    // Every millisecond boundary of the source's log, and the intermediate snapshots' times.
+    let mut times = std::collections::BTreeSet::new();
+    for (_, ts) in &log {
+        times.extend([ts - 1, *ts, ts + 1]);
+    }
+    times.extend(intermediate.iter().flat_map(|ts| [ts - 1, *ts]));
+    let times = json!(times.into_iter().collect::<Vec<_>>()).to_string();
+    let read = |conn: Value| {
+        let args = vec![conn.to_string(), table.clone(), times.clone(), duckdb_extensions().display().to_string()];
+        python("read_as_of.py", args)
+    };
+    let on_source = read(SeaweedFs::shared().client_conn(SeaweedFs::shared().catalog_uri())).await;
+    let on_replica = read(replica.conn()).await;
+    assert_eq!(on_source["errors"], json!({}), "{on_source}");
+    assert_eq!(on_replica["errors"], json!({}), "{on_replica}");
+    for reader in ["pyiceberg", "duckdb"] {
+        assert_eq!(on_replica[reader], on_source[reader], "{reader}: rows as of each time");
+    }
+}
