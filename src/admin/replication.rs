@@ -77,6 +77,7 @@ fn lane_json(lane: &LaneRecord, now: Millis) -> Value {
             "sequence_shift": a.sequence_shift.map(|s| json!({"above": s.above, "by": s.by})),
         })),
         "failback_requested": lane.failback.is_some(),
+        "snapshot_log_drift": lane.log_drift.map(|d| json!({"entries": d.entries, "max_ms": d.max_ms})),
         "promotion_requested": lane.promotion.map(|m| m.as_str()),
         "destination": lane.key.destination,
         "replica": {"namespace": lane.replica_table.namespace, "name": lane.replica_table.name},

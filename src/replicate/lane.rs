@@ -107,6 +107,7 @@ impl Known {
             managed_properties: Some(self.managed_properties.clone()),
             managed_refs: Some(self.managed_refs.clone()),
             source_uuid: self.source_uuid.clone(),
+            log_drift: None,
         }
     }
 }
@@ -383,6 +384,15 @@ async fn finish(
     known.managed_properties.extend(plan::managed_property_keys(&source.metadata, &properties));
     let mut done = known.progress(&lane.key, &replica, &source.metadata, Vec::new());
     done.source_metadata_location = Some(source_file);
+    let drift = plan::log_drift(&source.metadata, &replica.metadata);
+    if drift.entries > 0 {
+        tracing::debug!(
+            entries = drift.entries,
+            max_ms = drift.max_ms,
+            "the replica's snapshot-log times differ from the source's"
+        );
+    }
+    done.log_drift = Some(drift);
     done.snapshots_behind = 0;
     ctx.store.record_progress(done).await?;
     ctx.store.record_success(&lane.key, lane.wanted).await?;

@@ -726,6 +726,45 @@ pub fn snapshot_field(metadata: &Value, id: i64, key: &str) -> Option<i64> {
     snapshots(metadata).iter().find(|s| id_of(s) == Some(id))?.get(key)?.as_i64()
 }
 
+/// How the replica's snapshot-log times differ from the source's, over the
+/// entries of snapshots both hold (the same ids, in the same order).
+///
+/// A ref move without a new snapshot (rollback, set-current-snapshot,
+/// fast-forward) is a bare `set-snapshot-ref`, and the replica's catalog
+/// stamps its log entry with its own commit time: the REST protocol has no
+/// update that sets it. Time travel by timestamp between the two times
+/// answers differently on the two sides.
+pub fn log_drift(source: &Value, replica: &Value) -> LogDrift {
+    let both = shared_snapshots(source, replica);
+    let log = |m: &Value| -> Vec<(i64, i64)> {
+        m.get("snapshot-log")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| Some((e.get("snapshot-id")?.as_i64()?, e.get("timestamp-ms")?.as_i64()?)))
+            .filter(|(id, _)| both.contains(id))
+            .collect()
+    };
+    let (theirs, ours) = (log(source), log(replica));
+    let differences: Vec<i64> = theirs
+        .iter()
+        .zip(&ours)
+        .filter(|((a, _), (b, _))| a == b)
+        .map(|((_, at), (_, ours_at))| (ours_at - at).abs())
+        .filter(|d| *d != 0)
+        .collect();
+    LogDrift { entries: differences.len() as i64, max_ms: differences.into_iter().max().unwrap_or(0) }
+}
+
+/// See [`log_drift`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct LogDrift {
+    /// Log entries whose time differs.
+    pub entries: i64,
+    /// The largest difference, in milliseconds.
+    pub max_ms: i64,
+}
+
 /// Snapshot ids the replica and the source both have.
 pub fn shared_snapshots(source: &Value, replica: &Value) -> BTreeSet<i64> {
     let theirs = snapshot_ids(source);

@@ -126,6 +126,7 @@ ALTER TABLE lanes ADD COLUMN source_answered INTEGER;
 ALTER TABLE lanes ADD COLUMN promoted_metadata_location TEXT;
 ALTER TABLE lanes ADD COLUMN failback_choice TEXT;
 ALTER TABLE lanes ADD COLUMN adoption TEXT;
+ALTER TABLE lanes ADD COLUMN log_drift TEXT;
 ";
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
@@ -328,6 +329,7 @@ fn read_lane(row: &Row<'_>) -> rusqlite::Result<LaneRecord> {
         promoted,
         failback: json_column::<FailbackChoice>(row, "failback_choice")?,
         adoption: json_column::<Adoption>(row, "adoption")?,
+        log_drift: json_column(row, "log_drift")?,
         replica_renamed_from: renamed_from,
         managed_properties,
         managed_refs,
@@ -584,7 +586,8 @@ impl StateStore for EmbeddedStore {
                     "UPDATE lanes SET source_metadata_location = ?4, replica_metadata_location = ?5,
                      snapshots_behind = ?6, mode = COALESCE(?7, mode),
                      managed_properties = COALESCE(?8, managed_properties),
-                     managed_refs = COALESCE(?9, managed_refs), source_uuid = COALESCE(?10, source_uuid)
+                     managed_refs = COALESCE(?9, managed_refs), source_uuid = COALESCE(?10, source_uuid),
+                     log_drift = COALESCE(?11, log_drift)
                      WHERE {LANE_WHERE}"
                 ),
                 params![
@@ -597,7 +600,8 @@ impl StateStore for EmbeddedStore {
                     p.mode,
                     to_json(p.managed_properties.as_ref()),
                     to_json(p.managed_refs.as_ref()),
-                    p.source_uuid
+                    p.source_uuid,
+                    to_json(p.log_drift.as_ref())
                 ],
             )?;
             for id in &p.added_snapshots {

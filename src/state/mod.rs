@@ -182,6 +182,9 @@ pub struct LaneRecord {
     /// How the lane follows a replica table that existed before it with
     /// snapshots of its own (failback), once carried out.
     pub adoption: Option<Adoption>,
+    /// How the replica's snapshot-log times differ from the source's, as of
+    /// the last converged run.
+    pub log_drift: Option<crate::replicate::plan::LogDrift>,
 }
 
 /// What to do with the snapshots only the old side has, on a failback.
@@ -344,6 +347,8 @@ pub struct Progress {
     pub managed_refs: Option<BTreeMap<String, i64>>,
     /// The source table's uuid, once known.
     pub source_uuid: Option<String>,
+    /// How the replica's snapshot-log times differ from the source's, if measured.
+    pub log_drift: Option<crate::replicate::plan::LogDrift>,
 }
 
 /// A verified copy of a file at a destination.

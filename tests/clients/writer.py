@@ -14,6 +14,7 @@ TABLE is "ns.name". OPS_JSON is a list of operations, run in order:
   {"op": "duckdb_delete", "ids": [1, 2]}                        merge-on-read (position deletes)
   {"op": "tag", "name": "v1"} / {"op": "branch", "name": "audit"}   at the current snapshot
   {"op": "expire", "keep_last": 1}                              remove older snapshots from metadata
+  {"op": "rollback"}                                            main back to its current snapshot's parent
   {"op": "set_property", "key": "k", "value": "v"}
   {"op": "rename", "to": "ns.other"} / {"op": "drop"}
 Prints {"metadata_location", "snapshots": [{"id", "parent", "seq", "ts"}], "refs": {name: id},
@@ -108,6 +109,8 @@ for op in ops:
         old = [s.snapshot_id for s in table.snapshots() if s.snapshot_id not in keep]
         if old:
             table.maintenance.expire_snapshots().by_ids(old).commit()
+    elif kind == "rollback":
+        table.manage_snapshots().rollback_to_snapshot(table.current_snapshot().parent_snapshot_id).commit()
     elif kind == "set_property":
         with table.transaction() as tx:
             tx.set_properties({op["key"]: op["value"]})

@@ -1165,3 +1165,34 @@ async fn time_travel_by_timestamp_reads_the_same_rows_on_the_replica_at_every_mo
         assert_eq!(on_replica[reader], on_source[reader], "{reader}: rows as of each time");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ref_move_without_a_snapshot_gets_the_replicas_own_log_time_and_the_status_says_by_how_much() {
+    let replica = Replica::Seaweed(SeaweedFs::shared_replica());
+    let ns = unique("drift");
+    let table = format!("{ns}.t");
+    let state = tempfile::tempdir().expect("state");
+    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let ops =
+        json!([{"op": "create"}, {"op": "append", "start": 0, "rows": 2}, {"op": "append", "start": 10, "rows": 2}]);
+    let written = write(&relay.url, &table, ops).await;
+    let status =
+        wait_replicated(&relay.admin_url, &table, written["metadata_location"].as_str().expect("location")).await;
+    assert_eq!(status["snapshot_log_drift"], json!({"entries": 0, "max_ms": 0}), "{status}");
+
+    // A rollback moves main to an existing snapshot: a bare set-snapshot-ref on the replica.
+    let rolled = write(&relay.url, &table, json!([{"op": "rollback"}])).await;
+    let status =
+        wait_replicated(&relay.admin_url, &table, rolled["metadata_location"].as_str().expect("location")).await;
+    let source = seaweed_catalog(SeaweedFs::shared()).load_table(&ident(&table)).await.expect("load").expect("source");
+    let on_replica = replica.catalog().load_table(&ident(&table)).await.expect("load").expect("replica");
+    let last = |m: &Value| {
+        let entry = m["snapshot-log"].as_array().and_then(|l| l.last()).cloned().expect("a log entry");
+        (entry["snapshot-id"].as_i64().expect("id"), entry["timestamp-ms"].as_i64().expect("time"))
+    };
+    let ((source_id, source_at), (replica_id, replica_at)) = (last(&source.metadata), last(&on_replica.metadata));
+    assert_eq!(source_id, replica_id, "the same snapshot is current on both");
+    let gap = replica_at - source_at;
+    assert!(gap > 0, "the replica's entry is stamped when the replica commits, after the source's: {gap} ms");
+    assert_eq!(status["snapshot_log_drift"], json!({"entries": 1, "max_ms": gap}), "{status}");
+}

@@ -593,3 +593,15 @@ fn snapshots_the_source_committed_together_are_committed_together() {
     let groups: Vec<Vec<i64>> = steps.iter().filter(|s| !s.snapshots.is_empty()).map(|s| s.snapshots.clone()).collect();
     assert_eq!(groups, [vec![10], vec![20], vec![30]]);
 }
+
+#[test]
+fn log_drift_counts_entries_of_shared_snapshots_whose_time_differs() {
+    let mut src = overwritten();
+    src["snapshot-log"] = json!([{"snapshot-id": 10, "timestamp-ms": 1001}, {"snapshot-id": 30, "timestamp-ms": 1003},
+        {"snapshot-id": 10, "timestamp-ms": 5000}]);
+    let mut rep = src.clone();
+    rep["snapshot-log"] = json!([{"snapshot-id": 10, "timestamp-ms": 1001}, {"snapshot-id": 30, "timestamp-ms": 1003},
+        {"snapshot-id": 10, "timestamp-ms": 5140}]);
+    assert_eq!(log_drift(&src, &rep), LogDrift { entries: 1, max_ms: 140 });
+    assert_eq!(log_drift(&src, &src), LogDrift::default());
+}

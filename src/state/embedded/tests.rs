@@ -108,6 +108,7 @@ async fn progress_and_renames_keep_the_replicated_history() {
             managed_properties: Some(BTreeSet::from(["owner".to_owned()])),
             managed_refs: Some(BTreeMap::from([("main".to_owned(), 12)])),
             source_uuid: Some("u-1".into()),
+            log_drift: None,
         })
         .await
         .expect("progress");
@@ -185,6 +186,7 @@ async fn a_rename_onto_a_name_with_a_lane_replaces_that_lane() {
             managed_properties: None,
             managed_refs: None,
             source_uuid: Some("old-b".into()),
+            log_drift: None,
         })
         .await
         .expect("progress");
