@@ -276,15 +276,21 @@ fn commit_group<'a>(source: &Table<'a>, missing: &[&'a Value]) -> Vec<&'a Value>
     let Some(log_start) = log.iter().filter_map(|e| e.get("timestamp-ms").and_then(Value::as_i64)).min() else {
         return vec![first];
     };
-    let main_history = source.history_of(MAIN);
-    let committed_with_child = |snapshot: &Value| {
-        id_of(snapshot).is_some_and(|id| main_history.contains(&id) && !logged.contains(&id))
+    let unlogged = |snapshot: &Value| {
+        id_of(snapshot).is_some_and(|id| !logged.contains(&id))
             && snapshot.get("timestamp-ms").and_then(Value::as_i64).is_some_and(|ts| ts >= log_start)
     };
+    if !unlogged(first) {
+        return vec![first];
+    }
+    let main_history = source.history_of(MAIN);
+    let on_main = |snapshot: &Value| id_of(snapshot).is_some_and(|id| main_history.contains(&id));
     let mut group = vec![first];
     while let Some(last) = group.last().copied()
-        && committed_with_child(last)
+        && on_main(last)
+        && unlogged(last)
         && let Some(child) = missing.get(group.len()).copied()
+        && on_main(child)
         && child.get("parent-snapshot-id").and_then(Value::as_i64) == id_of(last)
     {
         group.push(child);
@@ -746,22 +752,36 @@ pub fn log_drift(source: &Value, replica: &Value) -> LogDrift {
             .collect()
     };
     let (theirs, ours) = (log(source), log(replica));
-    let differences: Vec<i64> = theirs
-        .iter()
-        .zip(&ours)
-        .filter(|((a, _), (b, _))| a == b)
-        .map(|((_, at), (_, ours_at))| (ours_at - at).abs())
-        .filter(|d| *d != 0)
-        .collect();
-    LogDrift { entries: differences.len() as i64, max_ms: differences.into_iter().max().unwrap_or(0) }
+    // Aligned from the newest entry back: expiry trims a log's oldest
+    // entries, so what one side lacks at the start is not drift. An entry
+    // one side has and the other lacks (a ref move the replica skipped while
+    // it lagged) is drift too, without a time difference to measure.
+    let mut drift = LogDrift::default();
+    let (mut i, mut j) = (theirs.len(), ours.len());
+    while i > 0 && j > 0 {
+        let ((a, at), (b, bt)) = (theirs[i - 1], ours[j - 1]);
+        if a == b {
+            let difference = i64::try_from(at.abs_diff(bt)).unwrap_or(i64::MAX);
+            if difference != 0 {
+                drift.entries += 1;
+                drift.max_ms = drift.max_ms.max(difference);
+            }
+            i -= 1;
+            j -= 1;
+        } else {
+            drift.entries += 1;
+            if at >= bt { i -= 1 } else { j -= 1 }
+        }
+    }
+    drift
 }
 
 /// See [`log_drift`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct LogDrift {
-    /// Log entries whose time differs.
+    /// Log entries whose time differs, or that one side has and the other lacks.
     pub entries: i64,
-    /// The largest difference, in milliseconds.
+    /// The largest time difference of an entry both have, in milliseconds.
     pub max_ms: i64,
 }
 
@@ -880,13 +900,18 @@ impl<'a> Table<'a> {
 
     /// The snapshots of `name`'s history: its target and every ancestor this table has.
     fn history_of(&self, name: &str) -> BTreeSet<i64> {
+        let parents: std::collections::HashMap<i64, Option<i64>> = self
+            .snapshots()
+            .iter()
+            .filter_map(|s| Some((id_of(s)?, s.get("parent-snapshot-id").and_then(Value::as_i64))))
+            .collect();
         let mut ids = BTreeSet::new();
         let mut current = self.ref_id(name);
-        while let Some(id) = current {
+        while let Some(id) = current.filter(|id| parents.contains_key(id)) {
             if !ids.insert(id) {
                 break;
             }
-            current = self.snapshot(id).and_then(|s| s.get("parent-snapshot-id")).and_then(Value::as_i64);
+            current = parents.get(&id).copied().flatten();
         }
         ids
     }

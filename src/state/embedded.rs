@@ -678,7 +678,8 @@ impl StateStore for EmbeddedStore {
             let n = c.execute(
                 &format!(
                     "UPDATE lanes SET wanted = wanted + 1, pending_since = COALESCE(pending_since, ?4),
-                     error_attempts = 0, error_parked = 0, source_metadata_location = NULL WHERE {LANE_WHERE}"
+                     error_attempts = 0, error_parked = 0, source_metadata_location = NULL, log_drift = NULL
+                     WHERE {LANE_WHERE}"
                 ),
                 params![ns_text(&key.table.namespace), key.table.name, key.destination, now_ms()],
             )?;
@@ -834,7 +835,7 @@ impl StateStore for EmbeddedStore {
             tx.execute(
                 &format!(
                     "UPDATE lanes SET replica_metadata_location = NULL, managed_properties = NULL, mode = NULL,
-                     managed_refs = NULL, source_uuid = NULL, adoption = NULL WHERE {LANE_WHERE}"
+                     managed_refs = NULL, source_uuid = NULL, adoption = NULL, log_drift = NULL WHERE {LANE_WHERE}"
                 ),
                 args,
             )?;

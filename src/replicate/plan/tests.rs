@@ -604,4 +604,33 @@ fn log_drift_counts_entries_of_shared_snapshots_whose_time_differs() {
         {"snapshot-id": 10, "timestamp-ms": 5140}]);
     assert_eq!(log_drift(&src, &rep), LogDrift { entries: 1, max_ms: 140 });
     assert_eq!(log_drift(&src, &src), LogDrift::default());
+
+    // A source log trimmed by expiry is not drift; a ref move the replica
+    // skipped (it lagged over a rollback) is.
+    let mut trimmed = src.clone();
+    trimmed["snapshot-log"] =
+        json!([{"snapshot-id": 30, "timestamp-ms": 1003}, {"snapshot-id": 10, "timestamp-ms": 5000}]);
+    assert_eq!(log_drift(&trimmed, &src), LogDrift::default());
+    let mut skipped = src.clone();
+    skipped["snapshot-log"] =
+        json!([{"snapshot-id": 10, "timestamp-ms": 1001}, {"snapshot-id": 30, "timestamp-ms": 1003}]);
+    assert_eq!(log_drift(&src, &skipped), LogDrift { entries: 1, max_ms: 0 });
+}
+
+#[test]
+fn a_branch_snapshot_between_two_main_snapshots_is_not_grouped_with_them() {
+    // 20 is on main but not logged; 25 (a branch off 20) sorts between 20 and 30.
+    let mut src = overwritten();
+    let mut branch = snap(25, Some(20), 3, 1);
+    branch["timestamp-ms"] = json!(1002);
+    let mut append = snap(30, Some(20), 4, 1);
+    append["timestamp-ms"] = json!(1004);
+    src["snapshots"] = json!([snap(10, None, 1, 0), snap(20, Some(10), 2, 1), branch, append]);
+    src["refs"]["b2"] = json!({"snapshot-id": 25, "type": "branch"});
+    src["snapshot-log"] = json!([{"snapshot-id": 10, "timestamp-ms": 1001}, {"snapshot-id": 30, "timestamp-ms": 1004}]);
+    let mut lane = Lane::new(created());
+    let steps = lane.converge(&src);
+    let groups: Vec<Vec<i64>> = steps.iter().filter(|s| !s.snapshots.is_empty()).map(|s| s.snapshots.clone()).collect();
+    assert!(!groups.contains(&vec![20, 25]), "25 is not on main: {groups:?}");
+    assert!(groups.iter().all(|g| g.len() == 1 || g == &vec![20, 30]), "{groups:?}");
 }
