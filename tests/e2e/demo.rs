@@ -8,9 +8,12 @@ use crate::harness::{repo_root, teststack};
 #[tokio::test(flavor = "multi_thread")]
 async fn the_demo_replicates_and_shows_both_sides() {
     let dir = tempfile::tempdir().expect("dir");
-    // Two SeaweedFS servers at base and base + 100, 17 ports each.
+    // Two SeaweedFS servers at base and base + 100, 17 ports each, below
+    // 30000: the harness's SeaweedFS ranges (30000 and up) and the kernel's
+    // ephemeral ports (32768 and up) must not take one between the check here
+    // and the demo's start.
     let base = (0..200)
-        .map(|i| 20000 + (std::process::id() % 50) as u16 * 400 + i * 7)
+        .map(|i| 20000 + (std::process::id() % 20) as u16 * 400 + i * 7)
         .find(|b| (*b..=b + 117).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()))
         .expect("free ports");
     let output = tokio::task::spawn_blocking(move || {
