@@ -76,8 +76,11 @@ fn free_port_range(span: u16) -> u16 {
     static CALLS: AtomicU32 = AtomicU32::new(0);
     let call = CALLS.fetch_add(1, Ordering::Relaxed) as u16;
     let seed = (std::process::id() as u16).wrapping_add(call.wrapping_mul(4099));
+    // Below the kernel's ephemeral ports (32768 and up, where every port-0
+    // bind of a parallel test lands) and the demo test's (20000-29999): no
+    // other test takes one of these between the check and the server's start.
     for attempt in 0..200u16 {
-        let base = 30000 + (seed.wrapping_mul(7).wrapping_add(attempt.wrapping_mul(97)) % 30000);
+        let base = 10000 + (seed.wrapping_mul(7).wrapping_add(attempt.wrapping_mul(97)) % 9900);
         let all_free = (base..=base + span).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok());
         if all_free {
             return base;
