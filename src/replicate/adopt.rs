@@ -45,14 +45,27 @@ pub(super) async fn adopt_shared(
     let mut unrecorded = unrecorded;
     let existed = lane.replica_metadata_location.is_none() && known.replicated.is_empty();
     if existed {
-        let (older, only_there) = own_snapshots(source, replica);
+        let ancestor = plan::common_ancestor(&source.metadata, &replica.metadata);
+        let (older, own) = own_snapshots(source, replica, ancestor);
         // Snapshots of the shared history the source has expired since are
         // history, not the old side's own.
         unrecorded.extend(older);
-        let only_there: Vec<String> = only_there.iter().map(ToString::to_string).collect();
-        if !only_there.is_empty() && known.adoption.is_none() {
-            if let Some(choice) = &lane.failback {
-                let adoption = adoption(lane, destination, source, replica, choice)?;
+        if known.adoption.is_none() {
+            let adoption = if own.is_empty() {
+                // Recorded so that its files are kept as they are (see `table_copier`).
+                Adoption {
+                    common_ancestor: ancestor.unwrap_or_default(),
+                    unreplicated: Vec::new(),
+                    kept_branch: None,
+                    kept_refs: Vec::new(),
+                    main_at: plan::ref_ids(&replica.metadata).get(plan::MAIN).copied(),
+                    sequence_shift: None,
+                }
+            } else {
+                let Some(choice) = &lane.failback else {
+                    return Err(failback_needed(lane, destination, shared.len(), ancestor, &own));
+                };
+                let adoption = adoption(lane, destination, source, replica, choice, ancestor, own)?;
                 tracing::warn!(replica = %lane.replica_table, unreplicated = ?adoption.unreplicated, kept_branch = ?adoption.kept_branch, shift = ?adoption.sequence_shift, "failback: following the source from the common ancestor");
                 let mut event = Event::ok(Action::Failback, key);
                 event.replica = Some(lane.replica_table.to_string());
@@ -60,15 +73,10 @@ pub(super) async fn adopt_shared(
                 event.replica_metadata_location.clone_from(&replica.metadata_location);
                 event.detail = serde_json::to_value(&adoption).ok();
                 ctx.audit.record(event);
-                ctx.store.record_adoption(key, adoption.clone()).await?;
-                known.adoption = Some(adoption);
-            } else {
-                let ancestor = plan::common_ancestor(&source.metadata, &replica.metadata).map_or_else(
-                    || "no snapshot on the source's main branch".to_owned(),
-                    |id| format!("snapshot {id}"),
-                );
-                return Err(failback_needed(lane, destination, shared.len(), &ancestor, &only_there));
-            }
+                adoption
+            };
+            ctx.store.record_adoption(key, adoption.clone()).await?;
+            known.adoption = Some(adoption);
         }
     }
     record_adopted(ctx, lane, source, replica, known, unrecorded, existed).await
@@ -79,9 +87,12 @@ fn failback_needed(
     lane: &LaneRecord,
     destination: &Destination,
     shared: usize,
-    ancestor: &str,
-    only_there: &[String],
+    ancestor: Option<i64>,
+    own: &[i64],
 ) -> ReplicateError {
+    let ancestor =
+        ancestor.map_or_else(|| "no snapshot on the source's main branch".to_owned(), |id| format!("snapshot {id}"));
+    let only_there: Vec<String> = own.iter().map(ToString::to_string).collect();
     plan::PlanError::FailbackChoiceNeeded {
         detail: format!(
             "destination {} already has {} with {shared} snapshot(s) of the source's history (the newest on the \
@@ -104,10 +115,9 @@ fn failback_needed(
 /// ancestor's sequence number: the older ones are shared history the source
 /// expired, the newer ones the replica's own (written after the last
 /// replication). Without a common ancestor, all are its own.
-fn own_snapshots(source: &LoadedTable, replica: &LoadedTable) -> (Vec<i64>, Vec<i64>) {
+fn own_snapshots(source: &LoadedTable, replica: &LoadedTable, ancestor: Option<i64>) -> (Vec<i64>, Vec<i64>) {
     let source_ids = snapshot_ids(&source.metadata);
-    let above = plan::common_ancestor(&source.metadata, &replica.metadata)
-        .and_then(|id| plan::snapshot_field(&replica.metadata, id, "sequence-number"));
+    let above = ancestor.and_then(|id| plan::snapshot_field(&replica.metadata, id, "sequence-number"));
     snapshot_ids(&replica.metadata).into_iter().filter(|id| !source_ids.contains(id)).partition(|id| {
         above.is_some_and(|above| {
             plan::snapshot_field(&replica.metadata, *id, "sequence-number").is_some_and(|n| n <= above)
@@ -115,16 +125,18 @@ fn own_snapshots(source: &LoadedTable, replica: &LoadedTable) -> (Vec<i64>, Vec<
     })
 }
 
-/// How an adopted table with snapshots of its own is followed, from the
-/// operator's `choice`: from the common ancestor, its own snapshots kept
-/// (on a branch, if asked), the source's later sequence numbers shifted
-/// above the ones they took.
+/// How an adopted table with snapshots of its own (`unreplicated`) is
+/// followed, from the operator's `choice`: from the common ancestor, its own
+/// snapshots kept (on a branch, if asked), the source's later sequence
+/// numbers shifted above the ones they took.
 fn adoption(
     lane: &LaneRecord,
     destination: &Destination,
     source: &LoadedTable,
     replica: &LoadedTable,
     choice: &FailbackChoice,
+    ancestor: Option<i64>,
+    unreplicated: Vec<i64>,
 ) -> Result<Adoption, ReplicateError> {
     let refused = |why: String| {
         ReplicateError::Refused(format!(
@@ -133,8 +145,8 @@ fn adoption(
             destination.name()
         ))
     };
-    let ancestor = plan::common_ancestor(&source.metadata, &replica.metadata)
-        .ok_or_else(|| refused("it has no snapshot of the source's main branch (no common history)".into()))?;
+    let ancestor =
+        ancestor.ok_or_else(|| refused("it has no snapshot of the source's main branch (no common history)".into()))?;
     if replica.metadata.get("format-version").and_then(Value::as_i64).unwrap_or(1) >= 3 {
         return Err(refused(
             "it is a v3 table, whose row ids (like its sequence numbers) its own snapshots have taken; icerelay does \
@@ -142,7 +154,6 @@ fn adoption(
                 .into(),
         ));
     }
-    let (_, unreplicated) = own_snapshots(source, replica);
     let above = plan::snapshot_field(&replica.metadata, ancestor, "sequence-number").unwrap_or(0);
     let sequence = |id: i64| plan::snapshot_field(&replica.metadata, id, "sequence-number").unwrap_or(0);
     let refs = plan::ref_ids(&replica.metadata);
@@ -201,19 +212,6 @@ async fn record_adopted(
     ctx.audit.record(event);
     if existed {
         tracing::warn!(replica = %lane.replica_table, shared = unrecorded.len(), "the replica table existed with the source's history; following it from there");
-        if known.adoption.is_none() {
-            // Recorded so that its files are kept as they are (see `table_copier`).
-            let adoption = Adoption {
-                common_ancestor: plan::common_ancestor(&source.metadata, &replica.metadata).unwrap_or_default(),
-                unreplicated: Vec::new(),
-                kept_branch: None,
-                kept_refs: Vec::new(),
-                main_at: plan::ref_ids(&replica.metadata).get(plan::MAIN).copied(),
-                sequence_shift: None,
-            };
-            ctx.store.record_adoption(key, adoption.clone()).await?;
-            known.adoption = Some(adoption);
-        }
     }
     known.replicated.extend(&unrecorded);
     ctx.store.record_progress(known.progress(key, replica, &source.metadata, unrecorded)).await?;

@@ -40,12 +40,14 @@ pub async fn promote(ctx: &Context, lane: &LaneRecord) -> Result<(), ReplicateEr
     }
     // A rename the lane has not applied yet: the replica still has its old name.
     let mut replica_table = &lane.replica_table;
-    if let Some(old) = &lane.replica_renamed_from
-        && destination.catalog.load_table(replica_table).await?.is_none()
+    let mut found = destination.catalog.load_table(replica_table).await?;
+    if found.is_none()
+        && let Some(old) = &lane.replica_renamed_from
     {
         replica_table = old;
+        found = destination.catalog.load_table(replica_table).await?;
     }
-    let mut replica = destination.catalog.load_table(replica_table).await?.ok_or_else(|| {
+    let mut replica = found.ok_or_else(|| {
         ReplicateError::Refused(format!(
             "cannot promote {replica_table} on destination {}: the table does not exist there (it was never \
              replicated, or was dropped)",

@@ -138,6 +138,17 @@ pub(crate) fn relay_toml_with(
     )
 }
 
+/// icerelay replicating a fresh namespace (`prefix_...`) of the shared
+/// SeaweedFS to `replica`: the namespace, its table `name`, the state
+/// directory (kept while the test holds it) and icerelay.
+async fn replicating(replica: Replica, prefix: &str, name: &str) -> (String, String, tempfile::TempDir, Relay) {
+    let ns = unique(prefix);
+    let table = format!("{ns}.{name}");
+    let state = tempfile::tempdir().expect("state");
+    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    (ns, table, state, relay)
+}
+
 /// Runs `writer.py` against the catalog at `uri` (icerelay or the primary itself).
 async fn write(uri: &str, table: &str, ops: Value) -> Value {
     write_with(SeaweedFs::shared().client_conn(uri), table, ops).await
@@ -311,10 +322,7 @@ pub(crate) async fn source_rows(table: &str) -> Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_table_created_through_icerelay_is_followed_commit_by_commit() {
     let replica = Replica::Seaweed(SeaweedFs::shared_replica());
-    let ns = unique("follow");
-    let table = format!("{ns}.events");
-    let state = tempfile::tempdir().expect("state");
-    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let (_ns, table, _state, relay) = replicating(replica, "follow", "events").await;
 
     let written = write(
         &relay.url,
@@ -382,10 +390,7 @@ async fn a_table_created_through_icerelay_is_followed_commit_by_commit() {
 #[tokio::test(flavor = "multi_thread")]
 async fn merge_on_read_deletes_reach_the_replica_rewritten() {
     let replica = Replica::Seaweed(SeaweedFs::shared_replica());
-    let ns = unique("mor");
-    let table = format!("{ns}.t");
-    let state = tempfile::tempdir().expect("state");
-    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let (ns, table, _state, relay) = replicating(replica, "mor", "t").await;
     let conn = SeaweedFs::shared().client_conn(&relay.url);
     let ext = duckdb_extensions().display().to_string();
     let made =
@@ -421,10 +426,7 @@ async fn three_writers_on_three_tables_replicate_in_parallel() {
 #[tokio::test(flavor = "multi_thread")]
 async fn commits_made_around_icerelay_arrive_through_reconcile() {
     let replica = Replica::Seaweed(SeaweedFs::shared_replica());
-    let ns = unique("around");
-    let table = format!("{ns}.t");
-    let state = tempfile::tempdir().expect("state");
-    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let (_ns, table, _state, relay) = replicating(replica, "around", "t").await;
     let created = write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "rows": 3}])).await;
     wait_replicated(&relay.admin_url, &table, created["metadata_location"].as_str().expect("location")).await;
 
@@ -531,10 +533,7 @@ async fn sigkill_mid_replication_loses_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_status_api_matches_its_openapi_description() {
     let replica = Replica::Seaweed(SeaweedFs::shared_replica());
-    let ns = unique("api");
-    let table = format!("{ns}.t");
-    let state = tempfile::tempdir().expect("state");
-    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let (ns, table, _state, relay) = replicating(replica, "api", "t").await;
     let written = write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
     wait_replicated(&relay.admin_url, &table, written["metadata_location"].as_str().expect("location")).await;
 
@@ -609,10 +608,7 @@ async fn the_status_api_matches_its_openapi_description() {
 async fn a_replica_that_is_down_catches_up_when_it_is_back() {
     let replica_server: &'static SeaweedFs = Box::leak(Box::new(SeaweedFs::start_with_warehouse("down", "replica")));
     let replica = Replica::Seaweed(replica_server);
-    let ns = unique("down");
-    let table = format!("{ns}.t");
-    let state = tempfile::tempdir().expect("state");
-    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let (_ns, table, _state, relay) = replicating(replica, "down", "t").await;
     let written = write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
     wait_replicated(&relay.admin_url, &table, written["metadata_location"].as_str().expect("location")).await;
 
@@ -654,10 +650,7 @@ async fn a_replica_that_is_down_catches_up_when_it_is_back() {
 async fn a_replica_written_around_icerelay_is_reported_and_never_overwritten() {
     let replica_server = SeaweedFs::shared_replica();
     let replica = Replica::Seaweed(replica_server);
-    let ns = unique("diverge");
-    let table = format!("{ns}.t");
-    let state = tempfile::tempdir().expect("state");
-    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let (_ns, table, _state, relay) = replicating(replica, "diverge", "t").await;
     let written = write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
     wait_replicated(&relay.admin_url, &table, written["metadata_location"].as_str().expect("location")).await;
 
@@ -837,10 +830,7 @@ async fn v3_tables_with_deletion_vectors_replicate_between_rustberg_catalogs() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_source_dropped_and_created_again_does_not_overwrite_the_kept_replica() {
     let replica = Replica::Seaweed(SeaweedFs::shared_replica());
-    let ns = unique("recreate");
-    let table = format!("{ns}.t");
-    let state = tempfile::tempdir().expect("state");
-    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let (_ns, table, _state, relay) = replicating(replica, "recreate", "t").await;
     let first = write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "rows": 3}])).await;
     wait_replicated(&relay.admin_url, &table, first["metadata_location"].as_str().expect("location")).await;
     let kept = replica.catalog().load_table(&ident(&table)).await.expect("load").expect("replica");
@@ -877,10 +867,7 @@ async fn local_files_a_committer_points_at_are_never_read() {
     // directory. icerelay's own disk is under no [[storage]] prefix, so the
     // lane stops before reading a byte, and says why.
     let replica = Replica::Seaweed(SeaweedFs::shared_replica());
-    let ns = unique("confined");
-    let table = format!("{ns}.t");
-    let state = tempfile::tempdir().expect("state");
-    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let (_ns, table, _state, relay) = replicating(replica, "confined", "t").await;
     let written = write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
     wait_replicated(&relay.admin_url, &table, written["metadata_location"].as_str().expect("location")).await;
 
@@ -1105,10 +1092,7 @@ async fn an_s3_tables_shaped_setup_replicates_with_vended_credentials_only() {
 #[tokio::test(flavor = "multi_thread")]
 async fn time_travel_by_timestamp_reads_the_same_rows_on_the_replica_at_every_moment_of_the_source_log() {
     let replica = Replica::Seaweed(SeaweedFs::shared_replica());
-    let ns = unique("asof");
-    let table = format!("{ns}.t");
-    let state = tempfile::tempdir().expect("state");
-    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let (_ns, table, _state, relay) = replicating(replica, "asof", "t").await;
     // An overwrite, a transaction with a delete and an append, and a dynamic
     // partition overwrite each add two snapshots in one commit.
     let written = write(
@@ -1169,10 +1153,7 @@ async fn time_travel_by_timestamp_reads_the_same_rows_on_the_replica_at_every_mo
 #[tokio::test(flavor = "multi_thread")]
 async fn a_ref_move_without_a_snapshot_gets_the_replicas_own_log_time_and_the_status_says_by_how_much() {
     let replica = Replica::Seaweed(SeaweedFs::shared_replica());
-    let ns = unique("drift");
-    let table = format!("{ns}.t");
-    let state = tempfile::tempdir().expect("state");
-    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), "")).await;
+    let (_ns, table, _state, relay) = replicating(replica, "drift", "t").await;
     let ops =
         json!([{"op": "create"}, {"op": "append", "start": 0, "rows": 2}, {"op": "append", "start": 10, "rows": 2}]);
     let written = write(&relay.url, &table, ops).await;
