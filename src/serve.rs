@@ -23,7 +23,7 @@ use crate::admin::{self, AdminState};
 use crate::audit::AuditLog;
 use crate::catalog::sigv4::Signer;
 use crate::catalog::{CatalogError, ClientSettings, RestCatalog};
-use crate::config::{AuthConfig, Config, EngineAuth, ListenerTls, PrimaryConfig};
+use crate::config::{AuthConfig, Config, EngineAuth, ListenerTls, PrimaryConfig, StateBackend};
 use crate::metrics::Metrics;
 use crate::proxy::commit_tap::{HintSink, LogHints};
 use crate::proxy::read_only::ReplicaMarks;
@@ -32,7 +32,9 @@ use crate::proxy::workers::ProxyWorkers;
 use crate::proxy::{self, ProxySettings, StackParts};
 use crate::replicate::Replicator;
 use crate::state::StateError;
+use crate::state::StateStore;
 use crate::state::embedded::EmbeddedStore;
+use crate::state::postgres::PostgresStore;
 use crate::tls::ServerCertificate;
 
 /// Why the server could not start or stopped with an error.
@@ -68,7 +70,7 @@ pub enum ServeError {
     #[error("cannot open the audit log (audit_log): {0}")]
     Audit(#[from] crate::audit::AuditError),
     /// The replication state store could not be opened.
-    #[error("cannot open the replication state (state_dir): {0}")]
+    #[error("cannot open the replication state (state_dir or state): {0}")]
     State(#[from] StateError),
     /// A service stopped with an I/O error.
     #[error("the {service} service failed: {source}")]
@@ -131,7 +133,10 @@ impl Server {
             metrics,
         };
         if server.config.replicates() {
-            let store = Arc::new(EmbeddedStore::open(&server.config.state_dir)?);
+            let store: Arc<dyn StateStore> = match &server.config.state {
+                StateBackend::Sqlite => Arc::new(EmbeddedStore::open(&server.config.state_dir)?),
+                StateBackend::Postgres(settings) => Arc::new(PostgresStore::open(settings).await?),
+            };
             let primary = &server.config.primary;
             let catalog = primary_client(primary, primary.request_timeout)?;
             let audit = Arc::new(AuditLog::open(&server.config.audit)?);
@@ -265,7 +270,7 @@ impl Server {
         services.spawn(async move { ("proxy", proxy_workers.serve(make_proxy, limits, acceptor, stop).await) });
         if let Some(replicator) = replicator {
             let stop = token.clone();
-            tracing::info!(state_dir = %config.state_dir.display(), destinations = config.destinations.len(), rules = config.rules.len(), "replication is on");
+            tracing::info!(state = %replicator.context().store.describe(), replicate = config.replication.replicate, destinations = config.destinations.len(), rules = config.rules.len(), "replication is on");
             services.spawn(async move {
                 replicator.run(stop).await;
                 ("replication", Ok(()))

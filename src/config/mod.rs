@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use env::{Env, MapEnv, ProcessEnv};
-use raw::{RawAuth, RawConfig, RawDestination, RawPrimary, RawReplication, RawRule, RawStorage};
+use raw::{RawAuth, RawConfig, RawDestination, RawPrimary, RawReplication, RawRule, RawState, RawStorage};
 use reqwest::Url;
 pub use secret::Secret;
 
@@ -76,6 +76,8 @@ pub struct Config {
     pub rules: Vec<RuleConfig>,
     /// Directory of replication's durable state.
     pub state_dir: PathBuf,
+    /// The state store.
+    pub state: StateBackend,
     /// Pacing and limits of replication.
     pub replication: ReplicationConfig,
     /// TLS on the proxy listener, if configured.
@@ -88,6 +90,15 @@ pub struct Config {
     pub read_only_replicas: bool,
     /// Where and how the audit log is written.
     pub audit: AuditConfig,
+}
+
+/// Where replication's state lives.
+#[derive(Debug, Clone)]
+pub enum StateBackend {
+    /// SQLite in `state_dir`: one instance.
+    Sqlite,
+    /// PostgreSQL, shared by several instances.
+    Postgres(crate::state::postgres::PostgresSettings),
 }
 
 /// The audit log's file and rotation.
@@ -163,6 +174,10 @@ pub struct ReplicationConfig {
     pub retry_initial_backoff: Duration,
     /// Longest retry delay.
     pub retry_max_backoff: Duration,
+    /// Whether this instance runs lanes (else it only records hints).
+    pub replicate: bool,
+    /// How long an instance's claim on a lane outlives its last renewal.
+    pub lease_ttl: Duration,
 }
 
 impl Default for ReplicationConfig {
@@ -173,6 +188,8 @@ impl Default for ReplicationConfig {
             copy_parallelism: 8,
             retry_initial_backoff: Duration::from_secs(1),
             retry_max_backoff: Duration::from_secs(300),
+            replicate: true,
+            lease_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -744,6 +761,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     let rules = raw.rules.into_iter().enumerate().filter_map(|(i, r)| v.rule(i, r, &names)).collect();
     let state_dir = PathBuf::from(raw.state_dir.unwrap_or_else(|| "icerelay-state".to_owned()));
     let replication = v.replication(raw.replication.unwrap_or_default());
+    let state = v.state(raw.state, &replication);
     let tls = v.listener_tls("tls_cert_file", "tls_key_file", raw.tls_cert_file, raw.tls_key_file);
     let admin_tls =
         v.listener_tls("admin_tls_cert_file", "admin_tls_key_file", raw.admin_tls_cert_file, raw.admin_tls_key_file);
@@ -773,6 +791,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             destinations,
             rules,
             state_dir,
+            state,
             replication,
             tls,
             admin_tls,
@@ -1263,7 +1282,78 @@ impl Validator {
             copy_parallelism,
             retry_initial_backoff,
             retry_max_backoff,
+            replicate: raw.replicate.unwrap_or(defaults.replicate),
+            lease_ttl: self.positive("replication.lease_ttl", raw.lease_ttl, defaults.lease_ttl),
         }
+    }
+
+    fn state(&mut self, raw: Option<RawState>, replication: &ReplicationConfig) -> StateBackend {
+        let raw = raw.unwrap_or_default();
+        let backend = match raw.kind.as_deref().unwrap_or("sqlite") {
+            "sqlite" => {
+                for (key, set) in [
+                    ("state.url", raw.url.is_some()),
+                    ("state.schema", raw.schema.is_some()),
+                    ("state.ca_file", raw.ca_file.is_some()),
+                    ("state.max_connections", raw.max_connections.is_some()),
+                ] {
+                    if set {
+                        self.error(key, "applies to type = \"postgres\" only; the sqlite store lives in state_dir");
+                    }
+                }
+                StateBackend::Sqlite
+            }
+            "postgres" => {
+                let url = match raw.url {
+                    Some(url) if !url.is_empty() => {
+                        // The parse error never quotes the URL, which holds the password.
+                        if let Err(e) = crate::state::postgres::describe_url(url.expose()) {
+                            self.error("state.url", format!("is not a PostgreSQL connection URL: {e}"));
+                        }
+                        url
+                    }
+                    _ => {
+                        self.error(
+                            "state.url",
+                            "is required with type = \"postgres\" (postgres://user:password@host:5432/database), \
+                             e.g. \"${ICERELAY_PG_URL}\"",
+                        );
+                        Secret::new("")
+                    }
+                };
+                let schema = raw.schema.unwrap_or_else(|| "icerelay".to_owned());
+                if !crate::state::postgres::valid_schema_name(&schema) {
+                    self.error("state.schema", "must be a lower-case name (letters, digits, _), at most 63 bytes");
+                }
+                let max_connections = raw.max_connections.unwrap_or(8);
+                if max_connections == 0 {
+                    self.error("state.max_connections", "must be at least 1");
+                }
+                StateBackend::Postgres(crate::state::postgres::PostgresSettings {
+                    url,
+                    schema,
+                    ca_file: raw.ca_file.map(PathBuf::from),
+                    max_connections,
+                    connect_timeout: self.positive(
+                        "state.connect_timeout",
+                        raw.connect_timeout,
+                        Duration::from_secs(5),
+                    ),
+                })
+            }
+            other => {
+                self.error("state.type", format!("{other:?} is not a state store; use \"sqlite\" or \"postgres\""));
+                StateBackend::Sqlite
+            }
+        };
+        if !replication.replicate && matches!(backend, StateBackend::Sqlite) {
+            self.error(
+                "replication.replicate",
+                "false needs a shared state (state = { type = \"postgres\", ... }): with sqlite, hints recorded \
+                 here would never be replicated by anyone",
+            );
+        }
+        backend
     }
 
     fn rule(&mut self, i: usize, raw: RawRule, destinations: &[&str]) -> Option<RuleConfig> {

@@ -105,10 +105,14 @@ pub struct RawConfig {
     /// Which tables replicate to which destinations.
     #[serde(default)]
     pub rules: Vec<RawRule>,
-    /// Directory of replication's durable state (the SQLite database).
-    /// Default `icerelay-state` in the working directory. Used only when
-    /// rules are configured.
+    /// Directory of replication's durable state (the SQLite database, and
+    /// the audit log by default). Default `icerelay-state` in the working
+    /// directory. Used only when rules are configured.
     pub state_dir: Option<String>,
+    /// Where replication's state lives: `{ type = "sqlite" }` (the default,
+    /// in `state_dir`, one instance) or `{ type = "postgres", url = "${ICERELAY_PG_URL}" }`
+    /// (shared by several instances).
+    pub state: Option<RawState>,
     /// How replication runs.
     pub replication: Option<RawReplication>,
     /// Bearer token the admin API requires (`Authorization: Bearer <token>`),
@@ -187,6 +191,38 @@ pub struct RawReplication {
     /// Longest wait between retries. Default `5m`.
     #[serde(default, with = "humantime_serde")]
     pub retry_max_backoff: Option<Duration>,
+    /// Whether this instance runs lanes, fan-out and reconcile. `false` makes a
+    /// sidecar that only records commit hints (and serves status) for the
+    /// instances that do; it needs a shared (`postgres`) state. Default `true`.
+    #[serde(default, deserialize_with = "lenient::bool")]
+    pub replicate: Option<bool>,
+    /// How long a lane stays claimed by an instance that stopped renewing it
+    /// (crashed, paused, cut off from Postgres) before another takes over.
+    /// Shared state only. Default `30s`.
+    #[serde(default, with = "humantime_serde")]
+    pub lease_ttl: Option<Duration>,
+}
+
+/// `state`: the state store.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawState {
+    /// `sqlite` (default) or `postgres`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// PostgreSQL connection URL, `postgres://user:password@host:port/database?sslmode=require`;
+    /// write it as `"${ICERELAY_PG_URL}"` to keep the password out of the file.
+    pub url: Option<Secret>,
+    /// Postgres schema of icerelay's tables (created if missing). Default `icerelay`.
+    pub schema: Option<String>,
+    /// PEM file of extra CA certificates for TLS to Postgres. Default: the system's roots.
+    pub ca_file: Option<String>,
+    /// Connections to Postgres per instance. Default `8`.
+    #[serde(default, deserialize_with = "lenient::number")]
+    pub max_connections: Option<usize>,
+    /// How long a state call waits to connect before it fails. Default `5s`.
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
 }
 
 /// `[primary]`: the upstream catalog.

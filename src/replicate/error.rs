@@ -49,6 +49,16 @@ pub enum ReplicateError {
     /// catalog that does not keep what it is sent).
     #[error("{0}")]
     NoProgress(String),
+    /// This instance's lease on the lane ran out or was taken over: another
+    /// instance runs the lane now, and this run stopped before writing more.
+    #[error(
+        "lane {lane}: this instance's lease ran out (not renewed within lease_ttl, or taken over by another \
+         instance); the run stopped before its next replica write"
+    )]
+    LeaseLost {
+        /// The lane.
+        lane: String,
+    },
 }
 
 impl From<TableCopyError> for ReplicateError {
@@ -76,7 +86,13 @@ impl ReplicateError {
             | Self::Refused(_)
             | Self::NoMetadataLocation(_)
             | Self::NoProgress(_) => true,
-            Self::State(_) => false,
+            Self::State(_) | Self::LeaseLost { .. } => false,
         }
+    }
+
+    /// Whether another instance runs the lane now: nothing for this one to
+    /// record or retry.
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(self, Self::LeaseLost { .. } | Self::State(crate::state::StateError::Fenced { .. }))
     }
 }

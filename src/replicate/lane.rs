@@ -130,6 +130,7 @@ async fn follow(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateError> {
     };
     let source_file = identify_source(&lane, &source, &destination)?;
     if let Some(old) = &lane.replica_renamed_from {
+        ctx.confirm_lease().await?;
         rename_replica(&destination, old, &lane.replica_table).await?;
         ctx.store.finish_rename(key).await?;
     }
@@ -200,6 +201,7 @@ async fn open_replica(
     let replica = match destination.catalog.load_table(replica_table).await? {
         Some(t) => t,
         None => {
+            ctx.confirm_lease().await?;
             let started = std::time::Instant::now();
             let made = match capabilities.bootstrap {
                 Bootstrap::Register => register(ctx, key, destination, replica_table, &source, &source_file).await?,
@@ -301,6 +303,7 @@ async fn replay(
             ctx.audit.record(event);
         };
 
+        ctx.confirm_lease().await?;
         match destination.catalog.update_table(replica_table, &step.requirements, &step.updates).await {
             Ok(committed) => {
                 ctx.metrics.commits.get_or_create(&ReplicationMetrics::labels(destination.name())).inc();
@@ -415,12 +418,13 @@ async fn source_dropped(
         return Ok(());
     }
     if on_drop == OnDrop::Propagate {
+        ctx.confirm_lease().await?;
         destination.catalog.drop_table(&lane.replica_table, false).await?;
         tracing::info!(replica = %lane.replica_table, "the source was dropped; dropped the replica (on_drop = propagate)");
     } else {
         tracing::info!(replica = %lane.replica_table, "the source was dropped; the replica is kept");
     }
-    ctx.store.apply_lane_changes(vec![LaneChange::SourceDropped { key: key.clone(), generation }], None).await?;
+    ctx.store.apply_lane_changes(vec![LaneChange::SourceDropped { key: key.clone(), generation }], Vec::new()).await?;
     Ok(())
 }
 
@@ -462,6 +466,8 @@ async fn register(
     }
     let target = map.rewrite(source_file, source_file).map_err(super::plan::PlanError::from)?;
     copier.write_metadata(&metadata, source_file, &map, &target, &|_| false).await?;
+    // The copy before may have taken long: confirm the lease right before the write.
+    ctx.confirm_lease().await?;
     let registered = destination.catalog.register_table(replica_table, &target).await?;
 
     // A catalog that answers 200 but loses the history must not be trusted.

@@ -38,6 +38,7 @@ mod adopt;
 pub mod destination;
 mod error;
 pub mod lane;
+mod lease;
 pub mod mark;
 pub mod plan;
 pub mod promote;
@@ -68,7 +69,8 @@ use crate::storage::Storage;
 /// Hints fanned out per transaction.
 const FAN_OUT_BATCH: usize = 512;
 
-/// What lane runs share.
+/// What lane runs share (a run's own copy adds its lease).
+#[derive(Clone)]
 pub struct Context {
     /// The durable state.
     pub store: Arc<dyn StateStore>,
@@ -88,6 +90,35 @@ pub struct Context {
     pub settings: ReplicationConfig,
     /// Where every change to a replica is recorded.
     pub audit: Arc<AuditLog>,
+    /// This instance's name in leases: host, process and a random part, so a
+    /// restarted process is a new owner.
+    pub instance: String,
+    /// The lease of the lane run this context belongs to, where lanes are
+    /// shared by several instances (`None` elsewhere).
+    pub lease: Option<Arc<lease::LaneLease>>,
+}
+
+impl Context {
+    /// Confirms, right before a replica write, that this run still holds its
+    /// lane (always true where no other instance can hold it).
+    pub async fn confirm_lease(&self) -> Result<(), ReplicateError> {
+        match &self.lease {
+            Some(lease) => lease.confirm().await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// A name for this process in leases.
+fn instance_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "icerelay".to_owned());
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}/{}/{}", std::process::id(), &random[..8])
 }
 
 impl std::fmt::Debug for Context {
@@ -137,6 +168,8 @@ impl Replicator {
             metrics,
             settings: config.replication.clone(),
             audit,
+            instance: instance_name(),
+            lease: None,
         };
         Ok(Self { ctx: Arc::new(ctx), appended: Arc::new(Notify::new()), wake: Arc::new(Notify::new()) })
     }
@@ -157,8 +190,14 @@ impl Replicator {
         self.wake.clone()
     }
 
-    /// Runs until `stop` is cancelled.
+    /// Runs until `stop` is cancelled. An instance with `replicate = false`
+    /// runs nothing: it records hints and serves status from the shared store.
     pub async fn run(self, stop: CancellationToken) {
+        if !self.ctx.settings.replicate {
+            tracing::info!(store = %self.ctx.store.describe(), "replicate = false: recording commit hints only; other instances run the lanes");
+            stop.cancelled().await;
+            return;
+        }
         let mut tasks = JoinSet::new();
         tasks.spawn(probe_destinations(self.ctx.clone()));
         tasks.spawn(fan_out(self.ctx.clone(), self.appended.clone(), self.wake.clone(), stop.clone()));
@@ -209,7 +248,9 @@ async fn fan_out(ctx: Arc<Context>, appended: Arc<Notify>, wake: Arc<Notify>, st
 /// Fans out one batch of hints; returns how many there were.
 async fn fan_out_once(ctx: &Context) -> Result<usize, ReplicateError> {
     let hints = ctx.store.pending_hints(FAN_OUT_BATCH).await?;
-    let Some(last) = hints.last().map(|h| h.id) else { return Ok(0) };
+    if hints.is_empty() {
+        return Ok(0);
+    }
     let mut changes = Vec::new();
     for recorded in &hints {
         let hint = &recorded.hint;
@@ -230,14 +271,22 @@ async fn fan_out_once(ctx: &Context) -> Result<usize, ReplicateError> {
             });
         }
     }
-    ctx.store.apply_lane_changes(changes, Some(last)).await?;
+    ctx.store.apply_lane_changes(changes, hints.iter().map(|h| h.id).collect()).await?;
     Ok(hints.len())
 }
 
-/// Reconciles at start-up and then every `reconcile_interval`.
+/// Reconciles at start-up and then every `reconcile_interval`; with a shared
+/// store, only the instance that claims the pass, so the primary sees one
+/// reconcile per interval however many instances there are.
 async fn reconcile_loop(ctx: Arc<Context>, wake: Arc<Notify>, stop: CancellationToken) {
     loop {
-        match reconcile(&ctx).await {
+        let claimed = ctx.store.claim_pass("reconcile", &ctx.instance, ctx.settings.reconcile_interval).await;
+        let result = match claimed {
+            Ok(true) => reconcile(&ctx).await,
+            Ok(false) => Ok(0),
+            Err(e) => Err(e.into()),
+        };
+        match result {
             Ok(touched) if touched > 0 => {
                 tracing::info!(lanes = touched, "reconcile found tables to replicate");
                 wake.notify_one();
@@ -300,7 +349,7 @@ pub async fn reconcile(ctx: &Context) -> Result<usize, ReplicateError> {
     }
     let touched = changes.len();
     if touched > 0 {
-        ctx.store.apply_lane_changes(changes, None).await?;
+        ctx.store.apply_lane_changes(changes, Vec::new()).await?;
     }
     Ok(touched)
 }
@@ -377,14 +426,23 @@ async fn schedule(ctx: Arc<Context>, wake: Arc<Notify>, stop: CancellationToken)
                 && lane.promotion.is_none();
             let due = retry_at.get(&lane.key).is_none_or(|at| *at <= now);
             if lane.has_work() && !parked && due && !active.contains(&lane.key) {
-                active.insert(lane.key.clone());
-                tried_since_start.insert(lane.key.clone());
-                let ctx = ctx.clone();
+                let key = lane.key.clone();
+                let (run_ctx, lane) = match lease::claim(&ctx, lane).await {
+                    Ok(lease::Claim::Run(run_ctx, lane)) => (run_ctx, lane),
+                    Ok(lease::Claim::Skip) => continue,
+                    Err(e) => {
+                        tracing::warn!(table = %key.table, destination = %key.destination, error = %e, "could not claim the lane; trying again");
+                        continue;
+                    }
+                };
+                active.insert(key.clone());
+                tried_since_start.insert(key);
                 running.spawn(async move {
                     let key = lane.key.clone();
-                    let result = AssertUnwindSafe(lane::run(ctx, lane)).catch_unwind().await.unwrap_or_else(|_| {
-                        Err(ReplicateError::NoProgress("the lane run panicked (a bug: please report it)".into()))
-                    });
+                    let result =
+                        AssertUnwindSafe(lease::run_leased(run_ctx, lane)).catch_unwind().await.unwrap_or_else(|_| {
+                            Err(ReplicateError::NoProgress("the lane run panicked (a bug: please report it)".into()))
+                        });
                     (key, result)
                 });
             }
@@ -418,6 +476,11 @@ async fn finish(
         retry_at.remove(&key);
         return;
     };
+    if error.is_lease_lost() {
+        // Another instance runs the lane now; it records what happens next.
+        tracing::info!(table = %key.table, destination = %key.destination, error = %error, "stopped a lane run");
+        return;
+    }
     ctx.metrics.failures.get_or_create(&ReplicationMetrics::labels(&key.destination)).inc();
     let parked = error.parks();
     let message = error.to_string();

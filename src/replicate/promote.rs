@@ -60,6 +60,7 @@ pub async fn promote(ctx: &Context, lane: &LaneRecord) -> Result<(), ReplicateEr
             requirements.push(json!({"type": "assert-table-uuid", "uuid": uuid}));
         }
         let updates = [json!({"action": "remove-properties", "removals": [REPLICA_OF]})];
+        ctx.confirm_lease().await?;
         replica = destination.catalog.update_table(replica_table, &requirements, &updates).await?;
     }
     let main = plan::ref_ids(&replica.metadata).get(plan::MAIN).copied();

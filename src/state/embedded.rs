@@ -17,12 +17,13 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use tokio::sync::oneshot;
 
+use super::encoding::{self, hint_kind, ns_text, to_json};
 use super::{
     Adoption, CopiedFile, FailbackChoice, HintId, LaneChange, LaneError, LaneKey, LaneRecord, Millis, Progress,
     Promotion, PromotionMode, RecordedHint, StateError, StateStore, now_ms,
 };
 use crate::catalog::{Namespace, TableIdent};
-use crate::proxy::commit_tap::{CommitHint, HintKind};
+use crate::proxy::commit_tap::CommitHint;
 
 /// The database file inside the state directory.
 pub const DATABASE_FILE: &str = "icerelay.db";
@@ -259,36 +260,20 @@ fn apply_migrations(connection: &mut Connection, version: i64) -> rusqlite::Resu
 
 // === encoding ===
 
-fn ns_text(ns: &Namespace) -> String {
-    serde_json::to_string(ns.levels()).unwrap_or_else(|_| "[]".into())
-}
-
 fn ns_parse(text: &str) -> rusqlite::Result<Namespace> {
-    serde_json::from_str::<Vec<String>>(text)
-        .map(Namespace::new)
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+    encoding::ns_parse(text).map_err(conversion)
 }
 
-fn hint_kind(kind: &HintKind) -> &'static str {
-    match kind {
-        HintKind::Commit => "commit",
-        HintKind::Drop => "drop",
-        HintKind::Rename { .. } => "rename",
-    }
+fn conversion(e: serde_json::Error) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
 }
 
 fn read_hint(row: &Row<'_>) -> rusqlite::Result<RecordedHint> {
     let table = TableIdent::new(ns_parse(&row.get::<_, String>("namespace")?)?, row.get::<_, String>("name")?);
-    let kind = match row.get::<_, String>("kind")?.as_str() {
-        "drop" => HintKind::Drop,
-        "rename" => {
-            let ns: Option<String> = row.get("from_namespace")?;
-            let name: Option<String> = row.get("from_name")?;
-            let from = TableIdent::new(ns_parse(ns.as_deref().unwrap_or("[]"))?, name.unwrap_or_default());
-            HintKind::Rename { from }
-        }
-        _ => HintKind::Commit,
-    };
+    let from_namespace: Option<String> = row.get("from_namespace")?;
+    let kind =
+        encoding::hint_kind_parse(&row.get::<_, String>("kind")?, from_namespace.as_deref(), row.get("from_name")?)
+            .map_err(conversion)?;
     Ok(RecordedHint {
         id: row.get("id")?,
         hint: CommitHint { kind, table, prefix: row.get("prefix")?, metadata_location: row.get("metadata_location")? },
@@ -360,15 +345,9 @@ fn read_lane(row: &Row<'_>) -> rusqlite::Result<LaneRecord> {
 
 fn json_column<T: serde::de::DeserializeOwned>(row: &Row<'_>, column: &str) -> rusqlite::Result<Option<T>> {
     match row.get::<_, Option<String>>(column)? {
-        Some(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))),
+        Some(text) => serde_json::from_str(&text).map(Some).map_err(conversion),
         None => Ok(None),
     }
-}
-
-fn to_json<T: serde::Serialize>(value: Option<&T>) -> Option<String> {
-    value.and_then(|v| serde_json::to_string(v).ok())
 }
 
 const LANE_WHERE: &str = "namespace = ?1 AND name = ?2 AND destination = ?3";
@@ -486,10 +465,7 @@ impl StateStore for EmbeddedStore {
             let tx = c.transaction()?;
             let at = now_ms();
             for h in &hints {
-                let (from_ns, from_name) = match &h.kind {
-                    HintKind::Rename { from } => (Some(ns_text(&from.namespace)), Some(from.name.clone())),
-                    _ => (None, None),
-                };
+                let (from_ns, from_name) = encoding::hint_from(h);
                 tx.execute(
                     "INSERT INTO hints (namespace, name, prefix, kind, from_namespace, from_name, metadata_location, recorded_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -521,7 +497,10 @@ impl StateStore for EmbeddedStore {
         .await
     }
 
-    async fn apply_lane_changes(&self, changes: Vec<LaneChange>, through: Option<HintId>) -> Result<(), StateError> {
+    async fn apply_lane_changes(&self, changes: Vec<LaneChange>, consumed: Vec<HintId>) -> Result<(), StateError> {
+        // One writer thread: ids are committed in order, so the largest
+        // consumed id is a cursor.
+        let through = consumed.into_iter().max();
         self.call(move |c, _| {
             let tx = c.transaction()?;
             for change in &changes {
@@ -914,6 +893,10 @@ impl StateStore for EmbeddedStore {
             Ok(())
         })
         .await
+    }
+
+    fn describe(&self) -> String {
+        self.path.clone()
     }
 }
 

@@ -2,8 +2,10 @@
 //!
 //! Everything replication knows lives here, so that killing icerelay at any
 //! moment loses nothing: a restart reads the same state and carries on.
-//! The store is a trait ([`StateStore`]) so that a shared Postgres store can
-//! follow the embedded one ([`embedded::EmbeddedStore`], SQLite).
+//! The store is a trait ([`StateStore`]) with two implementations: the
+//! embedded one ([`embedded::EmbeddedStore`], SQLite, one instance) and the
+//! shared one ([`postgres::PostgresStore`], several instances, lanes shared
+//! by leases).
 //!
 //! # Invariants
 //!
@@ -23,9 +25,12 @@
 //!   keeps one record; a checkpoint is written only after the copy was verified.
 
 pub mod embedded;
+mod encoding;
+pub mod postgres;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -351,6 +356,17 @@ pub struct Progress {
     pub log_drift: Option<crate::replicate::plan::LogDrift>,
 }
 
+/// A lane run's lease on its lane, where several instances share the lanes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The lane.
+    pub key: LaneKey,
+    /// The instance holding the lease.
+    pub owner: String,
+    /// Bumped by every claim: a write made under an older one is refused.
+    pub generation: i64,
+}
+
 /// A verified copy of a file at a destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopiedFile {
@@ -418,6 +434,39 @@ pub enum StateError {
     /// The store's thread has stopped.
     #[error("the state store has shut down")]
     Closed,
+    /// The state store's configuration is unusable.
+    #[error("{detail}")]
+    Config {
+        /// What is wrong, naming the setting.
+        detail: String,
+    },
+    /// The shared store answered with an error.
+    #[error("state store {target}: {detail}")]
+    Postgres {
+        /// Host, port, database and schema (never credentials).
+        target: String,
+        /// The error with its causes (the server's message is a cause).
+        detail: String,
+    },
+    /// The shared store cannot be reached.
+    #[error("cannot reach the state store {target}: {detail}; replication waits for it, the proxy keeps serving")]
+    Unavailable {
+        /// Host, port, database and schema (never credentials).
+        target: String,
+        /// Cause.
+        detail: String,
+    },
+    /// The lane run lost its lease: another instance runs the lane now.
+    #[error(
+        "lane {lane}: this instance lost its lease (generation {generation}) to another instance; it records \
+         nothing more for the lane"
+    )]
+    Fenced {
+        /// The lane.
+        lane: String,
+        /// The run's generation.
+        generation: i64,
+    },
 }
 
 /// The durable store behind replication.
@@ -427,9 +476,9 @@ pub trait StateStore: Send + Sync + 'static {
     async fn append_hints(&self, hints: Vec<CommitHint>) -> Result<(), StateError>;
     /// Hints after the fan-out cursor, oldest first, at most `limit`.
     async fn pending_hints(&self, limit: usize) -> Result<Vec<RecordedHint>, StateError>;
-    /// Applies lane changes and, in the same transaction, moves the fan-out
-    /// cursor to `through` and deletes the hints up to it.
-    async fn apply_lane_changes(&self, changes: Vec<LaneChange>, through: Option<HintId>) -> Result<(), StateError>;
+    /// Applies lane changes and, in the same transaction, deletes the hints
+    /// they were made from (`consumed`, the ids `pending_hints` gave).
+    async fn apply_lane_changes(&self, changes: Vec<LaneChange>, consumed: Vec<HintId>) -> Result<(), StateError>;
     /// Every lane.
     async fn lanes(&self) -> Result<Vec<LaneRecord>, StateError>;
     /// One lane.
@@ -485,6 +534,44 @@ pub trait StateStore: Send + Sync + 'static {
     async fn copied_file(&self, destination: &str, source: &str) -> Result<Option<CopiedFile>, StateError>;
     /// Records a verified copy.
     async fn record_copied_file(&self, destination: &str, source: &str, file: CopiedFile) -> Result<(), StateError>;
+
+    // --- sharing: what only a store several instances use needs ---
+
+    /// Whether several instances may share this store (lanes then need leases).
+    fn shares_lanes(&self) -> bool {
+        false
+    }
+    /// Claims the lane for `owner` for `ttl`, unless another owner's lease
+    /// is still valid (`None` then). One instance alone always gets it.
+    async fn acquire_lease(&self, key: &LaneKey, owner: &str, _ttl: Duration) -> Result<Option<Fence>, StateError> {
+        Ok(Some(Fence { key: key.clone(), owner: owner.to_owned(), generation: 0 }))
+    }
+    /// Extends a lease for `ttl` from now; `false` if it was lost (another
+    /// instance claimed the lane since).
+    async fn renew_lease(&self, _fence: &Fence, _ttl: Duration) -> Result<bool, StateError> {
+        Ok(true)
+    }
+    /// Gives a lease up, so another instance may take the lane at once.
+    async fn release_lease(&self, _fence: &Fence) -> Result<(), StateError> {
+        Ok(())
+    }
+    /// The store as a lane run under `fence` writes it: writes about that
+    /// lane are refused once another claim replaced the fence. `None` where
+    /// nobody else can claim it.
+    fn fenced(&self, _fence: Fence) -> Option<std::sync::Arc<dyn StateStore>> {
+        None
+    }
+    /// Claims the periodic pass `name` if it is due, and makes it due again
+    /// `every` from now; `false` if another instance ran it within `every`.
+    async fn claim_pass(&self, _name: &str, _owner: &str, _every: Duration) -> Result<bool, StateError> {
+        Ok(true)
+    }
+    /// Checks that the store answers.
+    async fn ping(&self) -> Result<(), StateError> {
+        Ok(())
+    }
+    /// Where the store is, for logs and the status API (never credentials).
+    fn describe(&self) -> String;
 }
 
 /// The proxy's view of the store: commit hints go into the change log, and

@@ -14,4 +14,5 @@ mod hardening;
 mod proxy_clients;
 mod proxy_passthrough;
 mod replication;
+mod shared_state;
 mod tls;

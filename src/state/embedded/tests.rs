@@ -1,6 +1,7 @@
 //! Tests of the embedded store, including reopening the database as a restart would.
 
 use super::*;
+use crate::proxy::commit_tap::HintKind;
 use crate::state::LaneStatus;
 
 fn table(ns: &str, name: &str) -> TableIdent {
@@ -39,11 +40,11 @@ async fn hints_are_kept_in_order_until_their_fan_out_is_recorded() {
     let store = EmbeddedStore::open(dir.path()).expect("reopen");
     assert_eq!(store.pending_hints(10).await.expect("read").len(), 3);
 
-    store.apply_lane_changes(Vec::new(), Some(pending[1].id)).await.expect("ack two");
+    store.apply_lane_changes(Vec::new(), vec![pending[1].id]).await.expect("ack two");
     let left = store.pending_hints(10).await.expect("read");
     assert_eq!(left.iter().map(|h| h.id).collect::<Vec<_>>(), vec![pending[2].id]);
     // A stale acknowledgement never moves the cursor back.
-    store.apply_lane_changes(Vec::new(), Some(pending[0].id)).await.expect("stale ack");
+    store.apply_lane_changes(Vec::new(), vec![pending[0].id]).await.expect("stale ack");
     assert_eq!(store.pending_hints(10).await.expect("read").len(), 1);
 }
 
@@ -52,14 +53,14 @@ async fn a_change_during_a_run_keeps_the_lane_pending() {
     let dir = tempfile::tempdir().expect("dir");
     let store = EmbeddedStore::open(dir.path()).expect("open");
     let key = LaneKey::new(table("db", "t"), "dr");
-    store.apply_lane_changes(vec![touch(&key)], None).await.expect("touch");
+    store.apply_lane_changes(vec![touch(&key)], Vec::new()).await.expect("touch");
     let lane = store.lane(&key).await.expect("read").expect("exists");
     assert_eq!(lane.status(), LaneStatus::Pending);
     assert_eq!(lane.pending_since, Some(1_000));
 
     // A run starts at generation 1; a hint arrives meanwhile (generation 2).
     let generation = lane.wanted;
-    store.apply_lane_changes(vec![touch(&key)], None).await.expect("touch");
+    store.apply_lane_changes(vec![touch(&key)], Vec::new()).await.expect("touch");
     store.record_success(&key, generation).await.expect("success");
     let lane = store.lane(&key).await.expect("read").expect("exists");
     assert_eq!(lane.status(), LaneStatus::Pending, "the second change is not done yet");
@@ -78,7 +79,7 @@ async fn failures_count_until_a_success_clears_them() {
     let dir = tempfile::tempdir().expect("dir");
     let store = EmbeddedStore::open(dir.path()).expect("open");
     let key = LaneKey::new(table("db", "t"), "dr");
-    store.apply_lane_changes(vec![touch(&key)], None).await.expect("touch");
+    store.apply_lane_changes(vec![touch(&key)], Vec::new()).await.expect("touch");
     store.record_failure(&key, "replica down".into(), false).await.expect("fail");
     store.record_failure(&key, "replica still down".into(), true).await.expect("fail");
     let lane = store.lane(&key).await.expect("read").expect("exists");
@@ -96,7 +97,7 @@ async fn progress_and_renames_keep_the_replicated_history() {
     let dir = tempfile::tempdir().expect("dir");
     let store = EmbeddedStore::open(dir.path()).expect("open");
     let key = LaneKey::new(table("db", "t"), "dr");
-    store.apply_lane_changes(vec![touch(&key)], None).await.expect("touch");
+    store.apply_lane_changes(vec![touch(&key)], Vec::new()).await.expect("touch");
     store
         .record_progress(Progress {
             key: key.clone(),
@@ -118,7 +119,7 @@ async fn progress_and_renames_keep_the_replicated_history() {
     store
         .apply_lane_changes(
             vec![LaneChange::Rename { from: key.clone(), to: renamed.clone(), replica_to: renamed.clone(), at: 2_000 }],
-            None,
+            Vec::new(),
         )
         .await
         .expect("rename");
@@ -138,7 +139,7 @@ async fn progress_and_renames_keep_the_replicated_history() {
 
     let generation = store.lane(&moved).await.expect("read").expect("lane").wanted;
     store
-        .apply_lane_changes(vec![LaneChange::SourceDropped { key: moved.clone(), generation }], None)
+        .apply_lane_changes(vec![LaneChange::SourceDropped { key: moved.clone(), generation }], Vec::new())
         .await
         .expect("drop");
     let lane = store.lane(&moved).await.expect("read").expect("kept");
@@ -151,7 +152,7 @@ async fn pause_resume_resync_and_copy_checkpoints() {
     let store = EmbeddedStore::open(dir.path()).expect("open");
     let key = LaneKey::new(table("db", "t"), "dr");
     assert!(!store.set_paused(&key, true).await.expect("no lane"));
-    store.apply_lane_changes(vec![touch(&key)], None).await.expect("touch");
+    store.apply_lane_changes(vec![touch(&key)], Vec::new()).await.expect("touch");
     assert!(store.set_paused(&key, true).await.expect("pause"));
     let lane = store.lane(&key).await.expect("read").expect("exists");
     assert_eq!(lane.status(), LaneStatus::Paused);
@@ -174,7 +175,7 @@ async fn a_rename_onto_a_name_with_a_lane_replaces_that_lane() {
     let store = EmbeddedStore::open(dir.path()).expect("open");
     let a = LaneKey::new(table("db", "a"), "dr");
     let b = LaneKey::new(table("db", "b"), "dr");
-    store.apply_lane_changes(vec![touch(&a), touch(&b)], None).await.expect("touch");
+    store.apply_lane_changes(vec![touch(&a), touch(&b)], Vec::new()).await.expect("touch");
     store
         .record_progress(Progress {
             key: b.clone(),
@@ -191,7 +192,7 @@ async fn a_rename_onto_a_name_with_a_lane_replaces_that_lane() {
         .await
         .expect("progress");
     let rename = LaneChange::Rename { from: a.clone(), to: table("db", "b"), replica_to: table("db", "b"), at: 5 };
-    store.apply_lane_changes(vec![rename], Some(0)).await.expect("a rename onto an existing lane applies");
+    store.apply_lane_changes(vec![rename], vec![0]).await.expect("a rename onto an existing lane applies");
     let lane = store.lane(&b).await.expect("read").expect("lane");
     assert_eq!(lane.replica_renamed_from, Some(table("db", "a")));
     assert_eq!(lane.source_uuid, None, "the old lane's record is gone");
@@ -239,7 +240,7 @@ async fn a_promotion_is_withdrawn_or_expires_until_claimed_and_is_carried_out_on
     let dir = tempfile::tempdir().expect("dir");
     let store = EmbeddedStore::open(dir.path()).expect("open");
     let key = LaneKey::new(table("db", "t"), "dr");
-    store.apply_lane_changes(vec![touch(&key)], None).await.expect("touch");
+    store.apply_lane_changes(vec![touch(&key)], Vec::new()).await.expect("touch");
     let later = now_ms() + 60_000;
 
     // Unclaimed: withdrawn, and then nothing to claim.
@@ -274,7 +275,7 @@ async fn a_promotion_is_withdrawn_or_expires_until_claimed_and_is_carried_out_on
     let lane = store.lane(&key).await.expect("read").expect("lane");
     assert_eq!(lane.promoted, Some(promotion));
     assert_eq!(lane.status(), LaneStatus::Promoted);
-    store.apply_lane_changes(vec![touch(&key)], None).await.expect("a later hint");
+    store.apply_lane_changes(vec![touch(&key)], Vec::new()).await.expect("a later hint");
     let lane = store.lane(&key).await.expect("read").expect("lane");
     assert!(!lane.has_work() && lane.seconds_behind(now_ms() + 10_000) == 0, "a promoted lane follows nothing");
     // Asking again answers with the promotion and asks for nothing.

@@ -14,6 +14,7 @@
 
 #![allow(dead_code)]
 
+pub mod postgres;
 pub mod tls;
 pub mod upstream;
 pub mod vending;

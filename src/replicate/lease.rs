@@ -1,0 +1,160 @@
+//! Lane leases: which instance runs a lane, where several share the state.
+//!
+//! With a shared store any replicating instance may run any lane, but only
+//! one at a time. A run starts by claiming the lane's lease (owner, expiry,
+//! fencing generation); it renews the lease every third of `lease_ttl`
+//! while it runs and gives it up when it ends. Two rules keep an instance
+//! that lost its lease (paused past the expiry, cut off from the store) from
+//! writing after another instance took the lane over:
+//!
+//! - before every replica write the run confirms the lease in the store and
+//!   checks, by its own monotonic clock, that the confirmation is fresh (a
+//!   pause between the two shows as elapsed time);
+//! - every state write of the run goes through a fenced view of the store,
+//!   refused once the generation changed.
+//!
+//! The replica catalog's own commit requirements (`assert-ref-snapshot-id`)
+//! are the last line: a commit planned from a state another instance has
+//! moved on from is refused by the catalog.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{Context, ReplicateError};
+use crate::state::{Fence, LaneKey, LaneRecord, StateStore};
+
+/// A run's lease on its lane.
+pub struct LaneLease {
+    store: Arc<dyn StateStore>,
+    fence: Fence,
+    ttl: Duration,
+    /// When the lease runs out by this process's clock: the time the last
+    /// confirmation was asked for, plus the ttl.
+    valid_until: Mutex<Instant>,
+}
+
+impl std::fmt::Debug for LaneLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LaneLease").field("fence", &self.fence).finish_non_exhaustive()
+    }
+}
+
+/// What a claim found.
+pub enum Claim {
+    /// The run's context (fenced store, lease) and the lane as of the claim.
+    Run(Arc<Context>, LaneRecord),
+    /// Another instance holds the lane, or it has no work any more.
+    Skip,
+}
+
+/// Claims `lane` for a run. With a store only this instance uses, the claim
+/// is the shared context itself.
+pub async fn claim(ctx: &Arc<Context>, lane: LaneRecord) -> Result<Claim, ReplicateError> {
+    if !ctx.store.shares_lanes() {
+        return Ok(Claim::Run(ctx.clone(), lane));
+    }
+    let ttl = ctx.settings.lease_ttl;
+    let asked = Instant::now();
+    let Some(fence) = ctx.store.acquire_lease(&lane.key, &ctx.instance, ttl).await? else {
+        return Ok(Claim::Skip);
+    };
+    let lease = Arc::new(LaneLease {
+        store: ctx.store.clone(),
+        fence: fence.clone(),
+        ttl,
+        valid_until: Mutex::new(asked + ttl),
+    });
+    // The lane as it is now: another instance may have finished it between
+    // the scheduler's read and the claim.
+    let current = match ctx.store.lane(&lane.key).await {
+        Ok(Some(current)) if current.has_work() => current,
+        Ok(_) => {
+            lease.release().await;
+            return Ok(Claim::Skip);
+        }
+        Err(e) => {
+            lease.release().await;
+            return Err(e.into());
+        }
+    };
+    let store = ctx.store.fenced(fence).unwrap_or_else(|| ctx.store.clone());
+    let run = Context { store, lease: Some(lease), ..Context::clone(ctx) };
+    Ok(Claim::Run(Arc::new(run), current))
+}
+
+impl LaneLease {
+    fn lost(&self) -> ReplicateError {
+        ReplicateError::LeaseLost { lane: self.fence.key.to_string() }
+    }
+
+    fn valid_until(&self) -> Instant {
+        *self.valid_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn renew(&self) -> Result<bool, crate::state::StateError> {
+        let asked = Instant::now();
+        let renewed = self.store.renew_lease(&self.fence, self.ttl).await?;
+        if renewed {
+            *self.valid_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = asked + self.ttl;
+        }
+        Ok(renewed)
+    }
+
+    /// Confirms the lease right before a replica write: the store says it is
+    /// still this run's, and at least two thirds of the ttl are left for the
+    /// write by this process's clock.
+    pub async fn confirm(&self) -> Result<(), ReplicateError> {
+        if !self.renew().await? {
+            return Err(self.lost());
+        }
+        if Instant::now() + self.ttl / 3 > self.valid_until() {
+            return Err(self.lost());
+        }
+        Ok(())
+    }
+
+    /// Renews the lease every third of the ttl; returns once it is lost (the
+    /// store says another instance took it, or it could not be renewed
+    /// before it ran out).
+    pub async fn keep(&self) {
+        loop {
+            tokio::time::sleep(self.ttl / 3).await;
+            match self.renew().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(lane = %self.fence.key, "another instance took over the lane; stopping this run");
+                    return;
+                }
+                Err(e) if Instant::now() >= self.valid_until() => {
+                    tracing::warn!(lane = %self.fence.key, error = %e, "could not renew the lane's lease before it ran out; stopping this run");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(lane = %self.fence.key, error = %e, "could not renew the lane's lease; trying again")
+                }
+            }
+        }
+    }
+
+    /// Gives the lease up, so another instance can take the lane at once.
+    pub async fn release(&self) {
+        if let Err(e) = self.store.release_lease(&self.fence).await {
+            tracing::debug!(lane = %self.fence.key, error = %e, "could not release the lane's lease; it runs out by itself");
+        }
+    }
+}
+
+/// Runs `lane` under `ctx`'s lease (if it has one): the run stops when the
+/// lease is lost, and the lease is released when it ends.
+pub async fn run_leased(ctx: Arc<Context>, lane: LaneRecord) -> Result<(), ReplicateError> {
+    let Some(lease) = ctx.lease.clone() else {
+        return super::lane::run(ctx, lane).await;
+    };
+    let key: LaneKey = lane.key.clone();
+    let result = tokio::select! {
+        result = super::lane::run(ctx, lane) => result,
+        () = lease.keep() => Err(ReplicateError::LeaseLost { lane: key.to_string() }),
+    };
+    lease.release().await;
+    result
+}

@@ -1,0 +1,967 @@
+//! The shared state store: PostgreSQL, for several icerelay instances.
+//!
+//! Every instance connects to the same database (through a small connection
+//! pool) and keeps its tables in one Postgres schema (`icerelay` unless
+//! configured). The invariants of the embedded store ([`super`]) hold across
+//! processes, plus three that only sharing needs:
+//!
+//! - **Hints are consumed by id, not by cursor.** Ids come from a sequence
+//!   but commit out of order across sessions, so a fan-out deletes exactly the
+//!   hints it read; a hint committed late is read by the next fan-out.
+//! - **A lane run holds a lease** (owner, expiry by the database's clock,
+//!   generation bumped by every claim). Its writes about its lane go through
+//!   [`StateStore::fenced`]: each checks, in its transaction, that the lane's
+//!   generation is still the run's, so an instance that lost its lease (a
+//!   long pause, a partition) records nothing more for it.
+//! - **Periodic passes are leased too** (`passes`): one instance runs each
+//!   reconcile, whatever the number of instances.
+//!
+//! Schema migrations run at start under an advisory lock, so instances
+//! starting together migrate once; the version is in `schema_version`.
+
+use std::collections::BTreeSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use super::encoding::{self, hint_kind, ns_text, to_json};
+use super::{
+    Adoption, CopiedFile, FailbackChoice, Fence, HintId, LaneChange, LaneError, LaneKey, LaneRecord, Millis, Progress,
+    Promotion, PromotionMode, RecordedHint, StateError, StateStore, now_ms,
+};
+use crate::catalog::TableIdent;
+use crate::proxy::commit_tap::CommitHint;
+
+/// The newest schema this build writes.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Version 1: the embedded store's tables (as of its version 4), with lane
+/// leases and leased passes.
+const SCHEMA_1: &str = "
+CREATE TABLE hints (
+    id BIGSERIAL PRIMARY KEY,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    prefix TEXT,
+    kind TEXT NOT NULL,
+    from_namespace TEXT,
+    from_name TEXT,
+    metadata_location TEXT,
+    recorded_at BIGINT NOT NULL
+);
+CREATE TABLE lanes (
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    replica_namespace TEXT NOT NULL,
+    replica_name TEXT NOT NULL,
+    wanted BIGINT NOT NULL DEFAULT 1,
+    done BIGINT NOT NULL DEFAULT 0,
+    pending_since BIGINT,
+    paused BOOLEAN NOT NULL DEFAULT FALSE,
+    source_dropped BOOLEAN NOT NULL DEFAULT FALSE,
+    source_metadata_location TEXT,
+    replica_metadata_location TEXT,
+    snapshots_behind BIGINT,
+    last_success_at BIGINT,
+    mode TEXT,
+    error_message TEXT,
+    error_at BIGINT,
+    error_attempts BIGINT NOT NULL DEFAULT 0,
+    error_parked BOOLEAN NOT NULL DEFAULT FALSE,
+    renamed_from_namespace TEXT,
+    renamed_from_name TEXT,
+    managed_properties TEXT,
+    managed_refs TEXT,
+    source_uuid TEXT,
+    promote_requested TEXT,
+    promote_deadline BIGINT,
+    promote_claimed BOOLEAN NOT NULL DEFAULT FALSE,
+    promoted_at BIGINT,
+    recovery_point BIGINT,
+    recovery_point_at BIGINT,
+    missed_snapshots BIGINT,
+    source_answered BOOLEAN,
+    promoted_metadata_location TEXT,
+    failback_choice TEXT,
+    adoption TEXT,
+    log_drift TEXT,
+    lease_owner TEXT,
+    lease_expires_at BIGINT,
+    lease_generation BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (namespace, name, destination)
+);
+CREATE TABLE replicated_snapshots (
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    snapshot_id BIGINT NOT NULL,
+    PRIMARY KEY (namespace, name, destination, snapshot_id)
+);
+CREATE TABLE copied_files (
+    destination TEXT NOT NULL,
+    source TEXT NOT NULL,
+    target TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    checksum TEXT,
+    copied_at BIGINT NOT NULL,
+    PRIMARY KEY (destination, source)
+);
+CREATE TABLE destinations (
+    name TEXT PRIMARY KEY,
+    uri TEXT NOT NULL,
+    capabilities TEXT NOT NULL,
+    probed_at BIGINT NOT NULL
+);
+CREATE TABLE passes (
+    name TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    due_at BIGINT NOT NULL
+);
+";
+
+/// Migrations, oldest first: entry `i` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[SCHEMA_1];
+
+/// The database's clock in milliseconds: leases expire by one clock, whatever
+/// the instances' clocks say.
+const DB_NOW: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+
+/// The lane a statement is about: `$1` namespace, `$2` name, `$3` destination.
+const LANE_WHERE: &str = "namespace = $1 AND name = $2 AND destination = $3";
+
+/// How to reach the shared store.
+#[derive(Debug, Clone)]
+pub struct PostgresSettings {
+    /// The connection URL (`postgres://user:password@host:port/database?sslmode=...`).
+    pub url: crate::config::Secret,
+    /// The Postgres schema icerelay's tables live in.
+    pub schema: String,
+    /// Extra CA certificates for TLS to the server.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Connections in the pool.
+    pub max_connections: usize,
+    /// How long a call waits for a connection (an unreachable server fails this fast).
+    pub connect_timeout: Duration,
+}
+
+/// PostgreSQL-backed [`StateStore`].
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    /// Where the store is, for messages: host, port, database and schema, never credentials.
+    target: String,
+    /// Set on the view a lane run writes through.
+    fence: Option<Fence>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").field("target", &self.target).finish_non_exhaustive()
+    }
+}
+
+/// Checks a configured schema name: it is spliced into SQL, so only plain lower-case names.
+pub fn valid_schema_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63
+}
+
+/// Where a connection URL points, without its credentials.
+pub fn describe_url(url: &str) -> Result<String, String> {
+    let config = tokio_postgres::Config::from_str(url).map_err(|e| e.to_string())?;
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    Ok(format!("postgres://{}:{port}/{}", hosts.join(","), config.get_dbname().unwrap_or("")))
+}
+
+impl PostgresStore {
+    /// Connects, and creates or migrates the schema (once, under an advisory
+    /// lock, however many instances start together).
+    pub async fn open(settings: &PostgresSettings) -> Result<Self, StateError> {
+        let mut config = tokio_postgres::Config::from_str(settings.url.expose())
+            .map_err(|e| StateError::Config { detail: format!("state.url is not a PostgreSQL connection URL: {e}") })?;
+        let target = format!(
+            "{} (schema {})",
+            describe_url(settings.url.expose()).map_err(|detail| StateError::Config { detail })?,
+            settings.schema
+        );
+        if !valid_schema_name(&settings.schema) {
+            return Err(StateError::Config {
+                detail: format!("state.schema {:?} must be a lower-case Postgres name", settings.schema),
+            });
+        }
+        // Every pooled session finds icerelay's tables first.
+        let options = match config.get_options() {
+            Some(given) => format!("{given} -c search_path={}", settings.schema),
+            None => format!("-c search_path={}", settings.schema),
+        };
+        config.options(options);
+        config.application_name("icerelay");
+        config.connect_timeout(settings.connect_timeout);
+        let tls = crate::tls::client_config(settings.ca_file.as_deref())
+            .map_err(|e| StateError::Config { detail: format!("state.ca_file: {e}") })?;
+        let manager = Manager::from_config(
+            config,
+            tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(settings.max_connections)
+            .wait_timeout(Some(settings.connect_timeout))
+            .create_timeout(Some(settings.connect_timeout))
+            .recycle_timeout(Some(settings.connect_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StateError::Config { detail: format!("state: cannot build the connection pool: {e}") })?;
+        let store = Self { pool, target, fence: None };
+        store.migrate(&settings.schema).await?;
+        Ok(store)
+    }
+
+    /// Where the store is (no credentials).
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    fn db(&self) -> impl Fn(tokio_postgres::Error) -> StateError + '_ {
+        |e| StateError::Postgres { target: self.target.clone(), detail: crate::causes::chain(&e) }
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StateError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StateError::Unavailable { target: self.target.clone(), detail: crate::causes::chain(&e) })
+    }
+
+    async fn migrate(&self, schema: &str) -> Result<(), StateError> {
+        let mut client = self.client().await?;
+        let db = self.db();
+        // The lock is the session's: it is released below, or when the connection closes.
+        let lock_key = format!("icerelay schema {schema}");
+        client.execute("SELECT pg_advisory_lock(hashtext($1))", &[&lock_key]).await.map_err(&db)?;
+        let result = async {
+            client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}")).await.map_err(&db)?;
+            client
+                .batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+                .await
+                .map_err(&db)?;
+            let found: i32 = client
+                .query_opt("SELECT version FROM schema_version", &[])
+                .await
+                .map_err(&db)?
+                .map(|row| row.try_get(0))
+                .transpose()
+                .map_err(&db)?
+                .unwrap_or(0);
+            if found > SCHEMA_VERSION {
+                return Err(StateError::NewerSchema {
+                    path: self.target.clone(),
+                    found: i64::from(found),
+                    supported: i64::from(SCHEMA_VERSION),
+                });
+            }
+            if found < SCHEMA_VERSION {
+                let tx = client.transaction().await.map_err(&db)?;
+                for step in MIGRATIONS.iter().skip(usize::try_from(found).unwrap_or(0)) {
+                    tx.batch_execute(step).await.map_err(&db)?;
+                }
+                tx.execute("DELETE FROM schema_version", &[]).await.map_err(&db)?;
+                tx.execute("INSERT INTO schema_version (version) VALUES ($1)", &[&SCHEMA_VERSION])
+                    .await
+                    .map_err(&db)?;
+                tx.commit().await.map_err(&db)?;
+                tracing::info!(store = %self.target, from = found, to = SCHEMA_VERSION, "migrated the state store");
+            }
+            Ok(())
+        }
+        .await;
+        let unlocked = client.execute("SELECT pg_advisory_unlock(hashtext($1))", &[&lock_key]).await;
+        result?;
+        unlocked.map_err(&db)?;
+        Ok(())
+    }
+
+    /// Begins a transaction; on a fenced view, only while the fence's lane
+    /// still has the fence's generation (the row stays locked until commit,
+    /// so no claim can slip in between the check and the writes).
+    async fn begin<'c>(
+        &self,
+        client: &'c mut deadpool_postgres::Object,
+    ) -> Result<deadpool_postgres::Transaction<'c>, StateError> {
+        let db = self.db();
+        let tx = client.transaction().await.map_err(&db)?;
+        if let Some(fence) = &self.fence {
+            let key = &fence.key;
+            let held = tx
+                .query_opt(
+                    &format!(
+                        "SELECT 1 FROM lanes WHERE {LANE_WHERE} AND lease_owner = $4 AND lease_generation = $5 FOR UPDATE"
+                    ),
+                    &[&ns_text(&key.table.namespace), &key.table.name, &key.destination, &fence.owner, &fence.generation],
+                )
+                .await
+                .map_err(&db)?;
+            if held.is_none() {
+                return Err(StateError::Fenced { lane: key.to_string(), generation: fence.generation });
+            }
+        }
+        Ok(tx)
+    }
+
+    /// One statement about one lane, in a (fenced) transaction; the lane's
+    /// key is `$1..$3`, `more` follow. Returns the rows changed.
+    async fn lane_update(&self, key: &LaneKey, set: &str, more: &[&(dyn ToSql + Sync)]) -> Result<u64, StateError> {
+        let sql = format!("UPDATE lanes SET {set} WHERE {LANE_WHERE}");
+        self.lane_statement(key, &sql, more).await
+    }
+
+    async fn lane_statement(&self, key: &LaneKey, sql: &str, more: &[&(dyn ToSql + Sync)]) -> Result<u64, StateError> {
+        let ns = ns_text(&key.table.namespace);
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&ns, &key.table.name, &key.destination];
+        params.extend_from_slice(more);
+        let mut client = self.client().await?;
+        let tx = self.begin(&mut client).await?;
+        let n = tx.execute(sql, &params).await.map_err(self.db())?;
+        tx.commit().await.map_err(self.db())?;
+        Ok(n)
+    }
+
+    async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, StateError> {
+        let client = self.client().await?;
+        client.query(sql, params).await.map_err(self.db())
+    }
+}
+
+// === reading rows ===
+
+fn corrupt(target: &str, detail: impl std::fmt::Display) -> StateError {
+    StateError::Corrupt { path: target.to_owned(), detail: detail.to_string() }
+}
+
+fn ns(target: &str, text: &str) -> Result<crate::catalog::Namespace, StateError> {
+    encoding::ns_parse(text).map_err(|e| corrupt(target, format!("namespace {text:?}: {e}")))
+}
+
+fn json<T: serde::de::DeserializeOwned>(target: &str, row: &Row, column: &str) -> Result<Option<T>, StateError> {
+    match get::<Option<String>>(target, row, column)? {
+        Some(text) => serde_json::from_str(&text).map(Some).map_err(|e| corrupt(target, format!("{column}: {e}"))),
+        None => Ok(None),
+    }
+}
+
+fn get<'a, T: tokio_postgres::types::FromSql<'a>>(target: &str, row: &'a Row, column: &str) -> Result<T, StateError> {
+    row.try_get(column).map_err(|e| corrupt(target, format!("{column}: {e}")))
+}
+
+fn read_hint(target: &str, row: &Row) -> Result<RecordedHint, StateError> {
+    let table = TableIdent::new(ns(target, get(target, row, "namespace")?)?, get::<String>(target, row, "name")?);
+    let from_namespace: Option<String> = get(target, row, "from_namespace")?;
+    let kind =
+        encoding::hint_kind_parse(get(target, row, "kind")?, from_namespace.as_deref(), get(target, row, "from_name")?)
+            .map_err(|e| corrupt(target, format!("hint: {e}")))?;
+    Ok(RecordedHint {
+        id: get(target, row, "id")?,
+        hint: CommitHint {
+            kind,
+            table,
+            prefix: get(target, row, "prefix")?,
+            metadata_location: get(target, row, "metadata_location")?,
+        },
+        recorded_at: get(target, row, "recorded_at")?,
+    })
+}
+
+fn read_lane(t: &str, row: &Row) -> Result<LaneRecord, StateError> {
+    let table = TableIdent::new(ns(t, get(t, row, "namespace")?)?, get::<String>(t, row, "name")?);
+    let replica_table =
+        TableIdent::new(ns(t, get(t, row, "replica_namespace")?)?, get::<String>(t, row, "replica_name")?);
+    let renamed_from = match (
+        get::<Option<String>>(t, row, "renamed_from_namespace")?,
+        get::<Option<String>>(t, row, "renamed_from_name")?,
+    ) {
+        (Some(namespace), Some(name)) => Some(TableIdent::new(ns(t, &namespace)?, name)),
+        _ => None,
+    };
+    let promoted = match get::<Option<i64>>(t, row, "promoted_at")? {
+        Some(at) => Some(Promotion {
+            at,
+            recovery_point: get(t, row, "recovery_point")?,
+            recovery_point_at: get(t, row, "recovery_point_at")?,
+            missed_snapshots: get(t, row, "missed_snapshots")?,
+            source_answered: get::<Option<bool>>(t, row, "source_answered")?.unwrap_or(false),
+            metadata_location: get(t, row, "promoted_metadata_location")?,
+        }),
+        None => None,
+    };
+    let last_error = match get::<Option<String>>(t, row, "error_message")? {
+        Some(message) => Some(LaneError {
+            message,
+            at: get::<Option<i64>>(t, row, "error_at")?.unwrap_or(0),
+            attempts: get(t, row, "error_attempts")?,
+            parked: get(t, row, "error_parked")?,
+        }),
+        None => None,
+    };
+    Ok(LaneRecord {
+        key: LaneKey::new(table, get::<String>(t, row, "destination")?),
+        replica_table,
+        wanted: get(t, row, "wanted")?,
+        done: get(t, row, "done")?,
+        pending_since: get(t, row, "pending_since")?,
+        paused: get(t, row, "paused")?,
+        source_dropped: get(t, row, "source_dropped")?,
+        source_metadata_location: get(t, row, "source_metadata_location")?,
+        replica_metadata_location: get(t, row, "replica_metadata_location")?,
+        snapshots_behind: get(t, row, "snapshots_behind")?,
+        last_success_at: get(t, row, "last_success_at")?,
+        mode: get(t, row, "mode")?,
+        last_error,
+        replica_renamed_from: renamed_from,
+        managed_properties: json(t, row, "managed_properties")?,
+        managed_refs: json(t, row, "managed_refs")?,
+        source_uuid: get(t, row, "source_uuid")?,
+        promotion: get::<Option<String>>(t, row, "promote_requested")?.as_deref().and_then(PromotionMode::parse),
+        promotion_deadline: get(t, row, "promote_deadline")?,
+        promotion_claimed: get(t, row, "promote_claimed")?,
+        promoted,
+        failback: json::<FailbackChoice>(t, row, "failback_choice")?,
+        adoption: json::<Adoption>(t, row, "adoption")?,
+        log_drift: json(t, row, "log_drift")?,
+    })
+}
+
+// === writing lane changes ===
+
+async fn touch(
+    tx: &deadpool_postgres::Transaction<'_>,
+    key: &LaneKey,
+    replica: &TableIdent,
+    at: i64,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "INSERT INTO lanes (namespace, name, destination, replica_namespace, replica_name, wanted, done, pending_since)
+         VALUES ($1, $2, $3, $4, $5, 1, 0, $6)
+         ON CONFLICT (namespace, name, destination) DO UPDATE SET
+             wanted = lanes.wanted + 1,
+             pending_since = COALESCE(lanes.pending_since, excluded.pending_since),
+             source_dropped = FALSE",
+        &[
+            &ns_text(&key.table.namespace),
+            &key.table.name,
+            &key.destination,
+            &ns_text(&replica.namespace),
+            &replica.name,
+            &at,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn apply_change(
+    tx: &deadpool_postgres::Transaction<'_>,
+    change: &LaneChange,
+) -> Result<(), tokio_postgres::Error> {
+    match change {
+        LaneChange::Touch { key, replica_table, at } => touch(tx, key, replica_table, *at).await,
+        LaneChange::Rename { from, to, replica_to, at } => {
+            let to_key = LaneKey::new(to.clone(), from.destination.clone());
+            let (from_ns, to_ns) = (ns_text(&from.table.namespace), ns_text(&to.namespace));
+            let replica_ns = ns_text(&replica_to.namespace);
+            let exists = tx
+                .query_opt(
+                    &format!("SELECT 1 FROM lanes WHERE {LANE_WHERE} FOR UPDATE"),
+                    &[&from_ns, &from.table.name, &from.destination],
+                )
+                .await?
+                .is_some();
+            if !exists {
+                return touch(tx, &to_key, replica_to, *at).await;
+            }
+            // As in the embedded store: a lane under the new name gives way to
+            // the renamed table's lane, which keeps its history and renames
+            // its replica on its next run.
+            for table in ["lanes", "replicated_snapshots"] {
+                tx.execute(&format!("DELETE FROM {table} WHERE {LANE_WHERE}"), &[&to_ns, &to.name, &from.destination])
+                    .await?;
+            }
+            for table in ["lanes", "replicated_snapshots"] {
+                tx.execute(
+                    &format!("UPDATE {table} SET namespace = $4, name = $5 WHERE {LANE_WHERE}"),
+                    &[&from_ns, &from.table.name, &from.destination, &to_ns, &to.name],
+                )
+                .await?;
+            }
+            tx.execute(
+                &format!(
+                    "UPDATE lanes SET renamed_from_namespace = COALESCE(renamed_from_namespace, replica_namespace),
+                     renamed_from_name = COALESCE(renamed_from_name, replica_name)
+                     WHERE {LANE_WHERE} AND (replica_namespace != $4 OR replica_name != $5)"
+                ),
+                &[&to_ns, &to.name, &from.destination, &replica_ns, &replica_to.name],
+            )
+            .await?;
+            tx.execute(
+                &format!(
+                    "UPDATE lanes SET replica_namespace = $4, replica_name = $5, wanted = wanted + 1,
+                     pending_since = COALESCE(pending_since, $6) WHERE {LANE_WHERE}"
+                ),
+                &[&to_ns, &to.name, &from.destination, &replica_ns, &replica_to.name, at],
+            )
+            .await?;
+            Ok(())
+        }
+        LaneChange::SourceDropped { key, generation } => {
+            tx.execute(
+                &format!(
+                    "UPDATE lanes SET source_dropped = TRUE, done = GREATEST(done, $4),
+                     pending_since = CASE WHEN wanted <= GREATEST(done, $4) THEN NULL ELSE pending_since END
+                     WHERE {LANE_WHERE}"
+                ),
+                &[&ns_text(&key.table.namespace), &key.table.name, &key.destination, generation],
+            )
+            .await?;
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl StateStore for PostgresStore {
+    async fn append_hints(&self, hints: Vec<CommitHint>) -> Result<(), StateError> {
+        let mut client = self.client().await?;
+        let db = self.db();
+        let tx = client.transaction().await.map_err(&db)?;
+        let at = now_ms();
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO hints (namespace, name, prefix, kind, from_namespace, from_name, metadata_location, recorded_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .await
+            .map_err(&db)?;
+        for h in &hints {
+            let (from_ns, from_name) = encoding::hint_from(h);
+            tx.execute(
+                &insert,
+                &[
+                    &ns_text(&h.table.namespace),
+                    &h.table.name,
+                    &h.prefix,
+                    &hint_kind(&h.kind),
+                    &from_ns,
+                    &from_name,
+                    &h.metadata_location,
+                    &at,
+                ],
+            )
+            .await
+            .map_err(&db)?;
+        }
+        tx.commit().await.map_err(&db)
+    }
+
+    async fn pending_hints(&self, limit: usize) -> Result<Vec<RecordedHint>, StateError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.query("SELECT * FROM hints ORDER BY id LIMIT $1", &[&limit]).await?;
+        rows.iter().map(|row| read_hint(&self.target, row)).collect()
+    }
+
+    async fn apply_lane_changes(&self, changes: Vec<LaneChange>, consumed: Vec<HintId>) -> Result<(), StateError> {
+        let mut client = self.client().await?;
+        let db = self.db();
+        let tx = self.begin(&mut client).await?;
+        for change in &changes {
+            apply_change(&tx, change).await.map_err(&db)?;
+        }
+        if !consumed.is_empty() {
+            tx.execute("DELETE FROM hints WHERE id = ANY($1)", &[&consumed]).await.map_err(&db)?;
+        }
+        tx.commit().await.map_err(&db)
+    }
+
+    async fn lanes(&self) -> Result<Vec<LaneRecord>, StateError> {
+        let rows = self.query("SELECT * FROM lanes ORDER BY namespace, name, destination", &[]).await?;
+        rows.iter().map(|row| read_lane(&self.target, row)).collect()
+    }
+
+    async fn lane(&self, key: &LaneKey) -> Result<Option<LaneRecord>, StateError> {
+        let rows = self
+            .query(
+                &format!("SELECT * FROM lanes WHERE {LANE_WHERE}"),
+                &[&ns_text(&key.table.namespace), &key.table.name, &key.destination],
+            )
+            .await?;
+        rows.first().map(|row| read_lane(&self.target, row)).transpose()
+    }
+
+    async fn replicated_snapshots(&self, key: &LaneKey) -> Result<BTreeSet<i64>, StateError> {
+        let rows = self
+            .query(
+                &format!("SELECT snapshot_id FROM replicated_snapshots WHERE {LANE_WHERE}"),
+                &[&ns_text(&key.table.namespace), &key.table.name, &key.destination],
+            )
+            .await?;
+        rows.iter().map(|row| get::<i64>(&self.target, row, "snapshot_id")).collect()
+    }
+
+    async fn record_progress(&self, p: Progress) -> Result<(), StateError> {
+        let mut client = self.client().await?;
+        let db = self.db();
+        let tx = self.begin(&mut client).await?;
+        let key = &p.key;
+        let ns = ns_text(&key.table.namespace);
+        tx.execute(
+            &format!(
+                "UPDATE lanes SET source_metadata_location = $4, replica_metadata_location = $5,
+                 snapshots_behind = $6, mode = COALESCE($7, mode),
+                 managed_properties = COALESCE($8, managed_properties),
+                 managed_refs = COALESCE($9, managed_refs), source_uuid = COALESCE($10, source_uuid),
+                 log_drift = COALESCE($11, log_drift)
+                 WHERE {LANE_WHERE}"
+            ),
+            &[
+                &ns,
+                &key.table.name,
+                &key.destination,
+                &p.source_metadata_location,
+                &p.replica_metadata_location,
+                &p.snapshots_behind,
+                &p.mode,
+                &to_json(p.managed_properties.as_ref()),
+                &to_json(p.managed_refs.as_ref()),
+                &p.source_uuid,
+                &to_json(p.log_drift.as_ref()),
+            ],
+        )
+        .await
+        .map_err(&db)?;
+        if !p.added_snapshots.is_empty() {
+            tx.execute(
+                "INSERT INTO replicated_snapshots (namespace, name, destination, snapshot_id)
+                 SELECT $1, $2, $3, UNNEST($4::BIGINT[]) ON CONFLICT DO NOTHING",
+                &[&ns, &key.table.name, &key.destination, &p.added_snapshots],
+            )
+            .await
+            .map_err(&db)?;
+        }
+        tx.commit().await.map_err(&db)
+    }
+
+    async fn record_snapshots_behind(&self, key: &LaneKey, snapshots_behind: i64) -> Result<(), StateError> {
+        self.lane_update(key, "snapshots_behind = $4", &[&snapshots_behind]).await.map(drop)
+    }
+
+    async fn record_success(&self, key: &LaneKey, generation: i64) -> Result<(), StateError> {
+        self.lane_update(
+            key,
+            "done = GREATEST(done, $4), last_success_at = $5,
+             pending_since = CASE WHEN wanted <= GREATEST(done, $4) THEN NULL ELSE pending_since END,
+             error_message = NULL, error_at = NULL, error_attempts = 0, error_parked = FALSE",
+            &[&generation, &now_ms()],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn record_failure(&self, key: &LaneKey, message: String, parked: bool) -> Result<(), StateError> {
+        self.lane_update(
+            key,
+            "error_message = $4, error_at = $5, error_attempts = error_attempts + 1, error_parked = $6",
+            &[&message, &now_ms(), &parked],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn set_paused(&self, key: &LaneKey, paused: bool) -> Result<bool, StateError> {
+        Ok(self.lane_update(key, "paused = $4", &[&paused]).await? > 0)
+    }
+
+    async fn request_resync(&self, key: &LaneKey) -> Result<bool, StateError> {
+        let n = self
+            .lane_update(
+                key,
+                "wanted = wanted + 1, pending_since = COALESCE(pending_since, $4), error_attempts = 0,
+                 error_parked = FALSE, source_metadata_location = NULL, log_drift = NULL",
+                &[&now_ms()],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn request_promotion(
+        &self,
+        key: &LaneKey,
+        mode: PromotionMode,
+        deadline: Millis,
+    ) -> Result<bool, StateError> {
+        let n = self
+            .lane_update(
+                key,
+                "promote_requested = CASE WHEN promoted_at IS NULL THEN $4 ELSE NULL END,
+                 promote_deadline = CASE WHEN promoted_at IS NULL THEN $6 ELSE NULL END,
+                 wanted = CASE WHEN promoted_at IS NULL THEN wanted + 1 ELSE wanted END,
+                 pending_since = CASE WHEN promoted_at IS NULL THEN COALESCE(pending_since, $5) ELSE pending_since END,
+                 error_attempts = 0, error_parked = FALSE",
+                &[&mode.as_str(), &now_ms(), &deadline],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn claim_promotion(&self, key: &LaneKey) -> Result<bool, StateError> {
+        let sql = format!(
+            "UPDATE lanes SET promote_claimed = TRUE WHERE {LANE_WHERE} AND promote_requested IS NOT NULL
+             AND promoted_at IS NULL AND (promote_claimed OR COALESCE(promote_deadline, $4) >= $4)"
+        );
+        Ok(self.lane_statement(key, &sql, &[&now_ms()]).await? > 0)
+    }
+
+    async fn withdraw_promotion(&self, key: &LaneKey) -> Result<bool, StateError> {
+        let sql = format!(
+            "UPDATE lanes SET promote_requested = NULL, promote_deadline = NULL, wanted = wanted + 1,
+             pending_since = COALESCE(pending_since, $4)
+             WHERE {LANE_WHERE} AND promoted_at IS NULL AND promote_requested IS NOT NULL AND NOT promote_claimed"
+        );
+        Ok(self.lane_statement(key, &sql, &[&now_ms()]).await? > 0)
+    }
+
+    async fn record_promotion(&self, key: &LaneKey, p: Promotion) -> Result<bool, StateError> {
+        let sql = format!(
+            "UPDATE lanes SET promote_requested = NULL, promote_deadline = NULL, promote_claimed = FALSE,
+             promoted_at = $4, recovery_point = $5, recovery_point_at = $6, missed_snapshots = $7,
+             source_answered = $8, promoted_metadata_location = $9,
+             replica_metadata_location = COALESCE($9, replica_metadata_location),
+             done = wanted, pending_since = NULL,
+             error_message = NULL, error_at = NULL, error_attempts = 0, error_parked = FALSE
+             WHERE {LANE_WHERE} AND promote_claimed AND promoted_at IS NULL"
+        );
+        let n = self
+            .lane_statement(
+                key,
+                &sql,
+                &[
+                    &p.at,
+                    &p.recovery_point,
+                    &p.recovery_point_at,
+                    &p.missed_snapshots,
+                    &p.source_answered,
+                    &p.metadata_location,
+                ],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn request_failback(&self, key: &LaneKey, choice: FailbackChoice) -> Result<bool, StateError> {
+        let n = self
+            .lane_update(
+                key,
+                "failback_choice = $4, wanted = wanted + 1, pending_since = COALESCE(pending_since, $5),
+                 error_attempts = 0, error_parked = FALSE",
+                &[&to_json(Some(&choice)), &now_ms()],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn record_adoption(&self, key: &LaneKey, adoption: Adoption) -> Result<(), StateError> {
+        self.lane_update(key, "adoption = $4, failback_choice = NULL", &[&to_json(Some(&adoption))]).await.map(drop)
+    }
+
+    async fn finish_rename(&self, key: &LaneKey) -> Result<(), StateError> {
+        self.lane_update(key, "renamed_from_namespace = NULL, renamed_from_name = NULL", &[]).await.map(drop)
+    }
+
+    async fn forget_replica(&self, key: &LaneKey) -> Result<(), StateError> {
+        let mut client = self.client().await?;
+        let db = self.db();
+        let tx = self.begin(&mut client).await?;
+        let ns = ns_text(&key.table.namespace);
+        let args: [&(dyn ToSql + Sync); 3] = [&ns, &key.table.name, &key.destination];
+        tx.execute(&format!("DELETE FROM replicated_snapshots WHERE {LANE_WHERE}"), &args).await.map_err(&db)?;
+        tx.execute(
+            &format!(
+                "UPDATE lanes SET replica_metadata_location = NULL, managed_properties = NULL, mode = NULL,
+                 managed_refs = NULL, source_uuid = NULL, adoption = NULL, log_drift = NULL WHERE {LANE_WHERE}"
+            ),
+            &args,
+        )
+        .await
+        .map_err(&db)?;
+        tx.commit().await.map_err(&db)
+    }
+
+    async fn destination_capabilities(&self, name: &str, uri: &str) -> Result<Option<String>, StateError> {
+        let rows =
+            self.query("SELECT capabilities FROM destinations WHERE name = $1 AND uri = $2", &[&name, &uri]).await?;
+        rows.first().map(|row| get(&self.target, row, "capabilities")).transpose()
+    }
+
+    async fn record_destination_capabilities(
+        &self,
+        name: &str,
+        uri: &str,
+        capabilities: String,
+    ) -> Result<(), StateError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO destinations (name, uri, capabilities, probed_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (name) DO UPDATE SET uri = excluded.uri, capabilities = excluded.capabilities,
+                     probed_at = excluded.probed_at",
+                &[&name, &uri, &capabilities, &now_ms()],
+            )
+            .await
+            .map_err(self.db())
+            .map(drop)
+    }
+
+    async fn copied_file(&self, destination: &str, source: &str) -> Result<Option<CopiedFile>, StateError> {
+        let rows = self
+            .query(
+                "SELECT target, size, checksum FROM copied_files WHERE destination = $1 AND source = $2",
+                &[&destination, &source],
+            )
+            .await?;
+        rows.first()
+            .map(|row| {
+                Ok(CopiedFile {
+                    target: get(&self.target, row, "target")?,
+                    size: get::<i64>(&self.target, row, "size")?.try_into().unwrap_or(0),
+                    checksum: get(&self.target, row, "checksum")?,
+                })
+            })
+            .transpose()
+    }
+
+    async fn record_copied_file(&self, destination: &str, source: &str, file: CopiedFile) -> Result<(), StateError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO copied_files (destination, source, target, size, checksum, copied_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (destination, source) DO UPDATE SET
+                     target = excluded.target, size = excluded.size, checksum = excluded.checksum,
+                     copied_at = excluded.copied_at",
+                &[
+                    &destination,
+                    &source,
+                    &file.target,
+                    &i64::try_from(file.size).unwrap_or(i64::MAX),
+                    &file.checksum,
+                    &now_ms(),
+                ],
+            )
+            .await
+            .map_err(self.db())
+            .map(drop)
+    }
+
+    fn shares_lanes(&self) -> bool {
+        true
+    }
+
+    async fn acquire_lease(&self, key: &LaneKey, owner: &str, ttl: Duration) -> Result<Option<Fence>, StateError> {
+        let ttl = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                &format!(
+                    "UPDATE lanes SET lease_owner = $4, lease_generation = lease_generation + 1,
+                     lease_expires_at = {DB_NOW} + $5
+                     WHERE {LANE_WHERE} AND (lease_owner IS NULL OR lease_owner = $4 OR lease_expires_at < {DB_NOW})
+                     RETURNING lease_generation"
+                ),
+                &[&ns_text(&key.table.namespace), &key.table.name, &key.destination, &owner, &ttl],
+            )
+            .await?;
+        rows.first()
+            .map(|row| {
+                Ok(Fence {
+                    key: key.clone(),
+                    owner: owner.to_owned(),
+                    generation: get(&self.target, row, "lease_generation")?,
+                })
+            })
+            .transpose()
+    }
+
+    async fn renew_lease(&self, fence: &Fence, ttl: Duration) -> Result<bool, StateError> {
+        let ttl = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let key = &fence.key;
+        let rows = self
+            .query(
+                &format!(
+                    "UPDATE lanes SET lease_expires_at = {DB_NOW} + $6
+                     WHERE {LANE_WHERE} AND lease_owner = $4 AND lease_generation = $5 RETURNING 1"
+                ),
+                &[
+                    &ns_text(&key.table.namespace),
+                    &key.table.name,
+                    &key.destination,
+                    &fence.owner,
+                    &fence.generation,
+                    &ttl,
+                ],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    async fn release_lease(&self, fence: &Fence) -> Result<(), StateError> {
+        let key = &fence.key;
+        self.query(
+            &format!(
+                "UPDATE lanes SET lease_owner = NULL, lease_expires_at = NULL
+                 WHERE {LANE_WHERE} AND lease_owner = $4 AND lease_generation = $5"
+            ),
+            &[&ns_text(&key.table.namespace), &key.table.name, &key.destination, &fence.owner, &fence.generation],
+        )
+        .await
+        .map(drop)
+    }
+
+    fn fenced(&self, fence: Fence) -> Option<std::sync::Arc<dyn StateStore>> {
+        Some(std::sync::Arc::new(Self { fence: Some(fence), ..self.clone() }))
+    }
+
+    async fn claim_pass(&self, name: &str, owner: &str, every: Duration) -> Result<bool, StateError> {
+        let every = i64::try_from(every.as_millis()).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                &format!(
+                    "INSERT INTO passes (name, owner, due_at) VALUES ($1, $2, {DB_NOW} + $3)
+                     ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, due_at = excluded.due_at
+                     WHERE passes.due_at <= {DB_NOW}
+                     RETURNING 1"
+                ),
+                &[&name, &owner, &every],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    async fn ping(&self) -> Result<(), StateError> {
+        self.query("SELECT 1", &[]).await.map(drop)
+    }
+
+    fn describe(&self) -> String {
+        self.target.clone()
+    }
+}

@@ -1,0 +1,370 @@
+//! Several instances on one PostgreSQL state store: lanes shared by leases,
+//! fencing, one reconcile, sidecars that only record hints.
+//!
+//! Postgres is a real throwaway cluster from Debian's package
+//! (`harness::postgres`); each test keeps to its own schema.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use icerelay::catalog::TableIdent;
+use icerelay::config::Secret;
+use icerelay::proxy::commit_tap::{CommitHint, HintKind};
+use icerelay::state::postgres::{PostgresSettings, PostgresStore};
+use icerelay::state::{LaneChange, LaneKey, Progress, StateError, StateStore};
+use serde_json::{Value, json};
+
+use crate::harness::postgres::{PASSWORD, Postgres};
+use crate::harness::{RelayProcess, SeaweedFs, unique};
+use crate::replication::{Replica, assert_replica_matches, ident, relay_toml_from, source_rows, write_with};
+
+fn settings(url: &str, schema: &str) -> PostgresSettings {
+    PostgresSettings {
+        url: Secret::new(url),
+        schema: schema.to_owned(),
+        ca_file: None,
+        max_connections: 4,
+        connect_timeout: Duration::from_secs(5),
+    }
+}
+
+fn hint(table: &TableIdent) -> CommitHint {
+    CommitHint { kind: HintKind::Commit, table: table.clone(), prefix: None, metadata_location: None }
+}
+
+fn progress(key: &LaneKey, snapshot: i64) -> Progress {
+    Progress {
+        key: key.clone(),
+        source_metadata_location: None,
+        replica_metadata_location: Some(format!("s3://replica/{snapshot}.metadata.json")),
+        added_snapshots: vec![snapshot],
+        snapshots_behind: 0,
+        mode: None,
+        managed_properties: None,
+        managed_refs: None,
+        source_uuid: None,
+        log_drift: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_postgres_store_migrates_once_and_shares_hints_lanes_leases_and_passes() {
+    let pg = Postgres::shared();
+    let schema = unique("store");
+    let settings = settings(&pg.url, &schema);
+
+    // Four instances starting together: one migrates, all open.
+    let opened = futures::future::join_all((0..4).map(|_| PostgresStore::open(&settings))).await;
+    let stores: Vec<PostgresStore> = opened.into_iter().map(|s| s.expect("open")).collect();
+    let db = pg.connect().await;
+    let version: i32 =
+        db.query_one(&format!("SELECT version FROM {schema}.schema_version"), &[]).await.expect("version").get(0);
+    assert_eq!(version, icerelay::state::postgres::SCHEMA_VERSION);
+    let rows = db.query(&format!("SELECT * FROM {schema}.schema_version"), &[]).await.expect("rows");
+    assert_eq!(rows.len(), 1, "one version row however many instances migrated");
+    assert!(!stores[0].describe().contains(PASSWORD), "{}", stores[0].describe());
+
+    // Hints: a hint whose id is lower but whose transaction commits later is
+    // not skipped by a fan-out that consumed a higher id meanwhile.
+    let table = TableIdent::new(icerelay::catalog::Namespace::from_dotted("db"), "t");
+    let mut late = pg.connect().await;
+    let late_tx = late.transaction().await.expect("begin");
+    late_tx
+        .execute(
+            &format!("INSERT INTO {schema}.hints (namespace, name, kind, recorded_at) VALUES ('[\"db\"]', 'late', 'commit', 1)"),
+            &[],
+        )
+        .await
+        .expect("insert");
+    stores[1].append_hints(vec![hint(&table)]).await.expect("append");
+    let seen = stores[2].pending_hints(100).await.expect("pending");
+    assert_eq!(seen.len(), 1, "the uncommitted hint is not visible yet");
+    stores[2].apply_lane_changes(Vec::new(), seen.iter().map(|h| h.id).collect()).await.expect("fan out");
+    late_tx.commit().await.expect("commit the late hint");
+    let seen_later = stores[3].pending_hints(100).await.expect("pending");
+    assert_eq!(seen_later.len(), 1, "the late hint is still there: {seen_later:?}");
+    assert_eq!(seen_later[0].hint.table.name, "late");
+    assert!(seen_later[0].id < seen[0].id, "its id is the lower one");
+
+    // Lanes and leases.
+    let key = LaneKey::new(table.clone(), "dr");
+    stores[0]
+        .apply_lane_changes(
+            vec![LaneChange::Touch { key: key.clone(), replica_table: table.clone(), at: 1 }],
+            Vec::new(),
+        )
+        .await
+        .expect("touch");
+    let ttl = Duration::from_millis(400);
+    let a = stores[0].acquire_lease(&key, "a", ttl).await.expect("acquire").expect("a gets the lane");
+    assert!(stores[1].acquire_lease(&key, "b", ttl).await.expect("acquire").is_none(), "b waits while a holds it");
+    assert!(stores[0].renew_lease(&a, ttl).await.expect("renew"), "a renews");
+    let a_view = stores[0].fenced(a.clone()).expect("a fenced view");
+    a_view.record_progress(progress(&key, 1)).await.expect("a records while it holds the lane");
+
+    // a stops renewing (a long pause): b takes over after the expiry.
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    let b = stores[1].acquire_lease(&key, "b", ttl).await.expect("acquire").expect("b takes over the expired lease");
+    assert!(b.generation > a.generation, "{b:?} after {a:?}");
+    assert!(!stores[0].renew_lease(&a, ttl).await.expect("renew"), "a's lease is gone");
+    let refused = a_view.record_progress(progress(&key, 2)).await.expect_err("a is fenced");
+    assert!(matches!(refused, StateError::Fenced { .. }), "{refused}");
+    let refused = a_view.record_success(&key, 5).await.expect_err("a is fenced");
+    assert!(matches!(refused, StateError::Fenced { .. }), "{refused}");
+    let b_view = stores[1].fenced(b.clone()).expect("b fenced view");
+    b_view.record_progress(progress(&key, 3)).await.expect("b records");
+    assert_eq!(
+        stores[2].replicated_snapshots(&key).await.expect("snapshots"),
+        BTreeSet::from([1, 3]),
+        "nothing a recorded after losing the lane is kept"
+    );
+    // a giving up its old lease does not free b's.
+    stores[0].release_lease(&a).await.expect("release");
+    assert!(stores[2].acquire_lease(&key, "c", ttl).await.expect("acquire").is_none(), "b still holds it");
+    stores[1].release_lease(&b).await.expect("release");
+    assert!(stores[2].acquire_lease(&key, "c", ttl).await.expect("acquire").is_some(), "released at once");
+
+    // One instance per reconcile pass.
+    let every = Duration::from_millis(600);
+    assert!(stores[0].claim_pass("reconcile", "a", every).await.expect("claim"));
+    assert!(!stores[1].claim_pass("reconcile", "b", every).await.expect("claim"), "not due again yet");
+    tokio::time::sleep(every + Duration::from_millis(100)).await;
+    assert!(stores[1].claim_pass("reconcile", "b", every).await.expect("claim"), "due again");
+    assert!(!stores[0].claim_pass("reconcile", "a", every).await.expect("claim"));
+
+    // A store written by a newer icerelay is refused, naming both versions.
+    db.execute(&format!("UPDATE {schema}.schema_version SET version = 99"), &[]).await.expect("bump");
+    let newer = PostgresStore::open(&settings).await.expect_err("newer schema");
+    let message = newer.to_string();
+    assert!(message.contains("99") && message.contains("newer icerelay"), "{message}");
+    assert!(!message.contains(PASSWORD), "{message}");
+
+    // A wrong password: the error says so and never shows either password.
+    let wrong = pg.url.replace(PASSWORD, "not-the-password-8812");
+    let refused = PostgresStore::open(&self::settings(&wrong, &schema)).await.expect_err("wrong password");
+    let message = refused.to_string();
+    assert!(message.contains("127.0.0.1") && message.contains("password"), "{message}");
+    assert!(!message.contains("not-the-password-8812") && !message.contains(PASSWORD), "{message}");
+}
+
+/// An instance's configuration: the shared SeaweedFS to its replica, for
+/// `namespace`, with state in Postgres under `schema`.
+fn shared_toml(namespace: &str, schema: &str, state_dir: &std::path::Path) -> String {
+    let state = format!("state = {{ type = \"postgres\", url = \"${{ICERELAY_PG_URL}}\", schema = \"{schema}\" }}");
+    relay_toml_from(SeaweedFs::shared(), Replica::Seaweed(SeaweedFs::shared_replica()), namespace, state_dir, &state)
+}
+
+/// An instance on the shared store; `env` adds overrides (lease time, role).
+async fn instance(dir: &std::path::Path, name: &str, toml: &str, env: &[(&str, &str)]) -> RelayProcess {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(&config, toml).expect("config");
+    let mut vars = vec![("ICERELAY_PG_URL", Postgres::shared().url.as_str())];
+    vars.extend_from_slice(env);
+    RelayProcess::start(&["serve", "--config", &config.display().to_string()], &vars).await
+}
+
+/// The lanes' lease owners right now, by table name.
+async fn lease_owners(db: &tokio_postgres::Client, schema: &str) -> BTreeMap<String, String> {
+    db.query(
+        &format!(
+            "SELECT name, lease_owner FROM {schema}.lanes WHERE lease_owner IS NOT NULL
+             AND lease_expires_at > (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
+        ),
+        &[],
+    )
+    .await
+    .expect("leases")
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+async fn status(admin: &str) -> Value {
+    let answer = reqwest::get(format!("{admin}/v1/replication/status")).await.expect("status");
+    assert!(answer.status().is_success());
+    answer.json().await.expect("json")
+}
+
+/// Waits until every lane of the status is completed at the source's
+/// current metadata (`expected`, by table name without its namespace).
+async fn wait_all_replicated(admin: &str, expected: &BTreeMap<String, String>, logs: impl Fn() -> String) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let s = status(admin).await;
+        let done: BTreeSet<String> = s["tables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| {
+                t["destinations"].as_array().into_iter().flatten().all(|d| {
+                    d["status"] == "completed"
+                        && expected
+                            .get(t["table"].as_str().unwrap_or(""))
+                            .is_some_and(|m| d["source_metadata_location"] == *m)
+                })
+            })
+            .filter_map(|t| t["table"].as_str().map(str::to_owned))
+            .collect();
+        if expected.keys().all(|t| done.contains(t)) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "not every table replicated within 180 s: {s}\n{}", logs());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Commit lines of every audit log under `dirs`: how many times each source
+/// snapshot was committed to a replica.
+fn audited_commits(dirs: &[std::path::PathBuf]) -> BTreeMap<i64, usize> {
+    let mut counts = BTreeMap::new();
+    for dir in dirs {
+        let text = std::fs::read_to_string(dir.join("audit.log")).unwrap_or_default();
+        for line in text.lines() {
+            let entry: Value = serde_json::from_str(line).expect("audit line");
+            if entry["action"] == "commit" {
+                for id in entry["source_snapshots"].as_array().into_iter().flatten().filter_map(Value::as_i64) {
+                    *counts.entry(id).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+    counts
+}
+
+/// Source metadata locations by table name (without namespace).
+fn by_name(tables: &[String], written: &[Value]) -> BTreeMap<String, String> {
+    tables
+        .iter()
+        .zip(written)
+        .map(|(t, w)| {
+            let name = t.rsplit_once('.').map_or(t.as_str(), |(_, n)| n);
+            (name.to_owned(), w["metadata_location"].as_str().expect("location").to_owned())
+        })
+        .collect()
+}
+
+/// The status of `table`'s (only) lane in a status answer.
+fn lane_of(status: &Value, table: &str) -> Value {
+    let name = table.rsplit_once('.').map_or(table, |(_, n)| n);
+    status["tables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| t["table"] == name)
+        .map(|t| t["destinations"][0].clone())
+        .unwrap_or_else(|| panic!("no status for {table}: {status}"))
+}
+
+fn snapshot_ids(metadata: &Value) -> Vec<i64> {
+    metadata["snapshots"].as_array().into_iter().flatten().filter_map(|s| s["snapshot-id"].as_i64()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_instances_on_one_postgres_replicate_every_commit_once_and_survive_a_sigkill() {
+    const TABLES: usize = 20;
+    let replica = Replica::Seaweed(SeaweedFs::shared_replica());
+    let ns = unique("shared");
+    let schema = unique("three");
+    let work = tempfile::tempdir().expect("dir");
+    let dirs: Vec<std::path::PathBuf> = (0..4).map(|i| work.path().join(format!("state{i}"))).collect();
+    let lease = [("ICERELAY__REPLICATION__LEASE_TTL", "3s")];
+    let mut relays = Vec::new();
+    for (i, dir) in dirs.iter().take(3).enumerate() {
+        relays.push(instance(work.path(), &format!("r{i}"), &shared_toml(&ns, &schema, dir), &lease).await);
+    }
+    // A sidecar: records hints, runs no lane.
+    let sidecar = instance(
+        work.path(),
+        "sidecar",
+        &shared_toml(&ns, &schema, &dirs[3]),
+        &[("ICERELAY__REPLICATION__REPLICATE", "false")],
+    )
+    .await;
+    let all_logs = |relays: &[RelayProcess]| relays.iter().map(|r| r.logs()).collect::<Vec<_>>().join("\n----\n");
+
+    // Writers commit through all four, four at a time.
+    let seaweed = SeaweedFs::shared();
+    let urls: Vec<String> = relays.iter().map(|r| r.url.clone()).chain([sidecar.url.clone()]).collect();
+    let tables: Vec<String> = (0..TABLES).map(|i| format!("{ns}.t{i}")).collect();
+    let ops = json!([{"op": "create"}, {"op": "append", "start": 0, "rows": 3}, {"op": "append", "start": 10, "rows": 2},
+                     {"op": "overwrite", "category": "a", "start": 100, "rows": 2}]);
+    let written: Vec<Value> = futures::stream::iter(tables.iter().enumerate())
+        .map(|(i, table)| write_with(seaweed.client_conn(&urls[i % urls.len()]), table, ops.clone()))
+        .buffered(4)
+        .collect()
+        .await;
+    let expected = by_name(&tables, &written);
+    let converged = wait_all_replicated(&relays[0].admin_url, &expected, || all_logs(&relays)).await;
+
+    // Every instance, the sidecar too, gives the same answer.
+    for other in relays.iter().skip(1).chain([&sidecar]) {
+        assert_eq!(status(&other.admin_url).await["tables"], converged["tables"], "status of {}", other.admin_url);
+    }
+    // The lanes were shared: more than one instance committed.
+    let committers = dirs.iter().take(3).filter(|d| !audited_commits(&[d.to_path_buf()]).is_empty()).count();
+    assert!(committers >= 2, "lanes ran on {committers} instance(s)");
+    assert!(audited_commits(&[dirs[3].clone()]).is_empty(), "the sidecar committed nothing");
+    // Each source snapshot was committed to its replica exactly once.
+    let counts = audited_commits(&dirs);
+    for (table, w) in tables.iter().zip(&written) {
+        for id in w["snapshots"].as_array().into_iter().flatten().filter_map(|s| s["id"].as_i64()) {
+            assert_eq!(counts.get(&id), Some(&1), "snapshot {id} of {table} was committed {:?} times", counts.get(&id));
+        }
+    }
+    for table in &tables[..3] {
+        let s = lane_of(&converged, table);
+        assert_replica_matches(replica, table, &source_rows(table).await, &s).await;
+    }
+
+    // More commits, then SIGKILL an instance while it holds lanes: the others
+    // finish them once its leases run out.
+    let more = json!([{"op": "append", "start": 200, "rows": 2}, {"op": "append", "start": 300, "rows": 2},
+                      {"op": "append", "start": 400, "rows": 2}]);
+    let writes = futures::stream::iter(tables.iter().enumerate())
+        .map(|(i, table)| write_with(seaweed.client_conn(&urls[1 + i % 3]), table, more.clone()))
+        .buffered(4)
+        .collect::<Vec<Value>>();
+    let db = Postgres::shared().connect().await;
+    let victim_pid = format!("/{}/", relays[0].pid());
+    let killer = async {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let owners = lease_owners(&db, &schema).await;
+            if owners.values().any(|o| o.contains(&victim_pid)) {
+                return owners;
+            }
+            assert!(Instant::now() < deadline, "the first instance never held a lane");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let (rewritten, held) = tokio::join!(writes, killer);
+    relays[0].kill();
+    let killed_at = Instant::now();
+    let held: Vec<&String> = held.iter().filter(|(_, o)| o.contains(&victim_pid)).map(|(t, _)| t).collect();
+    let expected = by_name(&tables, &rewritten);
+    let survivors = &relays[1..];
+    wait_all_replicated(&survivors[0].admin_url, &expected, || all_logs(survivors)).await;
+    eprintln!(
+        "lanes held by the killed instance ({held:?}) finished on the others {:?} after the kill",
+        killed_at.elapsed()
+    );
+
+    // Nothing lost, nothing doubled, same order: the replica's snapshots are the source's.
+    let replica_catalog = replica.catalog();
+    let source_catalog = crate::replication::seaweed_catalog(seaweed);
+    for table in &tables {
+        let source = source_catalog.load_table(&ident(table)).await.expect("load").expect("source");
+        let copy = replica_catalog.load_table(&ident(table)).await.expect("load").expect("replica");
+        assert_eq!(snapshot_ids(&copy.metadata), snapshot_ids(&source.metadata), "{table}");
+    }
+    let now = status(&survivors[0].admin_url).await;
+    for name in held.iter().take(2) {
+        let table = format!("{ns}.{name}");
+        assert_replica_matches(replica, &table, &source_rows(&table).await, &lane_of(&now, &table)).await;
+    }
+    // The URL's password never reached a log.
+    for relay in relays.iter().chain([&sidecar]) {
+        assert!(!relay.logs().contains(PASSWORD), "a log shows the Postgres password");
+    }
+}
