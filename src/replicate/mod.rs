@@ -200,6 +200,7 @@ impl Replicator {
         }
         let mut tasks = JoinSet::new();
         tasks.spawn(probe_destinations(self.ctx.clone()));
+        tasks.spawn(follow_other_instances(self.ctx.clone(), self.appended.clone(), self.wake.clone()));
         tasks.spawn(fan_out(self.ctx.clone(), self.appended.clone(), self.wake.clone(), stop.clone()));
         tasks.spawn(reconcile_loop(self.ctx.clone(), self.wake.clone(), stop.clone()));
         tasks.spawn(schedule(self.ctx.clone(), self.wake.clone(), stop.clone()));
@@ -207,6 +208,22 @@ impl Replicator {
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }
+}
+
+/// Wakes fan-out and the scheduler when another instance sharing the store
+/// records hints or gives lanes work (so a hint recorded by a sidecar is
+/// replicated at once, not at the next poll).
+async fn follow_other_instances(ctx: Arc<Context>, appended: Arc<Notify>, wake: Arc<Notify>) {
+    let changed = Arc::new(Notify::new());
+    let watch = ctx.store.watch_changes(changed.clone());
+    let relay = async {
+        loop {
+            changed.notified().await;
+            appended.notify_one();
+            wake.notify_one();
+        }
+    };
+    tokio::join!(watch, relay);
 }
 
 /// Learns every destination's capabilities at start-up, so the status API

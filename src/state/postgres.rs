@@ -153,6 +153,11 @@ pub struct PostgresSettings {
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// For the one connection outside the pool that listens for changes.
+    config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    /// The `NOTIFY` channel of this store's changes: the schema's name.
+    channel: String,
     /// Where the store is, for messages: host, port, database and schema, never credentials.
     target: String,
     /// Set on the view a lane run writes through.
@@ -214,9 +219,10 @@ impl PostgresStore {
         config.connect_timeout(settings.connect_timeout);
         let tls = crate::tls::client_config(settings.ca_file.as_deref())
             .map_err(|e| StateError::Config { detail: format!("state.ca_file: {e}") })?;
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
         let manager = Manager::from_config(
-            config,
-            tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+            config.clone(),
+            tls.clone(),
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         );
         let pool = Pool::builder(manager)
@@ -227,9 +233,42 @@ impl PostgresStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| StateError::Config { detail: format!("state: cannot build the connection pool: {e}") })?;
-        let store = Self { pool, target, fence: None };
+        let store = Self { pool, config, tls, channel: settings.schema.clone(), target, fence: None };
         store.migrate(&settings.schema).await?;
         Ok(store)
+    }
+
+    /// Listens on the store's channel and notifies `changed` for each
+    /// notification, until the connection fails.
+    async fn listen(&self, changed: &tokio::sync::Notify) -> Result<(), StateError> {
+        use futures::StreamExt;
+        let db = self.db();
+        let (client, mut connection) = self.config.connect(self.tls.clone()).await.map_err(&db)?;
+        let (tx, mut notified) = tokio::sync::mpsc::unbounded_channel();
+        let driver = tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                        if tx.send(()).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        });
+        client.batch_execute(&format!("LISTEN {}", self.channel)).await.map_err(&db)?;
+        while notified.recv().await.is_some() {
+            changed.notify_one();
+        }
+        drop(client);
+        match driver.await {
+            Ok(result) => result.map_err(&db),
+            Err(e) => Err(StateError::Unavailable { target: self.target.clone(), detail: e.to_string() }),
+        }
     }
 
     /// Where the store is (no credentials).
@@ -573,6 +612,8 @@ impl StateStore for PostgresStore {
             .await
             .map_err(&db)?;
         }
+        // Delivered at commit: every instance's fan-out wakes at once.
+        tx.execute("SELECT pg_notify($1, 'hints')", &[&self.channel]).await.map_err(&db)?;
         tx.commit().await.map_err(&db)
     }
 
@@ -591,6 +632,10 @@ impl StateStore for PostgresStore {
         }
         if !consumed.is_empty() {
             tx.execute("DELETE FROM hints WHERE id = ANY($1)", &[&consumed]).await.map_err(&db)?;
+        }
+        if !changes.is_empty() {
+            // Lanes have work: every instance's scheduler looks.
+            tx.execute("SELECT pg_notify($1, 'lanes')", &[&self.channel]).await.map_err(&db)?;
         }
         tx.commit().await.map_err(&db)
     }
@@ -955,6 +1000,17 @@ impl StateStore for PostgresStore {
             )
             .await?;
         Ok(!rows.is_empty())
+    }
+
+    async fn watch_changes(&self, changed: std::sync::Arc<tokio::sync::Notify>) {
+        loop {
+            if let Err(e) = self.listen(&changed).await {
+                tracing::warn!(store = %self.target, error = %e, "lost the state store's change notifications; polling until they are back");
+            }
+            // Whatever happened while not listening is found by a look now.
+            changed.notify_one();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     async fn ping(&self) -> Result<(), StateError> {

@@ -327,20 +327,20 @@ async fn three_instances_on_one_postgres_replicate_every_commit_once_and_survive
         .collect::<Vec<Value>>();
     let db = Postgres::shared().connect().await;
     let victim_pid = format!("/{}/", relays[0].pid());
+    let victim = &mut relays[0];
     let killer = async {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let owners = lease_owners(&db, &schema).await;
             if owners.values().any(|o| o.contains(&victim_pid)) {
-                return owners;
+                victim.kill();
+                return (owners, Instant::now());
             }
             assert!(Instant::now() < deadline, "the first instance never held a lane");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
-    let (rewritten, held) = tokio::join!(writes, killer);
-    relays[0].kill();
-    let killed_at = Instant::now();
+    let (rewritten, (held, killed_at)) = tokio::join!(writes, killer);
     let held: Vec<&String> = held.iter().filter(|(_, o)| o.contains(&victim_pid)).map(|(t, _)| t).collect();
     let expected = by_name(&tables, &rewritten);
     let survivors = &relays[1..];
