@@ -42,7 +42,7 @@ impl std::fmt::Debug for LaneLease {
 /// What a claim found.
 pub enum Claim {
     /// The run's context (fenced store, lease) and the lane as of the claim.
-    Run(Arc<Context>, LaneRecord),
+    Run(Arc<Context>, Box<LaneRecord>),
     /// Another instance holds the lane, or it has no work any more.
     Skip,
 }
@@ -51,7 +51,7 @@ pub enum Claim {
 /// is the shared context itself.
 pub async fn claim(ctx: &Arc<Context>, lane: LaneRecord) -> Result<Claim, ReplicateError> {
     if !ctx.store.shares_lanes() {
-        return Ok(Claim::Run(ctx.clone(), lane));
+        return Ok(Claim::Run(ctx.clone(), Box::new(lane)));
     }
     let ttl = ctx.settings.lease_ttl;
     let asked = Instant::now();
@@ -79,7 +79,7 @@ pub async fn claim(ctx: &Arc<Context>, lane: LaneRecord) -> Result<Claim, Replic
     };
     let store = ctx.store.fenced(fence).unwrap_or_else(|| ctx.store.clone());
     let run = Context { store, lease: Some(lease), ..Context::clone(ctx) };
-    Ok(Claim::Run(Arc::new(run), current))
+    Ok(Claim::Run(Arc::new(run), Box::new(current)))
 }
 
 impl LaneLease {
@@ -144,17 +144,15 @@ impl LaneLease {
     }
 }
 
-/// Runs `lane` under `ctx`'s lease (if it has one): the run stops when the
-/// lease is lost, and the lease is released when it ends.
+/// Runs `lane` under `ctx`'s lease (if it has one), renewing it; the run
+/// stops when the lease is lost. The caller releases it.
 pub async fn run_leased(ctx: Arc<Context>, lane: LaneRecord) -> Result<(), ReplicateError> {
     let Some(lease) = ctx.lease.clone() else {
         return super::lane::run(ctx, lane).await;
     };
     let key: LaneKey = lane.key.clone();
-    let result = tokio::select! {
+    tokio::select! {
         result = super::lane::run(ctx, lane) => result,
         () = lease.keep() => Err(ReplicateError::LeaseLost { lane: key.to_string() }),
-    };
-    lease.release().await;
-    result
+    }
 }

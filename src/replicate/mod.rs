@@ -412,7 +412,7 @@ async fn discover(ctx: &Context) -> Result<Vec<TableIdent>, ReplicateError> {
 
 /// Starts lane runs.
 async fn schedule(ctx: Arc<Context>, wake: Arc<Notify>, stop: CancellationToken) {
-    let mut running: JoinSet<(LaneKey, Result<(), ReplicateError>)> = JoinSet::new();
+    let mut running: JoinSet<(LaneKey, Option<i64>)> = JoinSet::new();
     let mut active: HashSet<LaneKey> = HashSet::new();
     let mut retry_at: HashMap<LaneKey, Instant> = HashMap::new();
     // Parked lanes get one attempt after a start: the configuration may have changed.
@@ -445,7 +445,7 @@ async fn schedule(ctx: Arc<Context>, wake: Arc<Notify>, stop: CancellationToken)
             if lane.has_work() && !parked && due && !active.contains(&lane.key) {
                 let key = lane.key.clone();
                 let (run_ctx, lane) = match lease::claim(&ctx, lane).await {
-                    Ok(lease::Claim::Run(run_ctx, lane)) => (run_ctx, lane),
+                    Ok(lease::Claim::Run(run_ctx, lane)) => (run_ctx, *lane),
                     Ok(lease::Claim::Skip) => continue,
                     Err(e) => {
                         tracing::warn!(table = %key.table, destination = %key.destination, error = %e, "could not claim the lane; trying again");
@@ -456,11 +456,18 @@ async fn schedule(ctx: Arc<Context>, wake: Arc<Notify>, stop: CancellationToken)
                 tried_since_start.insert(key);
                 running.spawn(async move {
                     let key = lane.key.clone();
-                    let result =
-                        AssertUnwindSafe(lease::run_leased(run_ctx, lane)).catch_unwind().await.unwrap_or_else(|_| {
+                    let result = AssertUnwindSafe(lease::run_leased(run_ctx.clone(), lane))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|_| {
                             Err(ReplicateError::NoProgress("the lane run panicked (a bug: please report it)".into()))
                         });
-                    (key, result)
+                    // Recorded under the run's lease (fenced), then the lease is given up.
+                    let failed_attempts = record_outcome(&run_ctx, &key, result).await;
+                    if let Some(lease) = &run_ctx.lease {
+                        lease.release().await;
+                    }
+                    (key, failed_attempts)
                 });
             }
         }
@@ -470,9 +477,12 @@ async fn schedule(ctx: Arc<Context>, wake: Arc<Notify>, stop: CancellationToken)
             () = wake.notified() => {}
             () = tokio::time::sleep(sleep) => {}
             Some(done) = running.join_next(), if !running.is_empty() => {
-                if let Ok((key, result)) = done {
+                if let Ok((key, failed_attempts)) = done {
                     active.remove(&key);
-                    finish(&ctx, key, result, &mut retry_at).await;
+                    match failed_attempts {
+                        None => retry_at.remove(&key),
+                        Some(attempts) => retry_at.insert(key, Instant::now() + backoff(&ctx.settings, attempts)),
+                    };
                 }
             }
             () = stop.cancelled() => {
@@ -483,39 +493,37 @@ async fn schedule(ctx: Arc<Context>, wake: Arc<Notify>, stop: CancellationToken)
     }
 }
 
-async fn finish(
-    ctx: &Context,
-    key: LaneKey,
-    result: Result<(), ReplicateError>,
-    retry_at: &mut HashMap<LaneKey, Instant>,
-) {
-    let Err(error) = result else {
-        retry_at.remove(&key);
-        return;
-    };
+/// Records how a run ended, through the run's own (fenced) view of the
+/// store; returns the failed attempts so far when the lane is to be retried.
+async fn record_outcome(ctx: &Context, key: &LaneKey, result: Result<(), ReplicateError>) -> Option<i64> {
+    let error = result.err()?;
     if error.is_lease_lost() {
         // Another instance runs the lane now; it records what happens next.
         tracing::info!(table = %key.table, destination = %key.destination, error = %error, "stopped a lane run");
-        return;
+        return None;
     }
-    ctx.metrics.failures.get_or_create(&ReplicationMetrics::labels(&key.destination)).inc();
     let parked = error.parks();
     let message = error.to_string();
-    let action = if error.is_divergence() { Action::Divergence } else { Action::Failure };
-    ctx.audit.record(Event::failed(action, &key, message.clone()));
-    if parked {
-        tracing::error!(table = %key.table, destination = %key.destination, error = %message, "replication stopped; waiting for an operator (resync)");
-    } else {
-        tracing::warn!(table = %key.table, destination = %key.destination, error = %message, "replication failed; retrying");
-    }
-    let attempts = match ctx.store.record_failure(&key, message, parked).await {
-        Ok(()) => ctx.store.lane(&key).await.ok().flatten().and_then(|l| l.last_error).map_or(1, |e| e.attempts),
+    let attempts = match ctx.store.record_failure(key, message.clone(), parked).await {
+        Ok(()) => ctx.store.lane(key).await.ok().flatten().and_then(|l| l.last_error).map_or(1, |e| e.attempts),
+        Err(e @ crate::state::StateError::Fenced { .. }) => {
+            tracing::info!(table = %key.table, destination = %key.destination, error = %message, fenced = %e, "stopped a lane run");
+            return None;
+        }
         Err(e) => {
             tracing::error!(error = %e, "cannot record a lane failure");
             1
         }
     };
-    retry_at.insert(key, Instant::now() + backoff(&ctx.settings, attempts));
+    ctx.metrics.failures.get_or_create(&ReplicationMetrics::labels(&key.destination)).inc();
+    let action = if error.is_divergence() { Action::Divergence } else { Action::Failure };
+    ctx.audit.record(Event::failed(action, key, message.clone()));
+    if parked {
+        tracing::error!(table = %key.table, destination = %key.destination, error = %message, "replication stopped; waiting for an operator (resync)");
+    } else {
+        tracing::warn!(table = %key.table, destination = %key.destination, error = %message, "replication failed; retrying");
+    }
+    Some(attempts)
 }
 
 /// Exponential backoff with ±50% jitter, so failing lanes do not retry in step.

@@ -209,10 +209,18 @@ impl PostgresStore {
                 detail: format!("state.schema {:?} must be a lower-case Postgres name", settings.schema),
             });
         }
-        // Every pooled session finds icerelay's tables first.
+        // Every session finds icerelay's tables first. A session stuck inside
+        // a transaction (its process paused, cut off) is ended by the server,
+        // so the lane row it locked does not block the instance taking over,
+        // and a claim waits for a lock no longer than a call waits to connect.
+        let session = format!(
+            "-c search_path={} -c idle_in_transaction_session_timeout=5s -c lock_timeout={}ms",
+            settings.schema,
+            settings.connect_timeout.as_millis()
+        );
         let options = match config.get_options() {
-            Some(given) => format!("{given} -c search_path={}", settings.schema),
-            None => format!("-c search_path={}", settings.schema),
+            Some(given) => format!("{given} {session}"),
+            None => session,
         };
         config.options(options);
         config.application_name("icerelay");
@@ -294,11 +302,24 @@ impl PostgresStore {
         let lock_key = format!("icerelay schema {schema}");
         client.execute("SELECT pg_advisory_lock(hashtext($1))", &[&lock_key]).await.map_err(&db)?;
         let result = async {
-            client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}")).await.map_err(&db)?;
-            client
-                .batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            // Looked up first: `IF NOT EXISTS` would log a notice at every start.
+            let exists = client
+                .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&schema])
                 .await
+                .map_err(&db)?
+                .is_some();
+            if !exists {
+                client.batch_execute(&format!("CREATE SCHEMA {schema}")).await.map_err(&db)?;
+            }
+            let versioned = client
+                .query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])
+                .await
+                .map_err(&db)?
+                .try_get::<_, bool>(0)
                 .map_err(&db)?;
+            if !versioned {
+                client.batch_execute("CREATE TABLE schema_version (version INTEGER NOT NULL)").await.map_err(&db)?;
+            }
             let found: i32 = client
                 .query_opt("SELECT version FROM schema_version", &[])
                 .await
@@ -337,7 +358,9 @@ impl PostgresStore {
 
     /// Begins a transaction; on a fenced view, only while the fence's lane
     /// still has the fence's generation (the row stays locked until commit,
-    /// so no claim can slip in between the check and the writes).
+    /// so no claim can slip in between the check and the writes). Only a
+    /// claim changes the generation: a run may still record its end after
+    /// giving its lease up, as long as nobody claimed the lane since.
     async fn begin<'c>(
         &self,
         client: &'c mut deadpool_postgres::Object,
@@ -348,10 +371,8 @@ impl PostgresStore {
             let key = &fence.key;
             let held = tx
                 .query_opt(
-                    &format!(
-                        "SELECT 1 FROM lanes WHERE {LANE_WHERE} AND lease_owner = $4 AND lease_generation = $5 FOR UPDATE"
-                    ),
-                    &[&ns_text(&key.table.namespace), &key.table.name, &key.destination, &fence.owner, &fence.generation],
+                    &format!("SELECT 1 FROM lanes WHERE {LANE_WHERE} AND lease_generation = $4 FOR UPDATE"),
+                    &[&ns_text(&key.table.namespace), &key.table.name, &key.destination, &fence.generation],
                 )
                 .await
                 .map_err(&db)?;

@@ -5,6 +5,8 @@ usage: writer.py CONN_JSON TABLE OPS_JSON [EXTENSION_DIR]
 TABLE is "ns.name". OPS_JSON is a list of operations, run in order:
   {"op": "create", "partitioned": true, "format_version": 2}   namespace too, if missing
   {"op": "append", "start": 0, "rows": 5, "branch": "main"}
+  {"op": "append_random", "mb": 48}                             one large data file of random text
+                                                                (the output then has no "rows")
   {"op": "add_column", "name": "note"}                          later appends fill it
   {"op": "partition_by", "field": "category"}                   identity partition evolution
   {"op": "overwrite", "category": "a", "start": 100, "rows": 3}
@@ -58,7 +60,24 @@ def rows(table, sid):
     return sorted(json.loads(json.dumps(data, default=str)), key=lambda r: json.dumps(r, sort_keys=True))
 
 
+def random_batch(mb):
+    import base64
+    import os
+    n = mb * 1024
+    text = [base64.b64encode(os.urandom(768)).decode() for _ in range(n)]
+    cols = {
+        "id": pa.array(range(n), pa.int64()),
+        "ts": pa.array([datetime.datetime(2024, 1, 1)] * n, pa.timestamp("us")),
+        "category": pa.array(text),
+        "value": pa.array([0.5] * n, pa.float64()),
+    }
+    for extra in columns[4:]:
+        cols[extra] = pa.array([None] * n, pa.string())
+    return pa.table(cols)
+
+
 table = None
+with_rows = True
 for op in ops:
     kind = op["op"]
     if kind == "create":
@@ -77,6 +96,9 @@ for op in ops:
         table = cat.load_table(name)
     if kind == "append":
         table.append(batch(op.get("start", 0), op.get("rows", 5)), branch=op.get("branch", "main"))
+    elif kind == "append_random":
+        table.append(random_batch(op["mb"]))
+        with_rows = False
     elif kind == "add_column":
         with table.update_schema() as update:
             update.add_column(op["name"], StringType())
@@ -131,5 +153,5 @@ else:
         "snapshots": [{"id": s.snapshot_id, "parent": s.parent_snapshot_id, "seq": s.sequence_number,
                        "ts": s.timestamp_ms} for s in table.snapshots()],
         "refs": {k: r.snapshot_id for k, r in table.metadata.refs.items()},
-        "rows": {str(s.snapshot_id): rows(table, s.snapshot_id) for s in table.snapshots()},
+        "rows": {str(s.snapshot_id): rows(table, s.snapshot_id) for s in table.snapshots()} if with_rows else None,
     })

@@ -368,3 +368,77 @@ async fn three_instances_on_one_postgres_replicate_every_commit_once_and_survive
         assert!(!relay.logs().contains(PASSWORD), "a log shows the Postgres password");
     }
 }
+
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().expect("kill");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_paused_past_its_lease_commits_nothing_more_for_the_lane() {
+    let replica = Replica::Seaweed(SeaweedFs::shared_replica());
+    let ns = unique("fence");
+    let table = format!("{ns}.big");
+    let schema = unique("fence");
+    let work = tempfile::tempdir().expect("dir");
+    let dirs = [work.path().join("a"), work.path().join("b")];
+    let lease = [("ICERELAY__REPLICATION__LEASE_TTL", "2s")];
+    let mut relays = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        relays.push(instance(work.path(), &format!("r{i}"), &shared_toml(&ns, &schema, dir), &lease).await);
+    }
+    let seaweed = SeaweedFs::shared();
+    write_with(seaweed.client_conn(&relays[0].url), &table, json!([{"op": "create", "partitioned": false}])).await;
+
+    // A large commit takes a while to copy: pause whichever instance claims it, mid-run.
+    let db = Postgres::shared().connect().await;
+    let write = write_with(seaweed.client_conn(&relays[0].url), &table, json!([{"op": "append_random", "mb": 48}]));
+    let pause = async {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let owners = lease_owners(&db, &schema).await;
+            if let Some(owner) = owners.get("big") {
+                let paused = relays
+                    .iter()
+                    .position(|r| owner.contains(&format!("/{}/", r.pid())))
+                    .expect("the owner is one of the instances");
+                signal(relays[paused].pid(), "-STOP");
+                return paused;
+            }
+            assert!(Instant::now() < deadline, "nobody claimed the lane");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let (written, paused) = tokio::join!(write, pause);
+    let other = 1 - paused;
+    let location = written["metadata_location"].as_str().expect("location");
+    let big = written["snapshots"].as_array().and_then(|s| s.last()).and_then(|s| s["id"].as_i64()).expect("snapshot");
+
+    // The other instance takes the lane over once the lease runs out, and finishes it.
+    let mut expected = BTreeMap::new();
+    expected.insert("big".to_owned(), location.to_owned());
+    wait_all_replicated(&relays[other].admin_url, &expected, || relays[other].logs()).await;
+
+    // Resumed, the paused instance finds its lease gone and writes nothing.
+    signal(relays[paused].pid(), "-CONT");
+    let noticed = |logs: String| logs.contains("took over the lane") || logs.contains("stopped a lane run");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !noticed(relays[paused].logs()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Nor did it record anything about the lane: it is as the other left it.
+    let after = lane_of(&status(&relays[other].admin_url).await, &table);
+    assert_eq!(after["status"], "completed", "{after}");
+    assert_eq!(after["source_metadata_location"], location, "{after}");
+    let paused_commits = audited_commits(&[dirs[paused].clone()]);
+    assert_eq!(paused_commits.get(&big), None, "the paused instance committed after losing its lease");
+    assert_eq!(audited_commits(&dirs).get(&big), Some(&1), "committed once, by the instance that took over");
+    assert!(noticed(relays[paused].logs()), "the paused instance says it stopped:\n{}", relays[paused].logs());
+
+    // The replica's history is the source's: nothing twice, nothing missing.
+    let source =
+        crate::replication::seaweed_catalog(seaweed).load_table(&ident(&table)).await.expect("load").expect("source");
+    let copy = replica.catalog().load_table(&ident(&table)).await.expect("load").expect("replica");
+    assert_eq!(snapshot_ids(&copy.metadata), snapshot_ids(&source.metadata));
+}
