@@ -6,6 +6,9 @@
 #           download at run time), pyarrow, fastavro, requests, boto3, jsonschema
 #   rustberg/ rustberg 0.3.0, a second Iceberg REST catalog (cargo install, ~10 min on
 #           2 cores, once). Skip it with ICERELAY_SKIP_RUSTBERG=1.
+#   PostgreSQL server binaries (Debian's postgresql package, for the shared-state tests; the
+#           tests start throwaway clusters with scripts/teststack/postgres.sh): installed with
+#           apt-get when missing and running as root, else the command to run is printed.
 # Needs python3 (3.11) with venv/pip, cargo, and curl.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -42,5 +45,15 @@ fi
 if [ -z "${ICERELAY_SKIP_RUSTBERG:-}" ] && [ ! -x "$TESTSTACK/rustberg/bin/rustberg" ]; then
   echo "building rustberg 0.3.0 into $TESTSTACK/rustberg (about 10 minutes, once)" >&2
   cargo install rustberg@0.3.0 --locked --no-default-features --features cli --root "$TESTSTACK/rustberg" >&2
+fi
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "${PG_BIN:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing PostgreSQL (Debian's postgresql package) for the shared-state tests" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >&2
+  else
+    echo "PostgreSQL server binaries are missing: run 'sudo apt-get install postgresql' (or set PG_BIN)" >&2
+    exit 1
+  fi
 fi
 echo "test environment ready in $TESTSTACK" >&2

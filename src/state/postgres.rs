@@ -1024,13 +1024,24 @@ impl StateStore for PostgresStore {
     }
 
     async fn watch_changes(&self, changed: std::sync::Arc<tokio::sync::Notify>) {
+        let mut wait = Duration::from_secs(1);
         loop {
-            if let Err(e) = self.listen(&changed).await {
-                tracing::warn!(store = %self.target, error = %e, "lost the state store's change notifications; polling until they are back");
+            let started = std::time::Instant::now();
+            match self.listen(&changed).await {
+                Err(e) if wait == Duration::from_secs(1) => {
+                    tracing::warn!(store = %self.target, error = %e, "lost the state store's change notifications; instances poll until they are back");
+                }
+                Err(e) => tracing::debug!(store = %self.target, error = %e, "still no change notifications"),
+                Ok(()) => {}
+            }
+            // A connection that lasted is a new outage, not the same one.
+            if started.elapsed() > Duration::from_secs(60) {
+                wait = Duration::from_secs(1);
             }
             // Whatever happened while not listening is found by a look now.
             changed.notify_one();
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(30));
         }
     }
 
