@@ -85,6 +85,13 @@ pub struct StatusLabels {
     pub status: &'static str,
 }
 
+/// Labels of a reconcile check: how the primary answered.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabels {
+    /// `loaded` (a full answer), `not_modified` (304 to the last entity tag) or `failed`.
+    pub result: &'static str,
+}
+
 /// What replication records.
 #[derive(Debug, Default)]
 pub struct ReplicationMetrics {
@@ -104,6 +111,10 @@ pub struct ReplicationMetrics {
     pub queue_depth: Gauge,
     /// Lanes by status.
     pub lanes: Family<StatusLabels, Gauge>,
+    /// Tables reconcile asked the primary about, by answer.
+    pub reconcile_checks: Family<CheckLabels, Counter>,
+    /// Reconcile passes this instance ran.
+    pub reconcile_passes: Counter,
 }
 
 impl ReplicationMetrics {
@@ -180,6 +191,16 @@ impl Metrics {
             replication.queue_depth.clone(),
         );
         registry.register("replication_lanes", "Lanes by status", replication.lanes.clone());
+        registry.register(
+            "replication_reconcile_checks",
+            "Source tables reconcile asked the primary about, by answer (loaded, not_modified, failed)",
+            replication.reconcile_checks.clone(),
+        );
+        registry.register(
+            "replication_reconcile_passes",
+            "Reconcile passes this instance ran (one instance per interval when the state is shared)",
+            replication.reconcile_passes.clone(),
+        );
         Self { registry, proxy: Arc::new(proxy), replication: Arc::new(replication) }
     }
 

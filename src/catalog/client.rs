@@ -46,6 +46,29 @@ pub struct LoadedTable {
     pub credentials: Vec<StorageCredential>,
 }
 
+/// A catalog's answer: status, entity tag, body.
+struct Answer {
+    status: StatusCode,
+    etag: Option<String>,
+    body: bytes::Bytes,
+}
+
+/// What [`RestCatalog::check_table`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableCheck {
+    /// Unchanged since the answer whose entity tag was given.
+    Unchanged,
+    /// The table as it is now, and the answer's entity tag (if the catalog gives one).
+    Loaded {
+        /// Where its metadata is.
+        metadata_location: Option<String>,
+        /// The answer's `ETag`.
+        etag: Option<String>,
+    },
+    /// No such table.
+    Missing,
+}
+
 /// What `GET /v1/config` told icerelay.
 #[derive(Debug, Clone, Default)]
 pub struct CatalogConfig {
@@ -267,6 +290,26 @@ impl RestCatalog {
             }
             StatusCode::NOT_FOUND => Ok(None),
             s => Err(self.status_error(&op, s, &body)),
+        }
+    }
+
+    /// The table's metadata location, unless it is unchanged since the answer
+    /// that carried `etag` (catalogs that support conditional loads answer
+    /// `304` then, without the metadata). Only refs are asked for
+    /// (`snapshots=refs`): the location is all a check needs.
+    pub async fn check_table(&self, table: &TableIdent, etag: Option<&str>) -> Result<TableCheck, CatalogError> {
+        let op = format!("loadTable {table}");
+        let mut url = self.table_url(table).await?;
+        url.query_pairs_mut().append_pair("snapshots", "refs");
+        let answer = self.exchange(&op, Method::GET, &url, None, false, etag).await?;
+        match answer.status {
+            StatusCode::NOT_MODIFIED => Ok(TableCheck::Unchanged),
+            s if s.is_success() => {
+                let loaded = self.decode_table(&op, &answer.body)?;
+                Ok(TableCheck::Loaded { metadata_location: loaded.metadata_location, etag: answer.etag })
+            }
+            StatusCode::NOT_FOUND => Ok(TableCheck::Missing),
+            s => Err(self.status_error(&op, s, &answer.body)),
         }
     }
 
@@ -570,6 +613,22 @@ impl RestCatalog {
         body: Option<&Value>,
         delegate: bool,
     ) -> Result<(StatusCode, bytes::Bytes), CatalogError> {
+        let answer = self.exchange(operation, method, url, body, delegate, None).await?;
+        Ok((answer.status, answer.body))
+    }
+
+    /// One call, with the retries every call gets (without the delegation
+    /// header, with fresh credentials); `if_none_match` makes it conditional,
+    /// and a `304 Not Modified` is then an answer, not a redirect.
+    async fn exchange(
+        &self,
+        operation: &str,
+        method: Method,
+        url: &Url,
+        body: Option<&Value>,
+        delegate: bool,
+        if_none_match: Option<&str>,
+    ) -> Result<Answer, CatalogError> {
         let mut ask = delegate && self.vending.as_ref().is_some_and(|v| !v.refused.load(Ordering::Relaxed));
         let mut refused_with_header = false;
         let mut refreshed = false;
@@ -585,6 +644,9 @@ impl RestCatalog {
             if let Some(b) = body {
                 builder = builder.json(b);
             }
+            if let Some(etag) = if_none_match {
+                builder = builder.header(reqwest::header::IF_NONE_MATCH, etag);
+            }
             let mut request =
                 builder.build().map_err(|source| CatalogError::Client { catalog: self.name.clone(), source })?;
             self.auth
@@ -593,7 +655,7 @@ impl RestCatalog {
                 .map_err(|source| CatalogError::Auth { catalog: self.name.clone(), source })?;
             let response = self.http.execute(request).await.map_err(|e| self.transport_error(url, e))?;
             let status = response.status();
-            if status.is_redirection() {
+            if status.is_redirection() && !(if_none_match.is_some() && status == StatusCode::NOT_MODIFIED) {
                 let mut shown = url.clone();
                 shown.set_query(None);
                 return Err(CatalogError::Redirect {
@@ -604,6 +666,7 @@ impl RestCatalog {
                     location: location_of(&response),
                 });
             }
+            let etag = response.headers().get(reqwest::header::ETAG).and_then(|v| v.to_str().ok()).map(str::to_owned);
             let bytes = response.bytes().await.map_err(|e| self.transport_error(url, e))?;
             if ask && status == StatusCode::FORBIDDEN {
                 // Some catalogs refuse the request itself when the caller may
@@ -630,7 +693,7 @@ impl RestCatalog {
                 continue;
             }
             tracing::debug!(catalog = %self.name, operation, status = status.as_u16(), "catalog call");
-            return Ok((status, bytes));
+            return Ok(Answer { status, etag, body: bytes });
         }
     }
 

@@ -59,11 +59,11 @@ pub use error::ReplicateError;
 pub use rules::{Route, Rules};
 
 use crate::audit::{Action, AuditLog, Event};
-use crate::catalog::{CatalogError, Namespace, RestCatalog, TableIdent};
+use crate::catalog::{CatalogError, Namespace, RestCatalog, TableCheck, TableIdent};
 use crate::config::{Config, ReplicationConfig, StorageConfig};
-use crate::metrics::{ReplicationMetrics, StatusLabels};
+use crate::metrics::{CheckLabels, ReplicationMetrics, StatusLabels};
 use crate::proxy::commit_tap::HintKind;
-use crate::state::{ChangeLog, LaneChange, LaneKey, LaneRecord, StateStore, now_ms};
+use crate::state::{ChangeLog, LaneChange, LaneKey, LaneRecord, SourceSeen, StateStore, now_ms};
 use crate::storage::Storage;
 
 /// Hints fanned out per transaction.
@@ -320,10 +320,12 @@ async fn reconcile_loop(ctx: Arc<Context>, wake: Arc<Notify>, stop: Cancellation
 
 /// One reconcile pass; returns how many lanes it asked for work.
 pub async fn reconcile(ctx: &Context) -> Result<usize, ReplicateError> {
+    ctx.metrics.reconcile_passes.inc();
     let tables = discover(ctx).await?;
     let lanes: HashMap<LaneKey, LaneRecord> =
         ctx.store.lanes().await?.into_iter().map(|l| (l.key.clone(), l)).collect();
     let mut changes = Vec::new();
+    let mut asked_for_work = 0;
     let now = now_ms();
     let mut seen = HashSet::new();
     for table in &tables {
@@ -331,29 +333,33 @@ pub async fn reconcile(ctx: &Context) -> Result<usize, ReplicateError> {
         if routes.is_empty() {
             continue;
         }
+        let keys: Vec<LaneKey> =
+            routes.iter().map(|route| LaneKey::new(table.clone(), route.destination.clone())).collect();
         let mut location: Option<Option<String>> = None;
-        for route in routes {
-            let key = LaneKey::new(table.clone(), route.destination.clone());
+        for (route, key) in routes.into_iter().zip(&keys) {
             seen.insert(key.clone());
-            let wants_work = match lanes.get(&key) {
+            let wants_work = match lanes.get(key) {
                 None => true,
                 Some(lane) if lane.paused || lane.has_work() || lane.promoted.is_some() => false,
                 Some(lane) => {
                     if location.is_none() {
-                        location = Some(match ctx.primary.load_table(table).await {
-                            Ok(t) => t.and_then(|t| t.metadata_location),
-                            Err(e) => {
-                                // One table the primary will not show must not stop the pass.
-                                tracing::warn!(table = %table, error = %e, "reconcile could not load the table");
-                                lane.source_metadata_location.clone()
-                            }
-                        });
+                        let known = keys.iter().filter_map(|k| lanes.get(k)?.source_seen.as_ref()).next();
+                        let checked = check_source(ctx, table, known, lane).await;
+                        if let Some(fresh) = checked.seen {
+                            changes.extend(
+                                keys.iter()
+                                    .filter(|k| lanes.contains_key(*k))
+                                    .map(|k| LaneChange::Seen { key: k.clone(), seen: fresh.clone() }),
+                            );
+                        }
+                        location = Some(checked.location);
                     }
                     location.as_ref().is_some_and(|l| *l != lane.source_metadata_location)
                 }
             };
             if wants_work {
-                changes.push(LaneChange::Touch { key, replica_table: route.replica_table, at: now });
+                asked_for_work += 1;
+                changes.push(LaneChange::Touch { key: key.clone(), replica_table: route.replica_table, at: now });
             }
         }
     }
@@ -361,14 +367,52 @@ pub async fn reconcile(ctx: &Context) -> Result<usize, ReplicateError> {
     for (key, lane) in &lanes {
         let idle = !lane.source_dropped && !lane.paused && !lane.has_work() && lane.promoted.is_none();
         if !seen.contains(key) && idle && covered(ctx, &key.table) {
+            asked_for_work += 1;
             changes.push(LaneChange::Touch { key: key.clone(), replica_table: lane.replica_table.clone(), at: now });
         }
     }
-    let touched = changes.len();
-    if touched > 0 {
+    if !changes.is_empty() {
         ctx.store.apply_lane_changes(changes, Vec::new()).await?;
     }
-    Ok(touched)
+    Ok(asked_for_work)
+}
+
+/// What reconcile learnt about a source table.
+struct SourceCheck {
+    /// Its metadata location now (`None`: the table is gone).
+    location: Option<String>,
+    /// A new entity tag to remember, if the primary gave one.
+    seen: Option<SourceSeen>,
+}
+
+/// Asks the primary where `table`'s metadata is, conditionally when an
+/// earlier answer's entity tag is `known`: a catalog that answers `304`
+/// sends no metadata. A failure falls back to what `lane` last replicated,
+/// so one table the primary will not show does not stop the pass.
+async fn check_source(ctx: &Context, table: &TableIdent, known: Option<&SourceSeen>, lane: &LaneRecord) -> SourceCheck {
+    let checks = &ctx.metrics.reconcile_checks;
+    match ctx.primary.check_table(table, known.map(|k| k.etag.as_str())).await {
+        Ok(TableCheck::Unchanged) => {
+            checks.get_or_create(&CheckLabels { result: "not_modified" }).inc();
+            SourceCheck { location: known.and_then(|k| k.metadata_location.clone()), seen: None }
+        }
+        Ok(TableCheck::Loaded { metadata_location, etag }) => {
+            checks.get_or_create(&CheckLabels { result: "loaded" }).inc();
+            let seen = etag
+                .filter(|etag| known.is_none_or(|k| k.etag != *etag || k.metadata_location != metadata_location))
+                .map(|etag| SourceSeen { etag, metadata_location: metadata_location.clone() });
+            SourceCheck { location: metadata_location, seen }
+        }
+        Ok(TableCheck::Missing) => {
+            checks.get_or_create(&CheckLabels { result: "loaded" }).inc();
+            SourceCheck { location: None, seen: None }
+        }
+        Err(e) => {
+            checks.get_or_create(&CheckLabels { result: "failed" }).inc();
+            tracing::warn!(table = %table, error = %e, "reconcile could not load the table");
+            SourceCheck { location: lane.source_metadata_location.clone(), seen: None }
+        }
+    }
 }
 
 /// Whether the rules list the table's namespace during discovery (else a

@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 use super::encoding::{self, hint_kind, ns_text, to_json};
 use super::{
     Adoption, CopiedFile, FailbackChoice, HintId, LaneChange, LaneError, LaneKey, LaneRecord, Millis, Progress,
-    Promotion, PromotionMode, RecordedHint, StateError, StateStore, now_ms,
+    Promotion, PromotionMode, RecordedHint, SourceSeen, StateError, StateStore, now_ms,
 };
 use crate::catalog::{Namespace, TableIdent};
 use crate::proxy::commit_tap::CommitHint;
@@ -35,7 +35,8 @@ const OWN_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 #[cfg(test)]
 const OWN_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
-const SCHEMA_VERSION: i64 = 4;
+/// The newest schema this build writes: one per entry of [`MIGRATIONS`].
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 const SCHEMA: &str = "
 CREATE TABLE hints (
@@ -129,6 +130,15 @@ ALTER TABLE lanes ADD COLUMN failback_choice TEXT;
 ALTER TABLE lanes ADD COLUMN adoption TEXT;
 ALTER TABLE lanes ADD COLUMN log_drift TEXT;
 ";
+
+/// From version 4: the entity tag of the source as reconcile last loaded it.
+const MIGRATE_TO_5: &str = "
+ALTER TABLE lanes ADD COLUMN source_etag TEXT;
+ALTER TABLE lanes ADD COLUMN source_etag_location TEXT;
+";
+
+/// Migrations, oldest first: entry `i` takes the database from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[SCHEMA, MIGRATE_TO_2, MIGRATE_TO_3, MIGRATE_TO_4, MIGRATE_TO_5];
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
@@ -238,21 +248,18 @@ fn migrate(connection: &mut Connection, path: &str) -> Result<(), StateError> {
 }
 
 fn apply_migrations(connection: &mut Connection, version: i64) -> rusqlite::Result<()> {
-    if version < SCHEMA_VERSION {
+    migrate_between(connection, version, SCHEMA_VERSION)
+}
+
+/// Applies the migrations from version `from` to version `to`, in one transaction.
+fn migrate_between(connection: &mut Connection, from: i64, to: i64) -> rusqlite::Result<()> {
+    if from < to {
         let tx = connection.transaction()?;
-        if version < 1 {
-            tx.execute_batch(SCHEMA)?;
+        let steps = usize::try_from(from).unwrap_or(0)..usize::try_from(to).unwrap_or(0);
+        for step in &MIGRATIONS[steps] {
+            tx.execute_batch(step)?;
         }
-        if version < 2 {
-            tx.execute_batch(MIGRATE_TO_2)?;
-        }
-        if version < 3 {
-            tx.execute_batch(MIGRATE_TO_3)?;
-        }
-        if version < 4 {
-            tx.execute_batch(MIGRATE_TO_4)?;
-        }
-        tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+        tx.execute_batch(&format!("PRAGMA user_version = {to}"))?;
         tx.commit()?;
     }
     Ok(())
@@ -315,6 +322,12 @@ fn read_lane(row: &Row<'_>) -> rusqlite::Result<LaneRecord> {
         failback: json_column::<FailbackChoice>(row, "failback_choice")?,
         adoption: json_column::<Adoption>(row, "adoption")?,
         log_drift: json_column(row, "log_drift")?,
+        source_seen: row
+            .get::<_, Option<String>>("source_etag")?
+            .map(|etag| -> rusqlite::Result<SourceSeen> {
+                Ok(SourceSeen { etag, metadata_location: row.get("source_etag_location")? })
+            })
+            .transpose()?,
         replica_renamed_from: renamed_from,
         managed_properties,
         managed_refs,
@@ -443,6 +456,19 @@ fn apply_change(tx: &Transaction<'_>, change: &LaneChange) -> rusqlite::Result<(
             } else {
                 touch(tx, &to_key, replica_to, *at)
             }
+        }
+        LaneChange::Seen { key, seen } => {
+            tx.execute(
+                &format!("UPDATE lanes SET source_etag = ?4, source_etag_location = ?5 WHERE {LANE_WHERE}"),
+                params![
+                    ns_text(&key.table.namespace),
+                    key.table.name,
+                    key.destination,
+                    seen.etag,
+                    seen.metadata_location
+                ],
+            )?;
+            Ok(())
         }
         LaneChange::SourceDropped { key, generation } => {
             tx.execute(

@@ -190,6 +190,19 @@ pub struct LaneRecord {
     /// How the replica's snapshot-log times differ from the source's, as of
     /// the last converged run.
     pub log_drift: Option<crate::replicate::plan::LogDrift>,
+    /// The source as reconcile last loaded it, for a conditional load next time.
+    pub source_seen: Option<SourceSeen>,
+}
+
+/// A source table as a reconcile pass loaded it: the answer's entity tag and
+/// the metadata location it carried. A catalog that answers `304 Not
+/// Modified` to that tag still has that location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceSeen {
+    /// The answer's `ETag`.
+    pub etag: String,
+    /// The metadata location in that answer.
+    pub metadata_location: Option<String>,
 }
 
 /// What to do with the snapshots only the old side has, on a failback.
@@ -320,6 +333,14 @@ pub enum LaneChange {
         replica_to: TableIdent,
         /// When.
         at: Millis,
+    },
+    /// Reconcile loaded the source table: remember its answer's entity tag
+    /// (asks for no work).
+    Seen {
+        /// The lane.
+        key: LaneKey,
+        /// What was seen.
+        seen: SourceSeen,
     },
     /// The source table was dropped; the lane stops asking for work.
     SourceDropped {

@@ -31,13 +31,13 @@ use tokio_postgres::types::ToSql;
 use super::encoding::{self, hint_kind, ns_text, to_json};
 use super::{
     Adoption, CopiedFile, FailbackChoice, Fence, HintId, LaneChange, LaneError, LaneKey, LaneRecord, Millis, Progress,
-    Promotion, PromotionMode, RecordedHint, StateError, StateStore, now_ms,
+    Promotion, PromotionMode, RecordedHint, SourceSeen, StateError, StateStore, now_ms,
 };
 use crate::catalog::TableIdent;
 use crate::proxy::commit_tap::CommitHint;
 
 /// The newest schema this build writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Version 1: the embedded store's tables (as of its version 4), with lane
 /// leases and leased passes.
@@ -124,8 +124,14 @@ CREATE TABLE passes (
 );
 ";
 
+/// From version 1: the entity tag of the source as reconcile last loaded it.
+const MIGRATE_TO_2: &str = "
+ALTER TABLE lanes ADD COLUMN source_etag TEXT;
+ALTER TABLE lanes ADD COLUMN source_etag_location TEXT;
+";
+
 /// Migrations, oldest first: entry `i` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[SCHEMA_1];
+pub const MIGRATIONS: &[&str] = &[SCHEMA_1, MIGRATE_TO_2];
 
 /// The database's clock in milliseconds: leases expire by one clock, whatever
 /// the instances' clocks say.
@@ -502,6 +508,11 @@ fn read_lane(t: &str, row: &Row) -> Result<LaneRecord, StateError> {
         failback: json::<FailbackChoice>(t, row, "failback_choice")?,
         adoption: json::<Adoption>(t, row, "adoption")?,
         log_drift: json(t, row, "log_drift")?,
+        source_seen: get::<Option<String>>(t, row, "source_etag")?
+            .map(|etag| -> Result<SourceSeen, StateError> {
+                Ok(SourceSeen { etag, metadata_location: get(t, row, "source_etag_location")? })
+            })
+            .transpose()?,
     })
 }
 
@@ -586,6 +597,20 @@ async fn apply_change(
             .await?;
             Ok(())
         }
+        LaneChange::Seen { key, seen } => {
+            tx.execute(
+                &format!("UPDATE lanes SET source_etag = $4, source_etag_location = $5 WHERE {LANE_WHERE}"),
+                &[
+                    &ns_text(&key.table.namespace),
+                    &key.table.name,
+                    &key.destination,
+                    &seen.etag,
+                    &seen.metadata_location,
+                ],
+            )
+            .await?;
+            Ok(())
+        }
         LaneChange::SourceDropped { key, generation } => {
             tx.execute(
                 &format!(
@@ -654,7 +679,7 @@ impl StateStore for PostgresStore {
         if !consumed.is_empty() {
             tx.execute("DELETE FROM hints WHERE id = ANY($1)", &[&consumed]).await.map_err(&db)?;
         }
-        if !changes.is_empty() {
+        if changes.iter().any(|c| !matches!(c, LaneChange::Seen { .. })) {
             // Lanes have work: every instance's scheduler looks.
             tx.execute("SELECT pg_notify($1, 'lanes')", &[&self.channel]).await.map_err(&db)?;
         }

@@ -1177,3 +1177,65 @@ async fn a_ref_move_without_a_snapshot_gets_the_replicas_own_log_time_and_the_st
     assert!(gap > 0, "the replica's entry is stamped when the replica commits, after the source's: {gap} ms");
     assert_eq!(status["snapshot_log_drift"], json!({"entries": 1, "max_ms": gap}), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_asks_a_catalog_with_entity_tags_conditionally_and_still_sees_commits_made_around_icerelay() {
+    // rustberg answers loadTable with an ETag and `304 Not Modified` to it
+    // (SeaweedFS sends none): an unchanged table costs no metadata.
+    let primary: &'static Rustberg = Box::leak(Box::new(Rustberg::start("etag-primary")));
+    let replica = Replica::Rustberg(Rustberg::shared());
+    let ns = unique("etag");
+    let table = format!("{ns}.t");
+    let state = tempfile::tempdir().expect("state");
+    let toml = format!(
+        "state_dir = \"{}\"\n[primary]\nuri = \"{}\"\nwarehouse = \"{}\"\n\n[replication]\nreconcile_interval = \"500ms\"\n\n{}\n{}\n[[rules]]\nnamespace = \"{ns}\"\ndestinations = [\"dr\"]\n",
+        state.path().display(),
+        primary.uri,
+        primary.warehouse,
+        primary.storage_toml(),
+        replica.destination_toml(),
+    );
+    let relay = Relay::start(&toml).await;
+    let through = json!({"uri": relay.url, "warehouse": primary.warehouse});
+    let written = write_with(through, &table, json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
+    wait_replicated(&relay.admin_url, &table, written["metadata_location"].as_str().expect("location")).await;
+
+    let checks = || async {
+        let text = crate::harness::http_client()
+            .get(format!("{}/metrics", relay.admin_url))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let count = |result: &str| {
+            crate::harness::metric_sum(
+                &text,
+                "icerelay_replication_reconcile_checks_total",
+                &[&format!("result=\"{result}\"")],
+            )
+        };
+        (count("loaded"), count("not_modified"))
+    };
+    // Once the entity tag is known, passes over the unchanged table get 304s only.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while checks().await.1 < 1.0 {
+        assert!(Instant::now() < deadline, "no conditional load answered 304: {:?}", checks().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (loaded, not_modified) = checks().await;
+    while checks().await.1 < not_modified + 3.0 {
+        assert!(Instant::now() < deadline, "reconcile stopped: {:?}", checks().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(checks().await.0, loaded, "three more passes loaded nothing in full");
+
+    // A commit made straight on the primary changes the tag: the next pass loads it and replicates.
+    let direct = json!({"uri": primary.uri, "warehouse": primary.warehouse});
+    let around = write_with(direct, &table, json!([{"op": "append", "start": 10, "rows": 2}])).await;
+    let location = around["metadata_location"].as_str().expect("location");
+    let status = wait_replicated(&relay.admin_url, &table, location).await;
+    assert!(checks().await.0 > loaded, "the changed table was loaded");
+    assert_eq!(status["status"], "completed");
+}

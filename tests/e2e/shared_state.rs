@@ -148,6 +148,48 @@ async fn the_postgres_store_migrates_once_and_shares_hints_lanes_leases_and_pass
     assert!(!message.contains("not-the-password-8812") && !message.contains(PASSWORD), "{message}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgres_store_of_every_older_schema_version_upgrades_and_keeps_its_lanes() {
+    use icerelay::state::postgres::{MIGRATIONS, SCHEMA_VERSION};
+    let pg = Postgres::shared();
+    let db = pg.connect().await;
+    for version in 1..SCHEMA_VERSION {
+        let schema = unique("migrate");
+        // A store as that version left it, with a lane and a hint in it.
+        let mut script = format!("CREATE SCHEMA {schema}; SET search_path = {schema};");
+        for step in &MIGRATIONS[..usize::try_from(version).expect("version")] {
+            script.push_str(step);
+        }
+        script.push_str(&format!(
+            "CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES ({version});
+             INSERT INTO lanes (namespace, name, destination, replica_namespace, replica_name, wanted, done)
+                 VALUES ('[\"db\"]', 't', 'dr', '[\"db\"]', 't', 3, 2);
+             INSERT INTO hints (namespace, name, kind, recorded_at) VALUES ('[\"db\"]', 't', 'commit', 7);
+             SET search_path = public;"
+        ));
+        db.batch_execute(&script).await.expect("an old store");
+
+        let store =
+            PostgresStore::open(&settings(&pg.url, &schema)).await.unwrap_or_else(|e| panic!("v{version}: {e}"));
+        let table = TableIdent::new(icerelay::catalog::Namespace::from_dotted("db"), "t");
+        let key = LaneKey::new(table, "dr");
+        let lane = store.lane(&key).await.expect("read").expect("the lane is kept");
+        assert_eq!((lane.wanted, lane.done), (3, 2), "v{version}");
+        assert_eq!(store.pending_hints(10).await.expect("hints").len(), 1, "v{version}");
+        let now: i32 =
+            db.query_one(&format!("SELECT version FROM {schema}.schema_version"), &[]).await.expect("version").get(0);
+        assert_eq!(now, SCHEMA_VERSION, "v{version} is migrated to the newest");
+        // What the newer versions added works on the upgraded store.
+        let seen =
+            icerelay::state::SourceSeen { etag: "\"e1\"".into(), metadata_location: Some("s3://b/m.json".into()) };
+        store
+            .apply_lane_changes(vec![LaneChange::Seen { key: key.clone(), seen: seen.clone() }], Vec::new())
+            .await
+            .expect("seen");
+        assert_eq!(store.lane(&key).await.expect("read").expect("lane").source_seen, Some(seen), "v{version}");
+    }
+}
+
 /// An instance's configuration: the shared SeaweedFS to its replica, for
 /// `namespace`, with state in Postgres under `schema`.
 fn shared_toml(namespace: &str, schema: &str, state_dir: &std::path::Path) -> String {

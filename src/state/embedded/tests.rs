@@ -282,3 +282,39 @@ async fn a_promotion_is_withdrawn_or_expires_until_claimed_and_is_carried_out_on
     assert!(store.request_promotion(&key, PromotionMode::Now, later).await.expect("request"));
     assert_eq!(store.lane(&key).await.expect("read").expect("lane").promotion, None);
 }
+
+#[tokio::test]
+async fn a_database_of_every_older_version_upgrades_and_keeps_its_lanes() {
+    for version in 1..SCHEMA_VERSION {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let mut connection = Connection::open(dir.path().join(DATABASE_FILE)).expect("create");
+            migrate_between(&mut connection, 0, version).expect("old schema");
+            connection
+                .execute(
+                    "INSERT INTO lanes (namespace, name, destination, replica_namespace, replica_name, wanted, done)
+                     VALUES ('[\"db\"]', 't', 'dr', '[\"db\"]', 't', 3, 2)",
+                    [],
+                )
+                .expect("an old lane");
+            connection
+                .execute(
+                    "INSERT INTO hints (namespace, name, kind, recorded_at) VALUES ('[\"db\"]', 't', 'commit', 7)",
+                    [],
+                )
+                .expect("an old hint");
+        }
+        let store = EmbeddedStore::open(dir.path()).unwrap_or_else(|e| panic!("version {version} upgrades: {e}"));
+        let key = LaneKey::new(table("db", "t"), "dr");
+        let lane = store.lane(&key).await.expect("read").expect("the lane is kept");
+        assert_eq!((lane.wanted, lane.done), (3, 2), "version {version}");
+        assert_eq!(store.pending_hints(10).await.expect("hints").len(), 1, "version {version}");
+        // What the newest version added works on the upgraded database.
+        let seen = SourceSeen { etag: "\"e1\"".into(), metadata_location: Some("s3://b/m.json".into()) };
+        store
+            .apply_lane_changes(vec![LaneChange::Seen { key: key.clone(), seen: seen.clone() }], Vec::new())
+            .await
+            .expect("seen");
+        assert_eq!(store.lane(&key).await.expect("read").expect("lane").source_seen, Some(seen), "version {version}");
+    }
+}
