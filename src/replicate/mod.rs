@@ -318,9 +318,18 @@ async fn reconcile_loop(ctx: Arc<Context>, wake: Arc<Notify>, stop: Cancellation
     }
 }
 
+/// How long copy checkpoints are kept: long enough for any copy to finish
+/// or be resumed, short enough that the store stays bounded.
+const CHECKPOINT_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
+
 /// One reconcile pass; returns how many lanes it asked for work.
 pub async fn reconcile(ctx: &Context) -> Result<usize, ReplicateError> {
     ctx.metrics.reconcile_passes.inc();
+    match ctx.store.prune_copied_files(now_ms() - CHECKPOINT_RETENTION_MS).await {
+        Ok(0) => {}
+        Ok(pruned) => tracing::debug!(pruned, "forgot old copy checkpoints"),
+        Err(e) => tracing::warn!(error = %e, "could not prune old copy checkpoints"),
+    }
     let tables = discover(ctx).await?;
     let lanes: HashMap<LaneKey, LaneRecord> =
         ctx.store.lanes().await?.into_iter().map(|l| (l.key.clone(), l)).collect();

@@ -921,6 +921,14 @@ impl StateStore for EmbeddedStore {
         .await
     }
 
+    async fn prune_copied_files(&self, before: Millis) -> Result<u64, StateError> {
+        self.call(move |c, _| {
+            let n = c.execute("DELETE FROM copied_files WHERE copied_at < ?1", params![before])?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+        .await
+    }
+
     fn describe(&self) -> String {
         self.path.clone()
     }

@@ -555,6 +555,10 @@ pub trait StateStore: Send + Sync + 'static {
     async fn copied_file(&self, destination: &str, source: &str) -> Result<Option<CopiedFile>, StateError>;
     /// Records a verified copy.
     async fn record_copied_file(&self, destination: &str, source: &str, file: CopiedFile) -> Result<(), StateError>;
+    /// Forgets copy checkpoints recorded before `before`; returns how many.
+    /// (A forgotten checkpoint costs a `HEAD` if the file is copied again,
+    /// never correctness, so the store stays bounded on a long run.)
+    async fn prune_copied_files(&self, before: Millis) -> Result<u64, StateError>;
 
     // --- sharing: what only a store several instances use needs ---
 

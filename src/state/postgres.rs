@@ -965,6 +965,11 @@ impl StateStore for PostgresStore {
             .map(drop)
     }
 
+    async fn prune_copied_files(&self, before: Millis) -> Result<u64, StateError> {
+        let client = self.client().await?;
+        client.execute("DELETE FROM copied_files WHERE copied_at < $1", &[&before]).await.map_err(self.db())
+    }
+
     fn shares_lanes(&self) -> bool {
         true
     }

@@ -125,6 +125,13 @@ async fn the_postgres_store_migrates_once_and_shares_hints_lanes_leases_and_pass
     stores[1].release_lease(&b).await.expect("release");
     assert!(stores[2].acquire_lease(&key, "c", ttl).await.expect("acquire").is_some(), "released at once");
 
+    // Copy checkpoints are shared, and old ones pruned.
+    let file = icerelay::state::CopiedFile { target: "s3://r/a".into(), size: 3, checksum: None };
+    stores[0].record_copied_file("dr", "s3://s/a", file.clone()).await.expect("record");
+    assert_eq!(stores[1].copied_file("dr", "s3://s/a").await.expect("read"), Some(file));
+    assert_eq!(stores[1].prune_copied_files(icerelay::state::now_ms() - 60_000).await.expect("prune"), 0);
+    assert_eq!(stores[1].prune_copied_files(icerelay::state::now_ms() + 1).await.expect("prune"), 1);
+
     // One instance per reconcile pass.
     let every = Duration::from_millis(600);
     assert!(stores[0].claim_pass("reconcile", "a", every).await.expect("claim"));

@@ -318,3 +318,15 @@ async fn a_database_of_every_older_version_upgrades_and_keeps_its_lanes() {
         assert_eq!(store.lane(&key).await.expect("read").expect("lane").source_seen, Some(seen), "version {version}");
     }
 }
+
+#[tokio::test]
+async fn old_copy_checkpoints_are_pruned() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EmbeddedStore::open(dir.path()).expect("open");
+    let file = CopiedFile { target: "s3://r/a".into(), size: 3, checksum: None };
+    store.record_copied_file("dr", "s3://s/a", file.clone()).await.expect("record");
+    assert_eq!(store.prune_copied_files(now_ms() - 60_000).await.expect("prune"), 0, "recent ones stay");
+    assert_eq!(store.copied_file("dr", "s3://s/a").await.expect("read"), Some(file));
+    assert_eq!(store.prune_copied_files(now_ms() + 1).await.expect("prune"), 1);
+    assert_eq!(store.copied_file("dr", "s3://s/a").await.expect("read"), None);
+}
