@@ -23,8 +23,10 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use support::services::{Icerelay, Seaweed, free_port_range, pct, pct_sorted};
 
 use serde_json::{Value, json};
 
@@ -187,20 +189,6 @@ fn print_commits(title: &str, [direct, plain, hinted]: &[Vec<f64>; 3]) {
     }
 }
 
-fn pct(values: &[f64], p: f64) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    pct_sorted(&sorted, p)
-}
-
-fn pct_sorted(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
 fn replicating_config(primary: &Seaweed, replica: &Seaweed, state: &Path) -> String {
     let storage = |s: &Seaweed| {
         format!(
@@ -218,84 +206,4 @@ fn replicating_config(primary: &Seaweed, replica: &Seaweed, state: &Path) -> Str
         storage(replica),
         replica.get("CATALOG_URI"),
     )
-}
-
-struct Seaweed {
-    dir: PathBuf,
-    endpoints: Vec<(String, String)>,
-}
-
-impl Seaweed {
-    fn start(root: &Path, teststack: &Path, dir: &Path, warehouse: &str) -> Self {
-        let base = free_port_range(16);
-        let out = Command::new(root.join("scripts/teststack/seaweedfs.sh"))
-            .args(["start", warehouse, &dir.display().to_string(), &base.to_string()])
-            .env("ICERELAY_TESTSTACK", teststack)
-            .env("WAREHOUSE", warehouse)
-            .env("WATCH_PID", std::process::id().to_string())
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("seaweedfs.sh");
-        assert!(out.status.success(), "SeaweedFS did not start");
-        let endpoints = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        Self { dir: dir.to_owned(), endpoints }
-    }
-
-    fn get(&self, key: &str) -> String {
-        self.endpoints.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap_or_default()
-    }
-
-    fn stop(&self, root: &Path, teststack: &Path) {
-        let _ = Command::new(root.join("scripts/teststack/seaweedfs.sh"))
-            .args(["stop", &self.dir.display().to_string()])
-            .env("ICERELAY_TESTSTACK", teststack)
-            .status();
-    }
-}
-
-struct Icerelay {
-    child: Child,
-    url: String,
-}
-
-impl Icerelay {
-    fn start(args: &[&str]) -> Self {
-        let port = free_port_range(0);
-        let child = Command::new(env!("CARGO_BIN_EXE_icerelay"))
-            .args(args)
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--admin-listen", &format!("127.0.0.1:{}", port + 1)])
-            .env_remove("RUST_LOG")
-            .stderr(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start icerelay");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "icerelay did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { child, url: format!("http://127.0.0.1:{port}") }
-    }
-}
-
-impl Drop for Icerelay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A base port such that `base..=base+span+1` are all free.
-fn free_port_range(span: u16) -> u16 {
-    static CALLS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let seed = (std::process::id() as u16).wrapping_add(call.wrapping_mul(4099));
-    (0..500u16)
-        .map(|i| 20_000 + (seed.wrapping_add(i.wrapping_mul(97)) % 40_000))
-        .find(|base| (*base..=base + span + 1).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()))
-        .expect("a free port range")
 }

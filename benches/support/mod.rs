@@ -4,6 +4,8 @@
 //! nothing to check in that mode, and a load test does not belong in CI, so
 //! [`BenchArgs::from_env`] returns `None` then and the benchmark exits.
 
+pub mod services;
+
 /// The flags after `cargo bench --bench NAME --`.
 pub struct BenchArgs(Vec<String>);
 

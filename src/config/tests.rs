@@ -444,3 +444,42 @@ fn tls_files_are_read_when_the_file_is_loaded() {
     assert!(text.contains(&format!("cannot read {}", missing.display())), "{text}");
     assert!(text.contains("holds no PEM certificate"), "{text}");
 }
+
+#[test]
+fn a_postgres_state_is_checked_without_ever_showing_its_url() {
+    let with = |state: &str, env: &[(&str, &str)]| {
+        let mut vars = env.to_vec();
+        vars.extend([("PRIMARY_SECRET", "p"), ("S3_SECRET", "s"), ("REPLICA_SECRET", "r")]);
+        load_str(&format!("{state}\n{FULL}"), &MapEnv::from_pairs(vars))
+    };
+    let url = "postgres://icerelay:hunter2@db.internal:5433/relay";
+    let ok = with("state = { type = \"postgres\", url = \"${PG}\", schema = \"relay_state\" }", &[("PG", url)])
+        .expect("valid");
+    let StateBackend::Postgres(settings) = &ok.state else { panic!("postgres: {:?}", ok.state) };
+    assert_eq!(settings.url.expose(), url);
+    assert_eq!(settings.schema, "relay_state");
+    assert!(!format!("{ok:?}").contains("hunter2"), "Debug never shows the URL");
+    assert!(ok.replication.replicate);
+
+    let errors = with("state = { type = \"postgres\" }", &[]).expect_err("no url");
+    assert_eq!(keys(&errors), ["state.url"]);
+    let errors = with("state = { type = \"postgres\", url = \"${PG}\", schema = \"Bad-Name\" }", &[("PG", url)])
+        .expect_err("bad schema");
+    assert_eq!(keys(&errors), ["state.schema"]);
+    let errors = with(
+        "state = { type = \"postgres\", url = \"${PG}\" }",
+        &[("PG", "postgres://u:hunter2@h/db?sslmode=sometimes")],
+    )
+    .expect_err("bad url");
+    assert_eq!(keys(&errors), ["state.url"]);
+    assert!(!errors.to_string().contains("hunter2"), "{errors}");
+    let errors = with("state = { type = \"mysql\" }", &[]).expect_err("unknown type");
+    assert_eq!(keys(&errors), ["state.type"]);
+    let errors = with("state = { url = \"${PG}\" }", &[("PG", url)]).expect_err("url without postgres");
+    assert_eq!(keys(&errors), ["state.url"]);
+    // A hint-only instance needs somebody else to read its hints.
+    let sidecar = format!("{FULL}\n[replication]\nreplicate = false\n");
+    let env = MapEnv::from_pairs([("PRIMARY_SECRET", "p"), ("S3_SECRET", "s"), ("REPLICA_SECRET", "r")]);
+    let errors = load_str(&sidecar, &env).expect_err("sidecar on sqlite");
+    assert_eq!(keys(&errors), ["replication.replicate"]);
+}

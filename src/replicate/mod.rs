@@ -68,6 +68,8 @@ use crate::storage::Storage;
 
 /// Hints fanned out per transaction.
 const FAN_OUT_BATCH: usize = 512;
+/// How often the lane gauges are recomputed (from every lane).
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What lane runs share (a run's own copy adds its lease).
 #[derive(Clone)]
@@ -264,14 +266,15 @@ async fn fan_out(ctx: Arc<Context>, appended: Arc<Notify>, wake: Arc<Notify>, st
 
 /// Fans out one batch of hints; returns how many there were.
 async fn fan_out_once(ctx: &Context) -> Result<usize, ReplicateError> {
-    let hints = ctx.store.pending_hints(FAN_OUT_BATCH).await?;
-    if hints.is_empty() {
-        return Ok(0);
-    }
+    Ok(ctx.store.fan_out(FAN_OUT_BATCH, &|hints| lane_changes(&ctx.rules, hints)).await?)
+}
+
+/// The lane changes hints ask for: one per table and destination a rule names.
+fn lane_changes(rules: &Rules, hints: &[crate::state::RecordedHint]) -> Vec<LaneChange> {
     let mut changes = Vec::new();
-    for recorded in &hints {
+    for recorded in hints {
         let hint = &recorded.hint;
-        for route in ctx.rules.routes(&hint.table) {
+        for route in rules.routes(&hint.table) {
             let key = LaneKey::new(hint.table.clone(), route.destination.clone());
             changes.push(match &hint.kind {
                 HintKind::Rename { from } => LaneChange::Rename {
@@ -288,8 +291,7 @@ async fn fan_out_once(ctx: &Context) -> Result<usize, ReplicateError> {
             });
         }
     }
-    ctx.store.apply_lane_changes(changes, hints.iter().map(|h| h.id).collect()).await?;
-    Ok(hints.len())
+    changes
 }
 
 /// Reconciles at start-up and then every `reconcile_interval`; with a shared
@@ -470,18 +472,25 @@ async fn schedule(ctx: Arc<Context>, wake: Arc<Notify>, stop: CancellationToken)
     let mut retry_at: HashMap<LaneKey, Instant> = HashMap::new();
     // Parked lanes get one attempt after a start: the configuration may have changed.
     let mut tried_since_start: HashSet<LaneKey> = HashSet::new();
+    let mut gauges_at: Option<Instant> = None;
     loop {
-        let lanes = match ctx.store.lanes().await {
+        // Gauges need every lane: at most every few seconds, not on every wake.
+        if gauges_at.is_none_or(|at| at.elapsed() >= GAUGE_INTERVAL) {
+            gauges_at = Some(Instant::now());
+            match ctx.store.lanes().await {
+                Ok(all) => record_gauges(&ctx.metrics, &all),
+                Err(e) => tracing::error!(error = %e, "cannot read the lanes"),
+            }
+        }
+        let mut lanes = match ctx.store.lanes_with_work().await {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the lanes");
                 Vec::new()
             }
         };
-        record_gauges(&ctx.metrics, &lanes);
         let now = Instant::now();
         // Oldest change first, so busy tables cannot starve the others.
-        let mut lanes = lanes;
         lanes.sort_by_key(|l| l.pending_since.unwrap_or(i64::MAX));
         for lane in lanes {
             // A resync resets the attempts: retry now, not at the old backoff.

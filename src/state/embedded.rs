@@ -131,10 +131,12 @@ ALTER TABLE lanes ADD COLUMN adoption TEXT;
 ALTER TABLE lanes ADD COLUMN log_drift TEXT;
 ";
 
-/// From version 4: the entity tag of the source as reconcile last loaded it.
+/// From version 4: the entity tag of the source as reconcile last loaded it,
+/// and an index of the lanes with work (the scheduler's question).
 const MIGRATE_TO_5: &str = "
 ALTER TABLE lanes ADD COLUMN source_etag TEXT;
 ALTER TABLE lanes ADD COLUMN source_etag_location TEXT;
+CREATE INDEX lanes_with_work ON lanes (pending_since) WHERE wanted > done OR promote_requested IS NOT NULL;
 ";
 
 /// Migrations, oldest first: entry `i` takes the database from version `i` to `i + 1`.
@@ -365,6 +367,9 @@ fn json_column<T: serde::de::DeserializeOwned>(row: &Row<'_>, column: &str) -> r
 
 const LANE_WHERE: &str = "namespace = ?1 AND name = ?2 AND destination = ?3";
 
+/// [`LaneRecord::has_work`] in SQL.
+const WITH_WORK: &str = "promoted_at IS NULL AND (promote_requested IS NOT NULL OR (paused = 0 AND wanted > done))";
+
 fn touch(tx: &Transaction<'_>, key: &LaneKey, replica: &TableIdent, at: i64) -> rusqlite::Result<()> {
     tx.execute(
         "INSERT INTO lanes (namespace, name, destination, replica_namespace, replica_name, wanted, done, pending_since)
@@ -548,6 +553,16 @@ impl StateStore for EmbeddedStore {
     async fn lanes(&self) -> Result<Vec<LaneRecord>, StateError> {
         self.call(|c, _| {
             let mut stmt = c.prepare_cached("SELECT * FROM lanes ORDER BY namespace, name, destination")?;
+            let rows = stmt.query_map([], read_lane)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn lanes_with_work(&self) -> Result<Vec<LaneRecord>, StateError> {
+        self.call(|c, _| {
+            let mut stmt =
+                c.prepare_cached(&format!("SELECT * FROM lanes WHERE {WITH_WORK} ORDER BY pending_since"))?;
             let rows = stmt.query_map([], read_lane)?;
             rows.collect()
         })

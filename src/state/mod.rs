@@ -497,11 +497,32 @@ pub trait StateStore: Send + Sync + 'static {
     async fn append_hints(&self, hints: Vec<CommitHint>) -> Result<(), StateError>;
     /// Hints after the fan-out cursor, oldest first, at most `limit`.
     async fn pending_hints(&self, limit: usize) -> Result<Vec<RecordedHint>, StateError>;
+    /// Fans out up to `limit` hints: `route` turns them into lane changes,
+    /// which are applied and the hints deleted in one transaction. Returns
+    /// how many hints there were. Where several instances fan out at once,
+    /// each takes other hints.
+    async fn fan_out(
+        &self,
+        limit: usize,
+        route: &(dyn for<'h> Fn(&'h [RecordedHint]) -> Vec<LaneChange> + Send + Sync),
+    ) -> Result<usize, StateError> {
+        let hints = self.pending_hints(limit).await?;
+        if hints.is_empty() {
+            return Ok(0);
+        }
+        let changes = route(&hints);
+        self.apply_lane_changes(changes, hints.iter().map(|h| h.id).collect()).await?;
+        Ok(hints.len())
+    }
     /// Applies lane changes and, in the same transaction, deletes the hints
     /// they were made from (`consumed`, the ids `pending_hints` gave).
     async fn apply_lane_changes(&self, changes: Vec<LaneChange>, consumed: Vec<HintId>) -> Result<(), StateError>;
     /// Every lane.
     async fn lanes(&self) -> Result<Vec<LaneRecord>, StateError>;
+    /// The lanes that have work (see [`LaneRecord::has_work`]) and that no
+    /// other instance holds, oldest change first: what the scheduler looks
+    /// at on every wake, without reading every lane.
+    async fn lanes_with_work(&self) -> Result<Vec<LaneRecord>, StateError>;
     /// One lane.
     async fn lane(&self, key: &LaneKey) -> Result<Option<LaneRecord>, StateError>;
     /// Snapshot ids icerelay has committed to the lane's replica.

@@ -124,10 +124,12 @@ CREATE TABLE passes (
 );
 ";
 
-/// From version 1: the entity tag of the source as reconcile last loaded it.
+/// From version 1: the entity tag of the source as reconcile last loaded it,
+/// and an index of the lanes with work (every instance's scheduler asks).
 const MIGRATE_TO_2: &str = "
 ALTER TABLE lanes ADD COLUMN source_etag TEXT;
 ALTER TABLE lanes ADD COLUMN source_etag_location TEXT;
+CREATE INDEX lanes_with_work ON lanes (pending_since) WHERE wanted > done OR promote_requested IS NOT NULL;
 ";
 
 /// Migrations, oldest first: entry `i` takes the schema from version `i` to `i + 1`.
@@ -136,6 +138,9 @@ pub const MIGRATIONS: &[&str] = &[SCHEMA_1, MIGRATE_TO_2];
 /// The database's clock in milliseconds: leases expire by one clock, whatever
 /// the instances' clocks say.
 const DB_NOW: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+
+/// [`LaneRecord::has_work`] in SQL.
+const WITH_WORK: &str = "promoted_at IS NULL AND (promote_requested IS NOT NULL OR (NOT paused AND wanted > done))";
 
 /// The lane a statement is about: `$1` namespace, `$2` name, `$3` destination.
 const LANE_WHERE: &str = "namespace = $1 AND name = $2 AND destination = $3";
@@ -566,7 +571,9 @@ async fn apply_change(
             }
             // As in the embedded store: a lane under the new name gives way to
             // the renamed table's lane, which keeps its history and renames
-            // its replica on its next run.
+            // its replica on its next run. A run under the old name stops at
+            // its next fenced write or lease check (its row moved); the lease
+            // does not move with the row, so the next run need not wait for it.
             for table in ["lanes", "replicated_snapshots"] {
                 tx.execute(&format!("DELETE FROM {table} WHERE {LANE_WHERE}"), &[&to_ns, &to.name, &from.destination])
                     .await?;
@@ -590,7 +597,8 @@ async fn apply_change(
             tx.execute(
                 &format!(
                     "UPDATE lanes SET replica_namespace = $4, replica_name = $5, wanted = wanted + 1,
-                     pending_since = COALESCE(pending_since, $6) WHERE {LANE_WHERE}"
+                     pending_since = COALESCE(pending_since, $6), lease_owner = NULL, lease_expires_at = NULL
+                     WHERE {LANE_WHERE}"
                 ),
                 &[&to_ns, &to.name, &from.destination, &replica_ns, &replica_to.name, at],
             )
@@ -689,6 +697,51 @@ impl StateStore for PostgresStore {
     async fn lanes(&self) -> Result<Vec<LaneRecord>, StateError> {
         let rows = self.query("SELECT * FROM lanes ORDER BY namespace, name, destination", &[]).await?;
         rows.iter().map(|row| read_lane(&self.target, row)).collect()
+    }
+
+    async fn lanes_with_work(&self) -> Result<Vec<LaneRecord>, StateError> {
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT * FROM lanes WHERE {WITH_WORK}
+                     AND (lease_owner IS NULL OR lease_expires_at < {DB_NOW}) ORDER BY pending_since"
+                ),
+                &[],
+            )
+            .await?;
+        rows.iter().map(|row| read_lane(&self.target, row)).collect()
+    }
+
+    async fn fan_out(
+        &self,
+        limit: usize,
+        route: &(dyn for<'h> Fn(&'h [RecordedHint]) -> Vec<LaneChange> + Send + Sync),
+    ) -> Result<usize, StateError> {
+        let mut client = self.client().await?;
+        let db = self.db();
+        let tx = client.transaction().await.map_err(&db)?;
+        // Hints another instance is fanning out right now are skipped, not
+        // waited for: instances split the change log instead of repeating it.
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = tx
+            .query("SELECT * FROM hints ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED", &[&limit])
+            .await
+            .map_err(&db)?;
+        let hints = rows.iter().map(|row| read_hint(&self.target, row)).collect::<Result<Vec<_>, _>>()?;
+        if hints.is_empty() {
+            return Ok(0);
+        }
+        let changes = route(&hints);
+        for change in &changes {
+            apply_change(&tx, change).await.map_err(&db)?;
+        }
+        let consumed: Vec<i64> = hints.iter().map(|h| h.id).collect();
+        tx.execute("DELETE FROM hints WHERE id = ANY($1)", &[&consumed]).await.map_err(&db)?;
+        if !changes.is_empty() {
+            tx.execute("SELECT pg_notify($1, 'lanes')", &[&self.channel]).await.map_err(&db)?;
+        }
+        tx.commit().await.map_err(&db)?;
+        Ok(hints.len())
     }
 
     async fn lane(&self, key: &LaneKey) -> Result<Option<LaneRecord>, StateError> {

@@ -537,6 +537,7 @@ async fn a_postgres_outage_under_load_costs_engines_nothing_and_replicas_converg
     let ready: Value = ready.json().await.expect("json");
     assert_eq!(ready["state"]["reachable"], false, "{ready}");
     assert!(!ready.to_string().contains(PASSWORD), "{ready}");
+    assert_eq!(crate::replication::validate("Readiness", &[&ready]).await["errors"], json!([]), "{ready}");
     let metrics =
         reqwest::get(format!("{}/metrics", relays[0].admin_url)).await.expect("metrics").text().await.expect("text");
     assert!(
