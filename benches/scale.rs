@@ -326,9 +326,9 @@ impl Bench<'_> {
         let spent = (cpu_after - cpu_before).as_secs_f64() * 1000.0;
         let replica_commits_made = commits_after - commits_before;
 
-        // Reconcile: two intervals of passes over the idle tables.
+        // Reconcile: four intervals of passes over the idle tables.
         let checks_before = self.reconcile_counts(&relays).await;
-        tokio::time::sleep(Duration::from_secs(2 * RECONCILE_INTERVAL_S + 1)).await;
+        tokio::time::sleep(Duration::from_secs(4 * RECONCILE_INTERVAL_S + 1)).await;
         let checks_after = self.reconcile_counts(&relays).await;
         let passes = checks_after.0 - checks_before.0;
         let loads = checks_after.1 - checks_before.1;
@@ -342,7 +342,7 @@ impl Bench<'_> {
             cpu_per_replica_commit_ms: spent / replica_commits_made.max(1.0),
             rss_mib: rss,
             loads_per_table_per_pass: loads / passes.max(1.0) / tables as f64,
-            passes_per_interval: passes / 2.0,
+            passes_per_interval: passes / 4.0,
             store,
         }
     }
@@ -360,14 +360,8 @@ impl Bench<'_> {
     async fn store_size(&self, setup: Setup, namespace: &str, lanes: usize, replica_commits: f64) -> StoreSize {
         match setup {
             Setup::Sqlite => {
-                let dir = self.work.join(format!("{namespace}-state0"));
-                let bytes: u64 = ["icerelay.db", "icerelay.db-wal"]
-                    .iter()
-                    .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
-                    .map(|m| m.len())
-                    .sum();
-                let db = rusqlite_count(&dir.join("icerelay.db"));
-                StoreSize { bytes_per_lane: bytes as f64 / lanes as f64, hints_left: db, replica_commits }
+                let (bytes, hints_left) = sqlite_size(&self.work.join(format!("{namespace}-state0/icerelay.db")));
+                StoreSize { bytes_per_lane: bytes as f64 / lanes as f64, hints_left, replica_commits }
             }
             Setup::Postgres { .. } => {
                 let (client, connection) =
@@ -406,13 +400,7 @@ impl Bench<'_> {
         match setup {
             Setup::Sqlite => {
                 let dir = self.work.join("hint-size");
-                let size = || -> u64 {
-                    ["icerelay.db", "icerelay.db-wal"]
-                        .iter()
-                        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
-                        .map(|m| m.len())
-                        .sum()
-                };
+                let size = || sqlite_size(&dir.join("icerelay.db")).0;
                 let store = icerelay::state::embedded::EmbeddedStore::open(&dir).expect("store");
                 store.append_hints(hints()).await.expect("warm");
                 let before = size();
@@ -465,11 +453,19 @@ impl Bench<'_> {
     }
 }
 
-/// The hints left in an embedded store's database.
-fn rusqlite_count(db: &Path) -> i64 {
-    rusqlite::Connection::open(db)
-        .and_then(|c| c.query_row("SELECT count(*) FROM hints", [], |r| r.get(0)))
-        .unwrap_or(-1)
+/// An embedded store's size in use (its WAL checkpointed first, free pages
+/// not counted) and the hints left in it.
+fn sqlite_size(db: &Path) -> (i64, i64) {
+    let read = || -> rusqlite::Result<(i64, i64)> {
+        let c = rusqlite::Connection::open(db)?;
+        c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let free: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        let size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let hints: i64 = c.query_row("SELECT count(*) FROM hints", [], |r| r.get(0))?;
+        Ok(((pages - free) * size, hints))
+    };
+    read().unwrap_or((-1, -1))
 }
 
 /// The sum of a metric's series on an admin API.

@@ -113,7 +113,7 @@ pub struct ReplicationMetrics {
     pub lanes: Family<StatusLabels, Gauge>,
     /// Tables reconcile asked the primary about, by answer.
     pub reconcile_checks: Family<CheckLabels, Counter>,
-    /// Reconcile passes this instance ran.
+    /// Reconcile passes this instance completed.
     pub reconcile_passes: Counter,
 }
 
@@ -198,7 +198,7 @@ impl Metrics {
         );
         registry.register(
             "replication_reconcile_passes",
-            "Reconcile passes this instance ran (one instance per interval when the state is shared)",
+            "Reconcile passes this instance completed (one instance per interval when the state is shared)",
             replication.reconcile_passes.clone(),
         );
         Self { registry, proxy: Arc::new(proxy), replication: Arc::new(replication) }

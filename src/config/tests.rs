@@ -473,6 +473,11 @@ fn a_postgres_state_is_checked_without_ever_showing_its_url() {
     .expect_err("bad url");
     assert_eq!(keys(&errors), ["state.url"]);
     assert!(!errors.to_string().contains("hunter2"), "{errors}");
+    // An unencoded '@' in the password would put part of it in the host, which messages name.
+    let errors = with("state = { type = \"postgres\", url = \"${PG}\" }", &[("PG", "postgres://u:hun@ter2@db/x")])
+        .expect_err("unencoded @");
+    assert_eq!(keys(&errors), ["state.url"]);
+    assert!(errors.to_string().contains("%40") && !errors.to_string().contains("ter2"), "{errors}");
     let errors = with("state = { type = \"mysql\" }", &[]).expect_err("unknown type");
     assert_eq!(keys(&errors), ["state.type"]);
     let errors = with("state = { url = \"${PG}\" }", &[("PG", url)]).expect_err("url without postgres");

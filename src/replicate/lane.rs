@@ -417,10 +417,19 @@ async fn source_dropped(
     if current.as_ref().is_none_or(|l| l.replica_table != lane.replica_table) {
         return Ok(());
     }
-    if on_drop == OnDrop::Propagate {
+    // Nor may it drop a replica another lane still has to rename (a lane
+    // brought back under the old name by a hint that arrived out of order).
+    let renaming = ctx.store.lanes().await?.into_iter().any(|other| {
+        other.key != *key
+            && other.key.destination == key.destination
+            && other.replica_renamed_from.as_ref() == Some(&lane.replica_table)
+    });
+    if on_drop == OnDrop::Propagate && !renaming {
         ctx.confirm_lease().await?;
         destination.catalog.drop_table(&lane.replica_table, false).await?;
         tracing::info!(replica = %lane.replica_table, "the source was dropped; dropped the replica (on_drop = propagate)");
+    } else if renaming {
+        tracing::info!(replica = %lane.replica_table, "the source name is gone; the replica is kept: another lane renames it");
     } else {
         tracing::info!(replica = %lane.replica_table, "the source was dropped; the replica is kept");
     }

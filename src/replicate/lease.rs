@@ -13,9 +13,12 @@
 //! - every state write of the run goes through a fenced view of the store,
 //!   refused once the generation changed.
 //!
-//! The replica catalog's own commit requirements (`assert-ref-snapshot-id`)
-//! are the last line: a commit planned from a state another instance has
-//! moved on from is refused by the catalog.
+//! A pause between the confirmation and the request going out is not seen
+//! by either rule. There the replica catalog's own commit requirements
+//! (`assert-table-uuid`, `assert-ref-snapshot-id` on `main` and every ref
+//! the commit moves) are the last line: a commit planned from a state
+//! another instance has moved on from is refused by the catalog. (A stale
+//! commit that moves no ref can only set what the source already had.)
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -91,9 +94,15 @@ impl LaneLease {
         *self.valid_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Renews the lease; a renewal that has not answered by the time the
+    /// lease runs out counts as lost (a dead connection can hang for minutes).
     async fn renew(&self) -> Result<bool, crate::state::StateError> {
         let asked = Instant::now();
-        let renewed = self.store.renew_lease(&self.fence, self.ttl).await?;
+        let deadline = tokio::time::Instant::from_std(self.valid_until());
+        let Ok(renewed) = tokio::time::timeout_at(deadline, self.store.renew_lease(&self.fence, self.ttl)).await else {
+            return Ok(false);
+        };
+        let renewed = renewed?;
         if renewed {
             *self.valid_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = asked + self.ttl;
         }
@@ -101,8 +110,8 @@ impl LaneLease {
     }
 
     /// Confirms the lease right before a replica write: the store says it is
-    /// still this run's, and at least two thirds of the ttl are left for the
-    /// write by this process's clock.
+    /// still this run's, and by this process's clock at least a third of the
+    /// ttl is left (the confirmation itself took less than two thirds).
     pub async fn confirm(&self) -> Result<(), ReplicateError> {
         if !self.renew().await? {
             return Err(self.lost());
@@ -115,10 +124,15 @@ impl LaneLease {
 
     /// Renews the lease every third of the ttl; returns once it is lost (the
     /// store says another instance took it, or it could not be renewed
-    /// before it ran out).
+    /// before it ran out), and at the latest when it runs out.
     pub async fn keep(&self) {
         loop {
-            tokio::time::sleep(self.ttl / 3).await;
+            let next = (Instant::now() + self.ttl / 3).min(self.valid_until());
+            tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
+            if Instant::now() >= self.valid_until() {
+                tracing::warn!(lane = %self.fence.key, "the lane's lease ran out before it could be renewed; stopping this run");
+                return;
+            }
             match self.renew().await {
                 Ok(true) => {}
                 Ok(false) => {

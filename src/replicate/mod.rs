@@ -13,6 +13,8 @@
 //! - `adopt`: a replica table that existed before its lane (failback).
 //! - [`promote`]: failover, a replica becomes a table of its own.
 //! - [`mark`]: the read-only mark every replica carries.
+//! - `schedule`: which lanes run now (limits, backoff, parked lanes).
+//! - `lease`: which instance runs a lane, where several share the state.
 //!
 //! The engine itself (this module) is three loops over the state store:
 //!
@@ -28,7 +30,8 @@
 //!    `max_concurrent_lanes` at once and one per lane (serial inside a lane,
 //!    parallel across lanes), retries failures with exponential backoff and
 //!    jitter, and leaves parked lanes (divergence, refused history) to an
-//!    operator.
+//!    operator. With a shared state each run holds the lane's lease, and
+//!    reconcile runs on one instance per interval.
 //!
 //! Nothing here is the only copy of anything: every decision is in the state
 //! store before it is acted on, so killing icerelay at any moment loses
@@ -43,13 +46,12 @@ pub mod mark;
 pub mod plan;
 pub mod promote;
 pub mod rules;
+mod schedule;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::FutureExt;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -58,18 +60,16 @@ pub use destination::{Bootstrap, Capabilities, Destination};
 pub use error::ReplicateError;
 pub use rules::{Route, Rules};
 
-use crate::audit::{Action, AuditLog, Event};
+use crate::audit::AuditLog;
 use crate::catalog::{CatalogError, Namespace, RestCatalog, TableCheck, TableIdent};
 use crate::config::{Config, ReplicationConfig, StorageConfig};
-use crate::metrics::{CheckLabels, ReplicationMetrics, StatusLabels};
+use crate::metrics::{CheckLabels, ReplicationMetrics};
 use crate::proxy::commit_tap::HintKind;
 use crate::state::{ChangeLog, LaneChange, LaneKey, LaneRecord, SourceSeen, StateStore, now_ms};
 use crate::storage::Storage;
 
 /// Hints fanned out per transaction.
 const FAN_OUT_BATCH: usize = 512;
-/// How often the lane gauges are recomputed (from every lane).
-const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What lane runs share (a run's own copy adds its lease).
 #[derive(Clone)]
@@ -205,7 +205,7 @@ impl Replicator {
         tasks.spawn(follow_other_instances(self.ctx.clone(), self.appended.clone(), self.wake.clone()));
         tasks.spawn(fan_out(self.ctx.clone(), self.appended.clone(), self.wake.clone(), stop.clone()));
         tasks.spawn(reconcile_loop(self.ctx.clone(), self.wake.clone(), stop.clone()));
-        tasks.spawn(schedule(self.ctx.clone(), self.wake.clone(), stop.clone()));
+        tasks.spawn(schedule::schedule(self.ctx.clone(), self.wake.clone(), stop.clone()));
         stop.cancelled().await;
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
@@ -326,7 +326,6 @@ const CHECKPOINT_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 
 /// One reconcile pass; returns how many lanes it asked for work.
 pub async fn reconcile(ctx: &Context) -> Result<usize, ReplicateError> {
-    ctx.metrics.reconcile_passes.inc();
     match ctx.store.prune_copied_files(now_ms() - CHECKPOINT_RETENTION_MS).await {
         Ok(0) => {}
         Ok(pruned) => tracing::debug!(pruned, "forgot old copy checkpoints"),
@@ -385,6 +384,7 @@ pub async fn reconcile(ctx: &Context) -> Result<usize, ReplicateError> {
     if !changes.is_empty() {
         ctx.store.apply_lane_changes(changes, Vec::new()).await?;
     }
+    ctx.metrics.reconcile_passes.inc();
     Ok(asked_for_work)
 }
 
@@ -402,7 +402,13 @@ struct SourceCheck {
 /// so one table the primary will not show does not stop the pass.
 async fn check_source(ctx: &Context, table: &TableIdent, known: Option<&SourceSeen>, lane: &LaneRecord) -> SourceCheck {
     let checks = &ctx.metrics.reconcile_checks;
-    match ctx.primary.check_table(table, known.map(|k| k.etag.as_str())).await {
+    let mut answer = ctx.primary.check_table(table, known.map(|k| k.etag.as_str())).await;
+    if answer.is_err() && known.is_some() {
+        // Something on the way may not take a conditional request: a
+        // stored tag must never hide the table's changes, so ask plainly.
+        answer = ctx.primary.check_table(table, None).await;
+    }
+    match answer {
         Ok(TableCheck::Unchanged) => {
             checks.get_or_create(&CheckLabels { result: "not_modified" }).inc();
             SourceCheck { location: known.and_then(|k| k.metadata_location.clone()), seen: None }
@@ -463,183 +469,4 @@ async fn discover(ctx: &Context) -> Result<Vec<TableIdent>, ReplicateError> {
         }
     }
     Ok(tables)
-}
-
-/// Starts lane runs.
-async fn schedule(ctx: Arc<Context>, wake: Arc<Notify>, stop: CancellationToken) {
-    let mut running: JoinSet<(LaneKey, Option<i64>)> = JoinSet::new();
-    let mut active: HashSet<LaneKey> = HashSet::new();
-    let mut retry_at: HashMap<LaneKey, Instant> = HashMap::new();
-    // Parked lanes get one attempt after a start: the configuration may have changed.
-    let mut tried_since_start: HashSet<LaneKey> = HashSet::new();
-    let mut gauges_at: Option<Instant> = None;
-    loop {
-        // Gauges need every lane: at most every few seconds, not on every wake.
-        if gauges_at.is_none_or(|at| at.elapsed() >= GAUGE_INTERVAL) {
-            gauges_at = Some(Instant::now());
-            match ctx.store.lanes().await {
-                Ok(all) => record_gauges(&ctx.metrics, &all),
-                Err(e) => tracing::error!(error = %e, "cannot read the lanes"),
-            }
-        }
-        let mut lanes = match ctx.store.lanes_with_work().await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the lanes");
-                Vec::new()
-            }
-        };
-        let now = Instant::now();
-        // Oldest change first, so busy tables cannot starve the others.
-        lanes.sort_by_key(|l| l.pending_since.unwrap_or(i64::MAX));
-        for lane in lanes {
-            // A resync resets the attempts: retry now, not at the old backoff.
-            if lane.last_error.as_ref().is_some_and(|e| e.attempts == 0) {
-                retry_at.remove(&lane.key);
-            }
-            if running.len() >= ctx.settings.max_concurrent_lanes {
-                break;
-            }
-            let parked = lane.last_error.as_ref().is_some_and(|e| e.parked)
-                && tried_since_start.contains(&lane.key)
-                && lane.promotion.is_none();
-            let due = retry_at.get(&lane.key).is_none_or(|at| *at <= now);
-            if lane.has_work() && !parked && due && !active.contains(&lane.key) {
-                let key = lane.key.clone();
-                let (run_ctx, lane) = match lease::claim(&ctx, lane).await {
-                    Ok(lease::Claim::Run(run_ctx, lane)) => (run_ctx, *lane),
-                    Ok(lease::Claim::Skip) => continue,
-                    Err(e) => {
-                        tracing::warn!(table = %key.table, destination = %key.destination, error = %e, "could not claim the lane; trying again");
-                        continue;
-                    }
-                };
-                active.insert(key.clone());
-                tried_since_start.insert(key);
-                running.spawn(async move {
-                    let key = lane.key.clone();
-                    let result = AssertUnwindSafe(lease::run_leased(run_ctx.clone(), lane))
-                        .catch_unwind()
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(ReplicateError::NoProgress("the lane run panicked (a bug: please report it)".into()))
-                        });
-                    // Recorded under the run's lease (fenced), then the lease is given up.
-                    let failed_attempts = record_outcome(&run_ctx, &key, result).await;
-                    if let Some(lease) = &run_ctx.lease {
-                        lease.release().await;
-                    }
-                    (key, failed_attempts)
-                });
-            }
-        }
-        let next_retry = retry_at.values().filter(|at| **at > now).min().copied();
-        let sleep = next_retry.map_or(Duration::from_secs(5), |at| at - now).min(Duration::from_secs(5));
-        tokio::select! {
-            () = wake.notified() => {}
-            () = tokio::time::sleep(sleep) => {}
-            Some(done) = running.join_next(), if !running.is_empty() => {
-                if let Ok((key, failed_attempts)) = done {
-                    active.remove(&key);
-                    match failed_attempts {
-                        None => retry_at.remove(&key),
-                        Some(attempts) => retry_at.insert(key, Instant::now() + backoff(&ctx.settings, attempts)),
-                    };
-                }
-            }
-            () = stop.cancelled() => {
-                running.abort_all();
-                return;
-            }
-        }
-    }
-}
-
-/// Records how a run ended, through the run's own (fenced) view of the
-/// store; returns the failed attempts so far when the lane is to be retried.
-async fn record_outcome(ctx: &Context, key: &LaneKey, result: Result<(), ReplicateError>) -> Option<i64> {
-    let error = result.err()?;
-    if error.is_lease_lost() {
-        // Another instance runs the lane now; it records what happens next.
-        tracing::info!(table = %key.table, destination = %key.destination, error = %error, "stopped a lane run");
-        return None;
-    }
-    let parked = error.parks();
-    let message = error.to_string();
-    let attempts = match ctx.store.record_failure(key, message.clone(), parked).await {
-        Ok(()) => ctx.store.lane(key).await.ok().flatten().and_then(|l| l.last_error).map_or(1, |e| e.attempts),
-        Err(e @ crate::state::StateError::Fenced { .. }) => {
-            tracing::info!(table = %key.table, destination = %key.destination, error = %message, fenced = %e, "stopped a lane run");
-            return None;
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot record a lane failure");
-            1
-        }
-    };
-    ctx.metrics.failures.get_or_create(&ReplicationMetrics::labels(&key.destination)).inc();
-    let action = if error.is_divergence() { Action::Divergence } else { Action::Failure };
-    ctx.audit.record(Event::failed(action, key, message.clone()));
-    if parked {
-        tracing::error!(table = %key.table, destination = %key.destination, error = %message, "replication stopped; waiting for an operator (resync)");
-    } else {
-        tracing::warn!(table = %key.table, destination = %key.destination, error = %message, "replication failed; retrying");
-    }
-    Some(attempts)
-}
-
-/// Exponential backoff with ±50% jitter, so failing lanes do not retry in step.
-fn backoff(settings: &ReplicationConfig, attempts: i64) -> Duration {
-    let exponent = u32::try_from(attempts.clamp(1, 30) - 1).unwrap_or(0);
-    let base =
-        settings.retry_initial_backoff.saturating_mul(2u32.saturating_pow(exponent)).min(settings.retry_max_backoff);
-    let jitter = 0.5 + f64::from(uuid::Uuid::new_v4().as_u128() as u16) / f64::from(u16::MAX);
-    base.mul_f64(jitter)
-}
-
-fn record_gauges(metrics: &ReplicationMetrics, lanes: &[LaneRecord]) {
-    let now = now_ms();
-    let mut lag: BTreeMap<&str, i64> = BTreeMap::new();
-    let mut behind: BTreeMap<&str, i64> = BTreeMap::new();
-    let mut by_status: BTreeMap<&'static str, i64> =
-        [("pending", 0), ("completed", 0), ("failed", 0), ("paused", 0), ("promoted", 0)].into_iter().collect();
-    let mut queue = 0;
-    for lane in lanes {
-        let d = lane.key.destination.as_str();
-        let entry = lag.entry(d).or_default();
-        *entry = (*entry).max(lane.seconds_behind(now));
-        *behind.entry(d).or_default() += lane.snapshots_behind.unwrap_or(0);
-        *by_status.entry(lane.status().as_str()).or_default() += 1;
-        if lane.has_work() {
-            queue += 1;
-        }
-    }
-    for (d, seconds) in lag {
-        metrics.lag_seconds.get_or_create(&ReplicationMetrics::labels(d)).set(seconds);
-    }
-    for (d, n) in behind {
-        metrics.snapshots_behind.get_or_create(&ReplicationMetrics::labels(d)).set(n);
-    }
-    for (status, n) in by_status {
-        metrics.lanes.get_or_create(&StatusLabels { status }).set(n);
-    }
-    metrics.queue_depth.set(queue);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_the_maximum_with_jitter() {
-        let settings = ReplicationConfig {
-            retry_initial_backoff: Duration::from_secs(1),
-            retry_max_backoff: Duration::from_secs(60),
-            ..ReplicationConfig::default()
-        };
-        let first = backoff(&settings, 1);
-        assert!(first >= Duration::from_millis(500) && first <= Duration::from_millis(1500), "{first:?}");
-        let tenth = backoff(&settings, 10);
-        assert!(tenth >= Duration::from_secs(30) && tenth <= Duration::from_secs(90), "{tenth:?}");
-    }
 }

@@ -9,7 +9,8 @@
 //!   but commit out of order across sessions, so a fan-out deletes exactly the
 //!   hints it read; a hint committed late is read by the next fan-out.
 //! - **A lane run holds a lease** (owner, expiry by the database's clock,
-//!   generation bumped by every claim). Its writes about its lane go through
+//!   a generation drawn from one sequence by every claim and every rename,
+//!   so a generation names exactly one claim). Its writes about its lane go through
 //!   [`StateStore::fenced`]: each checks, in its transaction, that the lane's
 //!   generation is still the run's, so an instance that lost its lease (a
 //!   long pause, a partition) records nothing more for it.
@@ -122,6 +123,7 @@ CREATE TABLE passes (
     owner TEXT NOT NULL,
     due_at BIGINT NOT NULL
 );
+CREATE SEQUENCE lease_generations;
 ";
 
 /// From version 1: the entity tag of the source as reconcile last loaded it,
@@ -200,6 +202,10 @@ pub fn describe_url(url: &str) -> Result<String, String> {
             tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
         })
         .collect();
+    // An unencoded `@` in the password moves part of it into the host.
+    if hosts.iter().any(|h| h.contains('@')) {
+        return Err("the host part holds an '@': percent-encode '@' in the user name and password as %40".to_owned());
+    }
     let port = config.get_ports().first().copied().unwrap_or(5432);
     Ok(format!("postgres://{}:{port}/{}", hosts.join(","), config.get_dbname().unwrap_or("")))
 }
@@ -236,6 +242,9 @@ impl PostgresStore {
         config.options(options);
         config.application_name("icerelay");
         config.connect_timeout(settings.connect_timeout);
+        // A connection whose server vanished (no reset, a partition) is found
+        // out in seconds, not after the kernel's retransmissions give up.
+        config.keepalives(true).keepalives_idle(Duration::from_secs(10));
         let tls = crate::tls::client_config(settings.ca_file.as_deref())
             .map_err(|e| StateError::Config { detail: format!("state.ca_file: {e}") })?;
         let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
@@ -311,7 +320,10 @@ impl PostgresStore {
         let db = self.db();
         // The lock is the session's: it is released below, or when the connection closes.
         let lock_key = format!("icerelay schema {schema}");
+        // Another instance may be migrating: wait for it however long it takes.
+        client.batch_execute("SET lock_timeout = 0").await.map_err(&db)?;
         client.execute("SELECT pg_advisory_lock(hashtext($1))", &[&lock_key]).await.map_err(&db)?;
+        client.batch_execute("RESET lock_timeout").await.map_err(&db)?;
         let result = async {
             // Looked up first: `IF NOT EXISTS` would log a notice at every start.
             let exists = client
@@ -376,8 +388,26 @@ impl PostgresStore {
         &self,
         client: &'c mut deadpool_postgres::Object,
     ) -> Result<deadpool_postgres::Transaction<'c>, StateError> {
+        let tx = client.transaction().await.map_err(self.db())?;
+        self.check_fence(&tx).await?;
+        Ok(tx)
+    }
+
+    /// [`Self::begin`] for a transaction that changes several lanes: it
+    /// waits for the others like it first (before any row lock, so the wait
+    /// cannot close a cycle).
+    async fn begin_serialized<'c>(
+        &self,
+        client: &'c mut deadpool_postgres::Object,
+    ) -> Result<deadpool_postgres::Transaction<'c>, StateError> {
+        let tx = client.transaction().await.map_err(self.db())?;
+        self.serialize_lane_changes(&tx).await?;
+        self.check_fence(&tx).await?;
+        Ok(tx)
+    }
+
+    async fn check_fence(&self, tx: &deadpool_postgres::Transaction<'_>) -> Result<(), StateError> {
         let db = self.db();
-        let tx = client.transaction().await.map_err(&db)?;
         if let Some(fence) = &self.fence {
             let key = &fence.key;
             let held = tx
@@ -391,7 +421,7 @@ impl PostgresStore {
                 return Err(StateError::Fenced { lane: key.to_string(), generation: fence.generation });
             }
         }
-        Ok(tx)
+        Ok(())
     }
 
     /// One statement about one lane, in a (fenced) transaction; the lane's
@@ -410,6 +440,15 @@ impl PostgresStore {
         let n = tx.execute(sql, &params).await.map_err(self.db())?;
         tx.commit().await.map_err(self.db())?;
         Ok(n)
+    }
+
+    /// Makes transactions that change several lanes (fan-out, reconcile)
+    /// wait for each other: they cannot deadlock over lane rows, and hints are
+    /// applied in order. They are short, and only database work.
+    async fn serialize_lane_changes(&self, tx: &deadpool_postgres::Transaction<'_>) -> Result<(), StateError> {
+        let key = format!("icerelay lane changes {}", self.channel);
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&key]).await.map_err(self.db())?;
+        Ok(())
     }
 
     async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, StateError> {
@@ -597,7 +636,8 @@ async fn apply_change(
             tx.execute(
                 &format!(
                     "UPDATE lanes SET replica_namespace = $4, replica_name = $5, wanted = wanted + 1,
-                     pending_since = COALESCE(pending_since, $6), lease_owner = NULL, lease_expires_at = NULL
+                     pending_since = COALESCE(pending_since, $6), lease_owner = NULL, lease_expires_at = NULL,
+                     lease_generation = nextval('lease_generations')
                      WHERE {LANE_WHERE}"
                 ),
                 &[&to_ns, &to.name, &from.destination, &replica_ns, &replica_to.name, at],
@@ -680,7 +720,7 @@ impl StateStore for PostgresStore {
     async fn apply_lane_changes(&self, changes: Vec<LaneChange>, consumed: Vec<HintId>) -> Result<(), StateError> {
         let mut client = self.client().await?;
         let db = self.db();
-        let tx = self.begin(&mut client).await?;
+        let tx = self.begin_serialized(&mut client).await?;
         for change in &changes {
             apply_change(&tx, change).await.map_err(&db)?;
         }
@@ -720,13 +760,11 @@ impl StateStore for PostgresStore {
         let mut client = self.client().await?;
         let db = self.db();
         let tx = client.transaction().await.map_err(&db)?;
-        // Hints another instance is fanning out right now are skipped, not
-        // waited for: instances split the change log instead of repeating it.
+        // One fan-out at a time, in hint order: a rename applied before an
+        // earlier commit's touch of the old name would bring the old lane back.
+        self.serialize_lane_changes(&tx).await?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = tx
-            .query("SELECT * FROM hints ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED", &[&limit])
-            .await
-            .map_err(&db)?;
+        let rows = tx.query("SELECT * FROM hints ORDER BY id LIMIT $1", &[&limit]).await.map_err(&db)?;
         let hints = rows.iter().map(|row| read_hint(&self.target, row)).collect::<Result<Vec<_>, _>>()?;
         if hints.is_empty() {
             return Ok(0);
@@ -858,8 +896,8 @@ impl StateStore for PostgresStore {
         let n = self
             .lane_update(
                 key,
-                "promote_requested = CASE WHEN promoted_at IS NULL THEN $4 ELSE NULL END,
-                 promote_deadline = CASE WHEN promoted_at IS NULL THEN $6 ELSE NULL END,
+                "promote_requested = CASE WHEN promoted_at IS NULL THEN $4::TEXT ELSE NULL END,
+                 promote_deadline = CASE WHEN promoted_at IS NULL THEN $6::BIGINT ELSE NULL END,
                  wanted = CASE WHEN promoted_at IS NULL THEN wanted + 1 ELSE wanted END,
                  pending_since = CASE WHEN promoted_at IS NULL THEN COALESCE(pending_since, $5) ELSE pending_since END,
                  error_attempts = 0, error_parked = FALSE",
@@ -1032,7 +1070,7 @@ impl StateStore for PostgresStore {
         let rows = self
             .query(
                 &format!(
-                    "UPDATE lanes SET lease_owner = $4, lease_generation = lease_generation + 1,
+                    "UPDATE lanes SET lease_owner = $4, lease_generation = nextval('lease_generations'),
                      lease_expires_at = {DB_NOW} + $5
                      WHERE {LANE_WHERE} AND (lease_owner IS NULL OR lease_owner = $4 OR lease_expires_at < {DB_NOW})
                      RETURNING lease_generation"

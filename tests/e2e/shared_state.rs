@@ -125,6 +125,48 @@ async fn the_postgres_store_migrates_once_and_shares_hints_lanes_leases_and_pass
     stores[1].release_lease(&b).await.expect("release");
     assert!(stores[2].acquire_lease(&key, "c", ttl).await.expect("acquire").is_some(), "released at once");
 
+    // Operator actions, promotion, failback, rename and drop on the shared store.
+    use icerelay::state::{FailbackChoice, Promotion, PromotionMode};
+    let ops = LaneKey::new(TableIdent::new(table.namespace.clone(), "ops"), "dr");
+    let touch = |key: &LaneKey| LaneChange::Touch { key: key.clone(), replica_table: key.table.clone(), at: 5 };
+    stores[0].apply_lane_changes(vec![touch(&ops)], Vec::new()).await.expect("touch");
+    assert!(stores[0].set_paused(&ops, true).await.expect("pause"));
+    assert!(stores[1].lane(&ops).await.expect("read").expect("lane").paused, "paused for every instance");
+    assert!(stores[1].request_resync(&ops).await.expect("resync"));
+    let deadline = icerelay::state::now_ms() + 60_000;
+    assert!(stores[0].request_promotion(&ops, PromotionMode::Now, deadline).await.expect("promote"));
+    let lane = stores[2].lane(&ops).await.expect("read").expect("lane");
+    assert_eq!((lane.promotion, lane.promotion_deadline), (Some(PromotionMode::Now), Some(deadline)));
+    assert!(stores[1].claim_promotion(&ops).await.expect("claim"));
+    assert!(!stores[0].withdraw_promotion(&ops).await.expect("withdraw"), "a claimed promotion cannot be withdrawn");
+    let promotion = Promotion {
+        at: 7,
+        recovery_point: Some(11),
+        recovery_point_at: Some(12),
+        missed_snapshots: Some(2),
+        source_answered: true,
+        metadata_location: Some("s3://r/m.json".into()),
+    };
+    assert!(stores[1].record_promotion(&ops, promotion.clone()).await.expect("record"));
+    assert_eq!(stores[2].lane(&ops).await.expect("read").expect("lane").promoted, Some(promotion));
+    let back = LaneKey::new(TableIdent::new(table.namespace.clone(), "back"), "dr");
+    stores[0].apply_lane_changes(vec![touch(&back)], Vec::new()).await.expect("touch");
+    let choice = FailbackChoice { keep_branch: Some("before".into()) };
+    assert!(stores[0].request_failback(&back, choice.clone()).await.expect("failback"));
+    assert_eq!(stores[1].lane(&back).await.expect("read").expect("lane").failback, Some(choice));
+    let renamed = TableIdent::new(table.namespace.clone(), "back_renamed");
+    let rename = LaneChange::Rename { from: back.clone(), to: renamed.clone(), replica_to: renamed.clone(), at: 9 };
+    stores[1].apply_lane_changes(vec![rename], Vec::new()).await.expect("rename");
+    let moved = LaneKey::new(renamed.clone(), "dr");
+    let lane = stores[2].lane(&moved).await.expect("read").expect("the lane moved");
+    assert_eq!(lane.replica_renamed_from, Some(back.table.clone()));
+    assert!(stores[2].lane(&back).await.expect("read").is_none());
+    stores[2]
+        .apply_lane_changes(vec![LaneChange::SourceDropped { key: moved.clone(), generation: lane.wanted }], Vec::new())
+        .await
+        .expect("dropped");
+    assert!(stores[0].lane(&moved).await.expect("read").expect("lane").source_dropped);
+
     // Copy checkpoints are shared, and old ones pruned.
     let file = icerelay::state::CopiedFile { target: "s3://r/a".into(), size: 3, checksum: None };
     stores[0].record_copied_file("dr", "s3://s/a", file.clone()).await.expect("record");
