@@ -629,13 +629,19 @@ async fn a_replica_that_is_down_catches_up_when_it_is_back() {
     })
     .await;
     assert_eq!(behind["snapshots_behind"], 4, "{behind}");
-    let metrics =
-        reqwest::get(format!("{}/metrics", relay.admin_url)).await.expect("metrics").text().await.expect("text");
-    assert_eq!(
-        crate::harness::metric_sum(&metrics, "icerelay_replication_snapshots_behind", &["destination=\"dr\""]),
-        4.0,
-        "{metrics}"
-    );
+    // Gauges are recomputed every few seconds.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics =
+            reqwest::get(format!("{}/metrics", relay.admin_url)).await.expect("metrics").text().await.expect("text");
+        let behind =
+            crate::harness::metric_sum(&metrics, "icerelay_replication_snapshots_behind", &["destination=\"dr\""]);
+        if behind == 4.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the gauge says {behind} snapshots behind, not 4:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert!(failing["last_error"]["message"].as_str().is_some_and(|m| m.contains("dr")), "{failing}");
 
     replica_server.restart();
