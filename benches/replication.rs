@@ -190,20 +190,13 @@ fn print_commits(title: &str, [direct, plain, hinted]: &[Vec<f64>; 3]) {
 }
 
 fn replicating_config(primary: &Seaweed, replica: &Seaweed, state: &Path) -> String {
-    let storage = |s: &Seaweed| {
-        format!(
-            "[[storage]]\nprefix = \"s3://{}/\"\nendpoint = \"{}\"\npath_style = true\naccess_key_id = \"admin\"\nsecret_access_key = \"adminsecret\"\n",
-            s.get("WAREHOUSE"),
-            s.get("S3_ENDPOINT")
-        )
-    };
     let auth = "{ type = \"oauth2\", client_id = \"admin\", client_secret = \"adminsecret\" }";
     format!(
         "state_dir = \"{}\"\n[primary]\nuri = \"{}\"\nwarehouse = \"warehouse\"\nauth = {auth}\n\n{}\n{}\n[[destinations]]\nname = \"replica\"\nuri = \"{}\"\nwarehouse = \"replica\"\nauth = {auth}\n\n[[rules]]\nnamespace = \"bench_lag\"\ndestinations = [\"replica\"]\n",
         state.display(),
         primary.get("CATALOG_URI"),
-        storage(primary),
-        storage(replica),
+        primary.storage_toml(),
+        replica.storage_toml(),
         replica.get("CATALOG_URI"),
     )
 }

@@ -19,7 +19,7 @@
 //!   hints at the end.
 //!
 //! ```text
-//! cargo bench --bench scale [-- --tables 1000 --commits 10000 --lanes 10000 --concurrency 16]
+//! cargo bench --bench scale [-- --tables 1000 --commits 10000 --lanes 10000 --concurrency 16 --only postgres]
 //! ```
 
 #[path = "support/mod.rs"]
@@ -61,7 +61,9 @@ fn main() {
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut sizes = Vec::new();
-    for setup in [Setup::Sqlite, Setup::Postgres { instances: 3 }] {
+    let only = args.text("--only").map(str::to_owned);
+    let setups = [Setup::Sqlite, Setup::Postgres { instances: 3 }];
+    for setup in setups.into_iter().filter(|s| only.as_deref().is_none_or(|o| s.name().to_lowercase().contains(o))) {
         let result = runtime.block_on(bench.run(setup, &token, tables, commits));
         println!(
             "| {} ({tables} tables, {commits} commits) | {:.0} | {:.2} s | {:.2} s | {:.2} ms | {:.2} ms | {:.0} MiB | {:.2} | {:.2} |",
@@ -167,13 +169,6 @@ impl Bench<'_> {
     }
 
     fn config(&self, namespace: &str, state: &Path, setup: Setup, schema: &str) -> String {
-        let storage = |s: &Seaweed| {
-            format!(
-                "[[storage]]\nprefix = \"s3://{}/\"\nendpoint = \"{}\"\npath_style = true\naccess_key_id = \"admin\"\nsecret_access_key = \"adminsecret\"\n",
-                s.get("WAREHOUSE"),
-                s.get("S3_ENDPOINT")
-            )
-        };
         let auth = "{ type = \"oauth2\", client_id = \"admin\", client_secret = \"adminsecret\" }";
         let state_line = match setup {
             Setup::Sqlite => String::new(),
@@ -185,8 +180,8 @@ impl Bench<'_> {
             "state_dir = \"{}\"\n{state_line}[primary]\nuri = \"{}\"\nwarehouse = \"warehouse\"\nauth = {auth}\n\n[replication]\nreconcile_interval = \"{RECONCILE_INTERVAL_S}s\"\nmax_concurrent_lanes = 16\n\n{}\n{}\n[[destinations]]\nname = \"replica\"\nuri = \"{}\"\nwarehouse = \"replica\"\nauth = {auth}\n\n[[rules]]\nnamespace = \"{namespace}\"\ndestinations = [\"replica\"]\n",
             state.display(),
             self.primary.get("CATALOG_URI"),
-            storage(self.primary),
-            storage(self.replica),
+            self.primary.storage_toml(),
+            self.replica.storage_toml(),
             self.replica.get("CATALOG_URI"),
         )
     }

@@ -47,6 +47,15 @@ impl Seaweed {
         Self { dir: dir.to_owned(), endpoints }
     }
 
+    /// Its `[[storage]]` entry in an icerelay configuration.
+    pub fn storage_toml(&self) -> String {
+        format!(
+            "[[storage]]\nprefix = \"s3://{}/\"\nendpoint = \"{}\"\npath_style = true\naccess_key_id = \"admin\"\nsecret_access_key = \"adminsecret\"\n",
+            self.get("WAREHOUSE"),
+            self.get("S3_ENDPOINT")
+        )
+    }
+
     pub fn get(&self, key: &str) -> String {
         self.endpoints.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap_or_default()
     }

@@ -212,20 +212,11 @@ impl Replicator {
     }
 }
 
-/// Wakes fan-out and the scheduler when another instance sharing the store
-/// records hints or gives lanes work (so a hint recorded by a sidecar is
-/// replicated at once, not at the next poll).
+/// Wakes fan-out when another instance sharing the store records hints, and
+/// the scheduler when one gives lanes work (so a hint recorded by a sidecar
+/// is replicated at once, not at the next poll).
 async fn follow_other_instances(ctx: Arc<Context>, appended: Arc<Notify>, wake: Arc<Notify>) {
-    let changed = Arc::new(Notify::new());
-    let watch = ctx.store.watch_changes(changed.clone());
-    let relay = async {
-        loop {
-            changed.notified().await;
-            appended.notify_one();
-            wake.notify_one();
-        }
-    };
-    tokio::join!(watch, relay);
+    ctx.store.watch_changes(appended, wake).await;
 }
 
 /// Learns every destination's capabilities at start-up, so the status API

@@ -612,10 +612,14 @@ pub trait StateStore: Send + Sync + 'static {
     async fn claim_pass(&self, _name: &str, _owner: &str, _every: Duration) -> Result<bool, StateError> {
         Ok(true)
     }
-    /// Notifies `changed` whenever another instance records hints or gives
-    /// lanes work, for as long as it runs (never returns where nobody else
-    /// writes the store).
-    async fn watch_changes(&self, _changed: std::sync::Arc<tokio::sync::Notify>) {
+    /// Notifies `hints` whenever an instance records hints, and `lanes`
+    /// whenever one gives lanes work, for as long as it runs (never returns
+    /// where nobody else writes the store).
+    async fn watch_changes(
+        &self,
+        _hints: std::sync::Arc<tokio::sync::Notify>,
+        _lanes: std::sync::Arc<tokio::sync::Notify>,
+    ) {
         std::future::pending::<()>().await;
     }
     /// Checks that the store answers.

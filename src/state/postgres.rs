@@ -266,9 +266,9 @@ impl PostgresStore {
         Ok(store)
     }
 
-    /// Listens on the store's channel and notifies `changed` for each
-    /// notification, until the connection fails.
-    async fn listen(&self, changed: &tokio::sync::Notify) -> Result<(), StateError> {
+    /// Listens on the store's channel until the connection fails: `hints`
+    /// is notified when hints were recorded, `lanes` when lanes got work.
+    async fn listen(&self, hints: &tokio::sync::Notify, lanes: &tokio::sync::Notify) -> Result<(), StateError> {
         use futures::StreamExt;
         let db = self.db();
         let (client, mut connection) = self.config.connect(self.tls.clone()).await.map_err(&db)?;
@@ -277,8 +277,8 @@ impl PostgresStore {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(message) = messages.next().await {
                 match message {
-                    Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
-                        if tx.send(()).is_err() {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        if tx.send(n.payload() == "hints").is_err() {
                             return Ok(());
                         }
                     }
@@ -289,8 +289,8 @@ impl PostgresStore {
             Ok(())
         });
         client.batch_execute(&format!("LISTEN {}", self.channel)).await.map_err(&db)?;
-        while notified.recv().await.is_some() {
-            changed.notify_one();
+        while let Some(hints_recorded) = notified.recv().await {
+            if hints_recorded { hints.notify_one() } else { lanes.notify_one() }
         }
         drop(client);
         match driver.await {
@@ -1144,11 +1144,15 @@ impl StateStore for PostgresStore {
         Ok(!rows.is_empty())
     }
 
-    async fn watch_changes(&self, changed: std::sync::Arc<tokio::sync::Notify>) {
+    async fn watch_changes(
+        &self,
+        hints: std::sync::Arc<tokio::sync::Notify>,
+        lanes: std::sync::Arc<tokio::sync::Notify>,
+    ) {
         let mut wait = Duration::from_secs(1);
         loop {
             let started = std::time::Instant::now();
-            match self.listen(&changed).await {
+            match self.listen(&hints, &lanes).await {
                 Err(e) if wait == Duration::from_secs(1) => {
                     tracing::warn!(store = %self.target, error = %e, "lost the state store's change notifications; instances poll until they are back");
                 }
@@ -1160,7 +1164,8 @@ impl StateStore for PostgresStore {
                 wait = Duration::from_secs(1);
             }
             // Whatever happened while not listening is found by a look now.
-            changed.notify_one();
+            hints.notify_one();
+            lanes.notify_one();
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(30));
         }

@@ -773,17 +773,21 @@ async fn history_a_catalog_would_refuse_fails_with_the_rule_and_the_remedy() {
     assert!(replica.catalog().load_table(&ident(&table)).await.expect("load").is_none(), "no partial replica");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn v3_tables_with_deletion_vectors_replicate_between_rustberg_catalogs() {
-    // SeaweedFS refuses .puffin files, so deletion vectors replicate between
-    // two rustberg catalogs (local warehouses) here.
-    let primary: &'static Rustberg = Box::leak(Box::new(Rustberg::start("v3-primary")));
+/// icerelay replicating a fresh namespace (`prefix_...`) of a new rustberg
+/// primary to the shared rustberg, with `replication` as its
+/// `[replication]` section: the primary, the replica, the namespace, its
+/// table `t`, the state directory and icerelay.
+async fn between_rustbergs(
+    prefix: &str,
+    replication: &str,
+) -> (&'static Rustberg, Replica, String, String, tempfile::TempDir, Relay) {
+    let primary: &'static Rustberg = Box::leak(Box::new(Rustberg::start(&format!("{prefix}-primary"))));
     let replica = Replica::Rustberg(Rustberg::shared());
-    let ns = unique("vthree");
+    let ns = unique(prefix);
     let table = format!("{ns}.t");
     let state = tempfile::tempdir().expect("state");
     let toml = format!(
-        "state_dir = \"{}\"\n[primary]\nuri = \"{}\"\nwarehouse = \"{}\"\n\n[replication]\nreconcile_interval = \"2s\"\nretry_initial_backoff = \"200ms\"\nretry_max_backoff = \"2s\"\n\n{}\n{}\n[[rules]]\nnamespace = \"{ns}\"\ndestinations = [\"dr\"]\n",
+        "state_dir = \"{}\"\n[primary]\nuri = \"{}\"\nwarehouse = \"{}\"\n\n[replication]\n{replication}\n\n{}\n{}\n[[rules]]\nnamespace = \"{ns}\"\ndestinations = [\"dr\"]\n",
         state.path().display(),
         primary.uri,
         primary.warehouse,
@@ -791,6 +795,18 @@ async fn v3_tables_with_deletion_vectors_replicate_between_rustberg_catalogs() {
         replica.destination_toml(),
     );
     let relay = Relay::start(&toml).await;
+    (primary, replica, ns, table, state, relay)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn v3_tables_with_deletion_vectors_replicate_between_rustberg_catalogs() {
+    // SeaweedFS refuses .puffin files, so deletion vectors replicate between
+    // two rustberg catalogs (local warehouses) here.
+    let (primary, replica, ns, table, _state, relay) = between_rustbergs(
+        "vthree",
+        "reconcile_interval = \"2s\"\nretry_initial_backoff = \"200ms\"\nretry_max_backoff = \"2s\"",
+    )
+    .await;
     let through = json!({"uri": relay.url, "warehouse": primary.warehouse});
     let ext = duckdb_extensions().display().to_string();
     let made =
@@ -1188,20 +1204,8 @@ async fn a_ref_move_without_a_snapshot_gets_the_replicas_own_log_time_and_the_st
 async fn reconcile_asks_a_catalog_with_entity_tags_conditionally_and_still_sees_commits_made_around_icerelay() {
     // rustberg answers loadTable with an ETag and `304 Not Modified` to it
     // (SeaweedFS sends none): an unchanged table costs no metadata.
-    let primary: &'static Rustberg = Box::leak(Box::new(Rustberg::start("etag-primary")));
-    let replica = Replica::Rustberg(Rustberg::shared());
-    let ns = unique("etag");
-    let table = format!("{ns}.t");
-    let state = tempfile::tempdir().expect("state");
-    let toml = format!(
-        "state_dir = \"{}\"\n[primary]\nuri = \"{}\"\nwarehouse = \"{}\"\n\n[replication]\nreconcile_interval = \"500ms\"\n\n{}\n{}\n[[rules]]\nnamespace = \"{ns}\"\ndestinations = [\"dr\"]\n",
-        state.path().display(),
-        primary.uri,
-        primary.warehouse,
-        primary.storage_toml(),
-        replica.destination_toml(),
-    );
-    let relay = Relay::start(&toml).await;
+    let (primary, _replica, _ns, table, _state, relay) =
+        between_rustbergs("etag", "reconcile_interval = \"500ms\"").await;
     let through = json!({"uri": relay.url, "warehouse": primary.warehouse});
     let written = write_with(through, &table, json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
     wait_replicated(&relay.admin_url, &table, written["metadata_location"].as_str().expect("location")).await;
