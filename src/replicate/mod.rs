@@ -68,6 +68,8 @@ use crate::proxy::commit_tap::HintKind;
 use crate::state::{ChangeLog, LaneChange, LaneKey, LaneRecord, SourceSeen, StateStore, now_ms};
 use crate::storage::Storage;
 
+/// How long a stopping scheduler may take to give its leases up.
+const SCHEDULER_STOP: Duration = Duration::from_secs(3);
 /// Hints fanned out per transaction.
 const FAN_OUT_BATCH: usize = 512;
 
@@ -205,9 +207,14 @@ impl Replicator {
         tasks.spawn(follow_other_instances(self.ctx.clone(), self.appended.clone(), self.wake.clone()));
         tasks.spawn(fan_out(self.ctx.clone(), self.appended.clone(), self.wake.clone(), stop.clone()));
         tasks.spawn(reconcile_loop(self.ctx.clone(), self.wake.clone(), stop.clone()));
-        tasks.spawn(schedule::schedule(self.ctx.clone(), self.wake.clone(), stop.clone()));
+        let scheduler = tokio::spawn(schedule::schedule(self.ctx.clone(), self.wake.clone(), stop.clone()));
         stop.cancelled().await;
         tasks.abort_all();
+        // The scheduler stops its runs and gives their leases up, so other
+        // instances take the lanes over at once rather than after lease_ttl.
+        if tokio::time::timeout(SCHEDULER_STOP, scheduler).await.is_err() {
+            tracing::warn!("the scheduler did not stop in time; its lanes' leases run out by themselves");
+        }
         while tasks.join_next().await.is_some() {}
     }
 }

@@ -51,7 +51,7 @@ pub(super) async fn schedule(ctx: Arc<Context>, wake: Arc<Notify>, stop: Cancell
                 }
             }
             () = stop.cancelled() => {
-                scheduler.running.abort_all();
+                scheduler.stop().await;
                 return;
             }
         }
@@ -68,6 +68,8 @@ struct Scheduler {
     /// Parked lanes get one attempt after a start: the configuration may have changed.
     tried_since_start: HashSet<LaneKey>,
     gauges_at: Option<Instant>,
+    /// The leases of the runs in flight, given up if the scheduler stops.
+    leases: HashMap<LaneKey, Arc<lease::LaneLease>>,
 }
 
 impl Scheduler {
@@ -79,6 +81,7 @@ impl Scheduler {
             retry_at: HashMap::new(),
             tried_since_start: HashSet::new(),
             gauges_at: None,
+            leases: HashMap::new(),
         }
     }
 
@@ -142,6 +145,9 @@ impl Scheduler {
             }
         };
         self.active.insert(key.clone());
+        if let Some(lease) = &run_ctx.lease {
+            self.leases.insert(key.clone(), lease.clone());
+        }
         self.tried_since_start.insert(key);
         self.running.spawn(async move {
             let key = lane.key.clone();
@@ -160,10 +166,22 @@ impl Scheduler {
 
     fn finished(&mut self, key: LaneKey, failed_attempts: Option<i64>) {
         self.active.remove(&key);
+        self.leases.remove(&key);
         match failed_attempts {
             None => self.retry_at.remove(&key),
             Some(attempts) => self.retry_at.insert(key, Instant::now() + backoff(&self.ctx.settings, attempts)),
         };
+    }
+
+    /// Stops every run and gives their leases up (a run stopped half way is
+    /// like a run after a crash: the next one re-reads everything).
+    async fn stop(&mut self) {
+        self.running.abort_all();
+        while self.running.join_next().await.is_some() {}
+        for lease in self.leases.values() {
+            lease.release().await;
+        }
+        self.leases.clear();
     }
 
     fn until_next_retry(&self) -> Duration {

@@ -410,9 +410,13 @@ impl PostgresStore {
         let db = self.db();
         if let Some(fence) = &self.fence {
             let key = &fence.key;
+            let check = tx
+                .prepare_cached(&format!("SELECT 1 FROM lanes WHERE {LANE_WHERE} AND lease_generation = $4 FOR UPDATE"))
+                .await
+                .map_err(&db)?;
             let held = tx
                 .query_opt(
-                    &format!("SELECT 1 FROM lanes WHERE {LANE_WHERE} AND lease_generation = $4 FOR UPDATE"),
+                    &check,
                     &[&ns_text(&key.table.namespace), &key.table.name, &key.destination, &fence.generation],
                 )
                 .await
@@ -437,7 +441,8 @@ impl PostgresStore {
         params.extend_from_slice(more);
         let mut client = self.client().await?;
         let tx = self.begin(&mut client).await?;
-        let n = tx.execute(sql, &params).await.map_err(self.db())?;
+        let statement = tx.prepare_cached(sql).await.map_err(self.db())?;
+        let n = tx.execute(&statement, &params).await.map_err(self.db())?;
         tx.commit().await.map_err(self.db())?;
         Ok(n)
     }
@@ -451,9 +456,12 @@ impl PostgresStore {
         Ok(())
     }
 
+    /// One statement outside a transaction. Statements are prepared once per
+    /// pooled connection: the same few run thousands of times.
     async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, StateError> {
         let client = self.client().await?;
-        client.query(sql, params).await.map_err(self.db())
+        let statement = client.prepare_cached(sql).await.map_err(self.db())?;
+        client.query(&statement, params).await.map_err(self.db())
     }
 }
 
@@ -808,15 +816,19 @@ impl StateStore for PostgresStore {
         let tx = self.begin(&mut client).await?;
         let key = &p.key;
         let ns = ns_text(&key.table.namespace);
-        tx.execute(
-            &format!(
+        let update = tx
+            .prepare_cached(&format!(
                 "UPDATE lanes SET source_metadata_location = $4, replica_metadata_location = $5,
                  snapshots_behind = $6, mode = COALESCE($7, mode),
                  managed_properties = COALESCE($8, managed_properties),
                  managed_refs = COALESCE($9, managed_refs), source_uuid = COALESCE($10, source_uuid),
                  log_drift = COALESCE($11, log_drift)
                  WHERE {LANE_WHERE}"
-            ),
+            ))
+            .await
+            .map_err(&db)?;
+        tx.execute(
+            &update,
             &[
                 &ns,
                 &key.table.name,
@@ -834,13 +846,14 @@ impl StateStore for PostgresStore {
         .await
         .map_err(&db)?;
         if !p.added_snapshots.is_empty() {
-            tx.execute(
-                "INSERT INTO replicated_snapshots (namespace, name, destination, snapshot_id)
-                 SELECT $1, $2, $3, UNNEST($4::BIGINT[]) ON CONFLICT DO NOTHING",
-                &[&ns, &key.table.name, &key.destination, &p.added_snapshots],
-            )
-            .await
-            .map_err(&db)?;
+            let insert = tx
+                .prepare_cached(
+                    "INSERT INTO replicated_snapshots (namespace, name, destination, snapshot_id)
+                     SELECT $1, $2, $3, UNNEST($4::BIGINT[]) ON CONFLICT DO NOTHING",
+                )
+                .await
+                .map_err(&db)?;
+            tx.execute(&insert, &[&ns, &key.table.name, &key.destination, &p.added_snapshots]).await.map_err(&db)?;
         }
         tx.commit().await.map_err(&db)
     }

@@ -230,7 +230,7 @@ pub(crate) fn ident(table: &str) -> TableIdent {
 }
 
 /// Snapshots as (id, parent, sequence number, timestamp, summary, schema fields), in log order.
-fn history(metadata: &Value) -> BTreeMap<i64, Value> {
+pub(crate) fn history(metadata: &Value) -> BTreeMap<i64, Value> {
     let schemas: BTreeMap<i64, Value> = metadata["schemas"]
         .as_array()
         .into_iter()

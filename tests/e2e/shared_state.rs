@@ -17,7 +17,9 @@ use serde_json::{Value, json};
 
 use crate::harness::postgres::{PASSWORD, Postgres};
 use crate::harness::{RelayProcess, SeaweedFs, unique};
-use crate::replication::{Replica, assert_replica_matches, ident, relay_toml_from, source_rows, write_with};
+use crate::replication::{
+    Replica, assert_replica_matches, history, ident, refs, relay_toml_from, source_rows, write_with,
+};
 
 fn settings(url: &str, schema: &str) -> PostgresSettings {
     PostgresSettings {
@@ -405,6 +407,17 @@ async fn three_instances_on_one_postgres_replicate_every_commit_once_and_survive
             assert_eq!(counts.get(&id), Some(&1), "snapshot {id} of {table} was committed {:?} times", counts.get(&id));
         }
     }
+    // Every replica has every source snapshot as it is (id, parent, sequence
+    // number, time, summary, schema) and the same refs; three are also read
+    // back at every snapshot with PyIceberg and DuckDB.
+    let replica_catalog = replica.catalog();
+    let source_catalog = crate::replication::seaweed_catalog(seaweed);
+    for table in &tables {
+        let source = source_catalog.load_table(&ident(table)).await.expect("load").expect("source");
+        let copy = replica_catalog.load_table(&ident(table)).await.expect("load").expect("replica");
+        assert_eq!(history(&copy.metadata), history(&source.metadata), "{table}");
+        assert_eq!(refs(&copy.metadata), refs(&source.metadata), "{table}");
+    }
     for table in &tables[..3] {
         let s = lane_of(&converged, table);
         assert_replica_matches(replica, table, &source_rows(table).await, &s).await;
@@ -444,8 +457,6 @@ async fn three_instances_on_one_postgres_replicate_every_commit_once_and_survive
     );
 
     // Nothing lost, nothing doubled, same order: the replica's snapshots are the source's.
-    let replica_catalog = replica.catalog();
-    let source_catalog = crate::replication::seaweed_catalog(seaweed);
     for table in &tables {
         let source = source_catalog.load_table(&ident(table)).await.expect("load").expect("source");
         let copy = replica_catalog.load_table(&ident(table)).await.expect("load").expect("replica");
@@ -534,6 +545,34 @@ async fn an_instance_paused_past_its_lease_commits_nothing_more_for_the_lane() {
         crate::replication::seaweed_catalog(seaweed).load_table(&ident(&table)).await.expect("load").expect("source");
     let copy = replica.catalog().load_table(&ident(&table)).await.expect("load").expect("replica");
     assert_eq!(snapshot_ids(&copy.metadata), snapshot_ids(&source.metadata));
+
+    // An instance stopped with SIGTERM in the middle of a run gives its lease
+    // up on the way out: the lane is free at once, not after lease_ttl.
+    let write = write_with(seaweed.client_conn(&relays[other].url), &table, json!([{"op": "append_random", "mb": 48}]));
+    let stopper = async {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(owner) = lease_owners(&db, &schema).await.get("big") {
+                let holder =
+                    relays.iter().position(|r| owner.contains(&format!("/{}/", r.pid()))).expect("an instance");
+                return holder;
+            }
+            assert!(Instant::now() < deadline, "nobody claimed the lane");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let (written, holder) = tokio::join!(write, stopper);
+    let holder_pid = relays[holder].pid();
+    assert!(relays[holder].terminate().success(), "a clean exit");
+    let left = lease_owners(&db, &schema).await;
+    assert!(
+        left.get("big").is_none_or(|o| !o.contains(&format!("/{holder_pid}/"))),
+        "the stopped instance still holds the lane: {left:?}"
+    );
+    let mut expected = BTreeMap::new();
+    expected.insert("big".to_owned(), written["metadata_location"].as_str().expect("location").to_owned());
+    let survivor = 1 - holder;
+    wait_all_replicated(&relays[survivor].admin_url, &expected, || relays[survivor].logs()).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
