@@ -113,16 +113,7 @@ fn main() {
 async fn prepare_commits(primary: &Seaweed) -> (String, Vec<u8>) {
     let http = reqwest::Client::new();
     let catalog = primary.get("CATALOG_URI");
-    let token: Value = http
-        .post(format!("{catalog}/v1/oauth/tokens"))
-        .form(&[("grant_type", "client_credentials"), ("client_id", "admin"), ("client_secret", "adminsecret")])
-        .send()
-        .await
-        .expect("token")
-        .json()
-        .await
-        .expect("token json");
-    let token = token["access_token"].as_str().expect("access_token").to_owned();
+    let token = primary.token().await;
     let auth = format!("Bearer {token}");
     let base = format!("{catalog}/v1/warehouse");
     for (url, body) in [

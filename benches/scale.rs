@@ -53,7 +53,7 @@ fn main() {
     let postgres = Postgres::start(&root);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let bench = Bench { primary: &primary, replica: &replica, postgres: &postgres, work: work.path(), concurrency };
-    let token = runtime.block_on(bench.token());
+    let token = runtime.block_on(primary.token());
 
     println!();
     println!(
@@ -155,19 +155,6 @@ struct StoreSize {
 }
 
 impl Bench<'_> {
-    async fn token(&self) -> String {
-        let answer: Value = reqwest::Client::new()
-            .post(format!("{}/v1/oauth/tokens", self.primary.get("CATALOG_URI")))
-            .form(&[("grant_type", "client_credentials"), ("client_id", "admin"), ("client_secret", "adminsecret")])
-            .send()
-            .await
-            .expect("token")
-            .json()
-            .await
-            .expect("token json");
-        answer["access_token"].as_str().expect("access_token").to_owned()
-    }
-
     fn config(&self, namespace: &str, state: &Path, setup: Setup, schema: &str) -> String {
         let auth = "{ type = \"oauth2\", client_id = \"admin\", client_secret = \"adminsecret\" }";
         let state_line = match setup {

@@ -47,6 +47,20 @@ impl Seaweed {
         Self { dir: dir.to_owned(), endpoints }
     }
 
+    /// An OAuth2 token for its catalog (client credentials admin/adminsecret).
+    pub async fn token(&self) -> String {
+        let answer: serde_json::Value = reqwest::Client::new()
+            .post(format!("{}/v1/oauth/tokens", self.get("CATALOG_URI")))
+            .form(&[("grant_type", "client_credentials"), ("client_id", "admin"), ("client_secret", "adminsecret")])
+            .send()
+            .await
+            .expect("token")
+            .json()
+            .await
+            .expect("token json");
+        answer["access_token"].as_str().expect("access_token").to_owned()
+    }
+
     /// Its `[[storage]]` entry in an icerelay configuration.
     pub fn storage_toml(&self) -> String {
         format!(
