@@ -212,8 +212,10 @@ impl Replicator {
         tasks.abort_all();
         // The scheduler stops its runs and gives their leases up, so other
         // instances take the lanes over at once rather than after lease_ttl.
+        let abort = scheduler.abort_handle();
         if tokio::time::timeout(SCHEDULER_STOP, scheduler).await.is_err() {
-            tracing::warn!("the scheduler did not stop in time; its lanes' leases run out by themselves");
+            abort.abort();
+            tracing::warn!("the scheduler did not stop in time; the leases it held run out by themselves");
         }
         while tasks.join_next().await.is_some() {}
     }

@@ -34,7 +34,7 @@ const IDLE_LOOK: Duration = Duration::from_secs(5);
 
 /// Starts lane runs until `stop`.
 pub(super) async fn schedule(ctx: Arc<Context>, wake: Arc<Notify>, stop: CancellationToken) {
-    let mut scheduler = Scheduler::new(ctx);
+    let mut scheduler = Scheduler::new(ctx, stop.clone());
     loop {
         scheduler.refresh_gauges().await;
         // With every slot taken there is nothing to start: no need to look.
@@ -43,17 +43,16 @@ pub(super) async fn schedule(ctx: Arc<Context>, wake: Arc<Notify>, stop: Cancell
         }
         let sleep = scheduler.until_next_retry();
         tokio::select! {
-            () = wake.notified() => tokio::time::sleep(WAKE_COALESCE).await,
-            () = tokio::time::sleep(sleep) => {}
-            Some(done) = scheduler.running.join_next(), if !scheduler.running.is_empty() => {
-                if let Ok((key, failed_attempts)) = done {
-                    scheduler.finished(key, failed_attempts);
-                }
-            }
+            biased;
             () = stop.cancelled() => {
                 scheduler.stop().await;
                 return;
             }
+            Some(done) = scheduler.running.join_next_with_id(), if !scheduler.running.is_empty() => {
+                scheduler.finished(done);
+            }
+            () = wake.notified() => tokio::time::sleep(WAKE_COALESCE).await,
+            () = tokio::time::sleep(sleep) => {}
         }
     }
 }
@@ -70,10 +69,13 @@ struct Scheduler {
     gauges_at: Option<Instant>,
     /// The leases of the runs in flight, given up if the scheduler stops.
     leases: HashMap<LaneKey, Arc<lease::LaneLease>>,
+    /// Which lane each run task is for (a task that died still frees its lane).
+    tasks: HashMap<tokio::task::Id, LaneKey>,
+    stop: CancellationToken,
 }
 
 impl Scheduler {
-    fn new(ctx: Arc<Context>) -> Self {
+    fn new(ctx: Arc<Context>, stop: CancellationToken) -> Self {
         Self {
             ctx,
             running: JoinSet::new(),
@@ -82,6 +84,8 @@ impl Scheduler {
             tried_since_start: HashSet::new(),
             gauges_at: None,
             leases: HashMap::new(),
+            tasks: HashMap::new(),
+            stop,
         }
     }
 
@@ -109,7 +113,7 @@ impl Scheduler {
         };
         lanes.sort_by_key(|l| l.pending_since.unwrap_or(i64::MAX));
         for lane in lanes {
-            if self.running.len() >= self.ctx.settings.max_concurrent_lanes {
+            if self.running.len() >= self.ctx.settings.max_concurrent_lanes || self.stop.is_cancelled() {
                 break;
             }
             if self.is_due(&lane) {
@@ -148,8 +152,8 @@ impl Scheduler {
         if let Some(lease) = &run_ctx.lease {
             self.leases.insert(key.clone(), lease.clone());
         }
-        self.tried_since_start.insert(key);
-        self.running.spawn(async move {
+        self.tried_since_start.insert(key.clone());
+        let task = self.running.spawn(async move {
             let key = lane.key.clone();
             let result =
                 AssertUnwindSafe(lease::run_leased(run_ctx.clone(), lane)).catch_unwind().await.unwrap_or_else(|_| {
@@ -162,9 +166,17 @@ impl Scheduler {
             }
             (key, failed_attempts)
         });
+        self.tasks.insert(task.id(), key);
     }
 
-    fn finished(&mut self, key: LaneKey, failed_attempts: Option<i64>) {
+    fn finished(&mut self, done: Result<(tokio::task::Id, (LaneKey, Option<i64>)), tokio::task::JoinError>) {
+        let (id, failed_attempts) = match done {
+            Ok((id, (_, failed_attempts))) => (id, failed_attempts),
+            // The task itself failed (outside the run's own panic guard):
+            // free the lane, and retry it like a failure.
+            Err(e) => (e.id(), Some(1)),
+        };
+        let Some(key) = self.tasks.remove(&id) else { return };
         self.active.remove(&key);
         self.leases.remove(&key);
         match failed_attempts {
@@ -178,9 +190,7 @@ impl Scheduler {
     async fn stop(&mut self) {
         self.running.abort_all();
         while self.running.join_next().await.is_some() {}
-        for lease in self.leases.values() {
-            lease.release().await;
-        }
+        futures::future::join_all(self.leases.values().map(|lease| lease.release())).await;
         self.leases.clear();
     }
 

@@ -243,8 +243,13 @@ impl PostgresStore {
         config.application_name("icerelay");
         config.connect_timeout(settings.connect_timeout);
         // A connection whose server vanished (no reset, a partition) is found
-        // out in seconds, not after the kernel's retransmissions give up.
-        config.keepalives(true).keepalives_idle(Duration::from_secs(10));
+        // out in about 25 s (10 s idle, then 3 probes 5 s apart), not after
+        // the kernel's defaults (over ten minutes).
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3);
         let tls = crate::tls::client_config(settings.ca_file.as_deref())
             .map_err(|e| StateError::Config { detail: format!("state.ca_file: {e}") })?;
         let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
@@ -461,7 +466,16 @@ impl PostgresStore {
     async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, StateError> {
         let client = self.client().await?;
         let statement = client.prepare_cached(sql).await.map_err(self.db())?;
-        client.query(&statement, params).await.map_err(self.db())
+        match client.query(&statement, params).await {
+            // A newer instance migrated the tables (a rolling upgrade): the
+            // statements prepared before no longer fit; prepare them again.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED) => {
+                client.statement_cache.clear();
+                let statement = client.prepare_cached(sql).await.map_err(self.db())?;
+                client.query(&statement, params).await.map_err(self.db())
+            }
+            answer => answer.map_err(self.db()),
+        }
     }
 }
 
@@ -1126,12 +1140,24 @@ impl StateStore for PostgresStore {
 
     async fn release_lease(&self, fence: &Fence) -> Result<(), StateError> {
         let key = &fence.key;
+        // Other instances' schedulers look at once if the lane still has work
+        // (a run stopped by a shutdown), not at their next poll.
         self.query(
             &format!(
-                "UPDATE lanes SET lease_owner = NULL, lease_expires_at = NULL
-                 WHERE {LANE_WHERE} AND lease_owner = $4 AND lease_generation = $5"
+                "WITH released AS (
+                     UPDATE lanes SET lease_owner = NULL, lease_expires_at = NULL
+                     WHERE {LANE_WHERE} AND lease_owner = $4 AND lease_generation = $5
+                     RETURNING wanted > done AS has_work)
+                 SELECT pg_notify($6, 'lanes') FROM released WHERE has_work"
             ),
-            &[&ns_text(&key.table.namespace), &key.table.name, &key.destination, &fence.owner, &fence.generation],
+            &[
+                &ns_text(&key.table.namespace),
+                &key.table.name,
+                &key.destination,
+                &fence.owner,
+                &fence.generation,
+                &self.channel,
+            ],
         )
         .await
         .map(drop)
