@@ -243,20 +243,38 @@ async fn probe_destinations(ctx: Arc<Context>) {
 
 /// Moves hints from the change log to lanes.
 async fn fan_out(ctx: Arc<Context>, appended: Arc<Notify>, wake: Arc<Notify>, stop: CancellationToken) {
+    // While the store is down: one error, then quieter retries, up to 10 s apart.
+    let mut failing: Option<Duration> = None;
     loop {
         match fan_out_once(&ctx).await {
-            Ok(0) => {
+            Ok(n) => {
+                if failing.take().is_some() {
+                    tracing::info!("fanning out change hints again");
+                }
+                if n > 0 {
+                    wake.notify_one();
+                    continue;
+                }
                 tokio::select! {
                     () = appended.notified() => {}
                     () = tokio::time::sleep(Duration::from_secs(5)) => {}
                     () = stop.cancelled() => return,
                 }
             }
-            Ok(_) => wake.notify_one(),
             Err(e) => {
-                tracing::error!(error = %e, "could not fan out change hints; trying again");
+                let wait = match failing {
+                    None => {
+                        tracing::error!(error = %e, "could not fan out change hints; trying again");
+                        Duration::from_secs(1)
+                    }
+                    Some(previous) => {
+                        tracing::debug!(error = %e, "still cannot fan out change hints");
+                        (previous * 2).min(Duration::from_secs(10))
+                    }
+                };
+                failing = Some(wait);
                 tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = tokio::time::sleep(wait) => {}
                     () = stop.cancelled() => return,
                 }
             }
