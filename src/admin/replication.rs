@@ -114,20 +114,16 @@ pub async fn status(State(state): State<AdminState>) -> Response {
         Ok(l) => l,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "StateUnavailable", e.to_string()),
     };
-    let destinations: Vec<Value> = admin
-        .context
-        .destinations
-        .values()
-        .map(|d| {
-            let caps = d.known_capabilities();
-            json!({
-                "name": d.name(),
-                "uri": d.config.uri.as_str(),
-                "mode": caps.map(|c| c.mode()),
-                "bootstrap": caps.map(|c| c.bootstrap),
-            })
-        })
-        .collect();
+    let mut destinations: Vec<Value> = Vec::new();
+    for d in admin.context.destinations.values() {
+        let caps = d.recorded_capabilities(&admin.context.store).await;
+        destinations.push(json!({
+            "name": d.name(),
+            "uri": d.config.uri.as_str(),
+            "mode": caps.as_ref().map(|c| c.mode()),
+            "bootstrap": caps.as_ref().map(|c| c.bootstrap),
+        }));
+    }
     let count = |s: LaneStatus| lanes.iter().filter(|l| l.status() == s).count();
     Json(json!({
         "summary": {

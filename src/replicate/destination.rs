@@ -141,6 +141,16 @@ impl Destination {
         self.capabilities.get()
     }
 
+    /// The capabilities as known here, or as another instance sharing the
+    /// store probed them (a hint-only instance never probes); never probes.
+    pub async fn recorded_capabilities(&self, store: &Arc<dyn StateStore>) -> Option<Capabilities> {
+        if let Some(known) = self.known_capabilities() {
+            return Some(known.clone());
+        }
+        let text = store.destination_capabilities(self.name(), self.config.uri.as_str()).await.ok()??;
+        serde_json::from_str(&text).ok()
+    }
+
     /// Where a replica table lives: under the configured `location`, or
     /// where the catalog would put a new table (asked with a staged create,
     /// which creates nothing).
