@@ -183,8 +183,4 @@ impl Postgres {
             .to_owned();
         Self { dir, url }
     }
-
-    pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("pg")
-    }
 }

@@ -419,11 +419,13 @@ async fn source_dropped(
     }
     // Nor may it drop a replica another lane still has to rename (a lane
     // brought back under the old name by a hint that arrived out of order).
-    let renaming = ctx.store.lanes().await?.into_iter().any(|other| {
-        other.key != *key
-            && other.key.destination == key.destination
-            && other.replica_renamed_from.as_ref() == Some(&lane.replica_table)
-    });
+    // (Every lane is read, so only where a drop is at stake.)
+    let renaming = on_drop == OnDrop::Propagate
+        && ctx.store.lanes().await?.into_iter().any(|other| {
+            other.key != *key
+                && other.key.destination == key.destination
+                && other.replica_renamed_from.as_ref() == Some(&lane.replica_table)
+        });
     if on_drop == OnDrop::Propagate && !renaming {
         ctx.confirm_lease().await?;
         destination.catalog.drop_table(&lane.replica_table, false).await?;

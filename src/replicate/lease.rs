@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{Context, ReplicateError};
-use crate::state::{Fence, LaneKey, LaneRecord, StateStore};
+use crate::state::{Fence, LaneRecord, StateStore};
 
 /// A run's lease on its lane.
 pub struct LaneLease {
@@ -164,9 +164,8 @@ pub async fn run_leased(ctx: Arc<Context>, lane: LaneRecord) -> Result<(), Repli
     let Some(lease) = ctx.lease.clone() else {
         return super::lane::run(ctx, lane).await;
     };
-    let key: LaneKey = lane.key.clone();
     tokio::select! {
         result = super::lane::run(ctx, lane) => result,
-        () = lease.keep() => Err(ReplicateError::LeaseLost { lane: key.to_string() }),
+        () = lease.keep() => Err(lease.lost()),
     }
 }

@@ -304,11 +304,6 @@ impl PostgresStore {
         }
     }
 
-    /// Where the store is (no credentials).
-    pub fn target(&self) -> &str {
-        &self.target
-    }
-
     fn db(&self) -> impl Fn(tokio_postgres::Error) -> StateError + '_ {
         |e| StateError::Postgres { target: self.target.clone(), detail: crate::causes::chain(&e) }
     }
@@ -450,6 +445,27 @@ impl PostgresStore {
         let n = tx.execute(&statement, &params).await.map_err(self.db())?;
         tx.commit().await.map_err(self.db())?;
         Ok(n)
+    }
+
+    /// Applies lane changes and deletes the hints they came from, inside
+    /// `tx`; tells the other instances' schedulers when lanes got work.
+    async fn apply_in(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        changes: &[LaneChange],
+        consumed: &[HintId],
+    ) -> Result<(), StateError> {
+        let db = self.db();
+        for change in changes {
+            apply_change(tx, change).await.map_err(&db)?;
+        }
+        if !consumed.is_empty() {
+            tx.execute("DELETE FROM hints WHERE id = ANY($1)", &[&consumed]).await.map_err(&db)?;
+        }
+        if changes.iter().any(|c| !matches!(c, LaneChange::Seen { .. })) {
+            tx.execute("SELECT pg_notify($1, 'lanes')", &[&self.channel]).await.map_err(&db)?;
+        }
+        Ok(())
     }
 
     /// Makes transactions that change several lanes (fan-out, reconcile)
@@ -743,16 +759,7 @@ impl StateStore for PostgresStore {
         let mut client = self.client().await?;
         let db = self.db();
         let tx = self.begin_serialized(&mut client).await?;
-        for change in &changes {
-            apply_change(&tx, change).await.map_err(&db)?;
-        }
-        if !consumed.is_empty() {
-            tx.execute("DELETE FROM hints WHERE id = ANY($1)", &[&consumed]).await.map_err(&db)?;
-        }
-        if changes.iter().any(|c| !matches!(c, LaneChange::Seen { .. })) {
-            // Lanes have work: every instance's scheduler looks.
-            tx.execute("SELECT pg_notify($1, 'lanes')", &[&self.channel]).await.map_err(&db)?;
-        }
+        self.apply_in(&tx, &changes, &consumed).await?;
         tx.commit().await.map_err(&db)
     }
 
@@ -781,25 +788,17 @@ impl StateStore for PostgresStore {
     ) -> Result<usize, StateError> {
         let mut client = self.client().await?;
         let db = self.db();
-        let tx = client.transaction().await.map_err(&db)?;
         // One fan-out at a time, in hint order: a rename applied before an
         // earlier commit's touch of the old name would bring the old lane back.
-        self.serialize_lane_changes(&tx).await?;
+        let tx = self.begin_serialized(&mut client).await?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = tx.query("SELECT * FROM hints ORDER BY id LIMIT $1", &[&limit]).await.map_err(&db)?;
         let hints = rows.iter().map(|row| read_hint(&self.target, row)).collect::<Result<Vec<_>, _>>()?;
         if hints.is_empty() {
             return Ok(0);
         }
-        let changes = route(&hints);
-        for change in &changes {
-            apply_change(&tx, change).await.map_err(&db)?;
-        }
         let consumed: Vec<i64> = hints.iter().map(|h| h.id).collect();
-        tx.execute("DELETE FROM hints WHERE id = ANY($1)", &[&consumed]).await.map_err(&db)?;
-        if !changes.is_empty() {
-            tx.execute("SELECT pg_notify($1, 'lanes')", &[&self.channel]).await.map_err(&db)?;
-        }
+        self.apply_in(&tx, &route(&hints), &consumed).await?;
         tx.commit().await.map_err(&db)?;
         Ok(hints.len())
     }

@@ -3,7 +3,6 @@
 //! container) with a watchdog on this process. Tests share one cluster and
 //! keep apart by schema.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
@@ -58,11 +57,6 @@ impl Postgres {
             tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await.expect("connect to postgres");
         tokio::spawn(connection);
         client
-    }
-
-    /// The path of the data directory's parent (logs are there).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 }
 
