@@ -22,6 +22,9 @@ AK=admin
 SK=adminsecret
 
 is_weed() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null && tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null | grep -q 'weed.* mini '; }
+# A process just started may not have exec'd weed yet (its command line is still this
+# script's), so the wait below only asks whether it is alive and not a zombie.
+is_alive() { [ -n "${1:-}" ] && [ -r "/proc/$1/stat" ] && [ "$(sed 's/.*) //' "/proc/$1/stat" | cut -d' ' -f1)" != Z ]; }
 
 start() {
   local name=$1 dir=$2 base=$3
@@ -53,7 +56,7 @@ start() {
   fi
   local deadline=$(( $(date +%s) + ${STARTUP_TIMEOUT:-60} )) token prefix=""
   while :; do
-    is_weed "$(cat "$pid_file")" || { echo "[$name] weed exited; log:" >&2; tail -n 30 "$log" >&2; exit 1; }
+    is_alive "$(cat "$pid_file")" || { echo "[$name] weed exited; log:" >&2; tail -n 30 "$log" >&2; exit 1; }
     token=$(curl -s -X POST "$cat/v1/oauth/tokens" -d grant_type=client_credentials -d client_id=$AK -d client_secret=$SK \
       | sed -n 's/.*"access_token":"\([^"]*\)".*/\1/p' || true)
     if [ -n "$token" ] && curl -s -o /dev/null "$s3/"; then
