@@ -92,6 +92,15 @@ pub struct CheckLabels {
     pub result: &'static str,
 }
 
+/// Labels of a replicated multi-table transaction.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransactionLabels {
+    /// The destination.
+    pub destination: String,
+    /// `atomic` or `table_by_table`.
+    pub result: &'static str,
+}
+
 /// What replication records.
 #[derive(Debug, Default)]
 pub struct ReplicationMetrics {
@@ -115,6 +124,9 @@ pub struct ReplicationMetrics {
     pub reconcile_checks: Family<CheckLabels, Counter>,
     /// Reconcile passes this instance completed.
     pub reconcile_passes: Counter,
+    /// Multi-table transactions of the primary committed to a destination,
+    /// by how (`atomic`: one multi-table commit; `table_by_table`).
+    pub transactions: Family<TransactionLabels, Counter>,
 }
 
 impl ReplicationMetrics {
@@ -195,6 +207,11 @@ impl Metrics {
             "replication_reconcile_checks",
             "Source tables reconcile asked the primary about, by answer (loaded, not_modified, failed)",
             replication.reconcile_checks.clone(),
+        );
+        registry.register(
+            "replication_transactions",
+            "Multi-table transactions of the primary committed to a destination, by how (atomic, table_by_table)",
+            replication.transactions.clone(),
         );
         registry.register(
             "replication_reconcile_passes",

@@ -82,6 +82,7 @@ fn lane_json(lane: &LaneRecord, now: Millis) -> Value {
         "destination": lane.key.destination,
         "replica": {"namespace": lane.replica_table.namespace, "name": lane.replica_table.name},
         "status": lane.status().as_str(),
+        "waiting_for": lane.waiting_for,
         "mode": lane.mode,
         "last_success_at": lane.last_success_at.map(rfc3339),
         "source_metadata_location": lane.source_metadata_location,
@@ -122,6 +123,7 @@ pub async fn status(State(state): State<AdminState>) -> Response {
             "uri": d.config.uri.as_str(),
             "mode": caps.as_ref().map(|c| c.mode()),
             "bootstrap": caps.as_ref().map(|c| c.bootstrap),
+            "multi_table_commits": d.multi_table_commits().await,
         }));
     }
     let count = |s: LaneStatus| lanes.iter().filter(|l| l.status() == s).count();
@@ -134,6 +136,7 @@ pub async fn status(State(state): State<AdminState>) -> Response {
             "failed": count(LaneStatus::Failed),
             "paused": count(LaneStatus::Paused),
             "promoted": count(LaneStatus::Promoted),
+            "waiting": count(LaneStatus::Waiting),
         },
         "destinations": destinations,
         "tables": tables_json(&lanes),

@@ -35,6 +35,17 @@ pub struct ClientSettings {
     pub ca_file: Option<PathBuf>,
 }
 
+/// One table's part of a multi-table commit.
+#[derive(Debug, Clone, Copy)]
+pub struct TableCommit<'a> {
+    /// The table.
+    pub table: &'a TableIdent,
+    /// Its `requirements`.
+    pub requirements: &'a [Value],
+    /// Its `updates`.
+    pub updates: &'a [Value],
+}
+
 /// A table as `loadTable`, `createTable`, `registerTable` and `updateTable` return it.
 #[derive(Debug, Clone)]
 pub struct LoadedTable {
@@ -501,23 +512,44 @@ impl RestCatalog {
         let op = format!("updateTable {table}");
         let url = self.table_url(table).await?;
         let request = json!({"identifier": table, "requirements": requirements, "updates": updates});
-        let result = self.send(&op, Method::POST, &url, Some(&request)).await;
-        let (status, body) = match result {
+        let body = self.commit(&op, &table.to_string(), &url, &request).await?;
+        self.decode_table(&op, &body)
+    }
+
+    /// `POST .../transactions/commit`: several tables' commits, all applied
+    /// or none. The catalog answers without the new metadata (load the tables).
+    pub async fn commit_transaction(&self, changes: &[TableCommit<'_>]) -> Result<(), CatalogError> {
+        let tables: Vec<String> = changes.iter().map(|c| c.table.to_string()).collect();
+        let tables = tables.join(", ");
+        let op = format!("commitTransaction {tables}");
+        let url = self.url(&["transactions", "commit"]).await?;
+        let changes: Vec<Value> = changes
+            .iter()
+            .map(|c| json!({"identifier": c.table, "requirements": c.requirements, "updates": c.updates}))
+            .collect();
+        self.commit(&op, &tables, &url, &json!({"table-changes": changes})).await.map(drop)
+    }
+
+    /// Sends a commit; an answer that leaves open whether it was applied
+    /// (a timeout, a 5xx) is `CommitOutcomeUnknown`, a refused requirement
+    /// `CommitConflict`.
+    async fn commit(&self, op: &str, tables: &str, url: &Url, request: &Value) -> Result<bytes::Bytes, CatalogError> {
+        let (status, body) = match self.send(op, Method::POST, url, Some(request)).await {
             Ok(answer) => answer,
             Err(CatalogError::Timeout { .. }) => {
                 return Err(CatalogError::CommitOutcomeUnknown {
                     catalog: self.name.clone(),
-                    table: table.to_string(),
+                    table: tables.to_owned(),
                     cause: format!("no answer within {}", humantime::format_duration(self.settings.request_timeout)),
                 });
             }
             Err(e) => return Err(e),
         };
         match status {
-            s if s.is_success() => self.decode_table(&op, &body),
+            s if s.is_success() => Ok(body),
             StatusCode::CONFLICT => Err(CatalogError::CommitConflict {
                 catalog: self.name.clone(),
-                table: table.to_string(),
+                table: tables.to_owned(),
                 message: error_message(&body),
             }),
             StatusCode::INTERNAL_SERVER_ERROR
@@ -525,10 +557,10 @@ impl RestCatalog {
             | StatusCode::SERVICE_UNAVAILABLE
             | StatusCode::GATEWAY_TIMEOUT => Err(CatalogError::CommitOutcomeUnknown {
                 catalog: self.name.clone(),
-                table: table.to_string(),
+                table: tables.to_owned(),
                 cause: format!("{status}: {}", error_message(&body)),
             }),
-            s => Err(self.status_error(&op, s, &body)),
+            s => Err(self.status_error(op, s, &body)),
         }
     }
 

@@ -15,6 +15,6 @@ mod error;
 mod ident;
 pub mod sigv4;
 
-pub use client::{CatalogConfig, ClientSettings, LoadedTable, RestCatalog, TableCheck, table_property_in};
+pub use client::{CatalogConfig, ClientSettings, LoadedTable, RestCatalog, TableCheck, TableCommit, table_property_in};
 pub use error::{CatalogError, Disposition, SignerIdentity};
 pub use ident::{Namespace, TableIdent};

@@ -16,6 +16,10 @@
 //! Bodies are read only where the tables are named in them (create, register,
 //! rename, transactions); updateTable and dropTable name the table in the path
 //! and stream through untouched.
+//!
+//! A transaction that added snapshots to several tables is also handed over
+//! as a [`Transaction`], before its hints, so that replication can commit
+//! those tables together on each replica.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,7 +30,7 @@ use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
 use http::Request;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tower::{Layer, Service};
 
 use super::body::read_request_body;
@@ -62,6 +66,24 @@ pub enum HintKind {
     },
 }
 
+/// A multi-table transaction the primary accepted: the snapshots it added
+/// to each table. Replicas commit the same snapshots of those tables in one
+/// transaction, so that no reader sees one table changed without the others.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transaction {
+    /// The tables it added snapshots to (at least two).
+    pub members: Vec<TransactionMember>,
+}
+
+/// One table of a [`Transaction`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransactionMember {
+    /// The table.
+    pub table: TableIdent,
+    /// The snapshot ids the transaction added to it, in request order.
+    pub snapshots: Vec<i64>,
+}
+
 /// A failure to record hints.
 pub type HintError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -69,6 +91,15 @@ pub type HintError = Box<dyn std::error::Error + Send + Sync>;
 pub trait HintSink: Send + Sync + 'static {
     /// Records the hints of one successful request.
     fn record(&self, hints: Vec<CommitHint>) -> Pin<Box<dyn Future<Output = Result<(), HintError>> + Send + '_>>;
+
+    /// Records a multi-table transaction, before its hints.
+    fn record_transaction(
+        &self,
+        transaction: Transaction,
+    ) -> Pin<Box<dyn Future<Output = Result<(), HintError>> + Send + '_>> {
+        tracing::debug!(tables = transaction.members.len(), "multi-table transaction on the primary");
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 /// A sink that only logs: used when no replication is configured.
@@ -154,24 +185,32 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let settings = self.settings.clone();
         Box::pin(async move {
-            let (hints, response) = match watch {
+            let (Observed { hints, transaction }, response) = match watch {
                 Watch::Path(kind, table) => {
                     let response = inner.call(req).await?;
-                    (vec![CommitHint { kind, table, prefix, metadata_location: None }], response)
+                    let hints = vec![CommitHint { kind, table, prefix, metadata_location: None }];
+                    (Observed { hints, transaction: None }, response)
                 }
                 Watch::Body(name, operation) => {
                     let (parts, body) = req.into_parts();
                     let bytes = read_request_body(&parts.headers, body, settings.limit, name).await?;
-                    let hints = hints_from_body(&operation, &bytes, prefix);
+                    let observed = observe_body(&operation, &bytes, prefix);
                     let response = inner.call(Request::from_parts(parts, Body::from(bytes))).await?;
-                    (hints.unwrap_or_else(|| {
+                    (observed.unwrap_or_else(|| {
                         if response.status().is_success() {
                             tracing::warn!(operation = name, "could not read the tables from the request body; the periodic reconcile will pick up the change");
                         }
-                        Vec::new()
+                        Observed::default()
                     }), response)
                 }
             };
+            if response.status().is_success()
+                && let Some(transaction) = transaction
+                && let Err(error) = settings.sink.record_transaction(transaction).await
+            {
+                // Its hints still go in: the tables replicate, one by one.
+                tracing::error!(error = %error, "could not record a multi-table transaction; replicas get its tables one by one");
+            }
             if response.status().is_success() && !hints.is_empty() {
                 let count = hints.len() as u64;
                 match settings.sink.record(hints).await {
@@ -218,33 +257,82 @@ struct CommitTransactionBody {
 #[derive(Deserialize)]
 struct TableChange {
     identifier: Option<TableIdent>,
+    #[serde(default)]
+    updates: Vec<TableUpdate>,
 }
 
-/// The hints a successful request with this body produces; `None` when the
-/// body does not parse (the primary decides whether it is valid, not icerelay).
-fn hints_from_body(operation: &Operation, body: &Bytes, prefix: Option<String>) -> Option<Vec<CommitHint>> {
+/// An update of a table change, as far as the tap needs it: the snapshot an
+/// `add-snapshot` adds. Every other field is the primary's business.
+#[derive(Deserialize)]
+struct TableUpdate {
+    #[serde(default)]
+    action: String,
+    snapshot: Option<AddedSnapshot>,
+}
+
+#[derive(Deserialize)]
+struct AddedSnapshot {
+    #[serde(rename = "snapshot-id")]
+    snapshot_id: i64,
+}
+
+/// What a request body tells the tap.
+#[derive(Debug, Default)]
+struct Observed {
+    hints: Vec<CommitHint>,
+    /// A transaction that added snapshots to several tables.
+    transaction: Option<Transaction>,
+}
+
+/// What a successful request with this body changed; `None` when the body
+/// does not parse (the primary decides whether it is valid, not icerelay).
+fn observe_body(operation: &Operation, body: &Bytes, prefix: Option<String>) -> Option<Observed> {
     let hint = |kind, table, metadata_location| CommitHint { kind, table, prefix: prefix.clone(), metadata_location };
-    match operation {
+    let hints = match operation {
         Operation::CreateTable(ns) => {
             let b: CreateTableBody = serde_json::from_slice(body).ok()?;
             // A staged create is not a table until its commit, which is an
             // updateTable or a transaction and produces its own hint.
-            Some(if b.stage_create { Vec::new() } else { vec![hint(HintKind::Commit, table_in(ns, b.name), None)] })
+            if b.stage_create { Vec::new() } else { vec![hint(HintKind::Commit, table_in(ns, b.name), None)] }
         }
         Operation::RegisterTable(ns) => {
             let b: RegisterTableBody = serde_json::from_slice(body).ok()?;
-            Some(vec![hint(HintKind::Commit, table_in(ns, b.name), b.metadata_location)])
+            vec![hint(HintKind::Commit, table_in(ns, b.name), b.metadata_location)]
         }
         Operation::RenameTable => {
             let b: RenameTableBody = serde_json::from_slice(body).ok()?;
-            Some(vec![hint(HintKind::Rename { from: b.source }, b.destination, None)])
+            vec![hint(HintKind::Rename { from: b.source }, b.destination, None)]
         }
         Operation::CommitTransaction => {
             let b: CommitTransactionBody = serde_json::from_slice(body).ok()?;
-            b.table_changes.into_iter().map(|c| c.identifier.map(|t| hint(HintKind::Commit, t, None))).collect()
+            let hints: Vec<CommitHint> = b
+                .table_changes
+                .iter()
+                .map(|c| c.identifier.clone().map(|t| hint(HintKind::Commit, t, None)))
+                .collect::<Option<_>>()?;
+            return Some(Observed { hints, transaction: transaction_of(b.table_changes) });
         }
-        _ => Some(Vec::new()),
-    }
+        _ => Vec::new(),
+    };
+    Some(Observed { hints, transaction: None })
+}
+
+/// The transaction, if it added snapshots to more than one table (one
+/// table's commit is atomic anyway).
+fn transaction_of(changes: Vec<TableChange>) -> Option<Transaction> {
+    let members: Vec<TransactionMember> = changes
+        .into_iter()
+        .filter_map(|change| {
+            let snapshots: Vec<i64> = change
+                .updates
+                .iter()
+                .filter(|u| u.action == "add-snapshot")
+                .filter_map(|u| u.snapshot.as_ref().map(|s| s.snapshot_id))
+                .collect();
+            Some(TransactionMember { table: change.identifier?, snapshots }).filter(|m| !m.snapshots.is_empty())
+        })
+        .collect();
+    (members.len() > 1).then_some(Transaction { members })
 }
 
 fn table_in(namespace: &Namespace, name: String) -> TableIdent {
@@ -262,7 +350,7 @@ mod tests {
     #[test]
     fn hints_from_bodies() {
         let create = Operation::CreateTable(ns("db"));
-        let hints = hints_from_body(&create, &Bytes::from(r#"{"name":"t","schema":{}}"#), None).expect("parses");
+        let hints = observe_body(&create, &Bytes::from(r#"{"name":"t","schema":{}}"#), None).expect("parses").hints;
         assert_eq!(
             hints,
             vec![CommitHint {
@@ -273,29 +361,62 @@ mod tests {
             }]
         );
         let staged =
-            hints_from_body(&create, &Bytes::from(r#"{"name":"t","stage-create":true}"#), None).expect("parses");
+            observe_body(&create, &Bytes::from(r#"{"name":"t","stage-create":true}"#), None).expect("parses").hints;
         assert!(staged.is_empty());
 
         let tx = r#"{"table-changes":[{"identifier":{"namespace":["a"],"name":"x"},"requirements":[],"updates":[]},
                                       {"identifier":{"namespace":["b","c"],"name":"y"},"requirements":[],"updates":[]}]}"#;
-        let hints = hints_from_body(&Operation::CommitTransaction, &Bytes::from(tx), Some("p".into())).expect("parses");
-        let tables: Vec<String> = hints.iter().map(|h| h.table.to_string()).collect();
+        let observed = observe_body(&Operation::CommitTransaction, &Bytes::from(tx), Some("p".into())).expect("parses");
+        let tables: Vec<String> = observed.hints.iter().map(|h| h.table.to_string()).collect();
         assert_eq!(tables, ["a.x", "b.c.y"]);
-        assert!(hints.iter().all(|h| h.prefix.as_deref() == Some("p")));
+        assert!(observed.hints.iter().all(|h| h.prefix.as_deref() == Some("p")));
+        assert_eq!(observed.transaction, None, "no snapshots were added");
 
         let rename = r#"{"source":{"namespace":["a"],"name":"x"},"destination":{"namespace":["a"],"name":"z"}}"#;
-        let hints = hints_from_body(&Operation::RenameTable, &Bytes::from(rename), None).expect("parses");
+        let hints = observe_body(&Operation::RenameTable, &Bytes::from(rename), None).expect("parses").hints;
         assert_eq!(hints[0].kind, HintKind::Rename { from: TableIdent::new(ns("a"), "x") });
         assert_eq!(hints[0].table.to_string(), "a.z");
 
         let register = r#"{"name":"r","metadata-location":"s3://b/m.json"}"#;
-        let hints = hints_from_body(&Operation::RegisterTable(ns("db")), &Bytes::from(register), None).expect("parses");
+        let hints =
+            observe_body(&Operation::RegisterTable(ns("db")), &Bytes::from(register), None).expect("parses").hints;
         assert_eq!(hints[0].metadata_location.as_deref(), Some("s3://b/m.json"));
     }
 
     #[test]
+    fn a_transaction_adding_snapshots_to_several_tables_is_observed_with_its_snapshots() {
+        let snapshot =
+            |id: i64| format!(r#"{{"action":"add-snapshot","snapshot":{{"snapshot-id":{id},"timestamp-ms":1}}}}"#);
+        let set_ref = r#"{"action":"set-snapshot-ref","ref-name":"main","type":"branch","snapshot-id":2}"#;
+        let tx = format!(
+            r#"{{"table-changes":[
+                {{"identifier":{{"namespace":["a"],"name":"x"}},"requirements":[],"updates":[{},{},{set_ref}]}},
+                {{"identifier":{{"namespace":["a"],"name":"y"}},"requirements":[],"updates":[{{"action":"set-properties","updates":{{}}}}]}},
+                {{"identifier":{{"namespace":["b"],"name":"z"}},"requirements":[],"updates":[{}]}}]}}"#,
+            snapshot(1),
+            snapshot(2),
+            snapshot(7)
+        );
+        let observed = observe_body(&Operation::CommitTransaction, &Bytes::from(tx), None).expect("parses");
+        assert_eq!(observed.hints.len(), 3, "every table changed gets its hint");
+        let transaction = observed.transaction.expect("two tables got snapshots");
+        let members: Vec<(String, Vec<i64>)> =
+            transaction.members.iter().map(|m| (m.table.to_string(), m.snapshots.clone())).collect();
+        assert_eq!(members, [("a.x".to_owned(), vec![1, 2]), ("b.z".to_owned(), vec![7])]);
+
+        let one = format!(
+            r#"{{"table-changes":[{{"identifier":{{"namespace":["a"],"name":"x"}},"requirements":[],"updates":[{}]}}]}}"#,
+            snapshot(1)
+        );
+        let observed = observe_body(&Operation::CommitTransaction, &Bytes::from(one), None).expect("parses");
+        assert_eq!(observed.transaction, None, "one table's commit is atomic by itself");
+    }
+
+    #[test]
     fn unparsable_bodies_give_no_hints() {
-        assert!(hints_from_body(&Operation::CommitTransaction, &Bytes::from("{"), None).is_none());
-        assert!(hints_from_body(&Operation::CreateTable(ns("db")), &Bytes::from("[]"), None).is_none());
+        assert!(observe_body(&Operation::CommitTransaction, &Bytes::from("{"), None).is_none());
+        assert!(observe_body(&Operation::CreateTable(ns("db")), &Bytes::from("[]"), None).is_none());
+        let unnamed = r#"{"table-changes":[{"requirements":[],"updates":[]}]}"#;
+        assert!(observe_body(&Operation::CommitTransaction, &Bytes::from(unnamed), None).is_none());
     }
 }

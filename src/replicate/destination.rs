@@ -41,6 +41,9 @@ pub enum Bootstrap {
     Create,
 }
 
+/// The multi-table commit endpoint, as catalogs advertise it.
+const TRANSACTIONS_ENDPOINT: &str = "/v1/{prefix}/transactions/commit";
+
 /// What a destination can do, and how icerelay knows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capabilities {
@@ -69,6 +72,8 @@ pub struct Destination {
     /// icerelay's client for it.
     pub catalog: Arc<RestCatalog>,
     capabilities: OnceCell<Capabilities>,
+    /// Why the catalog does not take multi-table commits, once it refused one.
+    no_transactions: std::sync::OnceLock<String>,
 }
 
 impl Destination {
@@ -98,7 +103,7 @@ impl Destination {
             Some(vended) if config.vended_credentials => catalog.vending_into(vended.clone()),
             _ => Arc::new(catalog),
         };
-        Ok(Self { config, catalog, capabilities: OnceCell::new() })
+        Ok(Self { config, catalog, capabilities: OnceCell::new(), no_transactions: std::sync::OnceLock::new() })
     }
 
     /// Its name.
@@ -134,6 +139,31 @@ impl Destination {
                 Ok(probed)
             })
             .await
+    }
+
+    /// How the source's multi-table transactions reach this destination:
+    /// `atomic` (one `transactions/commit` per transaction), or `table by
+    /// table` and why (the catalog does not advertise the endpoint, or refused it).
+    pub async fn multi_table_commits(&self) -> String {
+        if let Some(reason) = self.no_transactions.get() {
+            return format!("table by table: {reason}");
+        }
+        match self.catalog.config().await {
+            Ok(config) if !config.supports("POST", TRANSACTIONS_ENDPOINT) => {
+                "table by table: the catalog does not advertise transactions/commit".into()
+            }
+            _ => "atomic".into(),
+        }
+    }
+
+    /// Whether to commit a transaction's tables in one multi-table commit.
+    pub async fn takes_transactions(&self) -> bool {
+        self.multi_table_commits().await == "atomic"
+    }
+
+    /// Remembers that the catalog refused a multi-table commit as unsupported.
+    pub fn refused_transactions(&self, reason: String) {
+        let _ = self.no_transactions.set(reason);
     }
 
     /// The capabilities, if already known.

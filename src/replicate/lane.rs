@@ -135,17 +135,37 @@ async fn follow(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateError> {
         ctx.store.finish_rename(key).await?;
     }
     let mut following = open_replica(ctx, &lane, &destination, source, source_file).await?;
-    replay(ctx, &lane, &destination, &mut following).await?;
-    finish(ctx, &lane, &destination, following).await
+    match replay(ctx, &lane, &destination, &mut following).await? {
+        Replayed::Converged => finish(ctx, &lane, &destination, following).await,
+        Replayed::Waiting(reason) => wait(ctx, &lane, following, reason).await,
+    }
 }
 
 /// What a run follows: the source as last loaded, the replica as last
 /// committed, and what icerelay knows it put there.
-struct Following {
-    source: LoadedTable,
-    source_file: String,
-    replica: LoadedTable,
-    known: Known,
+pub(super) struct Following {
+    pub(super) source: LoadedTable,
+    pub(super) source_file: String,
+    pub(super) replica: LoadedTable,
+    pub(super) known: Known,
+}
+
+/// How a replay ended.
+enum Replayed {
+    /// The replica agrees with the source.
+    Converged,
+    /// The next commit belongs to a multi-table transaction whose other
+    /// tables are not ready: why.
+    Waiting(String),
+}
+
+/// How one replica commit ended.
+pub(super) enum Commit {
+    /// It landed, and is recorded.
+    Applied,
+    /// Its outcome was unknown or a requirement refused it, and it did not
+    /// land: the replica was reloaded, plan again.
+    Reloaded(CatalogError),
 }
 
 /// The source's metadata file, once it is known to be the table the replica follows.
@@ -184,20 +204,12 @@ async fn open_replica(
 ) -> Result<Following, ReplicateError> {
     let key = &lane.key;
     let replica_table = &lane.replica_table;
+    let mut known = known_of(ctx, lane, destination, &source).await?;
     // Counted before the replica is reached: while its catalog is down the
     // status must still say how far behind it is.
-    let replicated = ctx.store.replicated_snapshots(key).await?;
-    ctx.store.record_snapshots_behind(key, plan::snapshots_missing_from(&source.metadata, &replicated) as i64).await?;
-
+    let behind = plan::snapshots_missing_from(&source.metadata, &known.replicated) as i64;
+    ctx.store.record_snapshots_behind(key, behind).await?;
     let capabilities = destination.capabilities(&ctx.store, &ctx.storage).await?.clone();
-    let mut known = Known {
-        replicated,
-        managed_properties: lane.managed_properties.clone().unwrap_or_default(),
-        managed_refs: lane.managed_refs.clone().unwrap_or_default(),
-        mode: capabilities.mode(),
-        source_uuid: source.metadata.get("table-uuid").and_then(Value::as_str).map(str::to_owned),
-        adoption: lane.adoption.clone(),
-    };
     let replica = match destination.catalog.load_table(replica_table).await? {
         Some(t) => t,
         None => {
@@ -233,49 +245,134 @@ async fn open_replica(
     Ok(Following { source, source_file, replica, known })
 }
 
+/// What the store says icerelay put on the lane's replica.
+async fn known_of(
+    ctx: &Context,
+    lane: &LaneRecord,
+    destination: &Destination,
+    source: &LoadedTable,
+) -> Result<Known, ReplicateError> {
+    let capabilities = destination.capabilities(&ctx.store, &ctx.storage).await?;
+    Ok(Known {
+        replicated: ctx.store.replicated_snapshots(&lane.key).await?,
+        managed_properties: lane.managed_properties.clone().unwrap_or_default(),
+        managed_refs: lane.managed_refs.clone().unwrap_or_default(),
+        mode: capabilities.mode(),
+        source_uuid: source.metadata.get("table-uuid").and_then(Value::as_str).map(str::to_owned),
+        adoption: lane.adoption.clone(),
+    })
+}
+
+/// What [`open_existing`] found.
+pub(super) enum Opened {
+    /// The source and its replica, ready to plan.
+    Ready(Box<Following>),
+    /// The source table is gone (or is another table now).
+    SourceGone,
+    /// The replica is not made yet.
+    NoReplica,
+}
+
+/// Opens another lane's source and replica without making anything: a run
+/// that commits a multi-table transaction plans that lane's part too.
+pub(super) async fn open_existing(
+    ctx: &Context,
+    lane: &LaneRecord,
+    destination: &Destination,
+) -> Result<Opened, ReplicateError> {
+    let Some(source) = ctx.primary.load_table(&lane.key.table).await? else { return Ok(Opened::SourceGone) };
+    let Ok(source_file) = identify_source(lane, &source, destination) else { return Ok(Opened::SourceGone) };
+    let Some(replica) = destination.catalog.load_table(&lane.replica_table).await? else {
+        return Ok(Opened::NoReplica);
+    };
+    let mut known = known_of(ctx, lane, destination, &source).await?;
+    super::adopt::adopt_shared(ctx, lane, destination, &source, &replica, &mut known).await?;
+    Ok(Opened::Ready(Box::new(Following { source, source_file, replica, known })))
+}
+
+/// What a replay keeps for the whole run: how paths map onto the replica,
+/// what the destination sets on it, and how files are copied.
+pub(super) struct Replayer {
+    map: PathMap,
+    unreplicated: BTreeSet<i64>,
+    properties: BTreeMap<String, String>,
+    copier: TableCopier,
+}
+
+impl Replayer {
+    pub(super) fn new(
+        ctx: &Context,
+        key: &LaneKey,
+        destination: &Destination,
+        following: &Following,
+    ) -> Result<Self, ReplicateError> {
+        let known = &following.known;
+        let replica_location = location_of(&following.replica.metadata, "replica")?;
+        let shift = known.adoption.as_ref().and_then(|a| a.sequence_shift);
+        Ok(Self {
+            map: path_map(&following.source.metadata, &replica_location)?.with_sequence_shift(shift),
+            unreplicated: known.adoption.as_ref().map(|a| a.unreplicated.iter().copied().collect()).unwrap_or_default(),
+            properties: replica_properties(ctx, key, destination),
+            copier: table_copier(ctx, destination, known.adoption.is_some()),
+        })
+    }
+
+    /// The replica's next commit (see [`plan::next_step`]).
+    pub(super) fn plan(&self, following: &Following) -> Result<Option<Step>, ReplicateError> {
+        let Following { source, source_file, replica, known } = following;
+        Ok(plan::next_step(&PlanInput {
+            source: &source.metadata,
+            source_file,
+            replica: &replica.metadata,
+            replicated: &known.replicated,
+            map: &self.map,
+            managed_properties: &known.managed_properties,
+            managed_refs: &known.managed_refs,
+            destination_properties: &self.properties,
+            adopted: known.adoption.as_ref().map(|a| adopted(a, &self.unreplicated)),
+        })?)
+    }
+
+    /// Copies the files `step` references (its snapshots', its statistics')
+    /// before it is committed.
+    pub(super) async fn copy(
+        &self,
+        ctx: &Context,
+        destination: &Destination,
+        following: &Following,
+        step: &Step,
+    ) -> Result<CopyReport, ReplicateError> {
+        let mut wanted: BTreeSet<i64> = step.statistics_of.clone();
+        wanted.extend(step.snapshots.iter().copied());
+        if wanted.is_empty() {
+            return Ok(CopyReport::default());
+        }
+        let Following { source, source_file, .. } = following;
+        let copied = self.copier.copy_snapshots(&source.metadata, source_file, &self.map, &wanted, &NoProgress).await?;
+        count_copies(&ctx.metrics, destination.name(), copied.report);
+        Ok(copied.report)
+    }
+}
+
 /// Commits the planned steps, one source commit at a time, until the
-/// replica agrees with the source.
+/// replica agrees with the source (or waits for the other tables of a
+/// multi-table transaction).
 async fn replay(
     ctx: &Context,
     lane: &LaneRecord,
     destination: &Destination,
     following: &mut Following,
-) -> Result<(), ReplicateError> {
-    let key = &lane.key;
-    let replica_table = &lane.replica_table;
-    let Following { source, source_file, replica, known } = following;
-    let replica_location = location_of(&replica.metadata, "replica")?;
-    let shift = known.adoption.as_ref().and_then(|a| a.sequence_shift);
-    let map = path_map(&source.metadata, &replica_location)?.with_sequence_shift(shift);
-    let unreplicated: BTreeSet<i64> =
-        known.adoption.as_ref().map(|a| a.unreplicated.iter().copied().collect()).unwrap_or_default();
-    let copier = table_copier(ctx, destination, known.adoption.is_some());
-    let properties = replica_properties(ctx, key, destination);
+) -> Result<Replayed, ReplicateError> {
+    let replayer = Replayer::new(ctx, &lane.key, destination, following)?;
     let mut reloads = 0;
     let mut previous: Option<Step> = None;
     loop {
-        let step = plan::next_step(&PlanInput {
-            source: &source.metadata,
-            source_file,
-            replica: &replica.metadata,
-            replicated: &known.replicated,
-            map: &map,
-            managed_properties: &known.managed_properties,
-            managed_refs: &known.managed_refs,
-            destination_properties: &properties,
-            adopted: known.adoption.as_ref().map(|a| adopted(a, &unreplicated)),
-        })?;
-        let Some(step) = step else { return Ok(()) };
+        let Some(step) = replayer.plan(following)? else { return Ok(Replayed::Converged) };
         if step.snapshots.is_empty() {
             // A commit without a snapshot moves the replica's last-updated-ms
             // to now; a snapshot the source took meanwhile must come in the
             // same commit (the timestamp rule), so look again first.
-            if let Some(fresh) = ctx.primary.load_table(&key.table).await?
-                && fresh.metadata_location.is_some()
-                && fresh.metadata_location != source.metadata_location
-            {
-                *source_file = fresh.metadata_location.clone().unwrap_or_default();
-                *source = fresh;
+            if source_moved_on(ctx, &lane.key, following).await? {
                 previous = None;
                 continue;
             }
@@ -289,58 +386,146 @@ async fn replay(
             }
         }
         tracing::debug!(step = %step.describe(), behind = step.snapshots_behind, "replaying");
-
-        let started = std::time::Instant::now();
-        let report = copy_files_of(ctx, destination, &copier, source, source_file, &map, &step).await?;
-        let audit = |committed: &LoadedTable| {
-            let mut event = Event::ok(Action::Commit, key).took(started);
-            event.replica = Some(replica_table.to_string());
-            event.source_snapshots.clone_from(&step.snapshots);
-            event.replica_metadata_location = committed.metadata_location.clone();
-            event.files_copied = report.copied_files;
-            event.bytes_copied = report.copied_bytes;
-            event.detail = Some(json!({"updates": step.describe()}));
-            ctx.audit.record(event);
+        let commit = match super::group::commit_together(ctx, lane, destination, following, &replayer, &step).await? {
+            super::group::Together::Committed(commit) => commit,
+            super::group::Together::Waiting(reason) => return Ok(Replayed::Waiting(reason)),
+            super::group::Together::Alone => commit_alone(ctx, lane, destination, following, &replayer, &step).await?,
         };
-
-        ctx.confirm_lease().await?;
-        match destination.catalog.update_table(replica_table, &step.requirements, &step.updates).await {
-            Ok(committed) => {
-                ctx.metrics.commits.get_or_create(&ReplicationMetrics::labels(destination.name())).inc();
-                known.applied(&step);
-                let added = step.snapshots.clone();
-                // Audited first: the commit has landed, whatever happens next.
-                audit(&committed);
-                ctx.store.record_progress(known.progress(key, &committed, &source.metadata, added)).await?;
-                tracing::info!(step = %step.describe(), behind = plan::snapshots_behind(&source.metadata, &committed.metadata), "replicated");
-                *replica = committed;
+        match commit {
+            Commit::Applied => {
                 previous = Some(step);
                 reloads = 0;
             }
-            Err(e @ (CatalogError::CommitOutcomeUnknown { .. } | CatalogError::CommitConflict { .. })) => {
+            Commit::Reloaded(e) => {
                 reloads += 1;
-                if reloads > MAX_RELOADS {
+                if reloads >= MAX_RELOADS {
                     return Err(ReplicateError::NoProgress(format!(
                         "{e}; the replica changed under icerelay {MAX_RELOADS} times in a row"
                     )));
                 }
-                tracing::warn!(error = %e, "reloading the replica to see what it has");
-                *replica = destination.catalog.load_table(replica_table).await?.ok_or_else(|| {
-                    ReplicateError::Refused(format!("the replica {replica_table} disappeared during replication"))
-                })?;
-                let there = snapshot_ids(&replica.metadata);
-                if !step.snapshots.is_empty() && step.snapshots.iter().all(|id| there.contains(id)) {
-                    // The commit landed after all.
-                    known.applied(&step);
-                    audit(replica);
-                    let added = step.snapshots.clone();
-                    ctx.store.record_progress(known.progress(key, replica, &source.metadata, added)).await?;
-                    reloads = 0;
-                }
             }
-            Err(e) => return Err(explain_refusal(e, &step, &source.metadata, &replica.metadata, destination.name())),
         }
     }
+}
+
+/// Whether the source has new metadata since it was loaded (then it is
+/// the one followed from now on).
+async fn source_moved_on(ctx: &Context, key: &LaneKey, following: &mut Following) -> Result<bool, ReplicateError> {
+    match ctx.primary.load_table(&key.table).await? {
+        Some(fresh)
+            if fresh.metadata_location.is_some() && fresh.metadata_location != following.source.metadata_location =>
+        {
+            following.source_file = fresh.metadata_location.clone().unwrap_or_default();
+            following.source = fresh;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Copies the step's files and commits it to the lane's replica alone.
+async fn commit_alone(
+    ctx: &Context,
+    lane: &LaneRecord,
+    destination: &Destination,
+    following: &mut Following,
+    replayer: &Replayer,
+    step: &Step,
+) -> Result<Commit, ReplicateError> {
+    let started = std::time::Instant::now();
+    let report = replayer.copy(ctx, destination, following, step).await?;
+    let mut landed = Landed { step, report, started, transaction: None, committed_here: true };
+    ctx.confirm_lease().await?;
+    match destination.catalog.update_table(&lane.replica_table, &step.requirements, &step.updates).await {
+        Ok(committed) => {
+            record_landed(ctx, lane, destination, following, &landed, committed).await?;
+            Ok(Commit::Applied)
+        }
+        Err(e @ (CatalogError::CommitOutcomeUnknown { .. } | CatalogError::CommitConflict { .. })) => {
+            tracing::warn!(error = %e, "reloading the replica to see what it has");
+            let replica = reload_replica(destination, &lane.replica_table).await?;
+            if has_landed(step, &replica) {
+                // A refused commit that is there was committed by another run.
+                landed.committed_here = matches!(e, CatalogError::CommitOutcomeUnknown { .. });
+                record_landed(ctx, lane, destination, following, &landed, replica).await?;
+                return Ok(Commit::Applied);
+            }
+            following.replica = replica;
+            Ok(Commit::Reloaded(e))
+        }
+        Err(e) => {
+            Err(explain_refusal(e, step, &following.source.metadata, &following.replica.metadata, destination.name()))
+        }
+    }
+}
+
+/// The replica as its catalog has it now.
+pub(super) async fn reload_replica(
+    destination: &Destination,
+    table: &TableIdent,
+) -> Result<LoadedTable, ReplicateError> {
+    destination
+        .catalog
+        .load_table(table)
+        .await?
+        .ok_or_else(|| ReplicateError::Refused(format!("the replica {table} disappeared during replication")))
+}
+
+/// Whether a commit of `step` is on `replica` (snapshot ids make that
+/// certain; a commit without a snapshot is simply planned again).
+pub(super) fn has_landed(step: &Step, replica: &LoadedTable) -> bool {
+    let there = snapshot_ids(&replica.metadata);
+    !step.snapshots.is_empty() && step.snapshots.iter().all(|id| there.contains(id))
+}
+
+/// A replica commit that landed, and what went into it.
+pub(super) struct Landed<'a> {
+    pub(super) step: &'a Step,
+    pub(super) report: CopyReport,
+    pub(super) started: std::time::Instant,
+    /// The multi-table transaction it was part of, for the audit log.
+    pub(super) transaction: Option<Value>,
+    /// Whether this run committed it (else another run did, and it is only
+    /// recorded as known).
+    pub(super) committed_here: bool,
+}
+
+/// Records a replica commit that landed: counted, audited (first: it has
+/// landed, whatever happens next), known to the run, and its progress stored.
+pub(super) async fn record_landed(
+    ctx: &Context,
+    lane: &LaneRecord,
+    destination: &Destination,
+    following: &mut Following,
+    landed: &Landed<'_>,
+    committed: LoadedTable,
+) -> Result<(), ReplicateError> {
+    let step = landed.step;
+    if landed.committed_here {
+        ctx.metrics.commits.get_or_create(&ReplicationMetrics::labels(destination.name())).inc();
+        let mut event = Event::ok(Action::Commit, &lane.key).took(landed.started);
+        event.replica = Some(lane.replica_table.to_string());
+        event.source_snapshots.clone_from(&step.snapshots);
+        event.replica_metadata_location.clone_from(&committed.metadata_location);
+        event.files_copied = landed.report.copied_files;
+        event.bytes_copied = landed.report.copied_bytes;
+        event.detail = Some(match &landed.transaction {
+            Some(transaction) => json!({"updates": step.describe(), "transaction": transaction}),
+            None => json!({"updates": step.describe()}),
+        });
+        ctx.audit.record(event);
+    }
+    following.known.applied(step);
+    let progress = following.known.progress(&lane.key, &committed, &following.source.metadata, step.snapshots.clone());
+    ctx.store.record_progress(progress).await?;
+    tracing::info!(
+        table = %lane.key.table,
+        step = %step.describe(),
+        behind = plan::snapshots_behind(&following.source.metadata, &committed.metadata),
+        "replicated"
+    );
+    following.replica = committed;
+    Ok(())
 }
 
 /// The planner's view of an adopted table.
@@ -352,27 +537,6 @@ fn adopted<'a>(adoption: &'a Adoption, unreplicated: &'a BTreeSet<i64>) -> plan:
         main_at: adoption.main_at,
         sequence_shift: adoption.sequence_shift,
     }
-}
-
-/// Copies the files `step` references (its snapshot's, its statistics')
-/// before it is committed.
-async fn copy_files_of(
-    ctx: &Context,
-    destination: &Destination,
-    copier: &TableCopier,
-    source: &LoadedTable,
-    source_file: &str,
-    map: &PathMap,
-    step: &Step,
-) -> Result<CopyReport, ReplicateError> {
-    let mut wanted: BTreeSet<i64> = step.statistics_of.clone();
-    wanted.extend(step.snapshots.iter().copied());
-    if wanted.is_empty() {
-        return Ok(CopyReport::default());
-    }
-    let copied = copier.copy_snapshots(&source.metadata, source_file, map, &wanted, &NoProgress).await?;
-    count_copies(&ctx.metrics, destination.name(), copied.report);
-    Ok(copied.report)
 }
 
 /// Records that the lane converged at the generation it started for.
@@ -399,6 +563,18 @@ async fn finish(
     done.snapshots_behind = 0;
     ctx.store.record_progress(done).await?;
     ctx.store.record_success(&lane.key, lane.wanted).await?;
+    Ok(())
+}
+
+/// Records that the run stopped at a multi-table transaction whose other
+/// tables are not ready; the run of the last of them commits it and asks
+/// this lane for work again. The source location is not recorded, so that
+/// reconcile looks at the lane again should that ask be lost (a crash).
+async fn wait(ctx: &Context, lane: &LaneRecord, following: Following, reason: String) -> Result<(), ReplicateError> {
+    let Following { source, replica, known, .. } = following;
+    tracing::info!(waiting_for = %reason, "the next commit is part of a multi-table transaction; waiting for its other tables");
+    ctx.store.record_progress(known.progress(&lane.key, &replica, &source.metadata, Vec::new())).await?;
+    ctx.store.record_waiting(&lane.key, lane.wanted, reason).await?;
     Ok(())
 }
 

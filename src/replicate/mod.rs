@@ -40,6 +40,7 @@
 mod adopt;
 pub mod destination;
 mod error;
+mod group;
 pub mod lane;
 mod lease;
 pub mod mark;
@@ -341,6 +342,9 @@ async fn reconcile_loop(ctx: Arc<Context>, wake: Arc<Notify>, stop: Cancellation
 /// How long copy checkpoints are kept: long enough for any copy to finish
 /// or be resumed, short enough that the store stays bounded.
 const CHECKPOINT_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
+/// How long multi-table transactions are kept: a lane a week behind
+/// commits those tables one by one.
+const TRANSACTION_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 
 /// One reconcile pass; returns how many lanes it asked for work.
 pub async fn reconcile(ctx: &Context) -> Result<usize, ReplicateError> {
@@ -348,6 +352,11 @@ pub async fn reconcile(ctx: &Context) -> Result<usize, ReplicateError> {
         Ok(0) => {}
         Ok(pruned) => tracing::debug!(pruned, "forgot old copy checkpoints"),
         Err(e) => tracing::warn!(error = %e, "could not prune old copy checkpoints"),
+    }
+    match ctx.store.prune_transactions(now_ms() - TRANSACTION_RETENTION_MS).await {
+        Ok(0) => {}
+        Ok(pruned) => tracing::debug!(pruned, "forgot old multi-table transactions"),
+        Err(e) => tracing::warn!(error = %e, "could not prune old multi-table transactions"),
     }
     let tables = discover(ctx).await?;
     let lanes: HashMap<LaneKey, LaneRecord> =

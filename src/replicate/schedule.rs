@@ -260,7 +260,9 @@ fn record_gauges(metrics: &ReplicationMetrics, lanes: &[LaneRecord]) {
     let mut lag: BTreeMap<&str, i64> = BTreeMap::new();
     let mut behind: BTreeMap<&str, i64> = BTreeMap::new();
     let mut by_status: BTreeMap<&'static str, i64> =
-        [("pending", 0), ("completed", 0), ("failed", 0), ("paused", 0), ("promoted", 0)].into_iter().collect();
+        [("pending", 0), ("completed", 0), ("failed", 0), ("paused", 0), ("promoted", 0), ("waiting", 0)]
+            .into_iter()
+            .collect();
     let mut queue = 0;
     for lane in lanes {
         let d = lane.key.destination.as_str();

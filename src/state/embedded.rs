@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 use super::encoding::{self, hint_kind, ns_text, to_json};
 use super::{
     Adoption, CopiedFile, FailbackChoice, HintId, LaneChange, LaneError, LaneKey, LaneRecord, Millis, Progress,
-    Promotion, PromotionMode, RecordedHint, SourceSeen, StateError, StateStore, now_ms,
+    Promotion, PromotionMode, RecordedHint, RecordedTransaction, SourceSeen, StateError, StateStore, now_ms,
 };
 use crate::catalog::{Namespace, TableIdent};
 use crate::proxy::commit_tap::CommitHint;
@@ -139,8 +139,27 @@ ALTER TABLE lanes ADD COLUMN source_etag_location TEXT;
 CREATE INDEX lanes_with_work ON lanes (pending_since) WHERE wanted > done OR promote_requested IS NOT NULL;
 ";
 
+/// From version 5: multi-table transactions of the primary (which snapshots
+/// of which tables replicas commit together), and what a lane waits for.
+const MIGRATE_TO_6: &str = "
+ALTER TABLE lanes ADD COLUMN waiting_for TEXT;
+CREATE TABLE transactions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    members TEXT NOT NULL,
+    recorded_at INTEGER NOT NULL
+);
+CREATE TABLE transaction_snapshots (
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    snapshot_id INTEGER NOT NULL,
+    transaction_id INTEGER NOT NULL,
+    PRIMARY KEY (namespace, name, snapshot_id)
+);
+CREATE INDEX transactions_by_age ON transactions (recorded_at);
+";
+
 /// Migrations, oldest first: entry `i` takes the database from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[SCHEMA, MIGRATE_TO_2, MIGRATE_TO_3, MIGRATE_TO_4, MIGRATE_TO_5];
+const MIGRATIONS: &[&str] = &[SCHEMA, MIGRATE_TO_2, MIGRATE_TO_3, MIGRATE_TO_4, MIGRATE_TO_5, MIGRATE_TO_6];
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
@@ -330,6 +349,7 @@ fn read_lane(row: &Row<'_>) -> rusqlite::Result<LaneRecord> {
                 Ok(SourceSeen { etag, metadata_location: row.get("source_etag_location")? })
             })
             .transpose()?,
+        waiting_for: row.get("waiting_for")?,
         replica_renamed_from: renamed_from,
         managed_properties,
         managed_refs,
@@ -655,10 +675,26 @@ impl StateStore for EmbeddedStore {
                 &format!(
                     "UPDATE lanes SET done = MAX(done, ?4), last_success_at = ?5,
                      pending_since = CASE WHEN wanted <= MAX(done, ?4) THEN NULL ELSE pending_since END,
-                     error_message = NULL, error_at = NULL, error_attempts = 0, error_parked = 0
+                     error_message = NULL, error_at = NULL, error_attempts = 0, error_parked = 0, waiting_for = NULL
                      WHERE {LANE_WHERE}"
                 ),
                 params![ns_text(&key.table.namespace), key.table.name, key.destination, generation, now_ms()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn record_waiting(&self, key: &LaneKey, generation: i64, reason: String) -> Result<(), StateError> {
+        let key = key.clone();
+        self.call(move |c, _| {
+            c.execute(
+                &format!(
+                    "UPDATE lanes SET done = MAX(done, ?4), waiting_for = ?5,
+                     error_message = NULL, error_at = NULL, error_attempts = 0, error_parked = 0
+                     WHERE {LANE_WHERE}"
+                ),
+                params![ns_text(&key.table.namespace), key.table.name, key.destination, generation, reason],
             )?;
             Ok(())
         })
@@ -939,6 +975,73 @@ impl StateStore for EmbeddedStore {
     async fn prune_copied_files(&self, before: Millis) -> Result<u64, StateError> {
         self.call(move |c, _| {
             let n = c.execute("DELETE FROM copied_files WHERE copied_at < ?1", params![before])?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn record_transaction(&self, transaction: crate::proxy::commit_tap::Transaction) -> Result<(), StateError> {
+        self.call(move |c, _| {
+            let tx = c.transaction()?;
+            let members = serde_json::to_string(&transaction.members).unwrap_or_default();
+            tx.execute("INSERT INTO transactions (members, recorded_at) VALUES (?1, ?2)", params![members, now_ms()])?;
+            let id = tx.last_insert_rowid();
+            for member in &transaction.members {
+                for snapshot in &member.snapshots {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO transaction_snapshots (namespace, name, snapshot_id, transaction_id)
+                         VALUES (?1, ?2, ?3, ?4)",
+                        params![ns_text(&member.table.namespace), member.table.name, snapshot, id],
+                    )?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn transaction_of(
+        &self,
+        table: &TableIdent,
+        snapshots: &[i64],
+    ) -> Result<Option<RecordedTransaction>, StateError> {
+        let table = table.clone();
+        let snapshots = snapshots.to_vec();
+        self.call(move |c, _| {
+            let ns = ns_text(&table.namespace);
+            let mut find = c.prepare_cached(
+                "SELECT t.id, t.members, t.recorded_at FROM transaction_snapshots s
+                 JOIN transactions t ON t.id = s.transaction_id
+                 WHERE s.namespace = ?1 AND s.name = ?2 AND s.snapshot_id = ?3",
+            )?;
+            for snapshot in snapshots {
+                let found = find
+                    .query_row(params![ns, table.name, snapshot], |row| {
+                        Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get::<_, i64>(2)?))
+                    })
+                    .optional()?;
+                if let Some((id, members, recorded_at)) = found {
+                    let members = serde_json::from_str(&members).map_err(|e| {
+                        rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e))
+                    })?;
+                    return Ok(Some(RecordedTransaction { id, recorded_at, members }));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
+    async fn prune_transactions(&self, before: Millis) -> Result<u64, StateError> {
+        self.call(move |c, _| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "DELETE FROM transaction_snapshots
+                 WHERE transaction_id IN (SELECT id FROM transactions WHERE recorded_at < ?1)",
+                params![before],
+            )?;
+            let n = tx.execute("DELETE FROM transactions WHERE recorded_at < ?1", params![before])?;
+            tx.commit()?;
             Ok(u64::try_from(n).unwrap_or(0))
         })
         .await

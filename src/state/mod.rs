@@ -23,6 +23,8 @@
 //!   commit at a time, and records the snapshot ids it added.
 //! - **Copy checkpoints are idempotent**: recording the same copied file twice
 //!   keeps one record; a checkpoint is written only after the copy was verified.
+//! - **A multi-table transaction is recorded before its hints**, so no lane
+//!   can run from those hints without knowing which tables to wait for.
 
 pub mod embedded;
 mod encoding;
@@ -36,7 +38,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 use crate::catalog::TableIdent;
-use crate::proxy::commit_tap::CommitHint;
+use crate::proxy::commit_tap::{CommitHint, Transaction, TransactionMember};
 
 /// The id of a recorded hint.
 pub type HintId = i64;
@@ -55,6 +57,17 @@ pub fn now_ms() -> Millis {
 pub fn rfc3339(at: Millis) -> String {
     let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(at).unwrap_or(0));
     humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// A multi-table transaction as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedTransaction {
+    /// Its id.
+    pub id: i64,
+    /// When it was recorded.
+    pub recorded_at: Millis,
+    /// The tables it added snapshots to, and which.
+    pub members: Vec<TransactionMember>,
 }
 
 /// A hint as stored in the change log.
@@ -104,6 +117,9 @@ pub enum LaneStatus {
     Paused,
     /// The replica was promoted: it is a table of its own, never written by the lane again.
     Promoted,
+    /// The replica's next commit belongs to a multi-table transaction whose
+    /// other tables are not ready yet; see `waiting_for`.
+    Waiting,
 }
 
 impl LaneStatus {
@@ -115,6 +131,7 @@ impl LaneStatus {
             Self::Failed => "failed",
             Self::Paused => "paused",
             Self::Promoted => "promoted",
+            Self::Waiting => "waiting",
         }
     }
 }
@@ -192,6 +209,9 @@ pub struct LaneRecord {
     pub log_drift: Option<crate::replicate::plan::LogDrift>,
     /// The source as reconcile last loaded it, for a conditional load next time.
     pub source_seen: Option<SourceSeen>,
+    /// What the lane waits for: the other tables of a multi-table
+    /// transaction its next commit belongs to.
+    pub waiting_for: Option<String>,
 }
 
 /// A source table as a reconcile pass loaded it: the answer's entity tag and
@@ -290,6 +310,8 @@ impl LaneRecord {
             LaneStatus::Failed
         } else if self.wanted > self.done {
             LaneStatus::Pending
+        } else if self.waiting_for.is_some() {
+            LaneStatus::Waiting
         } else {
             LaneStatus::Completed
         }
@@ -532,8 +554,13 @@ pub trait StateStore: Send + Sync + 'static {
     /// Records how many source snapshots the replica lacks, as seen before
     /// the replica was reached (it may be down).
     async fn record_snapshots_behind(&self, key: &LaneKey, snapshots_behind: i64) -> Result<(), StateError>;
-    /// Records that a run started at `generation` converged; clears the error.
+    /// Records that a run started at `generation` converged; clears the
+    /// error and what it waited for.
     async fn record_success(&self, key: &LaneKey, generation: i64) -> Result<(), StateError>;
+    /// Records that a run started at `generation` stopped to wait for other
+    /// lanes (`reason` says which); it asks for no work until one of them
+    /// (or a change) asks for it again. Clears the error.
+    async fn record_waiting(&self, key: &LaneKey, generation: i64, reason: String) -> Result<(), StateError>;
     /// Records a failed attempt.
     async fn record_failure(&self, key: &LaneKey, message: String, parked: bool) -> Result<(), StateError>;
     /// Pauses or resumes a lane; `false` if there is no such lane.
@@ -580,6 +607,17 @@ pub trait StateStore: Send + Sync + 'static {
     /// (A forgotten checkpoint costs a `HEAD` if the file is copied again,
     /// never correctness, so the store stays bounded on a long run.)
     async fn prune_copied_files(&self, before: Millis) -> Result<u64, StateError>;
+    /// Records a multi-table transaction of the primary.
+    async fn record_transaction(&self, transaction: Transaction) -> Result<(), StateError>;
+    /// The recorded transaction that added any of `snapshots` to `table`.
+    async fn transaction_of(
+        &self,
+        table: &TableIdent,
+        snapshots: &[i64],
+    ) -> Result<Option<RecordedTransaction>, StateError>;
+    /// Forgets transactions recorded before `before`; returns how many. (A
+    /// lane that far behind commits those tables one by one.)
+    async fn prune_transactions(&self, before: Millis) -> Result<u64, StateError>;
 
     // --- sharing: what only a store several instances use needs ---
 
@@ -656,5 +694,13 @@ impl crate::proxy::commit_tap::HintSink for ChangeLog {
             self.appended.notify_one();
             Ok(())
         })
+    }
+
+    fn record_transaction(
+        &self,
+        transaction: Transaction,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), crate::proxy::commit_tap::HintError>> + Send + '_>>
+    {
+        Box::pin(async move { Ok(self.store.record_transaction(transaction).await?) })
     }
 }

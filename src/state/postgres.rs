@@ -32,13 +32,13 @@ use tokio_postgres::types::ToSql;
 use super::encoding::{self, hint_kind, ns_text, to_json};
 use super::{
     Adoption, CopiedFile, FailbackChoice, Fence, HintId, LaneChange, LaneError, LaneKey, LaneRecord, Millis, Progress,
-    Promotion, PromotionMode, RecordedHint, SourceSeen, StateError, StateStore, now_ms,
+    Promotion, PromotionMode, RecordedHint, RecordedTransaction, SourceSeen, StateError, StateStore, now_ms,
 };
 use crate::catalog::TableIdent;
 use crate::proxy::commit_tap::CommitHint;
 
 /// The newest schema this build writes.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Version 1: the embedded store's tables (as of its version 4), with lane
 /// leases and leased passes.
@@ -134,8 +134,28 @@ ALTER TABLE lanes ADD COLUMN source_etag_location TEXT;
 CREATE INDEX lanes_with_work ON lanes (pending_since) WHERE wanted > done OR promote_requested IS NOT NULL;
 ";
 
+/// From version 2: multi-table transactions of the primary (which snapshots
+/// of which tables replicas commit together), and what a lane waits for.
+const MIGRATE_TO_3: &str = "
+ALTER TABLE lanes ADD COLUMN waiting_for TEXT;
+CREATE TABLE transactions (
+    id BIGSERIAL PRIMARY KEY,
+    members TEXT NOT NULL,
+    recorded_at BIGINT NOT NULL
+);
+CREATE TABLE transaction_snapshots (
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    snapshot_id BIGINT NOT NULL,
+    transaction_id BIGINT NOT NULL REFERENCES transactions (id) ON DELETE CASCADE,
+    PRIMARY KEY (namespace, name, snapshot_id)
+);
+CREATE INDEX transactions_by_age ON transactions (recorded_at);
+CREATE INDEX transaction_snapshots_by_transaction ON transaction_snapshots (transaction_id);
+";
+
 /// Migrations, oldest first: entry `i` takes the schema from version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[SCHEMA_1, MIGRATE_TO_2];
+pub const MIGRATIONS: &[&str] = &[SCHEMA_1, MIGRATE_TO_2, MIGRATE_TO_3];
 
 /// The database's clock in milliseconds: leases expire by one clock, whatever
 /// the instances' clocks say.
@@ -595,6 +615,7 @@ fn read_lane(t: &str, row: &Row) -> Result<LaneRecord, StateError> {
                 Ok(SourceSeen { etag, metadata_location: get(t, row, "source_etag_location")? })
             })
             .transpose()?,
+        waiting_for: get(t, row, "waiting_for")?,
     })
 }
 
@@ -880,8 +901,19 @@ impl StateStore for PostgresStore {
             key,
             "done = GREATEST(done, $4), last_success_at = $5,
              pending_since = CASE WHEN wanted <= GREATEST(done, $4) THEN NULL ELSE pending_since END,
-             error_message = NULL, error_at = NULL, error_attempts = 0, error_parked = FALSE",
+             error_message = NULL, error_at = NULL, error_attempts = 0, error_parked = FALSE, waiting_for = NULL",
             &[&generation, &now_ms()],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn record_waiting(&self, key: &LaneKey, generation: i64, reason: String) -> Result<(), StateError> {
+        self.lane_update(
+            key,
+            "done = GREATEST(done, $4), waiting_for = $5,
+             error_message = NULL, error_at = NULL, error_attempts = 0, error_parked = FALSE",
+            &[&generation, &reason],
         )
         .await
         .map(drop)
@@ -1085,6 +1117,58 @@ impl StateStore for PostgresStore {
     async fn prune_copied_files(&self, before: Millis) -> Result<u64, StateError> {
         let client = self.client().await?;
         client.execute("DELETE FROM copied_files WHERE copied_at < $1", &[&before]).await.map_err(self.db())
+    }
+
+    async fn record_transaction(&self, transaction: crate::proxy::commit_tap::Transaction) -> Result<(), StateError> {
+        let mut client = self.client().await?;
+        let db = self.db();
+        let tx = client.transaction().await.map_err(&db)?;
+        let members = serde_json::to_string(&transaction.members).unwrap_or_default();
+        let row = tx
+            .query_one(
+                "INSERT INTO transactions (members, recorded_at) VALUES ($1, $2) RETURNING id",
+                &[&members, &now_ms()],
+            )
+            .await
+            .map_err(&db)?;
+        let id: i64 = row.try_get(0).map_err(&db)?;
+        for member in &transaction.members {
+            tx.execute(
+                "INSERT INTO transaction_snapshots (namespace, name, snapshot_id, transaction_id)
+                 SELECT $1, $2, snapshot, $4 FROM UNNEST($3::BIGINT[]) AS snapshot
+                 ON CONFLICT DO NOTHING",
+                &[&ns_text(&member.table.namespace), &member.table.name, &member.snapshots, &id],
+            )
+            .await
+            .map_err(&db)?;
+        }
+        tx.commit().await.map_err(&db)
+    }
+
+    async fn transaction_of(
+        &self,
+        table: &TableIdent,
+        snapshots: &[i64],
+    ) -> Result<Option<RecordedTransaction>, StateError> {
+        let rows = self
+            .query(
+                "SELECT t.id, t.members, t.recorded_at FROM transaction_snapshots s
+                 JOIN transactions t ON t.id = s.transaction_id
+                 WHERE s.namespace = $1 AND s.name = $2 AND s.snapshot_id = ANY($3)
+                 ORDER BY t.id LIMIT 1",
+                &[&ns_text(&table.namespace), &table.name, &snapshots],
+            )
+            .await?;
+        let Some(row) = rows.first() else { return Ok(None) };
+        let t = &self.target;
+        let members: String = get(t, row, "members")?;
+        let members = serde_json::from_str(&members).map_err(|e| corrupt(t, format!("a recorded transaction: {e}")))?;
+        Ok(Some(RecordedTransaction { id: get(t, row, "id")?, recorded_at: get(t, row, "recorded_at")?, members }))
+    }
+
+    async fn prune_transactions(&self, before: Millis) -> Result<u64, StateError> {
+        let client = self.client().await?;
+        client.execute("DELETE FROM transactions WHERE recorded_at < $1", &[&before]).await.map_err(self.db())
     }
 
     fn shares_lanes(&self) -> bool {

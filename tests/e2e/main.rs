@@ -16,3 +16,4 @@ mod proxy_passthrough;
 mod replication;
 mod shared_state;
 mod tls;
+mod transactions;

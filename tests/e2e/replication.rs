@@ -25,7 +25,7 @@ pub(crate) enum Replica {
 }
 
 impl Replica {
-    fn destination_toml(self) -> String {
+    pub(crate) fn destination_toml(self) -> String {
         match self {
             Self::Seaweed(s) => seaweed_destination_toml(s, "dr"),
             Self::Rustberg(r) => {

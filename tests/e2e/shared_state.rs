@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use icerelay::catalog::TableIdent;
 use icerelay::config::Secret;
-use icerelay::proxy::commit_tap::{CommitHint, HintKind};
+use icerelay::proxy::commit_tap::{CommitHint, HintKind, Transaction, TransactionMember};
 use icerelay::state::postgres::{PostgresSettings, PostgresStore};
-use icerelay::state::{LaneChange, LaneKey, Progress, StateError, StateStore};
+use icerelay::state::{LaneChange, LaneKey, LaneStatus, Progress, StateError, StateStore};
 use serde_json::{Value, json};
 
 use crate::harness::postgres::{PASSWORD, Postgres};
@@ -175,6 +175,40 @@ async fn the_postgres_store_migrates_once_and_shares_hints_lanes_leases_and_pass
     assert_eq!(stores[1].copied_file("dr", "s3://s/a").await.expect("read"), Some(file));
     assert_eq!(stores[1].prune_copied_files(icerelay::state::now_ms() - 60_000).await.expect("prune"), 0);
     assert_eq!(stores[1].prune_copied_files(icerelay::state::now_ms() + 1).await.expect("prune"), 1);
+
+    // Multi-table transactions are shared: recorded by one instance, found
+    // by another from any snapshot of any member, and pruned by age.
+    let table_x = TableIdent::new(icerelay::catalog::Namespace::from_dotted("db"), "x");
+    let members = vec![
+        TransactionMember { table: table_x.clone(), snapshots: vec![11, 12] },
+        TransactionMember {
+            table: TableIdent::new(icerelay::catalog::Namespace::from_dotted("db"), "y"),
+            snapshots: vec![21],
+        },
+    ];
+    stores[0].record_transaction(Transaction { members: members.clone() }).await.expect("record");
+    let found = stores[1].transaction_of(&table_x, &[99, 12]).await.expect("read").expect("found by 12");
+    assert_eq!(found.members, members);
+    assert!(stores[1].transaction_of(&table_x, &[21]).await.expect("read").is_none(), "21 is y's");
+    assert_eq!(stores[2].prune_transactions(found.recorded_at).await.expect("prune"), 0);
+    assert_eq!(stores[2].prune_transactions(found.recorded_at + 1).await.expect("prune"), 1);
+    assert!(stores[0].transaction_of(&table_x, &[11]).await.expect("read").is_none());
+
+    // A lane waiting for a transaction's other tables asks for no work, and
+    // its next success clears the wait.
+    let waiting_key = LaneKey::new(table_x.clone(), "dr-wait");
+    let ask = LaneChange::Touch { key: waiting_key.clone(), replica_table: table_x.clone(), at: 1 };
+    stores[0].apply_lane_changes(vec![ask], Vec::new()).await.expect("touch");
+    let wanted = stores[0].lane(&waiting_key).await.expect("read").expect("lane").wanted;
+    stores[1].record_waiting(&waiting_key, wanted, "db.y: its lane is paused".into()).await.expect("wait");
+    let waiting = stores[2].lane(&waiting_key).await.expect("read").expect("lane");
+    assert_eq!(
+        (waiting.status(), waiting.waiting_for.as_deref()),
+        (LaneStatus::Waiting, Some("db.y: its lane is paused"))
+    );
+    assert!(!waiting.has_work());
+    stores[1].record_success(&waiting_key, wanted).await.expect("success");
+    assert_eq!(stores[0].lane(&waiting_key).await.expect("read").expect("lane").waiting_for, None);
 
     // One instance per reconcile pass.
     let every = Duration::from_millis(600);

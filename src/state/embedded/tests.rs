@@ -330,3 +330,53 @@ async fn old_copy_checkpoints_are_pruned() {
     assert_eq!(store.prune_copied_files(now_ms() + 1).await.expect("prune"), 1);
     assert_eq!(store.copied_file("dr", "s3://s/a").await.expect("read"), None);
 }
+
+#[tokio::test]
+async fn transactions_are_found_by_any_of_their_snapshots_and_pruned_by_age() {
+    use crate::proxy::commit_tap::{Transaction, TransactionMember};
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EmbeddedStore::open(dir.path()).expect("open");
+    let members = vec![
+        TransactionMember { table: table("a", "x"), snapshots: vec![11, 12] },
+        TransactionMember { table: table("b", "y"), snapshots: vec![21] },
+    ];
+    store.record_transaction(Transaction { members: members.clone() }).await.expect("record");
+    let found = store.transaction_of(&table("a", "x"), &[99, 12]).await.expect("read").expect("found by 12");
+    assert_eq!(found.members, members);
+    let same = store.transaction_of(&table("b", "y"), &[21]).await.expect("read").expect("found by 21");
+    assert_eq!(same.id, found.id);
+    assert!(store.transaction_of(&table("b", "y"), &[11]).await.expect("read").is_none(), "11 is x's, not y's");
+    assert!(store.transaction_of(&table("a", "x"), &[]).await.expect("read").is_none());
+
+    // Kept across a restart; pruned once old enough.
+    drop(store);
+    let store = EmbeddedStore::open(dir.path()).expect("reopen");
+    assert_eq!(store.prune_transactions(found.recorded_at).await.expect("prune"), 0);
+    assert_eq!(store.prune_transactions(found.recorded_at + 1).await.expect("prune"), 1);
+    assert!(store.transaction_of(&table("a", "x"), &[11]).await.expect("read").is_none());
+}
+
+#[tokio::test]
+async fn a_waiting_lane_asks_for_no_work_and_its_next_success_clears_the_wait() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EmbeddedStore::open(dir.path()).expect("open");
+    let key = LaneKey::new(table("db", "t"), "dr");
+    store.apply_lane_changes(vec![touch(&key)], Vec::new()).await.expect("touch");
+    let lane = store.lane(&key).await.expect("read").expect("exists");
+    store.record_failure(&key, "boom".into(), false).await.expect("fail");
+    store.record_waiting(&key, lane.wanted, "db.u: its lane is paused".into()).await.expect("wait");
+    let waiting = store.lane(&key).await.expect("read").expect("exists");
+    assert_eq!(waiting.status(), LaneStatus::Waiting);
+    assert_eq!(waiting.waiting_for.as_deref(), Some("db.u: its lane is paused"));
+    assert!(!waiting.has_work());
+    assert!(waiting.last_error.is_none(), "waiting is not a failure");
+
+    // The lane that commits the transaction asks it to go on.
+    store.apply_lane_changes(vec![touch(&key)], Vec::new()).await.expect("touch");
+    let asked = store.lane(&key).await.expect("read").expect("exists");
+    assert_eq!(asked.status(), LaneStatus::Pending);
+    store.record_success(&key, asked.wanted).await.expect("success");
+    let done = store.lane(&key).await.expect("read").expect("exists");
+    assert_eq!(done.status(), LaneStatus::Completed);
+    assert_eq!(done.waiting_for, None);
+}

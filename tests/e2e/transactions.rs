@@ -1,0 +1,169 @@
+//! Multi-table transactions end to end: a client commits appends to two
+//! tables in one `transactions/commit` through icerelay, and a reader of the
+//! replica catalog, polling both tables in a tight loop, must never see one
+//! table changed without the other, also across a SIGKILL of icerelay.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::{RelayProcess, Rustberg, SeaweedFs, python, unique};
+use crate::replication::{Replica, history, ident, lane_status, read_catalog, relay_toml_from, wait_replicated};
+
+/// The primary of a case: where the writer commits (through icerelay).
+enum Primary {
+    Seaweed(&'static SeaweedFs),
+    Rustberg(&'static Rustberg),
+}
+
+impl Primary {
+    /// Client settings for a connection through icerelay at `relay`.
+    fn through(&self, relay: &str) -> Value {
+        match self {
+            Self::Seaweed(s) => s.client_conn(relay),
+            Self::Rustberg(r) => json!({"uri": relay, "warehouse": r.warehouse}),
+        }
+    }
+
+    fn direct(&self) -> Value {
+        match self {
+            Self::Seaweed(s) => s.client_conn(s.catalog_uri()),
+            Self::Rustberg(r) => r.client_conn(),
+        }
+    }
+
+    fn catalog(&self) -> icerelay::catalog::RestCatalog {
+        match self {
+            Self::Seaweed(s) => Replica::Seaweed(s).catalog(),
+            Self::Rustberg(r) => Replica::Rustberg(r).catalog(),
+        }
+    }
+
+    fn toml(&self, replica: Replica, namespace: &str, state: &std::path::Path) -> String {
+        let extra = "reconcile_interval = \"2s\"\nretry_initial_backoff = \"200ms\"\nretry_max_backoff = \"2s\"";
+        match self {
+            // Its [replication] section is the same.
+            Self::Seaweed(s) => relay_toml_from(s, replica, namespace, state, ""),
+            Self::Rustberg(r) => format!(
+                "state_dir = \"{}\"\n[primary]\nuri = \"{}\"\nwarehouse = \"{}\"\n\n[replication]\n{extra}\n\n{}\n{}\n[[rules]]\nnamespace = \"{namespace}\"\ndestinations = [\"dr\"]\n",
+                state.display(),
+                r.uri,
+                r.warehouse,
+                r.storage_toml(),
+                replica.destination_toml(),
+            ),
+        }
+    }
+}
+
+async fn write(conn: &Value, ops: Value) -> Value {
+    python("multi_table.py", vec![conn.to_string(), ops.to_string()]).await
+}
+
+/// icerelay's `replication_transactions` counter for `result`.
+async fn transactions_metric(admin: &str, result: &str) -> u64 {
+    let text = reqwest::get(format!("{admin}/metrics")).await.expect("metrics").text().await.expect("text");
+    let wanted = format!("icerelay_replication_transactions_total{{destination=\"dr\",result=\"{result}\"}}");
+    text.lines().find_map(|l| l.strip_prefix(wanted.as_str())).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Runs the case: tables `a` and `b` made, then transactions appending to
+/// both, with a reader on the replica throughout; with `kill`, icerelay is
+/// SIGKILLed once the replica has some of them, and a new process finishes.
+async fn transactions_stay_whole(primary: Primary, replica: Replica, prefix: &str, kill: bool) {
+    let ns = unique(prefix);
+    let tables = [format!("{ns}.a"), format!("{ns}.b")];
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("icerelay.toml");
+    std::fs::write(&config, primary.toml(replica, &ns, &dir.path().join("state"))).expect("config");
+    let config = config.display().to_string();
+    let mut relay = RelayProcess::start(&["serve", "--config", &config], &[]).await;
+
+    write(&primary.through(&relay.url), json!([{"op": "create", "tables": tables}])).await;
+    let stop = dir.path().join("stop-reading");
+    let reader = tokio::spawn(python(
+        "watch_together.py",
+        vec![replica.conn().to_string(), json!(tables).to_string(), stop.display().to_string()],
+    ));
+    let first = json!([{"op": "transactions", "tables": tables, "count": 8, "rows": 2}]);
+    let mut written = write(&primary.through(&relay.url), first).await;
+
+    if kill {
+        // Killed once the replica has some of it.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while lane_status(&relay.admin_url, &tables[0]).await.is_none_or(|s| s["replica_metadata_location"].is_null()) {
+            assert!(Instant::now() < deadline, "replication never started:\n{}", relay.logs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        relay.kill();
+        relay = RelayProcess::start(&["serve", "--config", &config], &[]).await;
+    }
+    let second = json!([{"op": "transactions", "tables": tables, "count": 6, "start": 5000, "rows": 1}]);
+    written = {
+        let more = write(&primary.through(&relay.url), second).await;
+        json!({"first": written, "second": more})
+    };
+    let last = &written["second"]["tables"];
+    for table in &tables {
+        let location = last[table.as_str()]["metadata_location"].as_str().expect("location");
+        wait_replicated(&relay.admin_url, table, location).await;
+    }
+    std::fs::write(&stop, "").expect("stop the reader");
+    let seen = reader.await.expect("reader");
+
+    assert_eq!(
+        seen["violations"],
+        json!([]),
+        "a reader of the replica saw one table changed without the other: {seen}"
+    );
+    assert!(
+        seen["states"].as_array().is_some_and(|s| s.len() >= 3),
+        "the reader saw the replica move through several transactions: {seen}"
+    );
+
+    // Every snapshot once, with the source's history, and the same rows.
+    for table in &tables {
+        let source = primary.catalog().load_table(&ident(table)).await.expect("load").expect("source");
+        let copy = replica.catalog().load_table(&ident(table)).await.expect("load").expect("replica");
+        assert_eq!(history(&copy.metadata), history(&source.metadata), "{table}: same snapshots, same history");
+        assert_eq!(copy.metadata["snapshot-log"], source.metadata["snapshot-log"], "{table}: same snapshot-log");
+        let (source_rows, replica_rows) =
+            (read_catalog(primary.direct(), table).await, read_catalog(replica.conn(), table).await);
+        assert_eq!(replica_rows["pyiceberg"], source_rows["pyiceberg"], "{table}: same rows at every snapshot");
+    }
+
+    // The instance that finished committed transactions whole: both tables' parts in one commit each.
+    let atomic = transactions_metric(&relay.admin_url, "atomic").await;
+    assert!(atomic >= 2, "tables committed in multi-table commits: {atomic}\n{}", relay.logs());
+    assert_eq!(transactions_metric(&relay.admin_url, "table_by_table").await, 0, "{}", relay.logs());
+    let audit = std::fs::read_to_string(dir.path().join("state/audit.log")).expect("audit log");
+    let mut together: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+    for line in audit.lines() {
+        let entry: Value = serde_json::from_str(line).expect("audit line");
+        if let Some(id) = entry["detail"]["transaction"]["id"].as_i64() {
+            together.entry(id).or_default().push(entry["table"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    // (A SIGKILL may lose the last lines written.)
+    assert!(together.values().any(|parts| parts.len() == 2), "the audit log names the transactions: {audit}");
+    for (id, parts) in &together {
+        let unique: std::collections::BTreeSet<&String> = parts.iter().collect();
+        assert_eq!(unique.len(), parts.len(), "transaction {id} committed once per table: {parts:?}");
+    }
+    let status = lane_status(&relay.admin_url, &tables[1]).await.expect("status");
+    assert_eq!(status["status"], "completed");
+    assert_eq!(status["waiting_for"], Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn multi_table_transactions_reach_rustberg_whole_across_a_sigkill() {
+    let primary: &'static Rustberg = Box::leak(Box::new(Rustberg::start("txn-primary")));
+    transactions_stay_whole(Primary::Rustberg(primary), Replica::Rustberg(Rustberg::shared()), "txn", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn multi_table_transactions_reach_seaweedfs_whole() {
+    let replica = Replica::Seaweed(SeaweedFs::shared_replica());
+    transactions_stay_whole(Primary::Seaweed(SeaweedFs::shared()), replica, "txnsw", false).await;
+}
