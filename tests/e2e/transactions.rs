@@ -1,7 +1,8 @@
 //! Multi-table transactions end to end: a client commits appends to two
 //! tables in one `transactions/commit` through icerelay, and a reader of the
 //! replica catalog, polling both tables in a tight loop, must never see one
-//! table changed without the other, also across a SIGKILL of icerelay.
+//! table changed without the other, also across a SIGKILL of icerelay. A
+//! table of the transaction that replicates elsewhere does not hold them up.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -40,19 +41,31 @@ impl Primary {
         }
     }
 
-    fn toml(&self, replica: Replica, namespace: &str, state: &std::path::Path) -> String {
+    fn toml(&self, replica: Replica, namespace: &str, state: &std::path::Path, elsewhere: Option<&Rustberg>) -> String {
         let extra = "reconcile_interval = \"2s\"\nretry_initial_backoff = \"200ms\"\nretry_max_backoff = \"2s\"";
         match self {
             // Its [replication] section is the same.
             Self::Seaweed(s) => relay_toml_from(s, replica, namespace, state, ""),
-            Self::Rustberg(r) => format!(
-                "state_dir = \"{}\"\n[primary]\nuri = \"{}\"\nwarehouse = \"{}\"\n\n[replication]\n{extra}\n\n{}\n{}\n[[rules]]\nnamespace = \"{namespace}\"\ndestinations = [\"dr\"]\n",
-                state.display(),
-                r.uri,
-                r.warehouse,
-                r.storage_toml(),
-                replica.destination_toml(),
-            ),
+            Self::Rustberg(r) => {
+                let mut toml = format!(
+                    "state_dir = \"{}\"\n[primary]\nuri = \"{}\"\nwarehouse = \"{}\"\n\n[replication]\n{extra}\n\n{}\n{}\n[[rules]]\nnamespace = \"{namespace}\"\ndestinations = [\"dr\"]\n",
+                    state.display(),
+                    r.uri,
+                    r.warehouse,
+                    r.storage_toml(),
+                    replica.destination_toml(),
+                );
+                if let Some(other) = elsewhere {
+                    // The namespace `{namespace}_x` goes to another destination.
+                    toml.push_str(&format!(
+                        "\n[[destinations]]\nname = \"dr2\"\nuri = \"{}\"\nwarehouse = \"{}\"\n\n{}\n[[rules]]\nnamespace = \"{namespace}_x\"\ndestinations = [\"dr2\"]\n",
+                        other.uri,
+                        other.warehouse,
+                        other.storage_toml()
+                    ));
+                }
+                toml
+            }
         }
     }
 }
@@ -71,22 +84,35 @@ async fn transactions_metric(admin: &str, result: &str) -> u64 {
 /// Runs the case: tables `a` and `b` made, then transactions appending to
 /// both, with a reader on the replica throughout; with `kill`, icerelay is
 /// SIGKILLed once the replica has some of them, and a new process finishes.
-async fn transactions_stay_whole(primary: Primary, replica: Replica, prefix: &str, kill: bool) {
+/// With `elsewhere`, the transactions also append to a table `c` that
+/// replicates to that catalog only (atomic per destination).
+async fn transactions_stay_whole(
+    primary: Primary,
+    replica: Replica,
+    prefix: &str,
+    kill: bool,
+    elsewhere: Option<&'static Rustberg>,
+) {
     let ns = unique(prefix);
     let tables = [format!("{ns}.a"), format!("{ns}.b")];
+    let other = format!("{ns}_x.c");
+    let mut changed = tables.to_vec();
+    if elsewhere.is_some() {
+        changed.push(other.clone());
+    }
     let dir = tempfile::tempdir().expect("dir");
     let config = dir.path().join("icerelay.toml");
-    std::fs::write(&config, primary.toml(replica, &ns, &dir.path().join("state"))).expect("config");
+    std::fs::write(&config, primary.toml(replica, &ns, &dir.path().join("state"), elsewhere)).expect("config");
     let config = config.display().to_string();
     let mut relay = RelayProcess::start(&["serve", "--config", &config], &[]).await;
 
-    write(&primary.through(&relay.url), json!([{"op": "create", "tables": tables}])).await;
+    write(&primary.through(&relay.url), json!([{"op": "create", "tables": changed}])).await;
     let stop = dir.path().join("stop-reading");
     let reader = tokio::spawn(python(
         "watch_together.py",
         vec![replica.conn().to_string(), json!(tables).to_string(), stop.display().to_string()],
     ));
-    let first = json!([{"op": "transactions", "tables": tables, "count": 8, "rows": 2}]);
+    let first = json!([{"op": "transactions", "tables": changed, "count": 8, "rows": 2}]);
     let mut written = write(&primary.through(&relay.url), first).await;
 
     if kill {
@@ -99,7 +125,7 @@ async fn transactions_stay_whole(primary: Primary, replica: Replica, prefix: &st
         relay.kill();
         relay = RelayProcess::start(&["serve", "--config", &config], &[]).await;
     }
-    let second = json!([{"op": "transactions", "tables": tables, "count": 6, "start": 5000, "rows": 1}]);
+    let second = json!([{"op": "transactions", "tables": changed, "count": 6, "start": 5000, "rows": 1}]);
     written = {
         let more = write(&primary.through(&relay.url), second).await;
         json!({"first": written, "second": more})
@@ -108,6 +134,17 @@ async fn transactions_stay_whole(primary: Primary, replica: Replica, prefix: &st
     for table in &tables {
         let location = last[table.as_str()]["metadata_location"].as_str().expect("location");
         wait_replicated(&relay.admin_url, table, location).await;
+    }
+    if let Some(second_replica) = elsewhere {
+        let location = last[other.as_str()]["metadata_location"].as_str().expect("location");
+        wait_replicated(&relay.admin_url, &other, location).await;
+        let copy = Replica::Rustberg(second_replica).catalog().load_table(&ident(&other)).await.expect("load");
+        let source = primary.catalog().load_table(&ident(&other)).await.expect("load").expect("source");
+        assert_eq!(
+            history(&copy.expect("replica").metadata),
+            history(&source.metadata),
+            "{other} on its own destination"
+        );
     }
     std::fs::write(&stop, "").expect("stop the reader");
     let seen = reader.await.expect("reader");
@@ -159,11 +196,19 @@ async fn transactions_stay_whole(primary: Primary, replica: Replica, prefix: &st
 #[tokio::test(flavor = "multi_thread")]
 async fn multi_table_transactions_reach_rustberg_whole_across_a_sigkill() {
     let primary: &'static Rustberg = Box::leak(Box::new(Rustberg::start("txn-primary")));
-    transactions_stay_whole(Primary::Rustberg(primary), Replica::Rustberg(Rustberg::shared()), "txn", true).await;
+    let second: &'static Rustberg = Box::leak(Box::new(Rustberg::start("txn-second")));
+    transactions_stay_whole(
+        Primary::Rustberg(primary),
+        Replica::Rustberg(Rustberg::shared()),
+        "txn",
+        true,
+        Some(second),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn multi_table_transactions_reach_seaweedfs_whole() {
     let replica = Replica::Seaweed(SeaweedFs::shared_replica());
-    transactions_stay_whole(Primary::Seaweed(SeaweedFs::shared()), replica, "txnsw", false).await;
+    transactions_stay_whole(Primary::Seaweed(SeaweedFs::shared()), replica, "txnsw", false, None).await;
 }
