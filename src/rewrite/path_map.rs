@@ -4,8 +4,10 @@
 //! wins. Prefixes are directory prefixes: `s3://b/t` matches `s3://b/t` and
 //! `s3://b/t/...`, never `s3://b/t2/...`. A path that no pair maps is an
 //! error naming the path and the file it was found in: a replica must never
-//! point back at the source's storage. Hadoop-style `file:/path` and
-//! `file:///path` are one URL: both match a pair written either way.
+//! point back at the source's storage. `file:/path` (Hadoop's form, which
+//! Spark's file IO writes), `file:///path` and `file://localhost/path` are
+//! one URL: each matches a pair written in any of the forms, and a local
+//! target is written in the form the source path used.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -63,10 +65,11 @@ impl PathMap {
 
     /// The target of `path`, if a pair maps it.
     pub fn map(&self, path: &str) -> Option<String> {
+        let form = FileForm::of(path);
         let path = normalize_file_url(path);
         self.pairs.iter().find_map(|pair| {
             let rest = path.strip_prefix(&pair.from)?;
-            if rest.is_empty() || rest.starts_with('/') { Some(format!("{}{rest}", pair.to)) } else { None }
+            if rest.is_empty() || rest.starts_with('/') { Some(form.write(format!("{}{rest}", pair.to))) } else { None }
         })
     }
 
@@ -113,11 +116,48 @@ impl fmt::Display for PathMap {
     }
 }
 
-/// `file:/a/b` (as Hadoop and Java Iceberg write local paths) as `file:///a/b`.
+/// `file:/a/b` (as Hadoop and Java Iceberg write local paths) and
+/// `file://localhost/a/b` as `file:///a/b`.
 pub fn normalize_file_url(url: &str) -> Cow<'_, str> {
     match url.strip_prefix("file:") {
         Some(rest) if rest.starts_with('/') && !rest.starts_with("//") => format!("file://{rest}").into(),
-        _ => url.into(),
+        Some(rest) => match rest.strip_prefix("//localhost/") {
+            Some(path) => format!("file:///{path}").into(),
+            None => url.into(),
+        },
+        None => url.into(),
+    }
+}
+
+/// How a local file URL was written, so that its rewrite is written alike
+/// (a reader compares paths as strings: Spark's `file:/` paths stay `file:/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileForm {
+    /// `file:///path`, or not a local file URL at all.
+    Standard,
+    /// `file:/path`.
+    Hadoop,
+    /// `file://localhost/path`.
+    Localhost,
+}
+
+impl FileForm {
+    fn of(url: &str) -> Self {
+        match url.strip_prefix("file:") {
+            Some(rest) if rest.starts_with('/') && !rest.starts_with("//") => Self::Hadoop,
+            Some(rest) if rest.starts_with("//localhost/") => Self::Localhost,
+            _ => Self::Standard,
+        }
+    }
+
+    /// `url` (normalized) in this form, if it is a local file URL.
+    fn write(self, url: String) -> String {
+        let Some(path) = url.strip_prefix("file://").filter(|p| p.starts_with('/')) else { return url };
+        match self {
+            Self::Standard => url,
+            Self::Hadoop => format!("file:{path}"),
+            Self::Localhost => format!("file://localhost{path}"),
+        }
     }
 }
 
@@ -153,17 +193,34 @@ mod tests {
     }
 
     #[test]
-    fn hadoop_style_file_urls_are_the_same_urls() {
-        let m = PathMap::from_locations("file:/tmp/wh/db/t", "file:/tmp/replica/db/t").expect("valid");
-        assert_eq!(
-            m.map("file:/tmp/wh/db/t/data/a.parquet").as_deref(),
-            Some("file:///tmp/replica/db/t/data/a.parquet")
-        );
-        assert_eq!(
-            m.map("file:///tmp/wh/db/t/data/a.parquet").as_deref(),
-            Some("file:///tmp/replica/db/t/data/a.parquet")
-        );
-        assert_eq!(m.map("file:/tmp/wh/db/t2/a.parquet"), None);
+    fn every_form_of_a_local_file_url_is_the_same_url_and_keeps_its_form() {
+        for (source, target) in [
+            ("file:/tmp/wh/db/t", "file:/tmp/replica/db/t"),
+            ("file:///tmp/wh/db/t", "file:///tmp/replica/db/t"),
+            ("file://localhost/tmp/wh/db/t", "file://localhost/tmp/replica/db/t"),
+        ] {
+            let m = PathMap::from_locations(source, target).expect("valid");
+            assert_eq!(
+                m.map("file:/tmp/wh/db/t/data/a.parquet").as_deref(),
+                Some("file:/tmp/replica/db/t/data/a.parquet"),
+                "{source}"
+            );
+            assert_eq!(
+                m.map("file:///tmp/wh/db/t/data/a.parquet").as_deref(),
+                Some("file:///tmp/replica/db/t/data/a.parquet"),
+                "{source}"
+            );
+            assert_eq!(
+                m.map("file://localhost/tmp/wh/db/t/data/a.parquet").as_deref(),
+                Some("file://localhost/tmp/replica/db/t/data/a.parquet"),
+                "{source}"
+            );
+            assert_eq!(m.map("file:/tmp/wh/db/t2/a.parquet"), None);
+            assert_eq!(m.map("file://otherhost/tmp/wh/db/t/a.parquet"), None, "another host is not this one");
+        }
+        // A local path mapped to object storage is written as the target is.
+        let m = PathMap::from_locations("file:/tmp/wh/t", "s3://r/t").expect("valid");
+        assert_eq!(m.map("file:/tmp/wh/t/data/a.parquet").as_deref(), Some("s3://r/t/data/a.parquet"));
     }
 
     #[test]

@@ -513,6 +513,9 @@ mod tests {
         let at = storage.resolve("file:///tmp/wh/t/metadata/v1.json").expect("under the local prefix");
         assert_eq!(at.path.as_ref(), "tmp/wh/t/metadata/v1.json");
         assert!(storage.resolve("file:/tmp/wh/t/java-style").is_ok(), "Hadoop-style URLs are the same");
+        let at = storage.resolve("file://localhost/tmp/wh/t/x").expect("localhost is this machine");
+        assert_eq!(at.path.as_ref(), "tmp/wh/t/x");
+        assert!(storage.resolve("file://otherhost/tmp/wh/t/x").is_err(), "another host is not");
         assert!(storage.resolve("file:///tmp/other/x").is_err());
         for climbing in [
             "file:///tmp/wh/../../etc/passwd",
