@@ -6,6 +6,11 @@
 #           download at run time), pyarrow, fastavro, requests, boto3, jsonschema
 #   rustberg/ rustberg 0.3.0, a second Iceberg REST catalog (cargo install, ~10 min on
 #           2 cores, once). Skip it with ICERELAY_SKIP_RUSTBERG=1.
+#   spark/  Spark 3.5.8 (pyspark, into the venv) with Iceberg 1.10.2's Spark runtime from PyPI
+#           (snowpark-connect-deps-iceberg), completed by scripts/teststack/spark_jars.py with
+#           the relocated Jackson and HttpClient 5 it lacks; spark/classpath holds the class
+#           path. Java 17 (Debian's openjdk-17-jre-headless) is installed with apt-get when
+#           missing and running as root. Skip Spark with ICERELAY_SKIP_SPARK=1.
 #   PostgreSQL server binaries (Debian's postgresql package, for the shared-state tests; the
 #           tests start throwaway clusters with scripts/teststack/postgres.sh): installed with
 #           apt-get when missing and running as root, else the command to run is printed.
@@ -46,14 +51,37 @@ if [ -z "${ICERELAY_SKIP_RUSTBERG:-}" ] && [ ! -x "$TESTSTACK/rustberg/bin/rustb
   echo "building rustberg 0.3.0 into $TESTSTACK/rustberg (about 10 minutes, once)" >&2
   cargo install rustberg@0.3.0 --locked --no-default-features --features cli --root "$TESTSTACK/rustberg" >&2
 fi
-if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "${PG_BIN:-}" ]; then
+# Installs Debian packages when running as root; else says what to run, and fails.
+apt_install() {
+  local why=$1; shift
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "installing PostgreSQL (Debian's postgresql package) for the shared-state tests" >&2
+    echo "installing $* ($why)" >&2
     DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2
   else
-    echo "PostgreSQL server binaries are missing: run 'sudo apt-get install postgresql' (or set PG_BIN)" >&2
+    echo "missing $why: run 'sudo apt-get install $*'" >&2
     exit 1
   fi
+}
+
+if [ -z "${ICERELAY_SKIP_SPARK:-}" ]; then
+  SPARK_REQS="pyspark==3.5.8 snowpark-connect-deps-iceberg==1.0.3"
+  SPARK_STAMP=$VENV/.icerelay-spark
+  if [ "$(cat "$SPARK_STAMP" 2>/dev/null)" != "$SPARK_REQS" ]; then
+    echo "installing Spark and Iceberg's Spark runtime into $VENV" >&2
+    # shellcheck disable=SC2086
+    "$VENV/bin/pip" install -q --disable-pip-version-check $SPARK_REQS >&2
+    echo "$SPARK_REQS" > "$SPARK_STAMP"
+  fi
+  command -v java >/dev/null || apt_install "Java 17 for the Spark tests" openjdk-17-jre-headless
+  if [ ! -s "$TESTSTACK/spark/classpath" ]; then
+    mkdir -p "$TESTSTACK/spark"
+    SPARK_DIR=$(cd "$TESTSTACK/spark" && pwd)
+    "$VENV/bin/python" "$ROOT/scripts/teststack/spark_jars.py" build "$SPARK_DIR" > "$SPARK_DIR/classpath.new"
+    mv "$SPARK_DIR/classpath.new" "$SPARK_DIR/classpath"
+  fi
+fi
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "${PG_BIN:-}" ]; then
+  apt_install "PostgreSQL server binaries for the shared-state tests (or set PG_BIN)" postgresql
 fi
 echo "test environment ready in $TESTSTACK" >&2

@@ -15,5 +15,6 @@ mod proxy_clients;
 mod proxy_passthrough;
 mod replication;
 mod shared_state;
+mod spark;
 mod tls;
 mod transactions;

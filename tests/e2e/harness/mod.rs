@@ -52,6 +52,12 @@ pub fn python_bin() -> PathBuf {
     require(teststack().join("venv/bin/python"), "the test venv")
 }
 
+/// The class path of Spark's Iceberg runtime (the jars setup-test-env.sh completed).
+pub fn spark_classpath() -> String {
+    let file = require(teststack().join("spark/classpath"), "the Spark class path");
+    std::fs::read_to_string(file).expect("read the Spark class path").trim().to_owned()
+}
+
 /// DuckDB's extension directory inside the venv.
 pub fn duckdb_extensions() -> PathBuf {
     require(teststack().join("venv/duckdb_extensions"), "the DuckDB extensions")
