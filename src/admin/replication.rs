@@ -123,7 +123,7 @@ pub async fn status(State(state): State<AdminState>) -> Response {
             "uri": d.config.uri.as_str(),
             "mode": caps.as_ref().map(|c| c.mode()),
             "bootstrap": caps.as_ref().map(|c| c.bootstrap),
-            "multi_table_commits": d.multi_table_commits().await,
+            "multi_table_commits": d.multi_table_commits_now().await.map(|m| m.to_string()),
         }));
     }
     let count = |s: LaneStatus| lanes.iter().filter(|l| l.status() == s).count();

@@ -17,9 +17,9 @@
 //! rename, transactions); updateTable and dropTable name the table in the path
 //! and stream through untouched.
 //!
-//! A transaction that added snapshots to several tables is also handed over
-//! as a [`Transaction`], before its hints, so that replication can commit
-//! those tables together on each replica.
+//! A transaction that adds snapshots to several tables is also handed over
+//! as a [`Transaction`], before it is forwarded, so that replication can
+//! commit those tables together on each replica.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -185,7 +185,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let settings = self.settings.clone();
         Box::pin(async move {
-            let (Observed { hints, transaction }, response) = match watch {
+            let (Observed { hints, .. }, response) = match watch {
                 Watch::Path(kind, table) => {
                     let response = inner.call(req).await?;
                     let hints = vec![CommitHint { kind, table, prefix, metadata_location: None }];
@@ -194,7 +194,16 @@ where
                 Watch::Body(name, operation) => {
                     let (parts, body) = req.into_parts();
                     let bytes = read_request_body(&parts.headers, body, settings.limit, name).await?;
-                    let observed = observe_body(&operation, &bytes, prefix);
+                    let mut observed = observe_body(&operation, &bytes, prefix);
+                    // Recorded before the primary applies it: from its answer on, a
+                    // lane may see the new snapshots, and must know they go together.
+                    // A transaction the primary refuses names snapshots that never
+                    // appear, and is pruned with the others.
+                    if let Some(transaction) = observed.as_mut().and_then(|o| o.transaction.take())
+                        && let Err(error) = settings.sink.record_transaction(transaction).await
+                    {
+                        tracing::error!(error = %error, "could not record a multi-table transaction; replicas will get its tables one by one");
+                    }
                     let response = inner.call(Request::from_parts(parts, Body::from(bytes))).await?;
                     (observed.unwrap_or_else(|| {
                         if response.status().is_success() {
@@ -204,13 +213,6 @@ where
                     }), response)
                 }
             };
-            if response.status().is_success()
-                && let Some(transaction) = transaction
-                && let Err(error) = settings.sink.record_transaction(transaction).await
-            {
-                // Its hints still go in: the tables replicate, one by one.
-                tracing::error!(error = %error, "could not record a multi-table transaction; replicas get its tables one by one");
-            }
             if response.status().is_success() && !hints.is_empty() {
                 let count = hints.len() as u64;
                 match settings.sink.record(hints).await {
@@ -257,23 +259,10 @@ struct CommitTransactionBody {
 #[derive(Deserialize)]
 struct TableChange {
     identifier: Option<TableIdent>,
+    /// Read only for the snapshots `add-snapshot` adds: whatever else is in
+    /// them is the primary's business, and never costs the hints.
     #[serde(default)]
-    updates: Vec<TableUpdate>,
-}
-
-/// An update of a table change, as far as the tap needs it: the snapshot an
-/// `add-snapshot` adds. Every other field is the primary's business.
-#[derive(Deserialize)]
-struct TableUpdate {
-    #[serde(default)]
-    action: String,
-    snapshot: Option<AddedSnapshot>,
-}
-
-#[derive(Deserialize)]
-struct AddedSnapshot {
-    #[serde(rename = "snapshot-id")]
-    snapshot_id: i64,
+    updates: Vec<serde_json::Value>,
 }
 
 /// What a request body tells the tap.
@@ -326,8 +315,8 @@ fn transaction_of(changes: Vec<TableChange>) -> Option<Transaction> {
             let snapshots: Vec<i64> = change
                 .updates
                 .iter()
-                .filter(|u| u.action == "add-snapshot")
-                .filter_map(|u| u.snapshot.as_ref().map(|s| s.snapshot_id))
+                .filter(|u| u.get("action").and_then(serde_json::Value::as_str) == Some("add-snapshot"))
+                .filter_map(|u| u.pointer("/snapshot/snapshot-id").and_then(serde_json::Value::as_i64))
                 .collect();
             Some(TransactionMember { table: change.identifier?, snapshots }).filter(|m| !m.snapshots.is_empty())
         })
@@ -418,5 +407,11 @@ mod tests {
         assert!(observe_body(&Operation::CreateTable(ns("db")), &Bytes::from("[]"), None).is_none());
         let unnamed = r#"{"table-changes":[{"requirements":[],"updates":[]}]}"#;
         assert!(observe_body(&Operation::CommitTransaction, &Bytes::from(unnamed), None).is_none());
+        // Updates icerelay does not understand never cost the hints.
+        let odd = r#"{"table-changes":[{"identifier":{"namespace":["a"],"name":"x"},"updates":[{"action":"add-snapshot","snapshot":"?"}]},
+                                      {"identifier":{"namespace":["a"],"name":"y"},"updates":[{"snapshot":{"snapshot-id":"7"}}]}]}"#;
+        let observed = observe_body(&Operation::CommitTransaction, &Bytes::from(odd), None).expect("parses");
+        assert_eq!(observed.hints.len(), 2);
+        assert_eq!(observed.transaction, None);
     }
 }

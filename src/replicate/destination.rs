@@ -44,6 +44,34 @@ pub enum Bootstrap {
 /// The multi-table commit endpoint, as catalogs advertise it.
 const TRANSACTIONS_ENDPOINT: &str = "/v1/{prefix}/transactions/commit";
 
+/// How the source's multi-table transactions reach a destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MultiTableCommits {
+    /// One `transactions/commit` per transaction.
+    Atomic,
+    /// Each table on its own, and why.
+    TableByTable(String),
+}
+
+impl MultiTableCommits {
+    /// Why tables are committed one by one, if they are.
+    pub fn table_by_table(&self) -> Option<&str> {
+        match self {
+            Self::Atomic => None,
+            Self::TableByTable(why) => Some(why),
+        }
+    }
+}
+
+impl std::fmt::Display for MultiTableCommits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Atomic => f.write_str("atomic"),
+            Self::TableByTable(why) => write!(f, "table by table: {why}"),
+        }
+    }
+}
+
 /// What a destination can do, and how icerelay knows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capabilities {
@@ -141,24 +169,31 @@ impl Destination {
             .await
     }
 
-    /// How the source's multi-table transactions reach this destination:
-    /// `atomic` (one `transactions/commit` per transaction), or `table by
-    /// table` and why (the catalog does not advertise the endpoint, or refused it).
-    pub async fn multi_table_commits(&self) -> String {
+    /// How the source's multi-table transactions reach this destination.
+    pub async fn multi_table_commits(&self) -> MultiTableCommits {
         if let Some(reason) = self.no_transactions.get() {
-            return format!("table by table: {reason}");
+            return MultiTableCommits::TableByTable(reason.clone());
         }
         match self.catalog.config().await {
             Ok(config) if !config.supports("POST", TRANSACTIONS_ENDPOINT) => {
-                "table by table: the catalog does not advertise transactions/commit".into()
+                MultiTableCommits::TableByTable("the catalog does not advertise transactions/commit".into())
             }
-            _ => "atomic".into(),
+            _ => MultiTableCommits::Atomic,
         }
     }
 
-    /// Whether to commit a transaction's tables in one multi-table commit.
-    pub async fn takes_transactions(&self) -> bool {
-        self.multi_table_commits().await == "atomic"
+    /// [`Self::multi_table_commits`] for the status API, which must answer
+    /// while the destination does not: `None` if its configuration cannot
+    /// be read within a second.
+    pub async fn multi_table_commits_now(&self) -> Option<MultiTableCommits> {
+        if let Some(reason) = self.no_transactions.get() {
+            return Some(MultiTableCommits::TableByTable(reason.clone()));
+        }
+        let config = tokio::time::timeout(std::time::Duration::from_secs(1), self.catalog.config()).await;
+        match config {
+            Ok(Ok(_)) => Some(self.multi_table_commits().await),
+            _ => None,
+        }
     }
 
     /// Remembers that the catalog refused a multi-table commit as unsupported.

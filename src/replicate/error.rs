@@ -49,6 +49,13 @@ pub enum ReplicateError {
     /// catalog that does not keep what it is sent).
     #[error("{0}")]
     NoProgress(String),
+    /// A drain before promotion reached a multi-table transaction whose
+    /// other tables are not replicated yet; retried until they are.
+    #[error(
+        "cannot finish draining before the promotion yet: the replica's next commit is part of a multi-table \
+         transaction, and {0}; retrying (or promote with --now to keep the replica as it is)"
+    )]
+    DrainWaits(String),
     /// This instance's lease on the lane ran out or was taken over: another
     /// instance runs the lane now, and this run stopped before writing more.
     #[error(
@@ -86,7 +93,7 @@ impl ReplicateError {
             | Self::Refused(_)
             | Self::NoMetadataLocation(_)
             | Self::NoProgress(_) => true,
-            Self::State(_) | Self::LeaseLost { .. } => false,
+            Self::State(_) | Self::LeaseLost { .. } | Self::DrainWaits(_) => false,
         }
     }
 

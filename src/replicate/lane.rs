@@ -21,6 +21,7 @@ use tracing::Instrument;
 use super::Context;
 use super::destination::{Bootstrap, Destination};
 use super::error::ReplicateError;
+use super::group::Together;
 use super::plan::{self, PlanInput, Step};
 use crate::audit::{Action, Event};
 use crate::catalog::{CatalogError, LoadedTable, TableIdent};
@@ -52,10 +53,10 @@ pub async fn run(ctx: Arc<Context>, lane: LaneRecord) -> Result<(), ReplicateErr
         let expired = lane.promotion_deadline.is_some_and(|deadline| deadline < now_ms());
         if expired && ctx.store.withdraw_promotion(&lane.key).await? {
             tracing::info!("a promotion request expired before it was carried out; the replica stays a replica");
-            return follow(&ctx, LaneRecord { promotion: None, ..lane }).await;
+            return follow(&ctx, LaneRecord { promotion: None, ..lane }, false).await;
         }
         match lane.promotion {
-            None => follow(&ctx, lane).await,
+            None => follow(&ctx, lane, false).await,
             // Begun already (a run that failed half way): finish it.
             Some(_) if lane.promotion_claimed => super::promote::promote(&ctx, &lane).await,
             Some(PromotionMode::Now) => super::promote::promote(&ctx, &lane).await,
@@ -69,7 +70,7 @@ pub async fn run(ctx: Arc<Context>, lane: LaneRecord) -> Result<(), ReplicateErr
                         lane.key.table
                     )));
                 }
-                follow(&ctx, lane.clone()).await?;
+                follow(&ctx, lane.clone(), true).await?;
                 super::promote::promote(&ctx, &lane).await
             }
         }
@@ -113,8 +114,10 @@ impl Known {
 }
 
 /// One run in four phases: identify the source, open (or make) the
-/// replica, replay what it lacks, record that it converged.
-async fn follow(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateError> {
+/// replica, replay what it lacks, record that it converged (or what it
+/// waits for). A drain before a promotion must converge: waiting is an
+/// error it retries.
+async fn follow(ctx: &Context, lane: LaneRecord, draining: bool) -> Result<(), ReplicateError> {
     let key = &lane.key;
     let route = ctx.rules.route(&key.table, &key.destination).ok_or_else(|| ReplicateError::NoRoute {
         table: key.table.to_string(),
@@ -137,6 +140,7 @@ async fn follow(ctx: &Context, lane: LaneRecord) -> Result<(), ReplicateError> {
     let mut following = open_replica(ctx, &lane, &destination, source, source_file).await?;
     match replay(ctx, &lane, &destination, &mut following).await? {
         Replayed::Converged => finish(ctx, &lane, &destination, following).await,
+        Replayed::Waiting(reason) if draining => Err(ReplicateError::DrainWaits(reason)),
         Replayed::Waiting(reason) => wait(ctx, &lane, following, reason).await,
     }
 }
@@ -148,6 +152,20 @@ pub(super) struct Following {
     pub(super) source_file: String,
     pub(super) replica: LoadedTable,
     pub(super) known: Known,
+    /// The last commit's outcome was unknown: if its snapshots show up after
+    /// all, this run committed them.
+    pub(super) unknown_outcome: bool,
+}
+
+impl Following {
+    /// Whether a commit that turned out to be on the replica after `error`
+    /// was this run's: its outcome (or an earlier attempt's) was unknown. A
+    /// refused commit that is there anyway was another run's. Remembers an
+    /// unknown outcome for the next attempt.
+    pub(super) fn outcome_was_unknown(&mut self, error: &CatalogError) -> bool {
+        self.unknown_outcome |= matches!(error, CatalogError::CommitOutcomeUnknown { .. });
+        self.unknown_outcome
+    }
 }
 
 /// How a replay ended.
@@ -204,11 +222,11 @@ async fn open_replica(
 ) -> Result<Following, ReplicateError> {
     let key = &lane.key;
     let replica_table = &lane.replica_table;
-    let mut known = known_of(ctx, lane, destination, &source).await?;
     // Counted before the replica is reached: while its catalog is down the
     // status must still say how far behind it is.
-    let behind = plan::snapshots_missing_from(&source.metadata, &known.replicated) as i64;
-    ctx.store.record_snapshots_behind(key, behind).await?;
+    let replicated = ctx.store.replicated_snapshots(key).await?;
+    ctx.store.record_snapshots_behind(key, plan::snapshots_missing_from(&source.metadata, &replicated) as i64).await?;
+    let mut known = known_of(ctx, lane, destination, &source, replicated).await?;
     let capabilities = destination.capabilities(&ctx.store, &ctx.storage).await?.clone();
     let replica = match destination.catalog.load_table(replica_table).await? {
         Some(t) => t,
@@ -242,19 +260,20 @@ async fn open_replica(
         }
     };
     super::adopt::adopt_shared(ctx, lane, destination, &source, &replica, &mut known).await?;
-    Ok(Following { source, source_file, replica, known })
+    Ok(Following { source, source_file, replica, known, unknown_outcome: false })
 }
 
-/// What the store says icerelay put on the lane's replica.
+/// What the store says icerelay put on the lane's replica (`replicated`: its snapshots).
 async fn known_of(
     ctx: &Context,
     lane: &LaneRecord,
     destination: &Destination,
     source: &LoadedTable,
+    replicated: BTreeSet<i64>,
 ) -> Result<Known, ReplicateError> {
     let capabilities = destination.capabilities(&ctx.store, &ctx.storage).await?;
     Ok(Known {
-        replicated: ctx.store.replicated_snapshots(&lane.key).await?,
+        replicated,
         managed_properties: lane.managed_properties.clone().unwrap_or_default(),
         managed_refs: lane.managed_refs.clone().unwrap_or_default(),
         mode: capabilities.mode(),
@@ -273,8 +292,11 @@ pub(super) enum Opened {
     NoReplica,
 }
 
-/// Opens another lane's source and replica without making anything: a run
-/// that commits a multi-table transaction plans that lane's part too.
+/// Opens another lane's source and replica, writing nothing (the run that
+/// does this does not hold that lane): a run that commits a multi-table
+/// transaction plans that lane's part too. Snapshots a crash left
+/// unrecorded need no adoption here: the source has them, so the plan
+/// knows them.
 pub(super) async fn open_existing(
     ctx: &Context,
     lane: &LaneRecord,
@@ -285,9 +307,9 @@ pub(super) async fn open_existing(
     let Some(replica) = destination.catalog.load_table(&lane.replica_table).await? else {
         return Ok(Opened::NoReplica);
     };
-    let mut known = known_of(ctx, lane, destination, &source).await?;
-    super::adopt::adopt_shared(ctx, lane, destination, &source, &replica, &mut known).await?;
-    Ok(Opened::Ready(Box::new(Following { source, source_file, replica, known })))
+    let replicated = ctx.store.replicated_snapshots(&lane.key).await?;
+    let known = known_of(ctx, lane, destination, &source, replicated).await?;
+    Ok(Opened::Ready(Box::new(Following { source, source_file, replica, known, unknown_outcome: false })))
 }
 
 /// What a replay keeps for the whole run: how paths map onto the replica,
@@ -319,7 +341,7 @@ impl Replayer {
 
     /// The replica's next commit (see [`plan::next_step`]).
     pub(super) fn plan(&self, following: &Following) -> Result<Option<Step>, ReplicateError> {
-        let Following { source, source_file, replica, known } = following;
+        let Following { source, source_file, replica, known, .. } = following;
         Ok(plan::next_step(&PlanInput {
             source: &source.metadata,
             source_file,
@@ -387,9 +409,15 @@ async fn replay(
         }
         tracing::debug!(step = %step.describe(), behind = step.snapshots_behind, "replaying");
         let commit = match super::group::commit_together(ctx, lane, destination, following, &replayer, &step).await? {
-            super::group::Together::Committed(commit) => commit,
-            super::group::Together::Waiting(reason) => return Ok(Replayed::Waiting(reason)),
-            super::group::Together::Alone => commit_alone(ctx, lane, destination, following, &replayer, &step).await?,
+            Together::Attempted(commit) => commit,
+            Together::Waiting(reason) => return Ok(Replayed::Waiting(reason)),
+            Together::Alone { part_of_transaction } => {
+                let commit = commit_alone(ctx, lane, destination, following, &replayer, &step).await?;
+                if part_of_transaction && matches!(commit, Commit::Applied) {
+                    super::group::count(ctx, destination, "table_by_table", 1);
+                }
+                commit
+            }
         };
         match commit {
             Commit::Applied => {
@@ -398,7 +426,7 @@ async fn replay(
             }
             Commit::Reloaded(e) => {
                 reloads += 1;
-                if reloads >= MAX_RELOADS {
+                if reloads > MAX_RELOADS {
                     return Err(ReplicateError::NoProgress(format!(
                         "{e}; the replica changed under icerelay {MAX_RELOADS} times in a row"
                     )));
@@ -444,9 +472,8 @@ async fn commit_alone(
         Err(e @ (CatalogError::CommitOutcomeUnknown { .. } | CatalogError::CommitConflict { .. })) => {
             tracing::warn!(error = %e, "reloading the replica to see what it has");
             let replica = reload_replica(destination, &lane.replica_table).await?;
+            landed.committed_here = following.outcome_was_unknown(&e);
             if has_landed(step, &replica) {
-                // A refused commit that is there was committed by another run.
-                landed.committed_here = matches!(e, CatalogError::CommitOutcomeUnknown { .. });
                 record_landed(ctx, lane, destination, following, &landed, replica).await?;
                 return Ok(Commit::Applied);
             }
@@ -490,6 +517,33 @@ pub(super) struct Landed<'a> {
     pub(super) committed_here: bool,
 }
 
+/// Counts and audits a commit this run made (first: it has landed,
+/// whatever happens next); one another run made is theirs to count.
+pub(super) fn audit_landed(
+    ctx: &Context,
+    lane: &LaneRecord,
+    destination: &Destination,
+    landed: &Landed<'_>,
+    committed: &LoadedTable,
+) {
+    if !landed.committed_here {
+        return;
+    }
+    let step = landed.step;
+    ctx.metrics.commits.get_or_create(&ReplicationMetrics::labels(destination.name())).inc();
+    let mut event = Event::ok(Action::Commit, &lane.key).took(landed.started);
+    event.replica = Some(lane.replica_table.to_string());
+    event.source_snapshots.clone_from(&step.snapshots);
+    event.replica_metadata_location.clone_from(&committed.metadata_location);
+    event.files_copied = landed.report.copied_files;
+    event.bytes_copied = landed.report.copied_bytes;
+    event.detail = Some(match &landed.transaction {
+        Some(transaction) => json!({"updates": step.describe(), "transaction": transaction}),
+        None => json!({"updates": step.describe()}),
+    });
+    ctx.audit.record(event);
+}
+
 /// Records a replica commit that landed: counted, audited (first: it has
 /// landed, whatever happens next), known to the run, and its progress stored.
 pub(super) async fn record_landed(
@@ -501,21 +555,9 @@ pub(super) async fn record_landed(
     committed: LoadedTable,
 ) -> Result<(), ReplicateError> {
     let step = landed.step;
-    if landed.committed_here {
-        ctx.metrics.commits.get_or_create(&ReplicationMetrics::labels(destination.name())).inc();
-        let mut event = Event::ok(Action::Commit, &lane.key).took(landed.started);
-        event.replica = Some(lane.replica_table.to_string());
-        event.source_snapshots.clone_from(&step.snapshots);
-        event.replica_metadata_location.clone_from(&committed.metadata_location);
-        event.files_copied = landed.report.copied_files;
-        event.bytes_copied = landed.report.copied_bytes;
-        event.detail = Some(match &landed.transaction {
-            Some(transaction) => json!({"updates": step.describe(), "transaction": transaction}),
-            None => json!({"updates": step.describe()}),
-        });
-        ctx.audit.record(event);
-    }
+    audit_landed(ctx, lane, destination, landed, &committed);
     following.known.applied(step);
+    following.unknown_outcome = false;
     let progress = following.known.progress(&lane.key, &committed, &following.source.metadata, step.snapshots.clone());
     ctx.store.record_progress(progress).await?;
     tracing::info!(
@@ -546,7 +588,7 @@ async fn finish(
     destination: &Destination,
     following: Following,
 ) -> Result<(), ReplicateError> {
-    let Following { source, source_file, replica, mut known } = following;
+    let Following { source, source_file, replica, mut known, .. } = following;
     let properties = replica_properties(ctx, &lane.key, destination);
     known.managed_properties.extend(plan::managed_property_keys(&source.metadata, &properties));
     let mut done = known.progress(&lane.key, &replica, &source.metadata, Vec::new());

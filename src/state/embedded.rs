@@ -156,6 +156,7 @@ CREATE TABLE transaction_snapshots (
     PRIMARY KEY (namespace, name, snapshot_id)
 );
 CREATE INDEX transactions_by_age ON transactions (recorded_at);
+CREATE INDEX transaction_snapshots_by_transaction ON transaction_snapshots (transaction_id);
 ";
 
 /// Migrations, oldest first: entry `i` takes the database from version `i` to `i + 1`.
@@ -498,7 +499,7 @@ fn apply_change(tx: &Transaction<'_>, change: &LaneChange) -> rusqlite::Result<(
         LaneChange::SourceDropped { key, generation } => {
             tx.execute(
                 &format!(
-                    "UPDATE lanes SET source_dropped = 1, done = MAX(done, ?4),
+                    "UPDATE lanes SET source_dropped = 1, done = MAX(done, ?4), waiting_for = NULL,
                      pending_since = CASE WHEN wanted <= MAX(done, ?4) THEN NULL ELSE pending_since END
                      WHERE {LANE_WHERE}"
                 ),
@@ -707,7 +708,7 @@ impl StateStore for EmbeddedStore {
             c.execute(
                 &format!(
                     "UPDATE lanes SET error_message = ?4, error_at = ?5, error_attempts = error_attempts + 1,
-                     error_parked = ?6 WHERE {LANE_WHERE}"
+                     error_parked = ?6, waiting_for = NULL WHERE {LANE_WHERE}"
                 ),
                 params![ns_text(&key.table.namespace), key.table.name, key.destination, message, now_ms(), parked],
             )?;
@@ -812,7 +813,7 @@ impl StateStore for EmbeddedStore {
         self.call(move |c, _| {
             let n = c.execute(
                 &format!(
-                    "UPDATE lanes SET promote_requested = NULL, promote_deadline = NULL, promote_claimed = 0,
+                    "UPDATE lanes SET promote_requested = NULL, promote_deadline = NULL, promote_claimed = 0, waiting_for = NULL,
                      promoted_at = ?4, recovery_point = ?5,
                      recovery_point_at = ?6, missed_snapshots = ?7, source_answered = ?8,
                      promoted_metadata_location = ?9, replica_metadata_location = COALESCE(?9, replica_metadata_location),
@@ -1014,20 +1015,24 @@ impl StateStore for EmbeddedStore {
                  JOIN transactions t ON t.id = s.transaction_id
                  WHERE s.namespace = ?1 AND s.name = ?2 AND s.snapshot_id = ?3",
             )?;
+            // The oldest transaction any of them belongs to (as the Postgres store answers).
+            let mut oldest: Option<(i64, String, i64)> = None;
             for snapshot in snapshots {
                 let found = find
                     .query_row(params![ns, table.name, snapshot], |row| {
                         Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get::<_, i64>(2)?))
                     })
                     .optional()?;
-                if let Some((id, members, recorded_at)) = found {
-                    let members = serde_json::from_str(&members).map_err(|e| {
-                        rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e))
-                    })?;
-                    return Ok(Some(RecordedTransaction { id, recorded_at, members }));
+                if let Some(found) = found
+                    && oldest.as_ref().is_none_or(|o| found.0 < o.0)
+                {
+                    oldest = Some(found);
                 }
             }
-            Ok(None)
+            let Some((id, members, recorded_at)) = oldest else { return Ok(None) };
+            let members = serde_json::from_str(&members)
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e)))?;
+            Ok(Some(RecordedTransaction { id, recorded_at, members }))
         })
         .await
     }

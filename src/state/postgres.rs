@@ -721,7 +721,7 @@ async fn apply_change(
         LaneChange::SourceDropped { key, generation } => {
             tx.execute(
                 &format!(
-                    "UPDATE lanes SET source_dropped = TRUE, done = GREATEST(done, $4),
+                    "UPDATE lanes SET source_dropped = TRUE, done = GREATEST(done, $4), waiting_for = NULL,
                      pending_since = CASE WHEN wanted <= GREATEST(done, $4) THEN NULL ELSE pending_since END
                      WHERE {LANE_WHERE}"
                 ),
@@ -922,7 +922,7 @@ impl StateStore for PostgresStore {
     async fn record_failure(&self, key: &LaneKey, message: String, parked: bool) -> Result<(), StateError> {
         self.lane_update(
             key,
-            "error_message = $4, error_at = $5, error_attempts = error_attempts + 1, error_parked = $6",
+            "error_message = $4, error_at = $5, error_attempts = error_attempts + 1, error_parked = $6, waiting_for = NULL",
             &[&message, &now_ms(), &parked],
         )
         .await
@@ -984,7 +984,7 @@ impl StateStore for PostgresStore {
 
     async fn record_promotion(&self, key: &LaneKey, p: Promotion) -> Result<bool, StateError> {
         let sql = format!(
-            "UPDATE lanes SET promote_requested = NULL, promote_deadline = NULL, promote_claimed = FALSE,
+            "UPDATE lanes SET promote_requested = NULL, promote_deadline = NULL, promote_claimed = FALSE, waiting_for = NULL,
              promoted_at = $4, recovery_point = $5, recovery_point_at = $6, missed_snapshots = $7,
              source_answered = $8, promoted_metadata_location = $9,
              replica_metadata_location = COALESCE($9, replica_metadata_location),
