@@ -43,7 +43,7 @@ use serde_json::{Value, json};
 use super::Context;
 use super::destination::Destination;
 use super::error::ReplicateError;
-use super::lane::{self, Commit, Following, Landed, Opened, Replayer};
+use super::lane::{self, Commit, Following, Landed, LaneRun, Opened, Replayer};
 use super::plan::Step;
 use crate::catalog::{CatalogError, TableCommit};
 use crate::metrics::TransactionLabels;
@@ -88,13 +88,11 @@ enum Standing {
 /// Commits `step` together with its transaction's other tables on this
 /// destination, if it is part of one (see the module documentation).
 pub(super) async fn commit_together(
-    ctx: &Context,
-    lane: &LaneRecord,
-    destination: &Destination,
+    run: &LaneRun<'_>,
     following: &mut Following,
-    replayer: &Replayer,
     step: &Step,
 ) -> Result<Together, ReplicateError> {
+    let LaneRun { ctx, lane, destination, .. } = *run;
     let alone = Together::Alone { part_of_transaction: false };
     if step.snapshots.is_empty() {
         return Ok(alone);
@@ -152,7 +150,7 @@ pub(super) async fn commit_together(
         .map(ToString::to_string)
         .collect();
     let detail = json!({"id": transaction.id, "tables": tables});
-    commit_all(ctx, lane, destination, following, replayer, step, members, detail).await
+    commit_all(run, following, step, members, detail).await
 }
 
 /// Where `member`'s lane to `destination` stands with its part. Its
@@ -227,17 +225,14 @@ async fn plan_member(
 
 /// Copies every part's files, sends all parts in one multi-table commit,
 /// and records each table's commit.
-#[allow(clippy::too_many_arguments)]
 async fn commit_all(
-    ctx: &Context,
-    lane: &LaneRecord,
-    destination: &Destination,
+    run: &LaneRun<'_>,
     following: &mut Following,
-    replayer: &Replayer,
     step: &Step,
     mut members: Vec<Member>,
     detail: Value,
 ) -> Result<Together, ReplicateError> {
+    let LaneRun { ctx, lane, destination, replayer } = *run;
     let started = std::time::Instant::now();
     let report = replayer.copy(ctx, destination, following, step).await?;
     let mut reports = Vec::with_capacity(members.len());

@@ -408,11 +408,12 @@ async fn replay(
             }
         }
         tracing::debug!(step = %step.describe(), behind = step.snapshots_behind, "replaying");
-        let commit = match super::group::commit_together(ctx, lane, destination, following, &replayer, &step).await? {
+        let run = LaneRun { ctx, lane, destination, replayer: &replayer };
+        let commit = match super::group::commit_together(&run, following, &step).await? {
             Together::Attempted(commit) => commit,
             Together::Waiting(reason) => return Ok(Replayed::Waiting(reason)),
             Together::Alone { part_of_transaction } => {
-                let commit = commit_alone(ctx, lane, destination, following, &replayer, &step).await?;
+                let commit = commit_alone(&run, following, &step).await?;
                 if part_of_transaction && matches!(commit, Commit::Applied) {
                     super::group::count(ctx, destination, "table_by_table", 1);
                 }
@@ -451,15 +452,17 @@ async fn source_moved_on(ctx: &Context, key: &LaneKey, following: &mut Following
     }
 }
 
+/// What stays fixed while a run commits: its lane, where it writes, how it replays.
+pub(super) struct LaneRun<'a> {
+    pub(super) ctx: &'a Context,
+    pub(super) lane: &'a LaneRecord,
+    pub(super) destination: &'a Destination,
+    pub(super) replayer: &'a Replayer,
+}
+
 /// Copies the step's files and commits it to the lane's replica alone.
-async fn commit_alone(
-    ctx: &Context,
-    lane: &LaneRecord,
-    destination: &Destination,
-    following: &mut Following,
-    replayer: &Replayer,
-    step: &Step,
-) -> Result<Commit, ReplicateError> {
+async fn commit_alone(run: &LaneRun<'_>, following: &mut Following, step: &Step) -> Result<Commit, ReplicateError> {
+    let LaneRun { ctx, lane, destination, replayer } = *run;
     let started = std::time::Instant::now();
     let report = replayer.copy(ctx, destination, following, step).await?;
     let mut landed = Landed { step, report, started, transaction: None, committed_here: true };

@@ -777,7 +777,7 @@ async fn history_a_catalog_would_refuse_fails_with_the_rule_and_the_remedy() {
 /// primary to the shared rustberg, with `replication` as its
 /// `[replication]` section: the primary, the replica, the namespace, its
 /// table `t`, the state directory and icerelay.
-async fn between_rustbergs(
+pub(crate) async fn between_rustbergs(
     prefix: &str,
     replication: &str,
 ) -> (&'static Rustberg, Replica, String, String, tempfile::TempDir, Relay) {

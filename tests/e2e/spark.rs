@@ -9,8 +9,8 @@
 
 use serde_json::{Value, json};
 
-use crate::harness::{Relay, Rustberg, python, spark_classpath, unique};
-use crate::replication::{Replica, history, ident, refs, wait_replicated};
+use crate::harness::{python, spark_classpath};
+use crate::replication::{Replica, between_rustbergs, history, ident, refs, wait_replicated};
 
 async fn spark(conn: &Value, table: &str, statements: &[&str]) -> Value {
     python("spark_sql.py", vec![conn.to_string(), spark_classpath(), table.to_owned(), json!(statements).to_string()])
@@ -20,20 +20,7 @@ async fn spark(conn: &Value, table: &str, statements: &[&str]) -> Value {
 /// Runs `statements` through icerelay on a new rustberg primary, waits for
 /// the replica, and compares what Spark reads on both sides.
 async fn spark_writes_and_the_replica_reads_the_same(prefix: &str, statements: &[&str]) {
-    let primary: &'static Rustberg = Box::leak(Box::new(Rustberg::start(&format!("{prefix}-primary"))));
-    let replica = Replica::Rustberg(Rustberg::shared());
-    let ns = unique(prefix);
-    let table = format!("{ns}.t");
-    let state = tempfile::tempdir().expect("state");
-    let toml = format!(
-        "state_dir = \"{}\"\n[primary]\nuri = \"{}\"\nwarehouse = \"{}\"\n\n[replication]\nreconcile_interval = \"2s\"\n\n{}\n{}\n[[rules]]\nnamespace = \"{ns}\"\ndestinations = [\"dr\"]\n",
-        state.path().display(),
-        primary.uri,
-        primary.warehouse,
-        primary.storage_toml(),
-        replica.destination_toml(),
-    );
-    let relay = Relay::start(&toml).await;
+    let (primary, replica, ns, table, _state, relay) = between_rustbergs(prefix, "reconcile_interval = \"2s\"").await;
     let mut all = vec!["CREATE NAMESPACE IF NOT EXISTS cat.`{ns}`"];
     all.extend_from_slice(statements);
     let all: Vec<String> = all.iter().map(|s| s.replace("{ns}", &ns)).collect();
