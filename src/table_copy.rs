@@ -40,8 +40,9 @@ pub const MANIFEST_LIMIT: u64 = 512 * 1024 * 1024;
 pub const DELETE_FILE_LIMIT: u64 = 2 * 1024 * 1024 * 1024;
 /// Memory for manifests rewritten while they are checked and kept until
 /// the copy writes them; beyond it, a manifest is read and decoded again
-/// when it is copied.
-pub const PREPARED_LIMIT: usize = 256 * 1024 * 1024;
+/// when it is copied. With the manifests in flight (parallelism times one
+/// decoded manifest) it bounds a copy's memory whatever the table's size.
+pub const PREPARED_LIMIT: usize = 64 * 1024 * 1024;
 
 /// Errors of a table copy.
 #[derive(Debug, thiserror::Error)]
@@ -221,7 +222,8 @@ impl TableCopier {
         let selected = |id: Option<i64>| id.is_some_and(|id| snapshots.contains(&id));
 
         // Manifest lists not checkpointed yet, and the manifests they list.
-        // Each is decoded once, here, and rewritten from that decode in step 2.
+        // Nothing of them is kept but those paths: step 2 reads each again,
+        // so that memory does not grow with the table's history.
         let mut lists = Vec::new();
         let mut manifests: BTreeSet<String> = BTreeSet::new();
         let mut done_lists = BTreeMap::new();
@@ -231,7 +233,7 @@ impl TableCopier {
             .filter(|r| selected(r.snapshot_id) && r.kind == ReferenceKind::ManifestList)
             .cloned()
             .collect();
-        let read_lists: Vec<(Reference, ListRead)> = futures::stream::iter(list_references)
+        let mut read_lists = futures::stream::iter(list_references)
             .map(|reference| async move {
                 if self.is_done(&reference.source, &reference.target).await? {
                     return Ok::<_, TableCopyError>((reference, ListRead::Done));
@@ -241,23 +243,22 @@ impl TableCopier {
                 let read = on_cpu(move || {
                     let list = ManifestList::read(&bytes, &source)?;
                     let manifests = list.manifests(&source)?.into_iter().map(|m| m.path).collect();
-                    Ok(ListRead::Read { list: Box::new(list), manifests })
+                    Ok(ListRead::Read { manifests })
                 })
                 .await?;
                 Ok((reference, read))
             })
-            .buffered(self.manifest_parallelism)
-            .try_collect()
-            .await?;
-        for (reference, read) in read_lists {
+            .buffered(self.manifest_parallelism);
+        // Taken in as they come: a long history lists each manifest many times.
+        while let Some((reference, read)) = read_lists.try_next().await? {
             match read {
                 ListRead::Done => {
                     run.count(CopyOutcome::Skipped { bytes: 0 });
                     done_lists.insert(reference.snapshot_id.unwrap_or_default(), reference.target);
                 }
-                ListRead::Read { list, manifests: listed } => {
+                ListRead::Read { manifests: listed } => {
                     manifests.extend(listed);
-                    lists.push((reference, list));
+                    lists.push(reference);
                 }
             }
         }
@@ -324,11 +325,13 @@ impl TableCopier {
         let mut copied = CopiedSnapshots { manifest_lists: done_lists, report: CopyReport::default() };
         let lengths = Arc::new(run.manifest_lengths.lock().map(|l| l.clone()).unwrap_or_default());
         let written: Vec<(i64, String)> = futures::stream::iter(lists)
-            .map(|(reference, list)| {
+            .map(|reference| {
                 let (map, lengths) = (run.map.clone(), lengths.clone());
                 let source = reference.source.clone();
                 async move {
-                    let out = on_cpu(move || list.rewrite(&source, &map, &lengths)).await?;
+                    let bytes = self.storage().read(&source, MANIFEST_LIMIT).await?;
+                    let out =
+                        on_cpu(move || ManifestList::read(&bytes, &source)?.rewrite(&source, &map, &lengths)).await?;
                     let outcome = self.copier.put(&reference.source, &reference.target, Bytes::from(out)).await?;
                     run_ref.count(outcome);
                     Ok::<_, TableCopyError>((reference.snapshot_id.unwrap_or_default(), reference.target))
@@ -566,10 +569,8 @@ enum Pending {
 enum ListRead {
     /// Copied before (checkpointed and present at the target).
     Done,
-    /// Decoded, with the manifests it lists.
+    /// Read, with the manifests it lists (it is read again to be rewritten).
     Read {
-        /// The decoded list, rewritten in step 2.
-        list: Box<ManifestList>,
         /// Its manifests' paths.
         manifests: Vec<String>,
     },
