@@ -19,6 +19,22 @@ use icerelay::serve::{Server, shutdown_signal};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Transparent huge pages off for this process. mimalloc asks for them, and
+/// the short-lived buffers of manifest rewrites then fault in (and zero)
+/// whole 2 MiB pages, again after every purge: on a copy of a table with a
+/// million manifest entries that doubled the peak resident memory (243 MiB
+/// against 132) and tripled the system time (4.0 s against 1.3). Applies to
+/// the whole process, before anything is allocated in earnest.
+#[cfg(target_os = "linux")]
+fn disable_transparent_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and touches no
+    // memory of this program; failing (an old kernel) only leaves THP on.
+    let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+}
+
+#[cfg(not(target_os = "linux"))]
+fn disable_transparent_huge_pages() {}
+
 /// Exit code for an invalid configuration given to `serve` (EX_USAGE).
 const EXIT_USAGE: u8 = 64;
 
@@ -126,6 +142,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    disable_transparent_huge_pages();
     let cli = Cli::parse();
     logging::init(cli.log_format);
     match cli.command {
