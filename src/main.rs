@@ -23,8 +23,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// the short-lived buffers of manifest rewrites then fault in (and zero)
 /// whole 2 MiB pages, again after every purge: on a copy of a table with a
 /// million manifest entries that doubled the peak resident memory (243 MiB
-/// against 132) and tripled the system time (4.0 s against 1.3). Applies to
-/// the whole process, before anything is allocated in earnest.
+/// against 132) and tripled the system time (4.0 s against 0.8-1.4). Applies
+/// to the whole process, before anything is allocated in earnest.
 #[cfg(target_os = "linux")]
 fn disable_transparent_huge_pages() {
     // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and touches no
