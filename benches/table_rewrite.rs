@@ -144,7 +144,8 @@ fn copy_table(config: &Path, metadata: &str, target: &Path) -> (Duration, f64) {
         .expect("icerelay");
     let mut peak = 0.0f64;
     let status = loop {
-        peak = peak.max(high_water_mib(child.id()));
+        // NaN once the process is gone: max keeps the last reading.
+        peak = peak.max(support::services::peak_rss_mib(child.id()));
         if let Some(status) = child.try_wait().expect("wait") {
             break status;
         }
@@ -152,16 +153,6 @@ fn copy_table(config: &Path, metadata: &str, target: &Path) -> (Duration, f64) {
     };
     assert!(status.success(), "copy-table failed");
     (started.elapsed(), peak)
-}
-
-fn high_water_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 fn rewrite_table_path(

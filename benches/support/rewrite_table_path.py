@@ -6,25 +6,17 @@ Loads the table at LOCATION (HadoopTables) and rewrites every metadata file with
 LOCATION replaced by TARGET_PREFIX into STAGING, ROUNDS times in one Spark session.
 Prints one line per round: `rewrite_table_path SECONDS`.
 """
+import os
 import shutil
 import sys
 import time
 
-from pyspark.sql import SparkSession
+# The Spark session of the test clients.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests", "clients"))
+from common import spark_session  # noqa: E402
 
 classpath, location, target, staging, rounds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-spark = (
-    SparkSession.builder.master("local[2]")
-    .config("spark.driver.extraClassPath", classpath)
-    .config("spark.driver.host", "127.0.0.1")
-    .config("spark.driver.bindAddress", "127.0.0.1")
-    .config("spark.ui.enabled", "false")
-    .config("spark.ui.showConsoleProgress", "false")
-    .config("spark.sql.shuffle.partitions", "2")
-    .config("spark.driver.memory", "4g")
-    .getOrCreate()
-)
-spark.sparkContext.setLogLevel("ERROR")
+spark = spark_session(classpath, **{"spark.driver.memory": "4g"})
 jvm = spark._jvm
 for _ in range(rounds):
     shutil.rmtree(staging.removeprefix("file:"), ignore_errors=True)

@@ -90,3 +90,24 @@ def duckdb_attach(con, conn, alias):
         con.execute(f"ATTACH '{conn['warehouse']}' AS {alias} (TYPE ICEBERG, ENDPOINT '{conn['uri']}', SECRET ice_{alias})")
     else:
         con.execute(f"ATTACH '{conn['warehouse']}' AS {alias} (TYPE ICEBERG, ENDPOINT '{conn['uri']}', AUTHORIZATION_TYPE 'none')")
+
+
+def spark_session(classpath, **config):
+    """A local Spark session (two cores, loopback only, no UI) with Iceberg's runtime on
+    `classpath` (os.pathsep-joined jars) and `config` on top (`spark.` keys)."""
+    from pyspark.sql import SparkSession
+
+    builder = (
+        SparkSession.builder.master("local[2]")
+        .config("spark.driver.extraClassPath", classpath)
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.shuffle.partitions", "2")
+    )
+    for key, value in config.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark

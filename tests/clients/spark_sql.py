@@ -6,36 +6,27 @@ usage: spark_sql.py CONN_JSON CLASSPATH TABLE STATEMENTS_JSON
 CONN_JSON: {"uri", "warehouse"} of the REST catalog (icerelay, or a replica catalog directly);
 CLASSPATH: the Iceberg runtime jars (scripts/setup-test-env.sh builds them; os.pathsep-joined).
 TABLE is "ns.name"; in each statement `{t}` stands for the table as Spark names it
-(`cat.ns.name`), `{name}` for "ns.name" (as procedures take it) and `{cat}` for the catalog. STATEMENTS_JSON may be empty (only read).
+(`cat.ns.name`), `{name}` for "ns.name" (as procedures take it) and `{cat}` for the catalog.
+STATEMENTS_JSON may be empty (only read).
 Prints {"snapshots": [{"id", "parent", "operation"}] in commit order, "refs": {name: id},
         "rows": {snapshot id: sorted rows as JSON text}, "current": rows now}.
 """
 import json
 import sys
 
-from pyspark.sql import SparkSession
-
-from common import emit
+from common import emit, spark_session
 
 conn, classpath, name, statements = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-spark = (
-    SparkSession.builder.master("local[2]")
-    .config("spark.driver.extraClassPath", classpath)
-    .config("spark.driver.host", "127.0.0.1")
-    .config("spark.driver.bindAddress", "127.0.0.1")
-    .config("spark.ui.enabled", "false")
-    .config("spark.sql.shuffle.partitions", "2")
-    .config("spark.sql.session.timeZone", "UTC")
-    .config("spark.sql.extensions", "org.apache.iceberg.spark.extensions.IcebergSparkSessionExtensions")
-    .config("spark.sql.catalog.cat", "org.apache.iceberg.spark.SparkCatalog")
-    .config("spark.sql.catalog.cat.type", "rest")
-    .config("spark.sql.catalog.cat.uri", conn["uri"])
-    .config("spark.sql.catalog.cat.warehouse", conn["warehouse"])
+spark = spark_session(classpath, **{
+    "spark.sql.session.timeZone": "UTC",
+    "spark.sql.extensions": "org.apache.iceberg.spark.extensions.IcebergSparkSessionExtensions",
+    "spark.sql.catalog.cat": "org.apache.iceberg.spark.SparkCatalog",
+    "spark.sql.catalog.cat.type": "rest",
+    "spark.sql.catalog.cat.uri": conn["uri"],
+    "spark.sql.catalog.cat.warehouse": conn["warehouse"],
     # Every read sees the catalog's current state, not a cached table.
-    .config("spark.sql.catalog.cat.cache-enabled", "false")
-    .getOrCreate()
-)
-spark.sparkContext.setLogLevel("ERROR")
+    "spark.sql.catalog.cat.cache-enabled": "false",
+})
 table = f"cat.{name}"
 for statement in statements:
     spark.sql(statement.format(t=table, name=name, cat="cat")).collect()
