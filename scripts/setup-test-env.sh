@@ -74,11 +74,18 @@ if [ -z "${ICERELAY_SKIP_SPARK:-}" ]; then
     echo "$SPARK_REQS" > "$SPARK_STAMP"
   fi
   command -v java >/dev/null || apt_install "Java 17 for the Spark tests" openjdk-17-jre-headless
-  if [ ! -s "$TESTSTACK/spark/classpath" ]; then
-    mkdir -p "$TESTSTACK/spark"
-    SPARK_DIR=$(cd "$TESTSTACK/spark" && pwd)
+  mkdir -p "$TESTSTACK/spark"
+  SPARK_DIR=$(cd "$TESTSTACK/spark" && pwd)
+  # Built again when the packages changed or a jar it lists is gone.
+  classpath_ok() {
+    [ -s "$SPARK_DIR/classpath" ] && [ "$(cat "$SPARK_DIR/classpath.stamp" 2>/dev/null)" = "$SPARK_REQS" ] || return 1
+    local jar
+    for jar in $(tr ':' ' ' < "$SPARK_DIR/classpath"); do [ -f "$jar" ] || return 1; done
+  }
+  if ! classpath_ok; then
     "$VENV/bin/python" "$ROOT/scripts/teststack/spark_jars.py" build "$SPARK_DIR" > "$SPARK_DIR/classpath.new"
     mv "$SPARK_DIR/classpath.new" "$SPARK_DIR/classpath"
+    echo "$SPARK_REQS" > "$SPARK_DIR/classpath.stamp"
   fi
 fi
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "${PG_BIN:-}" ]; then

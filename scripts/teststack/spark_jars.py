@@ -30,6 +30,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 
 HC_OLD = "org/apache/hc/"
@@ -155,7 +156,23 @@ def debian_mirror():
     main = [u for u in uris if u.rstrip("/").endswith("/debian")]
     if not main:
         sys.exit("no Debian archive found in this machine's apt sources")
-    return main[0]
+    # A third-party repository may end in /debian too (download.docker.com/linux/debian).
+    official = [u for u in main if "debian.org" in u]
+    return (official or main)[0]
+
+
+def apt_get(opts, args, cwd=None, attempts=4):
+    """Runs apt-get, again after a failure: unstable's mirrors are rewritten several times a
+    day, and a run that meets one mid-sync gets a hash mismatch."""
+    for attempt in range(1, attempts + 1):
+        try:
+            subprocess.check_call(["apt-get", "-q"] + opts + args, cwd=cwd, stdout=subprocess.DEVNULL)
+            return
+        except subprocess.CalledProcessError:
+            if attempt == attempts:
+                raise
+            print("apt-get %s failed; trying again (%d of %d)" % (args[0], attempt + 1, attempts), file=sys.stderr)
+            time.sleep(5 * attempt)
 
 
 def debian_unstable_jars(cache):
@@ -181,13 +198,21 @@ def debian_unstable_jars(cache):
             "-o", "Dir::State::Lists=%s/lists" % apt,
             "-o", "Dir::Cache=%s/cache" % apt,
             "-o", "Dir::State::status=/var/lib/dpkg/status",
-            "-o", "APT::Sandbox::User=root"]
-    subprocess.check_call(["apt-get", "-q"] + opts + ["update"], stdout=subprocess.DEVNULL)
-    subprocess.check_call(["apt-get", "-q"] + opts + ["download", "libhttpclient5-java",
-                                                       "libhttpcore5-java"],
-                          cwd=debs, stdout=subprocess.DEVNULL)
+            "-o", "APT::Sandbox::User=root",
+            # Only the package lists: no translations, no AppStream metadata.
+            "-o", "Acquire::Languages=none",
+            "-o", "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false",
+            "-o", "Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled=false",
+            "-o", "Acquire::Retries=5"]
+    apt_get(opts, ["update"])
+    apt_get(opts, ["download", "libhttpclient5-java", "libhttpcore5-java"], cwd=debs)
+    # Unpacked beside, then moved in whole: an interrupted unpack leaves no half jar behind.
+    unpacked = os.path.join(debs, "x.partial")
+    shutil.rmtree(unpacked, ignore_errors=True)
     for deb in glob.glob(os.path.join(debs, "*.deb")):
-        subprocess.check_call(["dpkg-deb", "-x", deb, os.path.join(debs, "x")])
+        subprocess.check_call(["dpkg-deb", "-x", deb, unpacked])
+    shutil.rmtree(os.path.join(debs, "x"), ignore_errors=True)
+    os.replace(unpacked, os.path.join(debs, "x"))
     if not jars():
         sys.exit("no httpclient5/httpcore5/httpcore5-h2 jar in the downloaded .debs")
     return jars()

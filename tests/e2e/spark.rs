@@ -18,19 +18,31 @@ async fn spark(conn: &Value, table: &str, statements: &[&str]) -> Value {
 }
 
 /// Runs `statements` through icerelay on a new rustberg primary, waits for
-/// the replica, and compares what Spark reads on both sides.
-async fn spark_writes_and_the_replica_reads_the_same(prefix: &str, statements: &[&str]) {
+/// the replica, then runs `maintenance` (expiry deletes the files of the
+/// snapshots it removes: a replica that is still copying them would find
+/// them gone) and waits again; compares what Spark reads on both sides,
+/// including the snapshots the source expired and the replica kept.
+async fn spark_writes_and_the_replica_reads_the_same(prefix: &str, statements: &[&str], maintenance: &[&str]) {
     let (primary, replica, ns, table, _state, relay) = between_rustbergs(prefix, "reconcile_interval = \"2s\"").await;
+    let through = json!({"uri": relay.url, "warehouse": primary.warehouse});
     let mut all = vec!["CREATE NAMESPACE IF NOT EXISTS cat.`{ns}`"];
     all.extend_from_slice(statements);
     let all: Vec<String> = all.iter().map(|s| s.replace("{ns}", &ns)).collect();
     let all: Vec<&str> = all.iter().map(String::as_str).collect();
-    let written = spark(&json!({"uri": relay.url, "warehouse": primary.warehouse}), &table, &all).await;
-
-    let source = Replica::Rustberg(primary).catalog().load_table(&ident(&table)).await.expect("load").expect("source");
-    let location = source.metadata_location.clone().expect("location");
-    let status = wait_replicated(&relay.admin_url, &table, &location).await;
-    assert_eq!(status["snapshots_behind"], 0, "{status}");
+    let mut written = vec![spark(&through, &table, &all).await];
+    let source_catalog = Replica::Rustberg(primary).catalog();
+    let replicated = || async {
+        let source = source_catalog.load_table(&ident(&table)).await.expect("load").expect("source");
+        let status =
+            wait_replicated(&relay.admin_url, &table, &source.metadata_location.clone().expect("location")).await;
+        assert_eq!(status["snapshots_behind"], 0, "{status}");
+        source
+    };
+    replicated().await;
+    if !maintenance.is_empty() {
+        written.push(spark(&through, &table, maintenance).await);
+    }
+    let source = replicated().await;
     let copy = replica.catalog().load_table(&ident(&table)).await.expect("load").expect("replica");
 
     // The source's history, snapshot by snapshot (expiry on the source is not replayed).
@@ -43,15 +55,20 @@ async fn spark_writes_and_the_replica_reads_the_same(prefix: &str, statements: &
     let text = copy.metadata.to_string();
     assert!(!text.contains(primary.warehouse.trim_start_matches("file://")), "a path into the primary: {text}");
 
-    // Spark reads the replica straight from the replica catalog: the same rows at every snapshot.
+    // Spark reads the replica straight from the replica catalog: the same
+    // rows at every snapshot Spark wrote, expired on the source or not.
     let read = spark(&replica.conn(), &table, &[]).await;
-    let (wrote, seen) = (written["rows"].as_object().expect("rows"), read["rows"].as_object().expect("rows"));
-    assert!(!wrote.is_empty());
-    for (id, rows) in wrote {
-        assert_eq!(seen.get(id), Some(rows), "Spark reads snapshot {id} differently on the replica");
+    let seen = read["rows"].as_object().expect("rows");
+    for batch in &written {
+        let wrote = batch["rows"].as_object().expect("rows");
+        assert!(!wrote.is_empty());
+        for (id, rows) in wrote {
+            assert_eq!(seen.get(id), Some(rows), "Spark reads snapshot {id} differently on the replica");
+        }
     }
-    assert_eq!(read["current"], written["current"]);
-    assert_eq!(read["refs"], written["refs"]);
+    let last = written.last().expect("written");
+    assert_eq!(read["current"], last["current"]);
+    assert_eq!(read["refs"], last["refs"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -74,6 +91,8 @@ async fn spark_merge_on_read_evolution_maintenance_and_refs_replicate() {
             "ALTER TABLE {t} CREATE BRANCH audit",
             "CALL {cat}.system.rewrite_data_files(table => '{name}', options => map('min-input-files', '1'))",
             "CALL {cat}.system.rewrite_manifests('{name}')",
+        ],
+        &[
             "INSERT INTO {t} VALUES (10, 'a', 10.0)",
             "CALL {cat}.system.expire_snapshots(table => '{name}', older_than => TIMESTAMP '2100-01-01 00:00:00', retain_last => 4)",
         ],
@@ -94,6 +113,7 @@ async fn spark_v3_deletion_vectors_replicate() {
             "UPDATE {t} SET note = 'changed' WHERE id % 5 = 1",
             "DELETE FROM {t} WHERE id > 35",
         ],
+        &[],
     )
     .await;
 }

