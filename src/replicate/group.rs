@@ -247,7 +247,11 @@ async fn commit_all(
     let sent = send(ctx, lane, destination, step, &members).await?;
     let (committed_here, error) = match sent {
         Sent::Committed => (true, None),
-        Sent::Unsupported => return Ok(Together::Alone { part_of_transaction: true }),
+        Sent::Unsupported => {
+            // The others may be waiting for this run: each commits its own part now.
+            ask_for_work(ctx, members.iter().map(|m| &m.lane)).await?;
+            return Ok(Together::Alone { part_of_transaction: true });
+        }
         Sent::Unsure(e) => (following.outcome_was_unknown(&e), Some(e)),
     };
     let landed = Landed { step, report, started, transaction: Some(detail.clone()), committed_here };

@@ -388,8 +388,20 @@ async fn replay(
     let replayer = Replayer::new(ctx, &lane.key, destination, following)?;
     let mut reloads = 0;
     let mut previous: Option<Step> = None;
+    let mut source_reloaded = false;
     loop {
-        let Some(step) = replayer.plan(following)? else { return Ok(Replayed::Converged) };
+        let step = match replayer.plan(following) {
+            // The lane that commits a multi-table transaction writes this
+            // replica too, from a newer look at the source than this run's:
+            // what looks foreign may be the source's newer snapshots.
+            Err(ReplicateError::Plan(plan::PlanError::Diverged { .. })) if !source_reloaded => {
+                source_reloaded = true;
+                source_moved_on(ctx, &lane.key, following).await?;
+                continue;
+            }
+            planned => planned?,
+        };
+        let Some(step) = step else { return Ok(Replayed::Converged) };
         if step.snapshots.is_empty() {
             // A commit without a snapshot moves the replica's last-updated-ms
             // to now; a snapshot the source took meanwhile must come in the
@@ -424,6 +436,7 @@ async fn replay(
             Commit::Applied => {
                 previous = Some(step);
                 reloads = 0;
+                source_reloaded = false;
             }
             Commit::Reloaded(e) => {
                 reloads += 1;

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
 use crate::harness::{RelayProcess, Rustberg, SeaweedFs, python, unique};
@@ -220,4 +221,106 @@ async fn multi_table_transactions_reach_rustberg_whole_across_a_sigkill() {
 async fn multi_table_transactions_reach_seaweedfs_whole() {
     let replica = Replica::Seaweed(SeaweedFs::shared_replica());
     transactions_stay_whole(Primary::Seaweed(SeaweedFs::shared()), replica, "txnsw", false, None).await;
+}
+
+/// A catalog without multi-table commits, as some catalogs are: a stand-in
+/// in front of a real rustberg that forwards everything but answers
+/// `transactions/commit` as Java's catalog code does for an unsupported
+/// operation (406 `UnsupportedOperationException`). No catalog here lacks
+/// the endpoint, so this is the only way to see the fallback end to end.
+struct WithoutTransactions {
+    url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for WithoutTransactions {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl WithoutTransactions {
+    async fn start(behind: &Rustberg) -> Self {
+        let upstream = behind.uri.trim_end_matches('/').to_owned();
+        let http = reqwest::Client::new();
+        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let (upstream, http) = (upstream.clone(), http.clone());
+            async move {
+                let (parts, body) = request.into_parts();
+                if parts.uri.path().ends_with("/transactions/commit") {
+                    let error = json!({"error": {"message": "multi-table commits are not supported",
+                                                 "type": "UnsupportedOperationException", "code": 406}});
+                    return (axum::http::StatusCode::NOT_ACCEPTABLE, axum::Json(error)).into_response();
+                }
+                let body = http_body_util::BodyExt::collect(body).await.map(|b| b.to_bytes()).unwrap_or_default();
+                let target = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+                let mut forwarded = http.request(parts.method.clone(), format!("{upstream}{target}")).body(body);
+                if let Some(kind) = parts.headers.get("content-type") {
+                    forwarded = forwarded.header("content-type", kind);
+                }
+                match forwarded.send().await {
+                    Ok(answer) => {
+                        let status = answer.status();
+                        let kind = answer.headers().get("content-type").cloned();
+                        let bytes = answer.bytes().await.unwrap_or_default();
+                        let mut response = (status, bytes).into_response();
+                        if let Some(kind) = kind {
+                            response.headers_mut().insert("content-type", kind);
+                        }
+                        response
+                    }
+                    Err(e) => (axum::http::StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { url, task }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_without_multi_table_commits_gets_the_tables_one_by_one_and_says_so() {
+    let primary: &'static Rustberg = Box::leak(Box::new(Rustberg::start("txn-alone-primary")));
+    let behind = Rustberg::shared();
+    let stand_in = WithoutTransactions::start(behind).await;
+    let ns = unique("txnalone");
+    let tables = [format!("{ns}.a"), format!("{ns}.b")];
+    let dir = tempfile::tempdir().expect("dir");
+    let toml = format!(
+        "state_dir = \"{}\"\n[primary]\nuri = \"{}\"\nwarehouse = \"{}\"\n\n[replication]\nreconcile_interval = \"2s\"\nretry_initial_backoff = \"200ms\"\n\n{}\n[[destinations]]\nname = \"dr\"\nuri = \"{}\"\nwarehouse = \"{}\"\n\n{}\n[[rules]]\nnamespace = \"{ns}\"\ndestinations = [\"dr\"]\n",
+        dir.path().join("state").display(),
+        primary.uri,
+        primary.warehouse,
+        primary.storage_toml(),
+        stand_in.url,
+        behind.warehouse,
+        behind.storage_toml(),
+    );
+    let relay = crate::harness::Relay::start(&toml).await;
+    let through = json!({"uri": relay.url, "warehouse": primary.warehouse});
+    write(&through, json!([{"op": "create", "tables": tables}])).await;
+    let written = write(&through, json!([{"op": "transactions", "tables": tables, "count": 3, "rows": 2}])).await;
+    for table in &tables {
+        let location = written["tables"][table.as_str()]["metadata_location"].as_str().expect("location");
+        wait_replicated(&relay.admin_url, table, location).await;
+        let source =
+            Primary::Rustberg(primary).catalog().load_table(&ident(table)).await.expect("load").expect("source");
+        let copy = Replica::Rustberg(behind).catalog().load_table(&ident(table)).await.expect("load").expect("replica");
+        assert_eq!(history(&copy.metadata), history(&source.metadata), "{table}: every snapshot, one by one");
+    }
+    // It was tried once, refused, and the destination says how it is written now.
+    let status: Value = reqwest::get(format!("{}/v1/replication/status", relay.admin_url))
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json");
+    let how = status["destinations"][0]["multi_table_commits"].as_str().unwrap_or_default().to_owned();
+    assert!(how.starts_with("table by table") && how.contains("refused"), "{status}");
+    assert_eq!(transactions_metric(&relay.admin_url, "atomic").await, 0);
+    assert!(transactions_metric(&relay.admin_url, "table_by_table").await >= 6, "every part, alone");
 }
