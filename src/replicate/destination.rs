@@ -186,14 +186,10 @@ impl Destination {
     /// while the destination does not: `None` if its configuration cannot
     /// be read within a second.
     pub async fn multi_table_commits_now(&self) -> Option<MultiTableCommits> {
-        if let Some(reason) = self.no_transactions.get() {
-            return Some(MultiTableCommits::TableByTable(reason.clone()));
+        if self.no_transactions.get().is_none() {
+            tokio::time::timeout(std::time::Duration::from_secs(1), self.catalog.config()).await.ok()?.ok()?;
         }
-        let config = tokio::time::timeout(std::time::Duration::from_secs(1), self.catalog.config()).await;
-        match config {
-            Ok(Ok(_)) => Some(self.multi_table_commits().await),
-            _ => None,
-        }
+        Some(self.multi_table_commits().await)
     }
 
     /// Remembers that the catalog refused a multi-table commit as unsupported.

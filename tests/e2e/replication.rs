@@ -197,6 +197,13 @@ pub(crate) async fn read_catalog(conn: Value, table: &str) -> Value {
 /// `admin_token` of the tests that set one.
 const ADMIN_TOKEN: &str = "test-admin-token-7731";
 
+/// The whole `GET /v1/replication/status` answer.
+pub(crate) async fn status(admin: &str) -> Value {
+    let answer = reqwest::get(format!("{admin}/v1/replication/status")).await.expect("status");
+    assert!(answer.status().is_success());
+    answer.json().await.expect("json")
+}
+
 pub(crate) async fn lane_status(admin: &str, table: &str) -> Option<Value> {
     let (ns, name) = table.rsplit_once('.').expect("ns.table");
     let url = format!("{admin}/v1/replication/namespaces/{ns}/tables/{name}");

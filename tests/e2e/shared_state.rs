@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use crate::harness::postgres::{PASSWORD, Postgres};
 use crate::harness::{RelayProcess, SeaweedFs, unique};
 use crate::replication::{
-    Replica, assert_replica_matches, history, ident, refs, relay_toml_from, source_rows, write_with,
+    Replica, assert_replica_matches, history, ident, refs, relay_toml_from, source_rows, status, write_with,
 };
 
 fn settings(url: &str, schema: &str) -> PostgresSettings {
@@ -305,12 +305,6 @@ async fn lease_owners(db: &tokio_postgres::Client, schema: &str) -> BTreeMap<Str
     .iter()
     .map(|r| (r.get(0), r.get(1)))
     .collect()
-}
-
-async fn status(admin: &str) -> Value {
-    let answer = reqwest::get(format!("{admin}/v1/replication/status")).await.expect("status");
-    assert!(answer.status().is_success());
-    answer.json().await.expect("json")
 }
 
 /// Waits until every lane of the status is completed at the source's

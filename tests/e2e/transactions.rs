@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
-use crate::harness::{RelayProcess, Rustberg, SeaweedFs, python, unique};
+use crate::harness::{RelayProcess, Rustberg, SeaweedFs, Served, python, serve, unique};
 use crate::replication::{Replica, history, ident, lane_status, read_catalog, relay_toml_from, wait_replicated};
 
 /// The primary of a case: where the writer commits (through icerelay).
@@ -223,70 +223,52 @@ async fn multi_table_transactions_reach_seaweedfs_whole() {
     transactions_stay_whole(Primary::Seaweed(SeaweedFs::shared()), replica, "txnsw", false, None).await;
 }
 
-/// A catalog without multi-table commits, as some catalogs are: a stand-in
+/// Serves a catalog without multi-table commits, as some catalogs are: a stand-in
 /// in front of a real rustberg that forwards everything but answers
 /// `transactions/commit` as Java's catalog code does for an unsupported
 /// operation (406 `UnsupportedOperationException`). No catalog here lacks
 /// the endpoint, so this is the only way to see the fallback end to end.
-struct WithoutTransactions {
-    url: String,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for WithoutTransactions {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl WithoutTransactions {
-    async fn start(behind: &Rustberg) -> Self {
-        let upstream = behind.uri.trim_end_matches('/').to_owned();
-        let http = reqwest::Client::new();
-        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
-            let (upstream, http) = (upstream.clone(), http.clone());
-            async move {
-                let (parts, body) = request.into_parts();
-                if parts.uri.path().ends_with("/transactions/commit") {
-                    let error = json!({"error": {"message": "multi-table commits are not supported",
-                                                 "type": "UnsupportedOperationException", "code": 406}});
-                    return (axum::http::StatusCode::NOT_ACCEPTABLE, axum::Json(error)).into_response();
-                }
-                let body = http_body_util::BodyExt::collect(body).await.map(|b| b.to_bytes()).unwrap_or_default();
-                let target = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-                let mut forwarded = http.request(parts.method.clone(), format!("{upstream}{target}")).body(body);
-                if let Some(kind) = parts.headers.get("content-type") {
-                    forwarded = forwarded.header("content-type", kind);
-                }
-                match forwarded.send().await {
-                    Ok(answer) => {
-                        let status = answer.status();
-                        let kind = answer.headers().get("content-type").cloned();
-                        let bytes = answer.bytes().await.unwrap_or_default();
-                        let mut response = (status, bytes).into_response();
-                        if let Some(kind) = kind {
-                            response.headers_mut().insert("content-type", kind);
-                        }
-                        response
-                    }
-                    Err(e) => (axum::http::StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
-                }
+async fn without_transactions(behind: &Rustberg) -> Served {
+    let upstream = behind.uri.trim_end_matches('/').to_owned();
+    let http = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let (upstream, http) = (upstream.clone(), http.clone());
+        async move {
+            let (parts, body) = request.into_parts();
+            if parts.uri.path().ends_with("/transactions/commit") {
+                let error = json!({"error": {"message": "multi-table commits are not supported",
+                                             "type": "UnsupportedOperationException", "code": 406}});
+                return (axum::http::StatusCode::NOT_ACCEPTABLE, axum::Json(error)).into_response();
             }
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Self { url, task }
-    }
+            let body = http_body_util::BodyExt::collect(body).await.map(|b| b.to_bytes()).unwrap_or_default();
+            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+            let mut forwarded = http.request(parts.method.clone(), format!("{upstream}{target}")).body(body);
+            if let Some(kind) = parts.headers.get("content-type") {
+                forwarded = forwarded.header("content-type", kind);
+            }
+            match forwarded.send().await {
+                Ok(answer) => {
+                    let status = answer.status();
+                    let kind = answer.headers().get("content-type").cloned();
+                    let bytes = answer.bytes().await.unwrap_or_default();
+                    let mut response = (status, bytes).into_response();
+                    if let Some(kind) = kind {
+                        response.headers_mut().insert("content-type", kind);
+                    }
+                    response
+                }
+                Err(e) => (axum::http::StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+            }
+        }
+    });
+    serve(app).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_destination_without_multi_table_commits_gets_the_tables_one_by_one_and_says_so() {
     let primary: &'static Rustberg = Box::leak(Box::new(Rustberg::start("txn-alone-primary")));
     let behind = Rustberg::shared();
-    let stand_in = WithoutTransactions::start(behind).await;
+    let stand_in = without_transactions(behind).await;
     let ns = unique("txnalone");
     let tables = [format!("{ns}.a"), format!("{ns}.b")];
     let dir = tempfile::tempdir().expect("dir");
@@ -313,12 +295,7 @@ async fn a_destination_without_multi_table_commits_gets_the_tables_one_by_one_an
         assert_eq!(history(&copy.metadata), history(&source.metadata), "{table}: every snapshot, one by one");
     }
     // It was tried once, refused, and the destination says how it is written now.
-    let status: Value = reqwest::get(format!("{}/v1/replication/status", relay.admin_url))
-        .await
-        .expect("status")
-        .json()
-        .await
-        .expect("json");
+    let status = crate::replication::status(&relay.admin_url).await;
     let how = status["destinations"][0]["multi_table_commits"].as_str().unwrap_or_default().to_owned();
     assert!(how.starts_with("table by table") && how.contains("refused"), "{status}");
     assert_eq!(transactions_metric(&relay.admin_url, "atomic").await, 0);

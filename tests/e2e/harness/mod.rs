@@ -364,6 +364,30 @@ pub async fn python(script: &str, args: Vec<String>) -> Value {
     .expect("python task")
 }
 
+/// An axum app served on a loopback port for as long as this is kept (the
+/// stand-in upstreams and catalogs of the tests).
+pub struct Served {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves `app` on an ephemeral loopback port.
+pub async fn serve(app: axum::Router) -> Served {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a stand-in");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Served { url, task }
+}
+
 /// Reads a child's pipe to its end on a thread of its own (a full pipe
 /// would stall the child).
 fn drain<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {

@@ -33,13 +33,7 @@ pub struct Stub {
     pub url: String,
     /// Every request received.
     pub seen: Arc<Mutex<Vec<Seen>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Stub {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _served: super::Served,
 }
 
 impl Stub {
@@ -89,12 +83,8 @@ pub async fn start(behaviour: Behaviour) -> Stub {
             answer(&behaviour, &parts.headers, &parts.method, &parts.uri.to_string(), body.len()).await
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind stub");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Stub { url, seen, task }
+    let served = super::serve(app).await;
+    Stub { url: served.url.clone(), seen, _served: served }
 }
 
 async fn answer(

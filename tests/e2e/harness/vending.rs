@@ -50,13 +50,7 @@ pub struct VendingCatalog {
     pub url: String,
     /// What it saw.
     pub counts: Arc<Counts>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for VendingCatalog {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _served: super::Served,
 }
 
 struct Upstream {
@@ -87,12 +81,8 @@ impl VendingCatalog {
             let upstream = upstream.clone();
             async move { upstream.answer(request).await }
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Self { url, counts, task }
+        let served = super::serve(app).await;
+        Self { url: served.url.clone(), counts, _served: served }
     }
 }
 
