@@ -593,12 +593,15 @@ fn prepare(
 ) -> Result<Option<Prepared>, RewriteError> {
     let parsed = manifest::Manifest::read(bytes, path)?;
     let live = parsed.entries_where(path, |status, content| is_copied(status, content, copy_data_files))?;
-    // What is kept: the rewritten manifest (about the size of the original) and `live`.
-    let cost = bytes.len() + live.iter().map(|e| e.path.len() + e.format.len() + 64).sum::<usize>();
+    // What is kept: the rewritten manifest (up to a quarter larger than the
+    // original: longer paths, fastest deflate) and `live`.
+    let cost = bytes.len() + bytes.len() / 4 + live.iter().map(|e| e.path.len() + e.format.len() + 64).sum::<usize>();
     let fits = || budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(cost)).is_ok();
     if !live.iter().any(manifest::ManifestEntry::needs_rewrite) && fits() {
         // Rewriting maps every path in it: the check is done.
-        let rewritten = parsed.rewrite(path, map, &HashMap::new())?;
+        let mut rewritten = parsed.rewrite(path, map, &HashMap::new())?;
+        // Kept until step 1: without the slack the budget does not count.
+        rewritten.shrink_to_fit();
         return Ok(Some(Prepared { live, rewritten }));
     }
     for entry in parsed.entries(path)? {

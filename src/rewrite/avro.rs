@@ -28,6 +28,7 @@
 //! makes `apache-avro` allocate more than the file holds; block sizes, record
 //! counts and Snappy's declared sizes are checked here.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::Cursor;
 use std::str::FromStr;
@@ -36,9 +37,8 @@ use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::schema::ResolvedSchema;
 use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
-use apache_avro::{Codec, Schema, Writer};
+use apache_avro::{Codec, Schema};
 use md5::Digest;
-use serde::de::{Deserialize, Deserializer, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor};
 
 use super::RewriteError;
 
@@ -48,6 +48,9 @@ const MAGIC: &[u8; 4] = b"Obj\x01";
 /// Bytes of records after which a data block is written out: `apache-avro`'s
 /// own default, so that [`Fields::write`] cuts blocks where [`write()`] does.
 const BLOCK_SIZE: usize = 16_000;
+/// The decompressed records of one file [`Records`] can hold: spans are
+/// `u32` offsets.
+const MAX_RECORD_BYTES: usize = u32::MAX as usize;
 
 /// An Avro container file's header: every metadata key, as written.
 #[derive(Debug, Clone)]
@@ -88,25 +91,77 @@ pub fn read(bytes: &[u8], file: &str) -> Result<(Header, Vec<Value>), RewriteErr
             reader.read_value(&mut bytes).map_err(|e| RewriteError::avro(file, e))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((records.header, values))
+    Ok((records.header.clone(), values))
 }
 
-/// The file's codec, as icerelay writes it: a rewritten file keeps its
-/// codec, and deflate writes at its fastest level. The level is not in the
-/// file (any reader inflates any level); at the default level, compressing
-/// was a table copy's largest cost, for output a few percent smaller.
+/// The file's codec, as named in its header.
 fn codec(metadata: &HashMap<String, Vec<u8>>, file: &str) -> Result<Codec, RewriteError> {
     match metadata.get("avro.codec").map(|c| std::str::from_utf8(c)) {
         None => Ok(Codec::Null),
-        Some(Ok(name)) => match Codec::from_str(name) {
-            Ok(Codec::Deflate(_)) => {
-                Ok(Codec::Deflate(apache_avro::DeflateSettings::new(miniz_oxide::deflate::CompressionLevel::BestSpeed)))
-            }
-            Ok(codec) => Ok(codec),
-            Err(_) => Err(invalid(file, format!("unsupported codec {name:?}"))),
-        },
+        Some(Ok(name)) => Codec::from_str(name).map_err(|_| invalid(file, format!("unsupported codec {name:?}"))),
         Some(Err(_)) => Err(invalid(file, "the codec name is not UTF-8")),
     }
+}
+
+/// Appends the records of one data block, decompressed, to `data`, which
+/// may hold at most `limit` bytes in all.
+///
+/// Deflate, the codec of nearly every manifest, is inflated here with
+/// zlib-rs, about twice as fast as the `miniz_oxide` inside `apache-avro`,
+/// and bounded as it goes: a small block could otherwise inflate to
+/// gigabytes before any check sees it.
+fn decompress(codec: Codec, block: &[u8], data: &mut Vec<u8>, limit: usize) -> Result<(), String> {
+    match codec {
+        Codec::Null => data.extend_from_slice(block),
+        Codec::Deflate(_) => {
+            // Straight into `data`'s spare capacity (a `Read` adapter would
+            // zero every buffer first), with this thread's inflater: setting
+            // one up costs about as much as inflating a small block.
+            INFLATER.with_borrow_mut(|inflater| inflate(inflater, block, data, limit))?;
+        }
+        other => {
+            if matches!(other, Codec::Snappy) {
+                check_snappy_length(block)?;
+            }
+            let mut decompressed = block.to_vec();
+            other.decompress(&mut decompressed).map_err(|e| format!("does not decompress ({e})"))?;
+            data.extend_from_slice(&decompressed);
+        }
+    }
+    Ok(())
+}
+
+thread_local! {
+    static INFLATER: RefCell<flate2::Decompress> = RefCell::new(flate2::Decompress::new(false));
+    static DEFLATER: RefCell<flate2::Compress> =
+        RefCell::new(flate2::Compress::new(flate2::Compression::fast(), false));
+}
+
+/// Inflates the raw deflate stream `block` onto `data`, up to `limit` bytes in all.
+fn inflate(inflater: &mut flate2::Decompress, block: &[u8], data: &mut Vec<u8>, limit: usize) -> Result<(), String> {
+    inflater.reset(false);
+    loop {
+        let consumed = inflater.total_in() as usize;
+        if data.len() > limit {
+            return Err(format!("inflates to more than the {limit} bytes of records a file may hold"));
+        }
+        if data.capacity() == data.len() {
+            // Doubling, as `reserve` would, but never past the limit, which
+            // a deflate bomb would otherwise double.
+            let wanted = data.len().max((block.len() * 4).clamp(64 * 1024, 1 << 20));
+            data.reserve_exact(wanted.min(limit + 1 - data.len()));
+        }
+        let status = inflater
+            .decompress_vec(&block[consumed..], data, flate2::FlushDecompress::Finish)
+            .map_err(|e| format!("does not inflate ({e})"))?;
+        match status {
+            flate2::Status::StreamEnd => break,
+            flate2::Status::Ok => {}
+            flate2::Status::BufError if data.capacity() == data.len() => {}
+            flate2::Status::BufError => return Err("is cut off inside its deflate stream".to_owned()),
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a Snappy block whose declared decompressed size it cannot hold.
@@ -171,13 +226,116 @@ pub fn write<'a>(
     records: impl IntoIterator<Item = &'a Value>,
     file: &str,
 ) -> Result<Vec<u8>, RewriteError> {
-    let (out, marker) = write_header(header, file)?;
-    let mut writer = Writer::append_to_with_codec(&header.schema, out, header.codec, marker)
-        .map_err(|e| RewriteError::avro(file, e))?;
+    let encoder = GenericDatumWriter::builder(&header.schema).build().map_err(|e| RewriteError::avro(file, e))?;
+    let mut blocks = Blocks::start(header, file, 0)?;
     for record in records {
-        writer.unvalidated_append_value_ref(record).map_err(|e| RewriteError::avro(file, e))?;
+        encoder.write_value_ref(blocks.record(), record).map_err(|e| RewriteError::avro(file, e))?;
+        blocks.end_record()?;
     }
-    writer.into_inner().map_err(|e| RewriteError::avro(file, e))
+    blocks.finish()
+}
+
+/// The data blocks of a container file being written: each record is
+/// appended as its encoded bytes, and a block is cut once it holds
+/// [`BLOCK_SIZE`] bytes, as `apache-avro`'s writer cuts them.
+struct Blocks<'f> {
+    file: &'f str,
+    codec: Codec,
+    marker: [u8; 16],
+    out: Vec<u8>,
+    block: Vec<u8>,
+    count: usize,
+    /// Whether blocks are deflated (with this thread's [`DEFLATER`]:
+    /// setting one up costs more than compressing a small block).
+    deflate: bool,
+    compressed: Vec<u8>,
+}
+
+impl<'f> Blocks<'f> {
+    /// The header written, no record yet.
+    /// `expected` bytes are reserved for the whole file.
+    fn start(header: &Header, file: &'f str, expected: usize) -> Result<Self, RewriteError> {
+        let (mut out, marker) = write_header(header, file)?;
+        out.reserve(expected.saturating_sub(out.len()));
+        // Deflate at its fastest level: the level is not in the file (any
+        // reader inflates any level), and at the default level compressing
+        // was a table copy's largest cost, for output a few percent smaller.
+        let deflate = matches!(header.codec, Codec::Deflate(_));
+        Ok(Self {
+            file,
+            codec: header.codec,
+            marker,
+            out,
+            block: Vec::with_capacity(BLOCK_SIZE + BLOCK_SIZE / 4),
+            count: 0,
+            deflate,
+            compressed: Vec::new(),
+        })
+    }
+
+    /// Where the next record's bytes go; [`Blocks::end_record`] after them.
+    fn record(&mut self) -> &mut Vec<u8> {
+        &mut self.block
+    }
+
+    fn end_record(&mut self) -> Result<(), RewriteError> {
+        self.count += 1;
+        if self.block.len() >= BLOCK_SIZE {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), RewriteError> {
+        if self.count == 0 {
+            return Ok(());
+        }
+        let body = if self.deflate {
+            DEFLATER
+                .with_borrow_mut(|deflater| deflate(deflater, &self.block, &mut self.compressed))
+                .map_err(|e| invalid(self.file, format!("deflate failed: {e}")))?;
+            &self.compressed
+        } else {
+            self.codec.compress(&mut self.block).map_err(|e| RewriteError::avro(self.file, e))?;
+            &self.block
+        };
+        put_long(&mut self.out, self.count as i64);
+        put_long(&mut self.out, body.len() as i64);
+        self.out.extend_from_slice(body);
+        self.out.extend_from_slice(&self.marker);
+        self.block.clear();
+        self.count = 0;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Vec<u8>, RewriteError> {
+        self.flush()?;
+        Ok(self.out)
+    }
+}
+
+/// Deflates `block` into `out` (cleared first) as one raw deflate stream.
+fn deflate(deflater: &mut flate2::Compress, block: &[u8], out: &mut Vec<u8>) -> Result<(), flate2::CompressError> {
+    deflater.reset();
+    out.clear();
+    out.reserve(block.len() / 2 + 64);
+    loop {
+        let consumed = deflater.total_in() as usize;
+        if deflater.compress_vec(&block[consumed..], out, flate2::FlushCompress::Finish)? == flate2::Status::StreamEnd {
+            return Ok(());
+        }
+        out.reserve(out.capacity().max(64));
+    }
+}
+
+/// Appends `n` as Avro writes a long: zigzag, then 7 bits a byte.
+fn put_long(out: &mut Vec<u8>, n: i64) {
+    let mut z = ((n << 1) ^ (n >> 63)) as u64;
+    while z >= 0x80 {
+        out.push((z as u8 & 0x7f) | 0x80);
+        z >>= 7;
+    }
+    out.push(z as u8);
 }
 
 /// The magic bytes, the header map and the sync marker of a rewritten file.
@@ -226,6 +384,61 @@ pub struct Records {
     /// Per record: its own span, then one span per slot ([`ABSENT`] if the
     /// schema lacks the field).
     spans: Vec<Span>,
+    /// The size of the file read, which a rewrite's size is close to.
+    encoded_len: usize,
+}
+
+impl Drop for Records {
+    fn drop(&mut self) {
+        pool::DATA.give(std::mem::take(&mut self.data));
+        pool::SPANS.give(std::mem::take(&mut self.spans));
+    }
+}
+
+/// The buffers of files read before, for the next file to read into.
+///
+/// A manifest's records and spans are megabytes, allocated for each file
+/// and freed when it is written. The allocator keeps freed memory for a
+/// while, per thread, and reading runs on whichever of the blocking pool's
+/// threads is free, so on a large table freed buffers of every thread added
+/// up to more than the buffers in use. Reused, they are as many as the
+/// files being read at once.
+mod pool {
+    use std::sync::Mutex;
+
+    use super::Span;
+
+    /// Buffers kept: more than files are read at once (a table copy reads
+    /// four manifests at a time, replication one per lane).
+    const KEPT: usize = 8;
+    /// A buffer larger than this is freed, not kept: one huge file must
+    /// not pin its memory for the life of the process.
+    const LARGEST_KEPT: usize = 64 * 1024 * 1024;
+
+    pub(super) struct Pool<T>(Mutex<Vec<Vec<T>>>);
+
+    pub(super) static DATA: Pool<u8> = Pool(Mutex::new(Vec::new()));
+    pub(super) static SPANS: Pool<Span> = Pool(Mutex::new(Vec::new()));
+
+    impl<T> Pool<T> {
+        /// An empty buffer, with the capacity of an earlier one if any.
+        pub(super) fn take(&self) -> Vec<T> {
+            self.0.lock().ok().and_then(|mut kept| kept.pop()).unwrap_or_default()
+        }
+
+        /// Keeps `buffer` for a later [`Pool::take`], if there is room.
+        pub(super) fn give(&self, mut buffer: Vec<T>) {
+            if buffer.capacity() == 0 || buffer.capacity() * size_of::<T>() > LARGEST_KEPT {
+                return;
+            }
+            buffer.clear();
+            if let Ok(mut kept) = self.0.lock()
+                && kept.len() < KEPT
+            {
+                kept.push(buffer);
+            }
+        }
+    }
 }
 
 /// A byte range of [`Records::data`].
@@ -253,8 +466,8 @@ impl Records {
             .ok_or_else(|| invalid(file, "the header is truncated (no sync marker)"))?;
         pos += 16;
 
-        let mut data = Vec::new();
-        let mut spans = Vec::new();
+        let mut data = pool::DATA.take();
+        let mut spans = pool::SPANS.take();
         {
             let layout = Layout::new(&schema, paths, file)?;
             let long = GenericDatumReader::builder(&Schema::Long).build().map_err(|e| RewriteError::avro(file, e))?;
@@ -291,18 +504,9 @@ impl Records {
                 }
                 pos = end + 16;
                 let base = data.len();
-                if codec == Codec::Null {
-                    data.extend_from_slice(block);
-                } else {
-                    if matches!(codec, Codec::Snappy) {
-                        check_snappy_length(block)
-                            .map_err(|detail| invalid(file, format!("the data block at byte {at} {detail}")))?;
-                    }
-                    let mut decompressed = block.to_vec();
-                    codec.decompress(&mut decompressed).map_err(|e| RewriteError::avro(file, e))?;
-                    data.extend_from_slice(&decompressed);
-                }
-                if u32::try_from(data.len()).is_err() {
+                decompress(codec, block, &mut data, MAX_RECORD_BYTES)
+                    .map_err(|detail| invalid(file, format!("the data block at byte {at} {detail}")))?;
+                if data.len() > MAX_RECORD_BYTES {
                     return Err(invalid(file, "more than 4 GiB of records"));
                 }
                 let held = data.len() - base;
@@ -317,7 +521,7 @@ impl Records {
                 layout.walk_block(&data, base, count, &mut spans, file, at)?;
             }
         }
-        Ok(Self { header: Header { metadata, schema, codec }, paths, data, spans })
+        Ok(Self { header: Header { metadata, schema, codec }, paths, data, spans, encoded_len: bytes.len() })
     }
 
     /// The header.
@@ -398,24 +602,9 @@ impl Fields<'_> {
         mut edit: impl FnMut(usize, &mut Vec<(usize, Value)>) -> Result<(), RewriteError>,
     ) -> Result<Vec<u8>, RewriteError> {
         let records = self.records;
-        let (mut out, marker) = write_header(&records.header, file)?;
-        let long = GenericDatumWriter::builder(&Schema::Long).build().map_err(|e| RewriteError::avro(file, e))?;
-        let mut block = Vec::with_capacity(BLOCK_SIZE + BLOCK_SIZE / 4);
-        let mut count = 0usize;
-        let flush = |block: &mut Vec<u8>, count: &mut usize, out: &mut Vec<u8>| -> Result<(), RewriteError> {
-            if *count == 0 {
-                return Ok(());
-            }
-            records.header.codec.compress(block).map_err(|e| RewriteError::avro(file, e))?;
-            for n in [*count, block.len()] {
-                long.write_value(out, Value::Long(n as i64)).map_err(|e| RewriteError::avro(file, e))?;
-            }
-            out.extend_from_slice(block);
-            out.extend_from_slice(&marker);
-            block.clear();
-            *count = 0;
-            Ok(())
-        };
+        // A little more than the original: paths may grow, and deflate at
+        // its fastest level writes more than most writers.
+        let mut blocks = Blocks::start(&records.header, file, records.encoded_len + records.encoded_len / 4)?;
         let mut edits = Vec::new();
         for record in 0..records.len() {
             edits.clear();
@@ -432,20 +621,16 @@ impl Fields<'_> {
                 if (span.start as usize) < at {
                     return Err(invalid(file, format!("field {:?} is replaced twice", records.paths[*slot].join("."))));
                 }
-                block.extend_from_slice(&records.data[at..span.start as usize]);
+                blocks.record().extend_from_slice(&records.data[at..span.start as usize]);
                 if let Some(Some(codec)) = self.slots.get(*slot) {
-                    codec.writer.write_value_ref(&mut block, value).map_err(|e| RewriteError::avro(file, e))?;
+                    codec.writer.write_value_ref(blocks.record(), value).map_err(|e| RewriteError::avro(file, e))?;
                 }
                 at = span.end as usize;
             }
-            block.extend_from_slice(&records.data[at..whole.end as usize]);
-            count += 1;
-            if block.len() >= BLOCK_SIZE {
-                flush(&mut block, &mut count, &mut out)?;
-            }
+            blocks.record().extend_from_slice(&records.data[at..whole.end as usize]);
+            blocks.end_record()?;
         }
-        flush(&mut block, &mut count, &mut out)?;
-        Ok(out)
+        blocks.finish()
     }
 }
 
@@ -482,7 +667,6 @@ fn as_record<'s>(schema: &'s Schema, resolved: &ResolvedSchema<'s>) -> Option<&'
 
 /// How to walk one record: one step per field, in schema order.
 struct Layout<'s> {
-    schema: &'s Schema,
     resolved: ResolvedSchema<'s>,
     steps: Vec<Step<'s>>,
     slots: usize,
@@ -490,9 +674,9 @@ struct Layout<'s> {
 
 enum Step<'s> {
     /// Walked over.
-    Skip(GenericDatumReader<'s>),
+    Skip(&'s Schema),
     /// Walked over, its span kept in a slot.
-    Capture(usize, GenericDatumReader<'s>),
+    Capture(usize, &'s Schema),
     /// A record holding fields asked for.
     Nested(Vec<Step<'s>>),
 }
@@ -503,11 +687,15 @@ impl<'s> Layout<'s> {
         let record = as_record(schema, &resolved).ok_or_else(|| invalid(file, "the records are not Avro records"))?;
         let wanted: Vec<(usize, &[&str])> = paths.iter().enumerate().map(|(slot, p)| (slot, *p)).collect();
         let steps = plan(record, &wanted, &resolved, file, "")?;
-        Ok(Self { schema, resolved, steps, slots: paths.len() })
+        Ok(Self { resolved, steps, slots: paths.len() })
     }
 
     /// Walks the `count` records of the block at `data[base..]` (at byte
     /// `at` of the file), appending each record's spans.
+    ///
+    /// One pass checks every length a record declares (see [`lengths`])
+    /// and notes where the slots lie: nothing is decoded here, and
+    /// `apache-avro` later decodes only slots this walk accepted.
     fn walk_block(
         &self,
         data: &[u8],
@@ -517,28 +705,22 @@ impl<'s> Layout<'s> {
         file: &str,
         at: usize,
     ) -> Result<(), RewriteError> {
-        // Every declared length first: apache-avro allocates what a record
-        // declares before it reads it.
-        let records = &data[base..];
-        let mut end = 0;
+        let mut walker = lengths::Walk::new(self.resolved.get_names(), &data[base..], 0);
         for record in 0..count {
-            lengths::check(self.schema, self.resolved.get_names(), records, &mut end).map_err(|m| {
-                invalid(file, format!("record {record} of the data block at byte {at} is corrupt: {m}"))
-            })?;
-        }
-        let mut pos = base;
-        for _ in 0..count {
             let first = spans.len();
             spans.resize(first + 1 + self.slots, ABSENT);
-            let start = pos;
-            walk(&self.steps, data, &mut pos, &mut spans[first + 1..]).map_err(|e| RewriteError::avro(file, e))?;
-            if pos == start {
+            let start = walker.pos();
+            walk(&self.steps, &mut walker, base, &mut spans[first + 1..]).map_err(|m| {
+                invalid(file, format!("record {record} of the data block at byte {at} is corrupt: {m}"))
+            })?;
+            if walker.pos() == start {
                 return Err(invalid(file, "a record is empty"));
             }
-            spans[first] = Span { start: start as u32, end: pos as u32 };
+            spans[first] = Span { start: (base + start) as u32, end: (base + walker.pos()) as u32 };
         }
-        if pos != data.len() {
-            return Err(invalid(file, format!("a data block has {} bytes after its last record", data.len() - pos)));
+        let left = data.len() - base - walker.pos();
+        if left != 0 {
+            return Err(invalid(file, format!("a data block has {left} bytes after its last record")));
         }
         Ok(())
     }
@@ -551,12 +733,6 @@ fn plan<'s>(
     file: &str,
     prefix: &str,
 ) -> Result<Vec<Step<'s>>, RewriteError> {
-    let reader = |schema: &'s Schema| {
-        GenericDatumReader::builder(schema)
-            .resolved_writer_schemata(resolved.clone())
-            .build()
-            .map_err(|e| RewriteError::avro(file, e))
-    };
     let mut steps = Vec::with_capacity(record.fields.len());
     for field in &record.fields {
         let here: Vec<(usize, &[&str])> = wanted
@@ -565,8 +741,8 @@ fn plan<'s>(
             .map(|(s, p)| (*s, &p[1..]))
             .collect();
         let step = match here.as_slice() {
-            [] => Step::Skip(reader(&field.schema)?),
-            [(slot, [])] => Step::Capture(*slot, reader(&field.schema)?),
+            [] => Step::Skip(&field.schema),
+            [(slot, [])] => Step::Capture(*slot, &field.schema),
             _ if here.iter().all(|(_, rest)| !rest.is_empty()) => {
                 let name = format!("{prefix}{}", field.name);
                 let nested = as_record(&field.schema, resolved)
@@ -580,99 +756,36 @@ fn plan<'s>(
     Ok(steps)
 }
 
-fn walk(steps: &[Step<'_>], data: &[u8], pos: &mut usize, slots: &mut [Span]) -> Result<(), apache_avro::Error> {
+/// Walks one record's fields by `steps`, noting the slots' spans (offset
+/// by `base`, where the walked data starts in [`Records::data`]).
+fn walk(
+    steps: &[Step<'_>],
+    walker: &mut lengths::Walk<'_, '_>,
+    base: usize,
+    slots: &mut [Span],
+) -> Result<(), lengths::Malformed> {
+    walk_at(steps, walker, base, slots, 1)
+}
+
+fn walk_at(
+    steps: &[Step<'_>],
+    walker: &mut lengths::Walk<'_, '_>,
+    base: usize,
+    slots: &mut [Span],
+    depth: usize,
+) -> Result<(), lengths::Malformed> {
     for step in steps {
         match step {
-            Step::Skip(reader) => skip(reader, data, pos)?,
-            Step::Capture(slot, reader) => {
-                let start = *pos;
-                skip(reader, data, pos)?;
-                slots[*slot] = Span { start: start as u32, end: *pos as u32 };
+            Step::Skip(schema) => walker.datum(schema, depth)?,
+            Step::Capture(slot, schema) => {
+                let start = walker.pos();
+                walker.datum(schema, depth)?;
+                slots[*slot] = Span { start: (base + start) as u32, end: (base + walker.pos()) as u32 };
             }
-            Step::Nested(inner) => walk(inner, data, pos, slots)?,
+            Step::Nested(inner) => walk_at(inner, walker, base, slots, depth + 1)?,
         }
     }
     Ok(())
-}
-
-fn skip(reader: &GenericDatumReader<'_>, data: &[u8], pos: &mut usize) -> Result<(), apache_avro::Error> {
-    let mut rest = &data[*pos..];
-    reader.read_deser::<Skip>(&mut rest)?;
-    *pos = data.len() - rest.len();
-    Ok(())
-}
-
-/// One datum read and dropped as it is read: `apache-avro`'s schema-aware
-/// deserializer reads every byte of it (strings are checked as UTF-8), but no
-/// value tree is built. (serde's `IgnoredAny` would do, except that it
-/// rejects Avro enums.)
-struct Skip;
-
-impl<'de> Deserialize<'de> for Skip {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(SkipVisitor).map(|()| Skip)
-    }
-}
-
-struct SkipVisitor;
-
-impl<'de> Visitor<'de> for SkipVisitor {
-    type Value = ();
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("any Avro datum")
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i128<E>(self, _: i128) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u128<E>(self, _: u128) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_str<E>(self, _: &str) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_bytes<E>(self, _: &[u8]) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_none<E>(self) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        Skip::deserialize(d).map(|_| ())
-    }
-    fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        Skip::deserialize(d).map(|_| ())
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element::<Skip>()?.is_some() {}
-        Ok(())
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while map.next_key::<Skip>()?.is_some() {
-            map.next_value::<Skip>()?;
-        }
-        Ok(())
-    }
-    fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
-        let (Skip, variant) = data.variant::<Skip>()?;
-        variant.unit_variant()
-    }
 }
 
 // === value helpers ===
@@ -798,13 +911,42 @@ pub fn set_long(value: &mut Value, name: &str, new: i64) -> bool {
 mod tests {
     use super::*;
 
+    fn deflated(raw: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        DEFLATER.with_borrow_mut(|d| deflate(d, raw, &mut out)).expect("deflate");
+        out
+    }
+
+    #[test]
+    fn a_deflate_block_is_inflated_whole_and_bounded() {
+        let raw: Vec<u8> = (0..200_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let block = deflated(&raw);
+        let mut data = b"earlier".to_vec();
+        decompress(Codec::Deflate(Default::default()), &block, &mut data, MAX_RECORD_BYTES).expect("inflate");
+        assert_eq!(&data[..7], b"earlier");
+        assert_eq!(&data[7..], &raw[..], "appended after what was there");
+
+        // A bomb: a megabyte of zeros from a hundredth of it, refused at the limit
+        // without the buffer growing past it.
+        let bomb = deflated(&vec![0; 1 << 20]);
+        assert!(bomb.len() < 16 * 1024, "{}", bomb.len());
+        let mut data = Vec::new();
+        let e = decompress(Codec::Deflate(Default::default()), &bomb, &mut data, 100_000).expect_err("bomb");
+        assert!(e.contains("more than the 100000 bytes"), "{e}");
+        assert!(data.capacity() <= 100_001, "{}", data.capacity());
+
+        let e = decompress(Codec::Deflate(Default::default()), &block[..block.len() / 2], &mut Vec::new(), 1 << 30)
+            .expect_err("cut");
+        assert!(e.contains("cut off"), "{e}");
+    }
+
     const SCHEMA: &str = r#"{"type": "record", "name": "r", "fields": [
         {"name": "path", "type": "string", "field-id": 500},
         {"name": "n", "type": ["null", "long"], "field-id": 501, "doc": "kept"}]}"#;
 
     fn file(codec: Codec) -> Vec<u8> {
         let schema = Schema::parse_str(SCHEMA).expect("schema");
-        let mut w = Writer::with_codec(&schema, Vec::new(), codec).expect("writer");
+        let mut w = apache_avro::Writer::with_codec(&schema, Vec::new(), codec).expect("writer");
         w.add_user_metadata("format-version".into(), b"2").expect("meta");
         w.add_user_metadata("partition-spec".into(), br#"[{"x":1}]"#).expect("meta");
         for i in 0..3 {
@@ -939,7 +1081,7 @@ mod tests {
 
     fn rich_file(codec: Codec, n: i64) -> Vec<u8> {
         let schema = Schema::parse_str(RICH).expect("schema");
-        let mut w = Writer::with_codec(&schema, Vec::new(), codec).expect("writer");
+        let mut w = apache_avro::Writer::with_codec(&schema, Vec::new(), codec).expect("writer");
         w.add_user_metadata("format-version".into(), b"2").expect("meta");
         for i in 0..n {
             w.append_value(rich_record(i)).expect("append");

@@ -1,5 +1,6 @@
 //! Every length an Avro datum declares, checked against the bytes that are
-//! there before `apache-avro` reads them.
+//! there before `apache-avro` reads them, in the one pass that also finds
+//! where each field of a record lies.
 //!
 //! `apache-avro` allocates a string's, a byte array's or a fixed's declared
 //! length (up to its process-wide limit of 512 MiB) before it finds that the
@@ -12,9 +13,11 @@
 //! `apache-avro` only data this walk has accepted, so every allocation it
 //! makes for a declared length is bounded by the bytes of the file.
 //!
-//! Only lengths, counts, union branches (to know what follows) and nesting
-//! are checked here; whether the bytes form valid values (UTF-8 strings,
-//! enum indexes, int ranges) is left to `apache-avro`, which reads them next.
+//! Besides lengths, counts, union branches and nesting, the walk checks what
+//! makes a value valid where a decoder would refuse it (UTF-8 strings and
+//! map keys, enum indexes, int ranges, booleans): most fields of a rewritten
+//! record are copied as they are without ever being decoded, and a corrupt
+//! value must stop the rewrite here rather than reach a replica.
 
 use std::fmt;
 
@@ -83,6 +86,20 @@ pub(super) enum Problem {
     },
     /// A named type the schema does not define.
     UnknownName(String),
+    /// Bytes that are not a valid value of the type.
+    Invalid {
+        /// What they should be (`UTF-8 text`, `a boolean`, ...).
+        what: &'static str,
+    },
+    /// An int beyond 32 bits.
+    IntRange(i64),
+    /// An enum index beyond the symbols.
+    EnumIndex {
+        /// The index read.
+        index: i64,
+        /// The number of symbols.
+        symbols: usize,
+    },
 }
 
 impl fmt::Display for Malformed {
@@ -108,6 +125,11 @@ impl fmt::Display for Malformed {
                 write!(f, "a union at offset {at} selects branch {index} of {branches}")
             }
             Problem::UnknownName(name) => write!(f, "the schema refers to an undefined type {name} (at offset {at})"),
+            Problem::Invalid { what } => write!(f, "the value at offset {at} is not {what}"),
+            Problem::IntRange(value) => write!(f, "the int at offset {at} is {value}, beyond 32 bits"),
+            Problem::EnumIndex { index, symbols } => {
+                write!(f, "an enum at offset {at} selects symbol {index} of {symbols}")
+            }
         }
     }
 }
@@ -115,19 +137,120 @@ impl fmt::Display for Malformed {
 /// Checks the datum of `schema` at `data[*pos..]` and moves `pos` past it.
 /// `names` resolves the schema's named types.
 pub(super) fn check(schema: &Schema, names: &NamesRef<'_>, data: &[u8], pos: &mut usize) -> Result<(), Malformed> {
-    let mut walk = Walk { names, data, pos: *pos };
+    let mut walk = Walk::new(names, data, *pos);
     walk.datum(schema, 0)?;
     *pos = walk.pos;
     Ok(())
 }
 
-struct Walk<'a, 'n> {
+/// A cursor over encoded data that moves past one datum at a time.
+pub(super) struct Walk<'a, 'n> {
     names: &'a NamesRef<'n>,
     data: &'a [u8],
     pos: usize,
 }
 
-impl Walk<'_, '_> {
+impl<'a, 'n> Walk<'a, 'n> {
+    /// A walk over `data` from `pos`; `names` resolves named types.
+    pub(super) fn new(names: &'a NamesRef<'n>, data: &'a [u8], pos: usize) -> Self {
+        Self { names, data, pos }
+    }
+
+    /// Where the walk is.
+    pub(super) fn pos(&self) -> usize {
+        self.pos
+    }
+
+    /// Moves past the datum of `schema`, `depth` levels into a record.
+    pub(super) fn datum(&mut self, schema: &Schema, depth: usize) -> Result<(), Malformed> {
+        if depth > MAX_DEPTH {
+            return Err(self.fail(self.pos, Problem::TooDeep));
+        }
+        match schema {
+            Schema::Null => Ok(()),
+            Schema::Boolean => match self.data.get(self.pos) {
+                Some(0 | 1) => self.primitive("a boolean", 1),
+                Some(_) => Err(self.fail(self.pos, Problem::Invalid { what: "a boolean" })),
+                None => Err(self.fail(self.pos, Problem::Truncated { what: "a boolean" })),
+            },
+            Schema::Int | Schema::Date | Schema::TimeMillis => {
+                let at = self.pos;
+                let value = self.long()?;
+                if i32::try_from(value).is_err() {
+                    return Err(self.fail(at, Problem::IntRange(value)));
+                }
+                Ok(())
+            }
+            Schema::Enum(symbols) => {
+                let at = self.pos;
+                let index = self.long()?;
+                let symbols = symbols.symbols.len();
+                if usize::try_from(index).map_or(true, |i| i >= symbols) {
+                    return Err(self.fail(at, Problem::EnumIndex { index, symbols }));
+                }
+                Ok(())
+            }
+            Schema::Long
+            | Schema::TimeMicros
+            | Schema::TimestampMillis
+            | Schema::TimestampMicros
+            | Schema::TimestampNanos
+            | Schema::LocalTimestampMillis
+            | Schema::LocalTimestampMicros
+            | Schema::LocalTimestampNanos => self.long().map(drop),
+            Schema::Float => self.primitive("a float", 4),
+            Schema::Double => self.primitive("a double", 8),
+            Schema::String | Schema::Uuid(UuidSchema::String) => self.text("a string"),
+            Schema::Bytes
+            | Schema::Uuid(UuidSchema::Bytes)
+            | Schema::Decimal(DecimalSchema { inner: InnerDecimalSchema::Bytes, .. }) => {
+                self.sized("a byte array").map(drop)
+            }
+            Schema::BigDecimal => {
+                // The bytes hold a length-prefixed unscaled value of their
+                // own, which `apache-avro` allocates before reading.
+                let start = self.sized("a big decimal")?;
+                let mut inner = Walk { names: self.names, data: &self.data[..self.pos], pos: start };
+                inner.sized("a big decimal's unscaled value").map(drop)
+            }
+            Schema::Fixed(fixed)
+            | Schema::Duration(fixed)
+            | Schema::Uuid(UuidSchema::Fixed(fixed))
+            | Schema::Decimal(DecimalSchema { inner: InnerDecimalSchema::Fixed(fixed), .. }) => {
+                self.take("a fixed", fixed.size as u64, self.pos)
+            }
+            Schema::Union(union) => {
+                let at = self.pos;
+                let index = self.long()?;
+                let branches = union.variants();
+                let branch = usize::try_from(index)
+                    .ok()
+                    .and_then(|i| branches.get(i))
+                    .ok_or_else(|| self.fail(at, Problem::UnionIndex { index, branches: branches.len() }))?;
+                self.datum(branch, depth + 1)
+            }
+            Schema::Record(record) => {
+                for field in &record.fields {
+                    self.datum(&field.schema, depth + 1)?;
+                }
+                Ok(())
+            }
+            Schema::Array(array) => self.blocks("an array block", |walk| walk.datum(&array.items, depth + 1)),
+            Schema::Map(map) => self.blocks("a map block", |walk| {
+                walk.text("a map key")?;
+                walk.datum(&map.types, depth + 1)
+            }),
+            Schema::Ref { name } => {
+                let named = self
+                    .names
+                    .get(name)
+                    .copied()
+                    .ok_or_else(|| self.fail(self.pos, Problem::UnknownName(name.to_string())))?;
+                self.datum(named, depth + 1)
+            }
+        }
+    }
+
     fn fail(&self, at: usize, problem: Problem) -> Malformed {
         Malformed { at, problem }
     }
@@ -185,76 +308,13 @@ impl Walk<'_, '_> {
         Ok(start)
     }
 
-    fn datum(&mut self, schema: &Schema, depth: usize) -> Result<(), Malformed> {
-        if depth > MAX_DEPTH {
-            return Err(self.fail(self.pos, Problem::TooDeep));
+    /// A length-prefixed UTF-8 string.
+    fn text(&mut self, what: &'static str) -> Result<(), Malformed> {
+        let start = self.sized(what)?;
+        if std::str::from_utf8(&self.data[start..self.pos]).is_err() {
+            return Err(self.fail(start, Problem::Invalid { what: "UTF-8 text" }));
         }
-        match schema {
-            Schema::Null => Ok(()),
-            Schema::Boolean => self.primitive("a boolean", 1),
-            Schema::Int
-            | Schema::Long
-            | Schema::Enum(_)
-            | Schema::Date
-            | Schema::TimeMillis
-            | Schema::TimeMicros
-            | Schema::TimestampMillis
-            | Schema::TimestampMicros
-            | Schema::TimestampNanos
-            | Schema::LocalTimestampMillis
-            | Schema::LocalTimestampMicros
-            | Schema::LocalTimestampNanos => self.long().map(drop),
-            Schema::Float => self.primitive("a float", 4),
-            Schema::Double => self.primitive("a double", 8),
-            Schema::String | Schema::Uuid(UuidSchema::String) => self.sized("a string").map(drop),
-            Schema::Bytes
-            | Schema::Uuid(UuidSchema::Bytes)
-            | Schema::Decimal(DecimalSchema { inner: InnerDecimalSchema::Bytes, .. }) => {
-                self.sized("a byte array").map(drop)
-            }
-            Schema::BigDecimal => {
-                // The bytes hold a length-prefixed unscaled value of their
-                // own, which `apache-avro` allocates before reading.
-                let start = self.sized("a big decimal")?;
-                let mut inner = Walk { names: self.names, data: &self.data[..self.pos], pos: start };
-                inner.sized("a big decimal's unscaled value").map(drop)
-            }
-            Schema::Fixed(fixed)
-            | Schema::Duration(fixed)
-            | Schema::Uuid(UuidSchema::Fixed(fixed))
-            | Schema::Decimal(DecimalSchema { inner: InnerDecimalSchema::Fixed(fixed), .. }) => {
-                self.take("a fixed", fixed.size as u64, self.pos)
-            }
-            Schema::Union(union) => {
-                let at = self.pos;
-                let index = self.long()?;
-                let branches = union.variants();
-                let branch = usize::try_from(index)
-                    .ok()
-                    .and_then(|i| branches.get(i))
-                    .ok_or_else(|| self.fail(at, Problem::UnionIndex { index, branches: branches.len() }))?;
-                self.datum(branch, depth + 1)
-            }
-            Schema::Record(record) => {
-                for field in &record.fields {
-                    self.datum(&field.schema, depth + 1)?;
-                }
-                Ok(())
-            }
-            Schema::Array(array) => self.blocks("an array block", |walk| walk.datum(&array.items, depth + 1)),
-            Schema::Map(map) => self.blocks("a map block", |walk| {
-                walk.sized("a map key")?;
-                walk.datum(&map.types, depth + 1)
-            }),
-            Schema::Ref { name } => {
-                let named = self
-                    .names
-                    .get(name)
-                    .copied()
-                    .ok_or_else(|| self.fail(self.pos, Problem::UnknownName(name.to_string())))?;
-                self.datum(named, depth + 1)
-            }
-        }
+        Ok(())
     }
 
     /// The blocks of an array or a map: a count (negative when followed by
@@ -392,6 +452,25 @@ mod tests {
         assert_eq!(run(&Schema::Long, &[0xff; 11]).expect_err("varint").problem, Problem::Varint);
         assert_eq!(run(&Schema::Long, &[0xff; 3]).expect_err("cut").problem, Problem::Truncated { what: "a number" });
         assert_eq!(run(&Schema::Double, &[0; 7]).expect_err("cut").problem, Problem::Truncated { what: "a double" });
+    }
+
+    #[test]
+    fn values_a_decoder_would_refuse_are_refused_while_walking() {
+        let mut not_utf8 = zigzag(2);
+        not_utf8.extend_from_slice(&[0xc3, 0x28]);
+        assert_eq!(run(&Schema::String, &not_utf8).expect_err("utf8").problem, Problem::Invalid { what: "UTF-8 text" });
+        let map = Schema::map(Schema::Long).build();
+        let mut key = zigzag(1);
+        key.extend(not_utf8.iter());
+        key.extend(zigzag(5));
+        key.extend(zigzag(0));
+        assert_eq!(run(&map, &key).expect_err("key").problem, Problem::Invalid { what: "UTF-8 text" });
+        assert_eq!(run(&Schema::Boolean, &[2]).expect_err("bool").problem, Problem::Invalid { what: "a boolean" });
+        assert_eq!(run(&Schema::Int, &zigzag(1 << 40)).expect_err("int").problem, Problem::IntRange(1 << 40));
+        let colour = Schema::parse_str(r#"{"type": "enum", "name": "c", "symbols": ["red", "blue"]}"#).expect("enum");
+        assert_eq!(run(&colour, &zigzag(2)).expect_err("enum").problem, Problem::EnumIndex { index: 2, symbols: 2 });
+        assert_eq!(run(&colour, &zigzag(1)), Ok(1));
+        assert_eq!(run(&Schema::Int, &zigzag(-(1 << 31))), Ok(5));
     }
 
     #[test]
