@@ -82,6 +82,14 @@ impl TableCopyError {
             Self::Rewrite(_) | Self::MetadataJson { .. } | Self::Task(_) => false,
         }
     }
+
+    /// The URL of a file the copy found missing, if that is why it failed.
+    pub fn missing_url(&self) -> Option<&str> {
+        match self {
+            Self::Storage(e) | Self::Copy(CopyError::Storage { error: e, .. }) => e.missing_url(),
+            _ => None,
+        }
+    }
 }
 
 /// What a file of the plan is.

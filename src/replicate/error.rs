@@ -75,6 +75,15 @@ impl From<TableCopyError> for ReplicateError {
 }
 
 impl ReplicateError {
+    /// The URL of a file that was missing when the run copied it.
+    pub fn missing_file(&self) -> Option<&str> {
+        match self {
+            Self::Copy(e) => e.missing_url(),
+            Self::Storage(e) => e.missing_url(),
+            _ => None,
+        }
+    }
+
     /// Whether the replica was written around icerelay.
     pub fn is_divergence(&self) -> bool {
         matches!(self, Self::Plan(PlanError::Diverged { .. } | PlanError::FailbackChoiceNeeded { .. }))

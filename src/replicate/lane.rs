@@ -421,16 +421,20 @@ async fn replay(
         }
         tracing::debug!(step = %step.describe(), behind = step.snapshots_behind, "replaying");
         let run = LaneRun { ctx, lane, destination, replayer: &replayer };
-        let commit = match super::group::commit_together(&run, following, &step).await? {
-            Together::Attempted(commit) => commit,
-            Together::Waiting(reason) => return Ok(Replayed::Waiting(reason)),
-            Together::Alone { part_of_transaction } => {
-                let commit = commit_alone(&run, following, &step).await?;
-                if part_of_transaction && matches!(commit, Commit::Applied) {
-                    super::group::count(ctx, destination, "table_by_table", 1);
+        let commit = match commit_step(&run, following, &step).await {
+            // The source expired snapshots (and deleted their files) since
+            // this run loaded it: what is still there is planned again.
+            Err(e) if !source_reloaded && e.missing_file().is_some() => {
+                source_reloaded = true;
+                if source_moved_on(ctx, &lane.key, following).await? {
+                    tracing::warn!(error = %e, "a source file is gone and the source changed since: planning again");
+                    continue;
                 }
-                commit
+                return Err(e);
             }
+            Err(e) => return Err(e),
+            Ok(Attempt::Waiting(reason)) => return Ok(Replayed::Waiting(reason)),
+            Ok(Attempt::Done(commit)) => commit,
         };
         match commit {
             Commit::Applied => {
@@ -448,6 +452,30 @@ async fn replay(
             }
         }
     }
+}
+
+/// What became of one planned step.
+enum Attempt {
+    /// Committed, or refused and the replica reloaded.
+    Done(Commit),
+    /// Waits for the other tables of its multi-table transaction.
+    Waiting(String),
+}
+
+/// Commits one step: together with the other tables of its multi-table
+/// transaction where it has any, else alone.
+async fn commit_step(run: &LaneRun<'_>, following: &mut Following, step: &Step) -> Result<Attempt, ReplicateError> {
+    Ok(match super::group::commit_together(run, following, step).await? {
+        Together::Attempted(commit) => Attempt::Done(commit),
+        Together::Waiting(reason) => Attempt::Waiting(reason),
+        Together::Alone { part_of_transaction } => {
+            let commit = commit_alone(run, following, step).await?;
+            if part_of_transaction && matches!(commit, Commit::Applied) {
+                super::group::count(run.ctx, run.destination, "table_by_table", 1);
+            }
+            Attempt::Done(commit)
+        }
+    })
 }
 
 /// Whether the source has new metadata since it was loaded (then it is

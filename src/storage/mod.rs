@@ -106,6 +106,14 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// The URL of the object this error found missing, if that is what it is.
+    pub fn missing_url(&self) -> Option<&str> {
+        match self {
+            Self::NotFound { url } | Self::Store { url, source: object_store::Error::NotFound { .. }, .. } => Some(url),
+            _ => None,
+        }
+    }
+
     /// Whether trying again later may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {

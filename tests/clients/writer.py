@@ -126,7 +126,9 @@ for op in ops:
     elif kind == "branch":
         table.manage_snapshots().create_branch(table.current_snapshot().snapshot_id, op["name"]).commit()
     elif kind == "expire":
-        keep = {s.snapshot_id for s in table.snapshots()[-op.get("keep_last", 1):]}
+        # Newest by sequence number: some catalogs (rustberg) list snapshots out of order.
+        newest = sorted(table.snapshots(), key=lambda s: (s.sequence_number, s.timestamp_ms))
+        keep = {s.snapshot_id for s in newest[-op.get("keep_last", 1):]}
         keep |= {r.snapshot_id for r in table.metadata.refs.values()}
         old = [s.snapshot_id for s in table.snapshots() if s.snapshot_id not in keep]
         if old:

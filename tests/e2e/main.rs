@@ -15,6 +15,7 @@ mod proxy_clients;
 mod proxy_passthrough;
 mod replication;
 mod shared_state;
+mod source_expiry;
 mod spark;
 mod tls;
 mod transactions;

@@ -49,14 +49,7 @@ impl Replica {
     pub(crate) fn catalog(self) -> RestCatalog {
         match self {
             Self::Seaweed(s) => seaweed_catalog(s),
-            Self::Rustberg(r) => RestCatalog::new(
-                "replica",
-                reqwest::Url::parse(&r.uri).expect("uri"),
-                Some(r.warehouse.clone()),
-                &AuthConfig::None,
-                settings(),
-            )
-            .expect("client"),
+            Self::Rustberg(r) => rustberg_catalog(&r.uri, &r.warehouse),
         }
     }
 
@@ -67,6 +60,18 @@ impl Replica {
             Self::Rustberg(_) => None,
         }
     }
+}
+
+/// A client of the rustberg catalog at `uri` (or of a stand-in in front of one).
+pub(crate) fn rustberg_catalog(uri: &str, warehouse: &str) -> RestCatalog {
+    RestCatalog::new(
+        "rustberg",
+        reqwest::Url::parse(uri).expect("uri"),
+        Some(warehouse.to_owned()),
+        &AuthConfig::None,
+        settings(),
+    )
+    .expect("client")
 }
 
 fn settings() -> ClientSettings {
