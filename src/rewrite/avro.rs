@@ -4,9 +4,10 @@
 //! `partition-spec`, `format-version`, `content`, ...) and in field-id
 //! attributes of the writer schema. A rewritten file keeps every header key
 //! byte for byte, the original `avro.schema` text included, and the codec;
-//! only the records change. `apache-avro` decodes and encodes every datum and
-//! every number of the container framing; icerelay only chooses what goes in
-//! the header and which fields change.
+//! only the records change. `apache-avro` decodes and encodes every value
+//! and the header; icerelay walks records without decoding them (see
+//! [`lengths`]), frames data blocks, and inflates and deflates them with
+//! zlib-rs (other codecs through `apache-avro`).
 //!
 //! Two ways in:
 //!
@@ -16,17 +17,19 @@
 //!   tree (a `String` per field name, a hash map per record when encoding it
 //!   back) is what a table copy spent most of its time on, yet a rewrite
 //!   changes two or three fields of each record. [`Records::read`] walks each
-//!   record with `apache-avro`'s schema-aware deserializer, keeping nothing,
-//!   and notes where the few fields the caller asked for lie; [`Fields`]
-//!   decodes just those, and writes records back as their original bytes
-//!   with only the replaced fields encoded anew. Every other field is kept
-//!   bit for bit, which is stronger than decoding and re-encoding it.
+//!   record once by its schema with [`lengths::Walk`], decoding nothing, and
+//!   notes where the few fields the caller asked for lie; [`Fields`] decodes
+//!   just those with `apache-avro`, and writes records back as their
+//!   original bytes with only the replaced fields encoded anew. Every other
+//!   field is kept bit for bit, which is stronger than decoding and
+//!   re-encoding it.
 //!
-//! Files come from any writer and may be corrupt. Before `apache-avro` reads
-//! the header or a record, [`lengths`] checks every length and count they
-//! declare against the bytes that are there, so that no declared length
-//! makes `apache-avro` allocate more than the file holds; block sizes, record
-//! counts and Snappy's declared sizes are checked here.
+//! Files come from any writer and may be corrupt. That walk checks every
+//! length and count a record declares against the bytes that are there, and
+//! every value a decoder would refuse, so that no declared length makes
+//! `apache-avro` allocate more than the file holds and no corrupt value is
+//! copied to a replica; block sizes, record counts, and what Snappy and
+//! deflate blocks expand to are checked here.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
