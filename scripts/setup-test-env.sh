@@ -73,7 +73,7 @@ if [ -z "${ICERELAY_SKIP_SPARK:-}" ]; then
     "$VENV/bin/pip" install -q --disable-pip-version-check $SPARK_REQS >&2
     echo "$SPARK_REQS" > "$SPARK_STAMP"
   fi
-  command -v java >/dev/null || apt_install "Java 17 for the Spark tests" openjdk-17-jre-headless
+  command -v javac >/dev/null || apt_install "a JDK 17 for the Spark tests and Java's REST catalog" openjdk-17-jdk-headless
   mkdir -p "$TESTSTACK/spark"
   SPARK_DIR=$(cd "$TESTSTACK/spark" && pwd)
   # Built again when the packages changed or a jar it lists is gone.
@@ -86,6 +86,25 @@ if [ -z "${ICERELAY_SKIP_SPARK:-}" ]; then
     "$VENV/bin/python" "$ROOT/scripts/teststack/spark_jars.py" build "$SPARK_DIR" > "$SPARK_DIR/classpath.new"
     mv "$SPARK_DIR/classpath.new" "$SPARK_DIR/classpath"
     echo "$SPARK_REQS" > "$SPARK_DIR/classpath.stamp"
+  fi
+  # Iceberg's own Java catalog as a REST server (scripts/teststack/java_rest.sh): compiled once,
+  # against Iceberg's runtime and Hadoop, Derby and logging from pyspark's jars.
+  JAVA_REST=$TESTSTACK/java-rest
+  JAVA_REST_SRC=$ROOT/scripts/teststack/java_rest/IcebergRestServer.java
+  PYSPARK_JARS=$(ls -d "$VENV"/lib/python3*/site-packages/pyspark/jars | head -n 1)
+  JAVA_REST_CP=$(cat "$SPARK_DIR/classpath")
+  for jar in hadoop-client-api-3.3.4 hadoop-client-runtime-3.3.4 derby-10.14.2.0 commons-logging-1.1.3 \
+      slf4j-api-2.0.7 log4j-slf4j2-impl-2.20.0 log4j-api-2.20.0 log4j-core-2.20.0; do
+    [ -f "$PYSPARK_JARS/$jar.jar" ] || { echo "missing $PYSPARK_JARS/$jar.jar" >&2; exit 1; }
+    JAVA_REST_CP=$JAVA_REST_CP:$PYSPARK_JARS/$jar.jar
+  done
+  JAVA_REST_STAMP="$(sha256sum "$JAVA_REST_SRC" | cut -d' ' -f1) $JAVA_REST_CP"
+  if [ "$(cat "$JAVA_REST/stamp" 2>/dev/null)" != "$JAVA_REST_STAMP" ]; then
+    echo "compiling Iceberg's Java REST catalog into $JAVA_REST" >&2
+    rm -rf "$JAVA_REST" && mkdir -p "$JAVA_REST/classes"
+    javac -nowarn --release 17 -d "$JAVA_REST/classes" -cp "$JAVA_REST_CP" "$JAVA_REST_SRC" >&2
+    echo "$JAVA_REST_CP" > "$JAVA_REST/classpath"
+    echo "$JAVA_REST_STAMP" > "$JAVA_REST/stamp"
   fi
 fi
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "${PG_BIN:-}" ]; then

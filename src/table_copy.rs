@@ -27,7 +27,8 @@ use serde_json::Value;
 
 use crate::rewrite::manifest_list::ManifestList;
 use crate::rewrite::metadata::{self, Reference, ReferenceKind};
-use crate::rewrite::{PathMap, RewriteError, manifest, manifest_list, position_deletes, puffin};
+use crate::rewrite::{PathMap, RewriteError, avro, manifest, manifest_list, position_deletes, puffin};
+use crate::state::CopiedFile;
 use crate::storage::checkpoint::CheckpointError;
 use crate::storage::copy::{Copier, CopyError, CopyOutcome, CopyReport, CopyTask};
 use crate::storage::{Storage, StorageError};
@@ -340,7 +341,7 @@ impl TableCopier {
                     let bytes = self.storage().read(&source, MANIFEST_LIMIT).await?;
                     let out =
                         on_cpu(move || ManifestList::read(&bytes, &source)?.rewrite(&source, &map, &lengths)).await?;
-                    let outcome = self.copier.put(&reference.source, &reference.target, Bytes::from(out)).await?;
+                    let outcome = self.put_rewritten_avro(&reference.source, &reference.target, out).await?;
                     run_ref.count(outcome);
                     Ok::<_, TableCopyError>((reference.snapshot_id.unwrap_or_default(), reference.target))
                 }
@@ -363,6 +364,37 @@ impl TableCopier {
 
         copied.report = run.report.lock().map(|r| *r).unwrap_or_default();
         Ok(copied)
+    }
+
+    /// Writes a rewritten manifest or manifest list to `target`, unless the
+    /// target holds the same header and records already in other bytes.
+    ///
+    /// Another version of icerelay may have compressed them differently.
+    /// Manifest lists on the replica written then record that file's
+    /// length; overwriting it would make them wrong for readers that trust
+    /// `manifest_length`. So it is kept, and its size used from now on.
+    async fn put_rewritten_avro(
+        &self,
+        source: &str,
+        target: &str,
+        out: Vec<u8>,
+    ) -> Result<CopyOutcome, TableCopyError> {
+        if let Some(found) = self.storage().head(target).await?
+            && found.size != out.len() as u64
+            && found.size <= MANIFEST_LIMIT
+        {
+            let existing = self.storage().read(target, MANIFEST_LIMIT).await?;
+            let (name, rewritten) = (target.to_owned(), out.clone());
+            // A target that cannot be read as Avro is overwritten.
+            let same = on_cpu(move || Ok(avro::same_contents(&existing, &rewritten, &name).unwrap_or(false))).await?;
+            if same {
+                let checksum = found.e_tag.as_deref().map(|t| t.trim_matches('"').to_owned());
+                let kept = CopiedFile { target: target.to_owned(), size: found.size, checksum };
+                self.copier.checkpoints().put(source, kept).await?;
+                return Ok(CopyOutcome::Skipped { bytes: found.size });
+            }
+        }
+        Ok(self.copier.put(source, target, Bytes::from(out)).await?)
     }
 
     /// Whether `source` was written to `target` before and is still there whole.
@@ -448,7 +480,7 @@ impl TableCopier {
                 on_cpu(move || parsed.rewrite(&source, &map, &delete_sizes)).await?
             }
         };
-        let outcome = self.copier.put(source, &target, Bytes::from(out)).await?;
+        let outcome = self.put_rewritten_avro(source, &target, out).await?;
         run.count(outcome);
         if let Ok(mut lengths) = run.manifest_lengths.lock() {
             lengths.insert(source.to_owned(), outcome.bytes() as i64);
@@ -760,6 +792,54 @@ mod tests {
                 assert_eq!(replace(&first, target.as_bytes(), other.as_bytes()), second, "{}", m.path);
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_target_with_the_same_records_in_other_bytes_is_kept_and_its_length_used() {
+        let dir = tempfile::tempdir().expect("dir");
+        let source = format!("file://{}/src/db/t", dir.path().display());
+        let target = format!("file://{}/dst/db/t", dir.path().display());
+        let metadata_url = write_fixture(&source);
+        let copier = uncheckpointed(dir.path(), 2);
+        let metadata = copier.read_metadata(&metadata_url).await.expect("metadata");
+        let map = PathMap::from_locations(&source, &target).expect("map");
+        let snapshots: BTreeSet<i64> = metadata["snapshots"]
+            .as_array()
+            .expect("snapshots")
+            .iter()
+            .filter_map(|s| s["snapshot-id"].as_i64())
+            .collect();
+        let first = copier.copy_snapshots(&metadata, &metadata_url, &map, &snapshots, &NoProgress).await.expect("copy");
+        let (id, list_url) = first.manifest_lists.iter().next_back().expect("a list");
+        let listed = manifest_list::list(&std::fs::read(local(list_url)).expect("list"), list_url).expect("manifests");
+        let entries =
+            |path: &str| manifest::list(&std::fs::read(local(path)).expect("manifest"), path).expect("entries");
+        // One with several records, so that they can be cut into other blocks.
+        let kept = listed.iter().find(|m| entries(&m.path).len() > 1).expect("a manifest of several entries");
+        let replaced = listed.iter().find(|m| m.path != kept.path).expect("another manifest");
+
+        // As another version would have written one (other blocks, same
+        // records); the other is garbage, as no version writes.
+        let written = std::fs::read(local(&kept.path)).expect("manifest");
+        let other_bytes = avro::one_record_per_block(&written, &kept.path);
+        assert_ne!(other_bytes.len(), written.len());
+        assert!(avro::same_contents(&other_bytes, &written, &kept.path).expect("compare"));
+        std::fs::write(local(&kept.path), &other_bytes).expect("write");
+        std::fs::write(local(&replaced.path), b"not avro").expect("write");
+        // The lists are new: a later snapshot's list references earlier manifests.
+        for list in first.manifest_lists.values() {
+            std::fs::remove_file(local(list)).expect("remove list");
+        }
+
+        let again = copier.copy_snapshots(&metadata, &metadata_url, &map, &snapshots, &NoProgress).await.expect("copy");
+        assert!(std::fs::read(local(&kept.path)).expect("kept") == other_bytes, "the same records are not overwritten");
+        let relisted = manifest_list::list(&std::fs::read(local(&again.manifest_lists[id])).expect("list"), list_url)
+            .expect("list");
+        let length = |path: &str| relisted.iter().find(|m| m.path == path).map(|m| m.length).expect("listed");
+        assert_eq!(length(&kept.path), other_bytes.len() as i64, "the list records the kept file's length");
+        let rewritten = std::fs::read(local(&replaced.path)).expect("replaced");
+        assert!(rewritten != b"not avro", "a target with other contents is overwritten");
+        assert_eq!(length(&replaced.path), rewritten.len() as i64);
     }
 
     /// A metadata-only copier without checkpoints.

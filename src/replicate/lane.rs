@@ -388,14 +388,15 @@ async fn replay(
     let replayer = Replayer::new(ctx, &lane.key, destination, following)?;
     let mut reloads = 0;
     let mut previous: Option<Step> = None;
-    let mut source_reloaded = false;
+    // Each reason to load the source again is taken once per commit.
+    let (mut reloaded_on_divergence, mut reloaded_on_missing_file) = (false, false);
     loop {
         let step = match replayer.plan(following) {
             // The lane that commits a multi-table transaction writes this
             // replica too, from a newer look at the source than this run's:
             // what looks foreign may be the source's newer snapshots.
-            Err(ReplicateError::Plan(plan::PlanError::Diverged { .. })) if !source_reloaded => {
-                source_reloaded = true;
+            Err(ReplicateError::Plan(plan::PlanError::Diverged { .. })) if !reloaded_on_divergence => {
+                reloaded_on_divergence = true;
                 source_moved_on(ctx, &lane.key, following).await?;
                 continue;
             }
@@ -424,8 +425,8 @@ async fn replay(
         let commit = match commit_step(&run, following, &step).await {
             // The source expired snapshots (and deleted their files) since
             // this run loaded it: what is still there is planned again.
-            Err(e) if !source_reloaded && e.missing_file().is_some() => {
-                source_reloaded = true;
+            Err(e) if !reloaded_on_missing_file && e.missing_file().is_some() => {
+                reloaded_on_missing_file = true;
                 if source_moved_on(ctx, &lane.key, following).await? {
                     tracing::warn!(error = %e, "a source file is gone and the source changed since: planning again");
                     continue;
@@ -440,7 +441,7 @@ async fn replay(
             Commit::Applied => {
                 previous = Some(step);
                 reloads = 0;
-                source_reloaded = false;
+                (reloaded_on_divergence, reloaded_on_missing_file) = (false, false);
             }
             Commit::Reloaded(e) => {
                 reloads += 1;
@@ -479,11 +480,15 @@ async fn commit_step(run: &LaneRun<'_>, following: &mut Following, step: &Step) 
 }
 
 /// Whether the source has new metadata since it was loaded (then it is
-/// the one followed from now on).
+/// the one followed from now on). A table created again under the name (a
+/// new uuid) is not this run's to follow: the next run identifies it.
 async fn source_moved_on(ctx: &Context, key: &LaneKey, following: &mut Following) -> Result<bool, ReplicateError> {
+    let uuid = |metadata: &serde_json::Value| metadata.get("table-uuid").cloned();
     match ctx.primary.load_table(&key.table).await? {
         Some(fresh)
-            if fresh.metadata_location.is_some() && fresh.metadata_location != following.source.metadata_location =>
+            if fresh.metadata_location.is_some()
+                && fresh.metadata_location != following.source.metadata_location
+                && uuid(&fresh.metadata) == uuid(&following.source.metadata) =>
         {
             following.source_file = fresh.metadata_location.clone().unwrap_or_default();
             following.source = fresh;

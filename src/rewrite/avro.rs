@@ -26,7 +26,8 @@
 //!
 //! Files come from any writer and may be corrupt. That walk checks every
 //! length and count a record declares against the bytes that are there, and
-//! every value a decoder would refuse, so that no declared length makes
+//! the values a decoder would refuse (text that is not UTF-8, enum indexes,
+//! ints, booleans; not the format of UUID strings), so that no declared length makes
 //! `apache-avro` allocate more than the file holds and no corrupt value is
 //! copied to a replica; block sizes, record counts, and what Snappy and
 //! deflate blocks expand to are checked here.
@@ -97,6 +98,13 @@ pub fn read(bytes: &[u8], file: &str) -> Result<(Header, Vec<Value>), RewriteErr
     Ok((records.header.clone(), values))
 }
 
+/// Whether two container files hold the same header metadata and the same
+/// records, however their blocks are cut and compressed.
+pub fn same_contents(a: &[u8], b: &[u8], file: &str) -> Result<bool, RewriteError> {
+    let (a, b) = (Records::read(a, file, &[])?, Records::read(b, file, &[])?);
+    Ok(a.header.metadata == b.header.metadata && a.data == b.data)
+}
+
 /// The file's codec, as named in its header.
 fn codec(metadata: &HashMap<String, Vec<u8>>, file: &str) -> Result<Codec, RewriteError> {
     match metadata.get("avro.codec").map(|c| std::str::from_utf8(c)) {
@@ -152,17 +160,23 @@ fn inflate(inflater: &mut flate2::Decompress, block: &[u8], data: &mut Vec<u8>, 
             // Doubling, as `reserve` would, but never past the limit, which
             // a deflate bomb would otherwise double.
             let wanted = data.len().max((block.len() * 4).clamp(64 * 1024, 1 << 20));
-            data.reserve_exact(wanted.min(limit + 1 - data.len()));
+            data.reserve_exact(wanted.min(limit.saturating_add(1) - data.len()));
         }
         let status = inflater
             .decompress_vec(&block[consumed..], data, flate2::FlushDecompress::Finish)
             .map_err(|e| format!("does not inflate ({e})"))?;
         match status {
             flate2::Status::StreamEnd => break,
-            flate2::Status::Ok => {}
-            flate2::Status::BufError if data.capacity() == data.len() => {}
-            flate2::Status::BufError => return Err("is cut off inside its deflate stream".to_owned()),
+            // Out of room: more is reserved above. Anything else is no
+            // progress with input left, which a whole stream never makes.
+            flate2::Status::Ok | flate2::Status::BufError if data.capacity() == data.len() => {}
+            flate2::Status::Ok | flate2::Status::BufError => {
+                return Err("is cut off inside its deflate stream".to_owned());
+            }
         }
+    }
+    if data.len() > limit {
+        return Err(format!("inflates to more than the {limit} bytes of records a file may hold"));
     }
     Ok(())
 }
@@ -416,7 +430,9 @@ mod pool {
     const KEPT: usize = 8;
     /// A buffer larger than this is freed, not kept: one huge file must
     /// not pin its memory for the life of the process.
-    const LARGEST_KEPT: usize = 64 * 1024 * 1024;
+    const LARGEST_KEPT: usize = 32 * 1024 * 1024;
+    /// The most all kept buffers of a pool may hold together.
+    const BYTES_KEPT: usize = 128 * 1024 * 1024;
 
     pub(super) struct Pool<T>(Mutex<Vec<Vec<T>>>);
 
@@ -435,8 +451,10 @@ mod pool {
                 return;
             }
             buffer.clear();
+            let bytes = |buffers: &[Vec<T>]| buffers.iter().map(|b| b.capacity() * size_of::<T>()).sum::<usize>();
             if let Ok(mut kept) = self.0.lock()
                 && kept.len() < KEPT
+                && bytes(&kept) + buffer.capacity() * size_of::<T>() <= BYTES_KEPT
             {
                 kept.push(buffer);
             }
@@ -908,6 +926,21 @@ pub fn set_string(value: &mut Value, name: &str, new: String) -> bool {
 /// Replaces the number in a (possibly nullable) long field, keeping its Avro type.
 pub fn set_long(value: &mut Value, name: &str, new: i64) -> bool {
     field_mut(value, name).is_some_and(|v| replace_long(v, new))
+}
+
+/// The same file with every record in a block of its own: other bytes,
+/// the same contents (for tests of [`same_contents`] and its callers).
+#[cfg(test)]
+pub(crate) fn one_record_per_block(bytes: &[u8], file: &str) -> Vec<u8> {
+    let records = Records::read(bytes, file, &[]).expect("read");
+    let mut blocks = Blocks::start(&records.header, file, 0).expect("start");
+    for record in 0..records.len() {
+        let span = records.span(record, None);
+        blocks.record().extend_from_slice(&records.data[span.start as usize..span.end as usize]);
+        blocks.end_record().expect("record");
+        blocks.flush().expect("flush");
+    }
+    blocks.finish().expect("finish")
 }
 
 #[cfg(test)]

@@ -106,10 +106,11 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    /// The URL of the object this error found missing, if that is what it is.
+    /// The URL of the object a read found missing, if that is what this is
+    /// (a write into a missing bucket stays a [`StorageError::Store`]).
     pub fn missing_url(&self) -> Option<&str> {
         match self {
-            Self::NotFound { url } | Self::Store { url, source: object_store::Error::NotFound { .. }, .. } => Some(url),
+            Self::NotFound { url } => Some(url),
             _ => None,
         }
     }
@@ -132,7 +133,9 @@ impl StorageError {
 
     fn store(operation: &'static str, url: &str, source: object_store::Error) -> Self {
         match source {
-            object_store::Error::NotFound { .. } => Self::NotFound { url: url.to_owned() },
+            object_store::Error::NotFound { .. } if matches!(operation, "read" | "head") => {
+                Self::NotFound { url: url.to_owned() }
+            }
             source => Self::Store { operation, url: url.to_owned(), source },
         }
     }

@@ -11,6 +11,7 @@ mod copy_table;
 mod demo;
 mod failover;
 mod hardening;
+mod java_catalog;
 mod proxy_clients;
 mod proxy_passthrough;
 mod replication;

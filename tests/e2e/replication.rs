@@ -14,6 +14,7 @@ use icerelay::catalog::{ClientSettings, Namespace, RestCatalog, TableIdent};
 use icerelay::config::{AuthConfig, Secret};
 use serde_json::{Value, json};
 
+use crate::harness::java_rest::JavaRest;
 use crate::harness::vending::{EXPIRED_SECRET, VendingCatalog};
 use crate::harness::{Relay, RelayProcess, Rustberg, SeaweedFs, duckdb_extensions, icerelay, python, unique};
 
@@ -22,6 +23,7 @@ use crate::harness::{Relay, RelayProcess, Rustberg, SeaweedFs, duckdb_extensions
 pub(crate) enum Replica {
     Seaweed(&'static SeaweedFs),
     Rustberg(&'static Rustberg),
+    Java(&'static JavaRest),
 }
 
 impl Replica {
@@ -36,6 +38,12 @@ impl Replica {
                     r.storage_toml()
                 )
             }
+            Self::Java(j) => format!(
+                "[[destinations]]\nname = \"dr\"\nuri = \"{}\"\nwarehouse = \"{}\"\n\n{}",
+                j.uri,
+                j.warehouse,
+                j.storage_toml()
+            ),
         }
     }
 
@@ -43,6 +51,7 @@ impl Replica {
         match self {
             Self::Seaweed(s) => s.client_conn(s.catalog_uri()),
             Self::Rustberg(r) => r.client_conn(),
+            Self::Java(j) => j.client_conn(),
         }
     }
 
@@ -50,6 +59,7 @@ impl Replica {
         match self {
             Self::Seaweed(s) => seaweed_catalog(s),
             Self::Rustberg(r) => rustberg_catalog(&r.uri, &r.warehouse),
+            Self::Java(j) => rustberg_catalog(&j.uri, &j.warehouse),
         }
     }
 
@@ -57,12 +67,13 @@ impl Replica {
     fn s3(self) -> Option<Value> {
         match self {
             Self::Seaweed(s) => Some(s.s3_json()),
-            Self::Rustberg(_) => None,
+            Self::Rustberg(_) | Self::Java(_) => None,
         }
     }
 }
 
-/// A client of the rustberg catalog at `uri` (or of a stand-in in front of one).
+/// A client of the catalog without auth at `uri` (rustberg, the Java
+/// catalog, or a stand-in in front of one).
 pub(crate) fn rustberg_catalog(uri: &str, warehouse: &str) -> RestCatalog {
     RestCatalog::new(
         "rustberg",
@@ -333,7 +344,19 @@ pub(crate) async fn source_rows(table: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_table_created_through_icerelay_is_followed_commit_by_commit() {
-    let replica = Replica::Seaweed(SeaweedFs::shared_replica());
+    followed_commit_by_commit(Replica::Seaweed(SeaweedFs::shared_replica())).await;
+}
+
+/// The same into Iceberg's own Java catalog logic, whose validation most
+/// production catalogs share.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_created_through_icerelay_is_followed_into_the_java_catalog() {
+    followed_commit_by_commit(Replica::Java(JavaRest::shared())).await;
+}
+
+/// A table created through icerelay and written with every kind of commit
+/// PyIceberg and DuckDB make, expired on the source and dropped, against `replica`.
+async fn followed_commit_by_commit(replica: Replica) {
     let (_ns, table, _state, relay) = replicating(replica, "follow", "events").await;
 
     let written = write(
@@ -360,7 +383,9 @@ async fn a_table_created_through_icerelay_is_followed_commit_by_commit() {
     .await;
     let location = written["metadata_location"].as_str().expect("location").to_owned();
     let status = wait_replicated(&relay.admin_url, &table, &location).await;
-    assert!(status["mode"].as_str().is_some_and(|m| m.starts_with("create+replay")), "{status}");
+    // The probe picks registerTable where it keeps the whole history (Java's catalog does).
+    let mode = if matches!(replica, Replica::Java(_)) { "register+replay" } else { "create+replay" };
+    assert!(status["mode"].as_str().is_some_and(|m| m.starts_with(mode)), "{status}");
     assert_eq!(status["snapshots_behind"], 0);
     let before_expiry = source_rows(&table).await;
     assert!(before_expiry["snapshots"].as_array().map_or(0, Vec::len) >= 10, "{before_expiry}");
@@ -783,6 +808,21 @@ async fn history_a_catalog_would_refuse_fails_with_the_rule_and_the_remedy() {
     assert!(message.contains("timestamp rule") && message.contains("bootstrap = \"register\""), "{failed}");
     assert_eq!(failed["last_error"]["waits_for_operator"], true);
     assert!(replica.catalog().load_table(&ident(&table)).await.expect("load").is_none(), "no partial replica");
+
+    // Iceberg's Java catalog keeps a registered table's history whole: the
+    // same old table bootstraps there, every snapshot, timestamp and
+    // snapshot-log entry kept, by the mode the probe picks.
+    let java = Replica::Java(JavaRest::shared());
+    let state = tempfile::tempdir().expect("state");
+    let relay = Relay::start(&relay_toml(java, &ns, state.path(), "")).await;
+    let current = seaweed_catalog(source).load_table(&ident(&table)).await.expect("load").expect("table");
+    let location = current.metadata_location.clone().expect("location");
+    let status = wait_replicated(&relay.admin_url, &table, &location).await;
+    assert!(status["mode"].as_str().is_some_and(|m| m.starts_with("register+replay: probed")), "{status}");
+    assert_replica_matches(java, &table, &source_rows(&table).await, &status).await;
+    let copy = java.catalog().load_table(&ident(&table)).await.expect("load").expect("replica");
+    assert_eq!(copy.metadata["snapshot-log"], current.metadata["snapshot-log"], "the whole log, timestamps too");
+    assert_eq!(history(&copy.metadata), history(&current.metadata));
 }
 
 /// icerelay replicating a fresh namespace (`prefix_...`) of a new rustberg

@@ -14,6 +14,7 @@
 
 #![allow(dead_code)]
 
+pub mod java_rest;
 pub mod postgres;
 pub mod tls;
 pub mod upstream;
