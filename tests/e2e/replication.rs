@@ -833,8 +833,16 @@ pub(crate) async fn between_rustbergs(
     prefix: &str,
     replication: &str,
 ) -> (&'static Rustberg, Replica, String, String, tempfile::TempDir, Relay) {
+    from_rustberg_to(Replica::Rustberg(Rustberg::shared()), prefix, replication).await
+}
+
+/// [`between_rustbergs`] with `replica` as the destination.
+pub(crate) async fn from_rustberg_to(
+    replica: Replica,
+    prefix: &str,
+    replication: &str,
+) -> (&'static Rustberg, Replica, String, String, tempfile::TempDir, Relay) {
     let primary: &'static Rustberg = Box::leak(Box::new(Rustberg::start(&format!("{prefix}-primary"))));
-    let replica = Replica::Rustberg(Rustberg::shared());
     let ns = unique(prefix);
     let table = format!("{ns}.t");
     let state = tempfile::tempdir().expect("state");

@@ -9,8 +9,9 @@
 
 use serde_json::{Value, json};
 
-use crate::harness::{python, spark_classpath};
-use crate::replication::{Replica, between_rustbergs, history, ident, refs, wait_replicated};
+use crate::harness::java_rest::JavaRest;
+use crate::harness::{Rustberg, python, spark_classpath};
+use crate::replication::{Replica, from_rustberg_to, history, ident, refs, wait_replicated};
 
 async fn spark(conn: &Value, table: &str, statements: &[&str]) -> Value {
     python("spark_sql.py", vec![conn.to_string(), spark_classpath(), table.to_owned(), json!(statements).to_string()])
@@ -22,8 +23,14 @@ async fn spark(conn: &Value, table: &str, statements: &[&str]) -> Value {
 /// snapshots it removes: a replica that is still copying them would find
 /// them gone) and waits again; compares what Spark reads on both sides,
 /// including the snapshots the source expired and the replica kept.
-async fn spark_writes_and_the_replica_reads_the_same(prefix: &str, statements: &[&str], maintenance: &[&str]) {
-    let (primary, replica, ns, table, _state, relay) = between_rustbergs(prefix, "reconcile_interval = \"2s\"").await;
+async fn spark_writes_and_the_replica_reads_the_same(
+    replica: Replica,
+    prefix: &str,
+    statements: &[&str],
+    maintenance: &[&str],
+) {
+    let (primary, replica, ns, table, _state, relay) =
+        from_rustberg_to(replica, prefix, "reconcile_interval = \"2s\"").await;
     let through = json!({"uri": relay.url, "warehouse": primary.warehouse});
     let mut all = vec!["CREATE NAMESPACE IF NOT EXISTS cat.`{ns}`"];
     all.extend_from_slice(statements);
@@ -71,49 +78,64 @@ async fn spark_writes_and_the_replica_reads_the_same(prefix: &str, statements: &
     assert_eq!(read["refs"], last["refs"]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn spark_merge_on_read_evolution_maintenance_and_refs_replicate() {
-    spark_writes_and_the_replica_reads_the_same(
-        "spark",
-        &[
-            "CREATE TABLE {t} (id BIGINT, category STRING, value DOUBLE) USING iceberg PARTITIONED BY (category)
+/// What Spark writes in [`spark_merge_on_read_evolution_maintenance_and_refs_replicate`].
+const MERGE_ON_READ_AND_MAINTENANCE: &[&str] = &[
+    "CREATE TABLE {t} (id BIGINT, category STRING, value DOUBLE) USING iceberg PARTITIONED BY (category)
              TBLPROPERTIES ('format-version' = '2', 'write.delete.mode' = 'merge-on-read',
                             'write.update.mode' = 'merge-on-read', 'write.merge.mode' = 'merge-on-read')",
-            "INSERT INTO {t} VALUES (1, 'a', 1.0), (2, 'b', 2.0), (3, 'a', 3.0), (4, 'c', 4.0)",
-            "INSERT INTO {t} VALUES (5, 'b', 5.0), (6, 'c', 6.0)",
-            "DELETE FROM {t} WHERE id = 2",
-            "UPDATE {t} SET value = value * 10 WHERE category = 'a'",
-            "MERGE INTO {t} USING (SELECT 6 AS id, 'c' AS category, 60.0 AS value UNION ALL SELECT 7, 'a', 7.0) s
+    "INSERT INTO {t} VALUES (1, 'a', 1.0), (2, 'b', 2.0), (3, 'a', 3.0), (4, 'c', 4.0)",
+    "INSERT INTO {t} VALUES (5, 'b', 5.0), (6, 'c', 6.0)",
+    "DELETE FROM {t} WHERE id = 2",
+    "UPDATE {t} SET value = value * 10 WHERE category = 'a'",
+    "MERGE INTO {t} USING (SELECT 6 AS id, 'c' AS category, 60.0 AS value UNION ALL SELECT 7, 'a', 7.0) s
              ON {t}.id = s.id WHEN MATCHED THEN UPDATE SET value = s.value WHEN NOT MATCHED THEN INSERT *",
-            "ALTER TABLE {t} ADD PARTITION FIELD bucket(4, id)",
-            "INSERT INTO {t} VALUES (8, 'b', 8.0), (9, 'c', 9.0)",
-            "ALTER TABLE {t} CREATE TAG v1",
-            "ALTER TABLE {t} CREATE BRANCH audit",
-            "CALL {cat}.system.rewrite_data_files(table => '{name}', options => map('min-input-files', '1'))",
-            "CALL {cat}.system.rewrite_manifests('{name}')",
-        ],
-        &[
-            "INSERT INTO {t} VALUES (10, 'a', 10.0)",
-            "CALL {cat}.system.expire_snapshots(table => '{name}', older_than => TIMESTAMP '2100-01-01 00:00:00', retain_last => 4)",
-        ],
-    )
-    .await;
+    "ALTER TABLE {t} ADD PARTITION FIELD bucket(4, id)",
+    "INSERT INTO {t} VALUES (8, 'b', 8.0), (9, 'c', 9.0)",
+    "ALTER TABLE {t} CREATE TAG v1",
+    "ALTER TABLE {t} CREATE BRANCH audit",
+    "CALL {cat}.system.rewrite_data_files(table => '{name}', options => map('min-input-files', '1'))",
+    "CALL {cat}.system.rewrite_manifests('{name}')",
+];
+/// Spark's maintenance after it, in a second session.
+const INSERT_AND_EXPIRE: &[&str] = &[
+    "INSERT INTO {t} VALUES (10, 'a', 10.0)",
+    "CALL {cat}.system.expire_snapshots(table => '{name}', older_than => TIMESTAMP '2100-01-01 00:00:00', retain_last => 4)",
+];
+/// What Spark writes in [`spark_v3_deletion_vectors_replicate`].
+const DELETION_VECTORS: &[&str] = &[
+    "CREATE TABLE {t} (id BIGINT, note STRING) USING iceberg
+     TBLPROPERTIES ('format-version' = '3', 'write.delete.mode' = 'merge-on-read',
+                    'write.update.mode' = 'merge-on-read')",
+    "INSERT INTO {t} SELECT id, CONCAT('n', id) FROM range(0, 40)",
+    "DELETE FROM {t} WHERE id % 7 = 0",
+    "UPDATE {t} SET note = 'changed' WHERE id % 5 = 1",
+    "DELETE FROM {t} WHERE id > 35",
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spark_merge_on_read_evolution_maintenance_and_refs_replicate() {
+    let replica = Replica::Rustberg(Rustberg::shared());
+    spark_writes_and_the_replica_reads_the_same(replica, "spark", MERGE_ON_READ_AND_MAINTENANCE, INSERT_AND_EXPIRE)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn spark_v3_deletion_vectors_replicate() {
     spark_writes_and_the_replica_reads_the_same(
+        Replica::Rustberg(Rustberg::shared()),
         "sparkv3",
-        &[
-            "CREATE TABLE {t} (id BIGINT, note STRING) USING iceberg
-             TBLPROPERTIES ('format-version' = '3', 'write.delete.mode' = 'merge-on-read',
-                            'write.update.mode' = 'merge-on-read')",
-            "INSERT INTO {t} SELECT id, CONCAT('n', id) FROM range(0, 40)",
-            "DELETE FROM {t} WHERE id % 7 = 0",
-            "UPDATE {t} SET note = 'changed' WHERE id % 5 = 1",
-            "DELETE FROM {t} WHERE id > 35",
-        ],
+        DELETION_VECTORS,
         &[],
     )
     .await;
+}
+
+/// Both into Iceberg's Java catalog, whose validation every replica commit
+/// (replace snapshots, v3 row lineage, deletion vectors) must pass.
+#[tokio::test(flavor = "multi_thread")]
+async fn spark_writes_replicate_into_the_java_catalog() {
+    let replica = Replica::Java(JavaRest::shared());
+    spark_writes_and_the_replica_reads_the_same(replica, "sparkjava", MERGE_ON_READ_AND_MAINTENANCE, INSERT_AND_EXPIRE)
+        .await;
+    spark_writes_and_the_replica_reads_the_same(replica, "sparkjv3", DELETION_VECTORS, &[]).await;
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
+use crate::harness::java_rest::JavaRest;
 use crate::harness::{RelayProcess, Rustberg, SeaweedFs, Served, python, serve, unique};
 use crate::replication::{Replica, history, ident, lane_status, read_catalog, relay_toml_from, wait_replicated};
 
@@ -215,6 +216,17 @@ async fn multi_table_transactions_reach_rustberg_whole_across_a_sigkill() {
         Some(second),
     )
     .await;
+}
+
+/// Into Iceberg's Java catalog: like SeaweedFS, it validates every part
+/// first and then commits the tables one after the other, so no reader is
+/// watched; icerelay must still send one commit per transaction, and Java's
+/// validation must accept it.
+#[tokio::test(flavor = "multi_thread")]
+async fn multi_table_transactions_reach_the_java_catalog_in_one_commit_each() {
+    let primary: &'static Rustberg = Box::leak(Box::new(Rustberg::start("txn-java-primary")));
+    let replica = Replica::Java(JavaRest::shared());
+    transactions_stay_whole(Primary::Rustberg(primary), replica, "txnjava", false, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
