@@ -510,8 +510,19 @@ async fn an_existing_table_with_history_is_bootstrapped_into_rustberg_and_follow
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_mid_replication_loses_nothing() {
-    let replica = Replica::Seaweed(SeaweedFs::shared_replica());
-    let ns = unique("kill");
+    killed_mid_replication(Replica::Seaweed(SeaweedFs::shared_replica()), "kill").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_mid_replication_into_the_java_catalog_loses_nothing() {
+    killed_mid_replication(Replica::Java(JavaRest::shared()), "killjava").await;
+}
+
+/// icerelay SIGKILLed once `replica` has some of eight appends: a new
+/// process finishes them, with the same ids in the same order, none twice,
+/// and an audit log without a torn line.
+async fn killed_mid_replication(replica: Replica, prefix: &str) {
+    let ns = unique(prefix);
     let table = format!("{ns}.t");
     let state = tempfile::tempdir().expect("state");
     let config = state.path().join("icerelay.toml");
