@@ -739,12 +739,7 @@ mod tests {
             TableCopier::new(Copier::new(storage, journal.clone(), CopySettings::default()), 3).metadata_only();
         let metadata = copier.read_metadata(&metadata_url).await.expect("metadata");
         let map = PathMap::from_locations(&source, &target).expect("map");
-        let snapshots: BTreeSet<i64> = metadata["snapshots"]
-            .as_array()
-            .expect("snapshots")
-            .iter()
-            .filter_map(|s| s["snapshot-id"].as_i64())
-            .collect();
+        let snapshots = all_snapshots(&metadata);
         let copied =
             copier.copy_snapshots(&metadata, &metadata_url, &map, &snapshots, &NoProgress).await.expect("copy");
         assert_eq!(copied.manifest_lists.len(), snapshots.len());
@@ -803,12 +798,7 @@ mod tests {
         let copier = uncheckpointed(dir.path(), 2);
         let metadata = copier.read_metadata(&metadata_url).await.expect("metadata");
         let map = PathMap::from_locations(&source, &target).expect("map");
-        let snapshots: BTreeSet<i64> = metadata["snapshots"]
-            .as_array()
-            .expect("snapshots")
-            .iter()
-            .filter_map(|s| s["snapshot-id"].as_i64())
-            .collect();
+        let snapshots = all_snapshots(&metadata);
         let first = copier.copy_snapshots(&metadata, &metadata_url, &map, &snapshots, &NoProgress).await.expect("copy");
         let (id, list_url) = first.manifest_lists.iter().next_back().expect("a list");
         let listed = manifest_list::list(&std::fs::read(local(list_url)).expect("list"), list_url).expect("manifests");
@@ -842,6 +832,10 @@ mod tests {
         assert_eq!(length(&replaced.path), rewritten.len() as i64);
     }
 
+    fn all_snapshots(metadata: &Value) -> BTreeSet<i64> {
+        metadata["snapshots"].as_array().expect("snapshots").iter().filter_map(|s| s["snapshot-id"].as_i64()).collect()
+    }
+
     /// A metadata-only copier without checkpoints.
     fn uncheckpointed(dir: &Path, manifest_parallelism: usize) -> TableCopier {
         let checkpoints = Arc::new(crate::storage::checkpoint::NoCheckpoints);
@@ -860,12 +854,7 @@ mod tests {
         // Maps the metadata directory only: the data and delete files are unmapped.
         let mut map = PathMap::new();
         map.add(&format!("{source}/metadata"), &format!("file://{}/dst/metadata", dir.path().display())).expect("map");
-        let snapshots: BTreeSet<i64> = metadata["snapshots"]
-            .as_array()
-            .expect("snapshots")
-            .iter()
-            .filter_map(|s| s["snapshot-id"].as_i64())
-            .collect();
+        let snapshots = all_snapshots(&metadata);
         let e =
             copier.copy_snapshots(&metadata, &metadata_url, &map, &snapshots, &NoProgress).await.expect_err("unmapped");
         assert!(matches!(e, TableCopyError::Rewrite(RewriteError::UnmappedPath { .. })), "{e}");

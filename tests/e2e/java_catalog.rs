@@ -9,7 +9,10 @@ use serde_json::{Value, json};
 
 use crate::harness::java_rest::JavaRest;
 use crate::harness::{Relay, Rustberg, python, unique};
-use crate::replication::{Replica, history, ident, read_catalog, refs, rustberg_catalog, wait_replicated, write_with};
+use crate::replication::{
+    Replica, history, ident, local_primary_toml, read_catalog, refs, relay_toml_for, rustberg_catalog, wait_replicated,
+    write_with,
+};
 
 /// icerelay with a fresh Java catalog as the primary and `replica` as the
 /// destination, for the namespace it returns.
@@ -17,14 +20,9 @@ async fn from_java(prefix: &str, replica: Replica) -> (&'static JavaRest, String
     let primary: &'static JavaRest = Box::leak(Box::new(JavaRest::start(&format!("{prefix}-primary"))));
     let ns = unique(prefix);
     let state = tempfile::tempdir().expect("state");
-    let toml = format!(
-        "state_dir = \"{}\"\n[primary]\nuri = \"{}\"\nwarehouse = \"{}\"\n\n[replication]\nreconcile_interval = \"2s\"\nretry_initial_backoff = \"200ms\"\nretry_max_backoff = \"2s\"\n\n{}\n{}\n[[rules]]\nnamespace = \"{ns}\"\ndestinations = [\"dr\"]\n",
-        state.path().display(),
-        primary.uri,
-        primary.warehouse,
-        primary.storage_toml(),
-        replica.destination_toml(),
-    );
+    let replication = "reconcile_interval = \"2s\"\nretry_initial_backoff = \"200ms\"\nretry_max_backoff = \"2s\"";
+    let primary_toml = local_primary_toml(&primary.uri, &primary.warehouse);
+    let toml = relay_toml_for(&primary_toml, replica, &ns, state.path(), replication);
     let relay = Relay::start(&toml).await;
     (primary, ns, state, relay)
 }

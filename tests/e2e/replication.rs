@@ -857,16 +857,31 @@ pub(crate) async fn from_rustberg_to(
     let ns = unique(prefix);
     let table = format!("{ns}.t");
     let state = tempfile::tempdir().expect("state");
-    let toml = format!(
-        "state_dir = \"{}\"\n[primary]\nuri = \"{}\"\nwarehouse = \"{}\"\n\n[replication]\n{replication}\n\n{}\n{}\n[[rules]]\nnamespace = \"{ns}\"\ndestinations = [\"dr\"]\n",
-        state.path().display(),
-        primary.uri,
-        primary.warehouse,
-        primary.storage_toml(),
-        replica.destination_toml(),
-    );
-    let relay = Relay::start(&toml).await;
+    let primary_toml = local_primary_toml(&primary.uri, &primary.warehouse);
+    let relay = Relay::start(&relay_toml_for(&primary_toml, replica, &ns, state.path(), replication)).await;
     (primary, replica, ns, table, state, relay)
+}
+
+/// The `[primary]` of a catalog without auth on a local warehouse (rustberg,
+/// the Java catalog), with the `[[storage]]` that reads it.
+pub(crate) fn local_primary_toml(uri: &str, warehouse: &str) -> String {
+    format!("[primary]\nuri = \"{uri}\"\nwarehouse = \"{warehouse}\"\n\n[[storage]]\nprefix = \"{warehouse}/\"\n")
+}
+
+/// icerelay's configuration: `primary_toml`, `replica` as the destination
+/// `dr`, `replication` as the `[replication]` section, a rule for `namespace`.
+pub(crate) fn relay_toml_for(
+    primary_toml: &str,
+    replica: Replica,
+    namespace: &str,
+    state: &std::path::Path,
+    replication: &str,
+) -> String {
+    format!(
+        "state_dir = \"{}\"\n{primary_toml}\n[replication]\n{replication}\n\n{}\n[[rules]]\nnamespace = \"{namespace}\"\ndestinations = [\"dr\"]\n",
+        state.display(),
+        replica.destination_toml(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

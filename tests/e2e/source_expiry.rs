@@ -15,7 +15,9 @@ use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
 use crate::harness::{Relay, Rustberg, Served, serve, unique};
-use crate::replication::{Replica, history, ident, lane_status, read_catalog, wait_status, write_with};
+use crate::replication::{
+    Replica, history, ident, lane_status, local_primary_toml, read_catalog, relay_toml_for, wait_status, write_with,
+};
 
 /// What the stand-in does with loads of the table.
 #[derive(Default)]
@@ -105,15 +107,13 @@ async fn snapshots_expired_while_a_lane_copies_them_are_skipped_not_fatal() {
     let table = format!("{ns}.t");
     let dir = tempfile::tempdir().expect("dir");
     // Reconcile rarely: the lane's own runs are the only loads of the table.
-    let toml = format!(
-        "state_dir = \"{}\"\n[primary]\nuri = \"{}\"\nwarehouse = \"{}\"\n\n[replication]\nreconcile_interval = \"1h\"\nretry_initial_backoff = \"200ms\"\n\n{}\n[[destinations]]\nname = \"dr\"\nuri = \"{}\"\nwarehouse = \"{}\"\n\n{}\n[[rules]]\nnamespace = \"{ns}\"\ndestinations = [\"dr\"]\n",
-        dir.path().join("state").display(),
-        stand_in.url,
-        primary.warehouse,
-        primary.storage_toml(),
-        replica.uri,
-        replica.warehouse,
-        replica.storage_toml(),
+    // The primary is the stand-in; the files are the real primary's.
+    let toml = relay_toml_for(
+        &local_primary_toml(&stand_in.url, &primary.warehouse),
+        Replica::Rustberg(replica),
+        &ns,
+        &dir.path().join("state"),
+        "reconcile_interval = \"1h\"\nretry_initial_backoff = \"200ms\"",
     );
     let relay = Relay::start(&toml).await;
     let through = json!({"uri": relay.url, "warehouse": primary.warehouse});
