@@ -16,7 +16,7 @@ use crate::replication::{
 
 /// icerelay with a fresh Java catalog as the primary and `replica` as the
 /// destination, for the namespace it returns.
-async fn from_java(prefix: &str, replica: Replica) -> (&'static JavaRest, String, tempfile::TempDir, Relay) {
+pub(crate) async fn from_java(prefix: &str, replica: Replica) -> (&'static JavaRest, String, tempfile::TempDir, Relay) {
     let primary: &'static JavaRest = Box::leak(Box::new(JavaRest::start(&format!("{prefix}-primary"))));
     let ns = unique(prefix);
     let state = tempfile::tempdir().expect("state");

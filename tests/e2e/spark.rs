@@ -11,7 +11,8 @@ use serde_json::{Value, json};
 
 use crate::harness::java_rest::JavaRest;
 use crate::harness::{Rustberg, python, spark_classpath};
-use crate::replication::{Replica, from_rustberg_to, history, ident, refs, wait_replicated};
+use crate::java_catalog::from_java;
+use crate::replication::{Replica, from_rustberg_to, history, ident, refs, rustberg_catalog, wait_replicated};
 
 async fn spark(conn: &Value, table: &str, statements: &[&str]) -> Value {
     python("spark_sql.py", vec![conn.to_string(), spark_classpath(), table.to_owned(), json!(statements).to_string()])
@@ -24,20 +25,30 @@ async fn spark(conn: &Value, table: &str, statements: &[&str]) -> Value {
 /// them gone) and waits again; compares what Spark reads on both sides,
 /// including the snapshots the source expired and the replica kept.
 async fn spark_writes_and_the_replica_reads_the_same(
+    primary: SparkPrimary,
     replica: Replica,
     prefix: &str,
     statements: &[&str],
     maintenance: &[&str],
 ) {
-    let (primary, replica, ns, table, _state, relay) =
-        from_rustberg_to(replica, prefix, "reconcile_interval = \"2s\"").await;
-    let through = json!({"uri": relay.url, "warehouse": primary.warehouse});
+    let (uri, warehouse, ns, _state, relay) = match primary {
+        SparkPrimary::Rustberg => {
+            let (p, _, ns, _, state, relay) = from_rustberg_to(replica, prefix, "reconcile_interval = \"2s\"").await;
+            (p.uri.clone(), p.warehouse.clone(), ns, state, relay)
+        }
+        SparkPrimary::Java => {
+            let (p, ns, state, relay) = from_java(prefix, replica).await;
+            (p.uri.clone(), p.warehouse.clone(), ns, state, relay)
+        }
+    };
+    let table = format!("{ns}.t");
+    let through = json!({"uri": relay.url, "warehouse": warehouse});
     let mut all = vec!["CREATE NAMESPACE IF NOT EXISTS cat.`{ns}`"];
     all.extend_from_slice(statements);
     let all: Vec<String> = all.iter().map(|s| s.replace("{ns}", &ns)).collect();
     let all: Vec<&str> = all.iter().map(String::as_str).collect();
     let mut written = vec![spark(&through, &table, &all).await];
-    let source_catalog = Replica::Rustberg(primary).catalog();
+    let source_catalog = rustberg_catalog(&uri, &warehouse);
     let replicated = || async {
         let source = source_catalog.load_table(&ident(&table)).await.expect("load").expect("source");
         let status =
@@ -60,7 +71,7 @@ async fn spark_writes_and_the_replica_reads_the_same(
     assert_eq!(refs(&copy.metadata), refs(&source.metadata), "same branches and tags");
     assert_eq!(copy.metadata["format-version"], source.metadata["format-version"]);
     let text = copy.metadata.to_string();
-    assert!(!text.contains(primary.warehouse.trim_start_matches("file://")), "a path into the primary: {text}");
+    assert!(!text.contains(warehouse.trim_start_matches("file://")), "a path into the primary: {text}");
 
     // Spark reads the replica straight from the replica catalog: the same
     // rows at every snapshot Spark wrote, expired on the source or not.
@@ -76,6 +87,13 @@ async fn spark_writes_and_the_replica_reads_the_same(
     let last = written.last().expect("written");
     assert_eq!(read["current"], last["current"]);
     assert_eq!(read["refs"], last["refs"]);
+}
+
+/// The catalog Spark commits to, through icerelay.
+#[derive(Clone, Copy)]
+enum SparkPrimary {
+    Rustberg,
+    Java,
 }
 
 /// What Spark writes in [`spark_merge_on_read_evolution_maintenance_and_refs_replicate`].
@@ -115,13 +133,20 @@ const DELETION_VECTORS: &[&str] = &[
 #[tokio::test(flavor = "multi_thread")]
 async fn spark_merge_on_read_evolution_maintenance_and_refs_replicate() {
     let replica = Replica::Rustberg(Rustberg::shared());
-    spark_writes_and_the_replica_reads_the_same(replica, "spark", MERGE_ON_READ_AND_MAINTENANCE, INSERT_AND_EXPIRE)
-        .await;
+    spark_writes_and_the_replica_reads_the_same(
+        SparkPrimary::Rustberg,
+        replica,
+        "spark",
+        MERGE_ON_READ_AND_MAINTENANCE,
+        INSERT_AND_EXPIRE,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn spark_v3_deletion_vectors_replicate() {
     spark_writes_and_the_replica_reads_the_same(
+        SparkPrimary::Rustberg,
         Replica::Rustberg(Rustberg::shared()),
         "sparkv3",
         DELETION_VECTORS,
@@ -134,8 +159,28 @@ async fn spark_v3_deletion_vectors_replicate() {
 /// (replace snapshots, v3 row lineage, deletion vectors) must pass.
 #[tokio::test(flavor = "multi_thread")]
 async fn spark_writes_replicate_into_the_java_catalog() {
-    let replica = Replica::Java(JavaRest::shared());
-    spark_writes_and_the_replica_reads_the_same(replica, "sparkjava", MERGE_ON_READ_AND_MAINTENANCE, INSERT_AND_EXPIRE)
-        .await;
-    spark_writes_and_the_replica_reads_the_same(replica, "sparkjv3", DELETION_VECTORS, &[]).await;
+    let (primary, replica) = (SparkPrimary::Rustberg, Replica::Java(JavaRest::shared()));
+    spark_writes_and_the_replica_reads_the_same(
+        primary,
+        replica,
+        "sparkjava",
+        MERGE_ON_READ_AND_MAINTENANCE,
+        INSERT_AND_EXPIRE,
+    )
+    .await;
+    spark_writes_and_the_replica_reads_the_same(primary, replica, "sparkjv3", DELETION_VECTORS, &[]).await;
+}
+
+/// Spark committing to the Java catalog (through icerelay), replicated to rustberg.
+#[tokio::test(flavor = "multi_thread")]
+async fn spark_writes_to_the_java_catalog_replicate_to_rustberg() {
+    let (primary, replica) = (SparkPrimary::Java, Replica::Rustberg(Rustberg::shared()));
+    spark_writes_and_the_replica_reads_the_same(
+        primary,
+        replica,
+        "sparkfromjava",
+        MERGE_ON_READ_AND_MAINTENANCE,
+        INSERT_AND_EXPIRE,
+    )
+    .await;
 }
