@@ -28,7 +28,6 @@ use serde_json::Value;
 use crate::rewrite::manifest_list::ManifestList;
 use crate::rewrite::metadata::{self, Reference, ReferenceKind};
 use crate::rewrite::{PathMap, RewriteError, avro, manifest, manifest_list, position_deletes, puffin};
-use crate::state::CopiedFile;
 use crate::storage::checkpoint::CheckpointError;
 use crate::storage::copy::{Copier, CopyError, CopyOutcome, CopyReport, CopyTask};
 use crate::storage::{Storage, StorageError};
@@ -379,22 +378,19 @@ impl TableCopier {
         target: &str,
         out: Vec<u8>,
     ) -> Result<CopyOutcome, TableCopyError> {
-        if let Some(found) = self.storage().head(target).await?
-            && found.size != out.len() as u64
-            && found.size <= MANIFEST_LIMIT
-        {
-            let existing = self.storage().read(target, MANIFEST_LIMIT).await?;
-            let (name, rewritten) = (target.to_owned(), out.clone());
-            // A target that cannot be read as Avro is overwritten.
-            let same = on_cpu(move || Ok(avro::same_contents(&existing, &rewritten, &name).unwrap_or(false))).await?;
-            if same {
-                let checksum = found.e_tag.as_deref().map(|t| t.trim_matches('"').to_owned());
-                let kept = CopiedFile { target: target.to_owned(), size: found.size, checksum };
-                self.copier.checkpoints().put(source, kept).await?;
-                return Ok(CopyOutcome::Skipped { bytes: found.size });
+        let rewritten = Bytes::from(out);
+        let same = async |found: &crate::storage::ObjectInfo| {
+            if found.size > MANIFEST_LIMIT {
+                return false;
             }
-        }
-        Ok(self.copier.put(source, target, Bytes::from(out)).await?)
+            // A target that cannot be read, or read as Avro, is overwritten.
+            let Ok(existing) = self.storage().read(target, MANIFEST_LIMIT).await else { return false };
+            let (name, rewritten) = (target.to_owned(), rewritten.clone());
+            on_cpu(move || Ok(avro::same_contents(&existing, &rewritten, &name).unwrap_or(false)))
+                .await
+                .unwrap_or(false)
+        };
+        Ok(self.copier.put_unless_same(source, target, rewritten.clone(), same).await?)
     }
 
     /// Whether `source` was written to `target` before and is still there whole.

@@ -731,7 +731,7 @@ impl<'s> Layout<'s> {
             let first = spans.len();
             spans.resize(first + 1 + self.slots, ABSENT);
             let start = walker.pos();
-            walk(&self.steps, &mut walker, base, &mut spans[first + 1..]).map_err(|m| {
+            walk(&self.steps, &mut walker, base, &mut spans[first + 1..], 1).map_err(|m| {
                 invalid(file, format!("record {record} of the data block at byte {at} is corrupt: {m}"))
             })?;
             if walker.pos() == start {
@@ -777,18 +777,10 @@ fn plan<'s>(
     Ok(steps)
 }
 
-/// Walks one record's fields by `steps`, noting the slots' spans (offset
-/// by `base`, where the walked data starts in [`Records::data`]).
+/// Walks one record's fields by `steps`, `depth` levels into it, noting the
+/// slots' spans (offset by `base`, where the walked data starts in
+/// [`Records::data`]).
 fn walk(
-    steps: &[Step<'_>],
-    walker: &mut lengths::Walk<'_, '_>,
-    base: usize,
-    slots: &mut [Span],
-) -> Result<(), lengths::Malformed> {
-    walk_at(steps, walker, base, slots, 1)
-}
-
-fn walk_at(
     steps: &[Step<'_>],
     walker: &mut lengths::Walk<'_, '_>,
     base: usize,
@@ -803,7 +795,7 @@ fn walk_at(
                 walker.datum(schema, depth)?;
                 slots[*slot] = Span { start: (base + start) as u32, end: (base + walker.pos()) as u32 };
             }
-            Step::Nested(inner) => walk_at(inner, walker, base, slots, depth + 1)?,
+            Step::Nested(inner) => walk(inner, walker, base, slots, depth + 1)?,
         }
     }
     Ok(())

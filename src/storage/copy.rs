@@ -226,6 +226,19 @@ impl Copier {
     /// compare it with; a local file has none, so its checkpoint records no
     /// checksum (as for any store that gives none).
     pub async fn put(&self, source: &str, target: &str, bytes: Bytes) -> Result<CopyOutcome, CopyError> {
+        self.put_unless_same(source, target, bytes, async |_| false).await
+    }
+
+    /// [`Copier::put`], where an existing target of another size or checksum
+    /// is also kept if `same` says it holds the same contents in other
+    /// bytes (a rewrite by another version of icerelay, say).
+    pub async fn put_unless_same(
+        &self,
+        source: &str,
+        target: &str,
+        bytes: Bytes,
+        same: impl AsyncFnOnce(&ObjectInfo) -> bool,
+    ) -> Result<CopyOutcome, CopyError> {
         let fail = |error| CopyError::Storage { source_url: source.to_owned(), target: target.to_owned(), error };
         let location = self.storage.resolve(target).map_err(fail)?;
         let md5 = (!is_local(&location)).then(|| md5_hex(&bytes));
@@ -233,7 +246,8 @@ impl Copier {
         if let Some(found) = head(&location).await.map_err(fail)?
             && (self.settings.keep_existing_rewrites
                 || found.size == size
-                    && tags_agree(md5.as_ref().map(|m| format!("\"{m}\"")).as_deref(), found.e_tag.as_deref()))
+                    && tags_agree(md5.as_ref().map(|m| format!("\"{m}\"")).as_deref(), found.e_tag.as_deref())
+                || same(&found).await)
         {
             let checksum = found.e_tag.as_deref().map(|t| t.trim_matches('"').to_owned());
             self.checkpoints.put(source, CopiedFile { target: target.to_owned(), size: found.size, checksum }).await?;

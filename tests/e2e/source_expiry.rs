@@ -14,7 +14,7 @@ use axum::body::Bytes;
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
-use crate::harness::{Relay, Rustberg, Served, serve, unique};
+use crate::harness::{Relay, Rustberg, Served, forward, serve, unique};
 use crate::replication::{
     Replica, history, ident, lane_status, local_primary_toml, read_catalog, relay_toml_for, wait_status, write_with,
 };
@@ -38,7 +38,7 @@ struct Stale {
 
 /// Forwards everything to `primary`; loads of the table follow [`Stale`].
 async fn stale_primary(primary: &Rustberg, stale: Arc<Mutex<Stale>>) -> Served {
-    let upstream = primary.uri.trim_end_matches('/').to_owned();
+    let upstream = primary.uri.clone();
     let http = reqwest::Client::new();
     let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
         let (upstream, http, stale) = (upstream.clone(), http.clone(), stale.clone());
@@ -64,25 +64,15 @@ async fn stale_primary(primary: &Rustberg, stale: Arc<Mutex<Stale>>) -> Served {
                     s.loads_after_replay += 1;
                 }
             }
-            let body = http_body_util::BodyExt::collect(body).await.map(|b| b.to_bytes()).unwrap_or_default();
-            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-            let mut forwarded = http.request(parts.method.clone(), format!("{upstream}{target}")).body(body);
-            if let Some(kind) = parts.headers.get("content-type") {
-                forwarded = forwarded.header("content-type", kind);
-            }
-            let Ok(answer) = forwarded.send().await else {
-                return axum::http::StatusCode::BAD_GATEWAY.into_response();
-            };
-            let status = answer.status();
-            let bytes = answer.bytes().await.unwrap_or_default();
-            if is_load && status.is_success() {
+            let answer = forward(&http, &upstream, &parts, body).await;
+            if is_load && answer.status.is_success() {
                 let mut s = stale.lock().expect("lock");
                 if s.keep_next {
                     s.keep_next = false;
-                    s.kept = Some(bytes.clone());
+                    s.kept = Some(answer.body.clone());
                 }
             }
-            (status, [("content-type", "application/json")], bytes).into_response()
+            answer.into_response()
         }
     });
     serve(app).await

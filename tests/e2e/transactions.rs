@@ -13,7 +13,7 @@ use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
 use crate::harness::java_rest::JavaRest;
-use crate::harness::{RelayProcess, Rustberg, SeaweedFs, Served, python, serve, unique};
+use crate::harness::{RelayProcess, Rustberg, SeaweedFs, Served, forward, python, serve, unique};
 use crate::replication::{Replica, history, ident, lane_status, read_catalog, relay_toml_from, wait_replicated};
 
 /// The primary of a case: where the writer commits (through icerelay).
@@ -241,7 +241,7 @@ async fn multi_table_transactions_reach_seaweedfs_whole() {
 /// operation (406 `UnsupportedOperationException`). No catalog here lacks
 /// the endpoint, so this is the only way to see the fallback end to end.
 async fn without_transactions(behind: &Rustberg) -> Served {
-    let upstream = behind.uri.trim_end_matches('/').to_owned();
+    let upstream = behind.uri.clone();
     let http = reqwest::Client::new();
     let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
         let (upstream, http) = (upstream.clone(), http.clone());
@@ -252,25 +252,7 @@ async fn without_transactions(behind: &Rustberg) -> Served {
                                              "type": "UnsupportedOperationException", "code": 406}});
                 return (axum::http::StatusCode::NOT_ACCEPTABLE, axum::Json(error)).into_response();
             }
-            let body = http_body_util::BodyExt::collect(body).await.map(|b| b.to_bytes()).unwrap_or_default();
-            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-            let mut forwarded = http.request(parts.method.clone(), format!("{upstream}{target}")).body(body);
-            if let Some(kind) = parts.headers.get("content-type") {
-                forwarded = forwarded.header("content-type", kind);
-            }
-            match forwarded.send().await {
-                Ok(answer) => {
-                    let status = answer.status();
-                    let kind = answer.headers().get("content-type").cloned();
-                    let bytes = answer.bytes().await.unwrap_or_default();
-                    let mut response = (status, bytes).into_response();
-                    if let Some(kind) = kind {
-                        response.headers_mut().insert("content-type", kind);
-                    }
-                    response
-                }
-                Err(e) => (axum::http::StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
-            }
+            forward(&http, &upstream, &parts, body).await.into_response()
         }
     });
     serve(app).await

@@ -389,6 +389,54 @@ pub async fn serve(app: axum::Router) -> Served {
     Served { url, task }
 }
 
+/// An upstream's answer to a request a stand-in forwarded.
+pub struct Answer {
+    /// Its status.
+    pub status: axum::http::StatusCode,
+    /// Its `content-type`, if any.
+    pub content_type: Option<axum::http::HeaderValue>,
+    /// Its body.
+    pub body: axum::body::Bytes,
+}
+
+impl axum::response::IntoResponse for Answer {
+    fn into_response(self) -> axum::response::Response {
+        let mut response = (self.status, self.body).into_response();
+        if let Some(kind) = self.content_type {
+            response.headers_mut().insert("content-type", kind);
+        }
+        response
+    }
+}
+
+/// Forwards a stand-in's request to `upstream` (a catalog's base URI) as it
+/// came: method, path and query, body and content type. An upstream that
+/// cannot be reached answers 502.
+pub async fn forward(
+    http: &reqwest::Client,
+    upstream: &str,
+    parts: &axum::http::request::Parts,
+    body: axum::body::Body,
+) -> Answer {
+    let body = http_body_util::BodyExt::collect(body).await.map(|b| b.to_bytes()).unwrap_or_default();
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut forwarded =
+        http.request(parts.method.clone(), format!("{}{target}", upstream.trim_end_matches('/'))).body(body);
+    if let Some(kind) = parts.headers.get("content-type") {
+        forwarded = forwarded.header("content-type", kind);
+    }
+    match forwarded.send().await {
+        Ok(answer) => Answer {
+            status: answer.status(),
+            content_type: answer.headers().get("content-type").cloned(),
+            body: answer.bytes().await.unwrap_or_default(),
+        },
+        Err(e) => {
+            Answer { status: axum::http::StatusCode::BAD_GATEWAY, content_type: None, body: e.to_string().into() }
+        }
+    }
+}
+
 /// Reads a child's pipe to its end on a thread of its own (a full pipe
 /// would stall the child).
 fn drain<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
