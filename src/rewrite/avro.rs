@@ -27,10 +27,10 @@
 //! Files come from any writer and may be corrupt. That walk checks every
 //! length and count a record declares against the bytes that are there, and
 //! the values a decoder would refuse (text that is not UTF-8, enum indexes,
-//! ints, booleans; not the format of UUID strings), so that no declared length makes
-//! `apache-avro` allocate more than the file holds and no corrupt value is
-//! copied to a replica; block sizes, record counts, and what Snappy and
-//! deflate blocks expand to are checked here.
+//! ints, booleans; not the format of UUID strings), so that no declared
+//! length makes `apache-avro` allocate more than the file holds and no
+//! corrupt value is copied to a replica; block sizes, record counts, and
+//! what Snappy and deflate blocks expand to are checked here.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -262,9 +262,8 @@ struct Blocks<'f> {
     out: Vec<u8>,
     block: Vec<u8>,
     count: usize,
-    /// Whether blocks are deflated (with this thread's [`DEFLATER`]:
-    /// setting one up costs more than compressing a small block).
-    deflate: bool,
+    /// A deflated block (deflate uses this thread's [`DEFLATER`]: setting
+    /// one up costs more than compressing a small block).
     compressed: Vec<u8>,
 }
 
@@ -274,10 +273,6 @@ impl<'f> Blocks<'f> {
     fn start(header: &Header, file: &'f str, expected: usize) -> Result<Self, RewriteError> {
         let (mut out, marker) = write_header(header, file)?;
         out.reserve(expected.saturating_sub(out.len()));
-        // Deflate at its fastest level: the level is not in the file (any
-        // reader inflates any level), and at the default level compressing
-        // was a table copy's largest cost, for output a few percent smaller.
-        let deflate = matches!(header.codec, Codec::Deflate(_));
         Ok(Self {
             file,
             codec: header.codec,
@@ -285,7 +280,6 @@ impl<'f> Blocks<'f> {
             out,
             block: Vec::with_capacity(BLOCK_SIZE + BLOCK_SIZE / 4),
             count: 0,
-            deflate,
             compressed: Vec::new(),
         })
     }
@@ -307,7 +301,10 @@ impl<'f> Blocks<'f> {
         if self.count == 0 {
             return Ok(());
         }
-        let body = if self.deflate {
+        // Deflate at its fastest level: the level is not in the file (any
+        // reader inflates any level), and at the default level compressing
+        // was a table copy's largest cost, for output a few percent smaller.
+        let body = if matches!(self.codec, Codec::Deflate(_)) {
             DEFLATER
                 .with_borrow_mut(|deflater| deflate(deflater, &self.block, &mut self.compressed))
                 .map_err(|e| invalid(self.file, format!("deflate failed: {e}")))?;
