@@ -516,6 +516,34 @@ impl RestCatalog {
         self.decode_table(&op, &body)
     }
 
+    /// The commit of a create transaction (`assert-create`): makes `table`
+    /// from `staged`, the metadata a staged create (`stage-create`) answered,
+    /// with the table uuid `uuid`, and applies `updates` in the same commit.
+    /// The table exists only once this commit lands.
+    pub async fn commit_create(
+        &self,
+        table: &TableIdent,
+        staged: &Value,
+        uuid: &str,
+        updates: &[Value],
+    ) -> Result<LoadedTable, CatalogError> {
+        let first = |list: &str| staged.pointer(&format!("/{list}/0")).cloned().unwrap_or(Value::Null);
+        let mut all = vec![
+            json!({"action": "assign-uuid", "uuid": uuid}),
+            json!({"action": "upgrade-format-version", "format-version": staged.get("format-version")}),
+            json!({"action": "add-schema", "schema": first("schemas"), "last-column-id": staged.get("last-column-id")}),
+            json!({"action": "set-current-schema", "schema-id": -1}),
+            json!({"action": "add-spec", "spec": first("partition-specs")}),
+            json!({"action": "set-default-spec", "spec-id": -1}),
+            json!({"action": "add-sort-order", "sort-order": first("sort-orders")}),
+            json!({"action": "set-default-sort-order", "sort-order-id": -1}),
+            json!({"action": "set-location", "location": staged.get("location")}),
+            json!({"action": "set-properties", "updates": staged.get("properties").cloned().unwrap_or(json!({}))}),
+        ];
+        all.extend(updates.iter().cloned());
+        self.update_table(table, &[json!({"type": "assert-create"})], &all).await
+    }
+
     /// `POST .../transactions/commit`: several tables' commits, all applied
     /// or none. The catalog answers without the new metadata (load the tables).
     pub async fn commit_transaction(&self, changes: &[TableCommit<'_>]) -> Result<(), CatalogError> {

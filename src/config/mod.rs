@@ -365,12 +365,16 @@ pub struct DestinationConfig {
 /// How a destination's replica tables are first made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BootstrapMode {
-    /// Probe the catalog: register where registerTable keeps history, else create.
+    /// Probe the catalog: register where registerTable keeps history, else a
+    /// create transaction where that keeps it, else create.
     Auto,
     /// Write the replica's metadata.json with the full history and register it.
     Register,
     /// Create an empty table and replay every snapshot onto it.
     Create,
+    /// Create the table in a create transaction that carries the source's
+    /// first commit, then replay the rest.
+    CreateTransaction,
 }
 
 /// What a source drop does to the replicas.
@@ -1211,10 +1215,11 @@ impl Validator {
             None | Some("auto") => BootstrapMode::Auto,
             Some("register") => BootstrapMode::Register,
             Some("create") => BootstrapMode::Create,
+            Some("create-transaction") => BootstrapMode::CreateTransaction,
             Some(other) => {
                 self.error(
                     format!("{key}.bootstrap"),
-                    format!("{other:?} is not a bootstrap mode; expected auto, register or create"),
+                    format!("{other:?} is not a bootstrap mode; expected auto, register, create or create-transaction"),
                 );
                 BootstrapMode::Auto
             }

@@ -224,6 +224,10 @@ fn replication_settings_are_validated_with_their_keys() {
     assert_eq!(c.rules[0].target_namespace, Some(Namespace::from_dotted("all.eu")));
     assert_eq!(c.rules[0].on_drop, OnDrop::Propagate);
     assert_eq!(c.replication, ReplicationConfig::default());
+
+    let transaction = valid.replace("bootstrap = \"create\"", "bootstrap = \"create-transaction\"");
+    let c = load_str(&transaction, &env()).expect("valid");
+    assert_eq!(c.destinations[0].bootstrap, BootstrapMode::CreateTransaction);
 }
 
 #[test]

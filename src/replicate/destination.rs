@@ -6,11 +6,14 @@
 //! where it keeps a table's history (uuid, snapshots, schemas), a replica is
 //! bootstrapped by writing a metadata.json with the whole retained history
 //! and registering it; where it does not (SeaweedFS 4.48 answers 200 and then
-//! loads an empty table), a replica can only be replayed from the source's
-//! creation onwards, because every catalog refuses snapshots more than a
-//! minute older than the table. In `auto` mode icerelay finds out once per
-//! destination with a probe (register a throwaway table, load it back,
-//! compare) and keeps the answer in the state store.
+//! loads an empty table), a create transaction may carry it instead (Java
+//! Iceberg's catalogs accept a table's first commit with old snapshots in it:
+//! stage-create, then one `assert-create` commit). Where neither keeps
+//! history, a replica can only be replayed from the source's creation
+//! onwards, because every catalog refuses snapshots more than a minute older
+//! than the table. In `auto` mode icerelay finds out once per destination
+//! with a probe (make a throwaway table each way, load it back, compare) and
+//! keeps the answer in the state store.
 
 use std::sync::Arc;
 
@@ -31,6 +34,18 @@ use crate::storage::vended::VendedCredentials;
 /// drop a namespace the other is writing into (SeaweedFS then breaks it).
 const PROBE_NAMESPACE: &str = "icerelay_probe";
 
+/// The probe's version. A verdict an older probe recorded is probed again
+/// unless it is final: version 2 tries a create transaction where
+/// registerTable loses history.
+const PROBE_VERSION: u32 = 2;
+
+/// HTTP statuses by which a catalog says it does not do something (as
+/// against a refused credential or a rate limit, which say nothing about
+/// the catalog).
+fn says_unsupported(error: &CatalogError) -> bool {
+    error.status().is_some_and(|s| matches!(s.as_u16(), 400 | 404 | 405 | 406 | 409 | 422 | 501))
+}
+
 /// How replica tables are first made on a destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -39,6 +54,33 @@ pub enum Bootstrap {
     Register,
     /// createTable, then replay every snapshot.
     Create,
+    /// A create transaction (stage-create, then one `assert-create` commit)
+    /// with the source's first commit in it, then replay the rest.
+    #[serde(rename = "create-transaction")]
+    CreateTransaction,
+}
+
+/// The probe's throwaway tables: the registered one, the one a create
+/// transaction makes.
+const PROBE_TABLES: [&str; 2] = ["probe", "probe_tx"];
+/// The probe's snapshot: its id, and how old it is (older than the minute
+/// a catalog tolerates).
+const PROBE_SNAPSHOT: i64 = 4_242_424_242;
+const PROBE_AGE_MS: i64 = 3 * 24 * 3600 * 1000;
+
+/// What one way of making a table with history did with it.
+enum Probed {
+    /// The table came back with its history.
+    Kept,
+    /// It did not: how.
+    Lost(String),
+}
+
+/// The probe's snapshot, written `at` (its manifest list is never read).
+fn probe_snapshot(location: &str, at: i64) -> Value {
+    json!({"snapshot-id": PROBE_SNAPSHOT, "sequence-number": 1, "timestamp-ms": at,
+        "manifest-list": format!("{location}/metadata/snap-{PROBE_SNAPSHOT}-probe.avro"),
+        "summary": {"operation": "append"}, "schema-id": 0})
 }
 
 /// The multi-table commit endpoint, as catalogs advertise it.
@@ -79,6 +121,9 @@ pub struct Capabilities {
     pub bootstrap: Bootstrap,
     /// Why: configured, or what the probe saw.
     pub reason: String,
+    /// The version of the probe that found it (0: configured, or before versions).
+    #[serde(default)]
+    pub probe: u32,
 }
 
 impl Capabilities {
@@ -88,6 +133,7 @@ impl Capabilities {
         match self.bootstrap {
             Bootstrap::Register => format!("register+replay: {}", self.reason),
             Bootstrap::Create => format!("create+replay: {}", self.reason),
+            Bootstrap::CreateTransaction => format!("create-transaction+replay: {}", self.reason),
         }
     }
 }
@@ -148,15 +194,18 @@ impl Destination {
     ) -> Result<&Capabilities, ReplicateError> {
         self.capabilities
             .get_or_try_init(|| async {
-                let configured = |bootstrap| Capabilities { bootstrap, reason: "configured (bootstrap)".into() };
+                let configured =
+                    |bootstrap| Capabilities { bootstrap, reason: "configured (bootstrap)".into(), probe: 0 };
                 match self.config.bootstrap {
                     BootstrapMode::Register => return Ok(configured(Bootstrap::Register)),
                     BootstrapMode::Create => return Ok(configured(Bootstrap::Create)),
+                    BootstrapMode::CreateTransaction => return Ok(configured(Bootstrap::CreateTransaction)),
                     BootstrapMode::Auto => {}
                 }
                 let uri = self.config.uri.as_str();
                 if let Some(text) = store.destination_capabilities(self.name(), uri).await?
                     && let Ok(known) = serde_json::from_str::<Capabilities>(&text)
+                    && (known.probe >= PROBE_VERSION || known.bootstrap == Bootstrap::Register)
                 {
                     return Ok(known);
                 }
@@ -235,16 +284,45 @@ impl Destination {
         )
     }
 
-    /// Registers a throwaway table with history and loads it back.
+    /// Finds out how the catalog keeps a table's history, each way on a
+    /// throwaway table of a namespace of its own: registerTable first, then
+    /// a create transaction.
     async fn probe(&self, storage: &Storage) -> Result<Capabilities, ReplicateError> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let namespace = Namespace::new(vec![format!("{PROBE_NAMESPACE}_{}", &id[..12])]);
-        let table = TableIdent::new(namespace.clone(), "probe");
         self.catalog.ensure_namespace(&namespace).await?;
+        let verdict = self.judge(storage, &namespace).await;
+        self.clean_up_probe(&namespace).await;
+        let (bootstrap, reason) = verdict?;
+        Ok(Capabilities { bootstrap, reason, probe: PROBE_VERSION })
+    }
+
+    /// The probe's verdict: how replicas are made, and why.
+    async fn judge(&self, storage: &Storage, namespace: &Namespace) -> Result<(Bootstrap, String), ReplicateError> {
+        let registered = match self.probe_register(storage, namespace).await? {
+            Probed::Kept => {
+                return Ok((Bootstrap::Register, "probed: registerTable keeps history, uuid and ids".into()));
+            }
+            Probed::Lost(why) => why,
+        };
+        Ok(match self.probe_create_transaction(namespace).await? {
+            Probed::Kept => (
+                Bootstrap::CreateTransaction,
+                format!("probed: {registered}; a create transaction keeps it, so replicas are made by one"),
+            ),
+            Probed::Lost(why) => (
+                Bootstrap::Create,
+                format!("probed: {registered}, and {why}, so replicas are replayed from the source's creation"),
+            ),
+        })
+    }
+
+    /// Registers a throwaway table with history and loads it back.
+    async fn probe_register(&self, storage: &Storage, namespace: &Namespace) -> Result<Probed, ReplicateError> {
+        let table = TableIdent::new(namespace.clone(), PROBE_TABLES[0]);
         let location = self.table_location(&table).await?;
         let uuid = uuid::Uuid::new_v4().to_string();
-        let long_ago = now_ms() - 3 * 24 * 3600 * 1000;
-        let snapshot_id: i64 = 4_242_424_242;
+        let long_ago = now_ms() - PROBE_AGE_MS;
         let metadata = json!({
             "format-version": 2, "table-uuid": uuid, "location": location,
             "last-sequence-number": 1, "last-updated-ms": long_ago, "last-column-id": 3,
@@ -254,70 +332,100 @@ impl Destination {
             "current-schema-id": 0,
             "partition-specs": [{"spec-id": 0, "fields": []}], "default-spec-id": 0, "last-partition-id": 999,
             "sort-orders": [{"order-id": 0, "fields": []}], "default-sort-order-id": 0,
-            "properties": {}, "current-snapshot-id": snapshot_id,
-            "snapshots": [{"snapshot-id": snapshot_id, "sequence-number": 1, "timestamp-ms": long_ago,
-                "manifest-list": format!("{location}/metadata/snap-{snapshot_id}-probe.avro"),
-                "summary": {"operation": "append"}, "schema-id": 0}],
-            "refs": {"main": {"snapshot-id": snapshot_id, "type": "branch"}},
-            "snapshot-log": [{"snapshot-id": snapshot_id, "timestamp-ms": long_ago}], "metadata-log": [],
+            "properties": {}, "current-snapshot-id": PROBE_SNAPSHOT,
+            "snapshots": [probe_snapshot(&location, long_ago)],
+            "refs": {"main": {"snapshot-id": PROBE_SNAPSHOT, "type": "branch"}},
+            "snapshot-log": [{"snapshot-id": PROBE_SNAPSHOT, "timestamp-ms": long_ago}], "metadata-log": [],
         });
         let file = format!("{location}/metadata/00000-{uuid}.metadata.json");
         storage.write(&file, Bytes::from(metadata.to_string())).await?;
-        let registered = self.catalog.register_table(&table, &file).await;
-        let loaded = match registered {
+        let loaded = match self.catalog.register_table(&table, &file).await {
             Ok(_) => self.catalog.load_table(&table).await,
-            Err(e) => Err(e),
+            Err(e) if says_unsupported(&e) => return Ok(Probed::Lost(format!("registerTable is refused ({e})"))),
+            Err(e) => return Err(e.into()),
         };
-        let verdict = match &loaded {
-            Ok(Some(t)) => {
-                let m = &t.metadata;
-                let kept_uuid = m.get("table-uuid").and_then(Value::as_str) == Some(uuid.as_str());
-                let kept_snapshot = m.get("snapshots").and_then(Value::as_array).is_some_and(|s| {
-                    s.iter().any(|s| s.get("snapshot-id").and_then(Value::as_i64) == Some(snapshot_id))
-                });
-                let ids: Vec<i64> = m
-                    .pointer("/schemas/0/fields")
-                    .and_then(Value::as_array)
-                    .map(|f| f.iter().filter_map(|f| f.get("id").and_then(Value::as_i64)).collect())
-                    .unwrap_or_default();
-                if kept_uuid && kept_snapshot && ids == [1, 3] {
-                    Capabilities {
-                        bootstrap: Bootstrap::Register,
-                        reason: "probed: registerTable keeps history, uuid and ids".into(),
-                    }
-                } else {
-                    Capabilities {
-                        bootstrap: Bootstrap::Create,
-                        reason: format!(
-                            "probed: registerTable loses history (uuid kept: {kept_uuid}, snapshot kept: {kept_snapshot}, \
-                             field ids {ids:?} instead of [1, 3]), so replicas are replayed from the source's creation"
-                        ),
-                    }
-                }
-            }
-            Ok(None) => Capabilities {
-                bootstrap: Bootstrap::Create,
-                reason: "probed: a registered table cannot be loaded back, so replicas are replayed from creation"
-                    .into(),
-            },
-            // Only "not supported" answers say something about the catalog; a
-            // refused credential or a rate limit must not be remembered as one.
-            Err(e) if e.status().is_some_and(|s| matches!(s.as_u16(), 400 | 404 | 405 | 501)) => Capabilities {
-                bootstrap: Bootstrap::Create,
-                reason: format!("probed: registerTable is refused ({e}), so replicas are replayed from creation"),
-            },
-            Err(_) => {
-                self.clean_up_probe(&table, &namespace).await;
-                return Err(loaded.err().map_or_else(|| ReplicateError::Refused("probe failed".into()), Into::into));
-            }
+        let Some(loaded) = loaded? else {
+            return Ok(Probed::Lost("a registered table cannot be loaded back".into()));
         };
-        self.clean_up_probe(&table, &namespace).await;
-        Ok(verdict)
+        let m = &loaded.metadata;
+        let kept_uuid = m.get("table-uuid").and_then(Value::as_str) == Some(uuid.as_str());
+        let kept_snapshot = m
+            .get("snapshots")
+            .and_then(Value::as_array)
+            .is_some_and(|s| s.iter().any(|s| s.get("snapshot-id").and_then(Value::as_i64) == Some(PROBE_SNAPSHOT)));
+        let ids: Vec<i64> = m
+            .pointer("/schemas/0/fields")
+            .and_then(Value::as_array)
+            .map(|f| f.iter().filter_map(|f| f.get("id").and_then(Value::as_i64)).collect())
+            .unwrap_or_default();
+        Ok(if kept_uuid && kept_snapshot && ids == [1, 3] {
+            Probed::Kept
+        } else {
+            Probed::Lost(format!(
+                "registerTable loses history (uuid kept: {kept_uuid}, snapshot kept: {kept_snapshot}, field ids \
+                 {ids:?} instead of [1, 3])"
+            ))
+        })
     }
 
-    async fn clean_up_probe(&self, table: &TableIdent, namespace: &Namespace) {
-        if let Err(e) = self.catalog.drop_table(table, true).await {
-            tracing::warn!(destination = self.name(), table = %table, error = %e, "could not drop the probe table");
+    /// Makes a throwaway table by a create transaction whose commit adds a
+    /// snapshot from days ago, and loads it back.
+    async fn probe_create_transaction(&self, namespace: &Namespace) -> Result<Probed, ReplicateError> {
+        let table = TableIdent::new(namespace.clone(), PROBE_TABLES[1]);
+        let request = json!({
+            "name": table.name, "stage-create": true, "properties": {"format-version": "2"},
+            "schema": {"type": "struct", "schema-id": 0, "fields": [{"id": 1, "name": "id", "type": "long", "required": false}]},
+        });
+        let staged = match self.catalog.create_table(namespace, &request).await {
+            Ok(staged) => staged,
+            Err(e) if says_unsupported(&e) => return Ok(Probed::Lost(format!("a staged create is refused ({e})"))),
+            Err(e) => return Err(e.into()),
+        };
+        let location = staged.metadata.get("location").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let long_ago = now_ms() - PROBE_AGE_MS;
+        let updates = [
+            json!({"action": "add-snapshot", "snapshot": probe_snapshot(&location, long_ago)}),
+            json!({"action": "set-snapshot-ref", "ref-name": "main", "type": "branch", "snapshot-id": PROBE_SNAPSHOT}),
+        ];
+        match self.catalog.commit_create(&table, &staged.metadata, &uuid, &updates).await {
+            Ok(_) => {}
+            Err(e) if says_unsupported(&e) || matches!(e, CatalogError::CommitConflict { .. }) => {
+                return Ok(Probed::Lost(format!(
+                    "a create transaction with a snapshot from days ago is refused ({e})"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let Some(loaded) = self.catalog.load_table(&table).await? else {
+            return Ok(Probed::Lost("a table made by a create transaction cannot be loaded back".into()));
+        };
+        let m = &loaded.metadata;
+        let kept_uuid = m.get("table-uuid").and_then(Value::as_str) == Some(uuid.as_str());
+        let kept_snapshot = m.get("snapshots").and_then(Value::as_array).is_some_and(|s| {
+            s.iter().any(|s| {
+                s.get("snapshot-id").and_then(Value::as_i64) == Some(PROBE_SNAPSHOT)
+                    && s.get("timestamp-ms").and_then(Value::as_i64) == Some(long_ago)
+            })
+        });
+        let kept_log =
+            m.get("snapshot-log") == Some(&json!([{"snapshot-id": PROBE_SNAPSHOT, "timestamp-ms": long_ago}]));
+        Ok(if kept_uuid && kept_snapshot && kept_log {
+            Probed::Kept
+        } else {
+            Probed::Lost(format!(
+                "a create transaction loses history (uuid kept: {kept_uuid}, snapshot kept: {kept_snapshot}, \
+                 snapshot-log kept: {kept_log})"
+            ))
+        })
+    }
+
+    async fn clean_up_probe(&self, namespace: &Namespace) {
+        for name in PROBE_TABLES {
+            let table = TableIdent::new(namespace.clone(), name);
+            if let Err(e) = self.catalog.drop_table(&table, true).await {
+                tracing::warn!(destination = self.name(), table = %table, error = %e, "could not drop a probe table");
+            }
         }
         if let Err(e) = self.catalog.drop_namespace(namespace).await {
             tracing::debug!(destination = self.name(), error = %e, "could not drop the probe namespace");

@@ -1,7 +1,7 @@
 //! One run of one lane: bring a replica up to its source, commit by commit.
 //!
 //! A run reads the source's current metadata, makes the replica if it does
-//! not exist yet (by registration or creation), then repeats: plan the next
+//! not exist yet (`bootstrap`), then repeats: plan the next
 //! commit (`plan`), copy the files it references, commit it to the replica catalog,
 //! record the progress. It stops when the plan is empty. Everything it needs
 //! to know is re-read at the start, so a run after a crash, a lost hint or a
@@ -15,11 +15,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tracing::Instrument;
 
 use super::Context;
-use super::destination::{Bootstrap, Destination};
+use super::destination::Destination;
 use super::error::ReplicateError;
 use super::group::Together;
 use super::plan::{self, PlanInput, Step};
@@ -29,13 +29,13 @@ use crate::config::OnDrop;
 use crate::metrics::ReplicationMetrics;
 use crate::rewrite::PathMap;
 use crate::rewrite::metadata::{PATH_PROPERTIES, snapshot_ids};
-use crate::state::{Adoption, LaneChange, LaneKey, LaneRecord, Progress, PromotionMode, now_ms, rfc3339};
+use crate::state::{Adoption, LaneChange, LaneKey, LaneRecord, Progress, PromotionMode, now_ms};
 use crate::storage::checkpoint::StateCheckpoints;
 use crate::storage::copy::{Copier, CopyReport, CopySettings};
 use crate::table_copy::{NoProgress, TableCopier};
 
 /// Catalogs refuse a snapshot this much older than the table's `last-updated-ms`.
-const TIMESTAMP_TOLERANCE_MS: i64 = 60_000;
+pub(super) const TIMESTAMP_TOLERANCE_MS: i64 = 60_000;
 /// Planning rounds after a refused or unknown commit before the run gives up.
 const MAX_RELOADS: usize = 5;
 
@@ -233,13 +233,9 @@ async fn open_replica(
         None => {
             ctx.confirm_lease().await?;
             let started = std::time::Instant::now();
-            let made = match capabilities.bootstrap {
-                Bootstrap::Register => register(ctx, key, destination, replica_table, &source, &source_file).await?,
-                Bootstrap::Create => {
-                    let properties = replica_properties(ctx, key, destination);
-                    create(destination, &properties, replica_table, &source, &capabilities.reason).await?
-                }
-            };
+            let made =
+                super::bootstrap::make(ctx, key, destination, replica_table, &source, &source_file, &capabilities)
+                    .await?;
             if lane.replica_metadata_location.is_some() {
                 tracing::warn!(replica = %replica_table, "the replica was gone; made it again");
                 ctx.store.forget_replica(key).await?;
@@ -706,158 +702,6 @@ async fn source_dropped(
     Ok(())
 }
 
-/// The replica after its bootstrap, and what icerelay put in it.
-struct Made {
-    table: LoadedTable,
-    snapshots: Vec<i64>,
-    managed_properties: BTreeSet<String>,
-    copied: CopyReport,
-}
-
-/// Bootstraps with history: every file of every retained snapshot copied and
-/// rewritten, then the rewritten metadata.json written and registered.
-async fn register(
-    ctx: &Context,
-    key: &LaneKey,
-    destination: &Destination,
-    replica_table: &TableIdent,
-    source: &LoadedTable,
-    source_file: &str,
-) -> Result<Made, ReplicateError> {
-    destination.catalog.ensure_namespace(&replica_table.namespace).await?;
-    let location = destination.table_location(replica_table).await?;
-    let map = path_map(&source.metadata, &location)?;
-    let snapshots: BTreeSet<i64> = snapshot_ids(&source.metadata);
-    let copier = table_copier(ctx, destination, false);
-    let copied = copier.copy_snapshots(&source.metadata, source_file, &map, &snapshots, &NoProgress).await?;
-    count_copies(&ctx.metrics, destination.name(), copied.report);
-
-    let properties = replica_properties(ctx, key, destination);
-    let mut metadata = source.metadata.clone();
-    if let Some(root) = metadata.as_object_mut() {
-        let props = root.entry("properties").or_insert_with(|| Value::Object(Map::new()));
-        if let Some(props) = props.as_object_mut() {
-            for (k, v) in &properties {
-                props.insert(k.clone(), Value::String(v.clone()));
-            }
-        }
-    }
-    let target = map.rewrite(source_file, source_file).map_err(super::plan::PlanError::from)?;
-    copier.write_metadata(&metadata, source_file, &map, &target, &|_| false).await?;
-    // The copy before may have taken long: confirm the lease right before the write.
-    ctx.confirm_lease().await?;
-    let registered = destination.catalog.register_table(replica_table, &target).await?;
-
-    // A catalog that answers 200 but loses the history must not be trusted.
-    let expected_uuid = source.metadata.get("table-uuid");
-    let kept =
-        registered.metadata.get("table-uuid") == expected_uuid && snapshot_ids(&registered.metadata) == snapshots;
-    if !kept {
-        let _ = destination.catalog.drop_table(replica_table, false).await;
-        return Err(ReplicateError::Refused(format!(
-            "destination {} answered registerTable {replica_table} but did not keep the table's history (uuid or \
-             snapshots differ); set bootstrap = \"create\" for this destination",
-            destination.name()
-        )));
-    }
-    tracing::info!(replica = %replica_table, snapshots = snapshots.len(), metadata = %target, "registered the replica with its history");
-    let managed = plan::managed_property_keys(&source.metadata, &properties);
-    Ok(Made {
-        table: registered,
-        snapshots: snapshots.into_iter().collect(),
-        managed_properties: managed,
-        copied: copied.report,
-    })
-}
-
-/// Creates an empty replica with the source's first schema and spec; the
-/// snapshots are replayed onto it. Refused before anything is created when
-/// the catalog would refuse the source's history (the timestamp rule).
-async fn create(
-    destination: &Destination,
-    replica_properties: &BTreeMap<String, String>,
-    replica_table: &TableIdent,
-    source: &LoadedTable,
-    why: &str,
-) -> Result<Made, ReplicateError> {
-    let metadata = &source.metadata;
-    let now = now_ms();
-    let oldest = metadata
-        .get("snapshots")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|s| s.get("timestamp-ms").and_then(Value::as_i64))
-        .min();
-    if let Some(oldest) = oldest.filter(|t| *t < now - TIMESTAMP_TOLERANCE_MS + 5_000) {
-        return Err(ReplicateError::Refused(format!(
-            "cannot replicate the existing history of this table to destination {}: its oldest snapshot is from {} \
-             ({} s ago), and catalogs refuse a snapshot more than 60 s older than the table it is added to \
-             (Iceberg's timestamp rule), while this destination can only replay tables from their creation ({why}). \
-             icerelay does not change snapshot timestamps. Remedy: replicate it to a destination whose \
-             registerTable keeps history (bootstrap = \"register\"); tables created through icerelay after the rule \
-             exists replicate from their first commit",
-            destination.name(),
-            rfc3339(oldest),
-            (now - oldest) / 1000
-        )));
-    }
-    let lowest = |list: &str, id: &str| {
-        metadata
-            .get(list)
-            .and_then(Value::as_array)
-            .and_then(|items| items.iter().min_by_key(|s| s.get(id).and_then(Value::as_i64).unwrap_or(i64::MAX)))
-            .cloned()
-    };
-    let schema = lowest("schemas", "schema-id")
-        .ok_or_else(|| ReplicateError::Refused(format!("the source {replica_table} has no schema")))?;
-    let spec = lowest("partition-specs", "spec-id");
-    let mut properties: Map<String, Value> = metadata
-        .get("properties")
-        .and_then(Value::as_object)
-        .map(|p| {
-            p.iter()
-                .filter(|(k, _)| !PATH_PROPERTIES.contains(&k.as_str()))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let managed = plan::managed_property_keys(metadata, replica_properties);
-    for (k, v) in replica_properties {
-        properties.insert(k.clone(), Value::String(v.clone()));
-    }
-    if let Some(version) = metadata.get("format-version").and_then(Value::as_i64) {
-        properties.insert("format-version".into(), Value::String(version.to_string()));
-    }
-    let mut request = json!({"name": replica_table.name, "schema": schema, "properties": properties});
-    if let (Some(spec), Some(obj)) = (spec.clone(), request.as_object_mut()) {
-        obj.insert("partition-spec".into(), spec);
-    }
-    destination.catalog.ensure_namespace(&replica_table.namespace).await?;
-    let created = destination.catalog.create_table(&replica_table.namespace, &request).await?;
-
-    // Manifests name partition specs by id and partition fields by field id:
-    // the replica's first spec must be the source's.
-    let created_spec = created.metadata.pointer("/partition-specs/0").cloned();
-    let same = match (&spec, &created_spec) {
-        (Some(a), Some(b)) => a.get("spec-id") == b.get("spec-id") && a.get("fields") == b.get("fields"),
-        (None, _) => true,
-        (Some(_), None) => false,
-    };
-    if !same {
-        let _ = destination.catalog.drop_table(replica_table, true).await;
-        return Err(ReplicateError::Refused(format!(
-            "destination {} created {replica_table} with partition spec {} where the source has {}; manifests refer \
-             to partition fields by id, so the replica would be unreadable (the replica was dropped again)",
-            destination.name(),
-            created_spec.map_or_else(|| "none".to_owned(), |s| s.to_string()),
-            spec.map_or_else(|| "none".to_owned(), |s| s.to_string()),
-        )));
-    }
-    tracing::info!(replica = %replica_table, location = %location_of(&created.metadata, "replica").unwrap_or_default(), "created the replica");
-    Ok(Made { table: created, snapshots: Vec::new(), managed_properties: managed, copied: CopyReport::default() })
-}
-
 /// Renames the replica to follow a source rename. Done already (a run that
 /// crashed after renaming) is fine; another table under the new name is refused.
 async fn rename_replica(destination: &Destination, from: &TableIdent, to: &TableIdent) -> Result<(), ReplicateError> {
@@ -903,7 +747,7 @@ fn explain_refusal(e: CatalogError, step: &Step, source: &Value, replica: &Value
 
 /// Source location to replica location, plus data and metadata paths that
 /// live outside the table location.
-fn path_map(source: &Value, replica_location: &str) -> Result<PathMap, ReplicateError> {
+pub(super) fn path_map(source: &Value, replica_location: &str) -> Result<PathMap, ReplicateError> {
     let source_location = location_of(source, "source")?;
     let mut map = PathMap::from_locations(&source_location, replica_location).map_err(super::plan::PlanError::from)?;
     if let Some(props) = source.get("properties").and_then(Value::as_object) {
@@ -920,7 +764,7 @@ fn path_map(source: &Value, replica_location: &str) -> Result<PathMap, Replicate
     Ok(map)
 }
 
-fn location_of(metadata: &Value, which: &'static str) -> Result<String, ReplicateError> {
+pub(super) fn location_of(metadata: &Value, which: &'static str) -> Result<String, ReplicateError> {
     metadata.get("location").and_then(Value::as_str).map(str::to_owned).ok_or_else(|| {
         ReplicateError::Plan(super::plan::PlanError::InvalidMetadata { which, detail: "no `location`".into() })
     })
@@ -928,7 +772,7 @@ fn location_of(metadata: &Value, which: &'static str) -> Result<String, Replicat
 
 /// What the destination sets on this lane's replica: its configured
 /// properties and the read-only mark.
-fn replica_properties(ctx: &Context, key: &LaneKey, destination: &Destination) -> BTreeMap<String, String> {
+pub(super) fn replica_properties(ctx: &Context, key: &LaneKey, destination: &Destination) -> BTreeMap<String, String> {
     let mark = super::mark::value(&key.table, &ctx.primary_uri, destination.name());
     super::mark::replica_properties(&destination.config.properties, mark)
 }
@@ -937,7 +781,7 @@ fn replica_properties(ctx: &Context, key: &LaneKey, destination: &Destination) -
 /// (the old primary after a failover), a rewritten file whose target exists
 /// is kept as it is: it is the original the source's copy was made from, and
 /// older manifests there record its size.
-fn table_copier(ctx: &Context, destination: &Destination, adopted: bool) -> TableCopier {
+pub(super) fn table_copier(ctx: &Context, destination: &Destination, adopted: bool) -> TableCopier {
     let checkpoints = Arc::new(StateCheckpoints::new(ctx.store.clone(), destination.name()));
     let settings = CopySettings {
         parallelism: ctx.settings.copy_parallelism,
@@ -947,7 +791,7 @@ fn table_copier(ctx: &Context, destination: &Destination, adopted: bool) -> Tabl
     TableCopier::new(Copier::new(ctx.storage.clone(), checkpoints, settings), 4)
 }
 
-fn count_copies(metrics: &ReplicationMetrics, destination: &str, report: CopyReport) {
+pub(super) fn count_copies(metrics: &ReplicationMetrics, destination: &str, report: CopyReport) {
     let labels = ReplicationMetrics::labels(destination);
     metrics.files_copied.get_or_create(&labels).inc_by(report.copied_files);
     metrics.bytes_copied.get_or_create(&labels).inc_by(report.copied_bytes);

@@ -10,6 +10,7 @@
 //! - [`destination`]: a replica catalog and how its replicas are first made.
 //! - [`plan`]: the next replica commit, from source and replica metadata (pure).
 //! - [`lane`]: one run of one (table, destination) lane.
+//! - `bootstrap`: how a lane's replica table is first made.
 //! - `adopt`: a replica table that existed before its lane (failback).
 //! - [`promote`]: failover, a replica becomes a table of its own.
 //! - [`mark`]: the read-only mark every replica carries.
@@ -38,6 +39,7 @@
 //! nothing.
 
 mod adopt;
+mod bootstrap;
 pub mod destination;
 mod error;
 mod group;

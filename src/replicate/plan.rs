@@ -488,6 +488,10 @@ fn replica_snapshot(snapshot: &Value, history: &History, input: &PlanInput<'_>) 
     let id = id_of(snapshot).ok_or_else(|| invalid("source", "a snapshot has no `snapshot-id`"))?;
     let mut added = snapshot.clone();
     let obj = added.as_object_mut().ok_or_else(|| invalid("source", "a snapshot is not an object"))?;
+    // An optional field may be null or absent in metadata, but Java
+    // Iceberg's parser refuses a null in a request ("Cannot parse to a long
+    // value: parent-snapshot-id: null").
+    obj.retain(|_, v| !v.is_null());
     let list = snapshot.get("manifest-list").and_then(Value::as_str).ok_or_else(|| {
         invalid("source", &format!("snapshot {id} has no `manifest-list` (v1 inline manifests cannot be replayed)"))
     })?;

@@ -14,9 +14,13 @@ use icerelay::catalog::{ClientSettings, Namespace, RestCatalog, TableIdent};
 use icerelay::config::{AuthConfig, Secret};
 use serde_json::{Value, json};
 
+use axum::response::IntoResponse;
+
 use crate::harness::java_rest::JavaRest;
 use crate::harness::vending::{EXPIRED_SECRET, VendingCatalog};
-use crate::harness::{Relay, RelayProcess, Rustberg, SeaweedFs, duckdb_extensions, icerelay, python, unique};
+use crate::harness::{
+    Relay, RelayProcess, Rustberg, SeaweedFs, Served, duckdb_extensions, forward, icerelay, python, serve, unique,
+};
 
 /// A replica catalog of the tests.
 #[derive(Clone, Copy)]
@@ -809,7 +813,25 @@ async fn history_a_catalog_would_refuse_fails_with_the_rule_and_the_remedy() {
     let ns = unique("old");
     let table = format!("{ns}.t");
     let source = SeaweedFs::shared();
-    write(source.catalog_uri(), &table, json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
+    // Several commits of several kinds: the ways of carrying history below
+    // replay all but the first.
+    write(
+        source.catalog_uri(),
+        &table,
+        json!([
+            {"op": "create"},
+            {"op": "append", "rows": 2},
+            {"op": "add_column", "name": "note"},
+            {"op": "append", "start": 10, "rows": 3},
+            {"op": "overwrite", "category": "a", "start": 100, "rows": 2},
+            {"op": "tag", "name": "v1"},
+            {"op": "branch", "name": "audit"},
+            {"op": "append", "start": 200, "rows": 2, "branch": "audit"},
+            {"op": "set_property", "key": "owner", "value": "e2e"},
+            {"op": "tx_delete_append", "id": 12, "start": 300, "rows": 2},
+        ]),
+    )
+    .await;
     // Older than the 60 s a catalog tolerates.
     tokio::time::sleep(Duration::from_secs(62)).await;
     let state = tempfile::tempdir().expect("state");
@@ -819,21 +841,112 @@ async fn history_a_catalog_would_refuse_fails_with_the_rule_and_the_remedy() {
     assert!(message.contains("timestamp rule") && message.contains("bootstrap = \"register\""), "{failed}");
     assert_eq!(failed["last_error"]["waits_for_operator"], true);
     assert!(replica.catalog().load_table(&ident(&table)).await.expect("load").is_none(), "no partial replica");
+    // SeaweedFS's registerTable loses history, and it refuses a create
+    // transaction with old snapshots: the probe tried both.
+    let all = status(&relay.admin_url).await;
+    let destination = &all["destinations"][0];
+    let mode = destination["mode"].as_str().unwrap_or_default();
+    assert!(
+        mode.starts_with("create+replay: probed: registerTable loses history")
+            && mode.contains("a create transaction with a snapshot from days ago is refused"),
+        "{destination}"
+    );
 
-    // Iceberg's Java catalog keeps a registered table's history whole: the
-    // same old table bootstraps there, every snapshot, timestamp and
-    // snapshot-log entry kept, by the mode the probe picks.
-    let java = Replica::Java(JavaRest::shared());
-    let state = tempfile::tempdir().expect("state");
-    let relay = Relay::start(&relay_toml(java, &ns, state.path(), "")).await;
+    // Iceberg's Java catalog keeps a registered table's history whole, and
+    // takes it in a create transaction too: the same old table bootstraps
+    // there each way, every snapshot, timestamp and snapshot-log entry kept.
     let current = seaweed_catalog(source).load_table(&ident(&table)).await.expect("load").expect("table");
-    let location = current.metadata_location.clone().expect("location");
-    let status = wait_replicated(&relay.admin_url, &table, &location).await;
-    assert!(status["mode"].as_str().is_some_and(|m| m.starts_with("register+replay: probed")), "{status}");
-    assert_replica_matches(java, &table, &source_rows(&table).await, &status).await;
-    let copy = java.catalog().load_table(&ident(&table)).await.expect("load").expect("replica");
-    assert_eq!(copy.metadata["snapshot-log"], current.metadata["snapshot-log"], "the whole log, timestamps too");
-    assert_eq!(history(&copy.metadata), history(&current.metadata));
+    let source_rows = source_rows(&table).await;
+    for way in [OldHistory::Probed, OldHistory::ProbedWithoutRegister, OldHistory::CreateTransaction] {
+        let (java, uri) = way.catalog().await;
+        let state = tempfile::tempdir().expect("state");
+        let toml = relay_toml(java, &ns, state.path(), "")
+            .replace(&java_uri(java), &uri)
+            .replace("name = \"dr\"\n", &format!("name = \"dr\"\n{}\n", way.destination_setting()));
+        let relay = Relay::start(&toml).await;
+        let location = current.metadata_location.clone().expect("location");
+        let status = wait_replicated(&relay.admin_url, &table, &location).await;
+        assert!(status["mode"].as_str().is_some_and(|m| m.starts_with(way.mode())), "{way:?}: {status}");
+        assert_replica_matches(java, &table, &source_rows, &status).await;
+        let copy = java.catalog().load_table(&ident(&table)).await.expect("load").expect("replica");
+        assert_eq!(
+            copy.metadata["snapshot-log"], current.metadata["snapshot-log"],
+            "{way:?}: the whole log, timestamps too"
+        );
+        assert_eq!(history(&copy.metadata), history(&current.metadata), "{way:?}");
+        assert_eq!(copy.metadata["table-uuid"], current.metadata["table-uuid"], "{way:?}: the source's uuid");
+    }
+}
+
+/// The ways an old table reaches a Java catalog.
+#[derive(Debug, Clone, Copy)]
+enum OldHistory {
+    /// `bootstrap = "auto"`: the probe finds registerTable keeps history.
+    Probed,
+    /// `auto` in front of a catalog without registerTable (a stand-in that
+    /// refuses it): the probe picks the create transaction.
+    ProbedWithoutRegister,
+    /// `bootstrap = "create-transaction"`, configured.
+    CreateTransaction,
+}
+
+impl OldHistory {
+    /// The Java catalog the replica lands in, and the URI icerelay is given for it.
+    async fn catalog(self) -> (Replica, String) {
+        match self {
+            Self::Probed => (Replica::Java(JavaRest::shared()), JavaRest::shared().uri.clone()),
+            Self::ProbedWithoutRegister => {
+                let java: &'static JavaRest = Box::leak(Box::new(JavaRest::start("no-register")));
+                let stand_in: &'static Served = Box::leak(Box::new(without_register(&java.uri).await));
+                (Replica::Java(java), stand_in.url.clone())
+            }
+            Self::CreateTransaction => {
+                let java: &'static JavaRest = Box::leak(Box::new(JavaRest::start("create-transaction")));
+                (Replica::Java(java), java.uri.clone())
+            }
+        }
+    }
+
+    fn destination_setting(self) -> &'static str {
+        match self {
+            Self::CreateTransaction => "bootstrap = \"create-transaction\"",
+            Self::Probed | Self::ProbedWithoutRegister => "",
+        }
+    }
+
+    fn mode(self) -> &'static str {
+        match self {
+            Self::Probed => "register+replay: probed",
+            Self::ProbedWithoutRegister => "create-transaction+replay: probed: registerTable is refused (",
+            Self::CreateTransaction => "create-transaction+replay: configured",
+        }
+    }
+}
+
+fn java_uri(replica: Replica) -> String {
+    match replica {
+        Replica::Java(j) => j.uri.clone(),
+        Replica::Seaweed(_) | Replica::Rustberg(_) => unreachable!("a Java catalog"),
+    }
+}
+
+/// A stand-in for a catalog that has no registerTable: `POST .../register`
+/// answers 404 as an unknown route would; everything else goes to `upstream`.
+async fn without_register(upstream: &str) -> Served {
+    let upstream = upstream.to_owned();
+    let http = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let (upstream, http) = (upstream.clone(), http.clone());
+        async move {
+            let (parts, body) = request.into_parts();
+            if parts.method == axum::http::Method::POST && parts.uri.path().ends_with("/register") {
+                let error = json!({"error": {"message": "no route for this request", "type": "NotFoundException", "code": 404}});
+                return (axum::http::StatusCode::NOT_FOUND, axum::Json(error)).into_response();
+            }
+            forward(&http, &upstream, &parts, body).await.into_response()
+        }
+    });
+    serve(app).await
 }
 
 /// icerelay replicating a fresh namespace (`prefix_...`) of a new rustberg

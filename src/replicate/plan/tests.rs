@@ -217,6 +217,7 @@ fn one_commit_per_snapshot_with_pending_metadata_folded_into_the_first() {
     assert_eq!(added["manifest-list"], format!("{REP}/metadata/snap-10.avro"), "manifest list at the replica");
     assert_eq!(added["schema-id"], 0);
     assert_eq!(added["timestamp-ms"], 1001, "the source's own timestamp");
+    assert!(added.get("parent-snapshot-id").is_none(), "a null optional field is left out: {added}");
     assert_eq!(actions(&steps[1]), ["add-snapshot", "set-snapshot-ref"]);
     assert_eq!(steps[1].requirements[1], json!({"type": "assert-ref-snapshot-id", "ref": "main", "snapshot-id": 10}));
     assert_eq!(steps[1].snapshots_behind, 1);
