@@ -4,6 +4,7 @@
 # JdbcCatalog on embedded Derby), with a local file:// warehouse.
 #
 #   java_rest.sh start NAME DATA_DIR PORT   start, wait until ready, print endpoints
+#   java_rest.sh stop DATA_DIR               stop it (its catalog and warehouse stay for a start)
 #
 # The warehouse is file://DATA_DIR/wh (its real path). No auth. WATCH_PID: stop the server once that
 # process has exited. Needs $ICERELAY_TESTSTACK/java-rest/ (classes and classpath), which
@@ -47,7 +48,19 @@ ENV
   cat "$dir/endpoints.env"
 }
 
+stop() {
+  local pid_file=$1/java-rest.pid pid
+  [ -s "$pid_file" ] || return 0
+  pid=$(cat "$pid_file")
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  rm -f "$pid_file"
+}
+
+usage="usage: $0 start NAME DATA_DIR PORT | stop DATA_DIR"
 case "${1:-}" in
-  start) [ $# -eq 4 ] || { echo "usage: $0 start NAME DATA_DIR PORT" >&2; exit 2; }; start "$2" "$3" "$4" ;;
-  *) echo "usage: $0 start NAME DATA_DIR PORT" >&2; exit 2 ;;
+  start) [ $# -eq 4 ] || { echo "$usage" >&2; exit 2; }; start "$2" "$3" "$4" ;;
+  stop) [ $# -eq 2 ] || { echo "$usage" >&2; exit 2; }; stop "$2" ;;
+  *) echo "$usage" >&2; exit 2 ;;
 esac

@@ -8,8 +8,8 @@
 //! alone:
 //!
 //! - a member whose next commit is not its part yet (earlier commits still
-//!   to replay, a replica not made, a paused or failed lane) is **waited
-//!   for**: the lane stops and records what it waits for. The member gets
+//!   to replay, a replica not made, a paused or failed lane, a primary that
+//!   does not show that table's part yet) is **waited for**: the lane stops and records what it waits for. The member gets
 //!   there on its own (its own changes ask it for work), and reconcile looks
 //!   at waiting lanes every pass;
 //! - once every member's next commit is its part, the lane of the first
@@ -23,8 +23,8 @@
 //! multi-table commits (it does not advertise the endpoint, or refused one
 //! as unsupported), each table is committed on its own and the status API
 //! says so per destination. A member that can no longer take part (its
-//! source table was dropped, renamed or replaced, its replica was promoted
-//! or already has its part) is left out; so is a member whose part the
+//! source table was dropped, renamed or replaced, or expired the part, its
+//! replica was promoted or already has its part) is left out; so is a member whose part the
 //! replica would take in more than one commit, and then the others commit
 //! alone (a part of several commits cannot go in one transaction).
 //!
@@ -45,11 +45,11 @@ use super::destination::Destination;
 use super::error::ReplicateError;
 use super::lane::{self, Commit, Following, Landed, LaneRun, Opened, Replayer};
 use super::plan::Step;
-use crate::catalog::{CatalogError, TableCommit};
+use crate::catalog::{CatalogError, TableCommit, TableIdent};
 use crate::metrics::TransactionLabels;
 use crate::proxy::commit_tap::TransactionMember;
 use crate::rewrite::metadata::snapshot_ids;
-use crate::state::{LaneChange, LaneKey, LaneRecord, Progress, now_ms};
+use crate::state::{LaneChange, LaneKey, LaneRecord, Millis, Progress, now_ms};
 
 /// How a lane's next commit relates to a multi-table transaction.
 pub(super) enum Together {
@@ -127,7 +127,7 @@ pub(super) async fn commit_together(
     }
     let mut members = Vec::new();
     for member in others {
-        match standing(ctx, destination, member).await? {
+        match standing(ctx, destination, member, transaction.recorded_at).await? {
             Standing::Ready(member) => members.push(*member),
             Standing::LeftOut => {}
             Standing::Behind(why) => return Ok(Together::Waiting(why)),
@@ -160,6 +160,7 @@ async fn standing(
     ctx: &Context,
     destination: &Destination,
     member: &TransactionMember,
+    recorded_at: Millis,
 ) -> Result<Standing, ReplicateError> {
     let table = &member.table;
     let key = LaneKey::new(table.clone(), destination.name().to_owned());
@@ -182,7 +183,7 @@ async fn standing(
     if lane.replica_renamed_from.is_some() {
         return Ok(Standing::Behind(format!("{table}: its replica is still to be renamed")));
     }
-    match plan_member(ctx, destination, lane, member).await {
+    match plan_member(ctx, destination, lane, member, recorded_at).await {
         Ok(standing) => Ok(standing),
         Err(e) if e.is_lease_lost() => Err(e),
         Err(e) => Ok(Standing::Behind(format!("{table}: {e}"))),
@@ -195,6 +196,7 @@ async fn plan_member(
     destination: &Destination,
     lane: LaneRecord,
     member: &TransactionMember,
+    recorded_at: Millis,
 ) -> Result<Standing, ReplicateError> {
     let table = &member.table;
     let following = match lane::open_existing(ctx, &lane, destination).await? {
@@ -207,8 +209,9 @@ async fn plan_member(
         return Ok(Standing::LeftOut);
     }
     let replayer = Replayer::new(ctx, &lane.key, destination, &following)?;
-    // Nothing to do though the part is missing: the source expired it.
-    let Some(step) = replayer.plan(&following)? else { return Ok(Standing::LeftOut) };
+    let Some(step) = replayer.plan(&following)? else {
+        return Ok(missing_from_source(table, recorded_at, now_ms()));
+    };
     if same_snapshots(&step.snapshots, &member.snapshots) {
         return Ok(Standing::Ready(Box::new(Member { lane, following, replayer, step })));
     }
@@ -221,6 +224,24 @@ async fn plan_member(
         )));
     }
     Ok(Standing::Behind(format!("{table}: earlier commits to replicate first (next: {})", step.describe())))
+}
+
+/// How long after a transaction was recorded a member's source may still
+/// not show its part. Catalogs that apply a multi-table commit table after
+/// table (Java Iceberg's `CatalogHandlers`, SeaweedFS) publish the others
+/// milliseconds later; a part missing for longer was expired.
+const PUBLISHED_WITHIN_MS: Millis = 60_000;
+
+/// Where a member stands whose source has nothing to replicate though its
+/// replica lacks its part: the primary does not show the part yet (it
+/// publishes the transaction's tables one after the other), or no longer
+/// (the source expired it).
+fn missing_from_source(table: &TableIdent, recorded_at: Millis, now: Millis) -> Standing {
+    if now - recorded_at < PUBLISHED_WITHIN_MS {
+        Standing::Behind(format!("{table}: the primary does not show its part of the transaction yet"))
+    } else {
+        Standing::LeftOut
+    }
 }
 
 /// Copies every part's files, sends all parts in one multi-table commit,
@@ -401,6 +422,16 @@ pub(super) fn count(ctx: &Context, destination: &Destination, result: &'static s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_part_the_source_does_not_show_yet_is_waited_for_and_one_it_expired_left_out() {
+        let table = TableIdent::new(crate::catalog::Namespace::from_dotted("db"), "b");
+        let recorded = 1_000_000;
+        assert!(
+            matches!(missing_from_source(&table, recorded, recorded + 30), Standing::Behind(why) if why.contains("yet"))
+        );
+        assert!(matches!(missing_from_source(&table, recorded, recorded + PUBLISHED_WITHIN_MS), Standing::LeftOut));
+    }
 
     #[test]
     fn parts_are_compared_as_sets_of_snapshots() {

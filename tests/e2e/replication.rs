@@ -659,12 +659,24 @@ async fn the_status_api_matches_its_openapi_description() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_that_is_down_catches_up_when_it_is_back() {
     let replica_server: &'static SeaweedFs = Box::leak(Box::new(SeaweedFs::start_with_warehouse("down", "replica")));
-    let replica = Replica::Seaweed(replica_server);
+    down_and_back(Replica::Seaweed(replica_server), || replica_server.stop(), || replica_server.restart()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_java_catalog_replica_that_is_down_catches_up_when_it_is_back() {
+    let java: &'static JavaRest = Box::leak(Box::new(JavaRest::start("down")));
+    down_and_back(Replica::Java(java), || java.stop(), || java.restart()).await;
+}
+
+/// `replica` goes down (`stop`) while the source takes commits, and comes
+/// back (`restart`): the lane retries on its own, counts what the replica
+/// lacks meanwhile, and catches up.
+async fn down_and_back(replica: Replica, stop: impl Fn(), restart: impl Fn()) {
     let (_ns, table, _state, relay) = replicating(replica, "down", "t").await;
     let written = write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
     wait_replicated(&relay.admin_url, &table, written["metadata_location"].as_str().expect("location")).await;
 
-    replica_server.stop();
+    stop();
     // Writers do not notice: the primary answers as always.
     let mut ops: Vec<Value> = (1..=3).map(|k| json!({"op": "append", "start": k * 10, "rows": 2})).collect();
     ops.push(json!({"op": "add_column", "name": "note"}));
@@ -696,7 +708,7 @@ async fn a_replica_that_is_down_catches_up_when_it_is_back() {
     }
     assert!(failing["last_error"]["message"].as_str().is_some_and(|m| m.contains("dr")), "{failing}");
 
-    replica_server.restart();
+    restart();
     let location = written["metadata_location"].as_str().expect("location");
     let status = wait_replicated(&relay.admin_url, &table, location).await;
     assert_eq!(status["last_error"], Value::Null);
@@ -731,27 +743,8 @@ async fn a_replica_written_around_icerelay_is_reported_and_never_overwritten() {
 #[tokio::test(flavor = "multi_thread")]
 async fn renames_follow_and_a_paused_lane_waits() {
     let replica = Replica::Seaweed(SeaweedFs::shared_replica());
-    let ns = unique("rename");
-    let state = tempfile::tempdir().expect("state");
-    let extra = format!("admin_token = \"{ADMIN_TOKEN}\"");
-    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), &extra)).await;
-    let written = write(&relay.url, &format!("{ns}.a"), json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
-    wait_replicated(&relay.admin_url, &format!("{ns}.a"), written["metadata_location"].as_str().expect("location"))
-        .await;
-
-    let renamed = format!("{ns}.b");
-    let written = write(
-        &relay.url,
-        &format!("{ns}.a"),
-        json!([{"op": "rename", "to": renamed}, {"op": "append", "start": 10, "rows": 2}]),
-    )
-    .await;
-    let status =
-        wait_replicated(&relay.admin_url, &renamed, written["metadata_location"].as_str().expect("location")).await;
+    let (ns, renamed, _state, relay) = rename_followed(replica).await;
     let catalog = replica.catalog();
-    assert!(catalog.load_table(&ident(&format!("{ns}.a"))).await.expect("load").is_none(), "the old name is gone");
-    let rows = source_rows(&renamed).await;
-    assert_replica_matches(replica, &renamed, &rows, &status).await;
 
     // The admin API is locked: no token, a wrong one, or a cross-site form
     // post change nothing; the probes stay open.
@@ -876,6 +869,39 @@ async fn history_a_catalog_would_refuse_fails_with_the_rule_and_the_remedy() {
         assert_eq!(history(&copy.metadata), history(&current.metadata), "{way:?}");
         assert_eq!(copy.metadata["table-uuid"], current.metadata["table-uuid"], "{way:?}: the source's uuid");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn renames_follow_into_the_java_catalog() {
+    rename_followed(Replica::Java(JavaRest::shared())).await;
+}
+
+/// A table renamed on the source (and written after) is renamed on
+/// `replica`, and its rows follow; icerelay's admin API takes [`ADMIN_TOKEN`].
+/// The namespace, the new name, the state directory and icerelay.
+async fn rename_followed(replica: Replica) -> (String, String, tempfile::TempDir, Relay) {
+    let ns = unique("rename");
+    let state = tempfile::tempdir().expect("state");
+    let extra = format!("admin_token = \"{ADMIN_TOKEN}\"");
+    let relay = Relay::start(&relay_toml(replica, &ns, state.path(), &extra)).await;
+    let written = write(&relay.url, &format!("{ns}.a"), json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
+    wait_replicated(&relay.admin_url, &format!("{ns}.a"), written["metadata_location"].as_str().expect("location"))
+        .await;
+
+    let renamed = format!("{ns}.b");
+    let written = write(
+        &relay.url,
+        &format!("{ns}.a"),
+        json!([{"op": "rename", "to": renamed}, {"op": "append", "start": 10, "rows": 2}]),
+    )
+    .await;
+    let status =
+        wait_replicated(&relay.admin_url, &renamed, written["metadata_location"].as_str().expect("location")).await;
+    let catalog = replica.catalog();
+    assert!(catalog.load_table(&ident(&format!("{ns}.a"))).await.expect("load").is_none(), "the old name is gone");
+    let rows = source_rows(&renamed).await;
+    assert_replica_matches(replica, &renamed, &rows, &status).await;
+    (ns, renamed, state, relay)
 }
 
 /// The ways an old table reaches a Java catalog.

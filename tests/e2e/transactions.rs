@@ -14,12 +14,16 @@ use serde_json::{Value, json};
 
 use crate::harness::java_rest::JavaRest;
 use crate::harness::{RelayProcess, Rustberg, SeaweedFs, Served, forward, python, serve, unique};
-use crate::replication::{Replica, history, ident, lane_status, read_catalog, relay_toml_from, wait_replicated};
+use crate::replication::{
+    Replica, history, ident, lane_status, local_primary_toml, read_catalog, relay_toml_for, relay_toml_from,
+    wait_replicated,
+};
 
 /// The primary of a case: where the writer commits (through icerelay).
 enum Primary {
     Seaweed(&'static SeaweedFs),
     Rustberg(&'static Rustberg),
+    Java(&'static JavaRest),
 }
 
 impl Primary {
@@ -28,6 +32,7 @@ impl Primary {
         match self {
             Self::Seaweed(s) => s.client_conn(relay),
             Self::Rustberg(r) => json!({"uri": relay, "warehouse": r.warehouse}),
+            Self::Java(j) => json!({"uri": relay, "warehouse": j.warehouse}),
         }
     }
 
@@ -35,6 +40,7 @@ impl Primary {
         match self {
             Self::Seaweed(s) => s.client_conn(s.catalog_uri()),
             Self::Rustberg(r) => r.client_conn(),
+            Self::Java(j) => j.client_conn(),
         }
     }
 
@@ -42,6 +48,7 @@ impl Primary {
         match self {
             Self::Seaweed(s) => Replica::Seaweed(s).catalog(),
             Self::Rustberg(r) => Replica::Rustberg(r).catalog(),
+            Self::Java(j) => Replica::Java(j).catalog(),
         }
     }
 
@@ -50,15 +57,13 @@ impl Primary {
         match self {
             // Its [replication] section is the same.
             Self::Seaweed(s) => relay_toml_from(s, replica, namespace, state, ""),
-            Self::Rustberg(r) => {
-                let mut toml = format!(
-                    "state_dir = \"{}\"\n[primary]\nuri = \"{}\"\nwarehouse = \"{}\"\n\n[replication]\n{extra}\n\n{}\n{}\n[[rules]]\nnamespace = \"{namespace}\"\ndestinations = [\"dr\"]\n",
-                    state.display(),
-                    r.uri,
-                    r.warehouse,
-                    r.storage_toml(),
-                    replica.destination_toml(),
-                );
+            Self::Rustberg(_) | Self::Java(_) => {
+                let (uri, warehouse) = match self {
+                    Self::Rustberg(r) => (&r.uri, &r.warehouse),
+                    Self::Java(j) => (&j.uri, &j.warehouse),
+                    Self::Seaweed(_) => unreachable!("matched above"),
+                };
+                let mut toml = relay_toml_for(&local_primary_toml(uri, warehouse), replica, namespace, state, extra);
                 if let Some(other) = elsewhere {
                     // The namespace `{namespace}_x` goes to another destination.
                     toml.push_str(&format!(
@@ -230,6 +235,13 @@ async fn multi_table_transactions_reach_the_java_catalog_in_one_commit_each() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn multi_table_transactions_committed_to_the_java_catalog_reach_rustberg_whole() {
+    let primary: &'static JavaRest = Box::leak(Box::new(JavaRest::start("txn-java-source")));
+    let replica = Replica::Rustberg(Rustberg::shared());
+    transactions_stay_whole(Primary::Java(primary), replica, "txnfromjava", false, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn multi_table_transactions_reach_seaweedfs_whole() {
     let replica = Replica::Seaweed(SeaweedFs::shared_replica());
     transactions_stay_whole(Primary::Seaweed(SeaweedFs::shared()), replica, "txnsw", false, None).await;
@@ -294,4 +306,119 @@ async fn a_destination_without_multi_table_commits_gets_the_tables_one_by_one_an
     assert!(how.starts_with("table by table") && how.contains("refused"), "{status}");
     assert_eq!(transactions_metric(&relay.admin_url, "atomic").await, 0);
     assert!(transactions_metric(&relay.admin_url, "table_by_table").await >= 6, "every part, alone");
+}
+
+/// What the stand-in of a primary that publishes a transaction's tables one
+/// after the other does.
+#[derive(Default)]
+struct LatePublisher {
+    /// The path of the table shown late (`.../tables/b`).
+    late_path: String,
+    /// Its load answer from before the transaction.
+    before: Option<axum::body::Bytes>,
+    /// Until when icerelay is shown that answer.
+    until: Option<Instant>,
+    /// Loads answered with it.
+    served: usize,
+}
+
+/// A primary (a real rustberg behind a stand-in) that applies a
+/// `transactions/commit` whole but shows icerelay one of its tables late,
+/// as catalogs that switch the tables one after the other (Java Iceberg's
+/// `CatalogHandlers`, SeaweedFS) do for a moment: for 4 s after each
+/// transaction, icerelay's loads of `late_path` get the table as it was
+/// before. Writers (PyIceberg) see the truth.
+async fn late_publisher(behind: &Rustberg, late: std::sync::Arc<std::sync::Mutex<LatePublisher>>) -> Served {
+    let upstream = behind.uri.clone();
+    let http = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let (upstream, http, late) = (upstream.clone(), http.clone(), late.clone());
+        async move {
+            let (parts, body) = request.into_parts();
+            let late_path = late.lock().expect("lock").late_path.clone();
+            let writer =
+                parts.headers.get("user-agent").is_some_and(|v| v.to_str().unwrap_or_default().contains("PyIceberg"));
+            if parts.method == axum::http::Method::GET && parts.uri.path().ends_with(&late_path) && !writer {
+                let mut late = late.lock().expect("lock");
+                if let (Some(before), Some(until)) = (late.before.clone(), late.until)
+                    && Instant::now() < until
+                {
+                    late.served += 1;
+                    return ([("content-type", "application/json")], before).into_response();
+                }
+            }
+            if !parts.uri.path().ends_with("/transactions/commit") {
+                return forward(&http, &upstream, &parts, body).await.into_response();
+            }
+            let prefix = parts.uri.path().trim_end_matches("/transactions/commit");
+            let load = format!("{}{prefix}{late_path}", upstream.trim_end_matches('/'));
+            let before = match http.get(&load).send().await {
+                Ok(answer) => answer.bytes().await.ok(),
+                Err(_) => None,
+            };
+            let answer = forward(&http, &upstream, &parts, body).await;
+            if answer.status.is_success() {
+                let mut late = late.lock().expect("lock");
+                late.before = before;
+                late.until = Some(Instant::now() + Duration::from_secs(4));
+            }
+            answer.into_response()
+        }
+    });
+    serve(app).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_the_primary_shows_late_is_waited_for_not_left_out() {
+    // Seen once with Java as the primary: a lane that loaded its table
+    // between the two tables' switches committed its part alone. The
+    // moment is made long here, so that it is met every time.
+    let primary: &'static Rustberg = Box::leak(Box::new(Rustberg::start("txn-late-primary")));
+    let late = std::sync::Arc::new(std::sync::Mutex::new(LatePublisher::default()));
+    let stand_in = late_publisher(primary, late.clone()).await;
+    let replica = Replica::Rustberg(Rustberg::shared());
+    let ns = unique("txnlate");
+    let tables = [format!("{ns}.a"), format!("{ns}.b")];
+    late.lock().expect("lock").late_path = format!("/namespaces/{ns}/tables/b");
+    let dir = tempfile::tempdir().expect("dir");
+    let replication = "reconcile_interval = \"2s\"\nretry_initial_backoff = \"200ms\"\nretry_max_backoff = \"2s\"";
+    let toml = relay_toml_for(
+        &local_primary_toml(&stand_in.url, &primary.warehouse),
+        replica,
+        &ns,
+        &dir.path().join("state"),
+        replication,
+    );
+    let relay = crate::harness::Relay::start(&toml).await;
+    let through = json!({"uri": relay.url, "warehouse": primary.warehouse});
+    write(&through, json!([{"op": "create", "tables": tables}])).await;
+    let stop = dir.path().join("stop-reading");
+    let reader = tokio::spawn(python(
+        "watch_together.py",
+        vec![replica.conn().to_string(), json!(tables).to_string(), stop.display().to_string()],
+    ));
+    let written = write(&through, json!([{"op": "transactions", "tables": tables, "count": 3, "rows": 2}])).await;
+    for table in &tables {
+        let location = written["tables"][table.as_str()]["metadata_location"].as_str().expect("location");
+        wait_replicated(&relay.admin_url, table, location).await;
+    }
+    std::fs::write(&stop, "").expect("stop the reader");
+    let seen = reader.await.expect("reader");
+    assert!(late.lock().expect("lock").served > 0, "icerelay loaded the late table while it was late");
+    assert_eq!(
+        seen["violations"],
+        json!([]),
+        "a reader of the replica saw one table changed without the other: {seen}"
+    );
+    assert_eq!(
+        transactions_metric(&relay.admin_url, "atomic").await,
+        6,
+        "three transactions of two tables, each whole"
+    );
+    for table in &tables {
+        let source =
+            Replica::Rustberg(primary).catalog().load_table(&ident(table)).await.expect("load").expect("source");
+        let copy = replica.catalog().load_table(&ident(table)).await.expect("load").expect("replica");
+        assert_eq!(history(&copy.metadata), history(&source.metadata), "{table}: same snapshots");
+    }
 }

@@ -12,7 +12,9 @@ use super::{free_port_range, parse_env, repo_root, teststack};
 
 /// A running Java REST catalog with a local `file://` warehouse.
 pub struct JavaRest {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    name: String,
+    port: u16,
     /// The catalog's base URI.
     pub uri: String,
     /// The warehouse, `file:///.../wh`.
@@ -24,16 +26,24 @@ impl JavaRest {
     pub fn start(name: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port_range(0);
-        let output = Command::new(repo_root().join("scripts/teststack/java_rest.sh"))
-            .args(["start", name, &dir.path().display().to_string(), &port.to_string()])
-            .env("ICERELAY_TESTSTACK", teststack())
-            .env("WATCH_PID", std::process::id().to_string())
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run java_rest.sh");
-        assert!(output.status.success(), "java_rest.sh start failed (see stderr above)");
-        let endpoints = parse_env(&String::from_utf8_lossy(&output.stdout));
-        Self { _dir: dir, uri: endpoints["CATALOG_URI"].clone(), warehouse: endpoints["WAREHOUSE"].clone() }
+        let endpoints = java_rest(&["start", name, &dir.path().display().to_string(), &port.to_string()]);
+        Self {
+            dir,
+            name: name.to_owned(),
+            port,
+            uri: endpoints["CATALOG_URI"].clone(),
+            warehouse: endpoints["WAREHOUSE"].clone(),
+        }
+    }
+
+    /// Stops it (an outage); its tables and files stay.
+    pub fn stop(&self) {
+        java_rest(&["stop", &self.dir.path().display().to_string()]);
+    }
+
+    /// Starts it again on the same port, catalog and warehouse.
+    pub fn restart(&self) {
+        java_rest(&["start", &self.name, &self.dir.path().display().to_string(), &self.port.to_string()]);
     }
 
     /// The instance shared by all tests of this binary.
@@ -51,4 +61,17 @@ impl JavaRest {
     pub fn storage_toml(&self) -> String {
         format!("[[storage]]\nprefix = \"{}/\"\n", self.warehouse)
     }
+}
+
+/// Runs `java_rest.sh` with `args`; the endpoints it prints.
+fn java_rest(args: &[&str]) -> std::collections::HashMap<String, String> {
+    let output = Command::new(repo_root().join("scripts/teststack/java_rest.sh"))
+        .args(args)
+        .env("ICERELAY_TESTSTACK", teststack())
+        .env("WATCH_PID", std::process::id().to_string())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run java_rest.sh");
+    assert!(output.status.success(), "java_rest.sh {args:?} failed (see stderr above)");
+    parse_env(&String::from_utf8_lossy(&output.stdout))
 }
