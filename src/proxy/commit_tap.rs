@@ -14,12 +14,16 @@
 //! turns a success into a failure.
 //!
 //! Bodies are read only where the tables are named in them (create, register,
-//! rename, transactions); updateTable and dropTable name the table in the path
-//! and stream through untouched.
+//! rename, transactions), and for updateTable, whose body says which
+//! snapshots it adds, when its declared length is within the bound (else it
+//! streams through untouched, as dropTable always does).
 //!
-//! A transaction that adds snapshots to several tables is also handed over
-//! as a [`Transaction`], before it is forwarded, so that replication can
-//! commit those tables together on each replica.
+//! A commit that adds snapshots to several tables, or several snapshots to
+//! one table, is also handed over as a [`Transaction`], before it is
+//! forwarded, so that replication commits them together on each replica:
+//! the tables of a multi-table transaction in one `transactions/commit`,
+//! and the snapshots one commit added to a branch other than `main` (which
+//! no snapshot-log records) in one commit.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -66,12 +70,14 @@ pub enum HintKind {
     },
 }
 
-/// A multi-table transaction the primary accepted: the snapshots it added
-/// to each table. Replicas commit the same snapshots of those tables in one
-/// transaction, so that no reader sees one table changed without the others.
+/// A commit the primary accepted that added snapshots to several tables (a
+/// multi-table transaction), or several snapshots to one table: the
+/// snapshots it added to each table. Replicas commit the same snapshots of
+/// those tables in one commit, so that no reader sees one table (or one
+/// branch) changed without the rest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transaction {
-    /// The tables it added snapshots to (at least two).
+    /// The tables it added snapshots to (at least two, or one with several).
     pub members: Vec<TransactionMember>,
 }
 
@@ -172,6 +178,9 @@ where
         };
         let prefix = classified.prefix.clone();
         let watch = match &classified.operation {
+            op @ Operation::UpdateTable(_) if declared_within(req.headers(), self.settings.limit) => {
+                Watch::Body("updateTable", op.clone())
+            }
             Operation::UpdateTable(t) => Watch::Path(HintKind::Commit, t.clone()),
             Operation::DropTable(t) => Watch::Path(HintKind::Drop, t.clone()),
             op @ Operation::CreateTable(_) => Watch::Body("createTable", op.clone()),
@@ -251,6 +260,13 @@ struct RenameTableBody {
 }
 
 #[derive(Deserialize)]
+struct UpdateTableBody {
+    /// As in [`TableChange`].
+    #[serde(default)]
+    updates: Vec<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
 struct CommitTransactionBody {
     #[serde(rename = "table-changes")]
     table_changes: Vec<TableChange>,
@@ -292,6 +308,15 @@ fn observe_body(operation: &Operation, body: &Bytes, prefix: Option<String>) -> 
             let b: RenameTableBody = serde_json::from_slice(body).ok()?;
             vec![hint(HintKind::Rename { from: b.source }, b.destination, None)]
         }
+        Operation::UpdateTable(table) => {
+            // The path names the table: a body that does not parse costs only the grouping.
+            let updates = serde_json::from_slice::<UpdateTableBody>(body).map(|b| b.updates).unwrap_or_default();
+            let change = TableChange { identifier: Some(table.clone()), updates };
+            return Some(Observed {
+                hints: vec![hint(HintKind::Commit, table.clone(), None)],
+                transaction: transaction_of(vec![change]),
+            });
+        }
         Operation::CommitTransaction => {
             let b: CommitTransactionBody = serde_json::from_slice(body).ok()?;
             let hints: Vec<CommitHint> = b
@@ -306,8 +331,9 @@ fn observe_body(operation: &Operation, body: &Bytes, prefix: Option<String>) -> 
     Some(Observed { hints, transaction: None })
 }
 
-/// The transaction, if it added snapshots to more than one table (one
-/// table's commit is atomic anyway).
+/// What the changes committed together, if a replica must be told: snapshots
+/// added to more than one table, or more than one snapshot added to a table.
+/// (A commit of one snapshot to one table is one replica commit anyway.)
 fn transaction_of(changes: Vec<TableChange>) -> Option<Transaction> {
     let members: Vec<TransactionMember> = changes
         .into_iter()
@@ -321,7 +347,18 @@ fn transaction_of(changes: Vec<TableChange>) -> Option<Transaction> {
             Some(TransactionMember { table: change.identifier?, snapshots }).filter(|m| !m.snapshots.is_empty())
         })
         .collect();
-    (members.len() > 1).then_some(Transaction { members })
+    let together = members.len() > 1 || members.first().is_some_and(|m| m.snapshots.len() > 1);
+    together.then_some(Transaction { members })
+}
+
+/// Whether a request declares a body length within `limit`. A body of
+/// unknown or larger length is not read: it streams through.
+fn declared_within(headers: &http::HeaderMap, limit: u64) -> bool {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|len| len <= limit)
 }
 
 fn table_in(namespace: &Namespace, name: String) -> TableIdent {
@@ -398,7 +435,34 @@ mod tests {
             snapshot(1)
         );
         let observed = observe_body(&Operation::CommitTransaction, &Bytes::from(one), None).expect("parses");
-        assert_eq!(observed.transaction, None, "one table's commit is atomic by itself");
+        assert_eq!(observed.transaction, None, "one snapshot of one table is one replica commit anyway");
+    }
+
+    #[test]
+    fn a_commit_adding_several_snapshots_to_one_table_is_observed_with_them() {
+        let snapshot =
+            |id: i64| format!(r#"{{"action":"add-snapshot","snapshot":{{"snapshot-id":{id},"timestamp-ms":1}}}}"#);
+        let set_ref = r#"{"action":"set-snapshot-ref","ref-name":"audit","type":"branch","snapshot-id":4}"#;
+        let table = Operation::UpdateTable(TableIdent::new(ns("db"), "t"));
+        let body = format!(r#"{{"requirements":[],"updates":[{},{},{set_ref}]}}"#, snapshot(3), snapshot(4));
+        let observed = observe_body(&table, &Bytes::from(body), None).expect("parses");
+        assert_eq!(observed.hints.len(), 1);
+        assert_eq!(observed.hints[0].table.to_string(), "db.t");
+        let members = observed.transaction.expect("two snapshots").members;
+        assert_eq!(members.len(), 1);
+        assert_eq!(members[0].snapshots, [3, 4], "in request order");
+
+        let one = format!(r#"{{"updates":[{}]}}"#, snapshot(3));
+        assert_eq!(observe_body(&table, &Bytes::from(one), None).expect("parses").transaction, None);
+        // The path names the table: a body that does not parse still hints it.
+        let observed = observe_body(&table, &Bytes::from("{"), None).expect("a hint");
+        assert_eq!((observed.hints.len(), observed.transaction), (1, None));
+
+        let mut headers = http::HeaderMap::new();
+        assert!(!declared_within(&headers, 100), "a body of unknown length streams through");
+        headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from_static("100"));
+        assert!(declared_within(&headers, 100));
+        assert!(!declared_within(&headers, 99));
     }
 
     #[test]

@@ -211,7 +211,7 @@ async fn create_in_transaction(
         unknown_outcome: false,
     };
     let replayer = Replayer::new(ctx, key, destination, &following)?;
-    let step = replayer.plan(&following)?;
+    let step = replayer.next_commit(ctx, &key.table, &following).await?;
     let (updates, snapshots, managed, copied) = match &step {
         Some(step) => {
             let copied = replayer.copy(ctx, destination, &following, step).await?;

@@ -209,7 +209,7 @@ async fn plan_member(
         return Ok(Standing::LeftOut);
     }
     let replayer = Replayer::new(ctx, &lane.key, destination, &following)?;
-    let Some(step) = replayer.plan(&following)? else {
+    let Some(step) = replayer.next_commit(ctx, &lane.key.table, &following).await? else {
         return Ok(missing_from_source(table, recorded_at, now_ms()));
     };
     if same_snapshots(&step.snapshots, &member.snapshots) {

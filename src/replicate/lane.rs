@@ -335,8 +335,26 @@ impl Replayer {
         })
     }
 
-    /// The replica's next commit (see [`plan::next_step`]).
-    pub(super) fn plan(&self, following: &Following) -> Result<Option<Step>, ReplicateError> {
+    /// The replica's next commit (see [`plan::next_step`]), with the
+    /// snapshots the source committed together with its first one, where
+    /// the proxy saw that commit (see [`crate::proxy::commit_tap::Transaction`]).
+    pub(super) async fn next_commit(
+        &self,
+        ctx: &Context,
+        table: &TableIdent,
+        following: &Following,
+    ) -> Result<Option<Step>, ReplicateError> {
+        let step = self.plan(following, &[])?;
+        let Some(first) = step.as_ref().and_then(|s| s.snapshots.first().copied()) else { return Ok(step) };
+        let Some(recorded) = ctx.store.transaction_of(table, &[first]).await? else { return Ok(step) };
+        let together = recorded.members.iter().find(|m| &m.table == table).map_or(&[][..], |m| m.snapshots.as_slice());
+        if together.len() <= step.as_ref().map_or(0, |s| s.snapshots.len()) {
+            return Ok(step);
+        }
+        self.plan(following, together)
+    }
+
+    fn plan(&self, following: &Following, committed_together: &[i64]) -> Result<Option<Step>, ReplicateError> {
         let Following { source, source_file, replica, known, .. } = following;
         Ok(plan::next_step(&PlanInput {
             source: &source.metadata,
@@ -348,6 +366,7 @@ impl Replayer {
             managed_refs: &known.managed_refs,
             destination_properties: &self.properties,
             adopted: known.adoption.as_ref().map(|a| adopted(a, &self.unreplicated)),
+            committed_together,
         })?)
     }
 
@@ -387,7 +406,7 @@ async fn replay(
     // Each reason to load the source again is taken once per commit.
     let (mut reloaded_on_divergence, mut reloaded_on_missing_file) = (false, false);
     loop {
-        let step = match replayer.plan(following) {
+        let step = match replayer.next_commit(ctx, &lane.key.table, following).await {
             // The lane that commits a multi-table transaction writes this
             // replica too, from a newer look at the source than this run's:
             // what looks foreign may be the source's newer snapshots.

@@ -112,6 +112,11 @@ pub struct PlanInput<'a> {
     /// How the lane follows a replica table it adopted with snapshots of its
     /// own (failback); `None` for every replica icerelay made.
     pub adopted: Option<Adopted<'a>>,
+    /// Snapshots of this table that the proxy saw one source commit add
+    /// together, among them the first one the replica lacks (empty: none
+    /// known). The snapshot-log shows what one commit added to `main`; this
+    /// is how the snapshots one commit added to another branch are known.
+    pub committed_together: &'a [i64],
 }
 
 /// A replica table adopted with snapshots the source does not have.
@@ -202,7 +207,7 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
     check_divergence(&source, &replica, input.replicated, input.managed_refs, input.adopted)?;
 
     let missing = source.missing_on(&replica);
-    let group = commit_group(&source, &missing);
+    let group = commit_group(&source, &missing, input.committed_together);
     let next = group.first().copied();
     let mut updates = Vec::new();
 
@@ -269,8 +274,15 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
 /// snapshot, say): a snapshot of `main`'s history that the log does not list,
 /// though newer than the log's first entry, was committed with its child.
 /// Older snapshots, from before the log was trimmed, are committed one by one.
-fn commit_group<'a>(source: &Table<'a>, missing: &[&'a Value]) -> Vec<&'a Value> {
+///
+/// Snapshots one commit added to another branch are in no log: where the
+/// proxy saw that commit (`together`), its snapshots go in one commit too,
+/// as far as they follow one another.
+fn commit_group<'a>(source: &Table<'a>, missing: &[&'a Value], together: &[i64]) -> Vec<&'a Value> {
     let Some(first) = missing.first().copied() else { return Vec::new() };
+    if id_of(first).is_some_and(|id| together.contains(&id)) {
+        return chain(first, missing, |_, child| id_of(child).is_some_and(|id| together.contains(&id)));
+    }
     let log = source.list("snapshot-log");
     let logged: BTreeSet<i64> = log.iter().filter_map(|e| e.get("snapshot-id").and_then(Value::as_i64)).collect();
     let Some(log_start) = log.iter().filter_map(|e| e.get("timestamp-ms").and_then(Value::as_i64)).min() else {
@@ -285,13 +297,21 @@ fn commit_group<'a>(source: &Table<'a>, missing: &[&'a Value]) -> Vec<&'a Value>
     }
     let main_history = source.history_of(MAIN);
     let on_main = |snapshot: &Value| id_of(snapshot).is_some_and(|id| main_history.contains(&id));
+    if !on_main(first) {
+        return vec![first];
+    }
+    // An unlogged snapshot of main was committed with its child.
+    chain(first, missing, |parent, child| unlogged(parent) && on_main(child))
+}
+
+/// `first` and the snapshots after it in `missing`, as long as each is the
+/// child of the one before and `belongs(parent, child)`.
+fn chain<'a>(first: &'a Value, missing: &[&'a Value], belongs: impl Fn(&Value, &Value) -> bool) -> Vec<&'a Value> {
     let mut group = vec![first];
     while let Some(last) = group.last().copied()
-        && on_main(last)
-        && unlogged(last)
         && let Some(child) = missing.get(group.len()).copied()
-        && on_main(child)
         && child.get("parent-snapshot-id").and_then(Value::as_i64) == id_of(last)
+        && belongs(last, child)
     {
         group.push(child);
     }

@@ -9,7 +9,7 @@ TABLE is "ns.name". OPS_JSON is a list of operations, run in order:
                                                                 (the output then has no "rows")
   {"op": "add_column", "name": "note"}                          later appends fill it
   {"op": "partition_by", "field": "category"}                   identity partition evolution
-  {"op": "overwrite", "category": "a", "start": 100, "rows": 3}
+  {"op": "overwrite", "category": "a", "start": 100, "rows": 3, "branch": "main"}
   {"op": "delete_below", "id": 4}                               copy-on-write delete
   {"op": "tx_delete_append", "id": 4, "start": 0, "rows": 2}    one transaction: a delete, then an append
   {"op": "dynamic_overwrite", "start": 0, "rows": 3}            replaces the partitions the rows fall in
@@ -107,7 +107,8 @@ for op in ops:
         with table.update_spec() as update:
             update.add_identity(op["field"])
     elif kind == "overwrite":
-        table.overwrite(batch(op.get("start", 100), op.get("rows", 3)), overwrite_filter=EqualTo("category", op["category"]))
+        table.overwrite(batch(op.get("start", 100), op.get("rows", 3)), overwrite_filter=EqualTo("category", op["category"]),
+                        branch=op.get("branch", "main"))
     elif kind == "delete_below":
         table.delete(delete_filter=LessThan("id", op["id"]))
     elif kind == "tx_delete_append":

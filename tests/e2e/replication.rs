@@ -361,7 +361,7 @@ async fn a_table_created_through_icerelay_is_followed_into_the_java_catalog() {
 /// A table created through icerelay and written with every kind of commit
 /// PyIceberg and DuckDB make, expired on the source and dropped, against `replica`.
 async fn followed_commit_by_commit(replica: Replica) {
-    let (_ns, table, _state, relay) = replicating(replica, "follow", "events").await;
+    let (_ns, table, state, relay) = replicating(replica, "follow", "events").await;
 
     let written = write(
         &relay.url,
@@ -380,6 +380,7 @@ async fn followed_commit_by_commit(replica: Replica) {
             {"op": "tag", "name": "v1"},
             {"op": "branch", "name": "audit"},
             {"op": "append", "start": 200, "rows": 2, "branch": "audit"},
+            {"op": "overwrite", "category": "b", "start": 700, "rows": 2, "branch": "audit"},
             {"op": "append", "start": 300, "rows": 2},
             {"op": "set_property", "key": "owner", "value": "e2e"},
         ]),
@@ -387,6 +388,25 @@ async fn followed_commit_by_commit(replica: Replica) {
     .await;
     let location = written["metadata_location"].as_str().expect("location").to_owned();
     let status = wait_replicated(&relay.admin_url, &table, &location).await;
+    // The overwrite on `audit` added a delete and an append snapshot in one
+    // commit, which no snapshot-log shows (it records main): the proxy saw
+    // the commit, and the replica got both in one commit too.
+    let head = written["refs"]["audit"].as_i64().expect("audit");
+    let parent_of = |id: i64| {
+        written["snapshots"].as_array().into_iter().flatten().find(|s| s["id"] == id).and_then(|s| s["parent"].as_i64())
+    };
+    let delete = parent_of(head).expect("the overwrite's delete snapshot");
+    let audit = std::fs::read_to_string(state.path().join("audit.log")).expect("audit log");
+    let commits: Vec<Vec<i64>> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["action"] == "commit")
+        .map(|e| e["source_snapshots"].as_array().into_iter().flatten().filter_map(Value::as_i64).collect())
+        .collect();
+    assert!(
+        commits.iter().any(|c| c.contains(&delete) && c.contains(&head)),
+        "the branch overwrite in one replica commit: {commits:?}"
+    );
     // The probe picks registerTable where it keeps the whole history (Java's catalog does).
     let mode = if matches!(replica, Replica::Java(_)) { "register+replay" } else { "create+replay" };
     assert!(status["mode"].as_str().is_some_and(|m| m.starts_with(mode)), "{status}");

@@ -52,6 +52,8 @@ struct Lane {
     managed: BTreeSet<String>,
     refs: BTreeMap<String, i64>,
     destination: BTreeMap<String, String>,
+    /// What the proxy saw committed together.
+    together: Vec<i64>,
 }
 
 impl Lane {
@@ -62,6 +64,7 @@ impl Lane {
             managed: BTreeSet::new(),
             refs: BTreeMap::new(),
             destination: BTreeMap::new(),
+            together: Vec::new(),
         }
     }
 
@@ -77,6 +80,7 @@ impl Lane {
             managed_refs: &self.refs,
             destination_properties: &self.destination,
             adopted: None,
+            committed_together: &self.together,
         })
     }
 
@@ -282,6 +286,30 @@ fn branches_and_tags_follow_their_snapshots() {
     let steps = lane.converge(&src);
     assert_eq!(actions(&steps[0]), ["set-snapshot-ref", "remove-snapshot-ref"]);
     assert_eq!(lane.replica["refs"]["main"]["snapshot-id"], 10);
+}
+
+#[test]
+fn snapshots_one_commit_added_to_a_branch_go_in_one_commit_where_the_proxy_saw_it() {
+    // An overwrite on branch `audit`: a delete snapshot and an append
+    // snapshot in one source commit. No snapshot-log records a branch.
+    let mut src = source();
+    let list = src["snapshots"].as_array_mut().expect("list");
+    list.push(snap(30, Some(10), 3, 1));
+    list.push(snap(40, Some(30), 4, 1));
+    src["refs"]["audit"] = json!({"snapshot-id": 40, "type": "branch"});
+    let branch_steps = |together: Vec<i64>| {
+        let mut lane = Lane::new(created());
+        lane.together = together;
+        let steps = lane.converge(&src);
+        assert_eq!(lane.replica["refs"]["audit"]["snapshot-id"], 40);
+        steps.into_iter().filter(|s| s.snapshots.iter().any(|id| *id >= 30)).collect::<Vec<_>>()
+    };
+    let unknown = branch_steps(Vec::new());
+    assert_eq!(unknown.iter().map(|s| s.snapshots.clone()).collect::<Vec<_>>(), [vec![30], vec![40]]);
+    let seen = branch_steps(vec![30, 40]);
+    assert_eq!(seen.len(), 1, "one commit: {:?}", seen.iter().map(Step::describe).collect::<Vec<_>>());
+    assert_eq!(seen[0].snapshots, [30, 40]);
+    assert_eq!(actions(&seen[0]), ["add-snapshot", "add-snapshot", "set-snapshot-ref"], "the branch is set once");
 }
 
 #[test]
@@ -511,6 +539,7 @@ fn an_adopted_table_keeps_its_own_snapshots_on_a_branch_and_follows_from_the_anc
         managed_refs: &refs,
         destination_properties: &destination,
         adopted,
+        committed_together: &[],
     };
     // Without the operator's choice, snapshot 11 is divergence.
     let refused = next_step(&input(None)).expect_err("diverged");
