@@ -43,6 +43,9 @@ pub const DELETE_FILE_LIMIT: u64 = 2 * 1024 * 1024 * 1024;
 /// when it is copied. With the manifests in flight (parallelism times one
 /// decoded manifest) it bounds a copy's memory whatever the table's size.
 pub const PREPARED_LIMIT: usize = 64 * 1024 * 1024;
+/// Most memory the manifest lists decoded to find the manifests may hold
+/// until they are rewritten (the others are read again then).
+pub const KEPT_LISTS_LIMIT: usize = 16 * 1024 * 1024;
 
 /// Errors of a table copy.
 #[derive(Debug, thiserror::Error)]
@@ -230,8 +233,10 @@ impl TableCopier {
         let selected = |id: Option<i64>| id.is_some_and(|id| snapshots.contains(&id));
 
         // Manifest lists not checkpointed yet, and the manifests they list.
-        // Nothing of them is kept but those paths: step 2 reads each again,
-        // so that memory does not grow with the table's history.
+        // Decoded lists are kept for step 2 up to `KEPT_LISTS_LIMIT` bytes in
+        // all; step 2 reads the others again, so that memory does not grow
+        // with the table's history.
+        let list_budget = Arc::new(AtomicUsize::new(KEPT_LISTS_LIMIT));
         let mut lists = Vec::new();
         let mut manifests: BTreeSet<String> = BTreeSet::new();
         let mut done_lists = BTreeMap::new();
@@ -242,19 +247,24 @@ impl TableCopier {
             .cloned()
             .collect();
         let mut read_lists = futures::stream::iter(list_references)
-            .map(|reference| async move {
-                if self.is_done(&reference.source, &reference.target).await? {
-                    return Ok::<_, TableCopyError>((reference, ListRead::Done));
+            .map(|reference| {
+                let budget = list_budget.clone();
+                async move {
+                    if self.is_done(&reference.source, &reference.target).await? {
+                        return Ok::<_, TableCopyError>((reference, ListRead::Done));
+                    }
+                    let bytes = self.storage().read(&reference.source, MANIFEST_LIMIT).await?;
+                    let source = reference.source.clone();
+                    let read = on_cpu(move || {
+                        let mut list = ManifestList::read(&bytes, &source)?;
+                        let manifests = list.manifest_paths(&source)?;
+                        list.shrink_to_fit();
+                        let kept = reserve(&budget, list.held_bytes()).then(|| Box::new(list));
+                        Ok(ListRead::Read { manifests, kept })
+                    })
+                    .await?;
+                    Ok((reference, read))
                 }
-                let bytes = self.storage().read(&reference.source, MANIFEST_LIMIT).await?;
-                let source = reference.source.clone();
-                let read = on_cpu(move || {
-                    let list = ManifestList::read(&bytes, &source)?;
-                    let manifests = list.manifests(&source)?.into_iter().map(|m| m.path).collect();
-                    Ok(ListRead::Read { manifests })
-                })
-                .await?;
-                Ok((reference, read))
             })
             .buffered(self.manifest_parallelism);
         // Taken in as they come: a long history lists each manifest many times.
@@ -264,9 +274,9 @@ impl TableCopier {
                     run.count(CopyOutcome::Skipped { bytes: 0 });
                     done_lists.insert(reference.snapshot_id.unwrap_or_default(), reference.target);
                 }
-                ListRead::Read { manifests: listed } => {
+                ListRead::Read { manifests: listed, kept } => {
                     manifests.extend(listed);
-                    lists.push(reference);
+                    lists.push((reference, kept));
                 }
             }
         }
@@ -333,13 +343,18 @@ impl TableCopier {
         let mut copied = CopiedSnapshots { manifest_lists: done_lists, report: CopyReport::default() };
         let lengths = Arc::new(run.manifest_lengths.lock().map(|l| l.clone()).unwrap_or_default());
         let written: Vec<(i64, String)> = futures::stream::iter(lists)
-            .map(|reference| {
+            .map(|(reference, kept)| {
                 let (map, lengths) = (run.map.clone(), lengths.clone());
                 let source = reference.source.clone();
                 async move {
-                    let bytes = self.storage().read(&source, MANIFEST_LIMIT).await?;
-                    let out =
-                        on_cpu(move || ManifestList::read(&bytes, &source)?.rewrite(&source, &map, &lengths)).await?;
+                    let out = match kept {
+                        Some(list) => on_cpu(move || list.rewrite(&source, &map, &lengths)).await?,
+                        None => {
+                            let bytes = self.storage().read(&source, MANIFEST_LIMIT).await?;
+                            on_cpu(move || ManifestList::read(&bytes, &source)?.rewrite(&source, &map, &lengths))
+                                .await?
+                        }
+                    };
                     let outcome = self.put_rewritten_avro(&reference.source, &reference.target, out).await?;
                     run_ref.count(outcome);
                     Ok::<_, TableCopyError>((reference.snapshot_id.unwrap_or_default(), reference.target))
@@ -605,10 +620,12 @@ enum Pending {
 enum ListRead {
     /// Copied before (checkpointed and present at the target).
     Done,
-    /// Read, with the manifests it lists (it is read again to be rewritten).
+    /// Read, with the manifests it lists.
     Read {
         /// Its manifests' paths.
         manifests: Vec<String>,
+        /// The list as decoded, if kept for its rewrite (else it is read again).
+        kept: Option<Box<ManifestList>>,
     },
 }
 
@@ -632,8 +649,7 @@ fn prepare(
     // What is kept: the rewritten manifest (up to a quarter larger than the
     // original: longer paths, fastest deflate) and `live`.
     let cost = bytes.len() + bytes.len() / 4 + live.iter().map(|e| e.path.len() + e.format.len() + 64).sum::<usize>();
-    let fits = || budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(cost)).is_ok();
-    if !live.iter().any(manifest::ManifestEntry::needs_rewrite) && fits() {
+    if !live.iter().any(manifest::ManifestEntry::needs_rewrite) && reserve(budget, cost) {
         // Rewriting maps every path in it: the check is done.
         let mut rewritten = parsed.rewrite(path, map, &HashMap::new())?;
         // Kept until step 1: without the slack the budget does not count.
@@ -644,6 +660,11 @@ fn prepare(
         map.rewrite(&entry.path, path)?;
     }
     Ok(None)
+}
+
+/// Takes `cost` bytes out of `budget`, if it has them.
+fn reserve(budget: &AtomicUsize, cost: usize) -> bool {
+    budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(cost)).is_ok()
 }
 
 /// Runs parsing and rewriting on the blocking pool: they are CPU-bound, and

@@ -552,6 +552,21 @@ impl Records {
         self.spans.len() / (1 + self.paths.len())
     }
 
+    /// The memory these records hold, once [`Self::shrink_to_fit`]: the
+    /// records, their spans, and the header (its parsed schema counted at
+    /// twice the metadata's text).
+    pub fn held_bytes(&self) -> usize {
+        let header: usize = self.header.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+        3 * header + self.data.len() + self.spans.len() * std::mem::size_of::<Span>()
+    }
+
+    /// Gives back the buffers' spare room (a buffer from the pool may be a
+    /// larger file's), for records kept a while.
+    pub fn shrink_to_fit(&mut self) {
+        self.data.shrink_to_fit();
+        self.spans.shrink_to_fit();
+    }
+
     /// Whether there are no records.
     pub fn is_empty(&self) -> bool {
         self.spans.is_empty()

@@ -78,6 +78,27 @@ impl ManifestList {
         Ok(Self { records: avro::Records::read(bytes, file, FIELDS)? })
     }
 
+    /// The paths of the manifests it lists (only they are decoded).
+    pub fn manifest_paths(&self, file: &str) -> Result<Vec<String>, RewriteError> {
+        let fields = self.records.fields(file)?;
+        (0..self.records.len())
+            .map(|r| match fields.value(r, SLOT_PATH, file)?.map(avro::into_unwrapped) {
+                Some(Value::String(path)) => Ok(path),
+                _ => Err(invalid(file, format!("a record has no `{MANIFEST_PATH}`"))),
+            })
+            .collect()
+    }
+
+    /// The memory it holds (see [`avro::Records::held_bytes`]).
+    pub fn held_bytes(&self) -> usize {
+        self.records.held_bytes()
+    }
+
+    /// Gives back spare buffer room, to be kept a while.
+    pub fn shrink_to_fit(&mut self) {
+        self.records.shrink_to_fit();
+    }
+
     /// The manifests it lists.
     pub fn manifests(&self, file: &str) -> Result<Vec<ManifestFile>, RewriteError> {
         let fields = self.records.fields(file)?;

@@ -63,13 +63,13 @@ impl PathMap {
         Ok(())
     }
 
-    /// The target of `path`, if a pair maps it.
+    /// The target of `path`, if a pair maps it. (A table copy maps every
+    /// path of every manifest: this allocates only the result.)
     pub fn map(&self, path: &str) -> Option<String> {
         let form = FileForm::of(path);
-        let path = normalize_file_url(path);
         self.pairs.iter().find_map(|pair| {
-            let rest = path.strip_prefix(&pair.from)?;
-            if rest.is_empty() || rest.starts_with('/') { Some(form.write(format!("{}{rest}", pair.to))) } else { None }
+            let rest = form.strip(path, &pair.from)?;
+            (rest.is_empty() || rest.starts_with('/')).then(|| form.join(&pair.to, rest))
         })
     }
 
@@ -150,14 +150,32 @@ impl FileForm {
         }
     }
 
-    /// `url` (normalized) in this form, if it is a local file URL.
-    fn write(self, url: String) -> String {
-        let Some(path) = url.strip_prefix("file://").filter(|p| p.starts_with('/')) else { return url };
-        match self {
-            Self::Standard => url,
-            Self::Hadoop => format!("file:{path}"),
-            Self::Localhost => format!("file://localhost{path}"),
+    /// What follows `prefix` (normalized) in `url` (in this form), as if
+    /// `url` were normalized first.
+    fn strip<'u>(self, url: &'u str, prefix: &str) -> Option<&'u str> {
+        let local = |scheme: &str| Some((url.get(scheme.len()..)?, prefix.strip_prefix("file://")?));
+        let (url, prefix) = match self {
+            Self::Standard => (url, prefix),
+            Self::Hadoop => local("file:")?,
+            Self::Localhost => local("file://localhost")?,
+        };
+        url.strip_prefix(prefix)
+    }
+
+    /// `prefix` (normalized) followed by `rest`, written in this form if it
+    /// is a local file URL.
+    fn join(self, prefix: &str, rest: &str) -> String {
+        let mut url = String::with_capacity(prefix.len() + rest.len() + "localhost".len());
+        url.push_str(prefix);
+        url.push_str(rest);
+        if url.strip_prefix("file://").is_some_and(|path| path.starts_with('/')) {
+            match self {
+                Self::Standard => {}
+                Self::Hadoop => url.replace_range(.."file://".len(), "file:"),
+                Self::Localhost => url.replace_range(.."file://".len(), "file://localhost"),
+            }
         }
+        url
     }
 }
 
@@ -244,6 +262,37 @@ mod tests {
             // A sibling whose name extends the table name never matches.
             let sibling = format!("{from}x{rest}");
             prop_assert!(map.map(&sibling).is_none());
+        }
+
+        #[test]
+        fn mapping_without_normalizing_first_is_mapping_the_normalized_url(
+            source_form in 0..3usize, target_form in 0..4usize, path_form in 0..4usize,
+            dirs in "(/[a-z]{1,3}){1,3}", rest in "(/[a-z.]{1,4}){0,3}",
+        ) {
+            let local = |form: usize, path: &str| match form {
+                0 => format!("file:{path}"),
+                1 => format!("file://{path}"),
+                2 => format!("file://localhost{path}"),
+                _ => format!("s3://b{path}"),
+            };
+            let map = PathMap::from_locations(&local(source_form, &dirs), &local(target_form, "/target/t")).expect("valid");
+            let path = local(path_form, &format!("{dirs}{rest}"));
+            // What `map` did before it stopped allocating the normalized URL.
+            let reference = {
+                let normalized = normalize_file_url(&path);
+                map.pairs.iter().find_map(|pair| {
+                    let rest = normalized.strip_prefix(&pair.from)?;
+                    (rest.is_empty() || rest.starts_with('/')).then(|| {
+                        let url = format!("{}{rest}", pair.to);
+                        match (FileForm::of(&path), url.strip_prefix("file://").filter(|p| p.starts_with('/'))) {
+                            (FileForm::Hadoop, Some(p)) => format!("file:{p}"),
+                            (FileForm::Localhost, Some(p)) => format!("file://localhost{p}"),
+                            _ => url,
+                        }
+                    })
+                })
+            };
+            prop_assert_eq!(map.map(&path), reference);
         }
     }
 }
