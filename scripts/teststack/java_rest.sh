@@ -29,7 +29,9 @@ start() {
   local pid=$!
   echo "$pid" > "$dir/java-rest.pid"
   if [ -n "${WATCH_PID:-}" ]; then
-    setsid nohup sh -c "while kill -0 $WATCH_PID 2>/dev/null; do sleep 1; done; kill -TERM $pid 2>/dev/null; sleep 5; kill -KILL $pid 2>/dev/null" \
+    # Only while the pid file still names this server (a stop removes it, a start rewrites it).
+    local owns="[ \"\$(cat '$dir/java-rest.pid' 2>/dev/null)\" = $pid ]"
+    setsid nohup sh -c "while kill -0 $WATCH_PID 2>/dev/null; do sleep 1; done; $owns && kill -TERM $pid 2>/dev/null; sleep 5; $owns && kill -KILL $pid 2>/dev/null" \
       </dev/null >/dev/null 2>&1 &
   fi
   local deadline=$(( $(date +%s) + ${STARTUP_TIMEOUT:-60} ))
@@ -54,7 +56,7 @@ stop() {
   pid=$(cat "$pid_file")
   kill -TERM "$pid" 2>/dev/null || true
   for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
+  if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
   rm -f "$pid_file"
 }
 

@@ -16,12 +16,15 @@ pub enum BoundedReadError {
     Failed(String),
 }
 
+/// The body length a request declares (`Content-Length`), if it does.
+pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+}
+
 /// Reads `body` into memory, failing fast when `Content-Length` already
 /// exceeds `limit` and otherwise stopping as soon as the bound is crossed.
 pub async fn read_bounded(headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes, BoundedReadError> {
-    let declared =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit) {
+    if declared_length(headers).is_some_and(|len| len > limit) {
         return Err(BoundedReadError::TooLarge);
     }
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);

@@ -37,7 +37,7 @@ use http::Request;
 use serde::{Deserialize, Serialize};
 use tower::{Layer, Service};
 
-use super::body::read_request_body;
+use super::body::{declared_length, read_request_body};
 use super::error::ProxyError;
 use super::router::{Classified, Operation};
 use crate::catalog::{Namespace, TableIdent};
@@ -103,7 +103,7 @@ pub trait HintSink: Send + Sync + 'static {
         &self,
         transaction: Transaction,
     ) -> Pin<Box<dyn Future<Output = Result<(), HintError>> + Send + '_>> {
-        tracing::debug!(tables = transaction.members.len(), "multi-table transaction on the primary");
+        tracing::debug!(tables = transaction.members.len(), "snapshots committed together on the primary");
         Box::pin(std::future::ready(Ok(())))
     }
 }
@@ -211,7 +211,7 @@ where
                     if let Some(transaction) = observed.as_mut().and_then(|o| o.transaction.take())
                         && let Err(error) = settings.sink.record_transaction(transaction).await
                     {
-                        tracing::error!(error = %error, "could not record a multi-table transaction; replicas will get its tables one by one");
+                        tracing::error!(error = %error, "could not record which snapshots this commit added together; replicas will get them one commit at a time");
                     }
                     let response = inner.call(Request::from_parts(parts, Body::from(bytes))).await?;
                     (observed.unwrap_or_else(|| {
@@ -354,11 +354,7 @@ fn transaction_of(changes: Vec<TableChange>) -> Option<Transaction> {
 /// Whether a request declares a body length within `limit`. A body of
 /// unknown or larger length is not read: it streams through.
 fn declared_within(headers: &http::HeaderMap, limit: u64) -> bool {
-    headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|len| len <= limit)
+    declared_length(headers).is_some_and(|len| len <= limit)
 }
 
 fn table_in(namespace: &Namespace, name: String) -> TableIdent {

@@ -43,7 +43,9 @@ pub(super) async fn adopt_shared(
         return Ok(());
     }
     let mut unrecorded = unrecorded;
-    let existed = lane.replica_metadata_location.is_none() && known.replicated.is_empty();
+    let existed = lane.replica_metadata_location.is_none()
+        && known.replicated.is_empty()
+        && !made_by(ctx, lane, destination, source, replica);
     if existed {
         let ancestor = plan::common_ancestor(&source.metadata, &replica.metadata);
         let (older, own) = own_snapshots(source, replica, ancestor);
@@ -80,6 +82,22 @@ pub(super) async fn adopt_shared(
         }
     }
     record_adopted(ctx, lane, source, replica, known, unrecorded, existed).await
+}
+
+/// Whether `replica` is the one this lane made (its mark, the source's uuid)
+/// though the store does not say so: a run that registered it, or created
+/// it in a transaction, stopped before recording that.
+fn made_by(
+    ctx: &Context,
+    lane: &LaneRecord,
+    destination: &Destination,
+    source: &LoadedTable,
+    replica: &LoadedTable,
+) -> bool {
+    let mark = super::mark::value(&lane.key.table, &ctx.primary_uri, destination.name());
+    let marked = replica.metadata.pointer("/properties").and_then(|p| p.get(super::mark::REPLICA_OF))
+        == Some(&Value::String(mark));
+    marked && replica.metadata.get("table-uuid") == source.metadata.get("table-uuid")
 }
 
 /// The divergence of a replica table that existed with snapshots of its own.

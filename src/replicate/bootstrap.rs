@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{Map, Value, json};
 
 use super::Context;
-use super::destination::{Bootstrap, Capabilities, Destination};
+use super::destination::{Bootstrap, Capabilities, Destination, says_unsupported};
 use super::error::ReplicateError;
 use super::lane::{
     Following, Known, Replayer, TIMESTAMP_TOLERANCE_MS, count_copies, location_of, path_map, replica_properties,
@@ -231,7 +231,7 @@ async fn create_in_transaction(
                 _ => return Err(e.into()),
             }
         }
-        Err(e) if e.status().is_some_and(|s| s.is_client_error()) => {
+        Err(e) if says_unsupported(&e) => {
             return Err(ReplicateError::Refused(format!(
                 "{e} — destination {} refused the create transaction that makes the replica {replica_table} with the \
                  source's first commit ({}). Set bootstrap = \"register\" or \"create\" for this destination, \
@@ -242,11 +242,13 @@ async fn create_in_transaction(
         }
         Err(e) => return Err(e.into()),
     };
-    // A catalog that accepts the commit but changes what it carried must not be trusted.
+    // A catalog that accepts the commit but changes what it carried must not
+    // be trusted, nor the table it made kept (the next run would follow it).
     if !has_all(&created.metadata, &uuid, &snapshots) {
+        let _ = destination.catalog.drop_table(replica_table, false).await;
         return Err(ReplicateError::Refused(format!(
             "destination {} accepted the create transaction of {replica_table} but did not keep its uuid or \
-             snapshots {snapshots:?}; set bootstrap = \"create\" for this destination",
+             snapshots {snapshots:?} (the table was dropped again); set bootstrap = \"create\" for this destination",
             destination.name()
         )));
     }

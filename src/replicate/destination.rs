@@ -42,7 +42,7 @@ const PROBE_VERSION: u32 = 2;
 /// HTTP statuses by which a catalog says it does not do something (as
 /// against a refused credential or a rate limit, which say nothing about
 /// the catalog).
-fn says_unsupported(error: &CatalogError) -> bool {
+pub(super) fn says_unsupported(error: &CatalogError) -> bool {
     error.status().is_some_and(|s| matches!(s.as_u16(), 400 | 404 | 405 | 406 | 409 | 422 | 501))
 }
 
@@ -74,6 +74,19 @@ enum Probed {
     Kept,
     /// It did not: how.
     Lost(String),
+}
+
+/// Whether a probe table loaded back as `metadata` kept its `uuid`, and its
+/// snapshot with the timestamp `at`.
+fn kept(metadata: &Value, uuid: &str, at: i64) -> (bool, bool) {
+    let kept_uuid = metadata.get("table-uuid").and_then(Value::as_str) == Some(uuid);
+    let kept_snapshot = metadata.get("snapshots").and_then(Value::as_array).is_some_and(|s| {
+        s.iter().any(|s| {
+            s.get("snapshot-id").and_then(Value::as_i64) == Some(PROBE_SNAPSHOT)
+                && s.get("timestamp-ms").and_then(Value::as_i64) == Some(at)
+        })
+    });
+    (kept_uuid, kept_snapshot)
 }
 
 /// The probe's snapshot, written `at` (its manifest list is never read).
@@ -348,11 +361,7 @@ impl Destination {
             return Ok(Probed::Lost("a registered table cannot be loaded back".into()));
         };
         let m = &loaded.metadata;
-        let kept_uuid = m.get("table-uuid").and_then(Value::as_str) == Some(uuid.as_str());
-        let kept_snapshot = m
-            .get("snapshots")
-            .and_then(Value::as_array)
-            .is_some_and(|s| s.iter().any(|s| s.get("snapshot-id").and_then(Value::as_i64) == Some(PROBE_SNAPSHOT)));
+        let (kept_uuid, kept_snapshot) = kept(m, &uuid, long_ago);
         let ids: Vec<i64> = m
             .pointer("/schemas/0/fields")
             .and_then(Value::as_array)
@@ -401,13 +410,7 @@ impl Destination {
             return Ok(Probed::Lost("a table made by a create transaction cannot be loaded back".into()));
         };
         let m = &loaded.metadata;
-        let kept_uuid = m.get("table-uuid").and_then(Value::as_str) == Some(uuid.as_str());
-        let kept_snapshot = m.get("snapshots").and_then(Value::as_array).is_some_and(|s| {
-            s.iter().any(|s| {
-                s.get("snapshot-id").and_then(Value::as_i64) == Some(PROBE_SNAPSHOT)
-                    && s.get("timestamp-ms").and_then(Value::as_i64) == Some(long_ago)
-            })
-        });
+        let (kept_uuid, kept_snapshot) = kept(m, &uuid, long_ago);
         let kept_log =
             m.get("snapshot-log") == Some(&json!([{"snapshot-id": PROBE_SNAPSHOT, "timestamp-ms": long_ago}]));
         Ok(if kept_uuid && kept_snapshot && kept_log {

@@ -229,7 +229,9 @@ async fn plan_member(
 /// How long after a transaction was recorded a member's source may still
 /// not show its part. Catalogs that apply a multi-table commit table after
 /// table (Java Iceberg's `CatalogHandlers`, SeaweedFS) publish the others
-/// milliseconds later; a part missing for longer was expired.
+/// milliseconds later; a part missing for longer was expired. (The proxy
+/// records a transaction before the primary applies it: a primary slower
+/// than this to commit at all gets its transaction split.)
 const PUBLISHED_WITHIN_MS: Millis = 60_000;
 
 /// Where a member stands whose source has nothing to replicate though its
