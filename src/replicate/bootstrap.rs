@@ -29,25 +29,27 @@ use crate::state::{LaneKey, now_ms, rfc3339};
 use crate::storage::copy::CopyReport;
 use crate::table_copy::NoProgress;
 
-/// Makes the replica of `source` as `replica_table`, by the destination's bootstrap.
-pub(super) async fn make(
-    ctx: &Context,
-    key: &LaneKey,
-    destination: &Destination,
-    replica_table: &TableIdent,
-    source: &LoadedTable,
-    source_file: &str,
-    capabilities: &Capabilities,
-) -> Result<Made, ReplicateError> {
+/// A lane's replica to make: where, and from which source metadata.
+#[derive(Clone, Copy)]
+pub(super) struct Bootstrapping<'a> {
+    pub(super) ctx: &'a Context,
+    pub(super) key: &'a LaneKey,
+    pub(super) destination: &'a Destination,
+    pub(super) replica_table: &'a TableIdent,
+    pub(super) source: &'a LoadedTable,
+    /// Where the source's metadata was read.
+    pub(super) source_file: &'a str,
+}
+
+/// Makes the replica, by the destination's bootstrap.
+pub(super) async fn make(b: Bootstrapping<'_>, capabilities: &Capabilities) -> Result<Made, ReplicateError> {
     match capabilities.bootstrap {
-        Bootstrap::Register => register(ctx, key, destination, replica_table, source, source_file).await,
+        Bootstrap::Register => register(b).await,
         Bootstrap::Create => {
-            let properties = replica_properties(ctx, key, destination);
-            create(destination, &properties, replica_table, source, &capabilities.reason).await
+            let properties = replica_properties(b.ctx, b.key, b.destination);
+            create(b.destination, &properties, b.replica_table, b.source, &capabilities.reason).await
         }
-        Bootstrap::CreateTransaction => {
-            create_in_transaction(ctx, key, destination, replica_table, source, source_file, capabilities).await
-        }
+        Bootstrap::CreateTransaction => create_in_transaction(b, capabilities).await,
     }
 }
 
@@ -61,14 +63,8 @@ pub(super) struct Made {
 
 /// Bootstraps with history: every file of every retained snapshot copied and
 /// rewritten, then the rewritten metadata.json written and registered.
-async fn register(
-    ctx: &Context,
-    key: &LaneKey,
-    destination: &Destination,
-    replica_table: &TableIdent,
-    source: &LoadedTable,
-    source_file: &str,
-) -> Result<Made, ReplicateError> {
+async fn register(b: Bootstrapping<'_>) -> Result<Made, ReplicateError> {
+    let Bootstrapping { ctx, key, destination, replica_table, source, source_file } = b;
     destination.catalog.ensure_namespace(&replica_table.namespace).await?;
     let location = destination.table_location(replica_table).await?;
     let map = path_map(&source.metadata, &location)?;
@@ -164,15 +160,8 @@ async fn create(
 /// makes nothing), then one `assert-create` commit with the source's first
 /// commit in it, its files copied before. The table starts with the
 /// source's first snapshots, ids and timestamps; the lane replays the rest.
-async fn create_in_transaction(
-    ctx: &Context,
-    key: &LaneKey,
-    destination: &Destination,
-    replica_table: &TableIdent,
-    source: &LoadedTable,
-    source_file: &str,
-    capabilities: &Capabilities,
-) -> Result<Made, ReplicateError> {
+async fn create_in_transaction(b: Bootstrapping<'_>, capabilities: &Capabilities) -> Result<Made, ReplicateError> {
+    let Bootstrapping { ctx, key, destination, replica_table, source, source_file } = b;
     let properties = replica_properties(ctx, key, destination);
     let first = FirstState::of(&source.metadata, replica_table, &properties)?;
     destination.catalog.ensure_namespace(&replica_table.namespace).await?;

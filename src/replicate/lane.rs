@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tracing::Instrument;
 
 use super::Context;
+use super::bootstrap::Bootstrapping;
 use super::destination::Destination;
 use super::error::ReplicateError;
 use super::group::Together;
@@ -233,9 +234,9 @@ async fn open_replica(
         None => {
             ctx.confirm_lease().await?;
             let started = std::time::Instant::now();
-            let made =
-                super::bootstrap::make(ctx, key, destination, replica_table, &source, &source_file, &capabilities)
-                    .await?;
+            let making =
+                Bootstrapping { ctx, key, destination, replica_table, source: &source, source_file: &source_file };
+            let made = super::bootstrap::make(making, &capabilities).await?;
             if lane.replica_metadata_location.is_some() {
                 tracing::warn!(replica = %replica_table, "the replica was gone; made it again");
                 ctx.store.forget_replica(key).await?;
