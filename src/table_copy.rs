@@ -214,7 +214,12 @@ impl TableCopier {
             .map_err(|e| TableCopyError::MetadataJson { file: url.to_owned(), detail: e.to_string() })
     }
 
-    /// Copies every file the `snapshots` of `metadata` need (not the metadata itself).
+    /// Copies every file the `snapshots` of `metadata` need (not the metadata
+    /// itself), in phases: the manifest lists are read for the manifests
+    /// they list; every manifest is read and checked before anything is
+    /// written (step 0); then the manifests and their files are written
+    /// (step 1), the manifest lists with the new manifest lengths (step 2)
+    /// and the statistics files (step 3).
     pub async fn copy_snapshots(
         &self,
         metadata: &Value,
@@ -230,25 +235,41 @@ impl TableCopier {
             manifest_lengths: Mutex::new(HashMap::new()),
         };
         let rewritten = metadata::rewrite_metadata(metadata, map, metadata_url, &|_| false)?;
-        let selected = |id: Option<i64>| id.is_some_and(|id| snapshots.contains(&id));
+        let selected = |kinds: &[ReferenceKind]| -> Vec<Reference> {
+            let wanted =
+                |r: &&Reference| r.snapshot_id.is_some_and(|id| snapshots.contains(&id)) && kinds.contains(&r.kind);
+            rewritten.references.iter().filter(wanted).cloned().collect()
+        };
 
-        // Manifest lists not checkpointed yet, and the manifests they list.
-        // Decoded lists are kept for step 2 up to `KEPT_LISTS_LIMIT` bytes in
-        // all; step 2 reads the others again, so that memory does not grow
-        // with the table's history.
-        let list_budget = Arc::new(AtomicUsize::new(KEPT_LISTS_LIMIT));
-        let mut lists = Vec::new();
-        let mut manifests: BTreeSet<String> = BTreeSet::new();
-        let mut done_lists = BTreeMap::new();
-        let list_references: Vec<Reference> = rewritten
-            .references
-            .iter()
-            .filter(|r| selected(r.snapshot_id) && r.kind == ReferenceKind::ManifestList)
-            .cloned()
+        let Listed { lists, mut manifests, done_lists } =
+            self.read_lists(selected(&[ReferenceKind::ManifestList]), &run).await?;
+        manifests.extend(selected(&[ReferenceKind::Manifest]).into_iter().map(|r| r.source));
+        progress.discovered((lists.len() + manifests.len()) as u64, 0);
+        let checked = self.check_manifests(&manifests, &run).await?;
+        self.copy_manifests(manifests, checked, &run).await?;
+        let mut copied = CopiedSnapshots { manifest_lists: done_lists, report: CopyReport::default() };
+        copied.manifest_lists.extend(self.rewrite_lists(lists, &run).await?);
+        let stats: Vec<CopyTask> = selected(&[ReferenceKind::Statistics, ReferenceKind::PartitionStatistics])
+            .into_iter()
+            .map(|r| CopyTask { source: r.source, target: r.target })
             .collect();
-        let mut read_lists = futures::stream::iter(list_references)
+        progress.discovered(stats.len() as u64, 0);
+        self.copier.copy_all(stats, &|_, outcome| run.count(outcome)).await?;
+
+        copied.report = run.report.lock().map(|r| *r).unwrap_or_default();
+        Ok(copied)
+    }
+
+    /// The manifest lists not checkpointed yet, and the manifests they list.
+    /// Decoded lists are kept for step 2 up to `KEPT_LISTS_LIMIT` bytes in
+    /// all; step 2 reads the others again, so that memory does not grow with
+    /// the table's history.
+    async fn read_lists(&self, lists: Vec<Reference>, run: &Run<'_>) -> Result<Listed, TableCopyError> {
+        let budget = Arc::new(AtomicUsize::new(KEPT_LISTS_LIMIT));
+        let mut listed = Listed::default();
+        let mut read_lists = futures::stream::iter(lists)
             .map(|reference| {
-                let budget = list_budget.clone();
+                let budget = budget.clone();
                 async move {
                     if self.is_done(&reference.source, &reference.target).await? {
                         return Ok::<_, TableCopyError>((reference, ListRead::Done));
@@ -272,41 +293,38 @@ impl TableCopier {
             match read {
                 ListRead::Done => {
                     run.count(CopyOutcome::Skipped { bytes: 0 });
-                    done_lists.insert(reference.snapshot_id.unwrap_or_default(), reference.target);
+                    listed.done_lists.insert(reference.snapshot_id.unwrap_or_default(), reference.target);
                 }
-                ListRead::Read { manifests: listed, kept } => {
-                    manifests.extend(listed);
-                    lists.push((reference, kept));
+                ListRead::Read { manifests, kept } => {
+                    listed.manifests.extend(manifests);
+                    listed.lists.push((reference, kept));
                 }
             }
         }
-        for reference in rewritten.references.iter().filter(|r| selected(r.snapshot_id)) {
-            if reference.kind == ReferenceKind::Manifest {
-                manifests.insert(reference.source.clone());
-            }
-        }
-        progress.discovered((lists.len() + manifests.len()) as u64, 0);
+        Ok(listed)
+    }
 
-        // 0. Read and check every manifest still to copy before writing
-        // anything: a corrupt or truncated one stops the copy with the
-        // target untouched. A manifest that lists no position-delete file to
-        // rewrite is rewritten here already (its rewrite needs no new file
-        // sizes) and kept for step 1, up to `PREPARED_LIMIT` bytes in all;
-        // the others are read again when they are copied, so memory stays
-        // bounded however large the table.
+    /// Step 0: reads and checks every manifest still to copy before writing
+    /// anything: a corrupt or truncated one stops the copy with the target
+    /// untouched. A manifest that lists no position-delete file to rewrite
+    /// is rewritten here already (its rewrite needs no new file sizes) and
+    /// kept for step 1, up to `PREPARED_LIMIT` bytes in all; the others are
+    /// read again when they are copied, so memory stays bounded however
+    /// large the table.
+    async fn check_manifests(&self, manifests: &BTreeSet<String>, run: &Run<'_>) -> Result<Checked, TableCopyError> {
         let mut pending = Vec::new();
-        let mut done_manifests = HashMap::new();
-        for path in &manifests {
-            let target = map.rewrite(path, path)?;
+        let mut done = HashMap::new();
+        for path in manifests {
+            let target = run.map.rewrite(path, path)?;
             match self.checkpointed_size(path, &target).await? {
                 Some(size) => {
-                    done_manifests.insert(path.clone(), size);
+                    done.insert(path.clone(), size);
                 }
                 None => pending.push(path.clone()),
             }
         }
         let budget = Arc::new(AtomicUsize::new(PREPARED_LIMIT));
-        let prepared: HashMap<String, Prepared> = futures::stream::iter(pending)
+        let prepared = futures::stream::iter(pending)
             .map(|path| {
                 let (map, budget) = (run.map.clone(), budget.clone());
                 let copy_data_files = self.copy_data_files;
@@ -324,25 +342,37 @@ impl TableCopier {
             .try_filter_map(|p| async move { Ok(p) })
             .try_collect()
             .await?;
-        let prepared = Mutex::new(prepared);
+        Ok(Checked { prepared: Mutex::new(prepared), done })
+    }
 
-        // 1. Manifests and everything they reference.
-        let run_ref = &run;
-        let prepared = &prepared;
-        let done_manifests = &done_manifests;
+    /// Step 1: the manifests and everything they reference.
+    async fn copy_manifests(
+        &self,
+        manifests: BTreeSet<String>,
+        checked: Checked,
+        run: &Run<'_>,
+    ) -> Result<(), TableCopyError> {
+        let checked = &checked;
         futures::stream::iter(manifests)
             .map(|path| async move {
-                let ready = prepared.lock().ok().and_then(|mut p| p.remove(&path));
-                self.copy_manifest(&path, run_ref, done_manifests.get(&path).copied(), ready).await
+                let ready = checked.prepared.lock().ok().and_then(|mut p| p.remove(&path));
+                self.copy_manifest(&path, run, checked.done.get(&path).copied(), ready).await
             })
             .buffer_unordered(self.manifest_parallelism)
             .try_collect::<Vec<()>>()
             .await?;
+        Ok(())
+    }
 
-        // 2. Manifest lists.
-        let mut copied = CopiedSnapshots { manifest_lists: done_lists, report: CopyReport::default() };
+    /// Step 2: the manifest lists, with the lengths of the manifests written
+    /// in step 1; the target manifest list of each snapshot.
+    async fn rewrite_lists(
+        &self,
+        lists: Vec<(Reference, Option<Box<ManifestList>>)>,
+        run: &Run<'_>,
+    ) -> Result<Vec<(i64, String)>, TableCopyError> {
         let lengths = Arc::new(run.manifest_lengths.lock().map(|l| l.clone()).unwrap_or_default());
-        let written: Vec<(i64, String)> = futures::stream::iter(lists)
+        futures::stream::iter(lists)
             .map(|(reference, kept)| {
                 let (map, lengths) = (run.map.clone(), lengths.clone());
                 let source = reference.source.clone();
@@ -356,28 +386,13 @@ impl TableCopier {
                         }
                     };
                     let outcome = self.put_rewritten_avro(&reference.source, &reference.target, out).await?;
-                    run_ref.count(outcome);
+                    run.count(outcome);
                     Ok::<_, TableCopyError>((reference.snapshot_id.unwrap_or_default(), reference.target))
                 }
             })
             .buffer_unordered(self.manifest_parallelism)
             .try_collect()
-            .await?;
-        copied.manifest_lists.extend(written);
-
-        // 3. Statistics files.
-        let stats: Vec<CopyTask> = rewritten
-            .references
-            .iter()
-            .filter(|r| selected(r.snapshot_id))
-            .filter(|r| matches!(r.kind, ReferenceKind::Statistics | ReferenceKind::PartitionStatistics))
-            .map(|r| CopyTask { source: r.source.clone(), target: r.target.clone() })
-            .collect();
-        progress.discovered(stats.len() as u64, 0);
-        self.copier.copy_all(stats, &|_, outcome| run.count(outcome)).await?;
-
-        copied.report = run.report.lock().map(|r| *r).unwrap_or_default();
-        Ok(copied)
+            .await
     }
 
     /// Writes a rewritten manifest or manifest list to `target`, unless the
@@ -614,6 +629,24 @@ enum Pending {
     Rewritten(Vec<u8>),
     /// A decoded manifest, to rewrite once its delete files are.
     Parsed(Box<manifest::Manifest>),
+}
+
+/// What the manifest lists of a copy say.
+#[derive(Default)]
+struct Listed {
+    /// The lists still to rewrite, decoded if kept.
+    lists: Vec<(Reference, Option<Box<ManifestList>>)>,
+    /// The manifests they list.
+    manifests: BTreeSet<String>,
+    /// Target manifest list of each snapshot whose list was copied before.
+    done_lists: BTreeMap<i64, String>,
+}
+
+/// The manifests step 0 checked: rewritten already (`prepared`), or copied
+/// before (`done`, with their size).
+struct Checked {
+    prepared: Mutex<HashMap<String, Prepared>>,
+    done: HashMap<String, u64>,
 }
 
 /// A manifest list of the copy, as its first read found it.
