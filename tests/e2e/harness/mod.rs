@@ -242,6 +242,20 @@ fn seaweed_script(args: &[&str], warehouse: &str) -> HashMap<String, String> {
     parse_env(&String::from_utf8_lossy(&output.stdout))
 }
 
+/// Runs `scripts/teststack/<script>` with `args` (its servers stop when
+/// this process does); the endpoints it prints.
+fn teststack_script(script: &str, args: &[&str]) -> HashMap<String, String> {
+    let output = Command::new(repo_root().join("scripts/teststack").join(script))
+        .args(args)
+        .env("ICERELAY_TESTSTACK", teststack())
+        .env("WATCH_PID", std::process::id().to_string())
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("run {script}: {e}"));
+    assert!(output.status.success(), "{script} {args:?} failed (see stderr above)");
+    parse_env(&String::from_utf8_lossy(&output.stdout))
+}
+
 fn parse_env(text: &str) -> HashMap<String, String> {
     text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect()
 }
@@ -264,15 +278,8 @@ impl Rustberg {
         let dir = tempfile::tempdir().expect("temp dir");
         // Below the ephemeral range, where Spark's JVMs bind ports by the dozen.
         let port = free_port_range(0);
-        let output = Command::new(repo_root().join("scripts/teststack/rustberg.sh"))
-            .args(["start", name, &dir.path().display().to_string(), &port.to_string()])
-            .env("ICERELAY_TESTSTACK", teststack())
-            .env("WATCH_PID", std::process::id().to_string())
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run rustberg.sh");
-        assert!(output.status.success(), "rustberg.sh start failed (see stderr above)");
-        let endpoints = parse_env(&String::from_utf8_lossy(&output.stdout));
+        let endpoints =
+            teststack_script("rustberg.sh", &["start", name, &dir.path().display().to_string(), &port.to_string()]);
         Self { _dir: dir, uri: endpoints["CATALOG_URI"].clone(), warehouse: endpoints["WAREHOUSE"].clone() }
     }
 
