@@ -29,7 +29,9 @@ start() {
     local pid=$!
     echo "$pid" > "$dir/rustberg.pid"
     if [ -n "${WATCH_PID:-}" ]; then
-      setsid nohup sh -c "while kill -0 $WATCH_PID 2>/dev/null; do sleep 1; done; kill -TERM $pid 2>/dev/null; sleep 5; kill -KILL $pid 2>/dev/null" \
+      # Only while the pid file still names this server (a stop removes it, a start rewrites it).
+      local owns="[ \"\$(cat '$dir/rustberg.pid' 2>/dev/null)\" = $pid ]"
+      setsid nohup sh -c "while kill -0 $WATCH_PID 2>/dev/null; do sleep 1; done; $owns && kill -TERM $pid 2>/dev/null; sleep 5; $owns && kill -KILL $pid 2>/dev/null" \
         </dev/null >/dev/null 2>&1 &
     fi
   fi
