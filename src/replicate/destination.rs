@@ -354,7 +354,9 @@ impl Destination {
         storage.write(&file, Bytes::from(metadata.to_string())).await?;
         let loaded = match self.catalog.register_table(&table, &file).await {
             Ok(_) => self.catalog.load_table(&table).await,
-            Err(e) if says_unsupported(&e) => return Ok(Probed::Lost(format!("registerTable is refused ({e})"))),
+            Err(e) if says_unsupported(&e) => {
+                return Ok(Probed::Lost(format!("registerTable is refused ({})", self.refusal(&e))));
+            }
             Err(e) => return Err(e.into()),
         };
         let Some(loaded) = loaded? else {
@@ -387,7 +389,9 @@ impl Destination {
         });
         let staged = match self.catalog.create_table(namespace, &request).await {
             Ok(staged) => staged,
-            Err(e) if says_unsupported(&e) => return Ok(Probed::Lost(format!("a staged create is refused ({e})"))),
+            Err(e) if says_unsupported(&e) => {
+                return Ok(Probed::Lost(format!("a staged create is refused ({})", self.refusal(&e))));
+            }
             Err(e) => return Err(e.into()),
         };
         let location = staged.metadata.get("location").and_then(Value::as_str).unwrap_or_default().to_owned();
@@ -401,7 +405,8 @@ impl Destination {
             Ok(_) => {}
             Err(e) if says_unsupported(&e) || matches!(e, CatalogError::CommitConflict { .. }) => {
                 return Ok(Probed::Lost(format!(
-                    "a create transaction with a snapshot from days ago is refused ({e})"
+                    "a create transaction with a snapshot from days ago is refused ({})",
+                    self.refusal(&e)
                 )));
             }
             Err(e) => return Err(e.into()),
@@ -421,6 +426,22 @@ impl Destination {
                  snapshot-log kept: {kept_log})"
             ))
         })
+    }
+
+    /// A refusal the probe saw, as its verdict says it: the status and the
+    /// error type, which do not change from one probe to the next (the
+    /// message names the probe's table and times), so that instances
+    /// sharing a state report the same verdict. The whole answer is logged.
+    fn refusal(&self, error: &CatalogError) -> String {
+        tracing::info!(destination = self.name(), error = %error, "the probe's request was refused");
+        match error {
+            CatalogError::Status { status, error_type, .. } => match error_type {
+                Some(kind) => format!("{status} {kind}"),
+                None => status.to_string(),
+            },
+            CatalogError::CommitConflict { .. } => "409 Conflict".to_owned(),
+            other => other.to_string(),
+        }
     }
 
     async fn clean_up_probe(&self, namespace: &Namespace) {
