@@ -780,9 +780,7 @@ mod tests {
     #[tokio::test]
     async fn metadata_only_copies_have_exact_lengths_and_sizes_and_resume() {
         let dir = tempfile::tempdir().expect("dir");
-        let source = format!("file://{}/src/db/t", dir.path().display());
-        let target = format!("file://{}/dst/db/t", dir.path().display());
-        let metadata_url = write_fixture(&source);
+        let (source, target, metadata_url) = fixture_in(dir.path());
         let storage = Arc::new(Storage::new(&[crate::config::StorageConfig::local_dir(dir.path())]));
         let journal = Arc::new(Journal::open(&dir.path().join("journal.jsonl")).expect("journal"));
         let copier =
@@ -842,9 +840,7 @@ mod tests {
     #[tokio::test]
     async fn a_target_with_the_same_records_in_other_bytes_is_kept_and_its_length_used() {
         let dir = tempfile::tempdir().expect("dir");
-        let source = format!("file://{}/src/db/t", dir.path().display());
-        let target = format!("file://{}/dst/db/t", dir.path().display());
-        let metadata_url = write_fixture(&source);
+        let (source, target, metadata_url) = fixture_in(dir.path());
         let copier = uncheckpointed(dir.path(), 2);
         let metadata = copier.read_metadata(&metadata_url).await.expect("metadata");
         let map = PathMap::from_locations(&source, &target).expect("map");
@@ -887,6 +883,15 @@ mod tests {
     }
 
     /// A metadata-only copier without checkpoints.
+    /// The fixture table written under `dir`: its location, a target
+    /// location beside it, and its metadata file.
+    fn fixture_in(dir: &Path) -> (String, String, String) {
+        let source = format!("file://{}/src/db/t", dir.display());
+        let target = format!("file://{}/dst/db/t", dir.display());
+        let metadata_url = write_fixture(&source);
+        (source, target, metadata_url)
+    }
+
     fn uncheckpointed(dir: &Path, manifest_parallelism: usize) -> TableCopier {
         let checkpoints = Arc::new(crate::storage::checkpoint::NoCheckpoints);
         let storage = Storage::new(&[crate::config::StorageConfig::local_dir(dir)]);
@@ -897,8 +902,7 @@ mod tests {
     #[tokio::test]
     async fn an_unmapped_path_stops_the_copy_before_anything_is_written() {
         let dir = tempfile::tempdir().expect("dir");
-        let source = format!("file://{}/src/db/t", dir.path().display());
-        let metadata_url = write_fixture(&source);
+        let (source, _, metadata_url) = fixture_in(dir.path());
         let copier = uncheckpointed(dir.path(), 2);
         let metadata = copier.read_metadata(&metadata_url).await.expect("metadata");
         // Maps the metadata directory only: the data and delete files are unmapped.

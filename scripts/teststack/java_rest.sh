@@ -11,6 +11,8 @@
 # setup-test-env.sh builds.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=watch.sh
+. "$HERE/watch.sh"
 TESTSTACK=${ICERELAY_TESTSTACK:-$(cd "$HERE/../.." && pwd)/.teststack}
 BUILT=$TESTSTACK/java-rest
 HOST=127.0.0.1
@@ -28,12 +30,7 @@ start() {
     "$port" "$dir/wh" "$dir/data" </dev/null >>"$dir/java-rest.log" 2>&1 &
   local pid=$!
   echo "$pid" > "$dir/java-rest.pid"
-  if [ -n "${WATCH_PID:-}" ]; then
-    # Only while the pid file still names this server (a stop removes it, a start rewrites it).
-    local owns="[ \"\$(cat '$dir/java-rest.pid' 2>/dev/null)\" = $pid ]"
-    setsid nohup sh -c "while kill -0 $WATCH_PID 2>/dev/null; do sleep 1; done; $owns && kill -TERM $pid 2>/dev/null; sleep 5; $owns && kill -KILL $pid 2>/dev/null" \
-      </dev/null >/dev/null 2>&1 &
-  fi
+  watch_server "$pid" "$dir/java-rest.pid" 5
   local deadline=$(( $(date +%s) + ${STARTUP_TIMEOUT:-60} ))
   until [ "$(curl -s -o /dev/null -w '%{http_code}' "$uri/v1/config" || true)" = 200 ]; do
     kill -0 "$pid" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ] \

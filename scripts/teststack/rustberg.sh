@@ -9,6 +9,8 @@
 # RUSTBERG: the binary (default $ICERELAY_TESTSTACK/rustberg/bin/rustberg, see setup-test-env.sh).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=watch.sh
+. "$HERE/watch.sh"
 TESTSTACK=${ICERELAY_TESTSTACK:-$(cd "$HERE/../.." && pwd)/.teststack}
 RUSTBERG=${RUSTBERG:-$TESTSTACK/rustberg/bin/rustberg}
 HOST=127.0.0.1
@@ -28,12 +30,7 @@ start() {
       </dev/null >>"$dir/rustberg.log" 2>&1 &
     local pid=$!
     echo "$pid" > "$dir/rustberg.pid"
-    if [ -n "${WATCH_PID:-}" ]; then
-      # Only while the pid file still names this server (a stop removes it, a start rewrites it).
-      local owns="[ \"\$(cat '$dir/rustberg.pid' 2>/dev/null)\" = $pid ]"
-      setsid nohup sh -c "while kill -0 $WATCH_PID 2>/dev/null; do sleep 1; done; $owns && kill -TERM $pid 2>/dev/null; sleep 5; $owns && kill -KILL $pid 2>/dev/null" \
-        </dev/null >/dev/null 2>&1 &
-    fi
+    watch_server "$pid" "$dir/rustberg.pid" 5
   fi
   local deadline=$(( $(date +%s) + ${STARTUP_TIMEOUT:-30} ))
   until [ "$(curl -s -o /dev/null -w '%{http_code}' "$uri/v1/config?warehouse=$wh" || true)" = 200 ]; do

@@ -15,6 +15,8 @@
 #                (the test harness passes its own pid so no server outlives a test run)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=watch.sh
+. "$HERE/watch.sh"
 TESTSTACK=${ICERELAY_TESTSTACK:-$(cd "$HERE/../.." && pwd)/.teststack}
 WEED=${WEED:-$TESTSTACK/venv/bin/weed}
 HOST=127.0.0.1
@@ -49,10 +51,7 @@ start() {
       </dev/null >>"$log" 2>&1 &
     local pid=$!
     echo "$pid" > "$pid_file"
-    if [ -n "${WATCH_PID:-}" ]; then
-      setsid nohup sh -c "while kill -0 $WATCH_PID 2>/dev/null; do sleep 1; done; kill -TERM $pid 2>/dev/null; sleep 10; kill -KILL $pid 2>/dev/null" \
-        </dev/null >/dev/null 2>&1 &
-    fi
+    watch_server "$pid" "$pid_file" 10
   fi
   local deadline=$(( $(date +%s) + ${STARTUP_TIMEOUT:-60} )) token prefix=""
   while :; do

@@ -19,10 +19,10 @@ use super::Context;
 use super::destination::{Bootstrap, Capabilities, Destination, says_unsupported};
 use super::error::ReplicateError;
 use super::lane::{
-    Following, Known, Replayer, TIMESTAMP_TOLERANCE_MS, count_copies, location_of, path_map, replica_properties,
-    table_copier,
+    Following, Known, Planned, Replayer, TIMESTAMP_TOLERANCE_MS, count_copies, location_of, path_map,
+    replica_properties, table_copier,
 };
-use super::plan;
+use super::plan::{self, Step};
 use crate::catalog::{CatalogError, LoadedTable, TableIdent};
 use crate::rewrite::metadata::{PATH_PROPERTIES, snapshot_ids};
 use crate::state::{LaneKey, now_ms, rfc3339};
@@ -161,7 +161,7 @@ async fn create(
 /// commit in it, its files copied before. The table starts with the
 /// source's first snapshots, ids and timestamps; the lane replays the rest.
 async fn create_in_transaction(b: Bootstrapping<'_>, capabilities: &Capabilities) -> Result<Made, ReplicateError> {
-    let Bootstrapping { ctx, key, destination, replica_table, source, source_file } = b;
+    let Bootstrapping { ctx, key, destination, replica_table, source, .. } = b;
     let properties = replica_properties(ctx, key, destination);
     let first = FirstState::of(&source.metadata, replica_table, &properties)?;
     destination.catalog.ensure_namespace(&replica_table.namespace).await?;
@@ -179,37 +179,9 @@ async fn create_in_transaction(b: Bootstrapping<'_>, capabilities: &Capabilities
         .unwrap_or_default()
         .to_owned();
 
-    // The first commit is planned as any other, against the table the
-    // staged create describes (with the uuid the commit assigns).
-    let mut base = staged.metadata.clone();
-    if let Some(root) = base.as_object_mut() {
-        root.insert("table-uuid".into(), Value::String(uuid.clone()));
-    }
-    let following = Following {
-        source: source.clone(),
-        source_file: source_file.to_owned(),
-        replica: LoadedTable { metadata: base, ..staged.clone() },
-        known: Known {
-            replicated: BTreeSet::new(),
-            managed_properties: BTreeSet::new(),
-            managed_refs: BTreeMap::new(),
-            mode: capabilities.mode(),
-            source_uuid: Some(uuid.clone()),
-            adoption: None,
-        },
-        unknown_outcome: false,
-    };
-    let replayer = Replayer::new(ctx, key, destination, &following)?;
-    let step = replayer.next_commit(ctx, &key.table, &following).await?;
-    let (updates, snapshots, managed, copied) = match &step {
-        Some(step) => {
-            let copied = replayer.copy(ctx, destination, &following, step).await?;
-            (step.updates.clone(), step.snapshots.clone(), step.managed_properties.clone(), copied)
-        }
-        None => {
-            (Vec::new(), Vec::new(), plan::managed_property_keys(&source.metadata, &properties), CopyReport::default())
-        }
-    };
+    let FirstCommit { step, managed, copied } = first_commit(b, &staged, &uuid, capabilities, &properties).await?;
+    let (updates, snapshots) =
+        step.as_ref().map_or_else(Default::default, |s| (s.updates.clone(), s.snapshots.clone()));
     ctx.confirm_lease().await?;
     let created = match destination.catalog.commit_create(replica_table, &staged.metadata, &uuid, &updates).await {
         Ok(created) => created,
@@ -243,6 +215,54 @@ async fn create_in_transaction(b: Bootstrapping<'_>, capabilities: &Capabilities
     }
     tracing::info!(replica = %replica_table, snapshots = snapshots.len(), "created the replica in a create transaction");
     Ok(Made { table: created, snapshots, managed_properties: managed, copied })
+}
+
+/// The source's first commit, as a create transaction carries it.
+struct FirstCommit {
+    /// The commit (none: the source has nothing to add to the staged table).
+    step: Option<Step>,
+    /// The property keys managed from the source once it is applied.
+    managed: BTreeSet<String>,
+    /// The files copied for it.
+    copied: CopyReport,
+}
+
+/// Plans the source's first commit as any other, against the table the
+/// staged create describes (with the uuid the commit assigns), and copies
+/// its files.
+async fn first_commit(
+    b: Bootstrapping<'_>,
+    staged: &LoadedTable,
+    uuid: &str,
+    capabilities: &Capabilities,
+    properties: &BTreeMap<String, String>,
+) -> Result<FirstCommit, ReplicateError> {
+    let Bootstrapping { ctx, key, destination, source, source_file, .. } = b;
+    let mut base = staged.metadata.clone();
+    if let Some(root) = base.as_object_mut() {
+        root.insert("table-uuid".into(), Value::String(uuid.to_owned()));
+    }
+    let following = Following {
+        source: source.clone(),
+        source_file: source_file.to_owned(),
+        replica: LoadedTable { metadata: base, ..staged.clone() },
+        known: Known {
+            replicated: BTreeSet::new(),
+            managed_properties: BTreeSet::new(),
+            managed_refs: BTreeMap::new(),
+            mode: capabilities.mode(),
+            source_uuid: Some(uuid.to_owned()),
+            adoption: None,
+        },
+        unknown_outcome: false,
+    };
+    let replayer = Replayer::new(ctx, key, destination, &following)?;
+    let Some(Planned { step, .. }) = replayer.next_commit(ctx, &key.table, &following).await? else {
+        let managed = plan::managed_property_keys(&source.metadata, properties);
+        return Ok(FirstCommit { step: None, managed, copied: CopyReport::default() });
+    };
+    let copied = replayer.copy(ctx, destination, &following, &step).await?;
+    Ok(FirstCommit { managed: step.managed_properties.clone(), step: Some(step), copied })
 }
 
 /// Whether `metadata` is the table with `uuid` and has every one of `snapshots`.

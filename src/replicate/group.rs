@@ -43,13 +43,13 @@ use serde_json::{Value, json};
 use super::Context;
 use super::destination::Destination;
 use super::error::ReplicateError;
-use super::lane::{self, Commit, Following, Landed, LaneRun, Opened, Replayer};
+use super::lane::{self, Commit, Following, Landed, LaneRun, Opened, Planned, Replayer};
 use super::plan::Step;
 use crate::catalog::{CatalogError, TableCommit, TableIdent};
 use crate::metrics::TransactionLabels;
 use crate::proxy::commit_tap::TransactionMember;
 use crate::rewrite::metadata::snapshot_ids;
-use crate::state::{LaneChange, LaneKey, LaneRecord, Millis, Progress, now_ms};
+use crate::state::{LaneChange, LaneKey, LaneRecord, Millis, Progress, RecordedTransaction, now_ms};
 
 /// How a lane's next commit relates to a multi-table transaction.
 pub(super) enum Together {
@@ -86,20 +86,17 @@ enum Standing {
 }
 
 /// Commits `step` together with its transaction's other tables on this
-/// destination, if it is part of one (see the module documentation).
+/// destination, if it is part of one (`recorded`, as [`Replayer::next_commit`]
+/// found it; see the module documentation).
 pub(super) async fn commit_together(
     run: &LaneRun<'_>,
     following: &mut Following,
     step: &Step,
+    recorded: Option<&RecordedTransaction>,
 ) -> Result<Together, ReplicateError> {
     let LaneRun { ctx, lane, destination, .. } = *run;
     let alone = Together::Alone { part_of_transaction: false };
-    if step.snapshots.is_empty() {
-        return Ok(alone);
-    }
-    let Some(transaction) = ctx.store.transaction_of(&lane.key.table, &step.snapshots).await? else {
-        return Ok(alone);
-    };
+    let Some(transaction) = recorded.filter(|_| !step.snapshots.is_empty()) else { return Ok(alone) };
     let others: Vec<&TransactionMember> = transaction
         .members
         .iter()
@@ -209,7 +206,7 @@ async fn plan_member(
         return Ok(Standing::LeftOut);
     }
     let replayer = Replayer::new(ctx, &lane.key, destination, &following)?;
-    let Some(step) = replayer.next_commit(ctx, &lane.key.table, &following).await? else {
+    let Some(Planned { step, .. }) = replayer.next_commit(ctx, &lane.key.table, &following).await? else {
         return Ok(missing_from_source(table, recorded_at, now_ms()));
     };
     if same_snapshots(&step.snapshots, &member.snapshots) {

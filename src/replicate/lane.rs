@@ -30,7 +30,7 @@ use crate::config::OnDrop;
 use crate::metrics::ReplicationMetrics;
 use crate::rewrite::PathMap;
 use crate::rewrite::metadata::{PATH_PROPERTIES, snapshot_ids};
-use crate::state::{Adoption, LaneChange, LaneKey, LaneRecord, Progress, PromotionMode, now_ms};
+use crate::state::{Adoption, LaneChange, LaneKey, LaneRecord, Progress, PromotionMode, RecordedTransaction, now_ms};
 use crate::storage::checkpoint::StateCheckpoints;
 use crate::storage::copy::{Copier, CopyReport, CopySettings};
 use crate::table_copy::{NoProgress, TableCopier};
@@ -309,6 +309,14 @@ pub(super) async fn open_existing(
     Ok(Opened::Ready(Box::new(Following { source, source_file, replica, known, unknown_outcome: false })))
 }
 
+/// A replica commit as planned, and the source commit the proxy recorded
+/// its snapshots in (a multi-table transaction, or several snapshots of
+/// this table), if it did.
+pub(super) struct Planned {
+    pub(super) step: Step,
+    pub(super) recorded: Option<RecordedTransaction>,
+}
+
 /// What a replay keeps for the whole run: how paths map onto the replica,
 /// what the destination sets on it, and how files are copied.
 pub(super) struct Replayer {
@@ -344,15 +352,16 @@ impl Replayer {
         ctx: &Context,
         table: &TableIdent,
         following: &Following,
-    ) -> Result<Option<Step>, ReplicateError> {
-        let step = self.plan(following, &[])?;
-        let Some(first) = step.as_ref().and_then(|s| s.snapshots.first().copied()) else { return Ok(step) };
-        let Some(recorded) = ctx.store.transaction_of(table, &[first]).await? else { return Ok(step) };
-        let together = recorded.members.iter().find(|m| &m.table == table).map_or(&[][..], |m| m.snapshots.as_slice());
-        if together.len() <= step.as_ref().map_or(0, |s| s.snapshots.len()) {
-            return Ok(step);
-        }
-        self.plan(following, together)
+    ) -> Result<Option<Planned>, ReplicateError> {
+        let Some(step) = self.plan(following, &[])? else { return Ok(None) };
+        let Some(&first) = step.snapshots.first() else { return Ok(Some(Planned { step, recorded: None })) };
+        let recorded = ctx.store.transaction_of(table, &[first]).await?;
+        let together = recorded
+            .as_ref()
+            .and_then(|r| r.members.iter().find(|m| &m.table == table))
+            .map_or(&[][..], |m| m.snapshots.as_slice());
+        let step = if together.len() > step.snapshots.len() { self.plan(following, together)? } else { Some(step) };
+        Ok(step.map(|step| Planned { step, recorded }))
     }
 
     fn plan(&self, following: &Following, committed_together: &[i64]) -> Result<Option<Step>, ReplicateError> {
@@ -418,7 +427,7 @@ async fn replay(
             }
             planned => planned?,
         };
-        let Some(step) = step else { return Ok(Replayed::Converged) };
+        let Some(Planned { step, recorded }) = step else { return Ok(Replayed::Converged) };
         if step.snapshots.is_empty() {
             // A commit without a snapshot moves the replica's last-updated-ms
             // to now; a snapshot the source took meanwhile must come in the
@@ -438,7 +447,7 @@ async fn replay(
         }
         tracing::debug!(step = %step.describe(), behind = step.snapshots_behind, "replaying");
         let run = LaneRun { ctx, lane, destination, replayer: &replayer };
-        let commit = match commit_step(&run, following, &step).await {
+        let commit = match commit_step(&run, following, &step, recorded.as_ref()).await {
             // The source expired snapshots (and deleted their files) since
             // this run loaded it: what is still there is planned again.
             Err(e) if !reloaded_on_missing_file && e.missing_file().is_some() => {
@@ -480,9 +489,14 @@ enum Attempt {
 }
 
 /// Commits one step: together with the other tables of its multi-table
-/// transaction where it has any, else alone.
-async fn commit_step(run: &LaneRun<'_>, following: &mut Following, step: &Step) -> Result<Attempt, ReplicateError> {
-    Ok(match super::group::commit_together(run, following, step).await? {
+/// transaction (`recorded`) where it has any, else alone.
+async fn commit_step(
+    run: &LaneRun<'_>,
+    following: &mut Following,
+    step: &Step,
+    recorded: Option<&RecordedTransaction>,
+) -> Result<Attempt, ReplicateError> {
+    Ok(match super::group::commit_together(run, following, step, recorded).await? {
         Together::Attempted(commit) => Attempt::Done(commit),
         Together::Waiting(reason) => Attempt::Waiting(reason),
         Together::Alone { part_of_transaction } => {

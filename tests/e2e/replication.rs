@@ -19,7 +19,7 @@ use axum::response::IntoResponse;
 use crate::harness::java_rest::JavaRest;
 use crate::harness::vending::{EXPIRED_SECRET, VendingCatalog};
 use crate::harness::{
-    Relay, RelayProcess, Rustberg, SeaweedFs, Served, duckdb_extensions, forward, icerelay, python, serve, unique,
+    Relay, RelayProcess, Rustberg, SeaweedFs, Served, duckdb_extensions, icerelay, python, stand_in, unique,
 };
 
 /// A replica catalog of the tests.
@@ -979,20 +979,15 @@ fn java_uri(replica: Replica) -> String {
 /// A stand-in for a catalog that has no registerTable: `POST .../register`
 /// answers 404 as an unknown route would; everything else goes to `upstream`.
 async fn without_register(upstream: &str) -> Served {
-    let upstream = upstream.to_owned();
-    let http = reqwest::Client::new();
-    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
-        let (upstream, http) = (upstream.clone(), http.clone());
-        async move {
-            let (parts, body) = request.into_parts();
-            if parts.method == axum::http::Method::POST && parts.uri.path().ends_with("/register") {
-                let error = json!({"error": {"message": "no route for this request", "type": "NotFoundException", "code": 404}});
-                return (axum::http::StatusCode::NOT_FOUND, axum::Json(error)).into_response();
-            }
-            forward(&http, &upstream, &parts, body).await.into_response()
+    stand_in(upstream, |upstream, parts, body| async move {
+        if parts.method == axum::http::Method::POST && parts.uri.path().ends_with("/register") {
+            let error =
+                json!({"error": {"message": "no route for this request", "type": "NotFoundException", "code": 404}});
+            return (axum::http::StatusCode::NOT_FOUND, axum::Json(error)).into_response();
         }
-    });
-    serve(app).await
+        upstream.forward(&parts, body).await.into_response()
+    })
+    .await
 }
 
 /// icerelay replicating a fresh namespace (`prefix_...`) of a new rustberg

@@ -14,7 +14,7 @@ use axum::body::Bytes;
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
-use crate::harness::{Relay, Rustberg, Served, forward, serve, unique};
+use crate::harness::{Relay, Rustberg, Served, stand_in, unique};
 use crate::replication::{
     Replica, history, ident, lane_status, local_primary_toml, read_catalog, relay_toml_for, wait_status, write_with,
 };
@@ -38,12 +38,9 @@ struct Stale {
 
 /// Forwards everything to `primary`; loads of the table follow [`Stale`].
 async fn stale_primary(primary: &Rustberg, stale: Arc<Mutex<Stale>>) -> Served {
-    let upstream = primary.uri.clone();
-    let http = reqwest::Client::new();
-    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
-        let (upstream, http, stale) = (upstream.clone(), http.clone(), stale.clone());
+    stand_in(&primary.uri, move |upstream, parts, body| {
+        let stale = stale.clone();
         async move {
-            let (parts, body) = request.into_parts();
             // A lane's full load (reconcile's quick look asks `snapshots=refs`).
             let is_load = parts.method == axum::http::Method::GET
                 && !parts.uri.query().is_some_and(|q| q.contains("snapshots=refs"))
@@ -64,7 +61,7 @@ async fn stale_primary(primary: &Rustberg, stale: Arc<Mutex<Stale>>) -> Served {
                     s.loads_after_replay += 1;
                 }
             }
-            let answer = forward(&http, &upstream, &parts, body).await;
+            let answer = upstream.forward(&parts, body).await;
             if is_load && answer.status.is_success() {
                 let mut s = stale.lock().expect("lock");
                 if s.keep_next {
@@ -74,8 +71,8 @@ async fn stale_primary(primary: &Rustberg, stale: Arc<Mutex<Stale>>) -> Served {
             }
             answer.into_response()
         }
-    });
-    serve(app).await
+    })
+    .await
 }
 
 fn snapshot_ids(written: &Value) -> Vec<i64> {

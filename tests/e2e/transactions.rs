@@ -13,7 +13,7 @@ use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
 use crate::harness::java_rest::JavaRest;
-use crate::harness::{RelayProcess, Rustberg, SeaweedFs, Served, forward, python, serve, unique};
+use crate::harness::{RelayProcess, Rustberg, SeaweedFs, Served, python, stand_in, unique};
 use crate::replication::{
     Replica, history, ident, lane_status, local_primary_toml, read_catalog, relay_toml_for, relay_toml_from,
     wait_replicated,
@@ -253,21 +253,15 @@ async fn multi_table_transactions_reach_seaweedfs_whole() {
 /// operation (406 `UnsupportedOperationException`). No catalog here lacks
 /// the endpoint, so this is the only way to see the fallback end to end.
 async fn without_transactions(behind: &Rustberg) -> Served {
-    let upstream = behind.uri.clone();
-    let http = reqwest::Client::new();
-    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
-        let (upstream, http) = (upstream.clone(), http.clone());
-        async move {
-            let (parts, body) = request.into_parts();
-            if parts.uri.path().ends_with("/transactions/commit") {
-                let error = json!({"error": {"message": "multi-table commits are not supported",
-                                             "type": "UnsupportedOperationException", "code": 406}});
-                return (axum::http::StatusCode::NOT_ACCEPTABLE, axum::Json(error)).into_response();
-            }
-            forward(&http, &upstream, &parts, body).await.into_response()
+    stand_in(&behind.uri, |upstream, parts, body| async move {
+        if parts.uri.path().ends_with("/transactions/commit") {
+            let error = json!({"error": {"message": "multi-table commits are not supported",
+                                         "type": "UnsupportedOperationException", "code": 406}});
+            return (axum::http::StatusCode::NOT_ACCEPTABLE, axum::Json(error)).into_response();
         }
-    });
-    serve(app).await
+        upstream.forward(&parts, body).await.into_response()
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -329,12 +323,9 @@ struct LatePublisher {
 /// transaction, icerelay's loads of `late_path` get the table as it was
 /// before. Writers (PyIceberg) see the truth.
 async fn late_publisher(behind: &Rustberg, late: std::sync::Arc<std::sync::Mutex<LatePublisher>>) -> Served {
-    let upstream = behind.uri.clone();
-    let http = reqwest::Client::new();
-    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
-        let (upstream, http, late) = (upstream.clone(), http.clone(), late.clone());
+    stand_in(&behind.uri, move |upstream, parts, body| {
+        let late = late.clone();
         async move {
-            let (parts, body) = request.into_parts();
             let late_path = late.lock().expect("lock").late_path.clone();
             let writer =
                 parts.headers.get("user-agent").is_some_and(|v| v.to_str().unwrap_or_default().contains("PyIceberg"));
@@ -348,15 +339,15 @@ async fn late_publisher(behind: &Rustberg, late: std::sync::Arc<std::sync::Mutex
                 }
             }
             if !parts.uri.path().ends_with("/transactions/commit") {
-                return forward(&http, &upstream, &parts, body).await.into_response();
+                return upstream.forward(&parts, body).await.into_response();
             }
             let prefix = parts.uri.path().trim_end_matches("/transactions/commit");
-            let load = format!("{}{prefix}{late_path}", upstream.trim_end_matches('/'));
-            let before = match http.get(&load).send().await {
+            let load = format!("{}{prefix}{late_path}", upstream.uri.trim_end_matches('/'));
+            let before = match upstream.http.get(&load).send().await {
                 Ok(answer) => answer.bytes().await.ok(),
                 Err(_) => None,
             };
-            let answer = forward(&http, &upstream, &parts, body).await;
+            let answer = upstream.forward(&parts, body).await;
             if answer.status.is_success() {
                 let mut late = late.lock().expect("lock");
                 late.before = before;
@@ -364,8 +355,8 @@ async fn late_publisher(behind: &Rustberg, late: std::sync::Arc<std::sync::Mutex
             }
             answer.into_response()
         }
-    });
-    serve(app).await
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -416,10 +416,44 @@ impl axum::response::IntoResponse for Answer {
     }
 }
 
+/// The real catalog behind a stand-in (see [`stand_in`]).
+#[derive(Clone)]
+pub struct Upstream {
+    /// A client for it.
+    pub http: reqwest::Client,
+    /// Its base URI.
+    pub uri: String,
+}
+
+impl Upstream {
+    /// Its answer to a request as the stand-in received it (see [`forward`]).
+    pub async fn forward(&self, parts: &axum::http::request::Parts, body: axum::body::Body) -> Answer {
+        forward(&self.http, &self.uri, parts, body).await
+    }
+}
+
+/// Serves a stand-in in front of the catalog at `uri`: every request goes to
+/// `handle`, which answers it itself or forwards it to the [`Upstream`].
+pub async fn stand_in<F, Fut>(uri: &str, handle: F) -> Served
+where
+    F: Fn(Upstream, axum::http::request::Parts, axum::body::Body) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = axum::response::Response> + Send + 'static,
+{
+    let upstream = Upstream { http: reqwest::Client::new(), uri: uri.to_owned() };
+    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let (upstream, handle) = (upstream.clone(), handle.clone());
+        async move {
+            let (parts, body) = request.into_parts();
+            handle(upstream, parts, body).await
+        }
+    });
+    serve(app).await
+}
+
 /// Forwards a stand-in's request to `upstream` (a catalog's base URI) as it
 /// came: method, path and query, body and content type. An upstream that
 /// cannot be reached answers 502.
-pub async fn forward(
+async fn forward(
     http: &reqwest::Client,
     upstream: &str,
     parts: &axum::http::request::Parts,
