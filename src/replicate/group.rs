@@ -9,9 +9,10 @@
 //!
 //! - a member whose next commit is not its part yet (earlier commits still
 //!   to replay, a replica not made, a paused or failed lane, a primary that
-//!   does not show that table's part yet) is **waited for**: the lane stops and records what it waits for. The member gets
-//!   there on its own (its own changes ask it for work), and reconcile looks
-//!   at waiting lanes every pass;
+//!   does not show that table's part yet) is **waited for**: the lane stops
+//!   and records what it waits for. The member gets there on its own (its
+//!   own changes ask it for work), and reconcile looks at waiting lanes
+//!   every pass;
 //! - once every member's next commit is its part, the lane of the first
 //!   member table (by name) copies every member's files and sends all parts
 //!   in one `transactions/commit`, which the catalog applies entirely or not
@@ -24,9 +25,10 @@
 //! as unsupported), each table is committed on its own and the status API
 //! says so per destination. A member that can no longer take part (its
 //! source table was dropped, renamed or replaced, or expired the part, its
-//! replica was promoted or already has its part) is left out; so is a member whose part the
-//! replica would take in more than one commit, and then the others commit
-//! alone (a part of several commits cannot go in one transaction).
+//! replica was promoted or already has its part) is left out; so is a member
+//! whose part the replica would take in more than one commit, and then the
+//! others commit alone (a part of several commits cannot go in one
+//! transaction).
 //!
 //! The run that commits writes, for the other members, only what cannot go
 //! wrong whoever else runs them: their replicated snapshots and status. Their

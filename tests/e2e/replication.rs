@@ -871,10 +871,11 @@ async fn history_a_catalog_would_refuse_fails_with_the_rule_and_the_remedy() {
     let current = seaweed_catalog(source).load_table(&ident(&table)).await.expect("load").expect("table");
     let source_rows = source_rows(&table).await;
     for way in [OldHistory::Probed, OldHistory::ProbedWithoutRegister, OldHistory::CreateTransaction] {
-        let (java, uri) = way.catalog().await;
+        let (server, uri) = way.catalog().await;
+        let java = Replica::Java(server);
         let state = tempfile::tempdir().expect("state");
         let toml = relay_toml(java, &ns, state.path(), "")
-            .replace(&java_uri(java), &uri)
+            .replace(&server.uri, &uri)
             .replace("name = \"dr\"\n", &format!("name = \"dr\"\n{}\n", way.destination_setting()));
         let relay = Relay::start(&toml).await;
         let location = current.metadata_location.clone().expect("location");
@@ -938,17 +939,17 @@ enum OldHistory {
 
 impl OldHistory {
     /// The Java catalog the replica lands in, and the URI icerelay is given for it.
-    async fn catalog(self) -> (Replica, String) {
+    async fn catalog(self) -> (&'static JavaRest, String) {
         match self {
-            Self::Probed => (Replica::Java(JavaRest::shared()), JavaRest::shared().uri.clone()),
+            Self::Probed => (JavaRest::shared(), JavaRest::shared().uri.clone()),
             Self::ProbedWithoutRegister => {
                 let java: &'static JavaRest = Box::leak(Box::new(JavaRest::start("no-register")));
                 let stand_in: &'static Served = Box::leak(Box::new(without_register(&java.uri).await));
-                (Replica::Java(java), stand_in.url.clone())
+                (java, stand_in.url.clone())
             }
             Self::CreateTransaction => {
                 let java: &'static JavaRest = Box::leak(Box::new(JavaRest::start("create-transaction")));
-                (Replica::Java(java), java.uri.clone())
+                (java, java.uri.clone())
             }
         }
     }
@@ -966,13 +967,6 @@ impl OldHistory {
             Self::ProbedWithoutRegister => "create-transaction+replay: probed: registerTable is refused (",
             Self::CreateTransaction => "create-transaction+replay: configured",
         }
-    }
-}
-
-fn java_uri(replica: Replica) -> String {
-    match replica {
-        Replica::Java(j) => j.uri.clone(),
-        Replica::Seaweed(_) | Replica::Rustberg(_) => unreachable!("a Java catalog"),
     }
 }
 
