@@ -30,7 +30,7 @@ start() {
     "$port" "$dir/wh" "$dir/data" </dev/null >>"$dir/java-rest.log" 2>&1 &
   local pid=$!
   echo "$pid" > "$dir/java-rest.pid"
-  watch_server "$pid" "$dir/java-rest.pid" 5
+  watch_server "$pid" "$dir/wh" 5
   local deadline=$(( $(date +%s) + ${STARTUP_TIMEOUT:-60} ))
   until [ "$(curl -s -o /dev/null -w '%{http_code}' "$uri/v1/config" || true)" = 200 ]; do
     kill -0 "$pid" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ] \

@@ -30,7 +30,7 @@ start() {
       </dev/null >>"$dir/rustberg.log" 2>&1 &
     local pid=$!
     echo "$pid" > "$dir/rustberg.pid"
-    watch_server "$pid" "$dir/rustberg.pid" 5
+    watch_server "$pid" "$dir/wh" 5
   fi
   local deadline=$(( $(date +%s) + ${STARTUP_TIMEOUT:-30} ))
   until [ "$(curl -s -o /dev/null -w '%{http_code}' "$uri/v1/config?warehouse=$wh" || true)" = 200 ]; do

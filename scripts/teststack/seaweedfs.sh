@@ -51,7 +51,7 @@ start() {
       </dev/null >>"$log" 2>&1 &
     local pid=$!
     echo "$pid" > "$pid_file"
-    watch_server "$pid" "$pid_file" 10
+    watch_server "$pid" "$dir/data" 10
   fi
   local deadline=$(( $(date +%s) + ${STARTUP_TIMEOUT:-60} )) token prefix=""
   while :; do
