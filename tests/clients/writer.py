@@ -55,6 +55,22 @@ def batch(start, n):
     return pa.table(cols)
 
 
+def ensure_namespace(ns):
+    # Writers run in parallel on one namespace. SeaweedFS answers 500 ("attribute
+    # not found: s3tables.metadata") to a namespace another request is still
+    # creating, so a server error here is retried briefly before it counts.
+    import time
+    from pyiceberg.exceptions import ServerError
+    for attempt in range(20):
+        try:
+            cat.create_namespace_if_not_exists(ns)
+            return
+        except ServerError:
+            if attempt == 19:
+                raise
+            time.sleep(0.25)
+
+
 def rows(table, sid):
     data = table.scan(snapshot_id=sid).to_arrow().to_pylist()
     return sorted(json.loads(json.dumps(data, default=str)), key=lambda r: json.dumps(r, sort_keys=True))
@@ -81,7 +97,7 @@ with_rows = True
 for op in ops:
     kind = op["op"]
     if kind == "create":
-        cat.create_namespace_if_not_exists(ns)
+        ensure_namespace(ns)
         schema = Schema(
             NestedField(1, "id", LongType(), required=False),
             NestedField(2, "ts", TimestampType(), required=False),
