@@ -25,6 +25,8 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use serde_json::Value;
 
+mod cpu;
+
 use crate::rewrite::manifest_list::ManifestList;
 use crate::rewrite::metadata::{self, Reference, ReferenceKind};
 use crate::rewrite::{PathMap, RewriteError, avro, manifest, manifest_list, position_deletes, puffin};
@@ -203,6 +205,11 @@ impl TableCopier {
         self
     }
 
+    /// Threads for decoding and rewriting (see [`cpu`]).
+    fn cpu_threads(&self) -> usize {
+        cpu::threads(self.manifest_parallelism)
+    }
+
     fn storage(&self) -> &Arc<Storage> {
         self.copier.storage()
     }
@@ -265,29 +272,26 @@ impl TableCopier {
     /// all; step 2 reads the others again, so that memory does not grow with
     /// the table's history.
     async fn read_lists(&self, lists: Vec<Reference>, run: &Run<'_>) -> Result<Listed, TableCopyError> {
-        let budget = Arc::new(AtomicUsize::new(KEPT_LISTS_LIMIT));
+        let budget = AtomicUsize::new(KEPT_LISTS_LIMIT);
         let mut listed = Listed::default();
-        let mut read_lists = futures::stream::iter(lists)
-            .map(|reference| {
-                let budget = budget.clone();
-                async move {
-                    if self.is_done(&reference.source, &reference.target).await? {
-                        return Ok::<_, TableCopyError>((reference, ListRead::Done));
-                    }
-                    let bytes = self.storage().read(&reference.source, MANIFEST_LIMIT).await?;
-                    let source = reference.source.clone();
-                    let read = on_cpu(move || {
-                        let mut list = ManifestList::read(&bytes, &source)?;
-                        let manifests = list.manifest_paths(&source)?;
-                        list.shrink_to_fit();
-                        let kept = reserve(&budget, list.held_bytes()).then(|| Box::new(list));
-                        Ok(ListRead::Read { manifests, kept })
-                    })
-                    .await?;
-                    Ok((reference, read))
+        let reads = futures::stream::iter(lists)
+            .map(|reference| async move {
+                if self.is_done(&reference.source, &reference.target).await? {
+                    return Ok((reference, None));
                 }
+                let bytes = self.storage().read(&reference.source, MANIFEST_LIMIT).await?;
+                Ok((reference, Some(bytes)))
             })
-            .buffered(self.manifest_parallelism);
+            .buffer_unordered(self.manifest_parallelism);
+        let decode = move |(reference, bytes): (Reference, Option<Bytes>)| {
+            let Some(bytes) = bytes else { return Ok((reference, ListRead::Done)) };
+            let mut list = ManifestList::read(&bytes, &reference.source)?;
+            let manifests = list.manifest_paths(&reference.source)?;
+            list.shrink_to_fit();
+            let kept = reserve(&budget, list.held_bytes()).then(|| Box::new(list));
+            Ok((reference, ListRead::Read { manifests, kept }))
+        };
+        let mut read_lists = std::pin::pin!(cpu::map(reads, self.cpu_threads(), decode));
         // Taken in as they come: a long history lists each manifest many times.
         while let Some((reference, read)) = read_lists.try_next().await? {
             match read {
@@ -323,25 +327,19 @@ impl TableCopier {
                 None => pending.push(path.clone()),
             }
         }
-        let budget = Arc::new(AtomicUsize::new(PREPARED_LIMIT));
-        let prepared = futures::stream::iter(pending)
-            .map(|path| {
-                let (map, budget) = (run.map.clone(), budget.clone());
-                let copy_data_files = self.copy_data_files;
-                async move {
-                    let bytes = self.storage().read(&path, MANIFEST_LIMIT).await?;
-                    let (path, prepared) = on_cpu(move || {
-                        let prepared = prepare(&bytes, &path, &map, copy_data_files, &budget)?;
-                        Ok((path, prepared))
-                    })
-                    .await?;
-                    Ok::<_, TableCopyError>(prepared.map(|p| (path, p)))
-                }
+        let budget = AtomicUsize::new(PREPARED_LIMIT);
+        let (map, copy_data_files) = (run.map.clone(), self.copy_data_files);
+        let reads = futures::stream::iter(pending)
+            .map(|path| async move {
+                let bytes = self.storage().read(&path, MANIFEST_LIMIT).await?;
+                Ok((path, bytes))
             })
-            .buffer_unordered(self.manifest_parallelism)
-            .try_filter_map(|p| async move { Ok(p) })
-            .try_collect()
-            .await?;
+            .buffer_unordered(self.manifest_parallelism);
+        let check = move |(path, bytes): (String, Bytes)| {
+            Ok(prepare(&bytes, &path, &map, copy_data_files, &budget)?.map(|prepared| (path, prepared)))
+        };
+        let prepared =
+            cpu::map(reads, self.cpu_threads(), check).try_filter_map(|p| async move { Ok(p) }).try_collect().await?;
         Ok(Checked { prepared: Mutex::new(prepared), done })
     }
 
@@ -371,24 +369,36 @@ impl TableCopier {
         lists: Vec<(Reference, Option<Box<ManifestList>>)>,
         run: &Run<'_>,
     ) -> Result<Vec<(i64, String)>, TableCopyError> {
-        let lengths = Arc::new(run.manifest_lengths.lock().map(|l| l.clone()).unwrap_or_default());
-        futures::stream::iter(lists)
-            .map(|(reference, kept)| {
-                let (map, lengths) = (run.map.clone(), lengths.clone());
-                let source = reference.source.clone();
-                async move {
-                    let out = match kept {
-                        Some(list) => on_cpu(move || list.rewrite(&source, &map, &lengths)).await?,
-                        None => {
-                            let bytes = self.storage().read(&source, MANIFEST_LIMIT).await?;
-                            on_cpu(move || ManifestList::read(&bytes, &source)?.rewrite(&source, &map, &lengths))
-                                .await?
-                        }
-                    };
-                    let outcome = self.put_rewritten_avro(&reference.source, &reference.target, out).await?;
-                    run.count(outcome);
-                    Ok::<_, TableCopyError>((reference.snapshot_id.unwrap_or_default(), reference.target))
-                }
+        /// A list to rewrite: as kept by the first read, or read again.
+        enum ToRewrite {
+            Kept(Box<ManifestList>),
+            Read(Bytes),
+        }
+        let lengths = run.manifest_lengths.lock().map(|l| l.clone()).unwrap_or_default();
+        let map = run.map.clone();
+        let inputs = futures::stream::iter(lists)
+            .map(|(reference, kept)| async move {
+                let list = match kept {
+                    Some(list) => ToRewrite::Kept(list),
+                    None => ToRewrite::Read(self.storage().read(&reference.source, MANIFEST_LIMIT).await?),
+                };
+                Ok((reference, list))
+            })
+            .buffer_unordered(self.manifest_parallelism);
+        let rewrite = move |(reference, list): (Reference, ToRewrite)| {
+            let source = &reference.source;
+            let out = match list {
+                ToRewrite::Kept(list) => list.rewrite(source, &map, &lengths)?,
+                ToRewrite::Read(bytes) => ManifestList::read(&bytes, source)?.rewrite(source, &map, &lengths)?,
+            };
+            Ok((reference, out))
+        };
+        cpu::map(inputs, self.cpu_threads(), rewrite)
+            .map(|rewritten| async move {
+                let (reference, out) = rewritten?;
+                let outcome = self.put_rewritten_avro(&reference.source, &reference.target, out).await?;
+                run.count(outcome);
+                Ok((reference.snapshot_id.unwrap_or_default(), reference.target))
             })
             .buffer_unordered(self.manifest_parallelism)
             .try_collect()
