@@ -32,6 +32,7 @@
 //! corrupt value is copied to a replica; block sizes, record counts, and
 //! what Snappy and deflate blocks expand to are checked here.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -580,6 +581,7 @@ impl Records {
             let slot = match find(&self.header.schema, path, &resolved, file)? {
                 None => None,
                 Some(schema) => Some(SlotCodec {
+                    simple: Simple::of(schema),
                     reader: GenericDatumReader::builder(schema)
                         .resolved_writer_schemata(resolved.clone())
                         .build()
@@ -607,8 +609,126 @@ pub struct Fields<'r> {
 }
 
 struct SlotCodec<'s> {
+    /// Set for a long, int or string slot, which is decoded and encoded
+    /// here: through `apache-avro`, each value of the millions a large
+    /// table has was allocated, and each new one validated against the schema.
+    simple: Option<Simple>,
     reader: GenericDatumReader<'s>,
     writer: GenericDatumWriter<'s>,
+}
+
+/// A new value for a slot (see [`Fields::write`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Edit {
+    /// Any value of the field's Avro type.
+    Value(Value),
+    /// A number for a long or int field (nullable or not), keeping its type.
+    Long(i64),
+    /// Text for a string field (nullable or not).
+    Text(String),
+}
+
+/// The type of a slot simple enough to decode and encode without
+/// `apache-avro`: a long, an int or a string, alone or in a union with null.
+#[derive(Debug, Clone, Copy)]
+struct Simple {
+    kind: SimpleKind,
+    /// For a union with null: the branch index of null and of the value.
+    nullable: Option<(i64, i64)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SimpleKind {
+    Long,
+    Int,
+    Text,
+}
+
+/// A simple slot's value, borrowed from the records.
+enum SimpleValue<'d> {
+    Null,
+    Number(i64),
+    Text(&'d [u8]),
+}
+
+impl Simple {
+    fn of(schema: &Schema) -> Option<Self> {
+        let kind = |schema: &Schema| match schema {
+            Schema::Long => Some(SimpleKind::Long),
+            Schema::Int => Some(SimpleKind::Int),
+            Schema::String => Some(SimpleKind::Text),
+            _ => None,
+        };
+        if let Schema::Union(union) = schema {
+            return match union.variants() {
+                [Schema::Null, other] => Some(Self { kind: kind(other)?, nullable: Some((0, 1)) }),
+                [other, Schema::Null] => Some(Self { kind: kind(other)?, nullable: Some((1, 0)) }),
+                _ => None,
+            };
+        }
+        Some(Self { kind: kind(schema)?, nullable: None })
+    }
+
+    /// Decodes the value that the walk accepted in `bytes` (a slot's span);
+    /// `None` if the bytes are not what the walk accepts.
+    fn decode<'d>(&self, bytes: &'d [u8]) -> Option<SimpleValue<'d>> {
+        let mut at = 0;
+        if let Some((null, _)) = self.nullable
+            && read_long(bytes, &mut at)? == null
+        {
+            return Some(SimpleValue::Null);
+        }
+        let value = match self.kind {
+            SimpleKind::Long | SimpleKind::Int => SimpleValue::Number(read_long(bytes, &mut at)?),
+            SimpleKind::Text => {
+                let len = usize::try_from(read_long(bytes, &mut at)?).ok()?;
+                let text = bytes.get(at..at.checked_add(len)?)?;
+                at += len;
+                SimpleValue::Text(text)
+            }
+        };
+        (at == bytes.len()).then_some(value)
+    }
+
+    /// Encodes `edit` onto `out` if it is a value of this type.
+    fn encode(&self, edit: &Edit, out: &mut Vec<u8>) -> bool {
+        let branch = |out: &mut Vec<u8>| {
+            if let Some((_, value)) = self.nullable {
+                put_long(out, value);
+            }
+        };
+        match (self.kind, edit) {
+            (SimpleKind::Long, Edit::Long(n)) => {
+                branch(out);
+                put_long(out, *n);
+            }
+            (SimpleKind::Int, Edit::Long(n)) if i32::try_from(*n).is_ok() => {
+                branch(out);
+                put_long(out, *n);
+            }
+            (SimpleKind::Text, Edit::Text(text)) => {
+                branch(out);
+                put_long(out, text.len() as i64);
+                out.extend_from_slice(text.as_bytes());
+            }
+            _ => return false,
+        }
+        true
+    }
+}
+
+/// Reads a zigzag varint at `bytes[*at..]`, moving `at` past it.
+fn read_long(bytes: &[u8], at: &mut usize) -> Option<i64> {
+    let mut raw = 0u64;
+    for shift in (0..70).step_by(7) {
+        let byte = *bytes.get(*at)?;
+        *at += 1;
+        raw |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some((raw >> 1) as i64 ^ -((raw & 1) as i64));
+        }
+    }
+    None
 }
 
 impl Fields<'_> {
@@ -620,19 +740,95 @@ impl Fields<'_> {
     /// The value of `slot` in `record`; `None` if the schema lacks the field.
     pub fn value(&self, record: usize, slot: usize, file: &str) -> Result<Option<Value>, RewriteError> {
         let Some(Some(codec)) = self.slots.get(slot) else { return Ok(None) };
-        let span = self.records.span(record, Some(slot));
-        let mut bytes = &self.records.data[span.start as usize..span.end as usize];
+        let mut bytes = self.bytes(record, slot);
         codec.reader.read_value(&mut bytes).map(Some).map_err(|e| RewriteError::avro(file, e))
+    }
+
+    /// The number in `slot` of `record` (an int or a long, nullable or not);
+    /// `None` if the schema lacks the field, or it is null or not a number.
+    pub fn long(&self, record: usize, slot: usize, file: &str) -> Result<Option<i64>, RewriteError> {
+        match self.simple(record, slot, file)? {
+            Some(SimpleValue::Number(n)) => Ok(Some(n)),
+            Some(_) => Ok(None),
+            None => Ok(self.value(record, slot, file)?.as_ref().and_then(as_long)),
+        }
+    }
+
+    /// The text in `slot` of `record` (a string, nullable or not); `None` if
+    /// the schema lacks the field, or it is null or not a string.
+    pub fn text(&self, record: usize, slot: usize, file: &str) -> Result<Option<Cow<'_, str>>, RewriteError> {
+        match self.simple(record, slot, file)? {
+            Some(SimpleValue::Text(text)) => std::str::from_utf8(text)
+                .map(|text| Some(Cow::Borrowed(text)))
+                .map_err(|_| invalid(file, format!("`{}` is not UTF-8", self.records.paths[slot].join(".")))),
+            Some(_) => Ok(None),
+            None => Ok(self.value(record, slot, file)?.and_then(|v| match into_unwrapped(v) {
+                Value::String(s) => Some(Cow::Owned(s)),
+                _ => None,
+            })),
+        }
+    }
+
+    /// The value of a simple slot; `None` if the slot is not simple.
+    fn simple(&self, record: usize, slot: usize, file: &str) -> Result<Option<SimpleValue<'_>>, RewriteError> {
+        let Some(Some(SlotCodec { simple: Some(simple), .. })) = self.slots.get(slot) else { return Ok(None) };
+        simple.decode(self.bytes(record, slot)).map(Some).ok_or_else(|| {
+            invalid(file, format!("`{}` of record {record} is corrupt", self.records.paths[slot].join(".")))
+        })
+    }
+
+    fn bytes(&self, record: usize, slot: usize) -> &[u8] {
+        let span = self.records.span(record, Some(slot));
+        &self.records.data[span.start as usize..span.end as usize]
+    }
+
+    /// Encodes `edit` for `slot` onto `out`.
+    fn encode(
+        &self,
+        record: usize,
+        slot: usize,
+        edit: &Edit,
+        out: &mut Vec<u8>,
+        file: &str,
+    ) -> Result<(), RewriteError> {
+        let Some(Some(codec)) = self.slots.get(slot) else { return Ok(()) };
+        if let Some(simple) = codec.simple
+            && simple.encode(edit, out)
+        {
+            return Ok(());
+        }
+        // Any other field type: the record's own value, changed, through
+        // `apache-avro`, which keeps the union branch and checks the type.
+        let replaced;
+        let value = match edit {
+            Edit::Value(value) => value,
+            Edit::Long(_) | Edit::Text(_) => {
+                let mut value = self.value(record, slot, file)?.unwrap_or(Value::Null);
+                let fits = match edit {
+                    Edit::Long(n) => replace_long(&mut value, *n),
+                    Edit::Text(text) => replace_string(&mut value, text.clone()),
+                    Edit::Value(_) => false,
+                };
+                if !fits {
+                    let field = self.records.paths[slot].join(".");
+                    return Err(invalid(file, format!("`{field}` cannot hold {edit:?}")));
+                }
+                replaced = value;
+                &replaced
+            }
+        };
+        codec.writer.write_value_ref(out, value).map(drop).map_err(|e| RewriteError::avro(file, e))
     }
 
     /// Writes every record with the header kept (see [`write()`]), each record
     /// as read except for the slots `edit` replaces: it is called with each
     /// record's index and fills in `(slot, new value)` pairs. A new value must
-    /// have the field's type; it is validated against the schema.
+    /// have the field's type: a [`Edit::Value`] is validated against the
+    /// schema, a number or text must suit the field.
     pub fn write(
         &self,
         file: &str,
-        mut edit: impl FnMut(usize, &mut Vec<(usize, Value)>) -> Result<(), RewriteError>,
+        mut edit: impl FnMut(usize, &mut Vec<(usize, Edit)>) -> Result<(), RewriteError>,
     ) -> Result<Vec<u8>, RewriteError> {
         let records = self.records;
         // A little more than the original: paths may grow, and deflate at
@@ -655,9 +851,7 @@ impl Fields<'_> {
                     return Err(invalid(file, format!("field {:?} is replaced twice", records.paths[*slot].join("."))));
                 }
                 blocks.record().extend_from_slice(&records.data[at..span.start as usize]);
-                if let Some(Some(codec)) = self.slots.get(*slot) {
-                    codec.writer.write_value_ref(blocks.record(), value).map_err(|e| RewriteError::avro(file, e))?;
-                }
+                self.encode(record, *slot, value, blocks.record(), file)?;
                 at = span.end as usize;
             }
             blocks.record().extend_from_slice(&records.data[at..whole.end as usize]);
@@ -1085,7 +1279,14 @@ mod tests {
                 "file".into(),
                 Value::Record(vec![
                     ("sums".into(), Value::Array(sums.collect())),
-                    ("path".into(), Value::Union(1, Box::new(Value::String(format!("s3://w/data/{i:06}.parquet"))))),
+                    (
+                        "path".into(),
+                        if i % 7 == 3 {
+                            Value::Union(0, Box::new(Value::Null))
+                        } else {
+                            Value::Union(1, Box::new(Value::String(format!("s3://w/data/{i:06}.parquet"))))
+                        },
+                    ),
                     ("hash".into(), Value::Fixed(4, vec![1, 2, 3, i as u8])),
                     ("size".into(), Value::Long(i * 1000)),
                     (
@@ -1148,24 +1349,40 @@ mod tests {
                         fields.value(i, 0, "f.avro").expect("status").as_ref().and_then(as_long),
                         long(record, "status")
                     );
+                    assert_eq!(fields.long(i, 0, "f.avro").expect("status"), long(record, "status"));
                     assert_eq!(fields.value(i, 3, "f.avro").expect("absent"), None);
+                    assert_eq!(fields.long(i, 3, "f.avro").expect("absent"), None);
                     let file = field_mut(record, "file").expect("file");
-                    let path = string(file, "path").expect("path").replace("s3://w", "s3://replica/x");
-                    assert!(set_string(file, "path", path));
+                    assert_eq!(fields.text(i, 1, "f.avro").expect("path").as_deref(), string(file, "path"));
+                    assert_eq!(fields.long(i, 2, "f.avro").expect("size"), long(file, "size"));
+                    if let Some(path) = string(file, "path").map(|p| p.replace("s3://w", "s3://replica/x")) {
+                        assert!(set_string(file, "path", path));
+                    }
                     if i % 5 == 0 {
                         assert!(set_long(file, "size", 1 << 40));
                     }
                 }
+                // Half of the edits as values through `apache-avro`, half
+                // encoded here: the same bytes either way.
                 let spliced = fields
                     .write("f.avro", |i, edits| {
-                        let mut path = fields.value(i, 1, "f.avro")?.expect("path");
-                        let new = as_str(&path).expect("string").replace("s3://w", "s3://replica/x");
-                        assert!(replace_string(&mut path, new));
-                        edits.push((1, path));
-                        if i % 5 == 0 {
+                        if i % 2 == 0 {
+                            if let Some(path) = fields.text(i, 1, "f.avro")? {
+                                edits.push((1, Edit::Text(path.replace("s3://w", "s3://replica/x"))));
+                            }
+                        } else {
+                            let mut path = fields.value(i, 1, "f.avro")?.expect("path");
+                            if let Some(new) = as_str(&path).map(|p| p.replace("s3://w", "s3://replica/x")) {
+                                assert!(replace_string(&mut path, new));
+                                edits.push((1, Edit::Value(path)));
+                            }
+                        }
+                        if i % 10 == 0 {
+                            edits.push((2, Edit::Long(1 << 40)));
+                        } else if i % 5 == 0 {
                             let mut size = fields.value(i, 2, "f.avro")?.expect("size");
                             assert!(replace_long(&mut size, 1 << 40));
-                            edits.push((2, size));
+                            edits.push((2, Edit::Value(size)));
                         }
                         Ok(())
                     })
@@ -1198,20 +1415,28 @@ mod tests {
         let bytes = rich_file(Codec::Null, 3);
         let records = Records::read(&bytes, "f.avro", RICH_FIELDS).expect("records");
         let fields = records.fields("f.avro").expect("fields");
-        let e = fields.write("f.avro", |_, edits| {
-            edits.push((2, Value::String("not a long".into())));
-            Ok(())
-        });
-        assert!(e.is_err());
+        let wrong = [
+            (2, Edit::Value(Value::String("not a long".into()))),
+            (2, Edit::Text("not a long".into())),
+            (1, Edit::Long(1)),
+            (0, Edit::Long(1 << 40)),
+        ];
+        for (slot, edit) in wrong {
+            let e = fields.write("f.avro", |_, edits| {
+                edits.push((slot, edit.clone()));
+                Ok(())
+            });
+            assert!(e.is_err(), "{edit:?} into slot {slot}");
+        }
         for slot in [3, 99] {
             let e = fields.write("f.avro", |_, edits| {
-                edits.push((slot, Value::Long(1)));
+                edits.push((slot, Edit::Long(1)));
                 Ok(())
             });
             assert!(e.is_err(), "slot {slot}: a field the schema lacks cannot be replaced");
         }
         let twice = fields.write("f.avro", |_, edits| {
-            edits.extend([(2, Value::Long(1)), (2, Value::Long(2))]);
+            edits.extend([(2, Edit::Long(1)), (2, Edit::Long(2))]);
             Ok(())
         });
         assert!(twice.is_err(), "a field replaced twice");

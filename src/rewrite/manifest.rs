@@ -16,7 +16,9 @@ use std::collections::HashMap;
 
 use apache_avro::types::Value;
 
-use super::avro::{self, as_long, as_str, field, field_mut, replace_long, replace_string, unwrap_union_mut};
+use std::borrow::Cow;
+
+use super::avro::{self, Edit, field, field_mut, unwrap_union_mut};
 use super::{PathMap, RewriteError};
 
 /// `status`, field id 0: 0 existing, 1 added, 2 deleted.
@@ -201,9 +203,7 @@ fn status_and_content(
     record: usize,
     file: &str,
 ) -> Result<(i64, FileContent), RewriteError> {
-    let long = |slot| -> Result<Option<i64>, RewriteError> {
-        Ok(fields.value(record, slot, file)?.as_ref().and_then(as_long))
-    };
+    let long = |slot| fields.long(record, slot, file);
     let status = long(SLOT_STATUS)?.ok_or_else(|| invalid(file, format!("an entry has no `{STATUS}`")))?;
     let content = match long(SLOT_CONTENT)?.unwrap_or(0) {
         0 => FileContent::Data,
@@ -221,67 +221,57 @@ fn entry(
     content: FileContent,
     file: &str,
 ) -> Result<ManifestEntry, RewriteError> {
-    let string = |slot| -> Result<Option<String>, RewriteError> {
-        Ok(fields.value(record, slot, file)?.and_then(|v| match avro::into_unwrapped(v) {
-            Value::String(s) => Some(s),
-            _ => None,
-        }))
-    };
+    let string =
+        |slot| -> Result<Option<String>, RewriteError> { Ok(fields.text(record, slot, file)?.map(Cow::into_owned)) };
     Ok(ManifestEntry {
         status,
         path: string(SLOT_FILE_PATH)?.ok_or_else(|| invalid(file, format!("an entry has no `{FILE_PATH}`")))?,
         content,
         format: string(SLOT_FILE_FORMAT)?.unwrap_or_else(|| "PARQUET".to_owned()),
-        size: fields.value(record, SLOT_FILE_SIZE, file)?.as_ref().and_then(as_long).unwrap_or(0),
+        size: fields.long(record, SLOT_FILE_SIZE, file)?.unwrap_or(0),
     })
 }
 
 fn rewrite_entry(
     fields: &avro::Fields<'_>,
     record: usize,
-    edits: &mut Vec<(usize, Value)>,
+    edits: &mut Vec<(usize, Edit)>,
     file: &str,
     map: &PathMap,
     new_sizes: &HashMap<String, i64>,
 ) -> Result<(), RewriteError> {
-    let status = fields.value(record, SLOT_STATUS, file)?.as_ref().and_then(as_long).unwrap_or(0);
-    let mut path = fields
-        .value(record, SLOT_FILE_PATH, file)?
+    let status = fields.long(record, SLOT_STATUS, file)?.unwrap_or(0);
+    let source = fields
+        .text(record, SLOT_FILE_PATH, file)?
         .ok_or_else(|| invalid(file, format!("an entry has no `{FILE_PATH}`")))?;
-    let source = as_str(&path).ok_or_else(|| invalid(file, format!("an entry has no `{FILE_PATH}`")))?.to_owned();
-    replace_string(&mut path, map.rewrite(&source, file)?);
-    edits.push((SLOT_FILE_PATH, path));
+    edits.push((SLOT_FILE_PATH, Edit::Text(map.rewrite(&source, file)?)));
     // DuckDB writes an empty string rather than null when there is none.
-    if let Some(mut referenced) = fields.value(record, SLOT_REFERENCED, file)?
-        && let Some(target) = as_str(&referenced).filter(|r| !r.is_empty()).map(|r| map.rewrite(r, file)).transpose()?
-    {
-        replace_string(&mut referenced, target);
-        edits.push((SLOT_REFERENCED, referenced));
+    if let Some(referenced) = fields.text(record, SLOT_REFERENCED, file)?.filter(|r| !r.is_empty()) {
+        edits.push((SLOT_REFERENCED, Edit::Text(map.rewrite(&referenced, file)?)));
     }
     if let Some(shift) = map.sequence_shift() {
         for slot in SLOT_SEQUENCE_NUMBERS {
-            edits.extend(avro::shift_long(fields.value(record, slot, file)?, shift).map(|v| (slot, v)));
+            edits.extend(avro::shift_long(fields.value(record, slot, file)?, shift).map(|v| (slot, Edit::Value(v))));
         }
     }
-    if fields.value(record, SLOT_CONTENT, file)?.as_ref().and_then(as_long) == Some(1) {
+    if fields.long(record, SLOT_CONTENT, file)? == Some(1) {
         let mut bounds = [None, None];
         for (slot, value) in SLOT_BOUNDS.into_iter().zip(&mut bounds) {
             *value = fields.value(record, slot, file)?;
         }
         if rewrite_path_bounds(&mut bounds, map) {
             for (slot, value) in SLOT_BOUNDS.into_iter().zip(bounds) {
-                edits.extend(value.map(|v| (slot, v)));
+                edits.extend(value.map(|v| (slot, Edit::Value(v))));
             }
         }
         if status != 2 {
             let size = *new_sizes
-                .get(&source)
+                .get(source.as_ref())
                 .ok_or_else(|| invalid(file, format!("no rewritten size is known for delete file {source}")))?;
-            let mut recorded = fields.value(record, SLOT_FILE_SIZE, file)?.unwrap_or(Value::Null);
-            if !replace_long(&mut recorded, size) {
+            if fields.long(record, SLOT_FILE_SIZE, file)?.is_none() {
                 return Err(invalid(file, format!("`{FILE_SIZE_IN_BYTES}` of {source} is not a number")));
             }
-            edits.push((SLOT_FILE_SIZE, recorded));
+            edits.push((SLOT_FILE_SIZE, Edit::Long(size)));
         }
     }
     Ok(())

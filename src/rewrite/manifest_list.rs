@@ -9,9 +9,7 @@
 
 use std::collections::HashMap;
 
-use apache_avro::types::Value;
-
-use super::avro::{self, as_long, as_str, replace_long, replace_string};
+use super::avro::{self, Edit};
 use super::{PathMap, RewriteError};
 
 /// `manifest_path`, field id 500.
@@ -82,9 +80,9 @@ impl ManifestList {
     pub fn manifest_paths(&self, file: &str) -> Result<Vec<String>, RewriteError> {
         let fields = self.records.fields(file)?;
         (0..self.records.len())
-            .map(|r| match fields.value(r, SLOT_PATH, file)?.map(avro::into_unwrapped) {
-                Some(Value::String(path)) => Ok(path),
-                _ => Err(invalid(file, format!("a record has no `{MANIFEST_PATH}`"))),
+            .map(|r| match fields.text(r, SLOT_PATH, file)? {
+                Some(path) => Ok(path.into_owned()),
+                None => Err(invalid(file, format!("a record has no `{MANIFEST_PATH}`"))),
             })
             .collect()
     }
@@ -104,12 +102,11 @@ impl ManifestList {
         let fields = self.records.fields(file)?;
         (0..self.records.len())
             .map(|r| {
-                let value = |slot| fields.value(r, slot, file);
-                let long = |slot| -> Result<Option<i64>, RewriteError> { Ok(value(slot)?.as_ref().and_then(as_long)) };
-                let path = match value(SLOT_PATH)?.map(avro::into_unwrapped) {
-                    Some(Value::String(path)) => path,
-                    _ => return Err(invalid(file, format!("a record has no `{MANIFEST_PATH}`"))),
-                };
+                let long = |slot| fields.long(r, slot, file);
+                let path = fields
+                    .text(r, SLOT_PATH, file)?
+                    .ok_or_else(|| invalid(file, format!("a record has no `{MANIFEST_PATH}`")))?
+                    .into_owned();
                 Ok(ManifestFile {
                     path,
                     length: long(SLOT_LENGTH)?
@@ -128,24 +125,22 @@ impl ManifestList {
     pub fn rewrite(&self, file: &str, map: &PathMap, lengths: &HashMap<String, i64>) -> Result<Vec<u8>, RewriteError> {
         let fields = self.records.fields(file)?;
         fields.write(file, |record, edits| {
-            let mut path = fields
-                .value(record, SLOT_PATH, file)?
+            let source = fields
+                .text(record, SLOT_PATH, file)?
                 .ok_or_else(|| invalid(file, format!("a record has no `{MANIFEST_PATH}`")))?;
-            let source =
-                as_str(&path).ok_or_else(|| invalid(file, format!("a record has no `{MANIFEST_PATH}`")))?.to_owned();
             let length = *lengths
-                .get(&source)
+                .get(source.as_ref())
                 .ok_or_else(|| invalid(file, format!("no rewritten length is known for manifest {source}")))?;
-            replace_string(&mut path, map.rewrite(&source, file)?);
-            let mut recorded = fields.value(record, SLOT_LENGTH, file)?.unwrap_or(Value::Null);
-            if !replace_long(&mut recorded, length) {
+            if fields.long(record, SLOT_LENGTH, file)?.is_none() {
                 return Err(invalid(file, format!("`{MANIFEST_LENGTH}` of {source} is not a number")));
             }
-            edits.push((SLOT_PATH, path));
-            edits.push((SLOT_LENGTH, recorded));
+            edits.push((SLOT_PATH, Edit::Text(map.rewrite(&source, file)?)));
+            edits.push((SLOT_LENGTH, Edit::Long(length)));
             if let Some(shift) = map.sequence_shift() {
                 for slot in SLOT_SEQUENCE_NUMBERS {
-                    edits.extend(avro::shift_long(fields.value(record, slot, file)?, shift).map(|v| (slot, v)));
+                    edits.extend(
+                        avro::shift_long(fields.value(record, slot, file)?, shift).map(|v| (slot, Edit::Value(v))),
+                    );
                 }
             }
             Ok(())
@@ -173,6 +168,8 @@ mod tests {
     use apache_avro::Codec;
 
     use super::*;
+    use apache_avro::types::Value;
+
     use crate::rewrite::avro::{set_long, set_string, string};
     use crate::rewrite::manifest::tests::fixture;
 
