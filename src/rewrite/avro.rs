@@ -19,10 +19,10 @@
 //!   changes two or three fields of each record. [`Records::read`] walks each
 //!   record once by its schema with [`lengths::Walk`], decoding nothing, and
 //!   notes where the few fields the caller asked for lie; [`Fields`] decodes
-//!   just those with `apache-avro`, and writes records back as their
-//!   original bytes with only the replaced fields encoded anew. Every other
-//!   field is kept bit for bit, which is stronger than decoding and
-//!   re-encoding it.
+//!   just those (numbers and strings itself, other types with
+//!   `apache-avro`), and writes records back as their original bytes with
+//!   only the replaced fields encoded anew. Every other field is kept bit
+//!   for bit, which is stronger than decoding and re-encoding it.
 //!
 //! Files come from any writer and may be corrupt. That walk checks every
 //! length and count a record declares against the bytes that are there, and
@@ -992,7 +992,7 @@ fn walk(
     base: usize,
     slots: &mut [Span],
     depth: usize,
-) -> Result<(), lengths::Malformed> {
+) -> lengths::Walked<()> {
     for step in steps {
         match step {
             Step::Skip(schema) => walker.datum(schema, depth)?,

@@ -134,11 +134,14 @@ impl fmt::Display for Malformed {
     }
 }
 
+/// What a step of a walk gives: a value, or why the data is malformed.
+pub(super) type Walked<T> = Result<T, Box<Malformed>>;
+
 /// Checks the datum of `schema` at `data[*pos..]` and moves `pos` past it.
 /// `names` resolves the schema's named types.
 pub(super) fn check(schema: &Schema, names: &NamesRef<'_>, data: &[u8], pos: &mut usize) -> Result<(), Malformed> {
     let mut walk = Walk::new(names, data, *pos);
-    walk.datum(schema, 0)?;
+    walk.datum(schema, 0).map_err(|e| *e)?;
     *pos = walk.pos;
     Ok(())
 }
@@ -162,7 +165,7 @@ impl<'a, 'n> Walk<'a, 'n> {
     }
 
     /// Moves past the datum of `schema`, `depth` levels into a record.
-    pub(super) fn datum(&mut self, schema: &Schema, depth: usize) -> Result<(), Malformed> {
+    pub(super) fn datum(&mut self, schema: &Schema, depth: usize) -> Walked<()> {
         if depth > MAX_DEPTH {
             return Err(self.fail(self.pos, Problem::TooDeep));
         }
@@ -251,8 +254,13 @@ impl<'a, 'n> Walk<'a, 'n> {
         }
     }
 
-    fn fail(&self, at: usize, problem: Problem) -> Malformed {
-        Malformed { at, problem }
+    // Boxed and out of line: errors are rare, and a walk's results stay one
+    // register wide (an unboxed `Malformed` made every call of the walk
+    // return through memory).
+    #[cold]
+    #[inline(never)]
+    fn fail(&self, at: usize, problem: Problem) -> Box<Malformed> {
+        Box::new(Malformed { at, problem })
     }
 
     fn remaining(&self) -> usize {
@@ -260,7 +268,7 @@ impl<'a, 'n> Walk<'a, 'n> {
     }
 
     /// Moves past `n` bytes that `what` takes.
-    fn take(&mut self, what: &'static str, n: u64, at: usize) -> Result<(), Malformed> {
+    fn take(&mut self, what: &'static str, n: u64, at: usize) -> Walked<()> {
         let available = self.remaining();
         match usize::try_from(n) {
             Ok(n) if n <= available => {
@@ -273,7 +281,7 @@ impl<'a, 'n> Walk<'a, 'n> {
 
     /// A zigzag-encoded variable-length long, as Avro writes every int,
     /// long, length and count.
-    fn long(&mut self) -> Result<i64, Malformed> {
+    fn long(&mut self) -> Walked<i64> {
         let at = self.pos;
         let mut raw = 0u64;
         for shift in (0..70).step_by(7) {
@@ -290,7 +298,7 @@ impl<'a, 'n> Walk<'a, 'n> {
     }
 
     /// Moves past a value of `n` bytes whose size the type fixes.
-    fn primitive(&mut self, what: &'static str, n: usize) -> Result<(), Malformed> {
+    fn primitive(&mut self, what: &'static str, n: usize) -> Walked<()> {
         if n > self.remaining() {
             return Err(self.fail(self.pos, Problem::Truncated { what }));
         }
@@ -299,7 +307,7 @@ impl<'a, 'n> Walk<'a, 'n> {
     }
 
     /// A length prefix, then that many bytes; returns where they start.
-    fn sized(&mut self, what: &'static str) -> Result<usize, Malformed> {
+    fn sized(&mut self, what: &'static str) -> Walked<usize> {
         let at = self.pos;
         let declared = self.long()?;
         let n = u64::try_from(declared).map_err(|_| self.fail(at, Problem::Negative { what, declared }))?;
@@ -309,7 +317,7 @@ impl<'a, 'n> Walk<'a, 'n> {
     }
 
     /// A length-prefixed UTF-8 string.
-    fn text(&mut self, what: &'static str) -> Result<(), Malformed> {
+    fn text(&mut self, what: &'static str) -> Walked<()> {
         let start = self.sized(what)?;
         if std::str::from_utf8(&self.data[start..self.pos]).is_err() {
             return Err(self.fail(start, Problem::Invalid { what: "UTF-8 text" }));
@@ -328,8 +336,8 @@ impl<'a, 'n> Walk<'a, 'n> {
     fn blocks(
         &mut self,
         what: &'static str,
-        mut item: impl FnMut(&mut Self) -> Result<(), Malformed>,
-    ) -> Result<(), Malformed> {
+        mut item: impl FnMut(&mut Self) -> Walked<()>,
+    ) -> Walked<()> {
         loop {
             let at = self.pos;
             let count = match self.long()? {
