@@ -207,6 +207,35 @@ fn check_snappy_length(block: &[u8]) -> Result<(), String> {
     Err("has no readable Snappy length".to_owned())
 }
 
+thread_local! {
+    /// Writer schemas parsed on this thread, with their text, latest last.
+    static SCHEMAS: RefCell<Vec<(Vec<u8>, Schema)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Writer schemas a thread keeps parsed: a table's manifests and manifest
+/// lists share a few, and parsing one (JSON, then every name checked by
+/// a regular expression) cost more than cloning it.
+const SCHEMAS_KEPT: usize = 8;
+
+/// The writer schema whose JSON text is `text`.
+fn writer_schema(text: &[u8], file: &str) -> Result<Schema, RewriteError> {
+    if let Some(schema) =
+        SCHEMAS.with_borrow(|kept| kept.iter().rev().find(|(kept, _)| kept == text).map(|(_, s)| s.clone()))
+    {
+        return Ok(schema);
+    }
+    let json: serde_json::Value = serde_json::from_slice(text)
+        .map_err(|e| invalid(file, format!("the header's `avro.schema` is not JSON: {e}")))?;
+    let schema = Schema::parse(&json).map_err(|e| RewriteError::avro(file, e))?;
+    SCHEMAS.with_borrow_mut(|kept| {
+        if kept.len() == SCHEMAS_KEPT {
+            kept.remove(0);
+        }
+        kept.push((text.to_vec(), schema.clone()));
+    });
+    Ok(schema)
+}
+
 /// The header's metadata map, decoded with `apache-avro` from the raw bytes
 /// (the reader API does not expose `avro.*` keys), and the offset just past it.
 fn read_metadata(bytes: &[u8], file: &str) -> Result<(HashMap<String, Vec<u8>>, usize), RewriteError> {
@@ -474,11 +503,10 @@ impl Records {
     pub fn read(bytes: &[u8], file: &str, paths: &'static [&'static [&'static str]]) -> Result<Self, RewriteError> {
         let (metadata, mut pos) = read_metadata(bytes, file)?;
         let codec = codec(&metadata, file)?;
-        let schema_json: serde_json::Value = serde_json::from_slice(
+        let schema = writer_schema(
             metadata.get("avro.schema").ok_or_else(|| invalid(file, "the header has no `avro.schema`"))?,
-        )
-        .map_err(|e| invalid(file, format!("the header's `avro.schema` is not JSON: {e}")))?;
-        let schema = Schema::parse(&schema_json).map_err(|e| RewriteError::avro(file, e))?;
+            file,
+        )?;
         let marker: [u8; 16] = bytes
             .get(pos..pos + 16)
             .and_then(|m| m.try_into().ok())
@@ -1394,6 +1422,38 @@ mod tests {
                 );
                 let untouched = fields.write("f.avro", |_, _| Ok(())).expect("write");
                 assert_eq!(read(&untouched, "f.avro").expect("read back").1, read(&bytes, "f.avro").expect("read").1);
+            }
+        }
+    }
+
+    #[test]
+    fn files_of_different_schemas_read_in_turn_each_get_their_own() {
+        let small = Schema::parse_str(r#"{"type": "record", "name": "s", "fields": [{"name": "n", "type": "long"}]}"#)
+            .expect("schema");
+        let mut w = apache_avro::Writer::new(&small, Vec::new()).expect("writer");
+        w.append_value(Value::Record(vec![("n".into(), Value::Long(7))])).expect("append");
+        let small_file = w.into_inner().expect("bytes");
+        let rich_file = rich_file(Codec::Null, 3);
+        // More schemas than a thread keeps, then the first ones again.
+        let mut others = Vec::new();
+        for i in 0..SCHEMAS_KEPT + 1 {
+            let schema = Schema::parse_str(&format!(
+                r#"{{"type": "record", "name": "o{i}", "fields": [{{"name": "x", "type": "int"}}]}}"#
+            ))
+            .expect("schema");
+            let mut w = apache_avro::Writer::new(&schema, Vec::new()).expect("writer");
+            w.append_value(Value::Record(vec![("x".into(), Value::Int(i as i32))])).expect("append");
+            let bytes = w.into_inner().expect("bytes");
+            others.push((schema, bytes));
+        }
+        for _ in 0..2 {
+            for (bytes, expected) in [(&small_file, &small), (&rich_file, &Schema::parse_str(RICH).expect("rich"))] {
+                let (header, values) = read(bytes, "f.avro").expect("read");
+                assert_eq!(&header.schema, expected);
+                assert_eq!(values.len(), apache_avro::Reader::new(&bytes[..]).expect("reader").count());
+            }
+            for (schema, bytes) in &others {
+                assert_eq!(&read(bytes, "o.avro").expect("read").0.schema, schema);
             }
         }
     }

@@ -333,11 +333,7 @@ impl<'a, 'n> Walk<'a, 'n> {
     /// of zero bytes (nulls, empty records) could legally outnumber the
     /// bytes, but no Iceberg file has those, and allowing them would let one
     /// corrupt count spin a decoder through 2^63 items.
-    fn blocks(
-        &mut self,
-        what: &'static str,
-        mut item: impl FnMut(&mut Self) -> Walked<()>,
-    ) -> Walked<()> {
+    fn blocks(&mut self, what: &'static str, mut item: impl FnMut(&mut Self) -> Walked<()>) -> Walked<()> {
         loop {
             let at = self.pos;
             let count = match self.long()? {
