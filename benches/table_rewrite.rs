@@ -56,7 +56,11 @@ fn main() {
         let (took, peak) = copy_table(&config, &metadata, &target);
         println!("icerelay copy-table --metadata-only: {:.2} s, peak RSS {peak:.0} MiB", took.as_secs_f64());
         icerelay.push((took, peak));
-        std::fs::remove_dir_all(&target).ok();
+        // Each round's copy (about 90 MiB) stays until the temporary
+        // directory goes: on this machine's ext4, a file created within
+        // minutes of a mass delete first scans the recently freed inodes
+        // (`recently_deleted` in the inode allocator), which took 16% of the
+        // samples of a round run just after the previous round's deletion.
     }
     let spark = rewrite_table_path(&root, &teststack, &classpath, &location, work.path(), spark_rounds);
     for took in &spark {

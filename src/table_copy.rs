@@ -42,8 +42,9 @@ pub const MANIFEST_LIMIT: u64 = 512 * 1024 * 1024;
 pub const DELETE_FILE_LIMIT: u64 = 2 * 1024 * 1024 * 1024;
 /// Memory for manifests rewritten while they are checked and kept until
 /// the copy writes them; beyond it, a manifest is read and decoded again
-/// when it is copied. With the manifests in flight (parallelism times one
-/// decoded manifest) it bounds a copy's memory whatever the table's size.
+/// when it is copied. With the manifests in flight (one decoded per core,
+/// and up to twice the parallelism read ahead, as read) it bounds a copy's
+/// memory whatever the table's size.
 pub const PREPARED_LIMIT: usize = 64 * 1024 * 1024;
 /// Most memory the manifest lists decoded to find the manifests may hold
 /// until they are rewritten (the others are read again then).

@@ -4,8 +4,9 @@
 //! `partition-spec`, `format-version`, `content`, ...) and in field-id
 //! attributes of the writer schema. A rewritten file keeps every header key
 //! byte for byte, the original `avro.schema` text included, and the codec;
-//! only the records change. `apache-avro` decodes and encodes every value
-//! and the header; icerelay walks records without decoding them (see
+//! only the records change. `apache-avro` parses the schema and decodes the
+//! header and the values icerelay does not decode itself (numbers and
+//! strings); icerelay walks records without decoding them (see
 //! [`lengths`]), frames data blocks, and inflates and deflates them with
 //! zlib-rs (other codecs through `apache-avro`).
 //!
@@ -219,9 +220,16 @@ const SCHEMAS_KEPT: usize = 8;
 
 /// The writer schema whose JSON text is `text`.
 fn writer_schema(text: &[u8], file: &str) -> Result<Schema, RewriteError> {
-    if let Some(schema) =
-        SCHEMAS.with_borrow(|kept| kept.iter().rev().find(|(kept, _)| kept == text).map(|(_, s)| s.clone()))
-    {
+    // The latest used is kept last, so that the schemas in constant use
+    // (a table's manifest list schema) are not pushed out by many others.
+    let hit = SCHEMAS.with_borrow_mut(|kept| {
+        let found = kept.iter().position(|(kept, _)| kept == text)?;
+        let entry = kept.remove(found);
+        let schema = entry.1.clone();
+        kept.push(entry);
+        Some(schema)
+    });
+    if let Some(schema) = hit {
         return Ok(schema);
     }
     let json: serde_json::Value = serde_json::from_slice(text)
@@ -650,9 +658,10 @@ struct SlotCodec<'s> {
 pub enum Edit {
     /// Any value of the field's Avro type.
     Value(Value),
-    /// A number for a long or int field (nullable or not), keeping its type.
+    /// A number for a long or int field that holds one (nullable or not,
+    /// but not null), keeping its type.
     Long(i64),
-    /// Text for a string field (nullable or not).
+    /// Text for a string field that holds some (nullable or not, but not null).
     Text(String),
 }
 
@@ -820,7 +829,10 @@ impl Fields<'_> {
         file: &str,
     ) -> Result<(), RewriteError> {
         let Some(Some(codec)) = self.slots.get(slot) else { return Ok(()) };
+        // A null stays null here as in the fallback below, which cannot
+        // replace what is not there.
         if let Some(simple) = codec.simple
+            && !matches!(self.simple(record, slot, file)?, Some(SimpleValue::Null))
             && simple.encode(edit, out)
         {
             return Ok(());
@@ -950,7 +962,7 @@ impl<'s> Layout<'s> {
     ///
     /// One pass checks every length a record declares (see [`lengths`])
     /// and notes where the slots lie: nothing is decoded here, and
-    /// `apache-avro` later decodes only slots this walk accepted.
+    /// [`Fields`] later decodes only slots this walk accepted.
     fn walk_block(
         &self,
         data: &[u8],
@@ -1500,6 +1512,16 @@ mod tests {
             Ok(())
         });
         assert!(twice.is_err(), "a field replaced twice");
+        // Record 3's nullable path is null: text is not put in its place.
+        let bytes = rich_file(Codec::Null, 4);
+        let records = Records::read(&bytes, "f.avro", RICH_FIELDS).expect("records");
+        let fields = records.fields("f.avro").expect("fields");
+        assert_eq!(fields.text(3, 1, "f.avro").expect("path"), None);
+        let into_null = fields.write("f.avro", |i, edits| {
+            edits.push((1, Edit::Text(format!("s3://replica/{i}"))));
+            Ok(())
+        });
+        assert!(into_null.is_err(), "a null replaced");
     }
 
     #[test]

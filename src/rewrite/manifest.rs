@@ -12,11 +12,10 @@
 //! know) is kept byte for byte: only the changed fields are decoded and encoded
 //! (see [`avro::Records`]).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use apache_avro::types::Value;
-
-use std::borrow::Cow;
 
 use super::avro::{self, Edit, field, field_mut, unwrap_union_mut};
 use super::{PathMap, RewriteError};

@@ -28,9 +28,10 @@ pub(super) fn threads(in_flight: usize) -> usize {
 /// Runs `work` on each item `inputs` yields, on `threads` blocking threads,
 /// and yields the results as they finish (in no particular order).
 ///
-/// An error from `inputs` is yielded as it comes and stops the feeding; the
-/// caller stops at the first error it sees, and dropping the stream stops
-/// the threads after the items they hold. A panic in `work` is yielded as
+/// An error from `inputs` stops the feeding and is yielded after the
+/// results already finished; the caller stops at the first error it sees.
+/// Dropping the stream stops the threads: an item they are working on is
+/// finished, queued ones are not started. A panic in `work` is yielded as
 /// an error, never lost as a missing result.
 pub(super) fn map<I, O, W>(
     inputs: impl Stream<Item = Result<I, TableCopyError>>,
@@ -52,6 +53,9 @@ where
         let (queue, work, done) = (queue.clone(), work.clone(), done.clone());
         tokio::task::spawn_blocking(move || {
             while let Some(item) = next(&queue) {
+                if done.is_closed() {
+                    return;
+                }
                 let result = match catch_unwind(AssertUnwindSafe(|| work(item))) {
                     Ok(worked) => worked.map_err(TableCopyError::from),
                     Err(panic) => Err(TableCopyError::Task(panic_message(&*panic))),
@@ -65,16 +69,17 @@ where
     let feed = async move {
         let mut inputs = std::pin::pin!(inputs);
         while let Some(input) = inputs.next().await {
-            let sent = match input {
-                Ok(item) => to_cpu.send(item).await.is_ok(),
-                Err(e) => {
-                    let _ = done.send(Err(e)).await;
-                    false
-                }
+            let failed = match input {
+                Ok(item) => match to_cpu.send(item).await {
+                    Ok(()) => continue,
+                    // Only if every thread is gone: the results must not
+                    // then end as if they were complete.
+                    Err(_) => TableCopyError::Task("the rewriting threads stopped".to_owned()),
+                },
+                Err(e) => e,
             };
-            if !sent {
-                break;
-            }
+            let _ = done.send(Err(failed)).await;
+            break;
         }
         // `to_cpu` and this `done` are dropped here: the threads end once the
         // queue is empty, and the results end once they have.
@@ -84,6 +89,8 @@ where
             results,
             |mut results| async move { results.recv().await.map(|result| (result, results)) },
         );
+    // The feed is polled with the results rather than spawned: `inputs`
+    // borrows the copier and the run.
     futures::stream::select(feed.into_stream().filter_map(|()| std::future::ready(None)), results)
 }
 
@@ -92,7 +99,9 @@ where
 fn next<I>(queue: &Mutex<mpsc::Receiver<I>>) -> Option<I> {
     // One thread waits on the channel, the others on the lock: the same
     // order in which they would get items anyway.
-    queue.lock().ok()?.blocking_recv()
+    // A thread that panicked held no lock (`work` runs after it is let go),
+    // so a poisoned lock still guards a sound receiver.
+    queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).blocking_recv()
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -101,7 +110,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "no message".to_owned());
-    format!("rewriting panicked: {detail}")
+    format!("decoding or rewriting panicked: {detail}")
 }
 
 #[cfg(test)]
@@ -135,19 +144,20 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dropping_the_results_stops_the_threads() {
-        let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let started = Arc::new(AtomicUsize::new(0));
         let counted = started.clone();
         let inputs = futures::stream::iter((0..1_000_000u64).map(Ok));
         let mut results = Box::pin(map(inputs, 2, move |n| {
-            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            counted.fetch_add(1, Ordering::SeqCst);
             Ok(n)
         }));
         assert!(results.next().await.is_some());
         drop(results);
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let after_drop = started.load(std::sync::atomic::Ordering::Relaxed);
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        assert_eq!(started.load(std::sync::atomic::Ordering::Relaxed), after_drop, "no work after the drop");
-        assert!(after_drop < 1_000_000);
+        let at_drop = started.load(Ordering::SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        // At most the item each thread had taken when the stream went.
+        let after = started.load(Ordering::SeqCst);
+        assert!(after <= at_drop + 2, "{after} items started, {at_drop} when the stream was dropped");
     }
 }
