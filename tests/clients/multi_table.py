@@ -21,7 +21,7 @@ from pyiceberg.schema import Schema
 from pyiceberg.table import CommitTableRequest
 from pyiceberg.types import LongType, NestedField, StringType
 
-from common import emit, pyiceberg_catalog
+from common import emit, ensure_namespace, pyiceberg_catalog
 
 conn, ops = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 cat = pyiceberg_catalog(conn)
@@ -65,7 +65,7 @@ for op in ops:
             NestedField(2, "source", StringType(), required=False),
         )
         for name in op["tables"]:
-            cat.create_namespace_if_not_exists(name.rsplit(".", 1)[0])
+            ensure_namespace(cat, name.rsplit(".", 1)[0])
             cat.create_table(name, schema=schema)
     elif kind == "append":
         for name in op["tables"]:

@@ -33,7 +33,7 @@ from pyiceberg.schema import Schema
 from pyiceberg.transforms import DayTransform
 from pyiceberg.types import DoubleType, LongType, NestedField, StringType, TimestampType
 
-from common import duckdb_attach, duckdb_connect, emit, pyiceberg_catalog
+from common import duckdb_attach, duckdb_connect, emit, ensure_namespace, pyiceberg_catalog
 
 conn, name, ops = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 ext_dir = sys.argv[4] if len(sys.argv) > 4 else None
@@ -53,22 +53,6 @@ def batch(start, n):
     for extra in columns[4:]:
         cols[extra] = pa.array([f"{extra}-{i}" for i in range(start, start + n)])
     return pa.table(cols)
-
-
-def ensure_namespace(ns):
-    # Writers run in parallel on one namespace. SeaweedFS answers 500 ("attribute
-    # not found: s3tables.metadata") to a namespace another request is still
-    # creating, so a server error here is retried briefly before it counts.
-    import time
-    from pyiceberg.exceptions import ServerError
-    for attempt in range(20):
-        try:
-            cat.create_namespace_if_not_exists(ns)
-            return
-        except ServerError:
-            if attempt == 19:
-                raise
-            time.sleep(0.25)
 
 
 def rows(table, sid):
@@ -97,7 +81,7 @@ with_rows = True
 for op in ops:
     kind = op["op"]
     if kind == "create":
-        ensure_namespace(ns)
+        ensure_namespace(cat, ns)
         schema = Schema(
             NestedField(1, "id", LongType(), required=False),
             NestedField(2, "ts", TimestampType(), required=False),
