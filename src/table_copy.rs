@@ -375,7 +375,8 @@ impl TableCopier {
             Kept(Box<ManifestList>),
             Read(Bytes),
         }
-        let lengths = run.manifest_lengths.lock().map(|l| l.clone()).unwrap_or_default();
+        // Step 1 is done with them: taken, not copied.
+        let lengths = run.manifest_lengths.lock().map(|mut l| std::mem::take(&mut *l)).unwrap_or_default();
         let map = run.map.clone();
         let inputs = futures::stream::iter(lists)
             .map(|(reference, kept)| async move {
@@ -893,7 +894,6 @@ mod tests {
         metadata["snapshots"].as_array().expect("snapshots").iter().filter_map(|s| s["snapshot-id"].as_i64()).collect()
     }
 
-    /// A metadata-only copier without checkpoints.
     /// The fixture table written under `dir`: its location, a target
     /// location beside it, and its metadata file.
     fn fixture_in(dir: &Path) -> (String, String, String) {
@@ -903,6 +903,7 @@ mod tests {
         (source, target, metadata_url)
     }
 
+    /// A metadata-only copier without checkpoints.
     fn uncheckpointed(dir: &Path, manifest_parallelism: usize) -> TableCopier {
         let checkpoints = Arc::new(crate::storage::checkpoint::NoCheckpoints);
         let storage = Storage::new(&[crate::config::StorageConfig::local_dir(dir)]);

@@ -711,14 +711,14 @@ impl Simple {
     fn decode<'d>(&self, bytes: &'d [u8]) -> Option<SimpleValue<'d>> {
         let mut at = 0;
         if let Some((null, _)) = self.nullable
-            && read_long(bytes, &mut at)? == null
+            && lengths::read_long(bytes, &mut at)? == null
         {
             return Some(SimpleValue::Null);
         }
         let value = match self.kind {
-            SimpleKind::Long | SimpleKind::Int => SimpleValue::Number(read_long(bytes, &mut at)?),
+            SimpleKind::Long | SimpleKind::Int => SimpleValue::Number(lengths::read_long(bytes, &mut at)?),
             SimpleKind::Text => {
-                let len = usize::try_from(read_long(bytes, &mut at)?).ok()?;
+                let len = usize::try_from(lengths::read_long(bytes, &mut at)?).ok()?;
                 let text = bytes.get(at..at.checked_add(len)?)?;
                 at += len;
                 SimpleValue::Text(text)
@@ -752,20 +752,6 @@ impl Simple {
         }
         true
     }
-}
-
-/// Reads a zigzag varint at `bytes[*at..]`, moving `at` past it.
-fn read_long(bytes: &[u8], at: &mut usize) -> Option<i64> {
-    let mut raw = 0u64;
-    for shift in (0..70).step_by(7) {
-        let byte = *bytes.get(*at)?;
-        *at += 1;
-        raw |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some((raw >> 1) as i64 ^ -((raw & 1) as i64));
-        }
-    }
-    None
 }
 
 impl Fields<'_> {

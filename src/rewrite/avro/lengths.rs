@@ -146,6 +146,24 @@ pub(super) fn check(schema: &Schema, names: &NamesRef<'_>, data: &[u8], pos: &mu
     Ok(())
 }
 
+/// Reads the zigzag-encoded variable-length long at `data[*pos..]`, as Avro
+/// writes every int, long, length and count, and moves `pos` past it;
+/// `None` if the data ends inside it or it runs past the 10 bytes a 64-bit
+/// number takes.
+#[inline]
+pub(super) fn read_long(data: &[u8], pos: &mut usize) -> Option<i64> {
+    let mut raw = 0u64;
+    for shift in (0..70).step_by(7) {
+        let byte = *data.get(*pos)?;
+        *pos += 1;
+        raw |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some((raw >> 1) as i64 ^ -((raw & 1) as i64));
+        }
+    }
+    None
+}
+
 /// A cursor over encoded data that moves past one datum at a time.
 pub(super) struct Walk<'a, 'n> {
     names: &'a NamesRef<'n>,
@@ -283,18 +301,12 @@ impl<'a, 'n> Walk<'a, 'n> {
     /// long, length and count.
     fn long(&mut self) -> Walked<i64> {
         let at = self.pos;
-        let mut raw = 0u64;
-        for shift in (0..70).step_by(7) {
-            let Some(&byte) = self.data.get(self.pos) else {
-                return Err(self.fail(at, Problem::Truncated { what: "a number" }));
-            };
-            self.pos += 1;
-            raw |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return Ok((raw >> 1) as i64 ^ -((raw & 1) as i64));
-            }
-        }
-        Err(self.fail(at, Problem::Varint))
+        read_long(self.data, &mut self.pos).ok_or_else(|| {
+            // Ten bytes there, all continued: too long; fewer: cut off.
+            let problem =
+                if self.data.len() - at >= 10 { Problem::Varint } else { Problem::Truncated { what: "a number" } };
+            self.fail(at, problem)
+        })
     }
 
     /// Moves past a value of `n` bytes whose size the type fixes.
