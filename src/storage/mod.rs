@@ -248,6 +248,17 @@ impl Storage {
             url: url.to_owned(),
             reason: "expected s3://bucket/key".into(),
         })?;
+        if !is_bucket_name(bucket) {
+            // The bucket becomes part of the request's host name: a path a
+            // table names must not send icerelay's signed requests elsewhere.
+            return Err(StorageError::InvalidUrl {
+                url: url.to_owned(),
+                reason: format!(
+                    "{bucket:?} is not an S3 bucket name (letters, digits, `.`, `-` and `_`, starting and ending \
+                     with a letter or digit, at most 255 characters)"
+                ),
+            });
+        }
         let path = ObjectPath::parse(key)
             .map_err(|e| StorageError::InvalidUrl { url: url.to_owned(), reason: e.to_string() })?;
         let store = self.s3_store(index, config, bucket, url)?;
@@ -470,6 +481,18 @@ fn split_bucket(url: &str) -> Option<(&str, &str)> {
     (!bucket.is_empty() && !key.is_empty()).then_some((bucket, key))
 }
 
+/// Whether `bucket` can be an S3 bucket name: today's rules (lower case, at
+/// most 63 characters) and the legacy ones some buckets still have (upper case
+/// and `_`, up to 255). Anything else (`?`, `#`, `@`, `:`, `%`, a space) could
+/// change the host a virtual-hosted request goes to.
+fn is_bucket_name(bucket: &str) -> bool {
+    let edges_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    bucket.len() <= 255
+        && edges_ok(bucket.chars().next())
+        && edges_ok(bucket.chars().last())
+        && bucket.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,6 +526,27 @@ mod tests {
         assert!(e.to_string().contains("s3://other/x") && e.to_string().contains("s3://warehouse/"), "{e}");
         assert!(!format!("{storage:?}").contains("very-secret"));
         assert!(storage.resolve("s3://warehouse-other/x").is_err(), "a prefix ends at a path segment");
+    }
+
+    #[test]
+    fn a_bucket_that_would_change_the_request_host_is_refused() {
+        let storage = Storage::new(&[s3("s3://")]);
+        for url in [
+            "s3://attacker.example?/x",
+            "s3://attacker.example#/x",
+            "s3://user@host/x",
+            "s3://host:8080/x",
+            "s3://a%2fb/x",
+            "s3://.hidden/x",
+            "s3://bucket-/x",
+            "s3://has space/x",
+        ] {
+            let e = storage.resolve(url).expect_err("not a bucket name");
+            assert!(e.to_string().contains("is not an S3 bucket name"), "{url}: {e}");
+        }
+        for url in ["s3://warehouse/x", "s3://my.bucket-2/x", "s3://Legacy_Bucket/x", "s3://abc--table-s3/x"] {
+            assert!(storage.resolve(url).is_ok(), "{url} is a bucket name");
+        }
     }
 
     fn local(prefix: &str) -> StorageConfig {
