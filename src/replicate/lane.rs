@@ -118,8 +118,8 @@ impl Known {
 /// replica, replay what it lacks, record that it converged (or what it
 /// waits for). A drain before a promotion must converge: waiting is an
 /// error it retries.
-async fn follow(ctx: &Context, lane: LaneRecord, draining: bool) -> Result<(), ReplicateError> {
-    let key = &lane.key;
+async fn follow(ctx: &Context, mut lane: LaneRecord, draining: bool) -> Result<(), ReplicateError> {
+    let key = &lane.key.clone();
     let route = ctx.rules.route(&key.table, &key.destination).ok_or_else(|| ReplicateError::NoRoute {
         table: key.table.to_string(),
         destination: key.destination.clone(),
@@ -132,7 +132,13 @@ async fn follow(ctx: &Context, lane: LaneRecord, draining: bool) -> Result<(), R
     let Some(source) = ctx.primary.load_table(&key.table).await? else {
         return source_dropped(ctx, &lane, &destination, route.on_drop, lane.wanted).await;
     };
-    let source_file = identify_source(&lane, &source, &destination)?;
+    let source_file = match identify_source(&lane, &source, &destination) {
+        Ok(file) => file,
+        Err(refused) => {
+            lane = follow_a_new_source_once_its_replica_is_gone(ctx, lane, &destination, refused).await?;
+            identify_source(&lane, &source, &destination)?
+        }
+    };
     if let Some(old) = &lane.replica_renamed_from {
         ctx.confirm_lease().await?;
         rename_replica(&destination, old, &lane.replica_table).await?;
@@ -212,6 +218,35 @@ fn identify_source(
     Ok(source_file)
 }
 
+/// The source was dropped and created again, so the replica follows another
+/// table: kept as it is while it exists. Once it is gone (the operator
+/// dropped or renamed it, as the refusal asks, or `on_drop = propagate` did),
+/// what the lane knew of the old pair is forgotten and the new table is
+/// followed from its start.
+async fn follow_a_new_source_once_its_replica_is_gone(
+    ctx: &Context,
+    lane: LaneRecord,
+    destination: &Destination,
+    refused: ReplicateError,
+) -> Result<LaneRecord, ReplicateError> {
+    // With a rename not applied yet, the old replica is under its old name.
+    if lane.source_uuid.is_none()
+        || lane.replica_renamed_from.is_some()
+        || destination.catalog.load_table(&lane.replica_table).await?.is_some()
+    {
+        return Err(refused);
+    }
+    ctx.confirm_lease().await?;
+    tracing::warn!(replica = %lane.replica_table, "the source was created again and its old replica is gone; following the new table");
+    ctx.store.forget_replica(&lane.key).await?;
+    ctx.store.lane(&lane.key).await?.ok_or_else(|| {
+        ReplicateError::Refused(format!(
+            "the lane of {} to destination {} was removed while it ran",
+            lane.key.table, lane.key.destination
+        ))
+    })
+}
+
 /// Loads the replica, or makes it (by the destination's bootstrap), and
 /// adopts the snapshots a crash left unrecorded.
 async fn open_replica(
@@ -233,14 +268,18 @@ async fn open_replica(
         Some(t) => t,
         None => {
             ctx.confirm_lease().await?;
+            if lane.replica_metadata_location.is_some() {
+                // Forgotten before it is made again: a crash or a lost answer
+                // while making it must not leave the old replica's refs to
+                // call the new one diverged.
+                tracing::warn!(replica = %replica_table, "the replica was gone; making it again");
+                ctx.store.forget_replica(key).await?;
+                known.adoption = None;
+            }
             let started = std::time::Instant::now();
             let making =
                 Bootstrapping { ctx, key, destination, replica_table, source: &source, source_file: &source_file };
             let made = super::bootstrap::make(making, &capabilities).await?;
-            if lane.replica_metadata_location.is_some() {
-                tracing::warn!(replica = %replica_table, "the replica was gone; made it again");
-                ctx.store.forget_replica(key).await?;
-            }
             known.replicated = made.snapshots.iter().copied().collect();
             known.managed_properties = made.managed_properties;
             known.managed_refs = plan::ref_ids(&made.table.metadata);

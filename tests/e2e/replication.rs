@@ -1092,13 +1092,31 @@ async fn a_source_dropped_and_created_again_does_not_overwrite_the_kept_replica(
     let kept = replica.catalog().load_table(&ident(&table)).await.expect("load").expect("replica");
 
     write(&relay.url, &table, json!([{"op": "drop"}])).await;
-    write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "start": 50, "rows": 1}])).await;
+    let again = write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "start": 50, "rows": 1}])).await;
     let failed = wait_status(&relay.admin_url, &table, "the refusal", |s| s["status"] == "failed").await;
     let message = failed["last_error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("dropped and created again"), "{failed}");
+    assert!(message.contains("dropped and created again") && message.contains("then resync"), "{failed}");
     let after = replica.catalog().load_table(&ident(&table)).await.expect("load").expect("replica");
     assert_eq!(history(&after.metadata), history(&kept.metadata), "the kept replica is untouched");
     assert_eq!(refs(&after.metadata), refs(&kept.metadata));
+
+    // The remedy the refusal names: drop the old replica, then resync. The
+    // new table is followed from its start.
+    replica.catalog().drop_table(&ident(&table), false).await.expect("drop the old replica");
+    let (ns, name) = table.rsplit_once('.').expect("ns.table");
+    let resynced = crate::harness::http_client()
+        .post(format!("{}/v1/replication/namespaces/{ns}/tables/{name}/destinations/dr/resync", relay.admin_url))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("resync");
+    assert_eq!(resynced.status(), 200);
+    wait_replicated(&relay.admin_url, &table, again["metadata_location"].as_str().expect("location")).await;
+    let source = seaweed_catalog(SeaweedFs::shared()).load_table(&ident(&table)).await.expect("load").expect("source");
+    let new_replica = replica.catalog().load_table(&ident(&table)).await.expect("load").expect("the new replica");
+    assert_eq!(history(&new_replica.metadata), history(&source.metadata), "the new table's history, only");
+    assert!(history(&new_replica.metadata).keys().all(|id| !history(&kept.metadata).contains_key(id)));
+    assert_eq!(refs(&new_replica.metadata), refs(&source.metadata));
 }
 
 #[tokio::test(flavor = "multi_thread")]
