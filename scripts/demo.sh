@@ -24,7 +24,7 @@ ADMIN=127.0.0.1:$((BASE + 82))
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 say "Installing the local test stack (Python venv with SeaweedFS, PyIceberg, DuckDB) if needed"
-ICERELAY_SKIP_RUSTBERG=1 scripts/setup-test-env.sh
+ICERELAY_SKIP_RUSTBERG=1 ICERELAY_SKIP_SPARK=1 ICERELAY_SKIP_POSTGRES=1 scripts/setup-test-env.sh
 PY=${ICERELAY_TESTSTACK:-$ROOT/.teststack}/venv/bin/python
 
 if [ -n "${ICERELAY_BIN:-}" ]; then

@@ -9,11 +9,16 @@
 #   spark/  Spark 3.5.8 (pyspark, into the venv) with Iceberg 1.10.2's Spark runtime from PyPI
 #           (snowpark-connect-deps-iceberg), completed by scripts/teststack/spark_jars.py with
 #           the relocated Jackson and HttpClient 5 it lacks; spark/classpath holds the class
-#           path. Java 17 (Debian's openjdk-17-jre-headless) is installed with apt-get when
-#           missing and running as root. Skip Spark with ICERELAY_SKIP_SPARK=1.
+#           path. Java 17 (Debian's openjdk-17-jdk-headless) is installed with apt-get when
+#           missing and running as root.
+#   java-rest/ Iceberg's own Java catalog as a REST server, compiled once against those jars.
+#           Skip Spark and the Java catalog with ICERELAY_SKIP_SPARK=1.
 #   PostgreSQL server binaries (Debian's postgresql package, for the shared-state tests; the
 #           tests start throwaway clusters with scripts/teststack/postgres.sh): installed with
 #           apt-get when missing and running as root, else the command to run is printed.
+#           Skip them with ICERELAY_SKIP_POSTGRES=1.
+# The demo (scripts/demo.sh) skips rustberg, Spark, the Java catalog and PostgreSQL: it needs
+# nothing installed system-wide.
 # Needs python3 (3.11) with venv/pip, cargo, and curl.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -107,7 +112,8 @@ if [ -z "${ICERELAY_SKIP_SPARK:-}" ]; then
     echo "$JAVA_REST_STAMP" > "$JAVA_REST/stamp"
   fi
 fi
-if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "${PG_BIN:-}" ]; then
+if [ -z "${ICERELAY_SKIP_POSTGRES:-}" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+    && [ -z "${PG_BIN:-}" ]; then
   apt_install "PostgreSQL server binaries for the shared-state tests (or set PG_BIN)" postgresql
 fi
 echo "test environment ready in $TESTSTACK" >&2

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -452,8 +453,18 @@ pub struct AuditParams {
 }
 
 /// `GET /v1/replication/audit?table=&since=&skip=&limit=`: audit lines, oldest first.
-pub async fn audit(State(state): State<AdminState>, Query(params): Query<AuditParams>) -> Response {
+pub async fn audit(State(state): State<AdminState>, params: Result<Query<AuditParams>, QueryRejection>) -> Response {
     let Some(admin) = state.replication else { return not_configured() };
+    let Query(params) = match params {
+        Ok(params) => params,
+        Err(rejected) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                format!("{}; the parameters are table, since, skip and limit", rejected.body_text()),
+            );
+        }
+    };
     let since = match params.since.as_deref() {
         None => None,
         Some(text) => match crate::audit::parse_time(text) {

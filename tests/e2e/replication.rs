@@ -641,6 +641,15 @@ async fn the_status_api_matches_its_openapi_description() {
         .expect("missing");
     assert_eq!(missing.status(), 404);
     let missing: Value = missing.json().await.expect("json");
+    let mut audit_refusals = Vec::new();
+    for (query, names) in [("since=yesterday", "\"yesterday\" is not an RFC 3339 time"), ("until=now", "until")] {
+        let refused =
+            http.get(format!("{}/v1/replication/audit?{query}", relay.admin_url)).send().await.expect("audit");
+        assert_eq!(refused.status(), 400, "{query}");
+        let refused: Value = refused.json().await.expect("an ErrorModel, not plain text");
+        assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains(names)), "{refused}");
+        audit_refusals.push(refused);
+    }
 
     assert_eq!(all["summary"]["lanes"], 1, "{all}");
     assert!(all["destinations"][0]["mode"].as_str().is_some_and(|m| m.contains("probed")), "{all}");
@@ -648,6 +657,7 @@ async fn the_status_api_matches_its_openapi_description() {
     assert_eq!(validate("TableStatus", &[&one]).await["errors"], json!([]));
     assert_eq!(validate("LaneStatus", &[&resynced]).await["errors"], json!([]));
     assert_eq!(validate("ErrorModel", &[&missing]).await["errors"], json!([]));
+    assert_eq!(validate("ErrorModel", &audit_refusals.iter().collect::<Vec<_>>()).await["errors"], json!([]));
     // The validator is not blind.
     let mut wrong = one.clone();
     wrong["destinations"][0]["status"] = json!("fine");
