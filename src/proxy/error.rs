@@ -119,6 +119,19 @@ pub enum ProxyError {
         /// The operation.
         operation: &'static str,
     },
+    /// A write names more tables than icerelay checks for the read-only mark.
+    #[error(
+        "this {operation} request changes {tables} tables; icerelay checks at most {limit} tables of one request for \
+         the read-only replica mark (read_only_replicas): split it into smaller transactions"
+    )]
+    TooManyTables {
+        /// The operation.
+        operation: &'static str,
+        /// How many distinct tables it names.
+        tables: usize,
+        /// The most icerelay checks.
+        limit: usize,
+    },
     /// The path is not part of the Iceberg REST API.
     #[error(
         "{path} is not an Iceberg REST catalog path; icerelay serves the API under /v1/ (health and metrics are on the admin listener)"
@@ -139,7 +152,10 @@ impl ProxyError {
             | Self::Signing { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::ClientBody { .. } | Self::DotSegment { .. } | Self::UnreadableWrite { .. } => StatusCode::BAD_REQUEST,
+            Self::ClientBody { .. }
+            | Self::DotSegment { .. }
+            | Self::UnreadableWrite { .. }
+            | Self::TooManyTables { .. } => StatusCode::BAD_REQUEST,
             Self::NotIceberg { .. } => StatusCode::NOT_FOUND,
             Self::ReadOnlyReplica { .. } => StatusCode::FORBIDDEN,
             Self::ReplicaCheck { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -155,7 +171,10 @@ impl ProxyError {
             | Self::Signing { .. } => "BadGatewayException",
             Self::UpstreamTimeout { .. } => "GatewayTimeoutException",
             Self::BodyTooLarge { .. } => "RequestTooLargeException",
-            Self::ClientBody { .. } | Self::DotSegment { .. } | Self::UnreadableWrite { .. } => "BadRequestException",
+            Self::ClientBody { .. }
+            | Self::DotSegment { .. }
+            | Self::UnreadableWrite { .. }
+            | Self::TooManyTables { .. } => "BadRequestException",
             Self::NotIceberg { .. } => "NotFoundException",
             Self::ReadOnlyReplica { .. } => "ForbiddenException",
             Self::ReplicaCheck { .. } => "ServiceUnavailableException",
@@ -177,6 +196,7 @@ impl ProxyError {
             Self::ReadOnlyReplica { .. } => "read_only_replica",
             Self::ReplicaCheck { .. } => "replica_check",
             Self::UnreadableWrite { .. } => "unreadable_write",
+            Self::TooManyTables { .. } => "too_many_tables",
         }
     }
 

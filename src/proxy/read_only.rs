@@ -41,6 +41,10 @@ use super::router::{Classified, Operation, classify};
 use crate::catalog::{RestCatalog, TableIdent, table_property_in};
 use crate::replicate::mark::{REPLICA_OF, WRITER_HEADER, written_by};
 
+/// The most tables of one write checked for the mark (a transaction naming
+/// more is refused).
+pub const MAX_CHECKED_TABLES: usize = 1000;
+
 /// A boxed future of a mark lookup.
 pub type MarkFuture<'a> = Pin<Box<dyn Future<Output = Result<Option<String>, String>> + Send + 'a>>;
 
@@ -130,6 +134,16 @@ where
                     // A write whose tables icerelay cannot read could name a replica.
                     let tables =
                         written_tables(&operation, &bytes).ok_or(ProxyError::UnreadableWrite { operation: name })?;
+                    // Each table is a loadTable sent before the primary has
+                    // authorized the write: a bound, so one request cannot
+                    // turn into thousands of them.
+                    if tables.len() > MAX_CHECKED_TABLES {
+                        return Err(ProxyError::TooManyTables {
+                            operation: name,
+                            tables: tables.len(),
+                            limit: MAX_CHECKED_TABLES,
+                        });
+                    }
                     (Request::from_parts(parts, Body::from(bytes)), tables)
                 }
             };
@@ -245,12 +259,16 @@ struct RegisterBody {
 fn written_tables(operation: &Operation, body: &Bytes) -> Option<Vec<TableIdent>> {
     Some(match operation {
         Operation::RenameTable => vec![serde_json::from_slice::<RenameBody>(body).ok()?.source],
-        Operation::CommitTransaction => serde_json::from_slice::<TransactionBody>(body)
-            .ok()?
-            .table_changes
-            .into_iter()
-            .filter_map(|c| c.identifier)
-            .collect(),
+        Operation::CommitTransaction => {
+            let mut seen = std::collections::HashSet::new();
+            serde_json::from_slice::<TransactionBody>(body)
+                .ok()?
+                .table_changes
+                .into_iter()
+                .filter_map(|c| c.identifier)
+                .filter(|table| seen.insert(table.clone()))
+                .collect()
+        }
         Operation::RegisterTable(namespace) => {
             let b = serde_json::from_slice::<RegisterBody>(body).ok()?;
             if b.overwrite { vec![TableIdent::new(namespace.clone(), b.name)] } else { Vec::new() }
@@ -284,5 +302,62 @@ mod tests {
         assert!(written_tables(&Operation::CommitTransaction, &Bytes::from("{")).is_none());
         let twice = r#"{"table-changes":[{"identifier":{"namespace":["a"],"name":"x"},"identifier":{"namespace":["a"],"name":"replica"}}]}"#;
         assert!(written_tables(&Operation::CommitTransaction, &Bytes::from(twice)).is_none(), "duplicate keys");
+    }
+
+    /// Counts the marks it is asked for; no table is a replica.
+    #[derive(Default)]
+    struct CountingMarks(std::sync::atomic::AtomicUsize);
+
+    impl ReplicaMarks for CountingMarks {
+        fn mark<'a>(&'a self, _: Option<&'a str>, _: &'a TableIdent) -> MarkFuture<'a> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Ok(None) })
+        }
+    }
+
+    fn transaction_of(tables: impl Iterator<Item = usize>) -> String {
+        let changes: Vec<String> = tables
+            .map(|i| format!(r#"{{"identifier":{{"namespace":["a"],"name":"t{i}"}},"requirements":[],"updates":[]}}"#))
+            .collect();
+        format!(r#"{{"table-changes":[{}]}}"#, changes.join(","))
+    }
+
+    /// Sends a transactions/commit with `body` through the layer; the
+    /// primary's stand-in answers 204.
+    async fn commit_through(marks: &Arc<CountingMarks>, body: String) -> Result<StatusCode, ProxyError> {
+        let own: Arc<dyn ReplicaMarks> = marks.clone();
+        let primary = tower::service_fn(|_: Request<Body>| async {
+            Ok::<_, ProxyError>(Response::builder().status(StatusCode::NO_CONTENT).body(Body::empty()).unwrap())
+        });
+        let service = ReadOnlyLayer::new(Some(own), 16 << 20).layer(primary);
+        let mut request = Request::post("/v1/transactions/commit")
+            .header(header::CONTENT_LENGTH, body.len())
+            .body(Body::from(body))
+            .unwrap();
+        request.extensions_mut().insert(classify(&Method::POST, "/v1/transactions/commit"));
+        service.oneshot(request).await.map(|r| r.status())
+    }
+
+    #[tokio::test]
+    async fn a_transaction_checks_each_table_once_and_at_most_the_bound() {
+        let marks = Arc::new(CountingMarks::default());
+        let repeated = transaction_of((0..50).map(|i| i % 5));
+        assert_eq!(commit_through(&marks, repeated).await.unwrap(), StatusCode::NO_CONTENT);
+        assert_eq!(marks.0.load(std::sync::atomic::Ordering::SeqCst), 5, "one check per distinct table");
+
+        let marks = Arc::new(CountingMarks::default());
+        let at_bound = transaction_of(0..MAX_CHECKED_TABLES);
+        assert_eq!(commit_through(&marks, at_bound).await.unwrap(), StatusCode::NO_CONTENT);
+        assert_eq!(marks.0.load(std::sync::atomic::Ordering::SeqCst), MAX_CHECKED_TABLES);
+
+        let marks = Arc::new(CountingMarks::default());
+        let beyond = transaction_of(0..=MAX_CHECKED_TABLES);
+        let refused = commit_through(&marks, beyond).await.expect_err("refused");
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+        assert!(
+            refused.to_string().contains("changes 1001 tables") && refused.to_string().contains("split"),
+            "{refused}"
+        );
+        assert_eq!(marks.0.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing asked of the primary");
     }
 }
