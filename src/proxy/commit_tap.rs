@@ -23,7 +23,9 @@
 //! forwarded, so that replication commits them together on each replica:
 //! the tables of a multi-table transaction in one `transactions/commit`,
 //! and the snapshots one commit added to a branch other than `main` (which
-//! no snapshot-log records) in one commit.
+//! no snapshot-log records) in one commit. The record is forgotten when the
+//! primary refuses the commit (4xx), so a request it never authorized leaves
+//! nothing behind, and one request records at most [`MAX_RECORDED_SNAPSHOTS`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -98,12 +100,18 @@ pub trait HintSink: Send + Sync + 'static {
     /// Records the hints of one successful request.
     fn record(&self, hints: Vec<CommitHint>) -> Pin<Box<dyn Future<Output = Result<(), HintError>> + Send + '_>>;
 
-    /// Records a multi-table transaction, before its hints.
+    /// Records a multi-table transaction, before its hints; returns its id,
+    /// if it was kept.
     fn record_transaction(
         &self,
         transaction: Transaction,
-    ) -> Pin<Box<dyn Future<Output = Result<(), HintError>> + Send + '_>> {
+    ) -> Pin<Box<dyn Future<Output = Result<Option<i64>, HintError>> + Send + '_>> {
         tracing::debug!(tables = transaction.members.len(), "snapshots committed together on the primary");
+        Box::pin(std::future::ready(Ok(None)))
+    }
+
+    /// Forgets the transaction recorded as `id`: the primary refused it.
+    fn forget_transaction(&self, _id: i64) -> Pin<Box<dyn Future<Output = Result<(), HintError>> + Send + '_>> {
         Box::pin(std::future::ready(Ok(())))
     }
 }
@@ -206,14 +214,20 @@ where
                     let mut observed = observe_body(&operation, &bytes, prefix);
                     // Recorded before the primary applies it: from its answer on, a
                     // lane may see the new snapshots, and must know they go together.
-                    // A transaction the primary refuses names snapshots that never
-                    // appear, and is pruned with the others.
-                    if let Some(transaction) = observed.as_mut().and_then(|o| o.transaction.take())
-                        && let Err(error) = settings.sink.record_transaction(transaction).await
-                    {
-                        tracing::error!(error = %error, "could not record which snapshots this commit added together; replicas will get them one commit at a time");
-                    }
+                    let recorded = match observed.as_mut().and_then(|o| o.transaction.take()) {
+                        Some(transaction) => record_transaction(settings.sink.as_ref(), transaction).await,
+                        None => None,
+                    };
                     let response = inner.call(Request::from_parts(parts, Body::from(bytes))).await?;
+                    // A commit the primary refused (4xx: not applied, unlike a 5xx
+                    // whose outcome is unknown) adds nothing: its record goes, so a
+                    // request that was never authorized leaves nothing behind.
+                    if let Some(id) = recorded
+                        && response.status().is_client_error()
+                        && let Err(error) = settings.sink.forget_transaction(id).await
+                    {
+                        tracing::warn!(error = %error, "could not forget a refused commit's record; it is pruned with the others");
+                    }
                     (observed.unwrap_or_else(|| {
                         if response.status().is_success() {
                             tracing::warn!(operation = name, "could not read the tables from the request body; the periodic reconcile will pick up the change");
@@ -279,6 +293,30 @@ struct TableChange {
     /// them is the primary's business, and never costs the hints.
     #[serde(default)]
     updates: Vec<serde_json::Value>,
+}
+
+/// The most snapshots of one commit recorded as committed together: more
+/// than any engine adds at once, and a bound on what one request (before
+/// the primary has authorized it) writes to the state store.
+pub const MAX_RECORDED_SNAPSHOTS: usize = 10_000;
+
+/// Records `transaction` through `sink`; its id, when it was kept.
+async fn record_transaction(sink: &dyn HintSink, transaction: Transaction) -> Option<i64> {
+    let snapshots: usize = transaction.members.iter().map(|m| m.snapshots.len()).sum();
+    if snapshots > MAX_RECORDED_SNAPSHOTS {
+        tracing::warn!(
+            snapshots,
+            "a commit adds more snapshots than icerelay records together; replicas will get them one commit at a time"
+        );
+        return None;
+    }
+    match sink.record_transaction(transaction).await {
+        Ok(id) => id,
+        Err(error) => {
+            tracing::error!(error = %error, "could not record which snapshots this commit added together; replicas will get them one commit at a time");
+            None
+        }
+    }
 }
 
 /// What a request body tells the tap.
@@ -459,6 +497,91 @@ mod tests {
         headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from_static("100"));
         assert!(declared_within(&headers, 100));
         assert!(!declared_within(&headers, 99));
+    }
+
+    /// What the tap asked of the state: transactions recorded and forgotten.
+    #[derive(Default)]
+    struct Recording {
+        recorded: std::sync::Mutex<Vec<Transaction>>,
+        forgotten: std::sync::Mutex<Vec<i64>>,
+    }
+
+    impl HintSink for Recording {
+        fn record(&self, _: Vec<CommitHint>) -> Pin<Box<dyn Future<Output = Result<(), HintError>> + Send + '_>> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+
+        fn record_transaction(
+            &self,
+            transaction: Transaction,
+        ) -> Pin<Box<dyn Future<Output = Result<Option<i64>, HintError>> + Send + '_>> {
+            let mut recorded = self.recorded.lock().unwrap();
+            recorded.push(transaction);
+            let id = recorded.len() as i64;
+            Box::pin(std::future::ready(Ok(Some(id))))
+        }
+
+        fn forget_transaction(&self, id: i64) -> Pin<Box<dyn Future<Output = Result<(), HintError>> + Send + '_>> {
+            self.forgotten.lock().unwrap().push(id);
+            Box::pin(std::future::ready(Ok(())))
+        }
+    }
+
+    /// A transactions/commit adding `snapshots` snapshots to each of two
+    /// tables, sent through the tap to a primary that answers `status`.
+    async fn commit_answered(status: http::StatusCode, snapshots: i64) -> Arc<Recording> {
+        use tower::ServiceExt;
+        let updates = |base: i64| -> String {
+            (0..snapshots)
+                .map(|i| {
+                    format!(r#"{{"action":"add-snapshot","snapshot":{{"snapshot-id":{},"timestamp-ms":1}}}}"#, base + i)
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let body = format!(
+            r#"{{"table-changes":[{{"identifier":{{"namespace":["a"],"name":"x"}},"updates":[{}]}},
+                                 {{"identifier":{{"namespace":["a"],"name":"y"}},"updates":[{}]}}]}}"#,
+            updates(1),
+            updates(1_000_000)
+        );
+        let sink = Arc::new(Recording::default());
+        let primary = tower::service_fn(move |_: Request<Body>| async move {
+            Ok::<_, ProxyError>(Response::builder().status(status).body(Body::empty()).unwrap())
+        });
+        let tap = CommitTapLayer::new(sink.clone(), Arc::new(ProxyMetrics::default()), 16 << 20).layer(primary);
+        let mut request = Request::post("/v1/transactions/commit")
+            .header(http::header::CONTENT_LENGTH, body.len())
+            .body(Body::from(body))
+            .unwrap();
+        request.extensions_mut().insert(super::super::router::classify(&http::Method::POST, "/v1/transactions/commit"));
+        assert_eq!(tap.oneshot(request).await.unwrap().status(), status, "the primary's answer, unchanged");
+        sink
+    }
+
+    #[tokio::test]
+    async fn a_transaction_the_primary_refuses_leaves_no_record() {
+        for (status, forgotten) in [
+            (http::StatusCode::NO_CONTENT, false),
+            (http::StatusCode::UNAUTHORIZED, true),
+            (http::StatusCode::FORBIDDEN, true),
+            (http::StatusCode::CONFLICT, true),
+            // The outcome of a 5xx commit is unknown: it may have been applied.
+            (http::StatusCode::INTERNAL_SERVER_ERROR, false),
+            (http::StatusCode::GATEWAY_TIMEOUT, false),
+        ] {
+            let sink = commit_answered(status, 2).await;
+            assert_eq!(sink.recorded.lock().unwrap().len(), 1, "{status}: recorded before it is forwarded");
+            let expected: &[i64] = if forgotten { &[1] } else { &[] };
+            assert_eq!(sink.forgotten.lock().unwrap().as_slice(), expected, "{status}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_commit_of_more_snapshots_than_the_bound_is_not_recorded() {
+        let half = (MAX_RECORDED_SNAPSHOTS / 2) as i64;
+        assert_eq!(commit_answered(http::StatusCode::NO_CONTENT, half).await.recorded.lock().unwrap().len(), 1);
+        assert!(commit_answered(http::StatusCode::NO_CONTENT, half + 1).await.recorded.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -981,7 +981,7 @@ impl StateStore for EmbeddedStore {
         .await
     }
 
-    async fn record_transaction(&self, transaction: crate::proxy::commit_tap::Transaction) -> Result<(), StateError> {
+    async fn record_transaction(&self, transaction: crate::proxy::commit_tap::Transaction) -> Result<i64, StateError> {
         self.call(move |c, _| {
             let tx = c.transaction()?;
             let members = serde_json::to_string(&transaction.members).unwrap_or_default();
@@ -996,6 +996,17 @@ impl StateStore for EmbeddedStore {
                     )?;
                 }
             }
+            tx.commit()?;
+            Ok(id)
+        })
+        .await
+    }
+
+    async fn forget_transaction(&self, id: i64) -> Result<(), StateError> {
+        self.call(move |c, _| {
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM transaction_snapshots WHERE transaction_id = ?1", params![id])?;
+            tx.execute("DELETE FROM transactions WHERE id = ?1", params![id])?;
             tx.commit()
         })
         .await

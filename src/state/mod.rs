@@ -607,8 +607,10 @@ pub trait StateStore: Send + Sync + 'static {
     /// (A forgotten checkpoint costs a `HEAD` if the file is copied again,
     /// never correctness, so the store stays bounded on a long run.)
     async fn prune_copied_files(&self, before: Millis) -> Result<u64, StateError>;
-    /// Records a multi-table transaction of the primary.
-    async fn record_transaction(&self, transaction: Transaction) -> Result<(), StateError>;
+    /// Records a multi-table transaction of the primary; returns its id.
+    async fn record_transaction(&self, transaction: Transaction) -> Result<i64, StateError>;
+    /// Forgets the transaction recorded as `id` (the primary refused it).
+    async fn forget_transaction(&self, id: i64) -> Result<(), StateError>;
     /// The recorded transaction that added any of `snapshots` to `table`.
     async fn transaction_of(
         &self,
@@ -699,8 +701,17 @@ impl crate::proxy::commit_tap::HintSink for ChangeLog {
     fn record_transaction(
         &self,
         transaction: Transaction,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Option<i64>, crate::proxy::commit_tap::HintError>> + Send + '_>,
+    > {
+        Box::pin(async move { Ok(Some(self.store.record_transaction(transaction).await?)) })
+    }
+
+    fn forget_transaction(
+        &self,
+        id: i64,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), crate::proxy::commit_tap::HintError>> + Send + '_>>
     {
-        Box::pin(async move { Ok(self.store.record_transaction(transaction).await?) })
+        Box::pin(async move { Ok(self.store.forget_transaction(id).await?) })
     }
 }

@@ -1119,7 +1119,7 @@ impl StateStore for PostgresStore {
         client.execute("DELETE FROM copied_files WHERE copied_at < $1", &[&before]).await.map_err(self.db())
     }
 
-    async fn record_transaction(&self, transaction: crate::proxy::commit_tap::Transaction) -> Result<(), StateError> {
+    async fn record_transaction(&self, transaction: crate::proxy::commit_tap::Transaction) -> Result<i64, StateError> {
         let mut client = self.client().await?;
         let db = self.db();
         let tx = client.transaction().await.map_err(&db)?;
@@ -1142,7 +1142,15 @@ impl StateStore for PostgresStore {
             .await
             .map_err(&db)?;
         }
-        tx.commit().await.map_err(&db)
+        tx.commit().await.map_err(&db)?;
+        Ok(id)
+    }
+
+    async fn forget_transaction(&self, id: i64) -> Result<(), StateError> {
+        // Its snapshots go with it (ON DELETE CASCADE).
+        let client = self.client().await?;
+        client.execute("DELETE FROM transactions WHERE id = $1", &[&id]).await.map_err(self.db())?;
+        Ok(())
     }
 
     async fn transaction_of(

@@ -186,6 +186,9 @@ async fn the_postgres_store_migrates_once_and_shares_hints_lanes_leases_and_pass
             snapshots: vec![21],
         },
     ];
+    let refused = stores[0].record_transaction(Transaction { members: members.clone() }).await.expect("record");
+    stores[1].forget_transaction(refused).await.expect("forget what the primary refused");
+    assert!(stores[2].transaction_of(&table_x, &[11, 12]).await.expect("read").is_none(), "forgotten");
     stores[0].record_transaction(Transaction { members: members.clone() }).await.expect("record");
     let found = stores[1].transaction_of(&table_x, &[99, 12]).await.expect("read").expect("found by 12");
     assert_eq!(found.members, members);

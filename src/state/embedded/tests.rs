@@ -340,8 +340,9 @@ async fn transactions_are_found_by_any_of_their_snapshots_and_pruned_by_age() {
         TransactionMember { table: table("a", "x"), snapshots: vec![11, 12] },
         TransactionMember { table: table("b", "y"), snapshots: vec![21] },
     ];
-    store.record_transaction(Transaction { members: members.clone() }).await.expect("record");
+    let id = store.record_transaction(Transaction { members: members.clone() }).await.expect("record");
     let found = store.transaction_of(&table("a", "x"), &[99, 12]).await.expect("read").expect("found by 12");
+    assert_eq!(found.id, id);
     assert_eq!(found.members, members);
     let same = store.transaction_of(&table("b", "y"), &[21]).await.expect("read").expect("found by 21");
     assert_eq!(same.id, found.id);
@@ -354,6 +355,19 @@ async fn transactions_are_found_by_any_of_their_snapshots_and_pruned_by_age() {
     assert_eq!(store.prune_transactions(found.recorded_at).await.expect("prune"), 0);
     assert_eq!(store.prune_transactions(found.recorded_at + 1).await.expect("prune"), 1);
     assert!(store.transaction_of(&table("a", "x"), &[11]).await.expect("read").is_none());
+
+    // One the primary refused is forgotten, snapshots and all, and frees
+    // them for the commit that really adds them.
+    let refused = store.record_transaction(Transaction { members: members.clone() }).await.expect("record");
+    let kept = vec![TransactionMember { table: table("c", "z"), snapshots: vec![31, 32] }];
+    store.record_transaction(Transaction { members: kept.clone() }).await.expect("record");
+    store.forget_transaction(refused).await.expect("forget");
+    assert!(store.transaction_of(&table("a", "x"), &[11, 12]).await.expect("read").is_none());
+    assert!(store.transaction_of(&table("b", "y"), &[21]).await.expect("read").is_none());
+    assert_eq!(store.transaction_of(&table("c", "z"), &[31]).await.expect("read").expect("kept").members, kept);
+    let real = vec![TransactionMember { table: table("a", "x"), snapshots: vec![11, 13] }];
+    store.record_transaction(Transaction { members: real.clone() }).await.expect("record");
+    assert_eq!(store.transaction_of(&table("a", "x"), &[11]).await.expect("read").expect("found").members, real);
 }
 
 #[tokio::test]
