@@ -36,8 +36,27 @@ fn error(file: &str, detail: impl std::fmt::Display) -> RewriteError {
     RewriteError::Parquet { file: file.to_owned(), detail: detail.to_string() }
 }
 
+/// How much a delete file may decode to, per byte of the file: a real one
+/// (a path repeated in a dictionary, positions in deltas) decodes to a few
+/// dozen times its size, a crafted one to any size.
+const DECODED_PER_FILE_BYTE: usize = 256;
+/// What any delete file may decode to, whatever its size.
+const MIN_DECODED_BUDGET: usize = 64 << 20;
+/// What no delete file may decode to.
+const MAX_DECODED_BUDGET: usize = 1 << 30;
+
+/// The decoded bytes a delete file of `len` bytes may take.
+fn decoded_budget(len: usize) -> usize {
+    len.saturating_mul(DECODED_PER_FILE_BYTE).clamp(MIN_DECODED_BUDGET, MAX_DECODED_BUDGET)
+}
+
 /// Rewrites a position-delete file's `file_path` column through `map`.
 pub fn rewrite(bytes: &[u8], file: &str, map: &PathMap) -> Result<Vec<u8>, RewriteError> {
+    rewrite_within(bytes, file, map, decoded_budget(bytes.len()))
+}
+
+/// [`rewrite`], decoding at most `budget` bytes.
+fn rewrite_within(bytes: &[u8], file: &str, map: &PathMap, budget: usize) -> Result<Vec<u8>, RewriteError> {
     check_footer(bytes, file)?;
     // The `parquet` and `arrow` crates still panic on some corrupt pages
     // instead of returning an error (a bounds assertion while decoding
@@ -46,7 +65,7 @@ pub fn rewrite(bytes: &[u8], file: &str, map: &PathMap) -> Result<Vec<u8>, Rewri
     // an error naming the file. Everything the closure builds is dropped with
     // it, so nothing half-changed survives. (This relies on panic = "unwind",
     // Cargo's default, which icerelay's profiles keep.)
-    std::panic::catch_unwind(AssertUnwindSafe(|| rewrite_checked(bytes, file, map))).unwrap_or_else(|panic| {
+    std::panic::catch_unwind(AssertUnwindSafe(|| rewrite_checked(bytes, file, map, budget))).unwrap_or_else(|panic| {
         let message = panic
             .downcast_ref::<&str>()
             .map(|s| (*s).to_owned())
@@ -57,7 +76,7 @@ pub fn rewrite(bytes: &[u8], file: &str, map: &PathMap) -> Result<Vec<u8>, Rewri
 }
 
 /// [`rewrite`] once the footer's length is known to fit.
-fn rewrite_checked(bytes: &[u8], file: &str, map: &PathMap) -> Result<Vec<u8>, RewriteError> {
+fn rewrite_checked(bytes: &[u8], file: &str, map: &PathMap, budget: usize) -> Result<Vec<u8>, RewriteError> {
     let input = Bytes::copy_from_slice(bytes);
     let builder = ParquetRecordBatchReaderBuilder::try_new(input.clone()).map_err(|e| error(file, e))?;
     let metadata = builder.metadata().clone();
@@ -95,6 +114,9 @@ fn rewrite_checked(bytes: &[u8], file: &str, map: &PathMap) -> Result<Vec<u8>, R
     }
 
     // Read and map every row group; remember the boundaries to keep them.
+    // Batch by batch within the budget: a few kilobytes of dictionary and
+    // run-length encoding can declare billions of rows.
+    let mut decoded = 0usize;
     let mut groups: Vec<Vec<RecordBatch>> = Vec::new();
     for index in 0..metadata.num_row_groups() {
         let reader = ParquetRecordBatchReaderBuilder::try_new(input.clone())
@@ -103,6 +125,17 @@ fn rewrite_checked(bytes: &[u8], file: &str, map: &PathMap) -> Result<Vec<u8>, R
         let mut batches = Vec::new();
         for batch in reader {
             let batch = batch.map_err(|e| error(file, e))?;
+            decoded = decoded.saturating_add(batch.get_array_memory_size());
+            if decoded > budget {
+                return Err(error(
+                    file,
+                    format!(
+                        "it decodes to more than {budget} bytes from {} bytes, more than a position-delete file \
+                         does; icerelay does not rewrite it",
+                        bytes.len()
+                    ),
+                ));
+            }
             batches.push(map_batch(&batch, path_column, map, file)?);
         }
         groups.push(batches);
@@ -325,6 +358,26 @@ mod tests {
         let (paths, pos, _) = read(rewrite(&original, "d.parquet", &map).expect("rewrite"));
         assert_eq!(paths, ["s3://r/t/data/b/1.parquet", "s3://r/t/data/z/1.parquet"]);
         assert_eq!(pos, [4, 3]);
+    }
+
+    #[test]
+    fn a_file_that_decodes_beyond_its_budget_is_refused() {
+        let map = PathMap::from_locations("s3://w/t", "s3://r/t").expect("map");
+        let long = format!("s3://w/t/data/{}.parquet", "x".repeat(1000));
+        let paths = vec![long.as_str(); 20_000];
+        let positions: Vec<i64> = (0..20_000).collect();
+        let bomb = delete_file(&paths, &positions);
+        assert!(bomb.len() < 200_000, "it compresses: {} bytes", bomb.len());
+        let e = rewrite_within(&bomb, "d.parquet", &map, 1 << 20).expect_err("20 MB decoded");
+        assert!(
+            e.to_string().contains("decodes to more than 1048576 bytes") && e.to_string().contains("d.parquet"),
+            "{e}"
+        );
+        let (rewritten, pos, _) = read(rewrite(&bomb, "d.parquet", &map).expect("within the real budget"));
+        assert_eq!((rewritten.len(), pos.len()), (20_000, 20_000));
+        assert_eq!(decoded_budget(1), MIN_DECODED_BUDGET);
+        assert_eq!(decoded_budget(1 << 30), MAX_DECODED_BUDGET);
+        assert_eq!(decoded_budget(1 << 20), 256 << 20);
     }
 
     #[test]
