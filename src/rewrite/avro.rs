@@ -36,7 +36,7 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::io::Cursor;
+use std::io::{Cursor, Read};
 use std::str::FromStr;
 
 use apache_avro::reader::datum::GenericDatumReader;
@@ -57,6 +57,17 @@ const BLOCK_SIZE: usize = 16_000;
 /// The decompressed records of one file [`Records`] can hold: spans are
 /// `u32` offsets.
 const MAX_RECORD_BYTES: usize = u32::MAX as usize;
+/// How many bytes of records a file may decompress to, per byte of the file:
+/// manifests deflate to a tenth of their size or so; a crafted block
+/// inflates a thousandfold.
+const RECORDS_PER_FILE_BYTE: usize = 128;
+/// What any file may decompress to, whatever its size.
+const MIN_RECORDS_BUDGET: usize = 64 << 20;
+
+/// The bytes of records a file of `len` bytes may decompress to.
+fn records_budget(len: usize) -> usize {
+    len.saturating_mul(RECORDS_PER_FILE_BYTE).clamp(MIN_RECORDS_BUDGET, MAX_RECORD_BYTES)
+}
 
 /// An Avro container file's header: every metadata key, as written.
 #[derive(Debug, Clone)]
@@ -132,6 +143,13 @@ fn decompress(codec: Codec, block: &[u8], data: &mut Vec<u8>, limit: usize) -> R
             // one up costs about as much as inflating a small block.
             INFLATER.with_borrow_mut(|inflater| inflate(inflater, block, data, limit))?;
         }
+        Codec::Zstandard(_) => {
+            // Bounded as it goes too: zstd reaches ratios of thousands.
+            let room = limit.saturating_sub(data.len()).saturating_add(1);
+            let decoder =
+                zstd::stream::read::Decoder::with_buffer(block).map_err(|e| format!("does not decompress ({e})"))?;
+            decoder.take(room as u64).read_to_end(data).map_err(|e| format!("does not decompress ({e})"))?;
+        }
         other => {
             if matches!(other, Codec::Snappy) {
                 check_snappy_length(block)?;
@@ -140,6 +158,9 @@ fn decompress(codec: Codec, block: &[u8], data: &mut Vec<u8>, limit: usize) -> R
             other.decompress(&mut decompressed).map_err(|e| format!("does not decompress ({e})"))?;
             data.extend_from_slice(&decompressed);
         }
+    }
+    if data.len() > limit {
+        return Err(format!("decompresses to more than the {limit} bytes of records this file may hold"));
     }
     Ok(())
 }
@@ -559,11 +580,8 @@ impl Records {
                 }
                 pos = end + 16;
                 let base = data.len();
-                decompress(codec, block, &mut data, MAX_RECORD_BYTES)
+                decompress(codec, block, &mut data, records_budget(bytes.len()))
                     .map_err(|detail| invalid(file, format!("the data block at byte {at} {detail}")))?;
-                if data.len() > MAX_RECORD_BYTES {
-                    return Err(invalid(file, "more than 4 GiB of records"));
-                }
                 let held = data.len() - base;
                 if count > held {
                     return Err(invalid(
@@ -1175,6 +1193,31 @@ mod tests {
         let mut out = Vec::new();
         DEFLATER.with_borrow_mut(|d| deflate(d, raw, &mut out)).expect("deflate");
         out
+    }
+
+    #[test]
+    fn a_zstd_block_is_decompressed_whole_and_bounded() {
+        let raw: Vec<u8> = (0..200_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let block = zstd::encode_all(&raw[..], 3).expect("zstd");
+        let mut data = b"earlier".to_vec();
+        decompress(Codec::Zstandard(Default::default()), &block, &mut data, MAX_RECORD_BYTES).expect("decompress");
+        assert_eq!((&data[..7], &data[7..]), (&b"earlier"[..], &raw[..]));
+
+        // 64 MiB of zeros from a few kilobytes: refused at the limit, having
+        // read no more than one byte past it.
+        let bomb = zstd::encode_all(&vec![0u8; 64 << 20][..], 19).expect("zstd");
+        assert!(bomb.len() < 16 * 1024, "{}", bomb.len());
+        let mut data = Vec::new();
+        let e = decompress(Codec::Zstandard(Default::default()), &bomb, &mut data, 100_000).expect_err("bomb");
+        assert!(e.contains("more than the 100000 bytes"), "{e}");
+        assert!(data.len() <= 100_001, "{}", data.len());
+        let e = decompress(Codec::Zstandard(Default::default()), &block[..block.len() / 2], &mut Vec::new(), 1 << 30)
+            .expect_err("cut off");
+        assert!(e.contains("does not decompress"), "{e}");
+
+        assert_eq!(records_budget(1000), MIN_RECORDS_BUDGET);
+        assert_eq!(records_budget(1 << 20), 128 << 20);
+        assert_eq!(records_budget(usize::MAX), MAX_RECORD_BYTES);
     }
 
     #[test]
