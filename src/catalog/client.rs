@@ -162,6 +162,9 @@ impl Renew for TableRenewal {
 
 /// The header that asks a catalog for vended credentials.
 const ACCESS_DELEGATION: &str = "X-Iceberg-Access-Delegation";
+/// The largest answer icerelay reads from a catalog (a loadTable of a table
+/// with tens of thousands of snapshots is tens of megabytes).
+const MAX_ANSWER_BYTES: usize = 256 << 20;
 
 impl RestCatalog {
     /// A client for the catalog at `base` (the URI without `/v1`).
@@ -727,7 +730,7 @@ impl RestCatalog {
                 });
             }
             let etag = response.headers().get(reqwest::header::ETAG).and_then(|v| v.to_str().ok()).map(str::to_owned);
-            let bytes = response.bytes().await.map_err(|e| self.transport_error(url, e))?;
+            let bytes = self.read_answer(response, url, operation).await?;
             if ask && status == StatusCode::FORBIDDEN {
                 // Some catalogs refuse the request itself when the caller may
                 // not have credentials vended: ask once more without.
@@ -829,6 +832,32 @@ impl RestCatalog {
         }
     }
 
+    /// The body of an answer, up to [`MAX_ANSWER_BYTES`]: a catalog that
+    /// answers without end must not exhaust icerelay's memory.
+    async fn read_answer(
+        &self,
+        mut response: reqwest::Response,
+        url: &Url,
+        operation: &str,
+    ) -> Result<bytes::Bytes, CatalogError> {
+        let too_large = || CatalogError::Decode {
+            catalog: self.name.clone(),
+            operation: operation.to_owned(),
+            cause: format!("the answer is larger than {MAX_ANSWER_BYTES} bytes, more than any table's metadata"),
+        };
+        if response.content_length().is_some_and(|declared| declared > MAX_ANSWER_BYTES as u64) {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.transport_error(url, e))? {
+            if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(bytes::Bytes::from(body))
+    }
+
     fn transport_error(&self, url: &Url, e: reqwest::Error) -> CatalogError {
         let mut shown = url.clone();
         shown.set_query(None);
@@ -894,6 +923,38 @@ mod tests {
         let ns = Namespace::new(vec!["a".into(), "b c".into()]);
         let url = catalog.join(&["namespaces", &ns.to_path_segment(), "tables"], Some("wh"));
         assert_eq!(url.as_str(), "http://h:1/api/catalog/v1/wh/namespaces/a%1Fb%20c/tables");
+    }
+
+    /// A catalog on loopback whose every answer is 200 with `chunks` MiB of
+    /// JSON whitespace, streamed without a declared length.
+    async fn endless_catalog(chunks: usize) -> RestCatalog {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let app = axum::Router::new().fallback(move || async move {
+            let chunk = bytes::Bytes::from(vec![b' '; 1 << 20]);
+            let stream = futures::stream::iter((0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
+            axum::body::Body::from_stream(stream)
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let settings = ClientSettings {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(60),
+            ca_file: None,
+        };
+        let uri = Url::parse(&format!("http://{address}/")).expect("url");
+        RestCatalog::new("endless", uri, None, &AuthConfig::None, settings).expect("client")
+    }
+
+    #[tokio::test]
+    async fn an_answer_larger_than_the_bound_is_refused_not_read_to_the_end() {
+        let table = TableIdent::new(Namespace::from_dotted("db"), "t");
+        let beyond = MAX_ANSWER_BYTES / (1 << 20) + 1;
+        let e = endless_catalog(beyond).await.load_table(&table).await.expect_err("too large");
+        assert!(matches!(e, CatalogError::Decode { .. }), "{e}");
+        assert!(e.to_string().contains(&format!("larger than {MAX_ANSWER_BYTES} bytes")), "{e}");
+        // Within the bound it is read whole (and then is not a table's JSON).
+        let e = endless_catalog(1).await.load_table(&table).await.expect_err("not JSON");
+        assert!(!e.to_string().contains("larger than"), "{e}");
     }
 
     #[test]
