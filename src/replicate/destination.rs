@@ -279,7 +279,14 @@ impl Destination {
     /// which creates nothing).
     pub async fn table_location(&self, table: &TableIdent) -> Result<String, ReplicateError> {
         if let Some(base) = &self.config.location {
-            return Ok(format!("{base}/{}/{}", table.namespace, table.name));
+            let (namespace, name) = location_segments(table).map_err(|why| {
+                ReplicateError::Refused(format!(
+                    "destination {}: the replica of {table} cannot be placed under destinations.location {base}: {why}; \
+                     rename the table, or leave destinations.location unset so the catalog places it",
+                    self.name()
+                ))
+            })?;
+            return Ok(format!("{base}/{namespace}/{name}"));
         }
         let request = json!({
             "name": table.name,
@@ -453,6 +460,61 @@ impl Destination {
         }
         if let Err(e) = self.catalog.drop_namespace(namespace).await {
             tracing::debug!(destination = self.name(), error = %e, "could not drop the probe namespace");
+        }
+    }
+}
+
+/// The two path segments of `table` under a configured replica location
+/// (`ns/t`, nested levels joined by `.`), if they name it alone. Table names
+/// come from whoever may create tables: one with a `/` would land inside
+/// another table's replica (`sales/orders` + `metadata`), and a level with a
+/// `.` beside a nested namespace (`a.b` against `a`, `b`) on another's.
+fn location_segments(table: &TableIdent) -> Result<(String, String), String> {
+    let levels = table.namespace.levels();
+    let names = levels.iter().map(|l| ("namespace level", l.as_str())).chain([("table name", table.name.as_str())]);
+    for (what, name) in names {
+        if name.is_empty() || name == "." || name == ".." {
+            return Err(format!("its {what} {name:?} is not a path segment"));
+        }
+        if let Some(c) = name.chars().find(|c| matches!(c, '/' | '\\' | '%' | '?' | '#') || c.is_control()) {
+            return Err(format!("its {what} {name:?} has the character {c:?}, which a path would read differently"));
+        }
+    }
+    if levels.len() > 1 && levels.iter().any(|l| l.contains('.')) {
+        return Err(format!(
+            "its namespace has several levels and one of them has a `.`, so {} could be another namespace",
+            table.namespace
+        ));
+    }
+    Ok((table.namespace.to_string(), table.name.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Namespace;
+
+    fn segments(levels: &[&str], name: &str) -> Result<(String, String), String> {
+        location_segments(&TableIdent::new(Namespace::new(levels.iter().map(|l| (*l).to_owned()).collect()), name))
+    }
+
+    #[test]
+    fn a_replica_location_names_its_table_alone() {
+        assert_eq!(segments(&["sales"], "orders"), Ok(("sales".into(), "orders".into())));
+        assert_eq!(segments(&["a", "b"], "t"), Ok(("a.b".into(), "t".into())));
+        assert_eq!(segments(&["a.b"], "t"), Ok(("a.b".into(), "t".into())), "one level with a dot is unambiguous");
+        for (levels, name, names) in [
+            (&["sales/orders"][..], "metadata", "\"sales/orders\""),
+            (&["sales"][..], "orders/metadata", "\"orders/metadata\""),
+            (&["a.b", "c"][..], "t", "several levels"),
+            (&["sales"][..], "..", "\"..\""),
+            (&["sales"][..], "", "\"\""),
+            (&["sales"][..], "a%2Fb", "'%'"),
+            (&["sales"][..], "a\\b", "'\\\\'"),
+            (&["sales"][..], "a\nb", "'\\n'"),
+        ] {
+            let e = segments(levels, name).expect_err("ambiguous");
+            assert!(e.contains(names), "{levels:?} {name:?}: {e}");
         }
     }
 }
