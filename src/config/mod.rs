@@ -409,6 +409,9 @@ pub struct RuleConfig {
     pub target_namespace: Option<Namespace>,
     /// What a source drop does to the replicas.
     pub on_drop: OnDrop,
+    /// URL prefixes the source tables' paths must be under (empty: any
+    /// `[[storage]]` prefix), normalized as storage prefixes are.
+    pub source_prefixes: Vec<String>,
 }
 
 /// Values given on the command line, applied over the file.
@@ -1410,12 +1413,26 @@ impl Validator {
                 OnDrop::Keep
             }
         };
+        let mut source_prefixes = Vec::new();
+        for (j, prefix) in raw.source_prefixes.unwrap_or_default().into_iter().enumerate() {
+            let scheme_ok = ["s3://", "s3a://", "s3n://", "file:"].iter().any(|s| prefix.starts_with(s));
+            let bucket_or_path = prefix.split_once("://").map_or(prefix.as_str(), |(_, rest)| rest);
+            if !scheme_ok || bucket_or_path.trim_matches('/').is_empty() {
+                self.error(
+                    format!("{key}.source_prefixes[{j}]"),
+                    format!("{prefix:?} is not a URL prefix with a bucket or a path (s3://bucket/path, file:///path)"),
+                );
+                continue;
+            }
+            source_prefixes.push(crate::storage::normalize_file_url(&prefix).into_owned());
+        }
         Some(RuleConfig {
             namespace: namespace?,
             table: raw.table,
             destinations: raw.destinations,
             target_namespace,
             on_drop,
+            source_prefixes,
         })
     }
 }

@@ -400,4 +400,7 @@ pub struct RawRule {
     /// What dropping the source table does to its replicas: `keep` (default)
     /// or `propagate` (drop them too).
     pub on_drop: Option<String>,
+    /// URL prefixes every source path of the matching tables must be under
+    /// (their location, data and metadata paths). Default: any `[[storage]]` prefix.
+    pub source_prefixes: Option<Vec<String>>,
 }

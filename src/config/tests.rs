@@ -193,7 +193,7 @@ fn urls_with_credentials_are_refused() {
 fn replication_settings_are_validated_with_their_keys() {
     let text = FULL.replace(
         "[[rules]]\nnamespace = \"*\"\ndestinations = [\"dr\"]\n",
-        "[replication]\nreconcile_interval = \"0s\"\nmax_concurrent_lanes = 0\n\n[[rules]]\nnamespace = \"sales\"\ndestinations = [\"dr\"]\ntarget_namespace = \"all..eu\"\non_drop = \"burn\"\n",
+        "[replication]\nreconcile_interval = \"0s\"\nmax_concurrent_lanes = 0\n\n[[rules]]\nnamespace = \"sales\"\ndestinations = [\"dr\"]\ntarget_namespace = \"all..eu\"\non_drop = \"burn\"\nsource_prefixes = [\"s3://ok/sales\", \"warehouse/sales\", \"s3://\"]\n",
     )
     .replace("warehouse = \"replica\"\n", "warehouse = \"replica\"\nbootstrap = \"sometimes\"\nlocation = \"replica-bucket\"\n");
     let errors = load_str(&text, &env()).expect_err("invalid");
@@ -207,6 +207,8 @@ fn replication_settings_are_validated_with_their_keys() {
             "replication.max_concurrent_lanes",
             "replication.reconcile_interval",
             "rules[0].on_drop",
+            "rules[0].source_prefixes[1]",
+            "rules[0].source_prefixes[2]",
             "rules[0].target_namespace",
         ],
         "{errors}"
@@ -214,7 +216,7 @@ fn replication_settings_are_validated_with_their_keys() {
 
     let valid = format!("state_dir = \"/var/lib/icerelay\"\n{FULL}").replace(
         "[[rules]]\nnamespace = \"*\"\ndestinations = [\"dr\"]\n",
-        "[[rules]]\nnamespace = \"eu\"\ndestinations = [\"dr\"]\ntarget_namespace = \"all.eu\"\non_drop = \"propagate\"\n",
+        "[[rules]]\nnamespace = \"eu\"\ndestinations = [\"dr\"]\ntarget_namespace = \"all.eu\"\non_drop = \"propagate\"\nsource_prefixes = [\"s3://wh/eu\", \"file:/data/eu/\"]\n",
     )
     .replace("warehouse = \"replica\"\n", "warehouse = \"replica\"\nbootstrap = \"create\"\nproperties = { owner = \"dr\" }\n");
     let c = load_str(&valid, &env()).expect("valid");
@@ -223,6 +225,7 @@ fn replication_settings_are_validated_with_their_keys() {
     assert_eq!(c.destinations[0].properties.get("owner").map(String::as_str), Some("dr"));
     assert_eq!(c.rules[0].target_namespace, Some(Namespace::from_dotted("all.eu")));
     assert_eq!(c.rules[0].on_drop, OnDrop::Propagate);
+    assert_eq!(c.rules[0].source_prefixes, ["s3://wh/eu", "file:///data/eu/"], "file URLs in one form");
     assert_eq!(c.replication, ReplicationConfig::default());
 
     let transaction = valid.replace("bootstrap = \"create\"", "bootstrap = \"create-transaction\"");

@@ -67,7 +67,7 @@ async fn register(b: Bootstrapping<'_>) -> Result<Made, ReplicateError> {
     let Bootstrapping { ctx, key, destination, replica_table, source, source_file } = b;
     destination.catalog.ensure_namespace(&replica_table.namespace).await?;
     let location = destination.table_location(replica_table).await?;
-    let map = path_map(&source.metadata, &location)?;
+    let map = path_map(ctx, key, &source.metadata, &location)?;
     let snapshots: BTreeSet<i64> = snapshot_ids(&source.metadata);
     let copier = table_copier(ctx, destination, false);
     let copied = copier.copy_snapshots(&source.metadata, source_file, &map, &snapshots, &NoProgress).await?;

@@ -376,7 +376,7 @@ impl Replayer {
         let replica_location = location_of(&following.replica.metadata, "replica")?;
         let shift = known.adoption.as_ref().and_then(|a| a.sequence_shift);
         Ok(Self {
-            map: path_map(&following.source.metadata, &replica_location)?.with_sequence_shift(shift),
+            map: path_map(ctx, key, &following.source.metadata, &replica_location)?.with_sequence_shift(shift),
             unreplicated: known.adoption.as_ref().map(|a| a.unreplicated.iter().copied().collect()).unwrap_or_default(),
             properties: replica_properties(ctx, key, destination),
             copier: table_copier(ctx, destination, known.adoption.is_some()),
@@ -819,17 +819,39 @@ fn explain_refusal(e: CatalogError, step: &Step, source: &Value, replica: &Value
 }
 
 /// Source location to replica location, plus data and metadata paths that
-/// live outside the table location.
-pub(super) fn path_map(source: &Value, replica_location: &str) -> Result<PathMap, ReplicateError> {
+/// live outside the table location. Every file a replica gets is under one
+/// of these (a path no pair maps is an error), so with the rule's
+/// `source_prefixes` each of them must be under one of those.
+pub(super) fn path_map(
+    ctx: &Context,
+    key: &LaneKey,
+    source: &Value,
+    replica_location: &str,
+) -> Result<PathMap, ReplicateError> {
+    let confined = ctx.rules.route(&key.table, &key.destination).map(|r| r.source_prefixes).unwrap_or_default();
+    let within = |what: &str, path: &str| -> Result<(), ReplicateError> {
+        let normalized = crate::rewrite::path_map::normalize_file_url(path);
+        if confined.is_empty() || confined.iter().any(|prefix| crate::storage::is_under(&normalized, prefix)) {
+            return Ok(());
+        }
+        Err(ReplicateError::Refused(format!(
+            "the source table {}'s {what} {path} is outside its rule's source_prefixes ({}); icerelay reads nothing \
+             there. If the table's files really are there, add the prefix to source_prefixes",
+            key.table,
+            confined.join(", ")
+        )))
+    };
     let source_location = location_of(source, "source")?;
+    within("location", &source_location)?;
     let mut map = PathMap::from_locations(&source_location, replica_location).map_err(super::plan::PlanError::from)?;
     if let Some(props) = source.get("properties").and_then(Value::as_object) {
-        for key in PATH_PROPERTIES {
-            let Some(path) = props.get(key).and_then(Value::as_str) else { continue };
+        for property in PATH_PROPERTIES {
+            let Some(path) = props.get(property).and_then(Value::as_str) else { continue };
+            within(property, path)?;
             if map.is_source_path(path) {
                 continue;
             }
-            let sub = if key == "write.metadata.path" { "metadata" } else { "data" };
+            let sub = if property == "write.metadata.path" { "metadata" } else { "data" };
             map.add(path, &format!("{}/{sub}", replica_location.trim_end_matches('/')))
                 .map_err(super::plan::PlanError::from)?;
         }

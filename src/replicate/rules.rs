@@ -19,6 +19,8 @@ pub struct Route {
     pub replica_table: TableIdent,
     /// What dropping the source does to this replica.
     pub on_drop: OnDrop,
+    /// The prefixes the source's paths must be under (empty: any).
+    pub source_prefixes: Vec<String>,
 }
 
 /// The configured rules.
@@ -54,6 +56,7 @@ impl Rules {
                     destination: destination.clone(),
                     replica_table: TableIdent::new(namespace, table.name.clone()),
                     on_drop: rule.on_drop,
+                    source_prefixes: rule.source_prefixes.clone(),
                 });
             }
         }
@@ -104,6 +107,7 @@ mod tests {
             destinations: destinations.iter().map(|d| (*d).to_owned()).collect(),
             target_namespace: None,
             on_drop: OnDrop::Keep,
+            source_prefixes: Vec::new(),
         }
     }
 

@@ -1175,6 +1175,58 @@ async fn local_files_a_committer_points_at_are_never_read() {
     assert!(!history(&on_replica.metadata).contains_key(&newest), "the snapshot with local files is not replicated");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn paths_outside_the_rules_source_prefixes_are_never_read() {
+    // Within the [[storage]] prefixes a committer could still point a table
+    // at another table's files, which icerelay's credentials can read. A
+    // rule's source_prefixes confine its tables.
+    let replica = Replica::Seaweed(SeaweedFs::shared_replica());
+    let ns = unique("prefixed");
+    let table = format!("{ns}.t");
+    let state = tempfile::tempdir().expect("state");
+    let warehouse = SeaweedFs::shared().warehouse();
+    let own = format!("s3://{warehouse}/{ns}");
+    let toml = relay_toml(replica, &ns, state.path(), "")
+        .replace("destinations = [\"dr\"]\n", &format!("destinations = [\"dr\"]\nsource_prefixes = [\"{own}\"]\n"));
+    let relay = Relay::start(&toml).await;
+    let written = write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
+    wait_replicated(&relay.admin_url, &table, written["metadata_location"].as_str().expect("location")).await;
+
+    // Another table's directory (not replicated), which the writer may write to.
+    let other = format!("{}.victim", unique("elsewhere"));
+    let victim =
+        write(SeaweedFs::shared().catalog_uri(), &other, json!([{"op": "create"}, {"op": "append", "rows": 1}])).await;
+    let victim_location = victim["location"].as_str().map(str::to_owned).unwrap_or_else(|| {
+        let metadata = victim["metadata_location"].as_str().expect("location");
+        metadata.rsplit_once("/metadata/").expect("under metadata/").0.to_owned()
+    });
+    let elsewhere = format!("{victim_location}/data");
+    assert!(!elsewhere.starts_with(&format!("{own}/")), "{elsewhere} is another namespace's");
+    let written = write(
+        &relay.url,
+        &table,
+        json!([{"op": "set_property", "key": "write.data.path", "value": elsewhere}, {"op": "append", "start": 10, "rows": 2}]),
+    )
+    .await;
+    let failed =
+        wait_status(&relay.admin_url, &table, "a refusal to read outside the prefixes", |s| s["status"] == "failed")
+            .await;
+    let message = failed["last_error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("outside its rule's source_prefixes")
+            && message.contains(&elsewhere)
+            && message.contains(&own),
+        "{failed}"
+    );
+    assert_eq!(failed["last_error"]["waits_for_operator"], true, "{failed}");
+    let newest = written["snapshots"].as_array().and_then(|s| s.last()).and_then(|s| s["id"].as_i64()).expect("id");
+    let on_replica = replica.catalog().load_table(&ident(&table)).await.expect("load").expect("replica");
+    assert!(
+        !history(&on_replica.metadata).contains_key(&newest),
+        "the snapshot with files elsewhere is not replicated"
+    );
+}
+
 /// Every file under `dir`.
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
