@@ -273,7 +273,9 @@ pub fn next_step(input: &PlanInput<'_>) -> Result<Option<Step>, PlanError> {
 /// one commit added and then replaced as `main` (an overwrite's delete
 /// snapshot, say): a snapshot of `main`'s history that the log does not list,
 /// though newer than the log's first entry, was committed with its child.
-/// Older snapshots, from before the log was trimmed, are committed one by one.
+/// So was the root of `main` whose child is the log's first entry (a table's
+/// first commit that added several snapshots). Other older snapshots, from
+/// before the log was trimmed, are committed one by one.
 ///
 /// Snapshots one commit added to another branch are in no log: where the
 /// proxy saw that commit (`together`), its snapshots go in one commit too,
@@ -288,9 +290,21 @@ fn commit_group<'a>(source: &Table<'a>, missing: &[&'a Value], together: &[i64])
     let Some(log_start) = log.iter().filter_map(|e| e.get("timestamp-ms").and_then(Value::as_i64)).min() else {
         return vec![first];
     };
+    let log_first = log
+        .iter()
+        .find(|e| e.get("timestamp-ms").and_then(Value::as_i64) == Some(log_start))
+        .and_then(|e| e.get("snapshot-id").and_then(Value::as_i64));
+    let first_commit_before_log = |snapshot: &Value| {
+        snapshot.get("parent-snapshot-id").and_then(Value::as_i64).is_none()
+            && missing.iter().any(|child| {
+                child.get("parent-snapshot-id").and_then(Value::as_i64) == id_of(snapshot)
+                    && id_of(child).is_some_and(|id| Some(id) == log_first)
+            })
+    };
     let unlogged = |snapshot: &Value| {
         id_of(snapshot).is_some_and(|id| !logged.contains(&id))
-            && snapshot.get("timestamp-ms").and_then(Value::as_i64).is_some_and(|ts| ts >= log_start)
+            && (snapshot.get("timestamp-ms").and_then(Value::as_i64).is_some_and(|ts| ts >= log_start)
+                || first_commit_before_log(snapshot))
     };
     if !unlogged(first) {
         return vec![first];

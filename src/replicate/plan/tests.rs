@@ -622,6 +622,16 @@ fn snapshots_the_source_committed_together_are_committed_together() {
     let steps = lane.converge(&trimmed);
     let groups: Vec<Vec<i64>> = steps.iter().filter(|s| !s.snapshots.is_empty()).map(|s| s.snapshots.clone()).collect();
     assert_eq!(groups, [vec![10], vec![20], vec![30]]);
+
+    // A table whose first commit added 10 and 20: the log starts at 20, and
+    // 10, older than it, is the root of main. Not a trimmed log.
+    let mut first_commit = overwritten();
+    first_commit["snapshot-log"] =
+        json!([{"snapshot-id": 20, "timestamp-ms": 1002}, {"snapshot-id": 30, "timestamp-ms": 1003}]);
+    let mut lane = Lane::new(created());
+    let steps = lane.converge(&first_commit);
+    let groups: Vec<Vec<i64>> = steps.iter().filter(|s| !s.snapshots.is_empty()).map(|s| s.snapshots.clone()).collect();
+    assert_eq!(groups, [vec![10, 20], vec![30]]);
 }
 
 #[test]
