@@ -261,6 +261,19 @@ async fn first_commit(
         let managed = plan::managed_property_keys(&source.metadata, properties);
         return Ok(FirstCommit { step: None, managed, copied: CopyReport::default() });
     };
+    // A first step without snapshots would make a table dated now, onto
+    // which the source's older snapshots could never be replayed (the
+    // timestamp rule): the planner parts metadata from snapshots where the
+    // source's ids have gaps the catalog would number otherwise.
+    if step.snapshots.is_empty() && !snapshot_ids(&source.metadata).is_empty() {
+        return Err(ReplicateError::Refused(format!(
+            "the source's first commit cannot be carried by a create transaction onto destination {}: {} must \
+             come first in a commit of its own, which would date the table now and refuse the older snapshots. \
+             Set bootstrap = \"register\" or \"create\" for this destination",
+            destination.name(),
+            step.describe()
+        )));
+    }
     let copied = replayer.copy(ctx, destination, &following, &step).await?;
     Ok(FirstCommit { managed: step.managed_properties.clone(), step: Some(step), copied })
 }
