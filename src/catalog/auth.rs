@@ -16,6 +16,8 @@ use tokio::sync::Mutex;
 use super::sigv4::{SigV4Error, Signer};
 use crate::config::{AuthConfig, Secret};
 
+/// The largest token endpoint answer icerelay reads.
+const TOKEN_ANSWER_LIMIT: usize = 1 << 20;
 /// Lifetime assumed for a token whose response has no `expires_in`.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// Refresh a token when less than this share of its lifetime is left...
@@ -196,11 +198,11 @@ impl OAuth2 {
             let location = super::client::location_of(&response);
             return Err(AuthError::TokenRedirect { endpoint: endpoint.to_string(), status, location });
         }
+        // A token answer is a few hundred bytes.
+        let body = super::client::body_within(response, TOKEN_ANSWER_LIMIT).await.ok().flatten();
         if !status.is_success() {
-            let detail = response
-                .json::<OAuthErrorBody>()
-                .await
-                .ok()
+            let detail = body
+                .and_then(|b| serde_json::from_slice::<OAuthErrorBody>(&b).ok())
                 .and_then(|b| match (b.error, b.error_description) {
                     (Some(e), Some(d)) => Some(format!(": {e} ({d})")),
                     (Some(e), None) => Some(format!(": {e}")),
@@ -209,8 +211,9 @@ impl OAuth2 {
                 .unwrap_or_default();
             return Err(AuthError::TokenRejected { endpoint: endpoint.to_string(), status, detail });
         }
-        let body: TokenResponse =
-            response.json().await.map_err(|_| AuthError::TokenMalformed { endpoint: endpoint.to_string() })?;
+        let body: TokenResponse = body
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| AuthError::TokenMalformed { endpoint: endpoint.to_string() })?;
         let token = body.access_token.ok_or_else(|| AuthError::TokenMalformed { endpoint: endpoint.to_string() })?;
         let lifetime = body.expires_in.map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
         let margin = (lifetime / REFRESH_FRACTION).max(REFRESH_MARGIN).min(lifetime);

@@ -162,9 +162,9 @@ impl Renew for TableRenewal {
 
 /// The header that asks a catalog for vended credentials.
 const ACCESS_DELEGATION: &str = "X-Iceberg-Access-Delegation";
-/// The largest answer icerelay reads from a catalog (a loadTable of a table
-/// with tens of thousands of snapshots is tens of megabytes).
-const MAX_ANSWER_BYTES: usize = 256 << 20;
+/// The largest answer icerelay reads from a catalog: a loadTable carries
+/// the table's metadata, which a table copy reads up to this size too.
+const MAX_ANSWER_BYTES: usize = crate::table_copy::METADATA_LIMIT as usize;
 
 impl RestCatalog {
     /// A client for the catalog at `base` (the URI without `/v1`).
@@ -836,26 +836,17 @@ impl RestCatalog {
     /// answers without end must not exhaust icerelay's memory.
     async fn read_answer(
         &self,
-        mut response: reqwest::Response,
+        response: reqwest::Response,
         url: &Url,
         operation: &str,
     ) -> Result<bytes::Bytes, CatalogError> {
-        let too_large = || CatalogError::Decode {
-            catalog: self.name.clone(),
-            operation: operation.to_owned(),
-            cause: format!("the answer is larger than {MAX_ANSWER_BYTES} bytes, more than any table's metadata"),
-        };
-        if response.content_length().is_some_and(|declared| declared > MAX_ANSWER_BYTES as u64) {
-            return Err(too_large());
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| self.transport_error(url, e))? {
-            if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-                return Err(too_large());
+        body_within(response, MAX_ANSWER_BYTES).await.map_err(|e| self.transport_error(url, e))?.ok_or_else(|| {
+            CatalogError::Decode {
+                catalog: self.name.clone(),
+                operation: operation.to_owned(),
+                cause: format!("the answer is larger than {MAX_ANSWER_BYTES} bytes, more than any table's metadata"),
             }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(bytes::Bytes::from(body))
+        })
     }
 
     fn transport_error(&self, url: &Url, e: reqwest::Error) -> CatalogError {
@@ -871,6 +862,25 @@ impl RestCatalog {
             CatalogError::Unreachable { catalog: self.name.clone(), url: shown.to_string(), source: e.without_url() }
         }
     }
+}
+
+/// The body of `response`, or `None` when it is larger than `limit` bytes
+/// (as declared, or as it streams in): nothing beyond the limit is read.
+pub(crate) async fn body_within(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Option<bytes::Bytes>, reqwest::Error> {
+    if response.content_length().is_some_and(|declared| declared > limit as u64) {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(bytes::Bytes::from(body)))
 }
 
 /// The `Location` header of a redirect, for messages (query removed: it may carry a token).
@@ -925,36 +935,59 @@ mod tests {
         assert_eq!(url.as_str(), "http://h:1/api/catalog/v1/wh/namespaces/a%1Fb%20c/tables");
     }
 
-    /// A catalog on loopback whose every answer is 200 with `chunks` MiB of
-    /// JSON whitespace, streamed without a declared length.
-    async fn endless_catalog(chunks: usize) -> RestCatalog {
+    /// A server on loopback that answers every connection with `head`, then
+    /// `body_mib` MiB of JSON whitespace, and keeps the connection open.
+    async fn answering(head: &'static str, body_mib: usize) -> Url {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
-        let app = axum::Router::new().fallback(move || async move {
-            let chunk = bytes::Bytes::from(vec![b' '; 1 << 20]);
-            let stream = futures::stream::iter((0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
-            axum::body::Body::from_stream(stream)
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = vec![0u8; 64 * 1024];
+                    let _ = socket.read(&mut request).await;
+                    let _ = socket.write_all(head.as_bytes()).await;
+                    let chunk = vec![b' '; 1 << 20];
+                    for _ in 0..body_mib {
+                        if socket.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                });
+            }
         });
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        let settings = ClientSettings {
-            connect_timeout: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(60),
-            ca_file: None,
-        };
-        let uri = Url::parse(&format!("http://{address}/")).expect("url");
-        RestCatalog::new("endless", uri, None, &AuthConfig::None, settings).expect("client")
+        Url::parse(&format!("http://{address}/")).expect("url")
+    }
+
+    async fn get(url: Url) -> reqwest::Response {
+        reqwest::Client::new().get(url).send().await.expect("answer")
     }
 
     #[tokio::test]
-    async fn an_answer_larger_than_the_bound_is_refused_not_read_to_the_end() {
+    async fn answers_are_read_within_their_bound_declared_or_streamed() {
+        let streamed = "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n";
+        let url = answering(streamed, 3).await;
+        assert!(body_within(get(url.clone()).await, 2 << 20).await.expect("read").is_none(), "3 MiB > 2 MiB");
+        let declared = "HTTP/1.1 200 OK\r\nContent-Length: 3145728\r\n\r\n";
+        let url = answering(declared, 3).await;
+        assert_eq!(body_within(get(url).await, 3 << 20).await.expect("read").map(|b| b.len()), Some(3 << 20));
+
+        // A catalog declaring more than any metadata: refused before a byte
+        // of it is read (the server sends none).
+        let huge =
+            Box::leak(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", MAX_ANSWER_BYTES + 1).into_boxed_str());
+        let settings = ClientSettings {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            ca_file: None,
+        };
+        let catalog =
+            RestCatalog::new("huge", answering(huge, 0).await, None, &AuthConfig::None, settings).expect("client");
         let table = TableIdent::new(Namespace::from_dotted("db"), "t");
-        let beyond = MAX_ANSWER_BYTES / (1 << 20) + 1;
-        let e = endless_catalog(beyond).await.load_table(&table).await.expect_err("too large");
+        let e = catalog.load_table(&table).await.expect_err("too large");
         assert!(matches!(e, CatalogError::Decode { .. }), "{e}");
         assert!(e.to_string().contains(&format!("larger than {MAX_ANSWER_BYTES} bytes")), "{e}");
-        // Within the bound it is read whole (and then is not a table's JSON).
-        let e = endless_catalog(1).await.load_table(&table).await.expect_err("not JSON");
-        assert!(!e.to_string().contains("larger than"), "{e}");
     }
 
     #[test]

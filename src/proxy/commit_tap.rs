@@ -299,14 +299,23 @@ struct TableChange {
 /// than any engine adds at once, and a bound on what one request (before
 /// the primary has authorized it) writes to the state store.
 pub const MAX_RECORDED_SNAPSHOTS: usize = 10_000;
+/// The most bytes of table names one such record holds.
+pub const MAX_RECORDED_NAME_BYTES: usize = 64 * 1024;
 
 /// Records `transaction` through `sink`; its id, when it was kept.
 async fn record_transaction(sink: &dyn HintSink, transaction: Transaction) -> Option<i64> {
     let snapshots: usize = transaction.members.iter().map(|m| m.snapshots.len()).sum();
-    if snapshots > MAX_RECORDED_SNAPSHOTS {
+    let name_bytes: usize = transaction
+        .members
+        .iter()
+        .map(|m| m.table.name.len() + m.table.namespace.levels().iter().map(String::len).sum::<usize>())
+        .sum();
+    if snapshots > MAX_RECORDED_SNAPSHOTS || name_bytes > MAX_RECORDED_NAME_BYTES {
         tracing::warn!(
             snapshots,
-            "a commit adds more snapshots than icerelay records together; replicas will get them one commit at a time"
+            name_bytes,
+            "a commit adds more snapshots, or to more tables, than icerelay records together; replicas will get them \
+             one commit at a time"
         );
         return None;
     }
@@ -530,6 +539,11 @@ mod tests {
     /// A transactions/commit adding `snapshots` snapshots to each of two
     /// tables, sent through the tap to a primary that answers `status`.
     async fn commit_answered(status: http::StatusCode, snapshots: i64) -> Arc<Recording> {
+        commit_named(status, snapshots, "y").await
+    }
+
+    /// [`commit_answered`], the second table named `name`.
+    async fn commit_named(status: http::StatusCode, snapshots: i64, name: &str) -> Arc<Recording> {
         use tower::ServiceExt;
         let updates = |base: i64| -> String {
             (0..snapshots)
@@ -541,7 +555,7 @@ mod tests {
         };
         let body = format!(
             r#"{{"table-changes":[{{"identifier":{{"namespace":["a"],"name":"x"}},"updates":[{}]}},
-                                 {{"identifier":{{"namespace":["a"],"name":"y"}},"updates":[{}]}}]}}"#,
+                                 {{"identifier":{{"namespace":["a"],"name":"{name}"}},"updates":[{}]}}]}}"#,
             updates(1),
             updates(1_000_000)
         );
@@ -578,10 +592,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_commit_of_more_snapshots_than_the_bound_is_not_recorded() {
+    async fn a_commit_of_more_snapshots_or_names_than_the_bound_is_not_recorded() {
         let half = (MAX_RECORDED_SNAPSHOTS / 2) as i64;
         assert_eq!(commit_answered(http::StatusCode::NO_CONTENT, half).await.recorded.lock().unwrap().len(), 1);
         assert!(commit_answered(http::StatusCode::NO_CONTENT, half + 1).await.recorded.lock().unwrap().is_empty());
+        let long = "n".repeat(MAX_RECORDED_NAME_BYTES);
+        assert!(commit_named(http::StatusCode::NO_CONTENT, 2, &long).await.recorded.lock().unwrap().is_empty());
+        let fits = "n".repeat(MAX_RECORDED_NAME_BYTES - 3);
+        assert_eq!(commit_named(http::StatusCode::NO_CONTENT, 2, &fits).await.recorded.lock().unwrap().len(), 1);
     }
 
     #[test]

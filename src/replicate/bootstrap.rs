@@ -43,6 +43,8 @@ pub(super) struct Bootstrapping<'a> {
 
 /// Makes the replica, by the destination's bootstrap.
 pub(super) async fn make(b: Bootstrapping<'_>, capabilities: &Capabilities) -> Result<Made, ReplicateError> {
+    // Before anything is made: `create` makes the table before it copies.
+    super::lane::check_source_prefixes(b.ctx, b.key, &b.source.metadata)?;
     match capabilities.bootstrap {
         Bootstrap::Register => register(b).await,
         Bootstrap::Create => {

@@ -468,7 +468,7 @@ impl Destination {
 /// (`ns/t`, nested levels joined by `.`), if they name it alone. Table names
 /// come from whoever may create tables: one with a `/` would land inside
 /// another table's replica (`sales/orders` + `metadata`), and a level with a
-/// `.` beside a nested namespace (`a.b` against `a`, `b`) on another's.
+/// `.` on another's (the namespace `a.b` against the nested `a`, `b`).
 fn location_segments(table: &TableIdent) -> Result<(String, String), String> {
     let levels = table.namespace.levels();
     let names = levels.iter().map(|l| ("namespace level", l.as_str())).chain([("table name", table.name.as_str())]);
@@ -480,9 +480,10 @@ fn location_segments(table: &TableIdent) -> Result<(String, String), String> {
             return Err(format!("its {what} {name:?} has the character {c:?}, which a path would read differently"));
         }
     }
-    if levels.len() > 1 && levels.iter().any(|l| l.contains('.')) {
+    if let Some(level) = levels.iter().find(|l| l.contains('.')) {
         return Err(format!(
-            "its namespace has several levels and one of them has a `.`, so {} could be another namespace",
+            "its namespace level {level:?} has a `.`, which also joins nested levels, so {} could be another \
+             namespace",
             table.namespace
         ));
     }
@@ -502,11 +503,11 @@ mod tests {
     fn a_replica_location_names_its_table_alone() {
         assert_eq!(segments(&["sales"], "orders"), Ok(("sales".into(), "orders".into())));
         assert_eq!(segments(&["a", "b"], "t"), Ok(("a.b".into(), "t".into())));
-        assert_eq!(segments(&["a.b"], "t"), Ok(("a.b".into(), "t".into())), "one level with a dot is unambiguous");
         for (levels, name, names) in [
             (&["sales/orders"][..], "metadata", "\"sales/orders\""),
             (&["sales"][..], "orders/metadata", "\"orders/metadata\""),
-            (&["a.b", "c"][..], "t", "several levels"),
+            (&["a.b", "c"][..], "t", "\"a.b\" has a `.`"),
+            (&["a.b"][..], "t", "\"a.b\" has a `.`"),
             (&["sales"][..], "..", "\"..\""),
             (&["sales"][..], "", "\"\""),
             (&["sales"][..], "a%2Fb", "'%'"),

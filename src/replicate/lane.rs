@@ -135,7 +135,7 @@ async fn follow(ctx: &Context, mut lane: LaneRecord, draining: bool) -> Result<(
     let source_file = match identify_source(&lane, &source, &destination) {
         Ok(file) => file,
         Err(refused) => {
-            lane = follow_a_new_source_once_its_replica_is_gone(ctx, lane, &destination, refused).await?;
+            lane = follow_a_new_source_once_its_replica_is_gone(ctx, lane, &source, &destination, refused).await?;
             identify_source(&lane, &source, &destination)?
         }
     };
@@ -226,11 +226,14 @@ fn identify_source(
 async fn follow_a_new_source_once_its_replica_is_gone(
     ctx: &Context,
     lane: LaneRecord,
+    source: &LoadedTable,
     destination: &Destination,
     refused: ReplicateError,
 ) -> Result<LaneRecord, ReplicateError> {
+    let now = source.metadata.get("table-uuid").and_then(Value::as_str);
+    let replaced = lane.source_uuid.as_deref().is_some_and(|followed| now.is_some_and(|now| now != followed));
     // With a rename not applied yet, the old replica is under its old name.
-    if lane.source_uuid.is_none()
+    if !replaced
         || lane.replica_renamed_from.is_some()
         || destination.catalog.load_table(&lane.replica_table).await?.is_some()
     {
@@ -820,34 +823,20 @@ fn explain_refusal(e: CatalogError, step: &Step, source: &Value, replica: &Value
 
 /// Source location to replica location, plus data and metadata paths that
 /// live outside the table location. Every file a replica gets is under one
-/// of these (a path no pair maps is an error), so with the rule's
-/// `source_prefixes` each of them must be under one of those.
+/// of these (a path no pair maps is an error), so they are first checked
+/// against the rule's `source_prefixes`.
 pub(super) fn path_map(
     ctx: &Context,
     key: &LaneKey,
     source: &Value,
     replica_location: &str,
 ) -> Result<PathMap, ReplicateError> {
-    let confined = ctx.rules.route(&key.table, &key.destination).map(|r| r.source_prefixes).unwrap_or_default();
-    let within = |what: &str, path: &str| -> Result<(), ReplicateError> {
-        let normalized = crate::rewrite::path_map::normalize_file_url(path);
-        if confined.is_empty() || confined.iter().any(|prefix| crate::storage::is_under(&normalized, prefix)) {
-            return Ok(());
-        }
-        Err(ReplicateError::Refused(format!(
-            "the source table {}'s {what} {path} is outside its rule's source_prefixes ({}); icerelay reads nothing \
-             there. If the table's files really are there, add the prefix to source_prefixes",
-            key.table,
-            confined.join(", ")
-        )))
-    };
+    check_source_prefixes(ctx, key, source)?;
     let source_location = location_of(source, "source")?;
-    within("location", &source_location)?;
     let mut map = PathMap::from_locations(&source_location, replica_location).map_err(super::plan::PlanError::from)?;
     if let Some(props) = source.get("properties").and_then(Value::as_object) {
         for property in PATH_PROPERTIES {
             let Some(path) = props.get(property).and_then(Value::as_str) else { continue };
-            within(property, path)?;
             if map.is_source_path(path) {
                 continue;
             }
@@ -857,6 +846,31 @@ pub(super) fn path_map(
         }
     }
     Ok(map)
+}
+
+/// Refuses a source whose location or path properties are outside its
+/// rule's `source_prefixes` (when the rule has some).
+pub(super) fn check_source_prefixes(ctx: &Context, key: &LaneKey, source: &Value) -> Result<(), ReplicateError> {
+    let confined = ctx.rules.route(&key.table, &key.destination).map(|r| r.source_prefixes).unwrap_or_default();
+    if confined.is_empty() {
+        return Ok(());
+    }
+    let location = location_of(source, "source")?;
+    let properties = source.get("properties").and_then(Value::as_object);
+    let paths = std::iter::once(("location", location.as_str()))
+        .chain(PATH_PROPERTIES.iter().filter_map(|p| Some((*p, properties?.get(*p)?.as_str()?))));
+    for (what, path) in paths {
+        let normalized = crate::rewrite::path_map::normalize_file_url(path);
+        if !confined.iter().any(|prefix| crate::storage::is_under(&normalized, prefix)) {
+            return Err(ReplicateError::Refused(format!(
+                "the source table {}'s {what} {path} is outside its rule's source_prefixes ({}); icerelay reads \
+                 nothing there. If the table's files really are there, add the prefix to source_prefixes",
+                key.table,
+                confined.join(", ")
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn location_of(metadata: &Value, which: &'static str) -> Result<String, ReplicateError> {
