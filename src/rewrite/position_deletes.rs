@@ -9,24 +9,29 @@
 //! groups, each column's compression codec and the key-value metadata; it
 //! re-sorts only if two mappings reordered the paths, because the spec
 //! requires rows sorted by `file_path`, then `pos`.
+//!
+//! `file_path` is read and written as a dictionary: a delete file names few
+//! data files in many rows, so memory is the distinct paths plus an index per
+//! row, not every row's path (a few kilobytes of dictionary page can declare
+//! millions of rows of one long path).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
-use arrow_array::{Array, ArrayRef, LargeStringArray, RecordBatch, StringArray, StringViewArray};
-use arrow_schema::{DataType, SchemaRef};
+use arrow_array::types::Int32Type;
+use arrow_array::{Array, ArrayRef, DictionaryArray, LargeStringArray, RecordBatch, StringArray, StringViewArray};
+use arrow_schema::{DataType, Schema, SchemaRef};
 use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::file::metadata::{KeyValue, ParquetMetaData};
+use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+use parquet::file::metadata::ParquetMetaData;
 use parquet::file::properties::{WriterProperties, WriterVersion};
 use parquet::schema::types::ColumnPath;
 
 use super::manifest::DELETE_FILE_PATH_FIELD_ID;
 use super::{PathMap, RewriteError};
 
-const ARROW_SCHEMA_KEY: &str = "ARROW:schema";
 const MAGIC: &[u8; 4] = b"PAR1";
 /// The end of a Parquet file: the footer's length (u32 little-endian), `PAR1`.
 const TRAILER: usize = 8;
@@ -42,8 +47,9 @@ fn error(file: &str, detail: impl std::fmt::Display) -> RewriteError {
 const DECODED_PER_FILE_BYTE: usize = 256;
 /// What any delete file may decode to, whatever its size.
 const MIN_DECODED_BUDGET: usize = 64 << 20;
-/// What no delete file may decode to.
-const MAX_DECODED_BUDGET: usize = 1 << 30;
+/// What no delete file may decode to (paths are held once each, so this is
+/// mostly positions: 8 bytes a row, 512 million rows).
+const MAX_DECODED_BUDGET: usize = 4 << 30;
 
 /// The decoded bytes a delete file of `len` bytes may take.
 fn decoded_budget(len: usize) -> usize {
@@ -81,19 +87,20 @@ fn rewrite_checked(bytes: &[u8], file: &str, map: &PathMap, budget: usize) -> Re
     let builder = ParquetRecordBatchReaderBuilder::try_new(input.clone()).map_err(|e| error(file, e))?;
     let metadata = builder.metadata().clone();
     check_column_chunks(&metadata, bytes.len(), file)?;
-    let schema: SchemaRef = builder.schema().clone();
-    let path_column = path_column_index(&schema).ok_or_else(|| {
+    let path_column = path_column_index(builder.schema()).ok_or_else(|| {
         error(
             file,
             format!("no `file_path` column (field id {DELETE_FILE_PATH_FIELD_ID}); is this a position-delete file?"),
         )
     })?;
+    let schema = with_dictionary_paths(builder.schema(), path_column, file)?;
     let pos_column = schema.fields().iter().position(|f| f.name() == "pos");
 
     let file_metadata = metadata.file_metadata();
     let original_kv = file_metadata.key_value_metadata().cloned().unwrap_or_default();
-    let had_arrow_schema = original_kv.iter().any(|kv| kv.key == ARROW_SCHEMA_KEY);
-    let kv: Vec<KeyValue> = original_kv.into_iter().filter(|kv| kv.key != ARROW_SCHEMA_KEY).collect();
+    // Kept as it was (the column it describes is still a string column): the
+    // writer's own would describe the dictionary it is given.
+    let kv = original_kv;
 
     let mut props = WriterProperties::builder()
         .set_writer_version(if file_metadata.version() >= 2 {
@@ -118,14 +125,16 @@ fn rewrite_checked(bytes: &[u8], file: &str, map: &PathMap, budget: usize) -> Re
     // run-length encoding can declare billions of rows.
     let mut decoded = 0usize;
     let mut groups: Vec<Vec<RecordBatch>> = Vec::new();
+    let options = ArrowReaderOptions::new().with_schema(schema.clone());
     for index in 0..metadata.num_row_groups() {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(input.clone())
+        let reader = ParquetRecordBatchReaderBuilder::try_new_with_options(input.clone(), options.clone())
             .and_then(|b| b.with_row_groups(vec![index]).build())
             .map_err(|e| error(file, e))?;
         let mut batches = Vec::new();
+        let mut dictionary: Option<ArrayRef> = None;
         for batch in reader {
             let batch = batch.map_err(|e| error(file, e))?;
-            decoded = decoded.saturating_add(batch.get_array_memory_size());
+            decoded = decoded.saturating_add(held_by(&batch, path_column, &mut dictionary));
             if decoded > budget {
                 return Err(error(
                     file,
@@ -146,7 +155,7 @@ fn rewrite_checked(bytes: &[u8], file: &str, map: &PathMap, budget: usize) -> Re
 
     let options = parquet::arrow::arrow_writer::ArrowWriterOptions::new()
         .with_properties(props.build())
-        .with_skip_arrow_metadata(!had_arrow_schema);
+        .with_skip_arrow_metadata(true);
     let mut writer = ArrowWriter::try_new_with_options(Vec::new(), schema, options).map_err(|e| error(file, e))?;
     for batches in &groups {
         for batch in batches {
@@ -205,6 +214,37 @@ fn check_column_chunks(metadata: &ParquetMetaData, len: usize, file: &str) -> Re
     Ok(())
 }
 
+/// `schema` with the path column read as a dictionary of strings.
+fn with_dictionary_paths(schema: &SchemaRef, column: usize, file: &str) -> Result<SchemaRef, RewriteError> {
+    let mut fields: Vec<_> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let path = &fields[column];
+    if !matches!(path.data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
+        return Err(error(file, format!("the file_path column has type {}, expected a string", path.data_type())));
+    }
+    fields[column] =
+        path.clone().with_data_type(DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)));
+    Ok(Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone())))
+}
+
+/// The memory `batch` adds to what is held: its columns, the path column's
+/// keys, and its dictionary when it is not the one the batch before shared.
+fn held_by(batch: &RecordBatch, path_column: usize, dictionary: &mut Option<ArrayRef>) -> usize {
+    let mut held = 0;
+    for (i, column) in batch.columns().iter().enumerate() {
+        let Some(paths) = column.as_dictionary_opt::<Int32Type>().filter(|_| i == path_column) else {
+            held += column.get_array_memory_size();
+            continue;
+        };
+        held += paths.keys().get_array_memory_size();
+        let values = paths.values();
+        if !dictionary.as_ref().is_some_and(|seen| Arc::ptr_eq(seen, values)) {
+            held += values.get_array_memory_size();
+            *dictionary = Some(values.clone());
+        }
+    }
+    held
+}
+
 /// The column with field id 2147483546, or named `file_path`.
 fn path_column_index(schema: &SchemaRef) -> Option<usize> {
     let by_id = schema.fields().iter().position(|f| {
@@ -218,6 +258,18 @@ fn map_batch(batch: &RecordBatch, column: usize, map: &PathMap, file: &str) -> R
     let mapped =
         |p: Option<&str>| -> Result<Option<String>, RewriteError> { p.map(|p| map.rewrite(p, file)).transpose() };
     let new: ArrayRef = match paths.data_type() {
+        DataType::Dictionary(..) => {
+            let dictionary = paths
+                .as_dictionary_opt::<Int32Type>()
+                .ok_or_else(|| error(file, "the file_path column is a dictionary without 32-bit keys"))?;
+            // The distinct paths only.
+            let values = dictionary
+                .values()
+                .as_string_opt::<i32>()
+                .ok_or_else(|| error(file, "the file_path dictionary does not hold strings"))?;
+            let mapped: StringArray = values.iter().map(mapped).collect::<Result<_, _>>()?;
+            Arc::new(DictionaryArray::try_new(dictionary.keys().clone(), Arc::new(mapped)).map_err(|e| error(file, e))?)
+        }
         DataType::Utf8 => Arc::new(paths.as_string::<i32>().iter().map(mapped).collect::<Result<StringArray, _>>()?),
         DataType::LargeUtf8 => {
             Arc::new(paths.as_string::<i64>().iter().map(mapped).collect::<Result<LargeStringArray, _>>()?)
@@ -237,6 +289,11 @@ fn path_at(array: &dyn Array, i: usize) -> Option<&str> {
         return None;
     }
     match array.data_type() {
+        DataType::Dictionary(..) => {
+            let dictionary = array.as_dictionary_opt::<Int32Type>()?;
+            let key = usize::try_from(dictionary.keys().value(i)).ok()?;
+            dictionary.values().as_string_opt::<i32>().filter(|v| key < v.len()).map(|v| v.value(key))
+        }
         DataType::Utf8 => Some(array.as_string::<i32>().value(i)),
         DataType::LargeUtf8 => Some(array.as_string::<i64>().value(i)),
         DataType::Utf8View => Some(array.as_string_view().value(i)),
@@ -313,7 +370,10 @@ mod tests {
         .expect("batch");
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
-            .set_key_value_metadata(Some(vec![KeyValue::new("delete-type".into(), "position".to_owned())]))
+            .set_key_value_metadata(Some(vec![parquet::file::metadata::KeyValue::new(
+                "delete-type".into(),
+                "position".to_owned(),
+            )]))
             .build();
         let mut w = ArrowWriter::try_new(Vec::new(), schema, Some(props)).expect("writer");
         w.write(&batch).expect("write");
@@ -361,22 +421,31 @@ mod tests {
     }
 
     #[test]
-    fn a_file_that_decodes_beyond_its_budget_is_refused() {
+    fn one_long_path_in_many_rows_is_held_once_and_a_file_beyond_its_budget_is_refused() {
         let map = PathMap::from_locations("s3://w/t", "s3://r/t").expect("map");
+        // 20,000 rows naming one 1 KB path: 20 MB as strings, a few
+        // kilobytes as a dictionary.
         let long = format!("s3://w/t/data/{}.parquet", "x".repeat(1000));
-        let paths = vec![long.as_str(); 20_000];
         let positions: Vec<i64> = (0..20_000).collect();
-        let bomb = delete_file(&paths, &positions);
-        assert!(bomb.len() < 200_000, "it compresses: {} bytes", bomb.len());
-        let e = rewrite_within(&bomb, "d.parquet", &map, 1 << 20).expect_err("20 MB decoded");
+        let many = delete_file(&vec![long.as_str(); positions.len()], &positions);
+        assert!(many.len() < 200_000, "it compresses: {} bytes", many.len());
+        let rewritten = rewrite_within(&many, "d.parquet", &map, 1 << 20).map_err(|e| e.to_string());
+        let (paths, pos, _) = read(rewritten.expect("within 1 MiB: the path is held once"));
+        assert_eq!((paths.len(), pos), (20_000, positions));
+        assert!(paths.iter().all(|p| p.starts_with("s3://r/t/data/xxx")), "every row's path mapped");
+
+        // Positions are held whole: 300,000 of them are 2.4 MB.
+        let positions: Vec<i64> = (0..300_000).collect();
+        let more = delete_file(&vec!["s3://w/t/data/a.parquet"; positions.len()], &positions);
+        let refused = rewrite_within(&more, "d.parquet", &map, 1 << 20).map(|_| ()).expect_err("beyond 1 MiB");
         assert!(
-            e.to_string().contains("decodes to more than 1048576 bytes") && e.to_string().contains("d.parquet"),
-            "{e}"
+            refused.to_string().contains("decodes to more than 1048576 bytes")
+                && refused.to_string().contains("d.parquet"),
+            "{refused}"
         );
-        let (rewritten, pos, _) = read(rewrite(&bomb, "d.parquet", &map).expect("within the real budget"));
-        assert_eq!((rewritten.len(), pos.len()), (20_000, 20_000));
+        assert!(rewrite(&more, "d.parquet", &map).is_ok(), "within the real budget");
         assert_eq!(decoded_budget(1), MIN_DECODED_BUDGET);
-        assert_eq!(decoded_budget(1 << 30), MAX_DECODED_BUDGET);
+        assert_eq!(decoded_budget(usize::MAX), MAX_DECODED_BUDGET);
         assert_eq!(decoded_budget(1 << 20), 256 << 20);
     }
 
