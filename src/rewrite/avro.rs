@@ -1220,6 +1220,42 @@ mod tests {
         assert_eq!(records_budget(usize::MAX), MAX_RECORD_BYTES);
     }
 
+    /// A zigzag varint, as Avro writes longs.
+    fn varint(n: i64) -> Vec<u8> {
+        let mut z = ((n << 1) ^ (n >> 63)) as u64;
+        let mut out = Vec::new();
+        while z >= 0x80 {
+            out.push((z as u8) | 0x80);
+            z >>= 7;
+        }
+        out.push(z as u8);
+        out
+    }
+
+    #[test]
+    fn a_file_whose_records_decompress_beyond_its_budget_is_refused() {
+        // A zstd container of one string record of 65 MiB, a few kilobytes
+        // long: past the 64 MiB any file may hold, and 128 times its size.
+        let schema =
+            Schema::parse_str(r#"{"type": "record", "name": "r", "fields": [{"name": "s", "type": "string"}]}"#)
+                .expect("schema");
+        let writer = apache_avro::Writer::with_codec(&schema, Vec::new(), Codec::Zstandard(Default::default()));
+        let header = writer.expect("writer").into_inner().expect("a header alone");
+        let sync = header[header.len() - 16..].to_vec();
+        let text = 65usize << 20;
+        let mut record = varint(text as i64);
+        record.resize(record.len() + text, b'a');
+        let block = zstd::encode_all(&record[..], 3).expect("zstd");
+        let mut bomb = header;
+        bomb.extend(varint(1));
+        bomb.extend(varint(block.len() as i64));
+        bomb.extend(&block);
+        bomb.extend(&sync);
+        assert!(bomb.len() < 512 * 1024, "{}", bomb.len());
+        let e = Records::read(&bomb, "m.avro", &[]).map(|_| ()).expect_err("beyond the budget");
+        assert!(e.to_string().contains("more than the 67108864 bytes") && e.to_string().contains("m.avro"), "{e}");
+    }
+
     #[test]
     fn a_deflate_block_is_inflated_whole_and_bounded() {
         let raw: Vec<u8> = (0..200_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
