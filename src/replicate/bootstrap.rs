@@ -125,14 +125,7 @@ async fn create(
 ) -> Result<Made, ReplicateError> {
     let metadata = &source.metadata;
     let now = now_ms();
-    let oldest = metadata
-        .get("snapshots")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|s| s.get("timestamp-ms").and_then(Value::as_i64))
-        .min();
-    if let Some(oldest) = oldest.filter(|t| *t < now - TIMESTAMP_TOLERANCE_MS + 5_000) {
+    if let Some(oldest) = too_old_to_replay(metadata, now) {
         return Err(ReplicateError::Refused(format!(
             "cannot replicate the existing history of this table to destination {}: its oldest snapshot is from {} \
              ({} s ago), and catalogs refuse a snapshot more than 60 s older than the table it is added to \
@@ -219,6 +212,19 @@ async fn create_in_transaction(b: Bootstrapping<'_>, capabilities: &Capabilities
     Ok(Made { table: created, snapshots, managed_properties: managed, copied })
 }
 
+/// The source's oldest snapshot time, if a table made now could not take it
+/// (the timestamp rule, with 5 s of margin for the copies before).
+fn too_old_to_replay(metadata: &Value, now: i64) -> Option<i64> {
+    metadata
+        .get("snapshots")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.get("timestamp-ms").and_then(Value::as_i64))
+        .min()
+        .filter(|t| *t < now - TIMESTAMP_TOLERANCE_MS + 5_000)
+}
+
 /// The source's first commit, as a create transaction carries it.
 struct FirstCommit {
     /// The commit (none: the source has nothing to add to the staged table).
@@ -263,17 +269,21 @@ async fn first_commit(
         let managed = plan::managed_property_keys(&source.metadata, properties);
         return Ok(FirstCommit { step: None, managed, copied: CopyReport::default() });
     };
-    // A first step without snapshots would make a table dated now, onto
-    // which the source's older snapshots could never be replayed (the
-    // timestamp rule): the planner parts metadata from snapshots where the
-    // source's ids have gaps the catalog would number otherwise.
-    if step.snapshots.is_empty() && !snapshot_ids(&source.metadata).is_empty() {
+    // The planner parts metadata from snapshots where the source's ids have
+    // gaps the catalog would number otherwise. A first step without
+    // snapshots makes a table dated now: fine for a young table, whose
+    // snapshots then replay, but the older ones of an old table never could.
+    if step.snapshots.is_empty()
+        && let Some(oldest) = too_old_to_replay(&source.metadata, now_ms())
+    {
         return Err(ReplicateError::Refused(format!(
             "the source's first commit cannot be carried by a create transaction onto destination {}: {} must \
-             come first in a commit of its own, which would date the table now and refuse the older snapshots. \
-             Set bootstrap = \"register\" or \"create\" for this destination",
+             come first in a commit of its own, which would date the table now, and its snapshots from {} on \
+             would be refused (Iceberg's timestamp rule). Set bootstrap = \"register\" for this destination if \
+             its registerTable keeps history",
             destination.name(),
-            step.describe()
+            step.describe(),
+            rfc3339(oldest),
         )));
     }
     let copied = replayer.copy(ctx, destination, &following, &step).await?;
