@@ -164,69 +164,25 @@ impl Server {
         self.admin_listener.local_addr().unwrap_or(self.config.admin_listen)
     }
 
-    /// Serves until `shutdown` completes or a service exits, then drains.
+    /// Serves until `shutdown` completes or a service exits, then drains:
+    /// builds the proxy and admin services, says what it serves, spawns them
+    /// (with the certificate watchers and replication) and waits.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
         let Self { config, proxy_workers, admin_listener, proxy_tls, admin_tls, hints, replicator, metrics } = self;
-        let primary = &config.primary;
-        // With engine_auth = "sigv4" (validated to come with sigv4 credentials),
-        // forwarded requests are signed with the primary's credentials.
-        // One signer for every worker: one credential lookup, one identity.
-        let resign = match (&primary.engine_auth, &primary.auth) {
-            (EngineAuth::SigV4, AuthConfig::SigV4(sigv4)) => Some(Arc::new(Signer::new(sigv4))),
-            _ => None,
-        };
-        let upstream_settings = UpstreamSettings {
-            uri: primary.uri.clone(),
-            connect_timeout: primary.connect_timeout,
-            request_timeout: primary.request_timeout,
-            body_idle_timeout: primary.body_idle_timeout,
-            pool_idle_timeout: primary.pool_idle_timeout,
-            pool_max_idle_per_host: primary.pool_max_idle_per_host,
-            resign: resign.clone(),
-            max_body_bytes: config.max_body_bytes,
-            tls: Arc::new(
-                crate::tls::client_config(primary.ca_file.as_deref())
-                    .map_err(|source| ServeError::Tls { setting: "primary.ca_file", source })?,
-            ),
-        };
+        let resign = engine_signer(&config.primary);
+        let upstream_settings = upstream_settings(&config, resign.clone())?;
         // Built here once to report a bad URI before serving; each proxy
         // worker builds its own (its pool belongs to the worker's runtime).
         let upstream_display = Upstream::new(&upstream_settings)?.display().to_owned();
-        let primary_catalog = Arc::new(primary_client(primary, Duration::from_secs(10))?);
-        let proxy_settings =
-            ProxySettings { public_url: config.public_url.clone(), max_body_bytes: config.max_body_bytes };
-        let proxy_metrics = metrics.proxy.clone();
-        let read_only_replicas = config.read_only_replicas;
-        let primary_config = config.primary.clone();
-        let make_proxy = move || {
-            let upstream = Upstream::new(&upstream_settings).map_err(std::io::Error::other)?;
-            // Marks are read with icerelay's own credentials where it has
-            // some, by a client per worker (its connections belong to the
-            // worker's runtime); else with the engine's.
-            let read_only: Option<Option<Arc<dyn ReplicaMarks>>> = match (read_only_replicas, &primary_config.auth) {
-                (false, _) => None,
-                (true, AuthConfig::None) => Some(None),
-                (true, _) => Some(Some(Arc::new(
-                    primary_client(&primary_config, primary_config.request_timeout).map_err(std::io::Error::other)?,
-                ))),
-            };
-            Ok(proxy::stack(
-                &proxy_settings,
-                StackParts { upstream, hints: hints.clone(), read_only, metrics: proxy_metrics.clone() },
-            ))
-        };
+        let make_proxy = proxy_factory(&config, upstream_settings, hints, &metrics);
         let replication = replicator.as_ref().map(|r| ReplicationAdmin { context: r.context(), wake: r.waker() });
-        let admin_router = admin::router(
-            AdminState { metrics: metrics.clone(), primary: primary_catalog, replication },
-            config.admin.clone(),
-        );
+        let primary = Arc::new(primary_client(&config.primary, Duration::from_secs(10))?);
+        let admin_router =
+            admin::router(AdminState { metrics: metrics.clone(), primary, replication }, config.admin.clone());
 
-        let token = CancellationToken::new();
-        let mut services: JoinSet<(&'static str, std::io::Result<()>)> = JoinSet::new();
-        let proxy_addr = proxy_workers.local_addr();
         let admin_addr = admin_listener.local_addr().unwrap_or(config.admin_listen);
         tracing::info!(
-            listen = %proxy_addr,
+            listen = %proxy_workers.local_addr(),
             admin = %admin_addr,
             primary = %upstream_display,
             workers = config.proxy_workers,
@@ -234,39 +190,27 @@ impl Server {
             admin_tls = admin_tls.is_some(),
             "icerelay is serving"
         );
-        // Certificates are reloaded on SIGHUP or when their files change.
-        for (listener, tls) in [("proxy", &proxy_tls), ("admin", &admin_tls)] {
-            if let Some(ListenerCertificate { certificate, .. }) = tls {
-                let certificate = certificate.clone();
-                let stop = token.clone();
-                let check_every = config.tls_reload_interval;
-                services.spawn(async move {
-                    certificate.watch(listener, check_every, stop).await;
-                    ("tls-reload", Ok(()))
-                });
-            }
-        }
         if let Some(signer) = &resign {
-            // Engines act with this identity: say which, once, at start.
-            match signer.credentials().get(signer.service(), signer.region()).await {
-                Ok(c) => tracing::info!(
-                    key_id = c.access_key_id(),
-                    service = signer.service(),
-                    region = signer.region(),
-                    "engine_auth = sigv4: every forwarded request is signed with icerelay's AWS identity"
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %e, "engine_auth = sigv4: no AWS credentials yet; forwarded requests fail until there are")
-                }
-            }
+            announce_engine_identity(signer).await;
         }
         if config.admin.token.is_none() && !admin_addr.ip().is_loopback() {
             tracing::warn!(admin = %admin_addr, "the admin API has no token and is reachable from other hosts (admin_allow_unauthenticated = true)");
         }
 
-        let stop = token.clone();
-        let limits = config.connections;
-        let acceptor = proxy_tls.map(|tls| tls.acceptor);
+        let token = CancellationToken::new();
+        let mut services: Services = JoinSet::new();
+        // Certificates are reloaded on SIGHUP or when their files change.
+        for (listener, tls) in [("proxy", &proxy_tls), ("admin", &admin_tls)] {
+            if let Some(ListenerCertificate { certificate, .. }) = tls {
+                let (certificate, stop, every) = (certificate.clone(), token.clone(), config.tls_reload_interval);
+                services.spawn(async move {
+                    certificate.watch(listener, every, stop).await;
+                    ("tls-reload", Ok(()))
+                });
+            }
+        }
+        // The admin listener gets the proxy's connection limits and timeouts too.
+        let (stop, limits, acceptor) = (token.clone(), config.connections, proxy_tls.map(|tls| tls.acceptor));
         services.spawn(async move { ("proxy", proxy_workers.serve(make_proxy, limits, acceptor, stop).await) });
         if let Some(replicator) = replicator {
             let stop = token.clone();
@@ -276,37 +220,120 @@ impl Server {
                 ("replication", Ok(()))
             });
         }
-        let stop = token.clone();
-        // The admin listener gets the proxy's connection limits and timeouts too.
-        let limits = config.connections;
-        let acceptor = admin_tls.map(|tls| tls.acceptor);
+        let (stop, acceptor) = (token.clone(), admin_tls.map(|tls| tls.acceptor));
         services.spawn(async move {
             ("admin", crate::proxy::conn::serve(admin_listener, admin_router, limits, acceptor, stop).await)
         });
+        drain(services, shutdown, token, config.shutdown_grace_period).await
+    }
+}
 
-        let mut failure = None;
-        tokio::select! {
-            () = shutdown => tracing::info!("shutting down"),
-            Some(exited) = services.join_next() => {
-                failure = exit_failure(exited);
-                tracing::warn!("a service stopped; shutting down the others");
+/// The services `run` spawns, each ending with its name and outcome.
+type Services = JoinSet<(&'static str, std::io::Result<()>)>;
+
+/// Waits for `shutdown` or the first service to stop, then stops the others
+/// and gives them `grace` to finish; the first failure, if any.
+async fn drain(
+    mut services: Services,
+    shutdown: impl Future<Output = ()>,
+    token: CancellationToken,
+    grace: Duration,
+) -> Result<(), ServeError> {
+    let mut failure = None;
+    tokio::select! {
+        () = shutdown => tracing::info!("shutting down"),
+        Some(exited) = services.join_next() => {
+            failure = exit_failure(exited);
+            tracing::warn!("a service stopped; shutting down the others");
+        }
+    }
+    token.cancel();
+    let drained = tokio::time::timeout(grace, async {
+        while let Some(exited) = services.join_next().await {
+            if let Some(e) = exit_failure(exited) {
+                failure.get_or_insert(e);
             }
         }
-        token.cancel();
-        let grace = config.shutdown_grace_period;
-        let drained = tokio::time::timeout(grace, async {
-            while let Some(exited) = services.join_next().await {
-                if let Some(e) = exit_failure(exited) {
-                    failure.get_or_insert(e);
-                }
-            }
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(remaining = services.len(), grace = ?grace, "services did not stop within the grace period; aborting them");
-            services.abort_all();
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(remaining = services.len(), grace = ?grace, "services did not stop within the grace period; aborting them");
+        services.abort_all();
+    }
+    failure.map_or(Ok(()), Err)
+}
+
+/// With engine_auth = "sigv4" (validated to come with sigv4 credentials),
+/// forwarded requests are signed with the primary's credentials: one signer
+/// for every worker, one credential lookup, one identity.
+fn engine_signer(primary: &PrimaryConfig) -> Option<Arc<Signer>> {
+    match (&primary.engine_auth, &primary.auth) {
+        (EngineAuth::SigV4, AuthConfig::SigV4(sigv4)) => Some(Arc::new(Signer::new(sigv4))),
+        _ => None,
+    }
+}
+
+/// Says, once at start, which AWS identity engines act with.
+async fn announce_engine_identity(signer: &Signer) {
+    match signer.credentials().get(signer.service(), signer.region()).await {
+        Ok(c) => tracing::info!(
+            key_id = c.access_key_id(),
+            service = signer.service(),
+            region = signer.region(),
+            "engine_auth = sigv4: every forwarded request is signed with icerelay's AWS identity"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "engine_auth = sigv4: no AWS credentials yet; forwarded requests fail until there are")
         }
-        failure.map_or(Ok(()), Err)
+    }
+}
+
+/// How the proxy reaches the primary.
+fn upstream_settings(config: &Config, resign: Option<Arc<Signer>>) -> Result<UpstreamSettings, ServeError> {
+    let primary = &config.primary;
+    Ok(UpstreamSettings {
+        uri: primary.uri.clone(),
+        connect_timeout: primary.connect_timeout,
+        request_timeout: primary.request_timeout,
+        body_idle_timeout: primary.body_idle_timeout,
+        pool_idle_timeout: primary.pool_idle_timeout,
+        pool_max_idle_per_host: primary.pool_max_idle_per_host,
+        resign,
+        max_body_bytes: config.max_body_bytes,
+        tls: Arc::new(
+            crate::tls::client_config(primary.ca_file.as_deref())
+                .map_err(|source| ServeError::Tls { setting: "primary.ca_file", source })?,
+        ),
+    })
+}
+
+/// Builds one proxy stack per worker, each with its own upstream pool.
+fn proxy_factory(
+    config: &Config,
+    upstream_settings: UpstreamSettings,
+    hints: Arc<dyn HintSink>,
+    metrics: &Metrics,
+) -> impl Fn() -> std::io::Result<axum::Router> + Send + Sync + 'static {
+    let proxy_settings = ProxySettings { public_url: config.public_url.clone(), max_body_bytes: config.max_body_bytes };
+    let proxy_metrics = metrics.proxy.clone();
+    let read_only_replicas = config.read_only_replicas;
+    let primary = config.primary.clone();
+    move || {
+        let upstream = Upstream::new(&upstream_settings).map_err(std::io::Error::other)?;
+        // Marks are read with icerelay's own credentials where it has
+        // some, by a client per worker (its connections belong to the
+        // worker's runtime); else with the engine's.
+        let read_only: Option<Option<Arc<dyn ReplicaMarks>>> = match (read_only_replicas, &primary.auth) {
+            (false, _) => None,
+            (true, AuthConfig::None) => Some(None),
+            (true, _) => {
+                Some(Some(Arc::new(primary_client(&primary, primary.request_timeout).map_err(std::io::Error::other)?)))
+            }
+        };
+        Ok(proxy::stack(
+            &proxy_settings,
+            StackParts { upstream, hints: hints.clone(), read_only, metrics: proxy_metrics.clone() },
+        ))
     }
 }
 
