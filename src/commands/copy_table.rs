@@ -90,26 +90,11 @@ pub async fn run(args: Args) -> u8 {
     }
 }
 
+/// Reads the source, plans, and copies (or prints the plan), then registers.
 async fn execute(args: Args) -> Result<(), String> {
     let started = Instant::now();
-    let (mut storage_configs, destinations) = load_config(&args)?;
-    for dir in &args.allow_local {
-        // Canonical, so `..` and links resolve as the URLs under it will.
-        let dir = std::fs::canonicalize(dir)
-            .or_else(|_| std::path::absolute(dir))
-            .map_err(|e| format!("--allow-local {}: {e}", dir.display()))?;
-        storage_configs.push(StorageConfig::local_dir(&dir));
-    }
-    let storage = Arc::new(Storage::new(&storage_configs));
-    let checkpoint_dir = args.checkpoint_dir.clone().unwrap_or_else(default_checkpoint_dir);
-    let journal_path = checkpoint_dir
-        .join(format!("{}.jsonl", journal_name(&args.source_metadata, &args.target_location, args.metadata_only)));
-    let journal = Arc::new(Journal::open(&journal_path).map_err(|e| e.to_string())?);
-    let settings = CopySettings { parallelism: args.parallelism.max(1), ..CopySettings::default() };
-    let mut copier = TableCopier::new(Copier::new(storage, journal.clone(), settings), 4);
-    if args.metadata_only {
-        copier = copier.metadata_only();
-    }
+    let (storage_configs, destinations) = load_config(&args)?;
+    let (copier, journal, journal_path) = open_copier(&args, storage_configs)?;
 
     let mut metadata = copier.read_metadata(&args.source_metadata).await.map_err(|e| e.to_string())?;
     let source_location = metadata
@@ -184,25 +169,63 @@ async fn execute(args: Args) -> Result<(), String> {
     );
 
     if let (Some(uri), Some(table)) = (&args.register, &args.table) {
-        let ident = parse_table(table)?;
-        let base = reqwest::Url::parse(uri).map_err(|e| format!("--register {uri:?}: {e}"))?;
-        // A configured destination at this URI lends its credentials and CA.
-        let known = destinations.iter().find(|d| d.uri.as_str().trim_end_matches('/') == uri.trim_end_matches('/'));
-        let auth = known.map_or(AuthConfig::None, |d| d.auth.clone());
-        let settings = ClientSettings {
-            connect_timeout: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(60),
-            ca_file: known.and_then(|d| d.ca_file.clone()),
-        };
-        let catalog = RestCatalog::new("register", base, args.register_warehouse.clone(), &auth, settings)
-            .map_err(|e| e.to_string())?;
-        catalog.ensure_namespace(&ident.namespace).await.map_err(|e| e.to_string())?;
-        let registered = catalog.register_table(&ident, &target_metadata).await.map_err(|e| e.to_string())?;
-        println!(
-            "registered {ident} in {uri}: {}",
-            registered.metadata_location.as_deref().unwrap_or("(no metadata location returned)")
-        );
+        register(&args, &destinations, uri, table, &target_metadata).await?;
     }
+    Ok(())
+}
+
+/// The table copier for `args`: the configured stores plus the
+/// `--allow-local` directories, and the journal that makes a rerun resume.
+fn open_copier(
+    args: &Args,
+    mut storage_configs: Vec<StorageConfig>,
+) -> Result<(TableCopier, Arc<Journal>, PathBuf), String> {
+    for dir in &args.allow_local {
+        // Canonical, so `..` and links resolve as the URLs under it will.
+        let dir = std::fs::canonicalize(dir)
+            .or_else(|_| std::path::absolute(dir))
+            .map_err(|e| format!("--allow-local {}: {e}", dir.display()))?;
+        storage_configs.push(StorageConfig::local_dir(&dir));
+    }
+    let storage = Arc::new(Storage::new(&storage_configs));
+    let checkpoint_dir = args.checkpoint_dir.clone().unwrap_or_else(default_checkpoint_dir);
+    let journal_path = checkpoint_dir
+        .join(format!("{}.jsonl", journal_name(&args.source_metadata, &args.target_location, args.metadata_only)));
+    let journal = Arc::new(Journal::open(&journal_path).map_err(|e| e.to_string())?);
+    let settings = CopySettings { parallelism: args.parallelism.max(1), ..CopySettings::default() };
+    let mut copier = TableCopier::new(Copier::new(storage, journal.clone(), settings), 4);
+    if args.metadata_only {
+        copier = copier.metadata_only();
+    }
+    Ok((copier, journal, journal_path))
+}
+
+/// Registers the copy as `table` in the catalog at `uri`; a configured
+/// destination at that URI lends its credentials and CA.
+async fn register(
+    args: &Args,
+    destinations: &[DestinationConfig],
+    uri: &str,
+    table: &str,
+    target_metadata: &str,
+) -> Result<(), String> {
+    let ident = parse_table(table)?;
+    let base = reqwest::Url::parse(uri).map_err(|e| format!("--register {uri:?}: {e}"))?;
+    let known = destinations.iter().find(|d| d.uri.as_str().trim_end_matches('/') == uri.trim_end_matches('/'));
+    let auth = known.map_or(AuthConfig::None, |d| d.auth.clone());
+    let settings = ClientSettings {
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(60),
+        ca_file: known.and_then(|d| d.ca_file.clone()),
+    };
+    let catalog = RestCatalog::new("register", base, args.register_warehouse.clone(), &auth, settings)
+        .map_err(|e| e.to_string())?;
+    catalog.ensure_namespace(&ident.namespace).await.map_err(|e| e.to_string())?;
+    let registered = catalog.register_table(&ident, target_metadata).await.map_err(|e| e.to_string())?;
+    println!(
+        "registered {ident} in {uri}: {}",
+        registered.metadata_location.as_deref().unwrap_or("(no metadata location returned)")
+    );
     Ok(())
 }
 
