@@ -1165,14 +1165,21 @@ async fn local_files_a_committer_points_at_are_never_read() {
     .await;
     let local_files: Vec<_> = walk(local.path());
     assert!(!local_files.is_empty(), "the writer put its data files on the local disk");
-    let failed =
-        wait_status(&relay.admin_url, &table, "a refusal to read local files", |s| s["status"] == "failed").await;
+    refused_for_an_operator(&relay, replica, &table, &written, &["outside every [[storage]] prefix", &local_data])
+        .await;
+}
+
+/// The lane of `table` fails, waiting for an operator, with a message that
+/// names each of `names`, and the newest snapshot of `written` never
+/// reaches `replica`.
+async fn refused_for_an_operator(relay: &Relay, replica: Replica, table: &str, written: &Value, names: &[&str]) {
+    let failed = wait_status(&relay.admin_url, table, "a refusal", |s| s["status"] == "failed").await;
     let message = failed["last_error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("outside every [[storage]] prefix") && message.contains(&local_data), "{failed}");
+    assert!(names.iter().all(|name| message.contains(name)), "{names:?}: {failed}");
     assert_eq!(failed["last_error"]["waits_for_operator"], true, "{failed}");
     let newest = written["snapshots"].as_array().and_then(|s| s.last()).and_then(|s| s["id"].as_i64()).expect("id");
-    let on_replica = replica.catalog().load_table(&ident(&table)).await.expect("load").expect("replica");
-    assert!(!history(&on_replica.metadata).contains_key(&newest), "the snapshot with local files is not replicated");
+    let on_replica = replica.catalog().load_table(&ident(table)).await.expect("load").expect("replica");
+    assert!(!history(&on_replica.metadata).contains_key(&newest), "the refused snapshot is not replicated");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1196,11 +1203,8 @@ async fn paths_outside_the_rules_source_prefixes_are_never_read() {
     let other = format!("{}.victim", unique("elsewhere"));
     let victim =
         write(SeaweedFs::shared().catalog_uri(), &other, json!([{"op": "create"}, {"op": "append", "rows": 1}])).await;
-    let victim_location = victim["location"].as_str().map(str::to_owned).unwrap_or_else(|| {
-        let metadata = victim["metadata_location"].as_str().expect("location");
-        metadata.rsplit_once("/metadata/").expect("under metadata/").0.to_owned()
-    });
-    let elsewhere = format!("{victim_location}/data");
+    let victim_metadata = victim["metadata_location"].as_str().expect("location");
+    let elsewhere = format!("{}/data", victim_metadata.rsplit_once("/metadata/").expect("under metadata/").0);
     assert!(!elsewhere.starts_with(&format!("{own}/")), "{elsewhere} is another namespace's");
     let written = write(
         &relay.url,
@@ -1208,23 +1212,8 @@ async fn paths_outside_the_rules_source_prefixes_are_never_read() {
         json!([{"op": "set_property", "key": "write.data.path", "value": elsewhere}, {"op": "append", "start": 10, "rows": 2}]),
     )
     .await;
-    let failed =
-        wait_status(&relay.admin_url, &table, "a refusal to read outside the prefixes", |s| s["status"] == "failed")
-            .await;
-    let message = failed["last_error"]["message"].as_str().unwrap_or_default();
-    assert!(
-        message.contains("outside its rule's source_prefixes")
-            && message.contains(&elsewhere)
-            && message.contains(&own),
-        "{failed}"
-    );
-    assert_eq!(failed["last_error"]["waits_for_operator"], true, "{failed}");
-    let newest = written["snapshots"].as_array().and_then(|s| s.last()).and_then(|s| s["id"].as_i64()).expect("id");
-    let on_replica = replica.catalog().load_table(&ident(&table)).await.expect("load").expect("replica");
-    assert!(
-        !history(&on_replica.metadata).contains_key(&newest),
-        "the snapshot with files elsewhere is not replicated"
-    );
+    let names = ["outside its rule's source_prefixes", elsewhere.as_str(), own.as_str()];
+    refused_for_an_operator(&relay, replica, &table, &written, &names).await;
 }
 
 /// Every file under `dir`.
