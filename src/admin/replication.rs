@@ -294,6 +294,8 @@ const CLAIMED_GRACE: Duration = Duration::from_secs(30);
 enum Promoted {
     Done(LaneRecord),
     TimedOut(Option<LaneRecord>),
+    /// The lane withdrew the request itself (nothing to promote): why is its last error.
+    Withdrawn(LaneRecord),
 }
 
 /// Asks each lane for promotion and waits for all of them (bounded); a lane
@@ -324,6 +326,7 @@ async fn promote_lanes(
         for key in waiting {
             match store.lane(&key).await {
                 Ok(Some(lane)) if lane.promoted.is_some() => outcomes.push((key, Promoted::Done(lane))),
+                Ok(Some(lane)) if lane.promotion.is_none() => outcomes.push((key, Promoted::Withdrawn(lane))),
                 Ok(_) => still.push(key),
                 Err(e) => return Err(error(StatusCode::SERVICE_UNAVAILABLE, "StateUnavailable", e.to_string())),
             }
@@ -378,6 +381,11 @@ fn timed_out_message(key: &LaneKey, lane: Option<&LaneRecord>, options: &Promote
     }
 }
 
+fn withdrawn_message(key: &LaneKey, lane: &LaneRecord) -> String {
+    let cause = lane.last_error.as_ref().map_or("no reason recorded", |e| e.message.as_str());
+    format!("{key} was not promoted: {cause}")
+}
+
 async fn promote_one(admin: &ReplicationAdmin, key: LaneKey, options: PromoteOptions) -> Response {
     if options.namespace.is_some() {
         return error(StatusCode::BAD_REQUEST, "BadRequest", "`namespace` is for destination-wide promotions".into());
@@ -390,6 +398,9 @@ async fn promote_one(admin: &ReplicationAdmin, key: LaneKey, options: PromoteOpt
         Some((_, Promoted::Done(lane))) => Json(lane_json(&lane, now_ms())).into_response(),
         Some((key, Promoted::TimedOut(lane))) => {
             error(StatusCode::GATEWAY_TIMEOUT, "PromotionTimeout", timed_out_message(&key, lane.as_ref(), &options))
+        }
+        Some((key, Promoted::Withdrawn(lane))) => {
+            error(StatusCode::CONFLICT, "PromotionRefused", withdrawn_message(&key, &lane))
         }
         None => StatusCode::NO_CONTENT.into_response(),
     }
@@ -435,6 +446,10 @@ pub async fn promote_destination(
             Promoted::TimedOut(lane) => failed.push(json!({
                 "namespace": key.table.namespace, "table": key.table.name,
                 "message": timed_out_message(&key, lane.as_ref(), &options),
+            })),
+            Promoted::Withdrawn(lane) => failed.push(json!({
+                "namespace": key.table.namespace, "table": key.table.name,
+                "message": withdrawn_message(&key, &lane),
             })),
         }
     }

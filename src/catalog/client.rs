@@ -343,7 +343,11 @@ impl RestCatalog {
         url.query_pairs_mut().append_pair("snapshots", "refs");
         let (status, body) = self.send(&op, Method::GET, &url, None).await?;
         match status {
-            s if s.is_success() => Ok(table_property_in(&body, key)),
+            s if s.is_success() => table_property_in(&body, key).map_err(|cause| CatalogError::Decode {
+                catalog: self.name.clone(),
+                operation: op,
+                cause,
+            }),
             StatusCode::NOT_FOUND => Ok(None),
             s => Err(self.status_error(&op, s, &body)),
         }
@@ -905,11 +909,18 @@ fn error_message(body: &[u8]) -> String {
     }
 }
 
-/// A table property in a loadTable answer; `None` when the answer has none
-/// (lenient on purpose: what does not parse has no such property).
-pub fn table_property_in(answer: &[u8], key: &str) -> Option<String> {
-    let answer: Value = serde_json::from_slice(answer).ok()?;
-    answer.pointer("/metadata/properties")?.get(key)?.as_str().map(str::to_owned)
+/// A table property in a loadTable answer; `None` when the table has no such
+/// property. An answer that is not a loadTable answer (not JSON, compressed,
+/// no `metadata`) is an error: the read-only check must not take a table it
+/// could not read for one without the mark.
+pub fn table_property_in(answer: &[u8], key: &str) -> Result<Option<String>, String> {
+    let answer: Value = serde_json::from_slice(answer)
+        .map_err(|e| format!("the loadTable answer is not JSON ({e}; {} bytes)", answer.len()))?;
+    let metadata = answer
+        .get("metadata")
+        .and_then(Value::as_object)
+        .ok_or_else(|| "the loadTable answer has no `metadata` object".to_owned())?;
+    Ok(metadata.get("properties").and_then(|p| p.get(key)).and_then(Value::as_str).map(str::to_owned))
 }
 
 #[cfg(test)]

@@ -75,12 +75,21 @@ where
         if !is_config {
             return Box::pin(self.inner.call(req));
         }
-        req.headers_mut().remove(header::ACCEPT_ENCODING);
+        // Without the header any encoding is acceptable (RFC 9110): ask for
+        // none, since icerelay reads this answer.
+        req.headers_mut().insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         let future = self.inner.call(req);
         let settings = self.settings.clone();
         Box::pin(async move {
             let response = future.await?;
-            if !response.status().is_success() || response.headers().contains_key(header::CONTENT_ENCODING) {
+            let encoded = response
+                .headers()
+                .get(header::CONTENT_ENCODING)
+                .is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"));
+            if encoded {
+                tracing::warn!(upstream = %settings.upstream, "the primary compressed its /v1/config answer although asked not to; it is passed on unchanged, and a `uri` in it is not replaced");
+            }
+            if !response.status().is_success() || encoded {
                 return Ok(response);
             }
             let (mut parts, body) = response.into_parts();
@@ -160,5 +169,47 @@ mod tests {
     fn leaves_answers_without_uri_or_json_alone() {
         assert!(rewritten(json!({"defaults": {}, "overrides": {"prefix": "p"}}), Some("http://r")).is_none());
         assert!(rewrite_config(b"not json", Some("http://r")).is_none());
+    }
+}
+
+#[cfg(test)]
+mod layer_tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    /// Sends `GET /v1/config` through the layer to a primary that answers
+    /// with a `uri` and `encoding`; the Accept-Encoding it was asked with, and
+    /// the body the client gets.
+    async fn config_through(encoding: Option<&'static str>) -> (Option<HeaderValue>, Value) {
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let seen = asked.clone();
+        let primary = tower::service_fn(move |request: Request<Body>| {
+            let seen = seen.clone();
+            async move {
+                *seen.lock().unwrap() = request.headers().get(header::ACCEPT_ENCODING).cloned();
+                let mut answer = Response::builder().status(200);
+                if let Some(encoding) = encoding {
+                    answer = answer.header(header::CONTENT_ENCODING, encoding);
+                }
+                Ok::<_, ProxyError>(answer.body(Body::from(r#"{"defaults":{"uri":"http://primary:8181"}}"#)).unwrap())
+            }
+        });
+        let service = ConfigRewriteLayer::new(None, 1 << 20, "http://primary:8181").layer(primary);
+        let mut request =
+            Request::get("/v1/config").header(header::ACCEPT_ENCODING, "gzip, deflate").body(Body::empty()).unwrap();
+        request.extensions_mut().insert(super::super::router::classify(&http::Method::GET, "/v1/config"));
+        let response = service.oneshot(request).await.unwrap();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        let asked = asked.lock().unwrap().clone();
+        (asked, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_config_answer_is_asked_uncompressed_and_an_identity_encoding_is_rewritten() {
+        for encoding in [None, Some("identity")] {
+            let (asked, body) = config_through(encoding).await;
+            assert_eq!(asked, Some(HeaderValue::from_static("identity")), "{encoding:?}");
+            assert_eq!(body, serde_json::json!({"defaults": {}}), "{encoding:?}: the primary's uri is gone");
+        }
     }
 }

@@ -202,6 +202,8 @@ where
             load.headers_mut().append(name.clone(), value.clone());
         }
     }
+    // The answer is read here, not by the engine: uncompressed.
+    load.headers_mut().insert(header::ACCEPT_ENCODING, http::HeaderValue::from_static("identity"));
     load.extensions_mut().insert(classified);
     let response = inner.oneshot(load).await.map_err(|e| e.to_string())?;
     let status = response.status();
@@ -211,7 +213,7 @@ where
             let bytes = read_bounded(&parts.headers, body, limit)
                 .await
                 .map_err(|_| format!("the primary's loadTable answer is larger than {limit} bytes (max_body_bytes)"))?;
-            Ok(table_property_in(&bytes, REPLICA_OF))
+            table_property_in(&bytes, REPLICA_OF)
         }
         // Not there, or this engine may not read it: the primary decides the write.
         StatusCode::NOT_FOUND | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Ok(None),
@@ -220,8 +222,14 @@ where
 }
 
 /// Headers of the write's body, which the check (a GET) does not have.
-const BODY_HEADERS: [HeaderName; 5] =
-    [header::CONTENT_LENGTH, header::CONTENT_TYPE, header::CONTENT_ENCODING, header::TRANSFER_ENCODING, header::EXPECT];
+const BODY_HEADERS: [HeaderName; 6] = [
+    header::CONTENT_LENGTH,
+    header::CONTENT_TYPE,
+    header::CONTENT_ENCODING,
+    header::TRANSFER_ENCODING,
+    header::EXPECT,
+    HeaderName::from_static("idempotency-key"),
+];
 
 /// Where a write names its tables.
 enum Writes {
@@ -336,6 +344,43 @@ mod tests {
             .unwrap();
         request.extensions_mut().insert(classify(&Method::POST, "/v1/transactions/commit"));
         service.oneshot(request).await.map(|r| r.status())
+    }
+
+    #[tokio::test]
+    async fn a_check_answer_that_is_not_a_load_table_answer_refuses_the_write() {
+        // The check is sent with the engine's headers, so a primary that
+        // compresses would answer it compressed: asked for identity, and an
+        // unreadable answer is a failed check, never "no mark".
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let checks = seen.clone();
+        let primary = tower::service_fn(move |request: Request<Body>| {
+            let checks = checks.clone();
+            async move {
+                let encoding = request.headers().get(header::ACCEPT_ENCODING).cloned();
+                checks.lock().unwrap().push((request.method().clone(), encoding));
+                let gzip = Body::from(vec![0x1f, 0x8b, 0x08, 0x00, 0x00, 0x00]);
+                Ok::<_, ProxyError>(Response::builder().status(StatusCode::OK).body(gzip).unwrap())
+            }
+        });
+        let service = ReadOnlyLayer::new(None, 16 << 20).layer(primary);
+        let path = "/v1/namespaces/db/tables/t";
+        let mut write = Request::post(path)
+            .header(header::ACCEPT_ENCODING, "gzip, deflate")
+            .header(header::CONTENT_LENGTH, 2)
+            .body(Body::from("{}"))
+            .unwrap();
+        write.extensions_mut().insert(classify(&Method::POST, path));
+        let refused = service.oneshot(write).await.expect_err("refused");
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE, "{refused}");
+        let checks = seen.lock().unwrap().clone();
+        assert_eq!(checks.len(), 1, "only the check reached the primary, not the write: {checks:?}");
+        assert_eq!(checks[0], (Method::GET, Some(http::HeaderValue::from_static("identity"))));
+
+        assert!(table_property_in(b"\x1f\x8b", REPLICA_OF).is_err());
+        assert!(table_property_in(br#"{"config": {}}"#, REPLICA_OF).is_err(), "no metadata");
+        assert_eq!(table_property_in(br#"{"metadata": {"properties": {}}}"#, REPLICA_OF), Ok(None));
+        let marked = format!(r#"{{"metadata": {{"properties": {{"{REPLICA_OF}": "db.t at x"}}}}}}"#);
+        assert_eq!(table_property_in(marked.as_bytes(), REPLICA_OF), Ok(Some("db.t at x".to_owned())));
     }
 
     #[tokio::test]

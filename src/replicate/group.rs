@@ -170,7 +170,9 @@ async fn standing(
             _ => Standing::Behind(format!("{table}: its lane has not started yet")),
         });
     };
-    if lane.promoted.is_some() || lane.source_dropped {
+    // A replica being promoted is no longer this transaction's to write:
+    // its lane commits what it still needs alone, or nothing.
+    if lane.promoted.is_some() || lane.promotion.is_some() || lane.source_dropped {
         return Ok(Standing::LeftOut);
     }
     if lane.paused {
@@ -264,6 +266,17 @@ async fn commit_all(
             Err(e) => {
                 return Ok(Together::Waiting(format!("{}: copying its files failed: {e}", member.lane.key.table)));
             }
+        }
+    }
+    // Asked again just before the commit: a promotion may have been asked
+    // for (or begun) while the files were copied.
+    for member in &members {
+        let now = ctx.store.lane(&member.lane.key).await?;
+        if now.as_ref().is_none_or(|l| l.promotion.is_some() || l.promoted.is_some()) {
+            return Ok(Together::Waiting(format!(
+                "{}: its replica is being promoted; the transaction goes on without it",
+                member.lane.key.table
+            )));
         }
     }
     let sent = send(ctx, lane, destination, step, &members).await?;

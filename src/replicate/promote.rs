@@ -34,10 +34,6 @@ pub async fn promote(ctx: &Context, lane: &LaneRecord) -> Result<(), ReplicateEr
         .destinations
         .get(&key.destination)
         .ok_or_else(|| ReplicateError::UnknownDestination(key.destination.clone()))?;
-    if !ctx.store.claim_promotion(key).await? {
-        tracing::info!("the promotion was withdrawn before it began; the replica stays a replica");
-        return Ok(());
-    }
     // A rename the lane has not applied yet: the replica still has its old name.
     let mut replica_table = &lane.replica_table;
     let mut found = destination.catalog.load_table(replica_table).await?;
@@ -47,13 +43,20 @@ pub async fn promote(ctx: &Context, lane: &LaneRecord) -> Result<(), ReplicateEr
         replica_table = old;
         found = destination.catalog.load_table(replica_table).await?;
     }
-    let mut replica = found.ok_or_else(|| {
-        ReplicateError::Refused(format!(
+    // Looked for before the claim: a claimed promotion is carried out to the
+    // end, and one with nothing to promote would hold the lane for good.
+    let Some(mut replica) = found else {
+        ctx.store.withdraw_promotion(key).await?;
+        return Err(ReplicateError::Refused(format!(
             "cannot promote {replica_table} on destination {}: the table does not exist there (it was never \
-             replicated, or was dropped)",
+             replicated, or was dropped); the promotion request was withdrawn",
             destination.name()
-        ))
-    })?;
+        )));
+    };
+    if !ctx.store.claim_promotion(key).await? {
+        tracing::info!("the promotion was withdrawn before it began; the replica stays a replica");
+        return Ok(());
+    }
     if replica.metadata.pointer("/properties").and_then(|p| p.get(REPLICA_OF)).is_some() {
         let mut requirements = Vec::new();
         if let Some(uuid) = replica.metadata.get("table-uuid").and_then(Value::as_str) {
