@@ -1130,6 +1130,38 @@ async fn a_source_dropped_and_created_again_does_not_overwrite_the_kept_replica(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_promotion_with_no_replica_table_is_refused_at_once_and_leaves_the_lane_free() {
+    let replica = Replica::Seaweed(SeaweedFs::shared_replica());
+    let (ns, table, _state, relay) = replicating(replica, "nopromote", "t").await;
+    let written = write(&relay.url, &table, json!([{"op": "create"}, {"op": "append", "rows": 2}])).await;
+    wait_replicated(&relay.admin_url, &table, written["metadata_location"].as_str().expect("location")).await;
+    replica.catalog().drop_table(&ident(&table), false).await.expect("drop the replica around icerelay");
+
+    let http = crate::harness::http_client();
+    let lane = format!("{}/v1/replication/namespaces/{ns}/tables/t/destinations/dr", relay.admin_url);
+    let asked = Instant::now();
+    let answer = http
+        .post(format!("{lane}/promote"))
+        .json(&json!({"now": true, "timeout_seconds": 60}))
+        .send()
+        .await
+        .expect("promote");
+    assert_eq!(answer.status(), 409);
+    assert!(asked.elapsed() < Duration::from_secs(30), "answered when the lane withdrew, not at the timeout");
+    let refusal: Value = answer.json().await.expect("json");
+    let message = refusal["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("does not exist there") && message.contains("withdrawn"), "{refusal}");
+    let status = lane_status(&relay.admin_url, &table).await.expect("status");
+    assert_eq!((&status["promotion"], &status["promotion_requested"]), (&Value::Null, &Value::Null), "{status}");
+
+    // Not held by the request: a resync makes the replica again.
+    let resynced = http.post(format!("{lane}/resync")).json(&json!({})).send().await.expect("resync");
+    assert_eq!(resynced.status(), 200);
+    wait_replicated(&relay.admin_url, &table, written["metadata_location"].as_str().expect("location")).await;
+    assert!(replica.catalog().load_table(&ident(&table)).await.expect("load").is_some(), "made again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn on_drop_propagate_drops_the_replica_too() {
     let replica = Replica::Seaweed(SeaweedFs::shared_replica());
     let ns = unique("propagate");
