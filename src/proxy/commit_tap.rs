@@ -277,7 +277,7 @@ struct RenameTableBody {
 struct UpdateTableBody {
     /// As in [`TableChange`].
     #[serde(default)]
-    updates: Vec<serde_json::Value>,
+    updates: AddedSnapshots,
 }
 
 #[derive(Deserialize)]
@@ -292,7 +292,7 @@ struct TableChange {
     /// Read only for the snapshots `add-snapshot` adds: whatever else is in
     /// them is the primary's business, and never costs the hints.
     #[serde(default)]
-    updates: Vec<serde_json::Value>,
+    updates: AddedSnapshots,
 }
 
 /// The most snapshots of one commit recorded as committed together: more
@@ -385,17 +385,184 @@ fn transaction_of(changes: Vec<TableChange>) -> Option<Transaction> {
     let members: Vec<TransactionMember> = changes
         .into_iter()
         .filter_map(|change| {
-            let snapshots: Vec<i64> = change
-                .updates
-                .iter()
-                .filter(|u| u.get("action").and_then(serde_json::Value::as_str) == Some("add-snapshot"))
-                .filter_map(|u| u.pointer("/snapshot/snapshot-id").and_then(serde_json::Value::as_i64))
-                .collect();
+            let snapshots = change.updates.0;
             Some(TransactionMember { table: change.identifier?, snapshots }).filter(|m| !m.snapshots.is_empty())
         })
         .collect();
     let together = members.len() > 1 || members.first().is_some_and(|m| m.snapshots.len() > 1);
     together.then_some(Transaction { members })
+}
+
+/// The snapshot ids a list of updates adds (`add-snapshot`, in order), and
+/// nothing else: the updates are walked, not kept, so a body of millions of
+/// small values costs no memory beyond itself. Past
+/// [`MAX_RECORDED_SNAPSHOTS`] ids no more are kept (the commit is then not
+/// recorded at all). Whatever is not an `add-snapshot` with a numeric id is
+/// skipped, never an error: the primary decides what is valid.
+#[derive(Debug, Default)]
+struct AddedSnapshots(Vec<i64>);
+
+impl<'de> Deserialize<'de> for AddedSnapshots {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Updates;
+        impl<'de> serde::de::Visitor<'de> for Updates {
+            type Value = AddedSnapshots;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of table updates")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut updates: A) -> Result<AddedSnapshots, A::Error> {
+                let mut ids = Vec::new();
+                while let Some(update) = updates.next_element::<Update>()? {
+                    if let (true, Some(id)) = (update.adds_snapshot, update.snapshot_id)
+                        && ids.len() <= MAX_RECORDED_SNAPSHOTS
+                    {
+                        ids.push(id);
+                    }
+                }
+                Ok(AddedSnapshots(ids))
+            }
+        }
+        deserializer.deserialize_seq(Updates)
+    }
+}
+
+/// What [`AddedSnapshots`] reads of one update.
+#[derive(Default)]
+struct Update {
+    adds_snapshot: bool,
+    snapshot_id: Option<i64>,
+}
+
+impl<'de> Deserialize<'de> for Update {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(Skimmed(Skim::Update))
+    }
+}
+
+/// Which part of an update a [`Skimmed`] visitor reads.
+#[derive(Clone, Copy)]
+enum Skim {
+    /// The update: its `action` and its `snapshot`.
+    Update,
+    /// Its `snapshot`: the `snapshot-id`.
+    Snapshot,
+}
+
+/// Reads the few fields [`Skim`] names from any JSON value, and skips
+/// everything else (other types included) without keeping it.
+struct Skimmed(Skim);
+
+impl<'de> serde::de::Visitor<'de> for Skimmed {
+    type Value = Update;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Update, A::Error> {
+        use serde::de::IgnoredAny;
+        let mut update = Update::default();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match (self.0, key.as_ref()) {
+                (Skim::Update, "action") => update.adds_snapshot = map.next_value::<Scalar>()? == Scalar::AddSnapshot,
+                (Skim::Update, "snapshot") => {
+                    update.snapshot_id = map.next_value_seed(Skimmed(Skim::Snapshot))?.snapshot_id;
+                }
+                (Skim::Snapshot, "snapshot-id") => {
+                    update.snapshot_id = match map.next_value::<Scalar>()? {
+                        Scalar::Long(id) => Some(id),
+                        _ => None,
+                    };
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(update)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Update, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Update::default())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Update, E> {
+        Ok(Update::default())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Update, E> {
+        Ok(Update::default())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Update, E> {
+        Ok(Update::default())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Update, E> {
+        Ok(Update::default())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Update, E> {
+        Ok(Update::default())
+    }
+    fn visit_unit<E>(self) -> Result<Update, E> {
+        Ok(Update::default())
+    }
+    fn visit_none<E>(self) -> Result<Update, E> {
+        Ok(Update::default())
+    }
+}
+
+/// The one value of an `action` or a `snapshot-id` [`Skimmed`] keeps:
+/// anything else (another string, a list, an object) is skipped, not kept.
+#[derive(PartialEq, Eq)]
+enum Scalar {
+    AddSnapshot,
+    Long(i64),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Read;
+        impl<'de> serde::de::Visitor<'de> for Read {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E>(self, text: &str) -> Result<Scalar, E> {
+                Ok(if text == "add-snapshot" { Scalar::AddSnapshot } else { Scalar::Other })
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Scalar, E> {
+                Ok(Scalar::Long(n))
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Scalar, E> {
+                Ok(i64::try_from(n).map_or(Scalar::Other, Scalar::Long))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Scalar, E> {
+                Ok(Scalar::Other)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Scalar, E> {
+                Ok(Scalar::Other)
+            }
+            fn visit_unit<E>(self) -> Result<Scalar, E> {
+                Ok(Scalar::Other)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Other)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Scalar, A::Error> {
+                while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Other)
+            }
+        }
+        deserializer.deserialize_any(Read)
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Skimmed {
+    type Value = Update;
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Update, D::Error> {
+        deserializer.deserialize_any(self)
+    }
 }
 
 /// Whether a request declares a body length within `limit`. A body of
@@ -600,6 +767,34 @@ mod tests {
         assert!(commit_named(http::StatusCode::NO_CONTENT, 2, &long).await.recorded.lock().unwrap().is_empty());
         let fits = "n".repeat(MAX_RECORDED_NAME_BYTES - 3);
         assert_eq!(commit_named(http::StatusCode::NO_CONTENT, 2, &fits).await.recorded.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn updates_are_skimmed_for_added_snapshots_whatever_else_they_hold() {
+        let table = Operation::UpdateTable(TableIdent::new(ns("db"), "t"));
+        let zeros = vec!["0"; 1_000_000].join(",");
+        let body = format!(
+            r#"{{"updates":[{zeros},
+                {{"action":"add-snapshot","snapshot":{{"snapshot-id":5,"summary":{{"a":[1,2,{{"b":null}}]}}}}}},
+                {{"action":["add-snapshot"],"snapshot":{{"snapshot-id":6}}}},
+                {{"snapshot":{{"snapshot-id":7}},"action":"add-snapshot"}},
+                {{"action":"add-snapshot","snapshot":{{"snapshot-id":18446744073709551615}}}},
+                {{"action":"add-snapshot","snapshot":[8]}},
+                "add-snapshot", null, true, 1.5, [[{{"action":"add-snapshot"}}]],
+                {{"action":"set-snapshot-ref","snapshot-id":9}}]}}"#
+        );
+        let observed = observe_body(&table, &Bytes::from(body), None).expect("parses");
+        let members = observed.transaction.expect("two snapshots").members;
+        assert_eq!(members[0].snapshots, [5, 7], "only add-snapshot updates with a numeric id, in order");
+
+        // Past the bound, ids stop being kept (and the commit is not recorded).
+        let many: Vec<String> = (0..MAX_RECORDED_SNAPSHOTS as i64 + 50)
+            .map(|i| format!(r#"{{"action":"add-snapshot","snapshot":{{"snapshot-id":{i}}}}}"#))
+            .collect();
+        let body = format!(r#"{{"updates":[{}]}}"#, many.join(","));
+        let members =
+            observe_body(&table, &Bytes::from(body), None).expect("parses").transaction.expect("many").members;
+        assert_eq!(members[0].snapshots.len(), MAX_RECORDED_SNAPSHOTS + 1);
     }
 
     #[test]
