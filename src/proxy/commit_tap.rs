@@ -201,7 +201,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let settings = self.settings.clone();
-        Box::pin(async move {
+        let forwarded = async move {
             let (Observed { hints, .. }, response) = match watch {
                 Watch::Path(kind, table) => {
                     let response = inner.call(req).await?;
@@ -249,6 +249,16 @@ where
                 }
             }
             Ok(response)
+        };
+        // Apart from the connection: a client that hangs up (or times out)
+        // while the primary applies its commit must not cancel the hint.
+        let task = tokio::spawn(tracing::Instrument::in_current_span(forwarded));
+        Box::pin(async move {
+            match task.await {
+                Ok(answer) => answer,
+                Err(joined) if joined.is_panic() => std::panic::resume_unwind(joined.into_panic()),
+                Err(_) => Err(ProxyError::ShuttingDown),
+            }
         })
     }
 }
@@ -678,12 +688,14 @@ mod tests {
     /// What the tap asked of the state: transactions recorded and forgotten.
     #[derive(Default)]
     struct Recording {
+        hints: std::sync::Mutex<Vec<CommitHint>>,
         recorded: std::sync::Mutex<Vec<Transaction>>,
         forgotten: std::sync::Mutex<Vec<i64>>,
     }
 
     impl HintSink for Recording {
-        fn record(&self, _: Vec<CommitHint>) -> Pin<Box<dyn Future<Output = Result<(), HintError>> + Send + '_>> {
+        fn record(&self, hints: Vec<CommitHint>) -> Pin<Box<dyn Future<Output = Result<(), HintError>> + Send + '_>> {
+            self.hints.lock().unwrap().extend(hints);
             Box::pin(std::future::ready(Ok(())))
         }
 
@@ -738,6 +750,41 @@ mod tests {
         request.extensions_mut().insert(super::super::router::classify(&http::Method::POST, "/v1/transactions/commit"));
         assert_eq!(tap.oneshot(request).await.unwrap().status(), status, "the primary's answer, unchanged");
         sink
+    }
+
+    #[tokio::test]
+    async fn a_commit_the_client_hangs_up_on_is_still_hinted_once_the_primary_applies_it() {
+        use tower::ServiceExt;
+        let sink = Arc::new(Recording::default());
+        let applied = Arc::new(tokio::sync::Notify::new());
+        let done = applied.clone();
+        // The primary takes its time, and applies the commit all the same.
+        let primary = tower::service_fn(move |_: Request<Body>| {
+            let done = done.clone();
+            async move {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                done.notify_one();
+                Ok::<_, ProxyError>(Response::builder().status(200).body(Body::empty()).unwrap())
+            }
+        });
+        let tap = CommitTapLayer::new(sink.clone(), Arc::new(ProxyMetrics::default()), 16 << 20).layer(primary);
+        let path = "/v1/namespaces/db/tables/t";
+        let mut request = Request::delete(path).body(Body::empty()).unwrap();
+        request.extensions_mut().insert(super::super::router::classify(&http::Method::DELETE, path));
+        // The client goes away before the answer: its future is dropped.
+        let gone = tokio::time::timeout(std::time::Duration::from_millis(50), tap.oneshot(request)).await;
+        assert!(gone.is_err(), "the client stopped waiting");
+        let finished = tokio::time::timeout(std::time::Duration::from_secs(5), applied.notified()).await;
+        assert!(finished.is_ok(), "the commit went on without the client");
+        for _ in 0..100 {
+            if !sink.hints.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let hints = sink.hints.lock().unwrap().clone();
+        assert_eq!(hints.len(), 1, "{hints:?}");
+        assert_eq!((hints[0].kind.clone(), hints[0].table.to_string()), (HintKind::Drop, "db.t".to_owned()));
     }
 
     #[tokio::test]

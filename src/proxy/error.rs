@@ -132,6 +132,9 @@ pub enum ProxyError {
         /// The most icerelay checks.
         limit: usize,
     },
+    /// icerelay is shutting down: the request's work was cancelled.
+    #[error("icerelay is shutting down and did not finish this request; send it again (to another instance)")]
+    ShuttingDown,
     /// The path is not part of the Iceberg REST API.
     #[error(
         "{path} is not an Iceberg REST catalog path; icerelay serves the API under /v1/ (health and metrics are on the admin listener)"
@@ -158,7 +161,7 @@ impl ProxyError {
             | Self::TooManyTables { .. } => StatusCode::BAD_REQUEST,
             Self::NotIceberg { .. } => StatusCode::NOT_FOUND,
             Self::ReadOnlyReplica { .. } => StatusCode::FORBIDDEN,
-            Self::ReplicaCheck { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ReplicaCheck { .. } | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -177,7 +180,7 @@ impl ProxyError {
             | Self::TooManyTables { .. } => "BadRequestException",
             Self::NotIceberg { .. } => "NotFoundException",
             Self::ReadOnlyReplica { .. } => "ForbiddenException",
-            Self::ReplicaCheck { .. } => "ServiceUnavailableException",
+            Self::ReplicaCheck { .. } | Self::ShuttingDown => "ServiceUnavailableException",
         }
     }
 
@@ -197,6 +200,7 @@ impl ProxyError {
             Self::ReplicaCheck { .. } => "replica_check",
             Self::UnreadableWrite { .. } => "unreadable_write",
             Self::TooManyTables { .. } => "too_many_tables",
+            Self::ShuttingDown => "shutting_down",
         }
     }
 
