@@ -10,6 +10,7 @@
 //! optional and may itself contain slashes; it ends at the first segment that
 //! names a top-level resource (`namespaces`, `tables`, `transactions`, `views`).
 
+use std::borrow::Cow;
 use std::task::{Context, Poll};
 
 use http::{Method, Request};
@@ -67,11 +68,18 @@ pub struct Classified {
 }
 
 /// Classifies a request from its method and raw (still percent-encoded) path.
+///
+/// Read as a server's router (JAX-RS, say) would route it: a trailing `/`
+/// and `;` matrix parameters do not change the resource, and a keyword of
+/// the API may be percent-encoded (`%6Eamespaces`). Otherwise such a write
+/// would reach a table unseen by the read-only check and the commit tap.
 pub fn classify(method: &Method, path: &str) -> Classified {
     let Some(rest) = path.strip_prefix("/v1/") else {
         return Classified { operation: Operation::NotIceberg, route: "(outside /v1)", prefix: None };
     };
-    let segments: Vec<&str> = rest.split('/').collect();
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let decoded: Vec<Cow<'_, str>> = rest.split('/').map(routed_segment).collect();
+    let segments: Vec<&str> = decoded.iter().map(AsRef::as_ref).collect();
     match segments.as_slice() {
         ["config"] => {
             let operation = if method == Method::GET { Operation::Config } else { Operation::Other };
@@ -89,6 +97,40 @@ pub fn classify(method: &Method, path: &str) -> Classified {
     let prefix = (start > 0).then(|| segments[..start].join("/"));
     let (operation, route) = classify_resource(method, &segments[start..]);
     Classified { operation, route, prefix }
+}
+
+/// The words of the REST API's paths.
+const KEYWORDS: [&str; 17] = [
+    "config",
+    "oauth",
+    "tokens",
+    "namespaces",
+    "tables",
+    "transactions",
+    "views",
+    "properties",
+    "register",
+    "register-view",
+    "credentials",
+    "plan",
+    "tasks",
+    "metrics",
+    "rename",
+    "commit",
+    "v1",
+];
+
+/// A path segment as routed: without matrix parameters, and decoded when it
+/// spells a keyword; identifiers stay encoded (they are decoded once, later).
+fn routed_segment(segment: &str) -> Cow<'_, str> {
+    let segment = segment.split(';').next().unwrap_or_default();
+    if segment.contains('%')
+        && let Ok(decoded) = percent_encoding::percent_decode_str(segment).decode_utf8()
+        && KEYWORDS.contains(&decoded.as_ref())
+    {
+        return Cow::Owned(decoded.into_owned());
+    }
+    Cow::Borrowed(segment)
 }
 
 fn classify_resource(method: &Method, segments: &[&str]) -> (Operation, &'static str) {
@@ -211,6 +253,35 @@ mod tests {
         assert_eq!(c.prefix.as_deref(), Some("a/b"));
 
         assert_eq!(classify(&Method::HEAD, "/v1/namespaces/db/tables/t1").operation, Operation::Other);
+    }
+
+    #[test]
+    fn paths_a_server_routes_to_the_same_table_classify_as_that_table() {
+        let t = ident(&["db"], "t");
+        for path in [
+            "/v1/namespaces/db/tables/t/",
+            "/v1/namespaces/db/tables/t;x=1",
+            "/v1/namespaces;a=b/db/tables;c/t",
+            "/v1/%6Eamespaces/db/%74ables/t",
+        ] {
+            assert_eq!(classify(&Method::DELETE, path).operation, Operation::DropTable(t.clone()), "{path}");
+        }
+        assert_eq!(
+            classify(&Method::POST, "/v1/transactions/%63ommit/").operation,
+            Operation::CommitTransaction,
+            "an encoded keyword and a trailing slash"
+        );
+        // Identifiers stay encoded until they are decoded once: `%2541` is
+        // the name `%41`, not `A`.
+        assert_eq!(
+            classify(&Method::DELETE, "/v1/namespaces/db/tables/%2541").operation,
+            Operation::DropTable(ident(&["db"], "%41"))
+        );
+        assert_eq!(
+            classify(&Method::DELETE, "/v1/namespaces/db/tables/a%3Bb").operation,
+            Operation::DropTable(ident(&["db"], "a;b")),
+            "an encoded `;` is part of the name"
+        );
     }
 
     #[test]
