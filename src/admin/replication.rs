@@ -195,11 +195,7 @@ pub async fn act(
         && lane.promoted.is_some()
         && action != "promote"
     {
-        return error(
-            StatusCode::CONFLICT,
-            "PromotedException",
-            format!("{key} was promoted: the replica is a table of its own and the lane does not run any more"),
-        );
+        return promoted_conflict(&key);
     }
     let (done, audited) = match action.as_str() {
         "pause" => (store.set_paused(&key, true).await, Action::Pause),
@@ -250,9 +246,22 @@ pub async fn act(
                 _ => StatusCode::NO_CONTENT.into_response(),
             }
         }
-        Ok(false) => error(StatusCode::NOT_FOUND, "NoSuchTableException", format!("no lane {key}")),
+        // Promoted between the check above and the change (which leaves a
+        // promoted lane alone), or no such lane.
+        Ok(false) => match store.lane(&key).await {
+            Ok(Some(lane)) if lane.promoted.is_some() => promoted_conflict(&key),
+            _ => error(StatusCode::NOT_FOUND, "NoSuchTableException", format!("no lane {key}")),
+        },
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "StateUnavailable", e.to_string()),
     }
+}
+
+fn promoted_conflict(key: &LaneKey) -> Response {
+    error(
+        StatusCode::CONFLICT,
+        "PromotedException",
+        format!("{key} was promoted: the replica is a table of its own and the lane does not run any more"),
+    )
 }
 
 /// The options of a promotion request (its JSON body).

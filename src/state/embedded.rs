@@ -721,7 +721,7 @@ impl StateStore for EmbeddedStore {
         let key = key.clone();
         self.call(move |c, _| {
             let n = c.execute(
-                &format!("UPDATE lanes SET paused = ?4 WHERE {LANE_WHERE}"),
+                &format!("UPDATE lanes SET paused = ?4 WHERE {LANE_WHERE} AND promoted_at IS NULL"),
                 params![ns_text(&key.table.namespace), key.table.name, key.destination, paused],
             )?;
             Ok(n > 0)
@@ -736,7 +736,7 @@ impl StateStore for EmbeddedStore {
                 &format!(
                     "UPDATE lanes SET wanted = wanted + 1, pending_since = COALESCE(pending_since, ?4),
                      error_attempts = 0, error_parked = 0, source_metadata_location = NULL, log_drift = NULL
-                     WHERE {LANE_WHERE}"
+                     WHERE {LANE_WHERE} AND promoted_at IS NULL"
                 ),
                 params![ns_text(&key.table.namespace), key.table.name, key.destination, now_ms()],
             )?;

@@ -563,9 +563,9 @@ pub trait StateStore: Send + Sync + 'static {
     async fn record_waiting(&self, key: &LaneKey, generation: i64, reason: String) -> Result<(), StateError>;
     /// Records a failed attempt.
     async fn record_failure(&self, key: &LaneKey, message: String, parked: bool) -> Result<(), StateError>;
-    /// Pauses or resumes a lane; `false` if there is no such lane.
+    /// Pauses or resumes a lane; `false` if there is no such lane, or it was promoted.
     async fn set_paused(&self, key: &LaneKey, paused: bool) -> Result<bool, StateError>;
-    /// Asks a lane for a full check (resync); `false` if there is no such lane.
+    /// Asks a lane for a full check (resync); `false` if there is no such lane, or it was promoted.
     async fn request_resync(&self, key: &LaneKey) -> Result<bool, StateError>;
     /// Asks the lane to promote its replica, unless the request expires at
     /// `deadline` before the lane claims it; `false` if there is no such lane.

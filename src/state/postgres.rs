@@ -930,19 +930,17 @@ impl StateStore for PostgresStore {
     }
 
     async fn set_paused(&self, key: &LaneKey, paused: bool) -> Result<bool, StateError> {
-        Ok(self.lane_update(key, "paused = $4", &[&paused]).await? > 0)
+        let sql = format!("UPDATE lanes SET paused = $4 WHERE {LANE_WHERE} AND promoted_at IS NULL");
+        Ok(self.lane_statement(key, &sql, &[&paused]).await? > 0)
     }
 
     async fn request_resync(&self, key: &LaneKey) -> Result<bool, StateError> {
-        let n = self
-            .lane_update(
-                key,
-                "wanted = wanted + 1, pending_since = COALESCE(pending_since, $4), error_attempts = 0,
-                 error_parked = FALSE, source_metadata_location = NULL, log_drift = NULL",
-                &[&now_ms()],
-            )
-            .await?;
-        Ok(n > 0)
+        let sql = format!(
+            "UPDATE lanes SET wanted = wanted + 1, pending_since = COALESCE(pending_since, $4), error_attempts = 0,
+             error_parked = FALSE, source_metadata_location = NULL, log_drift = NULL
+             WHERE {LANE_WHERE} AND promoted_at IS NULL"
+        );
+        Ok(self.lane_statement(key, &sql, &[&now_ms()]).await? > 0)
     }
 
     async fn request_promotion(

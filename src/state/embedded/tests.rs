@@ -281,6 +281,12 @@ async fn a_promotion_is_withdrawn_or_expires_until_claimed_and_is_carried_out_on
     // Asking again answers with the promotion and asks for nothing.
     assert!(store.request_promotion(&key, PromotionMode::Now, later).await.expect("request"));
     assert_eq!(store.lane(&key).await.expect("read").expect("lane").promotion, None);
+    // Pause and resync leave a promoted lane alone.
+    let before = store.lane(&key).await.expect("read").expect("lane");
+    assert!(!store.set_paused(&key, true).await.expect("pause"));
+    assert!(!store.request_resync(&key).await.expect("resync"));
+    let lane = store.lane(&key).await.expect("read").expect("lane");
+    assert!(!lane.paused && lane.wanted == before.wanted, "{lane:?}");
 }
 
 #[tokio::test]
