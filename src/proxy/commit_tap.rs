@@ -422,8 +422,8 @@ impl<'de> Deserialize<'de> for AddedSnapshots {
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut updates: A) -> Result<AddedSnapshots, A::Error> {
                 let mut ids = Vec::new();
-                while let Some(update) = updates.next_element::<Update>()? {
-                    if let (true, Some(id)) = (update.adds_snapshot, update.snapshot_id)
+                while let Some(update) = updates.next_element_seed(Skim(Part::Update))? {
+                    if let Seen::Update { adds_snapshot: true, snapshot_id: Some(id) } = update
                         && ids.len() <= MAX_RECORDED_SNAPSHOTS
                     {
                         ids.push(id);
@@ -436,142 +436,104 @@ impl<'de> Deserialize<'de> for AddedSnapshots {
     }
 }
 
-/// What [`AddedSnapshots`] reads of one update.
-#[derive(Default)]
-struct Update {
-    adds_snapshot: bool,
-    snapshot_id: Option<i64>,
+/// Which part of an update a [`Skim`] reads.
+#[derive(Clone, Copy)]
+enum Part {
+    /// An update: its `action` and its `snapshot`.
+    Update,
+    /// An update's `snapshot`: its `snapshot-id`.
+    Snapshot,
+    /// The value of `action` or `snapshot-id`.
+    Value,
 }
 
-impl<'de> Deserialize<'de> for Update {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(Skimmed(Skim::Update))
+/// What [`Skim`] saw of a JSON value; everything else is skipped, not kept.
+#[derive(PartialEq, Eq)]
+enum Seen {
+    /// The string `add-snapshot`.
+    AddSnapshot,
+    /// An integer.
+    Long(i64),
+    /// An update, or a snapshot (`adds_snapshot` false).
+    Update { adds_snapshot: bool, snapshot_id: Option<i64> },
+    /// Anything else.
+    Other,
+}
+
+/// Reads the few fields [`Part`] names from any JSON value.
+struct Skim(Part);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Skim {
+    type Value = Seen;
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Seen, D::Error> {
+        deserializer.deserialize_any(self)
     }
 }
 
-/// Which part of an update a [`Skimmed`] visitor reads.
-#[derive(Clone, Copy)]
-enum Skim {
-    /// The update: its `action` and its `snapshot`.
-    Update,
-    /// Its `snapshot`: the `snapshot-id`.
-    Snapshot,
-}
-
-/// Reads the few fields [`Skim`] names from any JSON value, and skips
-/// everything else (other types included) without keeping it.
-struct Skimmed(Skim);
-
-impl<'de> serde::de::Visitor<'de> for Skimmed {
-    type Value = Update;
+impl<'de> serde::de::Visitor<'de> for Skim {
+    type Value = Seen;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Update, A::Error> {
-        use serde::de::IgnoredAny;
-        let mut update = Update::default();
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Seen, A::Error> {
+        let mut adds_snapshot = false;
+        let mut snapshot_id = None;
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             match (self.0, key.as_ref()) {
-                (Skim::Update, "action") => update.adds_snapshot = map.next_value::<Scalar>()? == Scalar::AddSnapshot,
-                (Skim::Update, "snapshot") => {
-                    update.snapshot_id = map.next_value_seed(Skimmed(Skim::Snapshot))?.snapshot_id;
+                (Part::Update, "action") => {
+                    adds_snapshot = map.next_value_seed(Skim(Part::Value))? == Seen::AddSnapshot
                 }
-                (Skim::Snapshot, "snapshot-id") => {
-                    update.snapshot_id = match map.next_value::<Scalar>()? {
-                        Scalar::Long(id) => Some(id),
+                (Part::Update, "snapshot") => {
+                    if let Seen::Update { snapshot_id: id, .. } = map.next_value_seed(Skim(Part::Snapshot))? {
+                        snapshot_id = id;
+                    }
+                }
+                (Part::Snapshot, "snapshot-id") => {
+                    snapshot_id = match map.next_value_seed(Skim(Part::Value))? {
+                        Seen::Long(id) => Some(id),
                         _ => None,
                     };
                 }
                 _ => {
-                    map.next_value::<IgnoredAny>()?;
+                    map.next_value::<serde::de::IgnoredAny>()?;
                 }
             }
         }
-        Ok(update)
+        Ok(match self.0 {
+            Part::Value => Seen::Other,
+            Part::Update | Part::Snapshot => Seen::Update { adds_snapshot, snapshot_id },
+        })
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Update, A::Error> {
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Seen, A::Error> {
         while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-        Ok(Update::default())
+        Ok(Seen::Other)
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<Update, E> {
-        Ok(Update::default())
+    fn visit_str<E>(self, text: &str) -> Result<Seen, E> {
+        Ok(if text == "add-snapshot" { Seen::AddSnapshot } else { Seen::Other })
     }
-    fn visit_i64<E>(self, _: i64) -> Result<Update, E> {
-        Ok(Update::default())
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Update, E> {
-        Ok(Update::default())
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Update, E> {
-        Ok(Update::default())
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Update, E> {
-        Ok(Update::default())
-    }
-    fn visit_unit<E>(self) -> Result<Update, E> {
-        Ok(Update::default())
-    }
-    fn visit_none<E>(self) -> Result<Update, E> {
-        Ok(Update::default())
-    }
-}
 
-/// The one value of an `action` or a `snapshot-id` [`Skimmed`] keeps:
-/// anything else (another string, a list, an object) is skipped, not kept.
-#[derive(PartialEq, Eq)]
-enum Scalar {
-    AddSnapshot,
-    Long(i64),
-    Other,
-}
-
-impl<'de> Deserialize<'de> for Scalar {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Read;
-        impl<'de> serde::de::Visitor<'de> for Read {
-            type Value = Scalar;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_str<E>(self, text: &str) -> Result<Scalar, E> {
-                Ok(if text == "add-snapshot" { Scalar::AddSnapshot } else { Scalar::Other })
-            }
-            fn visit_i64<E>(self, n: i64) -> Result<Scalar, E> {
-                Ok(Scalar::Long(n))
-            }
-            fn visit_u64<E>(self, n: u64) -> Result<Scalar, E> {
-                Ok(i64::try_from(n).map_or(Scalar::Other, Scalar::Long))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Scalar, E> {
-                Ok(Scalar::Other)
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Scalar, E> {
-                Ok(Scalar::Other)
-            }
-            fn visit_unit<E>(self) -> Result<Scalar, E> {
-                Ok(Scalar::Other)
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar, A::Error> {
-                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(Scalar::Other)
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Scalar, A::Error> {
-                while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
-                Ok(Scalar::Other)
-            }
-        }
-        deserializer.deserialize_any(Read)
+    fn visit_i64<E>(self, n: i64) -> Result<Seen, E> {
+        Ok(Seen::Long(n))
     }
-}
 
-impl<'de> serde::de::DeserializeSeed<'de> for Skimmed {
-    type Value = Update;
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Update, D::Error> {
-        deserializer.deserialize_any(self)
+    fn visit_u64<E>(self, n: u64) -> Result<Seen, E> {
+        Ok(i64::try_from(n).map_or(Seen::Other, Seen::Long))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Seen, E> {
+        Ok(Seen::Other)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Seen, E> {
+        Ok(Seen::Other)
+    }
+
+    fn visit_unit<E>(self) -> Result<Seen, E> {
+        Ok(Seen::Other)
     }
 }
 

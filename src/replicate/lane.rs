@@ -202,10 +202,7 @@ fn identify_source(
     let key = &lane.key;
     let source_file =
         source.metadata_location.clone().ok_or_else(|| ReplicateError::NoMetadataLocation(key.table.to_string()))?;
-    let source_uuid = source.metadata.get("table-uuid").and_then(Value::as_str);
-    if let (Some(followed), Some(now)) = (lane.source_uuid.as_deref(), source_uuid)
-        && followed != now
-    {
+    if let Some((followed, now)) = replaced_source(lane, source) {
         return Err(ReplicateError::Refused(format!(
             "the source table {} was dropped and created again (its uuid is now {now}; the replica {} \
              follows the earlier table, {followed}); icerelay keeps the replica as it is. Drop or rename the replica \
@@ -216,6 +213,14 @@ fn identify_source(
         )));
     }
     Ok(source_file)
+}
+
+/// The uuid the lane follows and the source's, when they differ: the source
+/// was dropped and created again under the same name.
+fn replaced_source<'a>(lane: &'a LaneRecord, source: &'a LoadedTable) -> Option<(&'a str, &'a str)> {
+    let followed = lane.source_uuid.as_deref()?;
+    let now = source.metadata.get("table-uuid").and_then(Value::as_str)?;
+    (followed != now).then_some((followed, now))
 }
 
 /// The source was dropped and created again, so the replica follows another
@@ -230,10 +235,8 @@ async fn follow_a_new_source_once_its_replica_is_gone(
     destination: &Destination,
     refused: ReplicateError,
 ) -> Result<LaneRecord, ReplicateError> {
-    let now = source.metadata.get("table-uuid").and_then(Value::as_str);
-    let replaced = lane.source_uuid.as_deref().is_some_and(|followed| now.is_some_and(|now| now != followed));
     // With a rename not applied yet, the old replica is under its old name.
-    if !replaced
+    if replaced_source(&lane, source).is_none()
         || lane.replica_renamed_from.is_some()
         || destination.catalog.load_table(&lane.replica_table).await?.is_some()
     {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::Int32Type;
-use arrow_array::{Array, ArrayRef, DictionaryArray, LargeStringArray, RecordBatch, StringArray, StringViewArray};
+use arrow_array::{Array, ArrayRef, DictionaryArray, RecordBatch, StringArray};
 use arrow_schema::{DataType, Schema, SchemaRef};
 use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
@@ -253,52 +253,34 @@ fn path_column_index(schema: &SchemaRef) -> Option<usize> {
     by_id.or_else(|| schema.fields().iter().position(|f| f.name() == "file_path"))
 }
 
+/// `batch` with its paths (read as a dictionary, see
+/// [`with_dictionary_paths`]) mapped: the distinct paths only.
 fn map_batch(batch: &RecordBatch, column: usize, map: &PathMap, file: &str) -> Result<RecordBatch, RewriteError> {
-    let paths = batch.column(column);
-    let mapped =
-        |p: Option<&str>| -> Result<Option<String>, RewriteError> { p.map(|p| map.rewrite(p, file)).transpose() };
-    let new: ArrayRef = match paths.data_type() {
-        DataType::Dictionary(..) => {
-            let dictionary = paths
-                .as_dictionary_opt::<Int32Type>()
-                .ok_or_else(|| error(file, "the file_path column is a dictionary without 32-bit keys"))?;
-            // The distinct paths only.
-            let values = dictionary
-                .values()
-                .as_string_opt::<i32>()
-                .ok_or_else(|| error(file, "the file_path dictionary does not hold strings"))?;
-            let mapped: StringArray = values.iter().map(mapped).collect::<Result<_, _>>()?;
-            Arc::new(DictionaryArray::try_new(dictionary.keys().clone(), Arc::new(mapped)).map_err(|e| error(file, e))?)
-        }
-        DataType::Utf8 => Arc::new(paths.as_string::<i32>().iter().map(mapped).collect::<Result<StringArray, _>>()?),
-        DataType::LargeUtf8 => {
-            Arc::new(paths.as_string::<i64>().iter().map(mapped).collect::<Result<LargeStringArray, _>>()?)
-        }
-        DataType::Utf8View => {
-            Arc::new(paths.as_string_view().iter().map(mapped).collect::<Result<StringViewArray, _>>()?)
-        }
-        other => return Err(error(file, format!("the file_path column has type {other}, expected a string"))),
-    };
+    let dictionary = batch
+        .column(column)
+        .as_dictionary_opt::<Int32Type>()
+        .ok_or_else(|| error(file, "the file_path column was not read as a dictionary of 32-bit keys"))?;
+    let values = dictionary
+        .values()
+        .as_string_opt::<i32>()
+        .ok_or_else(|| error(file, "the file_path dictionary does not hold strings"))?;
+    let mapped: StringArray =
+        values.iter().map(|p| p.map(|p| map.rewrite(p, file)).transpose()).collect::<Result<_, _>>()?;
+    let new: ArrayRef =
+        Arc::new(DictionaryArray::try_new(dictionary.keys().clone(), Arc::new(mapped)).map_err(|e| error(file, e))?);
     let mut columns = batch.columns().to_vec();
     columns[column] = new;
     RecordBatch::try_new(batch.schema(), columns).map_err(|e| error(file, e))
 }
 
+/// The path of row `i` of a dictionary-read path column.
 fn path_at(array: &dyn Array, i: usize) -> Option<&str> {
     if array.is_null(i) {
         return None;
     }
-    match array.data_type() {
-        DataType::Dictionary(..) => {
-            let dictionary = array.as_dictionary_opt::<Int32Type>()?;
-            let key = usize::try_from(dictionary.keys().value(i)).ok()?;
-            dictionary.values().as_string_opt::<i32>().filter(|v| key < v.len()).map(|v| v.value(key))
-        }
-        DataType::Utf8 => Some(array.as_string::<i32>().value(i)),
-        DataType::LargeUtf8 => Some(array.as_string::<i64>().value(i)),
-        DataType::Utf8View => Some(array.as_string_view().value(i)),
-        _ => None,
-    }
+    let dictionary = array.as_dictionary_opt::<Int32Type>()?;
+    let key = usize::try_from(dictionary.keys().value(i)).ok()?;
+    dictionary.values().as_string_opt::<i32>().filter(|v| key < v.len()).map(|v| v.value(key))
 }
 
 fn pos_at(array: Option<&ArrayRef>, i: usize) -> i64 {
