@@ -335,7 +335,12 @@ async fn promote_lanes(
         for key in waiting {
             match store.lane(&key).await {
                 Ok(Some(lane)) if lane.promoted.is_some() => outcomes.push((key, Promoted::Done(lane))),
-                Ok(Some(lane)) if lane.promotion.is_none() => outcomes.push((key, Promoted::Withdrawn(lane))),
+                // Gone before it expired: the lane withdrew it (nothing to
+                // promote). A run also drops it once it expires, which is
+                // the timeout below, not a refusal.
+                Ok(Some(lane)) if lane.promotion.is_none() && now_ms() <= expires => {
+                    outcomes.push((key, Promoted::Withdrawn(lane)));
+                }
                 Ok(_) => still.push(key),
                 Err(e) => return Err(error(StatusCode::SERVICE_UNAVAILABLE, "StateUnavailable", e.to_string())),
             }
